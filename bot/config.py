@@ -1,0 +1,140 @@
+"""Settings from the environment and a `.env` file, validated once at start.
+
+Every problem is reported on one line that names the variable and says what to fix, and all of
+them are reported together, so that a person fixes their configuration in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_BACKENDS = ("local",)
+
+
+class ConfigError(Exception):
+    """One or more settings are wrong; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an operator can set. README.md documents each field under its variable name."""
+
+    discord_token: str = field(default="", repr=False)
+    data_dir: Path = Path("data")
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    device: str = "auto"
+    workers: int = 0  # 0: one worker per visible GPU, or one CPU worker when there is none
+    job_backend: str = "local"
+    log_level: str = "INFO"
+    dev_guild_id: int | None = None
+    discord_api_base: str | None = None
+    discord_gateway_url: str | None = None
+    max_photos: int = 30
+    min_photos: int = 5
+    max_photo_mb: int = 20
+    max_queued_generations: int = 3
+    max_prompt_chars: int = 600
+    train_steps: int = 800
+    train_rank: int = 16
+    train_resolution: int = 512
+    train_learning_rate: float = 1e-4
+    class_images: int = 100
+    progress_interval_s: float = 3.0
+
+    @property
+    def max_photo_bytes(self) -> int:
+        return self.max_photo_mb * 1024 * 1024
+
+
+# Environment variable for each field; the same names appear in README.md.
+ENV_NAMES: dict[str, str] = {f.name: f.name.upper() for f in fields(Settings)}
+
+
+def _parse(name: str, raw: str, kind: type, problems: list[str]) -> object:
+    env = ENV_NAMES[name]
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        problems.append(f"{env}={raw!r} is not a {'whole number' if kind is int else 'number'}.")
+        return None
+    return raw
+
+
+def _check_data_dir(path: Path, problems: list[str]) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        problems.append(f"DATA_DIR={str(path)!r} is not a writable folder ({exc.strerror or exc}); "
+                        "create it or point DATA_DIR somewhere this user can write.")
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env"),
+                  require_token: bool = True) -> Settings:
+    """Read settings from `environ` (default: the process environment) over the `.env` file."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+
+    problems: list[str] = []
+    kwargs: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = values.get(ENV_NAMES[f.name])
+        if raw is None or raw.strip() == "":
+            continue
+        raw = raw.strip()
+        if f.name == "data_dir":
+            kwargs[f.name] = Path(raw).expanduser()
+        elif f.name == "dev_guild_id":
+            kwargs[f.name] = _parse(f.name, raw, int, problems)
+        else:
+            kind = {int: int, float: float}.get(type(f.default), str)
+            kwargs[f.name] = _parse(f.name, raw, kind, problems)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    settings = Settings(**kwargs)  # type: ignore[arg-type]
+
+    if require_token and not settings.discord_token:
+        problems.append("DISCORD_TOKEN is not set.")
+    if not _DEVICE.match(settings.device):
+        problems.append(f"DEVICE={settings.device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+    if settings.log_level.upper() not in _LOG_LEVELS:
+        problems.append(f"LOG_LEVEL={settings.log_level!r} is unknown; use one of {', '.join(_LOG_LEVELS)}.")
+    if settings.job_backend not in _BACKENDS:
+        problems.append(f"JOB_BACKEND={settings.job_backend!r} is unknown; use one of {', '.join(_BACKENDS)}.")
+    for name in ("max_photos", "min_photos", "max_photo_mb", "train_steps", "train_rank",
+                 "train_resolution", "class_images"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{ENV_NAMES[name]} must be at least 1.")
+    if settings.workers < 0:
+        problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
+    if settings.min_photos > settings.max_photos:
+        problems.append("MIN_PHOTOS is larger than MAX_PHOTOS; nobody could ever train.")
+    if settings.train_resolution % 8:
+        problems.append("TRAIN_RESOLUTION must be a multiple of 8 (512 for SD1.5).")
+    for name in ("discord_api_base", "discord_gateway_url"):
+        url = getattr(settings, name)
+        scheme = ("http://", "https://") if name == "discord_api_base" else ("ws://", "wss://")
+        if url and not url.startswith(scheme):
+            problems.append(f"{ENV_NAMES[name]}={url!r} must start with {' or '.join(scheme)}.")
+    _check_data_dir(settings.data_dir, problems)
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -1,0 +1,70 @@
+"""Settings validation: each wrong value gives one clear line; good values parse."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load_settings
+
+
+def _load(tmp_path: Path, **env: str):
+    base = {"DISCORD_TOKEN": "x" * 30, "DATA_DIR": str(tmp_path / "data")}
+    base.update(env)
+    return load_settings(base, env_file=None)
+
+
+def test_defaults_and_types(tmp_path):
+    s = _load(tmp_path, MAX_PHOTOS="12", TRAIN_LEARNING_RATE="2e-4", DEVICE="cuda:1", DEV_GUILD_ID="42")
+    assert s.max_photos == 12 and s.train_learning_rate == pytest.approx(2e-4)
+    assert s.device == "cuda:1" and s.dev_guild_id == 42
+    assert s.min_photos == 5 and s.base_model.startswith("stable-diffusion-v1-5/")
+    assert (tmp_path / "data").is_dir()
+    assert "x" * 30 not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"DISCORD_TOKEN": ""}, "DISCORD_TOKEN is not set."),
+        ({"MAX_PHOTOS": "many"}, "MAX_PHOTOS='many' is not a whole number."),
+        ({"TRAIN_LEARNING_RATE": "fast"}, "TRAIN_LEARNING_RATE='fast' is not a number."),
+        ({"DEVICE": "tpu"}, "DEVICE='tpu' is not a device; use auto, cpu, cuda or cuda:N."),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD' is unknown"),
+        ({"MIN_PHOTOS": "40"}, "MIN_PHOTOS is larger than MAX_PHOTOS"),
+        ({"DISCORD_API_BASE": "ftp://x"}, "DISCORD_API_BASE='ftp://x' must start with http:// or https://."),
+    ],
+)
+def test_each_problem_has_one_clear_line(tmp_path, env, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, **env)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected)
+
+
+def test_unwritable_data_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, DATA_DIR=str(blocker / "data"))
+    assert info.value.problems[0].startswith(f"DATA_DIR={str(blocker / 'data')!r} is not a writable folder")
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DISCORD_TOKEN={'y' * 30}\nMAX_PHOTOS=7\nDATA_DIR={tmp_path / 'd'}\n")
+    s = load_settings({"MAX_PHOTOS": "9"}, env_file=env_file)
+    assert s.discord_token == "y" * 30 and s.max_photos == 9
+
+
+def test_run_without_token_prints_setup_and_fails(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env["DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, env=env | {"PYTHONPATH": str(Path.cwd())},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "discord.com/developers/applications" in proc.stderr
+    assert "scope=bot+applications.commands" in proc.stderr
+    assert "Message Content" in proc.stderr

@@ -1,0 +1,53 @@
+"""One logging set-up for every entry point (bot, worker processes, command line).
+
+Secrets must never reach a log line: a filter on the handler replaces the configured secrets and
+anything shaped like a Discord bot token before a record is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+# Discord bot tokens: base64 user id, a dot, a timestamp part, a dot, an HMAC part.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9_-]{27,}")
+REDACTED = "[redacted]"
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites each record's final message so that no secret survives formatting."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s and len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _TOKEN_SHAPE.sub(REDACTED, message)
+        for secret in self._secrets:
+            cleaned = cleaned.replace(secret, REDACTED)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            exc_text = _TOKEN_SHAPE.sub(REDACTED, record.exc_text)
+            for secret in self._secrets:
+                exc_text = exc_text.replace(secret, REDACTED)
+            record.exc_text = exc_text
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str | int = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Route all logging through one stderr handler with the project's format and redaction."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else level.upper())

@@ -1,0 +1,236 @@
+"""The seam between the bot and the GPU: a `JobRunner` executes work items and reports events.
+
+`LocalProcessRunner` is the default backend: one child process per device (each visible GPU, or
+one CPU worker), so nothing slow or crash-prone runs in the bot's process and its event loop
+never blocks. Another backend (a distributed task queue) implements the same four methods.
+This module imports no torch; the child processes do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from trainer.events import Event
+from trainer.jobs import WorkItem
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[int, Event], Awaitable[None]]
+
+
+class JobRunner(ABC):
+    """Runs work items on workers and reports each event as `(job_id, event)`.
+
+    Besides the trainer's events, a runner reports `{"type": "worker_lost", "message": ...}` when
+    the worker running a job died; the job's owner decides whether to retry it.
+    """
+
+    @abstractmethod
+    async def start(self, on_event: EventHandler) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def idle_capacity(self) -> int:
+        """How many more items `submit` accepts right now."""
+
+    @abstractmethod
+    async def submit(self, item: WorkItem) -> None: ...
+
+    @abstractmethod
+    async def cancel(self, job_id: int) -> None:
+        """Ask the worker running `job_id` to stop between steps; it then reports a `cancelled` error."""
+
+    @abstractmethod
+    async def forget_adapter(self, key: str) -> None:
+        """Drop a user's LoRA from every worker (the user retrained or asked to be forgotten)."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker process needs to start: the model, its device and where it may keep files."""
+
+    base_model: str
+    device: str
+    work_dir: str
+    class_cache_dir: str
+    log_level: str = "INFO"
+    max_adapters: int = 8
+
+
+@dataclass
+class _Slot:
+    """One worker process and what the runner knows about it."""
+
+    index: int
+    config: WorkerConfig
+    process: Any = None
+    commands: Connection | None = None
+    job_id: int | None = None
+    adapters: set[str] = field(default_factory=set)
+    generation: int = 0
+
+
+def visible_devices(requested: str, workers: int) -> list[str]:
+    """The device of each worker: one per visible GPU for 'auto'/'cuda', else `workers` copies."""
+    if requested in ("auto", "cuda"):
+        count = _cuda_device_count()
+        if count:
+            devices = [f"cuda:{i}" for i in range(count)]
+            return devices[:workers] if workers else devices
+        if requested == "cuda":
+            log.warning("DEVICE=cuda but no GPU is visible; running on the CPU")
+        requested = "cpu"
+    return [requested] * max(workers, 1)
+
+
+def _cuda_device_count() -> int:
+    """Ask a throwaway child so that the bot's own process never initialises CUDA or imports torch."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_count_gpus)
+
+
+def _count_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class LocalProcessRunner(JobRunner):
+    """One spawned worker process per device on this host; crashed workers are replaced."""
+
+    def __init__(self, configs: list[WorkerConfig]) -> None:
+        self._slots = [_Slot(i, c) for i, c in enumerate(configs)]
+        self._ctx = mp.get_context("spawn")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_event: EventHandler | None = None
+        self._stopping = False
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [s.process.pid if s.process else None for s in self._slots]
+
+    def slot_of(self, job_id: int) -> int | None:
+        return next((s.index for s in self._slots if s.job_id == job_id), None)
+
+    async def start(self, on_event: EventHandler) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_event = on_event
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        from trainer import worker  # light module at import; torch loads in the child only
+
+        commands_read, commands_write = self._ctx.Pipe(duplex=False)
+        events_read, events_write = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=worker.process_main, name=f"worker-{slot.index}",
+                                    args=(commands_read, events_write, slot.config), daemon=True)
+        process.start()
+        commands_read.close()
+        events_write.close()
+        slot.process, slot.commands = process, commands_write
+        slot.job_id, slot.adapters = None, set()
+        slot.generation += 1
+        threading.Thread(target=self._pump_events, args=(slot, events_read, slot.generation),
+                         name=f"events-{slot.index}", daemon=True).start()
+        log.info("started worker %d (pid %d) on %s", slot.index, process.pid, slot.config.device)
+
+    def _pump_events(self, slot: _Slot, events: Connection, generation: int) -> None:
+        """Thread: forward the child's events to the loop; notice when the child dies."""
+        assert self._loop is not None
+        while True:
+            try:
+                job_id, event = events.recv()
+            except (EOFError, OSError):
+                break
+            asyncio.run_coroutine_threadsafe(self._deliver(slot, job_id, event), self._loop)
+        events.close()
+        asyncio.run_coroutine_threadsafe(self._worker_exited(slot, generation), self._loop)
+
+    async def _deliver(self, slot: _Slot, job_id: int, event: Event) -> None:
+        if event["type"] in ("done", "error") and slot.job_id == job_id:
+            slot.job_id = None
+        if event["type"] == "adapter_loaded":
+            slot.adapters.add(event["key"])
+            return
+        if event["type"] == "adapter_evicted":
+            slot.adapters.discard(event["key"])
+            return
+        assert self._on_event is not None
+        await self._on_event(job_id, event)
+
+    async def _worker_exited(self, slot: _Slot, generation: int) -> None:
+        if generation != slot.generation:
+            return
+        code = slot.process.exitcode if slot.process else None
+        lost, slot.job_id = slot.job_id, None
+        if self._stopping:
+            return
+        log.warning("worker %d exited (code %s)%s", slot.index, code,
+                    f" while running job {lost}" if lost is not None else "")
+        self._spawn(slot)
+        if lost is not None and self._on_event is not None:
+            await self._on_event(lost, {"type": "worker_lost",
+                                        "message": "The GPU worker stopped unexpectedly while working on this."})
+
+    def idle_capacity(self) -> int:
+        return sum(1 for s in self._slots if s.job_id is None and s.process is not None)
+
+    def _pick_slot(self, item: WorkItem) -> _Slot:
+        idle = [s for s in self._slots if s.job_id is None and s.process is not None]
+        if not idle:
+            raise RuntimeError("no idle worker; check idle_capacity() before submit()")
+        key = item.params.get("adapter_key")
+        return next((s for s in idle if key and key in s.adapters), idle[0])
+
+    async def submit(self, item: WorkItem) -> None:
+        slot = self._pick_slot(item)
+        key = item.params.get("adapter_key")
+        if key and key in slot.adapters:
+            item.blobs.pop("lora", None)  # the worker holds it already
+        slot.job_id = item.job_id
+        assert slot.commands is not None
+        try:
+            await asyncio.to_thread(slot.commands.send, {"op": "run", "item": item})
+        except (BrokenPipeError, OSError):
+            slot.job_id = None
+            raise
+        log.info("job %d (%s) sent to worker %d", item.job_id, item.kind, slot.index)
+
+    async def cancel(self, job_id: int) -> None:
+        for slot in self._slots:
+            if slot.job_id == job_id and slot.commands is not None:
+                await asyncio.to_thread(slot.commands.send, {"op": "cancel", "job_id": job_id})
+
+    async def forget_adapter(self, key: str) -> None:
+        for slot in self._slots:
+            if key in slot.adapters and slot.commands is not None:
+                slot.adapters.discard(key)
+                await asyncio.to_thread(slot.commands.send, {"op": "evict", "key": key})
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for slot in self._slots:
+            if slot.process is None:
+                continue
+            try:
+                assert slot.commands is not None
+                slot.commands.send({"op": "stop"})
+            except (BrokenPipeError, OSError):
+                pass
+            await asyncio.to_thread(slot.process.join, 10)
+            if slot.process.is_alive():
+                slot.process.kill()
+                await asyncio.to_thread(slot.process.join, 5)
+        log.info("workers stopped")

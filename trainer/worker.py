@@ -1,0 +1,267 @@
+"""The worker: one process that owns a device, keeps the base model loaded and runs jobs.
+
+`process_main` is the child-process entry used by `trainer.runner.LocalProcessRunner`; `Worker`
+holds the logic so that other backends (and tests) can run the same code in their own processes.
+Commands arrive on one pipe (run, cancel, evict, stop) and are read by a thread, so a cancel
+reaches a training between two steps; events go back on another pipe as `(job_id, event)`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer import events
+from trainer.errors import Cancelled, OutOfMemory, TrainerError
+from trainer.events import Event, EventSink
+from trainer.jobs import WorkItem
+from trainer.logs import setup_logging
+
+if TYPE_CHECKING:
+    from trainer.runner import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = (
+    "a portrait photo of {handle} {cls}, soft studio lighting, 85mm",
+    "{handle} {cls} as an astronaut on the moon, digital art",
+)
+PROMPT_HINTS = (
+    "a photo of {handle} {cls} hiking in the Alps at sunrise",
+    "an oil painting of {handle} {cls} in the style of Rembrandt",
+    "{handle} {cls} as a knight in shining armour, cinematic lighting",
+)
+
+
+def pack_path(path: Path) -> bytes:
+    """A checkpoint (file or folder) as bytes, so it can travel to the bot and back."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                if file.is_file():
+                    archive.write(file, file.relative_to(path).as_posix())
+        else:
+            archive.write(path, path.name)
+    return buffer.getvalue()
+
+
+def unpack_to(data: bytes, folder: Path) -> Path:
+    """Undo `pack_path` into `folder`; returns the checkpoint path the trainer resumes from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            target = (folder / name).resolve()
+            if not target.is_relative_to(folder.resolve()):
+                raise ValueError("checkpoint archive escapes its folder")
+        archive.extractall(folder)
+        names = archive.namelist()
+    return folder / names[0] if len(names) == 1 else folder
+
+
+class Worker:
+    """Runs work items on one device with a base pipeline that is loaded once."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.work_dir = Path(config.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._pipeline: Any = None
+        self._engine: Any = None
+        self._adapter_files = self.work_dir / "adapters"
+        self._adapter_files.mkdir(exist_ok=True)
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            from trainer.models import load_pipeline, pick_device
+
+            device = pick_device(self.config.device)
+            started = time.perf_counter()
+            self._pipeline = load_pipeline(self.config.base_model, device=device)
+            log.info("loaded %s on %s in %.1f s", self.config.base_model, device,
+                     time.perf_counter() - started)
+        return self._pipeline
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from trainer.engine import GenerationEngine
+
+            self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters)
+        return self._engine
+
+    def run(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
+        if item.kind == "train":
+            return self._train(item, emit, should_cancel)
+        if item.kind == "generate":
+            return self._generate(item, emit, should_cancel)
+        raise TrainerError(f"Unknown job kind {item.kind!r}.", "bad_job")
+
+    def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
+        from trainer.dreambooth import TrainConfig, train
+
+        params = item.params
+        emit(events.stage("loading_model"))
+        pipeline = self.pipeline
+        scratch = Path(tempfile.mkdtemp(prefix=f"job{item.job_id}-", dir=self.work_dir))
+        try:
+            resume_from = None
+            if item.blobs.get("checkpoint"):
+                resume_from = unpack_to(item.blobs["checkpoint"], scratch / "resume")
+
+            def forward(event: Event) -> None:
+                if event["type"] == "checkpoint":  # the bot keeps checkpoints: send the bytes
+                    event = {**event, "data": pack_path(Path(event["path"]))}
+                    event.pop("path")
+                emit(event)
+
+            result = train(
+                item.blobs["photos"], params["handle"], params["class_word"], TrainConfig(**params["config"]),
+                pipeline=pipeline, base_model=self.config.base_model, out_dir=scratch / "out",
+                work_dir=scratch / "checkpoints", class_cache_dir=Path(self.config.class_cache_dir),
+                device=self.config.device, on_event=forward, should_cancel=should_cancel,
+                resume_from=resume_from,
+            )
+            samples = self._samples(item, result.lora_path, emit, should_cancel)
+            return {
+                "lora": result.lora_path.read_bytes(),
+                "kohya": result.kohya_path.read_bytes() if result.kohya_path else None,
+                "metadata": result.metadata,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "samples": samples,
+                "hints": [h.format(handle=params["handle"], cls=params["class_word"]) for h in PROMPT_HINTS],
+            }
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _samples(self, item: WorkItem, lora_path: Path, emit: EventSink, should_cancel: Any) -> list[dict]:
+        """A few images of the person made with the fresh LoRA, to show in the 'done' message."""
+        from trainer.engine import GenerateRequest
+
+        params = item.params
+        key = f"train-{item.job_id}"
+        emit(events.stage("generating", "sample images"))
+        samples = []
+        try:
+            for i, template in enumerate(SAMPLE_PROMPTS[: params.get("samples", 2)]):
+                prompt = template.format(handle=params["handle"], cls=params["class_word"])
+                request = GenerateRequest(prompt=prompt, seed=params.get("seed", 0) + i,
+                                          steps=params.get("sample_steps", 25))
+                images = self.engine.generate(request, adapter_key=key, lora_path=lora_path,
+                                              handle=params["handle"], class_word=params["class_word"],
+                                              should_cancel=should_cancel)
+                samples += [{"png": im.png, "seed": im.seed, "prompt": prompt} for im in images]
+        finally:
+            self.engine.evict(key)
+        return samples
+
+    def _generate(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
+        from trainer.engine import GenerateRequest
+
+        params = item.params
+        key = params.get("adapter_key")
+        lora_path = None
+        if key:
+            lora_path = self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors"
+            if item.blobs.get("lora"):
+                lora_path.write_bytes(item.blobs["lora"])
+                emit({"type": "adapter_loaded", "key": key})
+            elif not lora_path.exists():
+                raise TrainerError("The worker lost this model's file; please try again.", "missing_lora")
+        emit(events.stage("generating"))
+        images = self.engine.generate(
+            GenerateRequest(**params["request"]), adapter_key=key, lora_path=lora_path,
+            handle=params.get("handle"), class_word=params.get("class_word"), on_event=emit,
+            should_cancel=should_cancel, init_image=item.blobs.get("init_image"),
+        )
+        return {"images": [{"png": im.png, "seed": im.seed} for im in images]}
+
+    def evict(self, key: str) -> None:
+        if self._engine is not None:
+            self._engine.evict(key)
+        (self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors").unlink(missing_ok=True)
+
+
+def describe_failure(exc: BaseException) -> Event:
+    """Turn any exception from a job into an error event a person can read."""
+    if isinstance(exc, TrainerError):
+        return events.error(exc.message, exc.code)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        oom = OutOfMemory("The GPU ran out of memory. Try fewer images at once, a smaller size, or ask the "
+                          "operator to lower TRAIN_RESOLUTION / TRAIN_RANK.")
+        return events.error(oom.message, oom.code)
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return events.error("The server's disk is full; the operator has to free some space.", "disk_full")
+    reference = uuid.uuid4().hex[:8]
+    log.exception("job failed unexpectedly (reference %s)", reference)
+    return events.error(f"Something went wrong on the GPU worker (reference {reference}).", "internal")
+
+
+def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
+    """Child-process entry: read commands on a thread, run jobs one at a time on this thread."""
+    setup_logging(config.log_level)
+    worker = Worker(config)
+    jobs: queue.Queue[WorkItem | None] = queue.Queue()
+    cancelled: set[int] = set()
+    evictions: queue.Queue[str] = queue.Queue()
+    send_lock = threading.Lock()
+
+    def send(job_id: int, event: Event) -> None:
+        with send_lock:
+            event_pipe.send((job_id, event))
+
+    def read_commands() -> None:
+        while True:
+            try:
+                message = commands.recv()
+            except (EOFError, OSError):
+                jobs.put(None)
+                return
+            op = message["op"]
+            if op == "run":
+                jobs.put(message["item"])
+            elif op == "cancel":
+                cancelled.add(message["job_id"])
+            elif op == "evict":
+                evictions.put(message["key"])
+            elif op == "stop":
+                jobs.put(None)
+                return
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    try:
+        worker.pipeline  # noqa: B018 - load the base model before the first job arrives
+    except Exception as exc:  # the first job reports it to its owner
+        log.error("could not load the base model yet: %s", exc)
+    while (item := jobs.get()) is not None:
+        while not evictions.empty():
+            worker.evict(evictions.get())
+        job_id = item.job_id
+
+        def should_cancel(job_id: int = job_id) -> bool:
+            return job_id in cancelled
+
+        try:
+            if should_cancel():
+                raise Cancelled()
+            result = worker.run(item, lambda event, job_id=job_id: send(job_id, event), should_cancel)
+            send(job_id, events.done(result))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            send(job_id, describe_failure(exc))
+        finally:
+            cancelled.discard(job_id)
+    log.info("worker stopping")

@@ -1,0 +1,31 @@
+# The bot and its GPU worker on an NVIDIA host (driver + NVIDIA Container Toolkit on the host).
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    DATA_DIR=/data \
+    HF_HOME=/hf-cache
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 avatar \
+    && mkdir -p /app /data /hf-cache \
+    && chown avatar:avatar /app /data /hf-cache
+
+WORKDIR /app
+USER 10001
+
+COPY --chown=avatar:avatar requirements.txt .
+RUN python3 -m venv /app/.venv \
+    && /app/.venv/bin/pip install --upgrade pip \
+    && /app/.venv/bin/pip install -r requirements.txt
+
+COPY --chown=avatar:avatar bot ./bot
+COPY --chown=avatar:avatar trainer ./trainer
+COPY --chown=avatar:avatar storage ./storage
+
+VOLUME ["/data", "/hf-cache"]
+ENTRYPOINT ["/app/.venv/bin/python", "-m", "bot"]

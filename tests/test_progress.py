@@ -1,0 +1,56 @@
+"""Progress text and the edit throttle."""
+
+import asyncio
+
+from bot.progress import ThrottledEditor, format_duration, progress_bar, render_progress
+
+
+def test_bar_and_durations():
+    assert progress_bar(0.35, width=20) == "[#######-------------]  35%"
+    assert progress_bar(1.5, width=4) == "[####] 100%"
+    assert format_duration(None) == "unknown"
+    assert format_duration(12.4) == "12 s"
+    assert format_duration(250) == "4 min 10 s"
+    assert format_duration(3900) == "1 h 05 min"
+
+
+def test_render_progress_shows_stage_step_and_eta():
+    text = render_progress("Training", {"stage": "training", "step": 200, "total": 800, "eta_s": 95})
+    assert "Training your model" in text
+    assert "step 200/800" in text and " 25%" in text
+    assert "1 min 35 s" in text
+    queued = render_progress("Training", {}, queue_position=3)
+    assert "Waiting in the queue" in queued and "Position in the queue: 3" in queued
+
+
+async def test_throttle_coalesces_to_first_and_latest():
+    sent: list[str] = []
+
+    async def edit(text, image):
+        sent.append(text)
+
+    editor = ThrottledEditor(edit, interval=0.05)
+    for i in range(10):
+        editor.update(f"step {i}")
+    await editor.flush()
+    assert sent == ["step 0", "step 9"]
+    editor.update("step 9")  # unchanged state: no edit
+    await editor.flush()
+    assert sent == ["step 0", "step 9"]
+
+
+async def test_failed_edit_does_not_stop_later_edits():
+    sent: list[str] = []
+
+    async def edit(text, image):
+        if text == "bad":
+            raise RuntimeError("discord said no")
+        sent.append(text)
+
+    editor = ThrottledEditor(edit, interval=0.0)
+    editor.update("bad")
+    await editor.flush()
+    editor.update("good")
+    await editor.flush()
+    await asyncio.sleep(0)
+    assert sent == ["good"]

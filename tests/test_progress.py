@@ -30,7 +30,9 @@ async def test_throttle_coalesces_to_first_and_latest():
         sent.append(text)
 
     editor = ThrottledEditor(edit, interval=0.05)
-    for i in range(10):
+    editor.update("step 0")
+    await asyncio.sleep(0.01)  # the first state goes out at once
+    for i in range(1, 10):
         editor.update(f"step {i}")
     await editor.flush()
     assert sent == ["step 0", "step 9"]

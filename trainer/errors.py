@@ -40,3 +40,7 @@ class Cancelled(TrainerError):
 
     def __init__(self, message: str = "The job was cancelled.") -> None:
         super().__init__(message)
+
+
+class DeviceUnavailable(TrainerError):
+    code = "device_unavailable"

@@ -1,0 +1,291 @@
+"""Base models: random offline pipelines for tests and benchmarks, and loading real ones.
+
+Everything returned is a diffusers pipeline with the same component types as Stable Diffusion, so the
+trainer and the generation engine never need to know whether the weights are real. Nothing here ever
+downloads unless a Hugging Face id is asked for with the hub reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from trainer.errors import DeviceUnavailable, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+RandomKind = Literal["tiny", "sd15-random", "tiny-sdxl"]
+RANDOM_KINDS: tuple[str, ...] = ("tiny", "sd15-random", "tiny-sdxl")
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# A key only SDXL single-file checkpoints have (the second, OpenCLIP-G text encoder).
+SDXL_KEY_PREFIX = "conditioner.embedders.1"
+
+# The noise schedule every Stable Diffusion 1.x/2.x/XL checkpoint was trained with.
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """The project's own small byte-level BPE CLIP tokenizer (see trainer/tokenizer/build_vocab.py)."""
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+
+
+def _text_config(tokenizer: CLIPTokenizer, *, hidden: int, layers: int, heads: int, intermediate: int,
+                 projection: int, act: str = "quick_gelu", vocab: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+        hidden_act=act, projection_dim=projection, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # Four blocks keep vae_scale_factor = 8, so latent shapes match the real model at any resolution.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, scaling_factor=0.18215,
+    )
+
+
+def _build_tiny() -> StableDiffusionPipeline:
+    tokenizer = load_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, heads=4, intermediate=64,
+                                              projection=32))
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    tokenizer = load_tokenizer()
+    tokenizer_2 = load_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, heads=4, intermediate=64,
+                                              projection=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer_2, hidden=32, layers=2, heads=4, intermediate=64, projection=32, act="gelu"))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+        # SDXL conditions on both encoders' hidden states (32 + 32) and on pooled text + 6 size ids.
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+
+
+def _build_sd15(device: str) -> StableDiffusionPipeline:
+    """The Stable Diffusion 1.5 architecture with random weights, initialised directly on `device`.
+
+    Initialising 1.1B parameters on the CPU and copying them over takes most of a minute; creating them
+    inside a `torch.device` context runs the same initialisers on the GPU in about a second.
+    """
+    tokenizer = load_tokenizer()
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=768, layers=12, heads=12,
+                                                  intermediate=3072, projection=768, vocab=49408))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNGs for weight initialisation without disturbing the caller's RNG state."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu",
+                          dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """A randomly initialised pipeline of the given kind, built offline and reproducible from `seed`.
+
+    'tiny' (SD1.5 layout, 64 px) and 'tiny-sdxl' build in about a second on a CPU; 'sd15-random' is the
+    full SD1.5 architecture for benchmarks and is fastest built with `device='cuda'`.
+    """
+    if kind not in RANDOM_KINDS:
+        raise ValueError(f"unknown random model kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
+    with _seeded(seed):
+        if kind == "tiny":
+            pipe = _build_tiny()
+        elif kind == "tiny-sdxl":
+            pipe = _build_tiny_sdxl()
+        else:
+            pipe = _build_sd15(device)
+    return pipe.to(device=device, dtype=dtype) if dtype is not None else pipe.to(device)
+
+
+def save_random_model(kind: RandomKind, out_dir: Path | str, seed: int = 0) -> Path:
+    """Build a random pipeline and save it as a diffusers folder that `load_pipeline` reads back."""
+    out = Path(out_dir)
+    pipe = build_random_pipeline(kind, seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log.info("saved random %s model to %s", kind, out)
+    return out
+
+
+def pick_device(requested: str = "auto") -> str:
+    """Resolve 'auto' to the best local accelerator; refuse an explicit one that is not there."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = requested.split(":", 1)[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("A CUDA GPU was asked for, but none is available here. "
+                                "Use --device cpu (slow) or check the GPU driver and the PyTorch build.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable("Apple MPS was asked for, but it is not available here. Use --device cpu.")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise DeviceUnavailable(f"Unknown device {requested!r}; use auto, cpu, cuda or mps.")
+    return requested
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 on older CUDA and MPS, fp32 on CPU."""
+    kind = device.split(":", 1)[0]
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hugging Face ids are `name` or `owner/name`; anything else that names a file system entry is a path."""
+    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+            or spec.lower().endswith(SINGLE_FILE_SUFFIXES) or Path(spec).expanduser().exists())
+
+
+def _is_sdxl_single_file(path: Path) -> bool:
+    """Decide SDXL vs SD1.x from the checkpoint's keys, without loading the tensors."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith(SDXL_KEY_PREFIX) for k in f.keys())  # noqa: SIM118 - safe_open API
+    state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    return any(k.startswith(SDXL_KEY_PREFIX) for k in state)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype | None, offline: bool,
+                      sdxl: bool | None) -> DiffusionPipeline:
+    if not path.is_file():
+        raise ModelUnavailable(f"The model file {path} does not exist. Check the path in the base model "
+                               "setting.")
+    is_xl = _is_sdxl_single_file(path) if sdxl is None else sdxl
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        return cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(
+            f"Could not load the checkpoint {path.name} as {'SDXL' if is_xl else 'Stable Diffusion 1.x'}: "
+            f"{exc}. Loading a single file needs the matching diffusers configuration once from the "
+            "Hugging Face hub (or in its cache); with no network, convert it to a diffusers folder first."
+        ) from exc
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype | None, offline: bool, is_path: bool) -> DiffusionPipeline:
+    what = f"the folder {spec}" if is_path else f"the Hugging Face model {spec!r}"
+    try:
+        index = DiffusionPipeline.load_config(spec, local_files_only=offline)
+        extra = ({"safety_checker": None, "requires_safety_checker": False}
+                 if "safety_checker" in index else {})
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, local_files_only=offline,
+                                                 **extra)
+    except (OSError, ValueError) as exc:
+        if is_path:
+            hint = "Check that it is a diffusers model folder (it must contain model_index.json)."
+        elif offline:
+            hint = ("The hub is switched off (offline mode) and the model is not in the local cache: "
+                    "download it once with the network on, or point the base model at a local folder.")
+        else:
+            hint = ("Check the model id, the network connection, and for gated models your Hugging Face "
+                    "token (HF_TOKEN); or point the base model at a local folder or .safetensors file.")
+        raise ModelUnavailable(f"Could not load {what}. {hint}") from exc
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, *,
+                  offline: bool | None = None, sdxl: bool | None = None) -> DiffusionPipeline:
+    """Load a base model from a random kind, a Hugging Face id, a diffusers folder or a single file.
+
+    `offline` defaults to the HF_HUB_OFFLINE environment variable; offline loads come from the local
+    Hugging Face cache only. `sdxl` forces the family of a single-file checkpoint (default: inspect keys).
+    Raises ModelUnavailable with what was tried and what to do when the model cannot be had.
+    """
+    if offline is None:
+        offline = _env_offline()
+    if spec in RANDOM_KINDS:
+        return build_random_pipeline(spec, device=device, dtype=dtype)  # type: ignore[arg-type]
+    is_path = _looks_like_path(spec)
+    if is_path:
+        path = Path(spec).expanduser()
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            pipe = _load_single_file(path, dtype, offline, sdxl)
+        elif not path.is_dir():
+            raise ModelUnavailable(f"The model folder {path} does not exist. Check the base model setting, "
+                                   "or build an offline test model with `python -m trainer make-model tiny "
+                                   f"{path}`.")
+        else:
+            pipe = _load_pretrained(str(path), dtype, offline, is_path=True)
+    else:
+        pipe = _load_pretrained(spec, dtype, offline, is_path=False)
+    log.info("loaded base model %s", spec)
+    return pipe.to(device)

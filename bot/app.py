@@ -1,0 +1,119 @@
+"""The Discord client: wires settings, storage, the job scheduler and the command groups together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from storage.store import Storage
+
+from bot.config import Settings
+from bot.endpoints import use_discord_endpoints
+from bot.notifier import Notifier
+from bot.scheduler import Refused, Scheduler
+from trainer.logs import setup_logging
+from trainer.runner import JobRunner, LocalProcessRunner, WorkerConfig, visible_devices
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(settings: Settings) -> JobRunner:
+    """The job backend named by JOB_BACKEND; `local` runs one worker process per device."""
+    devices = visible_devices(settings.device, settings.workers)
+    work = Path(settings.data_dir) / "work"
+    return LocalProcessRunner([
+        WorkerConfig(base_model=settings.base_model, device=device, work_dir=str(work / f"worker-{i}"),
+                     class_cache_dir=str(Path(settings.data_dir) / "shared" / "class_images"),
+                     log_level=settings.log_level)
+        for i, device in enumerate(devices)
+    ])
+
+
+class AvatarBot(commands.Bot):
+    """The bot: slash commands, DM photo intake and persistent buttons over one scheduler."""
+
+    def __init__(self, settings: Settings, store: Storage, runner: JobRunner) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.dm_messages = True  # photos arrive as DM attachments; DMs need no Message Content intent
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
+        self.settings = settings
+        self.store = store
+        self.notifier = Notifier(self)
+        self.scheduler = Scheduler(store, runner, settings, self.notifier)
+
+    async def setup_hook(self) -> None:
+        from bot.cogs import account, imagine, photos, training
+
+        for module in (photos, account, training, imagine):
+            await module.setup(self)
+        self.tree.on_error = self.on_app_command_error
+        if self.settings.dev_guild_id:
+            guild = discord.Object(self.settings.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+        await self.scheduler.start()
+        await self.notifier.resume()
+
+    async def close(self) -> None:
+        await self.scheduler.stop()
+        await super().close()
+
+    async def on_app_command_error(self, interaction: discord.Interaction,
+                                   error: app_commands.AppCommandError) -> None:
+        """Every failure ends in a kind message; unexpected ones carry a reference for the logs."""
+        original = getattr(error, "original", error)
+        if isinstance(original, Refused):
+            message = original.message
+        elif isinstance(error, app_commands.CommandOnCooldown):
+            message = f"Slow down a little; try again in {error.retry_after:.0f} s."
+        else:
+            reference = uuid.uuid4().hex[:8]
+            log.error("command %s failed (reference %s)", getattr(interaction.command, "name", "?"), reference,
+                      exc_info=original)
+            message = f"Sorry, something went wrong on my side (reference `{reference}`). Please try again later."
+        await reply(interaction, message)
+
+
+async def reply(interaction: discord.Interaction, message: str, *, ephemeral: bool = True) -> None:
+    """Answer an interaction whether or not it was already answered or deferred."""
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(message, ephemeral=ephemeral)
+        else:
+            await interaction.response.send_message(message, ephemeral=ephemeral)
+    except discord.HTTPException:
+        log.warning("could not deliver a reply to an interaction", exc_info=True)
+
+
+async def serve(settings: Settings, runner: JobRunner | None = None) -> None:
+    """Open storage, start the bot and run until it is closed."""
+    store = await Storage.open(settings.data_dir)
+    try:
+        bot = AvatarBot(settings, store, runner or build_runner(settings))
+        async with bot:
+            await bot.start(settings.discord_token)
+    finally:
+        await store.close()
+
+
+def run_bot(settings: Settings) -> int:
+    """`make run`: log set-up, endpoints, then serve until Ctrl-C."""
+    setup_logging(settings.log_level, secrets=[settings.discord_token])
+    use_discord_endpoints(settings.discord_api_base, settings.discord_gateway_url)
+    try:
+        asyncio.run(serve(settings))
+    except discord.LoginFailure:
+        log.error("Discord refused the token. Copy a fresh one from the Bot page of your application "
+                  "into DISCORD_TOKEN.")
+        return 2
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0

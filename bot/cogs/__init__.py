@@ -1,0 +1,1 @@
+"""Slash commands and listeners, one module per part of the flow."""

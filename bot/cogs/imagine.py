@@ -1,0 +1,52 @@
+"""`/imagine`: pictures of the person, made with their own model only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.app import reply
+from bot.scheduler import Refused
+from bot.views import queued_text
+
+if TYPE_CHECKING:
+    from bot.app import AvatarBot
+
+STYLES = Literal["photo", "portrait", "cinematic", "oil painting", "anime", "watercolor", "3d render"]
+
+
+class ImagineCog(commands.Cog):
+    def __init__(self, bot: AvatarBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="imagine", description="Pictures of you, made with your own model")
+    @app_commands.describe(prompt="What to draw; your handle is added if you leave it out",
+                           negative="What to avoid", count="How many pictures (1-4)",
+                           seed="Repeat a picture with its seed", aspect="Shape of the pictures",
+                           style="A look to add to the prompt")
+    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str = "",
+                      count: app_commands.Range[int, 1, 4] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
+                      aspect: Literal["square", "portrait", "landscape"] = "square",
+                      style: STYLES | None = None) -> None:
+        # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.
+        await interaction.response.defer(thinking=True)
+        request = {"prompt": prompt, "negative_prompt": negative, "num_images": count, "seed": seed,
+                   "aspect": aspect, "style": style}
+        try:
+            job, position = await self.bot.scheduler.enqueue_generate(interaction.user.id, request)
+        except Refused as exc:
+            await interaction.delete_original_response()
+            await reply(interaction, exc.message)
+            return
+        self.bot.notifier.attach_interaction(job.id, interaction)
+        await interaction.edit_original_response(content=queued_text(position))
+
+
+async def setup(bot: AvatarBot) -> None:
+    await bot.add_cog(ImagineCog(bot))
+    from bot.views import DYNAMIC_ITEMS
+
+    bot.add_dynamic_items(*DYNAMIC_ITEMS)

@@ -1,0 +1,164 @@
+"""Selfies by DM, and `/photos` to look at them, remove one or clear all."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from storage.accept import IntakeOutcome, accept_photo
+from storage.intake import IntakeLimits
+
+from bot.contact_sheet import contact_sheet
+from storage import photos as photos_db
+from storage import users as users_db
+
+if TYPE_CHECKING:
+    from bot.app import AvatarBot
+
+log = logging.getLogger(__name__)
+
+
+def summarise(outcomes: list[IntakeOutcome], total: int, cap: int, needed: int) -> str:
+    """One reply per DM: what was kept (with warnings), what was refused and why, and what's next."""
+    kept = [o for o in outcomes if o.error is None]
+    refused = [o for o in outcomes if o.error is not None]
+    lines: list[str] = []
+    if kept:
+        lines.append(f"**Kept {len(kept)} photo{'s' if len(kept) != 1 else ''}:**")
+        for o in kept:
+            lines.append(f"• `{o.filename}`" + (f" (kept, but {'; '.join(o.warnings)})" if o.warnings else ""))
+    if refused:
+        lines.append(f"**Refused {len(refused)}:**")
+        lines += [f"• `{o.filename}`: {o.error}" for o in refused]
+    lines.append(f"You have **{total} of {cap}** photos.")
+    if total >= needed:
+        lines.append("You're ready to `/train`!" if total < cap else
+                     "That's the maximum; you're ready to `/train`. `/photos` lets you remove some.")
+    else:
+        lines.append(f"Send {needed - total} more to be able to `/train` (at least {needed}).")
+    return "\n".join(lines)
+
+
+class PhotosCog(commands.Cog):
+    def __init__(self, bot: AvatarBot) -> None:
+        self.bot = bot
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    @property
+    def limits(self) -> IntakeLimits:
+        return IntakeLimits(max_bytes=self.bot.settings.max_photo_bytes)
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or message.guild is not None:
+            return
+        if not message.attachments:
+            await message.channel.send("Send me your selfies as attachments here (up to 10 per message). "
+                                       "`/help` explains the rest.")
+            return
+        # One person's messages are handled in order, so counts and duplicate checks stay exact.
+        lock = self._locks.setdefault(message.author.id, asyncio.Lock())
+        async with lock:
+            reply = await self.take_photos(message.author.id, message.attachments)
+        await message.reply(reply, mention_author=False)
+
+    async def take_photos(self, user_id: int, attachments: list[discord.Attachment]) -> str:
+        settings = self.bot.settings
+        await users_db.ensure_user(self.bot.store.db, user_id)
+        outcomes: list[IntakeOutcome] = []
+        for attachment in attachments:
+            name = attachment.filename
+            if attachment.size > self.limits.max_bytes:
+                outcomes.append(IntakeOutcome(name, error=f"it is {attachment.size / 2**20:.1f} MB; the limit is "
+                                                          f"{settings.max_photo_mb} MB. Please send a smaller copy."))
+                continue
+            try:
+                data = await attachment.read()
+            except discord.HTTPException:
+                outcomes.append(IntakeOutcome(name, error="I couldn't download it; please send it again."))
+                continue
+            outcomes.append(await accept_photo(self.bot.store, user_id, data, name, self.limits,
+                                               max_photos=settings.max_photos))
+        total = await photos_db.count_photos(self.bot.store.db, user_id)
+        return summarise(outcomes, total, settings.max_photos, settings.min_photos)
+
+    @app_commands.command(name="photos", description="See the photos I kept, remove one or clear them all")
+    async def photos(self, interaction: discord.Interaction) -> None:
+        photos = await photos_db.list_photos(self.bot.store.db, interaction.user.id)
+        if not photos:
+            await interaction.response.send_message("You have no photos yet. Send me selfies in a DM.",
+                                                    ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        pngs = [self.bot.store.files.read(p.path) for p in photos]
+        sheet = await asyncio.to_thread(contact_sheet, pngs)
+        flagged = [f"#{i}: {', '.join(p.quality_flags)}" for i, p in enumerate(photos, 1) if p.quality_flags]
+        text = f"You have **{len(photos)} of {self.bot.settings.max_photos}** photos."
+        if flagged:
+            text += "\nFlagged: " + "; ".join(flagged)
+        await interaction.followup.send(text, file=discord.File(io.BytesIO(sheet), "photos.png"),
+                                        view=PhotosView(self.bot, interaction.user.id), ephemeral=True)
+
+
+class RemoveModal(discord.ui.Modal, title="Remove a photo"):
+    number: discord.ui.TextInput = discord.ui.TextInput(label="Photo number (from the contact sheet)",
+                                                        max_length=3)
+
+    def __init__(self, bot: AvatarBot, owner: int) -> None:
+        super().__init__()
+        self.bot, self.owner = bot, owner
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        photos = await photos_db.list_photos(self.bot.store.db, self.owner)
+        try:
+            photo = photos[int(self.number.value) - 1]
+            if int(self.number.value) < 1:
+                raise IndexError
+        except (ValueError, IndexError):
+            await interaction.response.send_message(
+                f"There is no photo number {self.number.value!r}; pick 1 to {len(photos)}.", ephemeral=True)
+            return
+        await photos_db.delete_photo(self.bot.store, self.owner, photo.id)
+        await interaction.response.send_message(
+            f"Removed photo #{self.number.value}. You have {len(photos) - 1} left.", ephemeral=True)
+
+
+class PhotosView(discord.ui.View):
+    def __init__(self, bot: AvatarBot, owner: int) -> None:
+        super().__init__(timeout=600)
+        self.bot, self.owner = bot, owner
+
+    @discord.ui.button(label="Remove a photo", style=discord.ButtonStyle.secondary)
+    async def remove(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.send_modal(RemoveModal(self.bot, self.owner))
+
+    @discord.ui.button(label="Clear all", style=discord.ButtonStyle.danger)
+    async def clear(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.send_message("Delete **all** your photos? Your trained model is kept.",
+                                                view=ConfirmClear(self.bot, self.owner), ephemeral=True)
+
+
+class ConfirmClear(discord.ui.View):
+    def __init__(self, bot: AvatarBot, owner: int) -> None:
+        super().__init__(timeout=120)
+        self.bot, self.owner = bot, owner
+
+    @discord.ui.button(label="Yes, delete them", style=discord.ButtonStyle.danger)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        removed = 0
+        for photo in await photos_db.list_photos(self.bot.store.db, self.owner):
+            removed += await photos_db.delete_photo(self.bot.store, self.owner, photo.id)
+        await interaction.response.edit_message(content=f"Deleted {removed} photos.", view=None)
+
+    @discord.ui.button(label="Keep them", style=discord.ButtonStyle.secondary)
+    async def keep(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+
+
+async def setup(bot: AvatarBot) -> None:
+    await bot.add_cog(PhotosCog(bot))

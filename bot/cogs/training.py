@@ -1,0 +1,44 @@
+"""`/train`: queue a training and keep one DM message up to date with its progress."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.app import reply
+from bot.progress import render_progress
+from bot.scheduler import Refused
+from storage import jobs as jobs_db
+
+if TYPE_CHECKING:
+    from bot.app import AvatarBot
+
+
+class TrainingCog(commands.Cog):
+    def __init__(self, bot: AvatarBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="train", description="Train your personal model on the photos you sent")
+    @app_commands.describe(steps="Training steps (default set by the server; more is slower, not always better)")
+    async def train(self, interaction: discord.Interaction,
+                    steps: app_commands.Range[int, 50, 5000] | None = None) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            job, position = await self.bot.scheduler.enqueue_train(interaction.user.id, steps)
+        except Refused as exc:
+            await reply(interaction, exc.message)
+            return
+        # Progress goes to a DM message edited with the bot token: it outlives the interaction.
+        dm = interaction.user.dm_channel or await interaction.user.create_dm()
+        message = await dm.send(render_progress(f"Training your model (job #{job.id})", {}, position))
+        await jobs_db.set_job_message(self.bot.store.db, job.id, dm.id, message.id)
+        where = "in our DMs" if interaction.guild else "below"
+        await reply(interaction, f"Training queued (position {position or 1}). I'll keep a progress "
+                                 f"message up to date {where}.")
+
+
+async def setup(bot: AvatarBot) -> None:
+    await bot.add_cog(TrainingCog(bot))

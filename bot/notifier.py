@@ -1,0 +1,153 @@
+"""Tells people how their jobs are going: one progress message per job, then the result.
+
+Training progress lives in an ordinary DM message edited with the bot token (it outlives the
+15-minute interaction token and a restart: its ids are stored on the job). Generation answers the
+interaction that asked for it while the bot holds it in memory; after a restart the result goes
+to the person's DMs instead, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from storage.jobs import Job
+
+from bot.progress import ThrottledEditor, render_progress
+from bot.views import imagine_view
+from storage import jobs as jobs_db
+from trainer.events import Event
+
+if TYPE_CHECKING:
+    from bot.app import AvatarBot
+
+log = logging.getLogger(__name__)
+
+
+def png_file(data: bytes, name: str) -> discord.File:
+    return discord.File(io.BytesIO(data), filename=name)
+
+
+def title_of(job: Job) -> str:
+    return f"Training your model (job #{job.id})" if job.kind == "train" else f"Drawing (job #{job.id})"
+
+
+class Notifier:
+    """The scheduler's observer: progress edits and final messages for each job."""
+
+    def __init__(self, bot: AvatarBot) -> None:
+        self.bot = bot
+        self._editors: dict[int, ThrottledEditor] = {}
+        self._interactions: dict[int, discord.Interaction] = {}
+
+    def attach_interaction(self, job_id: int, interaction: discord.Interaction) -> None:
+        """Generation results go back through this (already deferred) interaction."""
+        self._interactions[job_id] = interaction
+
+    async def resume(self) -> None:
+        """After a restart, show that queued trainings are waiting again in their old messages."""
+        for job in await jobs_db.jobs_in_states(self.bot.store.db, ("queued",)):
+            if job.kind == "train" and job.message_id:
+                await self.job_updated(job, {"type": "requeued"})
+
+    def _editor(self, job: Job) -> ThrottledEditor | None:
+        if job.id in self._editors:
+            return self._editors[job.id]
+        interaction = self._interactions.get(job.id)
+        if interaction is not None:
+            async def edit(text: str, image: bytes | None) -> None:
+                await interaction.edit_original_response(content=text)
+        elif job.channel_id and job.message_id:
+            message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+
+            async def edit(text: str, image: bytes | None) -> None:
+                attachments = [png_file(image, "preview.png")] if image else discord.utils.MISSING
+                await message.edit(content=text, attachments=attachments)
+        else:
+            return None
+        editor = ThrottledEditor(edit, self.bot.settings.progress_interval_s)
+        self._editors[job.id] = editor
+        return editor
+
+    async def job_updated(self, job: Job, event: Event) -> None:
+        editor = self._editor(job)
+        if editor is None:
+            return
+        position = await jobs_db.queue_position(self.bot.store.db, job.id) if job.state == "queued" else None
+        text = render_progress(title_of(job), job.progress, position)
+        if event["type"] == "requeued":
+            text += "\nThe worker restarted; your job continues from its last checkpoint."
+        editor.update(text, event.get("png") if event["type"] == "preview" else None)
+
+    async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None:
+        editor = self._editors.pop(job.id, None)
+        if editor is not None:
+            await editor.flush()
+        interaction = self._interactions.pop(job.id, None)
+        try:
+            if job.kind == "train":
+                await self._training_finished(job, outcome)
+            else:
+                await self._generation_finished(job, outcome, interaction)
+        except discord.HTTPException:
+            log.warning("could not tell user about job %d", job.id, exc_info=True)
+
+    async def _dm(self, user_id: int) -> discord.abc.Messageable:
+        user = self.bot.get_user(user_id) or await self.bot.fetch_user(user_id)
+        return user.dm_channel or await user.create_dm()
+
+    async def _edit_progress_message(self, job: Job, text: str) -> None:
+        if job.channel_id and job.message_id:
+            message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+            await message.edit(content=text, attachments=[])
+
+    async def _training_finished(self, job: Job, outcome: dict[str, Any]) -> None:
+        if job.state == "succeeded":
+            await self._edit_progress_message(job, f"**{title_of(job)}**\nDone! Your model is ready.")
+            handle = job.params["handle"]
+            hints = "\n".join(f"• `/imagine prompt:{hint}`" for hint in outcome.get("hints", []))
+            files = [png_file(s["png"], f"sample-{i + 1}.png") for i, s in enumerate(outcome.get("samples", []))]
+            channel = await self._dm(job.owner)
+            await channel.send(f"Your model is trained. Here is **{handle}** as the model sees you.\n"
+                               f"Try these:\n{hints}", files=files)
+        elif job.state == "cancelled":
+            await self._edit_progress_message(job, f"**{title_of(job)}**\nCancelled. Your photos are kept.")
+        else:
+            await self._edit_progress_message(
+                job, f"**{title_of(job)}**\nIt did not work: {job.error}\nYour photos are kept; "
+                     "you can run `/train` again.")
+
+    async def _generation_finished(self, job: Job, outcome: dict[str, Any],
+                                   interaction: discord.Interaction | None) -> None:
+        if job.state == "succeeded":
+            images = outcome["images"]
+            seeds = ", ".join(f"#{i + 1}: {im['seed']}" for i, im in enumerate(images))
+            text = f"**{job.params['request']['prompt']}**\nSeeds {seeds}"
+            files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(images)]
+            view = imagine_view(outcome["generation_id"], len(images))
+        else:
+            reason = "cancelled." if job.state == "cancelled" else f"it did not work: {job.error}"
+            text, files, view = f"Your picture was {reason}", [], None
+        if interaction is not None:
+            kwargs: dict[str, Any] = {"content": text, "attachments": files}
+            if view is not None:
+                kwargs["view"] = view
+            try:
+                message = await interaction.edit_original_response(**kwargs)
+                await self._remember_message(outcome, message)
+                return
+            except discord.HTTPException:  # the interaction token expired: fall back to a DM
+                log.info("interaction for job %d expired; sending the result by DM", job.id)
+                files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(outcome.get("images", []))]
+        channel = await self._dm(job.owner)
+        message = await channel.send(text, files=files, view=view or discord.utils.MISSING)
+        await self._remember_message(outcome, message)
+
+    async def _remember_message(self, outcome: dict[str, Any], message: discord.Message) -> None:
+        if "generation_id" in outcome:
+            from storage import generations as generations_db
+
+            await generations_db.set_generation_message(self.bot.store.db, outcome["generation_id"],
+                                                        message.channel.id, message.id)

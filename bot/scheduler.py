@@ -1,0 +1,314 @@
+"""Turns stored jobs into work for the runner and the runner's events back into stored state.
+
+The database is the system of record: a job is a row before anything runs, progress and
+checkpoints are written as they arrive, and results become files and rows before the person is
+told. The scheduler never touches Discord; it reports to a `JobObserver` (the bot's progress
+messages), which keeps the rules here testable without a Discord connection.
+
+Rules: generation before training (claim order in storage), one training queued or running per
+person, at most `max_queued_generations` waiting generations per person. A job whose worker died
+is re-queued once and resumes from its last checkpoint; a second loss fails it with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from storage.forget import forget_user
+from storage.jobs import Job
+from storage.store import Storage
+
+from bot.config import Settings
+from storage import generations as generations_db
+from storage import jobs as jobs_db
+from storage import models as models_db
+from storage import photos as photos_db
+from storage import users as users_db
+from trainer.events import Event
+from trainer.jobs import WorkItem
+from trainer.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2
+LEASE_SECONDS = 600.0
+PROGRESS_WRITE_INTERVAL_S = 1.0
+
+
+class Refused(Exception):
+    """A request the rules do not allow; `message` says why and what to do instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class JobObserver(Protocol):
+    """What the front end is told about jobs. Each call gets the job as stored after the change."""
+
+    async def job_updated(self, job: Job, event: Event) -> None: ...
+
+    async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None: ...
+
+
+def adapter_key(model_id: int) -> str:
+    """The name under which a worker keeps a model's LoRA loaded."""
+    return f"model-{model_id}"
+
+
+class Scheduler:
+    """Feeds queued jobs to idle workers and records what comes back."""
+
+    def __init__(self, store: Storage, runner: JobRunner, settings: Settings, observer: JobObserver,
+                 worker_id: str = "local") -> None:
+        self.store = store
+        self.runner = runner
+        self.settings = settings
+        self.observer = observer
+        self.worker_id = worker_id
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_progress_write: dict[int, float] = {}
+
+    # ----- life cycle -------------------------------------------------------------------------
+    async def start(self) -> list[int]:
+        """Re-queue jobs that were running when the bot stopped, start workers and the loop."""
+        requeued = await jobs_db.requeue_interrupted(self.store.db, all_running=True)
+        if requeued:
+            log.info("re-queued %d interrupted job(s): %s", len(requeued), requeued)
+        await self.runner.start(self._on_event)
+        self._task = asyncio.create_task(self._dispatch_loop(), name="scheduler")
+        self._wake.set()
+        return requeued
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.runner.stop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._dispatch()
+            except Exception:
+                log.exception("dispatching jobs failed; retrying on the next wake-up")
+                await asyncio.sleep(1)
+                self._wake.set()
+
+    async def _dispatch(self) -> None:
+        while self.runner.idle_capacity() > 0:
+            job = await jobs_db.claim_next_job(self.store.db, self.worker_id, LEASE_SECONDS)
+            if job is None:
+                return
+            try:
+                item = await self._work_item(job)
+            except Refused as exc:  # e.g. the photos or the model vanished after queueing
+                await self._fail(job, exc.message)
+                continue
+            await self.runner.submit(item)
+            await self.observer.job_updated(job, {"type": "stage", "stage": "loading_model", "detail": ""})
+
+    async def _work_item(self, job: Job) -> WorkItem:
+        blobs: dict[str, Any] = {}
+        if job.kind == "train":
+            photos = await photos_db.list_photos(self.store.db, job.owner)
+            blobs["photos"] = [self.store.files.read(p.path) for p in photos]
+            if len(blobs["photos"]) < self.settings.min_photos:
+                raise Refused("Some photos were removed after this training was queued; "
+                              f"please send at least {self.settings.min_photos} and train again.")
+            blobs["checkpoint"] = self.store.files.read(job.checkpoint_path) if job.checkpoint_path else None
+        else:
+            model_id = job.params.get("model_id")
+            if model_id is not None:
+                model = await models_db.get_model(self.store.db, model_id)
+                if model is None or model.owner != job.owner:
+                    raise Refused("That model no longer exists; train a new one with /train.")
+                blobs["lora"] = self.store.files.read(model.lora_path)
+            parent = job.params.get("variation_of")
+            if parent:
+                generation = await generations_db.get_generation(self.store.db, parent["generation_id"])
+                if generation is None or generation.owner != job.owner:
+                    raise Refused("The image to vary no longer exists.")
+                blobs["init_image"] = self.store.files.read(generation.paths[parent["index"]])
+        return WorkItem(job.id, job.kind, job.params, blobs)
+
+    # ----- requests from people -----------------------------------------------------------------
+    async def enqueue_train(self, user_id: int, steps: int | None = None, *, channel_id: int | None = None,
+                            message_id: int | None = None) -> tuple[Job, int | None]:
+        """Queue a training after checking handle, photos and that none is already queued or running."""
+        user = await users_db.get_user(self.store.db, user_id)
+        if user is None or not user.handle:
+            raise Refused("Pick your handle first with `/handle`, e.g. `/handle name:zqjane class:woman`.")
+        count = await photos_db.count_photos(self.store.db, user_id)
+        if count < self.settings.min_photos:
+            raise Refused(f"You have {count} photo(s); send me at least {self.settings.min_photos} "
+                          "selfies in this DM first.")
+        active = await jobs_db.count_jobs(self.store.db, user_id, "train", ("queued", "running"))
+        if active:
+            raise Refused("Your model is already training or waiting to train. `/status` shows where it is, "
+                          "`/cancel` stops it.")
+        if steps is not None and not 50 <= steps <= 5000:
+            raise Refused("Steps must be between 50 and 5000.")
+        params = {
+            "handle": user.handle,
+            "class_word": user.class_word,
+            "config": {
+                "steps": steps or self.settings.train_steps,
+                "rank": self.settings.train_rank,
+                "resolution": self.settings.train_resolution,
+                "learning_rate": self.settings.train_learning_rate,
+                "num_class_images": self.settings.class_images,
+            },
+            "sample_steps": 25,
+            "samples": 2,
+            "seed": 0,
+        }
+        job_id = await jobs_db.create_job(self.store.db, "train", user_id, params,
+                                          channel_id=channel_id, message_id=message_id)
+        self.wake()
+        return await self._with_position(job_id)
+
+    async def enqueue_generate(self, user_id: int, request: dict[str, Any], *,
+                               variation_of: dict[str, int] | None = None, channel_id: int | None = None,
+                               message_id: int | None = None) -> tuple[Job, int | None]:
+        """Queue an /imagine request with the person's own active model."""
+        user = await users_db.get_user(self.store.db, user_id)
+        model = await models_db.get_active_model(self.store.db, user_id)
+        if model is None or user is None:
+            raise Refused("You don't have a model yet. Send me your selfies in a DM, then run `/train`.")
+        if len(request.get("prompt", "")) > self.settings.max_prompt_chars:
+            raise Refused(f"That prompt is {len(request['prompt'])} characters; the limit is "
+                          f"{self.settings.max_prompt_chars}. Please shorten it.")
+        waiting = await jobs_db.count_jobs(self.store.db, user_id, "generate", ("queued",))
+        if waiting >= self.settings.max_queued_generations:
+            raise Refused(f"You already have {waiting} pictures waiting; please let them finish first.")
+        handle = model.metadata.get("handle", user.handle)
+        class_word = model.metadata.get("class_word", user.class_word)
+        params = {"request": request, "model_id": model.id, "adapter_key": adapter_key(model.id),
+                  "handle": handle, "class_word": class_word, "variation_of": variation_of}
+        job_id = await jobs_db.create_job(self.store.db, "generate", user_id, params,
+                                          channel_id=channel_id, message_id=message_id)
+        self.wake()
+        return await self._with_position(job_id)
+
+    async def _with_position(self, job_id: int) -> tuple[Job, int | None]:
+        job = await jobs_db.get_job(self.store.db, job_id)
+        assert job is not None
+        return job, await jobs_db.queue_position(self.store.db, job_id)
+
+    async def cancel_user_jobs(self, user_id: int, kind: str | None = None) -> list[Job]:
+        """Cancel the person's queued and running jobs; running ones stop at their next step."""
+        cancelled = []
+        for job in await jobs_db.jobs_for_user(self.store.db, user_id, states=("queued", "running")):
+            if kind and job.kind != kind:
+                continue
+            state = await jobs_db.request_cancel(self.store.db, job.id)
+            if state == "running":
+                await self.runner.cancel(job.id)
+            cancelled.append(job)
+        return cancelled
+
+    async def forget(self, user_id: int) -> dict[str, int]:
+        """Stop the person's jobs, drop their LoRAs from the workers, then delete all their data."""
+        await self.cancel_user_jobs(user_id)
+        for model in await models_db.list_models(self.store.db, user_id):
+            await self.runner.forget_adapter(adapter_key(model.id))
+        return await forget_user(self.store, user_id)
+
+    # ----- events from workers -----------------------------------------------------------------
+    async def _on_event(self, job_id: int, event: Event) -> None:
+        try:
+            await self._handle_event(job_id, event)
+        except Exception:
+            log.exception("handling a %s event of job %d failed", event.get("type"), job_id)
+        if event["type"] in ("done", "error", "worker_lost"):
+            self.wake()
+
+    async def _handle_event(self, job_id: int, event: Event) -> None:
+        job = await jobs_db.get_job(self.store.db, job_id)
+        if job is None or job.state != "running":
+            return  # forgotten or already finished: drop late events (and their bytes)
+        kind = event["type"]
+        if kind in ("stage", "progress"):
+            progress = {**job.progress, **{k: v for k, v in event.items() if k != "type"}}
+            if kind == "stage":
+                progress = {"stage": event["stage"], "detail": event.get("detail", "")}
+            now = time.monotonic()
+            if kind == "stage" or now - self._last_progress_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
+                self._last_progress_write[job_id] = now
+                await jobs_db.update_progress(self.store.db, job_id, progress)
+                await jobs_db.renew_lease(self.store.db, job_id, self.worker_id, LEASE_SECONDS)
+            await self.observer.job_updated(jobs_db.with_progress(job, progress), event)
+        elif kind == "preview":
+            await self.observer.job_updated(job, event)
+        elif kind == "checkpoint":
+            await self._store_checkpoint(job, event)
+        elif kind == "done":
+            outcome = await self._store_result(job, event["result"])
+            self._last_progress_write.pop(job_id, None)
+            finished = await jobs_db.get_job(self.store.db, job_id)
+            await self.observer.job_finished(finished or job, outcome)
+        elif kind == "error":
+            if event.get("code") == "cancelled":
+                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=event["message"])
+                finished = await jobs_db.get_job(self.store.db, job_id)
+                await self.observer.job_finished(finished or job, {})
+            else:
+                await self._fail(job, event["message"])
+        elif kind == "worker_lost":
+            if job.attempts < MAX_ATTEMPTS and not job.cancel_requested:
+                await jobs_db.requeue(self.store.db, job_id)
+                log.warning("job %d lost its worker; re-queued (attempt %d)", job_id, job.attempts)
+                requeued = await jobs_db.get_job(self.store.db, job_id)
+                await self.observer.job_updated(requeued or job, {"type": "requeued"})
+            else:
+                await self._fail(job, f"{event['message']} It happened {job.attempts} times, so I stopped "
+                                      "trying. The operator can see the details in the logs.")
+
+    async def _fail(self, job: Job, message: str) -> None:
+        await jobs_db.finish_job(self.store.db, job.id, "failed", error=message)
+        finished = await jobs_db.get_job(self.store.db, job.id)
+        await self.observer.job_finished(finished or job, {})
+
+    async def _store_checkpoint(self, job: Job, event: Event) -> None:
+        path = self.store.files.write(job.owner, "checkpoints", event["data"], ".zip")
+        old = job.checkpoint_path
+        await jobs_db.set_checkpoint(self.store.db, job.id, path)
+        if old:
+            self.store.files.delete(old)
+        log.info("job %d checkpointed at step %d", job.id, event["step"])
+
+    async def _store_result(self, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        if job.kind == "train":
+            lora_path = self.store.files.write(job.owner, "models", result["lora"], ".safetensors")
+            metadata = dict(result["metadata"])
+            if result.get("kohya"):
+                metadata["kohya_path"] = self.store.files.write(job.owner, "models", result["kohya"],
+                                                                ".safetensors")
+            model_id = await models_db.add_model(self.store.db, job.owner, job.id, lora_path,
+                                                 metadata.get("base_model", self.settings.base_model), metadata)
+            await jobs_db.finish_job(self.store.db, job.id, "succeeded",
+                                     result={"model_id": model_id, "steps": result["steps"],
+                                             "final_loss": result["final_loss"]})
+            if job.checkpoint_path:
+                self.store.files.delete(job.checkpoint_path)
+            return {"model_id": model_id, "samples": result["samples"], "hints": result.get("hints", [])}
+        images = result["images"]
+        paths = [self.store.files.write(job.owner, "generations", im["png"], ".png") for im in images]
+        request = job.params["request"]
+        generation_id = await generations_db.add_generation(
+            self.store.db, job.owner, job.params.get("model_id"), job.id, request["prompt"],
+            request.get("negative_prompt", ""), [im["seed"] for im in images], job.params, paths,
+            channel_id=job.channel_id, message_id=job.message_id)
+        await jobs_db.finish_job(self.store.db, job.id, "succeeded", result={"generation_id": generation_id})
+        return {"generation_id": generation_id, "images": images}
+

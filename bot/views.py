@@ -1,0 +1,103 @@
+"""Buttons. Their custom ids carry the ids they act on, and their parameters come from the
+database, so a button under an old message keeps working after the bot restarts."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.scheduler import Refused
+
+if TYPE_CHECKING:
+    from bot.app import AvatarBot
+
+log = logging.getLogger(__name__)
+
+VARIATION_STRENGTH = 0.6  # how far "more like #N" may move away from the chosen image
+
+
+async def _refuse(interaction: discord.Interaction, message: str) -> None:
+    await interaction.response.send_message(message, ephemeral=True)
+
+
+async def _queue_generation(interaction: discord.Interaction, generation_id: int,
+                            index: int | None) -> None:
+    """Reroll (index None: same request, new seeds) or vary image `index` with img2img."""
+    from storage import generations as generations_db
+
+    bot: AvatarBot = interaction.client  # type: ignore[assignment]
+    generation = await generations_db.get_generation(bot.store.db, generation_id)
+    if generation is None:
+        await _refuse(interaction, "Those pictures were deleted, so I can't make more like them.")
+        return
+    if generation.owner != interaction.user.id:
+        await _refuse(interaction, "These buttons belong to the person who made these pictures. "
+                                   "Use `/imagine` to make your own.")
+        return
+    request: dict[str, Any] = dict(generation.params["request"])
+    request["seed"] = random.randrange(2**31)
+    variation = None
+    if index is not None:
+        request.update(num_images=1, strength=VARIATION_STRENGTH)
+        variation = {"generation_id": generation_id, "index": index}
+    await interaction.response.defer(thinking=True)
+    try:
+        job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)
+    except Refused as exc:
+        await interaction.followup.send(exc.message, ephemeral=True)
+        return
+    bot.notifier.attach_interaction(job.id, interaction)
+    await interaction.edit_original_response(content=queued_text(position))
+
+
+def queued_text(position: int | None) -> str:
+    return f"Queued (position {position})." if position else "Starting…"
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(?P<gen>\d+):reroll"):
+    """Same prompt and settings, new seeds."""
+
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Reroll", emoji="🎲", style=discord.ButtonStyle.primary,
+                                           custom_id=f"gen:{generation_id}:reroll"))
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str]) -> RerollButton:
+        return cls(int(match["gen"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _queue_generation(interaction, self.generation_id, None)
+
+
+class MoreLikeButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(?P<gen>\d+):more:(?P<idx>\d)"):
+    """An img2img variation of one image of the set."""
+
+    def __init__(self, generation_id: int, index: int) -> None:
+        super().__init__(discord.ui.Button(label=f"More like #{index + 1}", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"gen:{generation_id}:more:{index}"))
+        self.generation_id, self.index = generation_id, index
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str]) -> MoreLikeButton:
+        return cls(int(match["gen"]), int(match["idx"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _queue_generation(interaction, self.generation_id, self.index)
+
+
+def imagine_view(generation_id: int, count: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(RerollButton(generation_id))
+    for index in range(count):
+        view.add_item(MoreLikeButton(generation_id, index))
+    return view
+
+
+DYNAMIC_ITEMS = (RerollButton, MoreLikeButton)

@@ -1,0 +1,440 @@
+"""FakeDiscord: a small Discord (REST + gateway) on 127.0.0.1 for end-to-end tests of a real bot.
+
+It runs in the test's own event loop, next to the discord.py client under test:
+
+    async with FakeDiscord() as fake:
+        use_discord_endpoints(fake.api_base, fake.gateway_url)
+        ... start the bot with fake.bot_token ...
+        await fake.wait_connected()
+        alice = fake.add_user("alice")
+        await fake.send_dm(alice, attachments=[("me.jpg", data, "image/jpeg")])
+        interaction = await fake.invoke_command(alice, "imagine", {"prompt": "a cat"})
+        await fake.wait_for(lambda: interaction.followups)
+
+Everything the bot did is kept for inspection: messages with every edit, interaction responses in
+order, and the log of HTTP requests (with routes the fake does not know listed apart).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .gateway import Gateway, GatewaySession
+from .rest import API_PREFIX, UNKNOWN_ROUTE, RestApi
+from .state import (
+    FakeAttachment,
+    FakeChannel,
+    FakeGuild,
+    FakeInteraction,
+    FakeMessage,
+    FakeUser,
+    RateLimitRule,
+    RequestRecord,
+    World,
+)
+
+log = logging.getLogger(__name__)
+
+GATEWAY_PATH = "/gateway"
+INTERACTION_APPLICATION_COMMAND = 2
+INTERACTION_MESSAGE_COMPONENT = 3
+COMPONENT_BUTTON = 2
+CONTEXT_GUILD = 0
+CONTEXT_BOT_DM = 1
+
+OPTION_SUB_COMMAND = 1
+OPTION_SUB_COMMAND_GROUP = 2
+OPTION_STRING = 3
+OPTION_INTEGER = 4
+OPTION_BOOLEAN = 5
+OPTION_NUMBER = 10
+OPTION_ATTACHMENT = 11
+_OPTION_CONVERTERS: dict[int, Callable[[Any], Any]] = {
+    OPTION_STRING: str,
+    OPTION_INTEGER: int,
+    OPTION_BOOLEAN: bool,
+    OPTION_NUMBER: float,
+}
+
+FileSpec = tuple[str, bytes, str | None]
+
+
+class FakeDiscord:
+    """The fake server and the test-facing API to act as users and inspect what the bot did."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: float = 45.0,
+        bot_name: str = "avatar-bot",
+        guild_name: str = "Test Guild",
+        bot_token: str = "fake-bot-token",
+    ) -> None:
+        self.bot_token = bot_token
+        self._heartbeat_interval = heartbeat_interval
+        self._bot_name = bot_name
+        self._guild_name = guild_name
+        self._runner: web.AppRunner | None = None
+        self._world: World | None = None
+        self._gateway: Gateway | None = None
+        self.base_url = ""
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeDiscord:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Listen on a free port of 127.0.0.1 (bound first, since URLs in payloads name the port)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._world = World(self.base_url, bot_name=self._bot_name, guild_name=self._guild_name)
+        self._gateway = Gateway(
+            self._world,
+            token=self.bot_token,
+            heartbeat_interval=self._heartbeat_interval,
+            ready_payload=self._ready_payload,
+            guild_payload=self.guild.payload,
+        )
+        self._world.publish = self._gateway.dispatch
+        rest = RestApi(self._world, token=self.bot_token, gateway_url=self.gateway_url)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[rest.middleware])
+        app.router.add_get(GATEWAY_PATH, self._gateway.handle)
+        app.router.add_routes(rest.routes())
+        app.router.add_route("*", "/{tail:.*}", rest.unknown_route, name=UNKNOWN_ROUTE)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        log.debug("fake Discord listening on %s", self.base_url)
+
+    async def close(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def world(self) -> World:
+        if self._world is None:
+            raise RuntimeError("FakeDiscord is not started; use `async with FakeDiscord() as fake`")
+        return self._world
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise RuntimeError("FakeDiscord is not started; use `async with FakeDiscord() as fake`")
+        return self._gateway
+
+    # addresses and fixed objects -----------------------------------------------------------
+
+    @property
+    def api_base(self) -> str:
+        """What DISCORD_API_BASE should be, e.g. http://127.0.0.1:PORT/api/v10."""
+        return self.base_url + API_PREFIX
+
+    @property
+    def gateway_url(self) -> str:
+        """What DISCORD_GATEWAY_URL should be, e.g. ws://127.0.0.1:PORT/gateway."""
+        return self.base_url.replace("http://", "ws://", 1) + GATEWAY_PATH
+
+    @property
+    def application_id(self) -> int:
+        return self.world.application_id
+
+    @property
+    def bot_user(self) -> FakeUser:
+        return self.world.bot_user
+
+    @property
+    def guild(self) -> FakeGuild:
+        return self.world.guild
+
+    @property
+    def guild_channel(self) -> FakeChannel:
+        """The guild's #general text channel."""
+        return self.guild.channels[0]
+
+    @property
+    def attachment_size_limit(self) -> int:
+        return self.world.attachment_size_limit
+
+    @attachment_size_limit.setter
+    def attachment_size_limit(self, value: int) -> None:
+        self.world.attachment_size_limit = value
+
+    def _ready_payload(self, session: GatewaySession) -> dict[str, Any]:
+        return {
+            "v": 10,
+            "user": self.bot_user.payload() | {"verified": True, "mfa_enabled": False},
+            "guilds": [{"id": str(self.guild.id), "unavailable": True}],
+            "session_id": session.id,
+            "resume_gateway_url": self.gateway_url,
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+        }
+
+    # users ---------------------------------------------------------------------------------
+
+    def add_user(self, name: str, *, accepts_dms: bool = True) -> FakeUser:
+        """A person who is a member of the test guild and can DM the bot."""
+        user = self.world.new_user(name, accepts_dms=accepts_dms)
+        self.guild.members.append(user)
+        return user
+
+    def dm_channel_of(self, user: FakeUser) -> FakeChannel:
+        return self.world.dm_channel(user)
+
+    # gateway -------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> GatewaySession | None:
+        """The bot's connected gateway session, if any."""
+        return self.gateway.current
+
+    @property
+    def identify_count(self) -> int:
+        """How many times a client has IDENTIFYed (a RESUME does not count)."""
+        return self.gateway.identify_count
+
+    async def wait_connected(self, *, identify_count: int = 1, timeout: float = 5.0) -> GatewaySession:
+        """Wait until `identify_count` IDENTIFYs were answered and a session is connected.
+
+        READY and GUILD_CREATE are sent by then; the client's on_ready follows after its
+        guild_ready_timeout. After a restart, pass identify_count=2 to wait for the new client.
+        """
+        return await self.wait_for(
+            lambda: self.gateway.identify_count >= identify_count and self.session, timeout=timeout
+        )
+
+    async def disconnect_bot(self, *, resumable: bool = True) -> None:
+        """Close the bot's gateway socket. It may RESUME if resumable, else it must IDENTIFY anew."""
+        await self.gateway.disconnect(resumable=resumable)
+
+    def _require_connected(self) -> None:
+        """Events need a gateway session; one whose socket dropped gets them when it resumes."""
+        if not self.gateway.live_sessions:
+            raise RuntimeError("no bot has a gateway session; await fake.wait_connected() first")
+
+    # acting as users -----------------------------------------------------------------------
+
+    async def send_dm(self, user: FakeUser, content: str = "", attachments: Iterable[FileSpec] = ()) -> FakeMessage:
+        """A DM from user to the bot; attachments are (filename, bytes, content_type) triples."""
+        self._require_connected()
+        files = [self.world.store_file(name, data, content_type) for name, data, content_type in attachments]
+        return self.world.create_message(self.dm_channel_of(user), user, content=content, attachments=files)
+
+    async def invoke_command(
+        self,
+        user: FakeUser,
+        name: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        in_guild: bool = False,
+        channel: FakeChannel | None = None,
+    ) -> FakeInteraction:
+        """Run a registered slash command as user, in their DM with the bot or in a guild channel.
+
+        name may be "group sub" for subcommands. Option values are converted to the types the
+        registered command declares; an attachment option takes a (filename, bytes, content_type).
+        """
+        self._require_connected()
+        channel = channel or (self.guild_channel if in_guild else self.dm_channel_of(user))
+        words = name.split()
+        command = self._registered_command(words[0], channel.guild)
+        resolved: dict[str, Any] = {}
+        options_payload = self._command_options(command, words[1:], dict(options or {}), resolved)
+        data: dict[str, Any] = {
+            "id": command["id"],
+            "name": command["name"],
+            "type": command.get("type", 1),
+            "options": options_payload,
+        }
+        if resolved:
+            data["resolved"] = resolved
+        if "guild_id" in command:
+            data["guild_id"] = command["guild_id"]
+        return self._dispatch_interaction(INTERACTION_APPLICATION_COMMAND, user, channel, data)
+
+    async def press_button(self, user: FakeUser, message: FakeMessage | int, custom_id: str) -> FakeInteraction:
+        """Click the button with custom_id on a message; it must exist there and be enabled."""
+        self._require_connected()
+        target = message if isinstance(message, FakeMessage) else self.message(message)
+        button = target.button(custom_id)
+        if button.get("disabled"):
+            raise ValueError(f"button {custom_id!r} on message {target.id} is disabled")
+        data = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
+        return self._dispatch_interaction(INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target)
+
+    def expire_interaction(self, interaction: FakeInteraction) -> None:
+        """Make the interaction's token invalid, as Discord does after 15 minutes."""
+        interaction.expired = True
+
+    def _registered_command(self, name: str, guild: FakeGuild | None) -> dict[str, Any]:
+        scopes = ([guild.id] if guild is not None else []) + [None]
+        for scope in scopes:
+            for command in self.world.commands.get(scope, []):
+                if command["name"] == name and command.get("type", 1) == 1:
+                    return command
+        known = sorted(c["name"] for scope in scopes for c in self.world.commands.get(scope, []))
+        raise LookupError(f"no slash command {name!r} is registered here; registered: {known}")
+
+    def _command_options(
+        self, parent: dict[str, Any], path: list[str], given: dict[str, Any], resolved: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The interaction's options for a command or, following path, one of its subcommands."""
+        declared = {option["name"]: option for option in parent.get("options", [])}
+        if path:
+            sub = declared.get(path[0])
+            if sub is None or sub["type"] not in (OPTION_SUB_COMMAND, OPTION_SUB_COMMAND_GROUP):
+                raise LookupError(f"{parent['name']!r} has no subcommand {path[0]!r}")
+            return [{"name": sub["name"], "type": sub["type"], "options": self._command_options(sub, path[1:], given, resolved)}]
+        unknown = set(given) - set(declared)
+        if unknown:
+            raise LookupError(f"{parent['name']!r} has no options {sorted(unknown)}; it has {sorted(declared)}")
+        missing = [n for n, o in declared.items() if o.get("required") and n not in given]
+        if missing:
+            raise ValueError(f"{parent['name']!r} needs options {missing}")
+        result = []
+        for option_name, value in given.items():
+            kind = declared[option_name]["type"]
+            if kind == OPTION_ATTACHMENT:
+                attachment = self.world.store_file(*value)
+                resolved.setdefault("attachments", {})[str(attachment.id)] = attachment.payload()
+                value = str(attachment.id)
+            elif kind in _OPTION_CONVERTERS:
+                value = _OPTION_CONVERTERS[kind](value)
+            else:
+                raise NotImplementedError(f"option type {kind} of {option_name!r} is not supported by the fake")
+            result.append({"name": option_name, "type": kind, "value": value})
+        return result
+
+    def _dispatch_interaction(
+        self,
+        kind: int,
+        user: FakeUser,
+        channel: FakeChannel,
+        data: dict[str, Any],
+        *,
+        message: FakeMessage | None = None,
+    ) -> FakeInteraction:
+        world = self.world
+        interaction = FakeInteraction(
+            id=world.ids.next(),
+            token=world.new_interaction_token(),
+            type=kind,
+            user=user,
+            channel=channel,
+            data=data,
+            message=message,
+        )
+        world.interactions[interaction.id] = interaction
+        payload: dict[str, Any] = {
+            "id": str(interaction.id),
+            "application_id": str(self.application_id),
+            "type": kind,
+            "data": data,
+            "channel_id": str(channel.id),
+            "channel": channel.payload(),
+            "token": interaction.token,
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": str((1 << 53) - 1),
+            "entitlements": [],
+            "attachment_size_limit": world.attachment_size_limit,
+        }
+        if channel.guild is not None:
+            payload |= {
+                "guild_id": str(channel.guild.id),
+                "guild": {"id": str(channel.guild.id), "locale": "en-US", "features": []},
+                "guild_locale": "en-US",
+                "member": channel.guild.member_payload(user),
+                "context": CONTEXT_GUILD,
+                "authorizing_integration_owners": {"0": str(channel.guild.id)},
+            }
+        else:
+            payload |= {"user": user.payload(), "context": CONTEXT_BOT_DM}
+        if message is not None:
+            payload["message"] = message.payload()
+        self.gateway.dispatch("INTERACTION_CREATE", payload, 0)
+        world.notify()
+        return interaction
+
+    # injected failures ---------------------------------------------------------------------
+
+    def rate_limit_next(self, method: str, path_regex: str, *, retry_after: float = 0.3, times: int = 1) -> RateLimitRule:
+        """Answer the next `times` requests matching method and path (re.fullmatch on the path
+        after /api/v10, e.g. r"/channels/\\d+/messages") with HTTP 429 and retry_after seconds."""
+        rule = RateLimitRule(method.upper(), re.compile(path_regex), retry_after, times)
+        self.world.rate_limits.append(rule)
+        return rule
+
+    # inspection ----------------------------------------------------------------------------
+
+    def message(self, message_id: int) -> FakeMessage:
+        try:
+            return self.world.messages[message_id]
+        except KeyError:
+            raise LookupError(f"no message {message_id}") from None
+
+    def messages_in(self, channel: FakeChannel | int, *, include_deleted: bool = False) -> list[FakeMessage]:
+        """Messages in a channel, oldest first, ephemeral ones included (see FakeMessage.ephemeral)."""
+        target = channel if isinstance(channel, FakeChannel) else self.world.channels[channel]
+        return [m for m in target.messages if include_deleted or not m.deleted]
+
+    def bot_messages_to(self, user: FakeUser) -> list[FakeMessage]:
+        """What the bot has said in its DM with user, oldest first."""
+        return [m for m in self.messages_in(self.dm_channel_of(user)) if m.from_bot]
+
+    def file(self, attachment_id: int) -> FakeAttachment:
+        return self.world.attachments[attachment_id]
+
+    def commands(self, *, guild: bool = False) -> list[dict[str, Any]]:
+        """The registered slash commands: global ones, or the test guild's with guild=True."""
+        return list(self.world.commands.get(self.guild.id if guild else None, []))
+
+    @property
+    def interactions(self) -> list[FakeInteraction]:
+        return list(self.world.interactions.values())
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        return list(self.world.requests)
+
+    @property
+    def unknown_routes(self) -> list[RequestRecord]:
+        return list(self.world.unknown_routes)
+
+    def requests_to(self, method: str, path_regex: str) -> list[RequestRecord]:
+        pattern = re.compile(path_regex)
+        return [r for r in self.world.requests if r.method == method.upper() and pattern.fullmatch(r.path)]
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Wait until predicate() is truthy and return its value; it is re-checked on every change
+        the fake sees (requests, messages, edits, interaction responses, gateway sessions)."""
+        return await self.world.wait_for(predicate, timeout)
+
+    async def wait_for_message(
+        self,
+        channel: FakeChannel | int,
+        predicate: Callable[[FakeMessage], bool] = lambda message: True,
+        *,
+        timeout: float = 5.0,
+    ) -> FakeMessage:
+        """The first (oldest) message in channel matching predicate, once there is one."""
+        return await self.wait_for(
+            lambda: next((m for m in self.messages_in(channel) if predicate(m)), None), timeout=timeout
+        )

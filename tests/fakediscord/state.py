@@ -1,0 +1,609 @@
+"""In-memory world of the fake Discord server: users, channels, messages, files and interactions.
+
+Every object keeps enough history for a test to ask what the bot did (every version of an edited
+message, every response to an interaction), and renders itself as the JSON payload discord.py parses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+DISCORD_EPOCH_MS = 1420070400000
+
+# Gateway intent bits that gate the events this server sends.
+INTENT_GUILDS = 1 << 0
+INTENT_GUILD_MESSAGES = 1 << 9
+INTENT_DIRECT_MESSAGES = 1 << 12
+
+CHANNEL_GUILD_TEXT = 0
+CHANNEL_DM = 1
+
+# What Discord allows a bot without boosts to upload, per file.
+DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
+
+FLAG_EPHEMERAL = 1 << 6
+FLAG_LOADING = 1 << 7
+
+MESSAGE_DEFAULT = 0
+MESSAGE_CHAT_INPUT_COMMAND = 20
+
+COMPONENT_BUTTON = 2
+
+# View channel, send messages, embed links, attach files, read history, use application commands.
+ALL_TEXT_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
+
+
+def now() -> datetime:
+    """Timezone-aware current time, the form Discord timestamps take."""
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 text as Discord sends it, or None."""
+    return moment.isoformat() if moment is not None else None
+
+
+class Snowflakes:
+    """Unique, increasing Discord ids whose timestamps are the current time.
+
+    discord.py reads creation times out of ids (for example to pick a rate limit bucket when
+    deleting a message), so ids must encode a real timestamp, not just count up.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        stamp = (int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22
+        self._last = max(stamp, self._last + 1)
+        return self._last
+
+
+@dataclass(eq=False)
+class FakeUser:
+    """A Discord account: the bot itself or a person who talks to it."""
+
+    id: int
+    name: str
+    bot: bool = False
+    accepts_dms: bool = True
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "username": self.name,
+            "global_name": self.name,
+            "discriminator": "0",
+            "avatar": None,
+            "bot": self.bot,
+            "public_flags": 0,
+            "flags": 0,
+        }
+
+
+@dataclass(eq=False)
+class FakeAttachment:
+    """A stored file with the URL the fake serves it at."""
+
+    id: int
+    filename: str
+    data: bytes
+    content_type: str | None
+    url: str
+    description: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def payload(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": str(self.id),
+            "filename": self.filename,
+            "size": self.size,
+            "url": self.url,
+            "proxy_url": self.url,
+            "content_type": self.content_type,
+        }
+        if self.description is not None:
+            body["description"] = self.description
+        return body
+
+
+@dataclass(frozen=True)
+class MessageVersion:
+    """One state of a message; a message keeps one per create or edit, oldest first."""
+
+    content: str
+    embeds: list[dict[str, Any]]
+    components: list[dict[str, Any]]
+    attachments: list[FakeAttachment]
+    flags: int
+    at: datetime
+
+
+@dataclass(eq=False)
+class FakeGuild:
+    """The one server the bot is a member of, with its text channels and members."""
+
+    id: int
+    name: str
+    owner: FakeUser
+    members: list[FakeUser] = field(default_factory=list)
+    channels: list[FakeChannel] = field(default_factory=list)
+    joined_at: datetime = field(default_factory=now)
+
+    def member_payload(self, user: FakeUser) -> dict[str, Any]:
+        return {
+            "user": user.payload(),
+            "roles": [],
+            "joined_at": iso(self.joined_at),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "nick": None,
+            "avatar": None,
+            "permissions": str(ALL_TEXT_PERMISSIONS),
+        }
+
+    def payload(self) -> dict[str, Any]:
+        """The full GUILD_CREATE payload."""
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "icon": None,
+            "owner_id": str(self.owner.id),
+            "unavailable": False,
+            "large": False,
+            "member_count": len(self.members),
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "features": [],
+            "mfa_level": 0,
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+            "system_channel_id": None,
+            "joined_at": iso(self.joined_at),
+            "roles": [
+                {
+                    "id": str(self.id),
+                    "name": "@everyone",
+                    "permissions": str(ALL_TEXT_PERMISSIONS),
+                    "position": 0,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                    "flags": 0,
+                }
+            ],
+            "emojis": [],
+            "stickers": [],
+            "channels": [channel.payload() for channel in self.channels],
+            "members": [self.member_payload(user) for user in self.members],
+            "threads": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+        }
+
+
+@dataclass(eq=False)
+class FakeChannel:
+    """A guild text channel or a DM channel between the bot and one user."""
+
+    id: int
+    type: int
+    name: str = ""
+    guild: FakeGuild | None = None
+    recipient: FakeUser | None = None
+    messages: list[FakeMessage] = field(default_factory=list)
+
+    def payload(self) -> dict[str, Any]:
+        if self.type == CHANNEL_DM:
+            assert self.recipient is not None
+            return {
+                "id": str(self.id),
+                "type": CHANNEL_DM,
+                "recipients": [self.recipient.payload()],
+                "last_message_id": None,
+                "flags": 0,
+            }
+        assert self.guild is not None
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "guild_id": str(self.guild.id),
+            "name": self.name,
+            "position": self.guild.channels.index(self),
+            "permission_overwrites": [],
+            "topic": None,
+            "nsfw": False,
+            "parent_id": None,
+            "rate_limit_per_user": 0,
+            "last_message_id": None,
+            "flags": 0,
+        }
+
+
+@dataclass(eq=False)
+class FakeMessage:
+    """A message with its full edit history; the attributes read the latest version."""
+
+    id: int
+    channel: FakeChannel
+    author: FakeUser
+    versions: list[MessageVersion]
+    type: int = MESSAGE_DEFAULT
+    interaction: FakeInteraction | None = None
+    webhook_id: int | None = None
+    reactions: list[str] = field(default_factory=list)
+    deleted_at: datetime | None = None
+
+    @property
+    def latest(self) -> MessageVersion:
+        return self.versions[-1]
+
+    @property
+    def content(self) -> str:
+        return self.latest.content
+
+    @property
+    def embeds(self) -> list[dict[str, Any]]:
+        return self.latest.embeds
+
+    @property
+    def components(self) -> list[dict[str, Any]]:
+        return self.latest.components
+
+    @property
+    def attachments(self) -> list[FakeAttachment]:
+        return self.latest.attachments
+
+    @property
+    def flags(self) -> int:
+        return self.latest.flags
+
+    @property
+    def history(self) -> list[MessageVersion]:
+        """Every version, the original first."""
+        return list(self.versions)
+
+    @property
+    def edited(self) -> bool:
+        return len(self.versions) > 1
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.flags & FLAG_EPHEMERAL)
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @property
+    def from_bot(self) -> bool:
+        return self.author.bot
+
+    @property
+    def buttons(self) -> list[dict[str, Any]]:
+        """Every button on the message, in reading order, as the component JSON the bot sent."""
+        return [c for c in _walk_components(self.components) if c.get("type") == COMPONENT_BUTTON]
+
+    def button(self, custom_id: str) -> dict[str, Any]:
+        """The button with this custom_id; LookupError names the ones that exist."""
+        for button in self.buttons:
+            if button.get("custom_id") == custom_id:
+                return button
+        present = [b.get("custom_id") for b in self.buttons]
+        raise LookupError(f"message {self.id} has no button {custom_id!r}; its buttons are {present}")
+
+    def payload(self) -> dict[str, Any]:
+        version = self.latest
+        body: dict[str, Any] = {
+            "id": str(self.id),
+            "channel_id": str(self.channel.id),
+            "author": self.author.payload(),
+            "content": version.content,
+            "timestamp": iso(self.versions[0].at),
+            "edited_timestamp": iso(version.at) if self.edited else None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [a.payload() for a in version.attachments],
+            "embeds": version.embeds,
+            "components": version.components,
+            "pinned": False,
+            "type": self.type,
+            "flags": version.flags,
+        }
+        if self.channel.guild is not None:
+            body["guild_id"] = str(self.channel.guild.id)
+        if self.webhook_id is not None:
+            body["webhook_id"] = str(self.webhook_id)
+            body["application_id"] = str(self.webhook_id)
+        return body
+
+
+def _walk_components(components: list[dict[str, Any]]):
+    for component in components:
+        yield component
+        yield from _walk_components(component.get("components", []))
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    """One thing the bot did with an interaction's token, in the order it happened.
+
+    kind is one of: callback, edit_original, delete_original, followup, edit_followup,
+    delete_followup. payload is the JSON body (for multipart, its payload_json); message is the
+    message the call created or changed, if any.
+    """
+
+    kind: str
+    payload: dict[str, Any]
+    message: FakeMessage | None
+    at: datetime
+
+    @property
+    def type(self) -> int | None:
+        """The interaction callback type (4 reply, 5 deferred, 6 deferred update, 7 update, 9 modal)."""
+        return self.payload.get("type") if self.kind == "callback" else None
+
+
+@dataclass(eq=False)
+class FakeInteraction:
+    """An interaction the fake sent to the bot, and everything the bot answered."""
+
+    id: int
+    token: str
+    type: int
+    user: FakeUser
+    channel: FakeChannel
+    data: dict[str, Any]
+    message: FakeMessage | None = None
+    responses: list[ResponseRecord] = field(default_factory=list)
+    original: FakeMessage | None = None
+    followups: list[FakeMessage] = field(default_factory=list)
+    expired: bool = False
+
+    @property
+    def callback(self) -> ResponseRecord | None:
+        """The initial response, if the bot has sent one."""
+        return next((r for r in self.responses if r.kind == "callback"), None)
+
+    @property
+    def callback_type(self) -> int | None:
+        callback = self.callback
+        return callback.type if callback is not None else None
+
+    @property
+    def guild(self) -> FakeGuild | None:
+        return self.channel.guild
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One HTTP request the bot made: path is relative to the API base for API routes."""
+
+    method: str
+    path: str
+    status: int
+    query: dict[str, str]
+    body: Any
+
+
+@dataclass
+class RateLimitRule:
+    """A pending injected 429 for requests whose method and path match."""
+
+    method: str
+    path: re.Pattern[str]
+    retry_after: float
+    remaining: int
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.remaining > 0 and method.upper() == self.method and self.path.fullmatch(path) is not None
+
+
+EventSink = Callable[[str, dict[str, Any], int], None]
+
+
+class World:
+    """Registry of everything the fake knows, with change notification for waiting tests.
+
+    Message changes are published as gateway events through `publish`, which the gateway
+    installs; the intent argument says which intent a session needs to receive the event.
+    """
+
+    def __init__(self, base_url: str, *, bot_name: str, guild_name: str) -> None:
+        self.base_url = base_url
+        self.ids = Snowflakes()
+        self.users: dict[int, FakeUser] = {}
+        self.channels: dict[int, FakeChannel] = {}
+        self.messages: dict[int, FakeMessage] = {}
+        self.attachments: dict[int, FakeAttachment] = {}
+        self.interactions: dict[int, FakeInteraction] = {}
+        self.commands: dict[int | None, list[dict[str, Any]]] = {}
+        self.requests: list[RequestRecord] = []
+        self.unknown_routes: list[RequestRecord] = []
+        self.rate_limits: list[RateLimitRule] = []
+        self.publish: EventSink = lambda event, data, intent: None
+        self._changed = asyncio.Event()
+        self._tokens = (f"itok-{n}" for n in itertools.count(1))
+        self.attachment_size_limit = DEFAULT_ATTACHMENT_SIZE_LIMIT
+        self.bot_user = self.new_user(bot_name, bot=True)
+        self.application_id = self.bot_user.id
+        self.owner = self.new_user("owner")
+        self.guild = FakeGuild(id=self.ids.next(), name=guild_name, owner=self.owner, members=[self.bot_user, self.owner])
+        self.new_text_channel(self.guild, "general")
+
+    # change notification -------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Wake every waiter; each re-checks its condition."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        """Return predicate()'s first truthy value, re-checking after every change."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed
+                    result = predicate()
+                    if result:
+                        return result
+                    await changed.wait()
+        except TimeoutError:
+            recent = ", ".join(f"{r.method} {r.path} -> {r.status}" for r in self.requests[-8:])
+            raise TimeoutError(
+                f"condition not met within {timeout}s; last requests: [{recent}]; "
+                f"unknown routes: {[f'{r.method} {r.path}' for r in self.unknown_routes]}"
+            ) from None
+
+    # creation ------------------------------------------------------------------------------
+
+    def new_user(self, name: str, *, bot: bool = False, accepts_dms: bool = True) -> FakeUser:
+        user = FakeUser(id=self.ids.next(), name=name, bot=bot, accepts_dms=accepts_dms)
+        self.users[user.id] = user
+        self.notify()
+        return user
+
+    def new_text_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
+        channel = FakeChannel(id=self.ids.next(), type=CHANNEL_GUILD_TEXT, name=name, guild=guild)
+        guild.channels.append(channel)
+        self.channels[channel.id] = channel
+        return channel
+
+    def dm_channel(self, user: FakeUser) -> FakeChannel:
+        """The DM channel between the bot and user, opened on first use as Discord does."""
+        for channel in self.channels.values():
+            if channel.type == CHANNEL_DM and channel.recipient is user:
+                return channel
+        channel = FakeChannel(id=self.ids.next(), type=CHANNEL_DM, recipient=user)
+        self.channels[channel.id] = channel
+        self.notify()
+        return channel
+
+    def store_file(self, filename: str, data: bytes, content_type: str | None, description: str | None = None) -> FakeAttachment:
+        attachment_id = self.ids.next()
+        attachment = FakeAttachment(
+            id=attachment_id,
+            filename=filename,
+            data=data,
+            content_type=content_type,
+            url=f"{self.base_url}/attachments/{attachment_id}/{_url_safe(filename)}",
+            description=description,
+        )
+        self.attachments[attachment.id] = attachment
+        return attachment
+
+    def new_interaction_token(self) -> str:
+        return next(self._tokens)
+
+    # messages ------------------------------------------------------------------------------
+
+    def create_message(
+        self,
+        channel: FakeChannel,
+        author: FakeUser,
+        *,
+        content: str = "",
+        embeds: list[dict[str, Any]] | None = None,
+        components: list[dict[str, Any]] | None = None,
+        attachments: list[FakeAttachment] | None = None,
+        flags: int = 0,
+        type: int = MESSAGE_DEFAULT,
+        interaction: FakeInteraction | None = None,
+        webhook_id: int | None = None,
+    ) -> FakeMessage:
+        version = MessageVersion(
+            content=content,
+            embeds=list(embeds or []),
+            components=list(components or []),
+            attachments=list(attachments or []),
+            flags=flags,
+            at=now(),
+        )
+        message = FakeMessage(
+            id=self.ids.next(),
+            channel=channel,
+            author=author,
+            versions=[version],
+            type=type,
+            interaction=interaction,
+            webhook_id=webhook_id,
+        )
+        channel.messages.append(message)
+        self.messages[message.id] = message
+        if not message.ephemeral:
+            self.publish("MESSAGE_CREATE", message.payload(), _message_intent(channel))
+        self.notify()
+        return message
+
+    def edit_message(self, message: FakeMessage, **changes: Any) -> FakeMessage:
+        """Append a version with the given fields (content, embeds, components, attachments, flags) changed."""
+        version = MessageVersion(
+            content=changes.get("content", message.content),
+            embeds=list(changes.get("embeds", message.embeds)),
+            components=list(changes.get("components", message.components)),
+            attachments=list(changes.get("attachments", message.attachments)),
+            flags=changes.get("flags", message.flags),
+            at=now(),
+        )
+        message.versions.append(version)
+        if not message.ephemeral:
+            self.publish("MESSAGE_UPDATE", message.payload(), _message_intent(message.channel))
+        self.notify()
+        return message
+
+    def delete_message(self, message: FakeMessage) -> None:
+        message.deleted_at = now()
+        if not message.ephemeral:
+            data = {"id": str(message.id), "channel_id": str(message.channel.id)}
+            if message.channel.guild is not None:
+                data["guild_id"] = str(message.channel.guild.id)
+            self.publish("MESSAGE_DELETE", data, _message_intent(message.channel))
+        self.notify()
+
+    def record_response(self, interaction: FakeInteraction, kind: str, payload: dict[str, Any], message: FakeMessage | None) -> None:
+        interaction.responses.append(ResponseRecord(kind=kind, payload=payload, message=message, at=now()))
+        self.notify()
+
+    # requests ------------------------------------------------------------------------------
+
+    def record_request(self, record: RequestRecord, *, unknown: bool) -> None:
+        self.requests.append(record)
+        if unknown:
+            self.unknown_routes.append(record)
+        self.notify()
+
+    def take_rate_limit(self, method: str, path: str) -> RateLimitRule | None:
+        """Consume one injected 429 matching this request, if any is pending."""
+        for rule in self.rate_limits:
+            if rule.matches(method, path):
+                rule.remaining -= 1
+                return rule
+        return None
+
+
+def _message_intent(channel: FakeChannel) -> int:
+    return INTENT_DIRECT_MESSAGES if channel.type == CHANNEL_DM else INTENT_GUILD_MESSAGES
+
+
+def _url_safe(filename: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", filename) or "file"

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import zlib
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import discord
@@ -40,9 +41,17 @@ def make_client() -> discord.Client:
 
 
 @contextlib.asynccontextmanager
-async def running(client: discord.Client, fake: FakeDiscord, *, identify_count: int = 1):
-    """Log in, connect and wait for on_ready; close the client afterwards."""
+async def running(
+    client: discord.Client,
+    fake: FakeDiscord,
+    *,
+    identify_count: int = 1,
+    setup: Callable[[], Awaitable[object]] | None = None,
+):
+    """Log in, run setup (e.g. a command sync), connect and wait for on_ready; close afterwards."""
     await client.login(fake.bot_token)
+    if setup is not None:
+        await setup()
     task = asyncio.create_task(client.connect())
     try:
         await fake.wait_connected(identify_count=identify_count)
@@ -128,6 +137,29 @@ async def test_raw_gateway_uncompressed_heartbeat_and_bad_identify(fake):
     assert fake.identify_count == 0
 
 
+async def test_raw_gateway_identify_and_clean_close_ends_the_session(fake):
+    async with aiohttp.ClientSession() as http, http.ws_connect(fake.gateway_url + "?v=10&encoding=json") as ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"op": 2, "d": {"token": fake.bot_token, "intents": 1, "properties": {}}})
+        ready, guild_create = await ws.receive_json(timeout=5), await ws.receive_json(timeout=5)
+        assert (ready["t"], ready["s"], guild_create["t"], guild_create["s"]) == ("READY", 1, "GUILD_CREATE", 2)
+        assert ready["d"]["user"]["id"] == str(fake.bot_user.id)
+        assert ready["d"]["guilds"] == [{"id": str(fake.guild.id), "unavailable": True}]
+        assert guild_create["d"]["channels"][0]["name"] == "general"
+        session = fake.session
+        await ws.close(code=1000)
+    await fake.wait_for(lambda: session.invalidated)
+    assert fake.session is None
+
+
+async def test_gateway_url_is_served_for_sharded_clients(fake):
+    headers = {"Authorization": f"Bot {fake.bot_token}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(fake.api_base + "/gateway/bot") as response:
+            body = await response.json()
+    assert (body["url"], body["shards"]) == (fake.gateway_url, 1)
+
+
 async def test_gateway_frames_are_a_zlib_stream_when_asked(fake):
     url = fake.gateway_url + "?v=10&encoding=json&compress=zlib-stream"
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
@@ -167,6 +199,14 @@ async def test_dm_with_attachment_arrives_and_can_be_read(fake):
     assert fake.unknown_routes == []
 
 
+async def test_dm_events_need_the_direct_messages_intent(fake):
+    client = discord.Client(intents=discord.Intents(guilds=True, guild_messages=True), guild_ready_timeout=0.05)
+    alice = fake.add_user("alice")
+    async with running(client, fake):
+        await fake.send_dm(alice, "hello?")
+        assert [e["t"] for e in fake.session.events] == ["READY", "GUILD_CREATE"]
+
+
 @pytest.mark.parametrize("in_guild", [False, True], ids=["dm", "guild"])
 async def test_slash_command_defer_then_followup_file(fake, in_guild):
     client = make_client()
@@ -180,13 +220,10 @@ async def test_slash_command_defer_then_followup_file(fake, in_guild):
         await interaction.followup.send("Here you go", file=discord.File(io.BytesIO(PNG), "avatar.png"))
 
     alice = fake.add_user("alice")
-    await client.login(fake.bot_token)
-    await tree.sync()
-    [registered] = fake.commands()
-    assert registered["name"] == "imagine"
-    assert [(o["name"], o["type"]) for o in registered["options"]] == [("prompt", 3), ("count", 4)]
-
-    async with running(client, fake):
+    async with running(client, fake, setup=tree.sync):
+        [registered] = fake.commands()
+        assert registered["name"] == "imagine"
+        assert [(o["name"], o["type"]) for o in registered["options"]] == [("prompt", 3), ("count", 4)]
         record = await fake.invoke_command(alice, "imagine", {"prompt": "a cat", "count": "2"}, in_guild=in_guild)
         interaction, prompt, count = await asyncio.wait_for(calls.get(), 5)
         assert (prompt, count) == ("a cat", 2)
@@ -217,11 +254,8 @@ async def test_guild_command_with_attachment_option_and_ephemeral_reply(fake):
         await interaction.response.send_message(f"{image.filename}: {len(data)} bytes", ephemeral=True)
 
     bob = fake.add_user("bob")
-    await client.login(fake.bot_token)
-    await tree.sync(guild=guild)
-    assert fake.commands() == [] and [c["name"] for c in fake.commands(guild=True)] == ["photo"]
-
-    async with running(client, fake):
+    async with running(client, fake, setup=lambda: tree.sync(guild=guild)):
+        assert fake.commands() == [] and [c["name"] for c in fake.commands(guild=True)] == ["photo"]
         record = await fake.invoke_command(bob, "photo", {"image": ("face.png", PNG, "image/png")}, in_guild=True)
         reply = await fake.wait_for(lambda: record.original)
     assert record.callback_type == 4
@@ -288,7 +322,7 @@ async def test_restarted_client_handles_buttons_on_old_messages(fake):
     async with running(first, fake):
         user = await first.fetch_user(alice.id)
         sent = await user.send("Training failed.", view=RetryView(asyncio.Queue()))
-    assert fake.session is None
+    await fake.wait_for(lambda: fake.session is None)
 
     second = make_client()
     pressed: asyncio.Queue[discord.Interaction] = asyncio.Queue()
@@ -375,9 +409,7 @@ async def test_expired_interaction_token_rejects_followups(fake):
             done.put_nowait(error)
 
     alice = fake.add_user("alice")
-    await client.login(fake.bot_token)
-    await tree.sync()
-    async with running(client, fake):
+    async with running(client, fake, setup=tree.sync):
         record = await fake.invoke_command(alice, "train")
         error = await asyncio.wait_for(done.get(), 5)
     assert (error.status, error.code) == (401, 50027)

@@ -177,10 +177,11 @@ class Gateway:
         session: GatewaySession | None = None
         try:
             async for message in ws:
-                if message.type != WSMsgType.TEXT:
+                frame = _decode(message)
+                if frame is None:
                     await connection.close(CLOSE_DECODE_ERROR)
                     break
-                session = await self._on_frame(connection, session, json.loads(message.data))
+                session = await self._on_frame(connection, session, frame)
         finally:
             connection.stop_writer()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,7 +199,9 @@ class Gateway:
         self, connection: _Connection, session: GatewaySession | None, frame: dict[str, Any]
     ) -> GatewaySession | None:
         op, data = frame.get("op"), frame.get("d")
-        if op == OP_HEARTBEAT:
+        if op in (OP_IDENTIFY, OP_RESUME) and not isinstance(data, dict):
+            await connection.close(CLOSE_DECODE_ERROR)
+        elif op == OP_HEARTBEAT:
             connection.heartbeats += 1
             connection.send({"op": OP_HEARTBEAT_ACK})
             self._world.notify()
@@ -239,3 +242,14 @@ class Gateway:
         session.dispatch("RESUMED", {})
         self._world.notify()
         return session
+
+
+def _decode(message: Any) -> dict[str, Any] | None:
+    """A client frame as a dict; None for anything that is not a JSON object in a text frame."""
+    if message.type != WSMsgType.TEXT:
+        return None
+    try:
+        frame = json.loads(message.data)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None

@@ -249,15 +249,25 @@ async def test_guild_command_with_attachment_option_and_ephemeral_reply(fake):
     guild = discord.Object(fake.guild.id)
 
     @tree.command(description="Add a photo", guild=guild)
-    async def photo(interaction: discord.Interaction, image: discord.Attachment) -> None:
+    async def photo(interaction: discord.Interaction, image: discord.Attachment, private: bool) -> None:
         data = await image.read()
-        await interaction.response.send_message(f"{image.filename}: {len(data)} bytes", ephemeral=True)
+        await interaction.response.send_message(f"{image.filename}: {len(data)} bytes", ephemeral=private)
 
     bob = fake.add_user("bob")
     async with running(client, fake, setup=lambda: tree.sync(guild=guild)):
         assert fake.commands() == [] and [c["name"] for c in fake.commands(guild=True)] == ["photo"]
-        record = await fake.invoke_command(bob, "photo", {"image": ("face.png", PNG, "image/png")}, in_guild=True)
+        command_id = fake.commands(guild=True)[0]["id"]
+        await tree.sync(guild=guild)
+        assert fake.commands(guild=True)[0]["id"] == command_id  # a bulk overwrite keeps ids
+
+        image = ("face.png", PNG, "image/png")
+        record = await fake.invoke_command(bob, "photo", {"image": image, "private": True}, in_guild=True)
         reply = await fake.wait_for(lambda: record.original)
+        channel = client.get_channel(fake.guild_channel.id)
+        with pytest.raises(discord.NotFound):
+            await channel.fetch_message(reply.id)
+        with pytest.raises(TypeError):
+            await fake.invoke_command(bob, "photo", {"image": image, "private": "no"}, in_guild=True)
     assert record.callback_type == 4
     assert reply.content == f"face.png: {len(PNG)} bytes"
     assert reply.ephemeral

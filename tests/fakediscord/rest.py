@@ -8,6 +8,7 @@ DMs to a user who closed them), and every request is logged. A route the fake do
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mimetypes
@@ -84,7 +85,7 @@ def rate_limited_response(rule: RateLimitRule) -> web.Response:
         "X-RateLimit-Remaining": "0",
         "X-RateLimit-Reset": f"{time.time() + rule.retry_after:.3f}",
         "X-RateLimit-Reset-After": f"{rule.retry_after:.3f}",
-        "X-RateLimit-Bucket": "fake-bucket",
+        "X-RateLimit-Bucket": hashlib.sha1(f"{rule.method} {rule.path.pattern}".encode()).hexdigest()[:16],
         "X-RateLimit-Scope": "user",
         "Retry-After": str(max(1, round(rule.retry_after))),
         "Via": "1.1 google",
@@ -207,7 +208,8 @@ class RestApi:
     def _message(self, request: web.Request) -> FakeMessage:
         channel = self._channel(request)
         message = self._world.messages.get(_snowflake(request.match_info["message_id"]))
-        if message is None or message.channel is not channel or message.deleted:
+        # Ephemeral messages exist only for their interaction's webhook, never for the bot token.
+        if message is None or message.channel is not channel or message.deleted or message.ephemeral:
             raise DiscordError(404, 10008, "Unknown Message")
         return message
 

@@ -55,10 +55,18 @@ OPTION_INTEGER = 4
 OPTION_BOOLEAN = 5
 OPTION_NUMBER = 10
 OPTION_ATTACHMENT = 11
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"a boolean option takes True or False, not {value!r}")
+    return value
+
+
 _OPTION_CONVERTERS: dict[int, Callable[[Any], Any]] = {
     OPTION_STRING: str,
     OPTION_INTEGER: int,
-    OPTION_BOOLEAN: bool,
+    OPTION_BOOLEAN: _boolean,
     OPTION_NUMBER: float,
 }
 

@@ -324,6 +324,7 @@ async def test_rate_limited_send_is_retried_and_lands_once(fake):
     sends = fake.requests_to("POST", r"/channels/\d+/messages")
     assert [r.status for r in sends] == [429, 200]
     assert [m.content for m in fake.bot_messages_to(alice)] == ["Your model is ready"]
+    assert sends[1].body["content"] == "Your model is ready"
 
 
 async def test_restarted_client_handles_buttons_on_old_messages(fake):
@@ -357,6 +358,26 @@ async def test_resumed_session_gets_the_events_it_missed(fake):
         assert message.content == "sent while you were away"
         assert fake.session is session and session.resumes == 1
     assert fake.identify_count == 1
+
+
+async def test_subcommand_reply_lands_in_the_dm(fake):
+    client = make_client()
+    tree = app_commands.CommandTree(client)
+    photos = app_commands.Group(name="photos", description="Your photos")
+
+    @photos.command(description="Forget your photos")
+    async def clear(interaction: discord.Interaction, keep: int) -> None:
+        await interaction.response.send_message(f"Deleted all but {keep}.")
+
+    tree.add_command(photos)
+    alice = fake.add_user("alice")
+    async with running(client, fake, setup=tree.sync):
+        await fake.invoke_command(alice, "photos clear", {"keep": 3})
+        reply = await fake.wait_for_message(fake.dm_channel_of(alice), lambda m: m.from_bot)
+    assert reply.content == "Deleted all but 3."
+    assert reply.interaction.data["options"] == [
+        {"name": "clear", "type": 1, "options": [{"name": "keep", "type": 4, "value": 3}]}
+    ]
 
 
 class QuickReidentifyClient(discord.Client):
@@ -396,8 +417,15 @@ async def test_discord_rules_are_enforced_and_unknown_routes_recorded(fake):
         ok = await user.send("fine")
         await ok.add_reaction("✅")
         await ok.delete()
+        assert (await client.fetch_channel(dm.id)).recipient.id == alice.id
+        await dm.typing()
+        fake.attachment_size_limit = 100
+        with pytest.raises(discord.HTTPException) as too_big:
+            await dm.send(file=discord.File(io.BytesIO(PNG), "big.png"))
+        assert (too_big.value.status, too_big.value.code) == (413, 40005)
 
     assert [(r.method, r.path) for r in fake.unknown_routes] == [("GET", f"/guilds/{fake.guild.id}/audit-logs")]
+    assert [r.status for r in fake.requests_to("POST", r"/channels/\d+/typing")] == [204]
     assert [m.content for m in fake.bot_messages_to(alice)] == []
     deleted = fake.messages_in(fake.dm_channel_of(alice), include_deleted=True)[-1]
     assert (deleted.content, deleted.reactions, deleted.deleted) == ("fine", ["✅"], True)

@@ -1,0 +1,141 @@
+"""Database schema as an ordered list of migration steps, applied by ``PRAGMA user_version``.
+
+Steps are append-only: a database at version N has run exactly the first N steps, so an old
+data folder is upgraded in place and keeps its rows. Never edit a step that has shipped; add one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+# Step 1: the tables. Times are Unix seconds (REAL); JSON columns hold text; Discord ids are INTEGER.
+_V1 = [
+    """CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        handle TEXT UNIQUE COLLATE NOCASE,
+        class_word TEXT,
+        settings TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    )""",
+    """CREATE TABLE photos (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sha256 TEXT NOT NULL,
+        phash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        byte_size INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        face_box TEXT,
+        quality_flags TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        UNIQUE (owner, sha256)
+    )""",
+    """CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('train', 'generate')),
+        owner INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        params TEXT NOT NULL DEFAULT '{}',
+        progress TEXT NOT NULL DEFAULT '{}',
+        channel_id INTEGER,
+        message_id INTEGER,
+        result TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        updated_at REAL NOT NULL
+    )""",
+    "CREATE INDEX jobs_by_owner ON jobs (owner, kind, state)",
+    """CREATE TABLE models (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        job_id INTEGER REFERENCES jobs(id) ON DELETE SET NULL,
+        lora_path TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        active INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    )""",
+    # At most one active model per person, enforced by the database rather than by care.
+    "CREATE UNIQUE INDEX models_one_active ON models (owner) WHERE active = 1",
+    """CREATE TABLE generations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+        job_id INTEGER REFERENCES jobs(id) ON DELETE SET NULL,
+        prompt TEXT NOT NULL,
+        negative TEXT NOT NULL DEFAULT '',
+        seeds TEXT NOT NULL DEFAULT '[]',
+        params TEXT NOT NULL DEFAULT '{}',
+        paths TEXT NOT NULL DEFAULT '[]',
+        channel_id INTEGER,
+        message_id INTEGER,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX generations_by_owner ON generations (owner)",
+]
+
+# Step 2: crash safety for the job queue (leases, attempts, resumable checkpoints, cancellation),
+# the index that makes claiming the next job cheap, and message lookup for buttons after a restart.
+_V2 = [
+    "ALTER TABLE jobs ADD COLUMN worker_id TEXT",
+    "ALTER TABLE jobs ADD COLUMN lease_expires_at REAL",
+    "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN checkpoint_path TEXT",
+    "ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX jobs_by_state ON jobs (state, kind, id)",
+    "CREATE INDEX generations_by_message ON generations (message_id)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2]
+LATEST_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer release; running older code on it could lose data."""
+
+
+async def schema_version(conn: aiosqlite.Connection) -> int:
+    """Return the schema version recorded in the database file."""
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def migrate(conn: aiosqlite.Connection, target: int = LATEST_VERSION) -> int:
+    """Bring the database up to ``target``, one step per transaction, and return the version reached.
+
+    Each step and its ``user_version`` bump commit together, so a crash mid-upgrade leaves the
+    database at the last completed step. ``BEGIN IMMEDIATE`` makes two processes starting at once
+    take turns; the version is read again inside the lock so a step never runs twice.
+    The connection must be in autocommit mode (``isolation_level=None``).
+    """
+    if target > LATEST_VERSION:
+        raise ValueError(f"no migration step for version {target}")
+    while True:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = await schema_version(conn)
+            if version > LATEST_VERSION:
+                raise SchemaTooNewError(
+                    f"database schema version {version} is newer than this code ({LATEST_VERSION}); "
+                    "update the bot before opening this data folder"
+                )
+            if version >= target:
+                await conn.execute("COMMIT")
+                return version
+            for statement in MIGRATIONS[version]:
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute("COMMIT")
+            log.info("database schema migrated to version %d", version + 1)
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise

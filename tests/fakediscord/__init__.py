@@ -1,8 +1,7 @@
 """A fake Discord server (REST + gateway) that a real discord.py client connects to in tests."""
 
 from .gateway import GatewaySession
-from .server import FakeDiscord
-from .state import (
+from .models import (
     FakeAttachment,
     FakeChannel,
     FakeGuild,
@@ -13,6 +12,7 @@ from .state import (
     RequestRecord,
     ResponseRecord,
 )
+from .server import FakeDiscord
 
 __all__ = [
     "FakeAttachment",

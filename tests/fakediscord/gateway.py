@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .state import INTENT_GUILDS, World
+from .models import INTENT_GUILDS
+from .world import World
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .state import (
+from .models import (
     CHANNEL_DM,
     FLAG_EPHEMERAL,
     FLAG_LOADING,
+    INTERACTION_APPLICATION_COMMAND,
     MESSAGE_CHAT_INPUT_COMMAND,
     MESSAGE_DEFAULT,
     FakeAttachment,
@@ -31,8 +32,8 @@ from .state import (
     FakeMessage,
     RateLimitRule,
     RequestRecord,
-    World,
 )
+from .world import World
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ PAYLOAD_KEY = web.RequestKey("payload", object)
 MAX_CONTENT_LENGTH = 2000
 MAX_EMBEDS = 10
 MAX_ATTACHMENTS = 10
-INTERACTION_APPLICATION_COMMAND = 2
 COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
 
 

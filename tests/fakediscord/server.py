@@ -26,8 +26,11 @@ from typing import Any
 from aiohttp import web
 
 from .gateway import Gateway, GatewaySession
-from .rest import API_PREFIX, UNKNOWN_ROUTE, RestApi
-from .state import (
+from .interactions import command_data, interaction_payload, registered_command
+from .models import (
+    COMPONENT_BUTTON,
+    INTERACTION_APPLICATION_COMMAND,
+    INTERACTION_MESSAGE_COMPONENT,
     FakeAttachment,
     FakeChannel,
     FakeGuild,
@@ -36,39 +39,13 @@ from .state import (
     FakeUser,
     RateLimitRule,
     RequestRecord,
-    World,
 )
+from .rest import API_PREFIX, UNKNOWN_ROUTE, RestApi
+from .world import World
 
 log = logging.getLogger(__name__)
 
 GATEWAY_PATH = "/gateway"
-INTERACTION_APPLICATION_COMMAND = 2
-INTERACTION_MESSAGE_COMPONENT = 3
-COMPONENT_BUTTON = 2
-CONTEXT_GUILD = 0
-CONTEXT_BOT_DM = 1
-
-OPTION_SUB_COMMAND = 1
-OPTION_SUB_COMMAND_GROUP = 2
-OPTION_STRING = 3
-OPTION_INTEGER = 4
-OPTION_BOOLEAN = 5
-OPTION_NUMBER = 10
-OPTION_ATTACHMENT = 11
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"a boolean option takes True or False, not {value!r}")
-    return value
-
-
-_OPTION_CONVERTERS: dict[int, Callable[[Any], Any]] = {
-    OPTION_STRING: str,
-    OPTION_INTEGER: int,
-    OPTION_BOOLEAN: _boolean,
-    OPTION_NUMBER: float,
-}
 
 FileSpec = tuple[str, bytes, str | None]
 
@@ -261,20 +238,9 @@ class FakeDiscord:
         """
         self._require_connected()
         channel = channel or (self.guild_channel if in_guild else self.dm_channel_of(user))
-        words = name.split()
-        command = self._registered_command(words[0], channel.guild)
-        resolved: dict[str, Any] = {}
-        options_payload = self._command_options(command, words[1:], dict(options or {}), resolved)
-        data: dict[str, Any] = {
-            "id": command["id"],
-            "name": command["name"],
-            "type": command.get("type", 1),
-            "options": options_payload,
-        }
-        if resolved:
-            data["resolved"] = resolved
-        if "guild_id" in command:
-            data["guild_id"] = command["guild_id"]
+        command_name, *path = name.split()
+        command = registered_command(self.world, command_name, channel.guild)
+        data = command_data(self.world, command, path, dict(options or {}))
         return self._dispatch_interaction(INTERACTION_APPLICATION_COMMAND, user, channel, data)
 
     async def press_button(self, user: FakeUser, message: FakeMessage | int, custom_id: str) -> FakeInteraction:
@@ -290,45 +256,6 @@ class FakeDiscord:
     def expire_interaction(self, interaction: FakeInteraction) -> None:
         """Make the interaction's token invalid, as Discord does after 15 minutes."""
         interaction.expired = True
-
-    def _registered_command(self, name: str, guild: FakeGuild | None) -> dict[str, Any]:
-        scopes = ([guild.id] if guild is not None else []) + [None]
-        for scope in scopes:
-            for command in self.world.commands.get(scope, []):
-                if command["name"] == name and command.get("type", 1) == 1:
-                    return command
-        known = sorted(c["name"] for scope in scopes for c in self.world.commands.get(scope, []))
-        raise LookupError(f"no slash command {name!r} is registered here; registered: {known}")
-
-    def _command_options(
-        self, parent: dict[str, Any], path: list[str], given: dict[str, Any], resolved: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        """The interaction's options for a command or, following path, one of its subcommands."""
-        declared = {option["name"]: option for option in parent.get("options", [])}
-        if path:
-            sub = declared.get(path[0])
-            if sub is None or sub["type"] not in (OPTION_SUB_COMMAND, OPTION_SUB_COMMAND_GROUP):
-                raise LookupError(f"{parent['name']!r} has no subcommand {path[0]!r}")
-            return [{"name": sub["name"], "type": sub["type"], "options": self._command_options(sub, path[1:], given, resolved)}]
-        unknown = set(given) - set(declared)
-        if unknown:
-            raise LookupError(f"{parent['name']!r} has no options {sorted(unknown)}; it has {sorted(declared)}")
-        missing = [n for n, o in declared.items() if o.get("required") and n not in given]
-        if missing:
-            raise ValueError(f"{parent['name']!r} needs options {missing}")
-        result = []
-        for option_name, value in given.items():
-            kind = declared[option_name]["type"]
-            if kind == OPTION_ATTACHMENT:
-                attachment = self.world.store_file(*value)
-                resolved.setdefault("attachments", {})[str(attachment.id)] = attachment.payload()
-                value = str(attachment.id)
-            elif kind in _OPTION_CONVERTERS:
-                value = _OPTION_CONVERTERS[kind](value)
-            else:
-                raise NotImplementedError(f"option type {kind} of {option_name!r} is not supported by the fake")
-            result.append({"name": option_name, "type": kind, "value": value})
-        return result
 
     def _dispatch_interaction(
         self,
@@ -350,34 +277,7 @@ class FakeDiscord:
             message=message,
         )
         world.interactions[interaction.id] = interaction
-        payload: dict[str, Any] = {
-            "id": str(interaction.id),
-            "application_id": str(self.application_id),
-            "type": kind,
-            "data": data,
-            "channel_id": str(channel.id),
-            "channel": channel.payload(),
-            "token": interaction.token,
-            "version": 1,
-            "locale": "en-US",
-            "app_permissions": str((1 << 53) - 1),
-            "entitlements": [],
-            "attachment_size_limit": world.attachment_size_limit,
-        }
-        if channel.guild is not None:
-            payload |= {
-                "guild_id": str(channel.guild.id),
-                "guild": {"id": str(channel.guild.id), "locale": "en-US", "features": []},
-                "guild_locale": "en-US",
-                "member": channel.guild.member_payload(user),
-                "context": CONTEXT_GUILD,
-                "authorizing_integration_owners": {"0": str(channel.guild.id)},
-            }
-        else:
-            payload |= {"user": user.payload(), "context": CONTEXT_BOT_DM}
-        if message is not None:
-            payload["message"] = message.payload()
-        self.gateway.dispatch("INTERACTION_CREATE", payload, 0)
+        self.gateway.dispatch("INTERACTION_CREATE", interaction_payload(world, interaction), 0)
         world.notify()
         return interaction
 

@@ -30,9 +30,13 @@ def use_discord_endpoints(api_base: str | None, gateway_url: str | None) -> None
     api = (api_base or "").strip().rstrip("/")
     gateway = (gateway_url or "").strip()
     if api and yarl.URL(api).scheme not in ("http", "https"):
-        raise ValueError(f"DISCORD_API_BASE must be an http(s) URL such as http://127.0.0.1:8080/api/v10, not {api!r}")
+        raise ValueError(
+            f"DISCORD_API_BASE must be an http(s) URL such as http://127.0.0.1:8080/api/v10, not {api!r}"
+        )
     if gateway and yarl.URL(gateway).scheme not in ("ws", "wss"):
-        raise ValueError(f"DISCORD_GATEWAY_URL must be a ws(s) URL such as ws://127.0.0.1:8080/gateway, not {gateway!r}")
+        raise ValueError(
+            f"DISCORD_GATEWAY_URL must be a ws(s) URL such as ws://127.0.0.1:8080/gateway, not {gateway!r}"
+        )
     Route.BASE = api or _DISCORD_API_BASE
     DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway) if gateway else _DISCORD_GATEWAY
     if api or gateway:

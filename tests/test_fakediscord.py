@@ -126,7 +126,10 @@ async def test_wrong_token_is_refused(fake):
 
 
 async def test_raw_gateway_uncompressed_heartbeat_and_bad_identify(fake):
-    async with aiohttp.ClientSession() as http, http.ws_connect(fake.gateway_url + "?v=10&encoding=json") as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(fake.gateway_url + "?v=10&encoding=json") as ws,
+    ):
         hello = await ws.receive_json(timeout=5)
         assert hello == {"op": 10, "d": {"heartbeat_interval": 45000}}
         await ws.send_json({"op": 1, "d": None})
@@ -138,11 +141,19 @@ async def test_raw_gateway_uncompressed_heartbeat_and_bad_identify(fake):
 
 
 async def test_raw_gateway_identify_and_clean_close_ends_the_session(fake):
-    async with aiohttp.ClientSession() as http, http.ws_connect(fake.gateway_url + "?v=10&encoding=json") as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(fake.gateway_url + "?v=10&encoding=json") as ws,
+    ):
         await ws.receive_json(timeout=5)
         await ws.send_json({"op": 2, "d": {"token": fake.bot_token, "intents": 1, "properties": {}}})
         ready, guild_create = await ws.receive_json(timeout=5), await ws.receive_json(timeout=5)
-        assert (ready["t"], ready["s"], guild_create["t"], guild_create["s"]) == ("READY", 1, "GUILD_CREATE", 2)
+        assert (ready["t"], ready["s"], guild_create["t"], guild_create["s"]) == (
+            "READY",
+            1,
+            "GUILD_CREATE",
+            2,
+        )
         assert ready["d"]["user"]["id"] == str(fake.bot_user.id)
         assert ready["d"]["guilds"] == [{"id": str(fake.guild.id), "unavailable": True}]
         assert guild_create["d"]["channels"][0]["name"] == "general"
@@ -194,13 +205,19 @@ async def test_dm_with_attachment_arrives_and_can_be_read(fake):
         assert (message.id, message.author.id, message.content) == (sent.id, alice.id, "my selfie")
         assert isinstance(message.channel, discord.DMChannel)
         [attachment] = message.attachments
-        assert (attachment.filename, attachment.content_type, attachment.size) == ("me.png", "image/png", len(PNG))
+        assert (attachment.filename, attachment.content_type, attachment.size) == (
+            "me.png",
+            "image/png",
+            len(PNG),
+        )
         assert await attachment.read() == PNG
     assert fake.unknown_routes == []
 
 
 async def test_dm_events_need_the_direct_messages_intent(fake):
-    client = discord.Client(intents=discord.Intents(guilds=True, guild_messages=True), guild_ready_timeout=0.05)
+    client = discord.Client(
+        intents=discord.Intents(guilds=True, guild_messages=True), guild_ready_timeout=0.05
+    )
     alice = fake.add_user("alice")
     async with running(client, fake):
         await fake.send_dm(alice, "hello?")
@@ -224,7 +241,9 @@ async def test_slash_command_defer_then_followup_file(fake, in_guild):
         [registered] = fake.commands()
         assert registered["name"] == "imagine"
         assert [(o["name"], o["type"]) for o in registered["options"]] == [("prompt", 3), ("count", 4)]
-        record = await fake.invoke_command(alice, "imagine", {"prompt": "a cat", "count": "2"}, in_guild=in_guild)
+        record = await fake.invoke_command(
+            alice, "imagine", {"prompt": "a cat", "count": "2"}, in_guild=in_guild
+        )
         interaction, prompt, count = await asyncio.wait_for(calls.get(), 5)
         assert (prompt, count) == ("a cat", 2)
         assert interaction.user.id == alice.id
@@ -301,12 +320,18 @@ async def test_message_edits_with_bot_token_keep_history_and_files(fake):
     async with running(client, fake):
         user = await client.fetch_user(alice.id)
         sent = await user.send("Training: 0%")
-        sent = await sent.edit(content="Training: 50%", attachments=[discord.File(io.BytesIO(PNG), "preview.png")])
+        sent = await sent.edit(
+            content="Training: 50%", attachments=[discord.File(io.BytesIO(PNG), "preview.png")]
+        )
         sent = await sent.edit(content="Training: done")
 
     message = fake.message(sent.id)
     assert [v.content for v in message.history] == ["Training: 0%", "Training: 50%", "Training: done"]
-    assert [[a.filename for a in v.attachments] for v in message.history] == [[], ["preview.png"], ["preview.png"]]
+    assert [[a.filename for a in v.attachments] for v in message.history] == [
+        [],
+        ["preview.png"],
+        ["preview.png"],
+    ]
     assert message.attachments[0].data == PNG
     assert [v.at for v in message.history] == sorted(v.at for v in message.history)
     assert [r.method for r in fake.requests_to("PATCH", r"/channels/\d+/messages/\d+")] == ["PATCH", "PATCH"]
@@ -424,7 +449,9 @@ async def test_discord_rules_are_enforced_and_unknown_routes_recorded(fake):
             await dm.send(file=discord.File(io.BytesIO(PNG), "big.png"))
         assert (too_big.value.status, too_big.value.code) == (413, 40005)
 
-    assert [(r.method, r.path) for r in fake.unknown_routes] == [("GET", f"/guilds/{fake.guild.id}/audit-logs")]
+    assert [(r.method, r.path) for r in fake.unknown_routes] == [
+        ("GET", f"/guilds/{fake.guild.id}/audit-logs")
+    ]
     assert [r.status for r in fake.requests_to("POST", r"/channels/\d+/typing")] == [204]
     assert [m.content for m in fake.bot_messages_to(alice)] == []
     deleted = fake.messages_in(fake.dm_channel_of(alice), include_deleted=True)[-1]

@@ -167,7 +167,9 @@ class Gateway:
         encoding = request.query.get("encoding", "json")
         if encoding != "json" or compress not in SUPPORTED_COMPRESSION:
             log.error("fake gateway: unsupported encoding=%s compress=%s", encoding, compress)
-            return web.json_response({"message": f"unsupported encoding={encoding} compress={compress}"}, status=400)
+            return web.json_response(
+                {"message": f"unsupported encoding={encoding} compress={compress}"}, status=400
+            )
 
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)

@@ -50,7 +50,9 @@ def registered_command(world: World, name: str, guild: FakeGuild | None) -> dict
     raise LookupError(f"no slash command {name!r} is registered here; registered: {known}")
 
 
-def command_data(world: World, command: dict[str, Any], path: list[str], given: dict[str, Any]) -> dict[str, Any]:
+def command_data(
+    world: World, command: dict[str, Any], path: list[str], given: dict[str, Any]
+) -> dict[str, Any]:
     """The interaction `data` for command, or its subcommand along path, with the given options."""
     resolved: dict[str, Any] = {}
     data: dict[str, Any] = {
@@ -74,7 +76,13 @@ def _options(
         sub = declared.get(path[0])
         if sub is None or sub["type"] not in (OPTION_SUB_COMMAND, OPTION_SUB_COMMAND_GROUP):
             raise LookupError(f"{parent['name']!r} has no subcommand {path[0]!r}")
-        return [{"name": sub["name"], "type": sub["type"], "options": _options(world, sub, path[1:], given, resolved)}]
+        return [
+            {
+                "name": sub["name"],
+                "type": sub["type"],
+                "options": _options(world, sub, path[1:], given, resolved),
+            }
+        ]
     unknown = set(given) - set(declared)
     if unknown:
         raise LookupError(f"{parent['name']!r} has no options {sorted(unknown)}; it has {sorted(declared)}")

@@ -75,7 +75,9 @@ class DiscordError(Exception):
 
 
 def invalid_form(field: str, code: str, message: str) -> DiscordError:
-    return DiscordError(400, 50035, "Invalid Form Body", {field: {"_errors": [{"code": code, "message": message}]}})
+    return DiscordError(
+        400, 50035, "Invalid Form Body", {field: {"_errors": [{"code": code, "message": message}]}}
+    )
 
 
 def rate_limited_response(rule: RateLimitRule) -> web.Response:
@@ -153,8 +155,14 @@ class RestApi:
             api("GET", "/channels/{channel_id}/messages/{message_id}", self.get_message),
             api("PATCH", "/channels/{channel_id}/messages/{message_id}", self.edit_message),
             api("DELETE", "/channels/{channel_id}/messages/{message_id}", self.delete_message),
-            api("PUT", "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me", self.add_reaction),
-            api("DELETE", "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me", self.remove_reaction),
+            api(
+                "PUT", "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me", self.add_reaction
+            ),
+            api(
+                "DELETE",
+                "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me",
+                self.remove_reaction,
+            ),
             api("POST", "/interactions/{interaction_id}/{token}/callback", self.interaction_callback),
             api("POST", "/webhooks/{app_id}/{token}", self.post_followup),
             api("GET", "/webhooks/{app_id}/{token}/messages/{message_id}", self.get_webhook_message),
@@ -172,19 +180,27 @@ class RestApi:
         """Inject rate limits, check the bot token, turn DiscordError into responses, log the request."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await handler(request)
-        path = request.path.removeprefix(API_PREFIX) if request.path.startswith(API_PREFIX + "/") else request.path
+        path = (
+            request.path.removeprefix(API_PREFIX)
+            if request.path.startswith(API_PREFIX + "/")
+            else request.path
+        )
         rule = self._world.take_rate_limit(request.method, path)
         if rule is not None:
             response: web.StreamResponse = rate_limited_response(rule)
         else:
             try:
-                if request.path.startswith(API_PREFIX + "/") and not path.startswith(("/webhooks/", "/interactions/")):
+                if request.path.startswith(API_PREFIX + "/") and not path.startswith(
+                    ("/webhooks/", "/interactions/")
+                ):
                     self._check_token(request)
                 response = await handler(request)
             except DiscordError as error:
                 response = error.response()
         unknown = request.match_info.route.name == UNKNOWN_ROUTE
-        record = RequestRecord(request.method, path, response.status, dict(request.query), request.get(PAYLOAD_KEY))
+        record = RequestRecord(
+            request.method, path, response.status, dict(request.query), request.get(PAYLOAD_KEY)
+        )
         self._world.record_request(record, unknown=unknown)
         return response
 
@@ -295,9 +311,13 @@ class RestApi:
             kind = command.get("type", 1)
             name = command.get("name", "")
             if kind == 1 and not (COMMAND_NAME.match(name) and name == name.lower()):
-                raise invalid_form(f"{index}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
+                raise invalid_form(
+                    f"{index}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid"
+                )
             if kind == 1 and not 1 <= len(command.get("description", "")) <= 100:
-                raise invalid_form(f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+                raise invalid_form(
+                    f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+                )
             entry = {
                 "default_member_permissions": None,
                 "nsfw": False,
@@ -373,9 +393,13 @@ class RestApi:
         attachment = self._world.attachments.get(_snowflake(request.match_info["attachment_id"]))
         if attachment is None:
             raise DiscordError(404, 0, "404: Not Found")
-        return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
+        return web.Response(
+            body=attachment.data, content_type=attachment.content_type or "application/octet-stream"
+        )
 
-    def _message_fields(self, payload: dict[str, Any], uploads: list[Upload], current: FakeMessage | None) -> dict[str, Any]:
+    def _message_fields(
+        self, payload: dict[str, Any], uploads: list[Upload], current: FakeMessage | None
+    ) -> dict[str, Any]:
         """The message fields a create or edit sets, validated as Discord validates them."""
         fields: dict[str, Any] = {}
         if "content" in payload:
@@ -387,22 +411,30 @@ class RestApi:
         if "flags" in payload:
             fields["flags"] = payload["flags"] or 0
         if "attachments" in payload or uploads:
-            fields["attachments"] = self._attachments(payload, uploads, current.attachments if current else [])
+            fields["attachments"] = self._attachments(
+                payload, uploads, current.attachments if current else []
+            )
 
         def final(name: str, default: Any) -> Any:
             return fields.get(name, getattr(current, name) if current is not None else default)
 
         if len(final("content", "")) > MAX_CONTENT_LENGTH:
-            raise invalid_form("content", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_CONTENT_LENGTH} or fewer in length.")
+            raise invalid_form(
+                "content", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_CONTENT_LENGTH} or fewer in length."
+            )
         if len(final("embeds", [])) > MAX_EMBEDS:
             raise invalid_form("embeds", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_EMBEDS} or fewer in length.")
         if len(final("attachments", [])) > MAX_ATTACHMENTS:
-            raise invalid_form("attachments", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ATTACHMENTS} or fewer in length.")
+            raise invalid_form(
+                "attachments", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ATTACHMENTS} or fewer in length."
+            )
         if not any(final(name, []) for name in ("content", "embeds", "attachments", "components")):
             raise DiscordError(400, 50006, "Cannot send an empty message")
         return fields
 
-    def _attachments(self, payload: dict[str, Any], uploads: list[Upload], existing: list[FakeAttachment]) -> list[FakeAttachment]:
+    def _attachments(
+        self, payload: dict[str, Any], uploads: list[Upload], existing: list[FakeAttachment]
+    ) -> list[FakeAttachment]:
         """Attachments after the request: listed existing ones are kept, uploads are added.
 
         Without an `attachments` list every upload is appended; with one, entries name either an
@@ -453,7 +485,9 @@ class RestApi:
             interaction.original = message
         elif kind in (6, 7):
             if interaction.message is None:
-                raise invalid_form("type", "INTERACTION_RESPONSE_TYPE_INVALID", "Interaction has no message to update")
+                raise invalid_form(
+                    "type", "INTERACTION_RESPONSE_TYPE_INVALID", "Interaction has no message to update"
+                )
             message = interaction.message
             if kind == 7:
                 self._world.edit_message(message, **self._message_fields(data, uploads, message))
@@ -462,7 +496,9 @@ class RestApi:
             if not data.get("custom_id") or not data.get("title"):
                 raise invalid_form("data", "BASE_TYPE_REQUIRED", "A modal needs a custom_id and a title")
         else:
-            raise invalid_form("type", "INTERACTION_RESPONSE_TYPE_INVALID", f"Unsupported callback type {kind}")
+            raise invalid_form(
+                "type", "INTERACTION_RESPONSE_TYPE_INVALID", f"Unsupported callback type {kind}"
+            )
         self._world.record_response(interaction, "callback", payload, message)
         if request.query.get("with_response") not in ("1", "true", "True"):
             return web.Response(status=204)
@@ -479,7 +515,11 @@ class RestApi:
         return json_response({"interaction": summary, "resource": resource})
 
     def _create_response_message(self, interaction: FakeInteraction, fields: dict[str, Any]) -> FakeMessage:
-        kind = MESSAGE_CHAT_INPUT_COMMAND if interaction.type == INTERACTION_APPLICATION_COMMAND else MESSAGE_DEFAULT
+        kind = (
+            MESSAGE_CHAT_INPUT_COMMAND
+            if interaction.type == INTERACTION_APPLICATION_COMMAND
+            else MESSAGE_DEFAULT
+        )
         return self._world.create_message(
             interaction.channel,
             self._world.bot_user,
@@ -494,7 +534,9 @@ class RestApi:
         payload, uploads = await self._read(request)
         if interaction.callback is None:
             raise DiscordError(404, 10015, "Unknown Webhook")
-        message = self._create_response_message(interaction, self._message_fields(payload or {}, uploads, None))
+        message = self._create_response_message(
+            interaction, self._message_fields(payload or {}, uploads, None)
+        )
         interaction.followups.append(message)
         self._world.record_response(interaction, "followup", payload, message)
         if request.query.get("wait") in ("1", "true", "True"):

@@ -216,7 +216,9 @@ class FakeDiscord:
 
     # acting as users -----------------------------------------------------------------------
 
-    async def send_dm(self, user: FakeUser, content: str = "", attachments: Iterable[FileSpec] = ()) -> FakeMessage:
+    async def send_dm(
+        self, user: FakeUser, content: str = "", attachments: Iterable[FileSpec] = ()
+    ) -> FakeMessage:
         """A DM from user to the bot; attachments are (filename, bytes, content_type) triples."""
         self._require_connected()
         files = [self.world.store_file(name, data, content_type) for name, data, content_type in attachments]
@@ -243,7 +245,9 @@ class FakeDiscord:
         data = command_data(self.world, command, path, dict(options or {}))
         return self._dispatch_interaction(INTERACTION_APPLICATION_COMMAND, user, channel, data)
 
-    async def press_button(self, user: FakeUser, message: FakeMessage | int, custom_id: str) -> FakeInteraction:
+    async def press_button(
+        self, user: FakeUser, message: FakeMessage | int, custom_id: str
+    ) -> FakeInteraction:
         """Click the button with custom_id on a message; it must exist there and be enabled."""
         self._require_connected()
         target = message if isinstance(message, FakeMessage) else self.message(message)
@@ -251,7 +255,9 @@ class FakeDiscord:
         if button.get("disabled"):
             raise ValueError(f"button {custom_id!r} on message {target.id} is disabled")
         data = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
-        return self._dispatch_interaction(INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target)
+        return self._dispatch_interaction(
+            INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target
+        )
 
     def expire_interaction(self, interaction: FakeInteraction) -> None:
         """Make the interaction's token invalid, as Discord does after 15 minutes."""
@@ -283,7 +289,9 @@ class FakeDiscord:
 
     # injected failures ---------------------------------------------------------------------
 
-    def rate_limit_next(self, method: str, path_regex: str, *, retry_after: float = 0.3, times: int = 1) -> RateLimitRule:
+    def rate_limit_next(
+        self, method: str, path_regex: str, *, retry_after: float = 0.3, times: int = 1
+    ) -> RateLimitRule:
         """Answer the next `times` requests matching method and path (re.fullmatch on the path
         after /api/v10, e.g. r"/channels/\\d+/messages") with HTTP 429 and retry_after seconds."""
         rule = RateLimitRule(method.upper(), re.compile(path_regex), retry_after, times)

@@ -58,7 +58,9 @@ class World:
         self.bot_user = self.new_user(bot_name, bot=True)
         self.application_id = self.bot_user.id
         self.owner = self.new_user("owner")
-        self.guild = FakeGuild(id=self.ids.next(), name=guild_name, owner=self.owner, members=[self.bot_user, self.owner])
+        self.guild = FakeGuild(
+            id=self.ids.next(), name=guild_name, owner=self.owner, members=[self.bot_user, self.owner]
+        )
         self.new_text_channel(self.guild, "general")
 
     # change notification -------------------------------------------------------------------
@@ -109,7 +111,9 @@ class World:
         self.notify()
         return channel
 
-    def store_file(self, filename: str, data: bytes, content_type: str | None, description: str | None = None) -> FakeAttachment:
+    def store_file(
+        self, filename: str, data: bytes, content_type: str | None, description: str | None = None
+    ) -> FakeAttachment:
         attachment_id = self.ids.next()
         attachment = FakeAttachment(
             id=attachment_id,
@@ -190,7 +194,9 @@ class World:
             self.publish("MESSAGE_DELETE", data, _message_intent(message.channel))
         self.notify()
 
-    def record_response(self, interaction: FakeInteraction, kind: str, payload: dict[str, Any], message: FakeMessage | None) -> None:
+    def record_response(
+        self, interaction: FakeInteraction, kind: str, payload: dict[str, Any], message: FakeMessage | None
+    ) -> None:
         interaction.responses.append(ResponseRecord(kind=kind, payload=payload, message=message, at=now()))
         self.notify()
 

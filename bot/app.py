@@ -10,12 +10,12 @@ from pathlib import Path
 import discord
 from discord import app_commands
 from discord.ext import commands
-from storage.store import Storage
 
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
 from bot.notifier import Notifier
 from bot.scheduler import Refused, Scheduler
+from storage.store import Storage
 from trainer.logs import setup_logging
 from trainer.runner import JobRunner, LocalProcessRunner, WorkerConfig, visible_devices
 

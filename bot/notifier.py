@@ -13,11 +13,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import discord
-from storage.jobs import Job
 
 from bot.progress import ThrottledEditor, render_progress
 from bot.views import imagine_view
 from storage import jobs as jobs_db
+from storage.jobs import Job
 from trainer.events import Event
 
 if TYPE_CHECKING:

@@ -17,16 +17,15 @@ import logging
 import time
 from typing import Any, Protocol
 
-from storage.forget import forget_user
-from storage.jobs import Job
-from storage.store import Storage
-
 from bot.config import Settings
 from storage import generations as generations_db
 from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import photos as photos_db
 from storage import users as users_db
+from storage.forget import forget_user
+from storage.jobs import Job
+from storage.store import Storage
 from trainer.events import Event
 from trainer.jobs import WorkItem
 from trainer.runner import JobRunner
@@ -121,24 +120,24 @@ class Scheduler:
         blobs: dict[str, Any] = {}
         if job.kind == "train":
             photos = await photos_db.list_photos(self.store.db, job.owner)
-            blobs["photos"] = [self.store.files.read(p.path) for p in photos]
+            blobs["photos"] = [self.store.files.read(p.path, job.owner) for p in photos]
             if len(blobs["photos"]) < self.settings.min_photos:
                 raise Refused("Some photos were removed after this training was queued; "
                               f"please send at least {self.settings.min_photos} and train again.")
-            blobs["checkpoint"] = self.store.files.read(job.checkpoint_path) if job.checkpoint_path else None
+            blobs["checkpoint"] = self.store.files.read(job.checkpoint_path, job.owner) if job.checkpoint_path else None
         else:
             model_id = job.params.get("model_id")
             if model_id is not None:
                 model = await models_db.get_model(self.store.db, model_id)
                 if model is None or model.owner != job.owner:
                     raise Refused("That model no longer exists; train a new one with /train.")
-                blobs["lora"] = self.store.files.read(model.lora_path)
+                blobs["lora"] = self.store.files.read(model.lora_path, job.owner)
             parent = job.params.get("variation_of")
             if parent:
                 generation = await generations_db.get_generation(self.store.db, parent["generation_id"])
                 if generation is None or generation.owner != job.owner:
                     raise Refused("The image to vary no longer exists.")
-                blobs["init_image"] = self.store.files.read(generation.paths[parent["index"]])
+                blobs["init_image"] = self.store.files.read(generation.paths[parent["index"]], job.owner)
         return WorkItem(job.id, job.kind, job.params, blobs)
 
     # ----- requests from people -----------------------------------------------------------------
@@ -284,7 +283,7 @@ class Scheduler:
         old = job.checkpoint_path
         await jobs_db.set_checkpoint(self.store.db, job.id, path)
         if old:
-            self.store.files.delete(old)
+            self.store.files.delete(old, job.owner)
         log.info("job %d checkpointed at step %d", job.id, event["step"])
 
     async def _store_result(self, job: Job, result: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +299,7 @@ class Scheduler:
                                      result={"model_id": model_id, "steps": result["steps"],
                                              "final_loss": result["final_loss"]})
             if job.checkpoint_path:
-                self.store.files.delete(job.checkpoint_path)
+                self.store.files.delete(job.checkpoint_path, job.owner)
             return {"model_id": model_id, "samples": result["samples"], "hints": result.get("hints", [])}
         images = result["images"]
         paths = [self.store.files.write(job.owner, "generations", im["png"], ".png") for im in images]

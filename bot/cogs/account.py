@@ -109,7 +109,7 @@ class AccountCog(commands.Cog):
             candidates.append((model.metadata["kohya_path"], f"{handle}_kohya.safetensors"))
         files, too_big = [], []
         for path, name in candidates:
-            data = self.bot.store.files.read(path)
+            data = self.bot.store.files.read(path, interaction.user.id)
             (files if len(data) <= limit else too_big).append((data, name))
         if not files:
             await reply(interaction, f"Your model files are larger than this channel's upload limit "

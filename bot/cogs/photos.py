@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 from discord.ext import commands
-from storage.accept import IntakeOutcome, accept_photo
-from storage.intake import IntakeLimits
 
 from bot.contact_sheet import contact_sheet
 from storage import photos as photos_db
 from storage import users as users_db
+from storage.accept import IntakeOutcome, accept_photo
+from storage.intake import IntakeLimits
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
@@ -95,7 +95,7 @@ class PhotosCog(commands.Cog):
                                                     ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        pngs = [self.bot.store.files.read(p.path) for p in photos]
+        pngs = [self.bot.store.files.read(p.path, interaction.user.id) for p in photos]
         sheet = await asyncio.to_thread(contact_sheet, pngs)
         flagged = [f"#{i}: {', '.join(p.quality_flags)}" for i, p in enumerate(photos, 1) if p.quality_flags]
         text = f"You have **{len(photos)} of {self.bot.settings.max_photos}** photos."

@@ -1,0 +1,245 @@
+"""Scheduling rules and event handling, with an in-process runner standing in for the workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bot.config import load_settings
+from bot.scheduler import Refused, Scheduler
+from storage import generations as generations_db
+from storage import jobs as jobs_db
+from storage import models as models_db
+from storage import photos as photos_db
+from storage import users as users_db
+from storage.store import Storage
+from trainer.jobs import WorkItem
+from trainer.runner import JobRunner
+
+ALICE, BOB = 1001, 1002
+
+
+class FakeRunner(JobRunner):
+    """Accepts up to `capacity` items and lets the test play the worker's events."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self.running: dict[int, WorkItem] = {}
+        self.submitted: list[WorkItem] = []
+        self.cancelled: list[int] = []
+        self.forgotten: list[str] = []
+
+    async def start(self, on_event):
+        self.on_event = on_event
+
+    async def stop(self):
+        pass
+
+    def idle_capacity(self) -> int:
+        return self.capacity - len(self.running)
+
+    async def submit(self, item: WorkItem) -> None:
+        self.running[item.job_id] = item
+        self.submitted.append(item)
+
+    async def cancel(self, job_id: int) -> None:
+        self.cancelled.append(job_id)
+
+    async def forget_adapter(self, key: str) -> None:
+        self.forgotten.append(key)
+
+    async def emit(self, job_id: int, event: dict) -> None:
+        if event["type"] in ("done", "error", "worker_lost"):
+            self.running.pop(job_id, None)
+        await self.on_event(job_id, event)
+        await asyncio.sleep(0.01)  # let the dispatch loop run
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.updates: list[tuple[int, str]] = []
+        self.finished: list[tuple[int, str, dict]] = []
+
+    async def job_updated(self, job, event):
+        self.updates.append((job.id, event["type"]))
+
+    async def job_finished(self, job, outcome):
+        self.finished.append((job.id, job.state, outcome))
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    settings = load_settings({"DISCORD_TOKEN": "t" * 30, "DATA_DIR": str(tmp_path), "MIN_PHOTOS": "2",
+                              "MAX_QUEUED_GENERATIONS": "2"}, env_file=None)
+    store = await Storage.open(tmp_path)
+    runner, observer = FakeRunner(), Recorder()
+    scheduler = Scheduler(store, runner, settings, observer)
+    await scheduler.start()
+    yield store, runner, observer, scheduler
+    await scheduler.stop()
+    await store.close()
+
+
+async def _ready_to_train(store: Storage, user: int, handle: str, photos: int = 2) -> None:
+    await users_db.ensure_user(store.db, user)
+    await users_db.set_handle(store.db, user, handle, "woman")
+    for i in range(photos):
+        path = store.files.write(user, "photos", f"png-{user}-{i}".encode(), ".png")
+        await photos_db.add_photo(store.db, user, sha256=f"{user}{i}", phash=i, path=path, byte_size=5,
+                                  width=512, height=512)
+
+
+async def _give_model(store: Storage, user: int, handle: str) -> int:
+    path = store.files.write(user, "models", b"lora-bytes", ".safetensors")
+    return await models_db.add_model(store.db, user, None, path, "tiny", {"handle": handle, "class_word": "woman"})
+
+
+async def test_train_preconditions_are_refused_with_reasons(env):
+    store, runner, observer, scheduler = env
+    await users_db.ensure_user(store.db, ALICE)
+    with pytest.raises(Refused, match="Pick your handle first"):
+        await scheduler.enqueue_train(ALICE)
+    await users_db.set_handle(store.db, ALICE, "zqalice", "woman")
+    with pytest.raises(Refused, match="You have 0 photo"):
+        await scheduler.enqueue_train(ALICE)
+    await _ready_to_train(store, BOB, "zqbob")
+    runner.capacity = 0  # keep it queued to see its position
+    job, position = await scheduler.enqueue_train(BOB, steps=100)
+    assert position == 1 and job.params["config"]["steps"] == 100
+    with pytest.raises(Refused, match="already training or waiting"):
+        await scheduler.enqueue_train(BOB)
+
+
+async def test_training_runs_with_photo_bytes_and_stores_model(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await asyncio.sleep(0.05)
+    item = runner.submitted[-1]
+    assert item.kind == "train" and sorted(item.blobs["photos"]) == [b"png-1001-0", b"png-1001-1"]
+    assert item.blobs["checkpoint"] is None
+    await runner.emit(job.id, {"type": "progress", "stage": "training", "step": 5, "total": 10, "loss": 0.1,
+                               "eta_s": 3})
+    assert (await jobs_db.get_job(store.db, job.id)).progress["step"] == 5
+    await runner.emit(job.id, {"type": "checkpoint", "step": 5, "data": b"ckpt"})
+    stored = await jobs_db.get_job(store.db, job.id)
+    assert store.files.read(stored.checkpoint_path, ALICE) == b"ckpt"
+    await runner.emit(job.id, {"type": "done", "result": {
+        "lora": b"L", "kohya": b"K", "metadata": {"handle": "zqalice", "class_word": "woman", "base_model": "tiny"},
+        "steps": 10, "final_loss": 0.05, "samples": [{"png": b"S", "seed": 0}], "hints": ["h"]}})
+    finished = await jobs_db.get_job(store.db, job.id)
+    assert finished.state == "succeeded"
+    model = await models_db.get_active_model(store.db, ALICE)
+    assert store.files.read(model.lora_path, ALICE) == b"L"
+    assert store.files.read(model.metadata["kohya_path"], ALICE) == b"K"
+    assert not store.files.resolve(stored.checkpoint_path).exists()  # checkpoint removed once done
+    assert observer.finished[-1][1] == "succeeded" and observer.finished[-1][2]["samples"][0]["png"] == b"S"
+
+
+async def test_generation_goes_before_training_and_limits_apply(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    await _ready_to_train(store, BOB, "zqbob")
+    await _give_model(store, BOB, "zqbob")
+    runner.capacity = 0  # hold everything in the queue
+    train_job, _ = await scheduler.enqueue_train(ALICE)
+    gen1, pos1 = await scheduler.enqueue_generate(BOB, {"prompt": "on the moon"})
+    gen2, pos2 = await scheduler.enqueue_generate(BOB, {"prompt": "in paris"})
+    assert (pos1, pos2) == (1, 2)
+    assert await jobs_db.queue_position(store.db, train_job.id) == 3
+    with pytest.raises(Refused, match="already have 2 pictures waiting"):
+        await scheduler.enqueue_generate(BOB, {"prompt": "third"})
+    with pytest.raises(Refused, match="limit is 600"):
+        await scheduler.enqueue_generate(BOB, {"prompt": "x" * 601})
+    runner.capacity = 3
+    scheduler.wake()
+    await asyncio.sleep(0.05)
+    assert [i.job_id for i in runner.submitted] == [gen1.id, gen2.id, train_job.id]
+    assert runner.submitted[0].blobs["lora"] == b"lora-bytes"
+    assert runner.submitted[0].params["adapter_key"].startswith("model-")
+
+
+async def test_nobody_generates_with_another_persons_model(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    await _give_model(store, ALICE, "zqalice")
+    await users_db.ensure_user(store.db, BOB)
+    with pytest.raises(Refused, match="don't have a model yet"):
+        await scheduler.enqueue_generate(BOB, {"prompt": "a photo of zqalice woman"})
+    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    await asyncio.sleep(0.05)
+    await runner.emit(job.id, {"type": "done", "result": {"images": [{"png": b"I", "seed": 7}]}})
+    generation = await generations_db.get_generation(store.db, (await jobs_db.get_job(store.db, job.id)).result["generation_id"])
+    # a variation request by Bob of Alice's image is refused before any byte is read
+    bob_job = await jobs_db.create_job(store.db, "generate", BOB, {"request": {"prompt": "x"}, "variation_of":
+                                                                   {"generation_id": generation.id, "index": 0}})
+    scheduler.wake()
+    await asyncio.sleep(0.05)
+    failed = await jobs_db.get_job(store.db, bob_job)
+    assert failed.state == "failed" and "no longer exists" in failed.error
+    assert all(item.job_id != bob_job for item in runner.submitted)
+
+
+async def test_lost_worker_requeues_once_then_fails(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await asyncio.sleep(0.05)
+    await runner.emit(job.id, {"type": "checkpoint", "step": 3, "data": b"ckpt-3"})
+    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    await asyncio.sleep(0.05)
+    again = runner.submitted[-1]
+    assert again.job_id == job.id and again.blobs["checkpoint"] == b"ckpt-3"
+    assert (await jobs_db.get_job(store.db, job.id)).attempts == 2
+    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    failed = await jobs_db.get_job(store.db, job.id)
+    assert failed.state == "failed" and "2 times" in failed.error
+
+
+async def test_errors_and_cancel(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await asyncio.sleep(0.05)
+    await runner.emit(job.id, {"type": "error", "code": "out_of_memory", "message": "The GPU ran out of memory."})
+    assert (await jobs_db.get_job(store.db, job.id)).error == "The GPU ran out of memory."
+    job2, _ = await scheduler.enqueue_train(ALICE)  # a failed job does not block a new one
+    await asyncio.sleep(0.05)
+    cancelled = await scheduler.cancel_user_jobs(ALICE)
+    assert [j.id for j in cancelled] == [job2.id] and runner.cancelled == [job2.id]
+    await runner.emit(job2.id, {"type": "error", "code": "cancelled", "message": "The job was cancelled."})
+    assert (await jobs_db.get_job(store.db, job2.id)).state == "cancelled"
+
+
+async def test_restart_requeues_running_jobs(tmp_path):
+    settings = load_settings({"DISCORD_TOKEN": "t" * 30, "DATA_DIR": str(tmp_path), "MIN_PHOTOS": "2"}, env_file=None)
+    store = await Storage.open(tmp_path)
+    await _ready_to_train(store, ALICE, "zqalice")
+    first = Scheduler(store, FakeRunner(), settings, Recorder())
+    await first.start()
+    job, _ = await first.enqueue_train(ALICE)
+    await asyncio.sleep(0.05)
+    assert (await jobs_db.get_job(store.db, job.id)).state == "running"
+    await first.stop()  # the bot dies; the row still says running
+    runner = FakeRunner()
+    second = Scheduler(store, runner, settings, Recorder())
+    assert await second.start() == [job.id]
+    await asyncio.sleep(0.05)
+    assert runner.submitted[0].job_id == job.id
+    await second.stop()
+    await store.close()
+
+
+async def test_forget_cancels_and_drops_adapters(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    model_id = await _give_model(store, ALICE, "zqalice")
+    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    await asyncio.sleep(0.05)
+    await scheduler.forget(ALICE)
+    assert runner.cancelled == [job.id] and runner.forgotten == [f"model-{model_id}"]
+    assert await jobs_db.get_job(store.db, job.id) is None
+    await runner.emit(job.id, {"type": "done", "result": {"images": [{"png": b"I", "seed": 1}]}})
+    assert not (store.data_dir / "users" / str(ALICE)).exists()  # the late result wrote nothing

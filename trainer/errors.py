@@ -44,3 +44,15 @@ class Cancelled(TrainerError):
 
 class DeviceUnavailable(TrainerError):
     code = "device_unavailable"
+
+
+class BadCheckpoint(TrainerError):
+    code = "bad_checkpoint"
+
+
+class BadPhoto(TrainerError):
+    code = "bad_photo"
+
+
+class MissingDependency(TrainerError):
+    code = "missing_dependency"

@@ -1,0 +1,77 @@
+"""The training LoRA on modules that may already hold other LoRAs (a worker's generation adapters).
+
+Everything here works on PEFT's tuner layers, so diffusers' UNet and transformers' text encoders are
+handled alike and without the models' own adapter methods, and removing the trained adapter leaves a
+module as it was found (unwrapped again when it held no LoRA before). transformers' adapter methods also demand a newer PEFT than diffusers' loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+@dataclass
+class AdapterState:
+    """Which adapters a module had switched on before training borrowed it."""
+
+    active: list[str]
+    enabled: bool
+
+
+def tuner_layers(module: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def snapshot(module: torch.nn.Module) -> AdapterState | None:
+    """The module's adapter state, or None when it holds no adapter layers at all."""
+    layers = tuner_layers(module)
+    if not layers:
+        return None
+    return AdapterState(list(layers[0].active_adapters), not layers[0].disable_adapters)
+
+
+def set_enabled(module: torch.nn.Module, enabled: bool) -> None:
+    for layer in tuner_layers(module):
+        layer.enable_adapters(enabled)
+
+
+def add_lora(module: torch.nn.Module, config: LoraConfig, name: str) -> None:
+    """Inject adapter `name` and make it the only active (and only trainable) one."""
+    inject_adapter_in_model(config, module, adapter_name=name)
+    for layer in tuner_layers(module):
+        layer.enable_adapters(True)
+        layer.set_adapter(name)
+
+
+def remove_lora(module: torch.nn.Module, name: str, before: AdapterState | None) -> None:
+    """Delete adapter `name` and put back the adapter state recorded by `snapshot`."""
+    configs = getattr(module, "peft_config", None)  # PEFT's injector registers every adapter here
+    if isinstance(configs, dict):
+        configs.pop(name, None)
+        if not configs:
+            del module.peft_config
+    if before is None:
+        recurse_remove_peft_layers(module)
+    else:
+        for layer in tuner_layers(module):
+            if name in getattr(layer, "lora_A", {}):
+                layer.delete_adapter(name)
+            layer.set_adapter(before.active)
+            layer.enable_adapters(before.enabled)
+    module.requires_grad_(False)
+
+
+def lora_state_dict(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights keyed as PEFT saves them (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`)."""
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and name in layer.lora_A:
+            state[f"{path}.lora_A.weight"] = layer.lora_A[name].weight.detach()
+            state[f"{path}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+    return state

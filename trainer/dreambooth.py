@@ -182,11 +182,13 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     if len(photos) < config.min_photos:
         raise TooFewPhotos(f"Training needs at least {config.min_photos} photos of you; I have {len(photos)}. "
                            "Send a few more (different angles, lighting and expressions help).")
-    run = _Run(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
-               out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
-               on_event=on_event, should_cancel=should_cancel, resume_from=resume_from)
+    run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
+                      out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
+                      on_event=on_event, should_cancel=should_cancel, resume_from=resume_from)
     try:
-        return run.execute(pipeline, device)
+        with run.session(pipeline, device):
+            run.loop()
+            return run.save()
     except torch.OutOfMemoryError:
         log.warning("training ran out of GPU memory")
     # Past the except block the failed step's tensors are unreachable, so their memory can be returned.
@@ -197,8 +199,14 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     raise OutOfMemory("The GPU ran out of memory while training. Lower the resolution, the batch size or "
                       "the LoRA rank, turn on gradient checkpointing, or turn off text-encoder training.")
 
-class _Run:
-    """One training: the state shared by its phases (prepare, cache, loop, save)."""
+
+class TrainingRun:
+    """One training and the state its phases share; `train` drives it, benchmarks step it one by one.
+
+    Inside `session()` the pipeline is ready (class images made, latents and prompts cached, adapters
+    added, optimiser built, checkpoint restored); `train_step()` runs one optimisation step, `loop()`
+    runs the remaining steps with events, checkpoints and cancellation, and `save()` writes the files.
+    """
 
     def __init__(self, photos: Sequence[PhotoInput], handle: str, class_word: str, config: TrainConfig, *,
                  base_model: str, out_dir: Path, work_dir: Path, class_cache_dir: Path, on_event: EventSink,
@@ -209,7 +217,10 @@ class _Run:
         self.resume_from = resume_from
 
     # ---- orchestration -------------------------------------------------------------------------
-    def execute(self, pipeline: DiffusionPipeline | None, device: str) -> TrainResult:
+    @contextlib.contextmanager
+    def session(self, pipeline: DiffusionPipeline | None, device: str = "auto") -> Iterator[None]:
+        """Prepare everything the loop needs; on exit the pipeline is restored. `device` is used only
+        when no pipeline is given (a given pipeline trains where it is)."""
         cfg = self.config
         self.on_event(events.stage("preparing"))
         resume = self._load_resume()
@@ -226,8 +237,7 @@ class _Run:
         self.family: Family = family_of(pipeline)
         self.device = pipeline.device
         self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, pipeline.unet.dtype)
-        with _prepared_pipeline(pipeline, self.family, self.dtype, cfg.gradient_checkpointing) as modules:
-            self.modules = modules
+        with _prepared_pipeline(pipeline, self.family, self.dtype, cfg.gradient_checkpointing):
             class_paths = []
             if cfg.prior_preservation:
                 self.on_event(events.stage("class_images"))
@@ -244,10 +254,7 @@ class _Run:
                 self._restore(resume)
             else:
                 self.step, self.losses = 0, []
-            self.on_event(events.stage("training"))
-            self._loop()
-            self.on_event(events.stage("saving"))
-            return self._save()
+            yield
 
     def _load_resume(self) -> TrainState | None:
         if self.resume_from is None:
@@ -304,6 +311,7 @@ class _Run:
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
         self.params = {f"{name}.{p_name}": p for name, module in self.trained.items()
                        for p_name, p in module.named_parameters() if p.requires_grad}
+        self.param_list = list(self.params.values())
         if cfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             for name, module in self.trained.items():
@@ -354,6 +362,24 @@ class _Run:
         log.info("resuming training at step %d", self.step)
 
     # ---- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the loss, still on the device (reading it forces a sync)."""
+        cfg = self.config
+        loss = self._loss()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.param_list, cfg.max_grad_norm, foreach=True)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.param_list, cfg.max_grad_norm, foreach=True)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach()
+
     def _loss(self) -> torch.Tensor:
         """One step's loss; draws from the generator in the documented order."""
         cfg, g, dev = self.config, self.generator, self.device
@@ -376,30 +402,18 @@ class _Run:
                               added_cond_kwargs=added, return_dict=False)[0]
         return weighted_loss(pred, target, timesteps, self.snr, cfg, self.prediction_type)
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
+        """Train up to `config.steps`, reporting progress, writing checkpoints and honouring cancel."""
         cfg = self.config
         total = cfg.steps
-        params = list(self.params.values())
+        self.on_event(events.stage("training"))
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
         started, start_step = time.monotonic(), self.step
         last_report = 0.0
         while self.step < total:
             if self.should_cancel():
                 raise Cancelled()
-            loss = self._loss()
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            pending.append(loss.detach())
+            pending.append(self.train_step())
             now = time.monotonic()
             checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total
             if now - last_report >= REPORT_EVERY_S or self.step == total or checkpoint_due:
@@ -437,8 +451,10 @@ class _Run:
         return buffer.getvalue()
 
     # ---- output ------------------------------------------------------------------------------
-    def _save(self) -> TrainResult:
+    def save(self) -> TrainResult:
+        """Write the diffusers and kohya LoRA files into `out_dir`."""
         cfg = self.config
+        self.on_event(events.stage("saving"))
         metadata = {
             "handle": self.handle, "class_word": self.class_word, "base_model": self.base_model,
             "family": self.family.name, "steps": str(self.step), "rank": str(cfg.rank),
@@ -474,7 +490,7 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Ten
 
 @contextlib.contextmanager
 def _prepared_pipeline(pipe: DiffusionPipeline, family: Family, dtype: torch.dtype, checkpointing: bool,
-                       ) -> Iterator[dict[str, torch.nn.Module]]:
+                       ) -> Iterator[None]:
     """Freeze the pipeline in `dtype` with any LoRA it already holds switched off, and undo it all after.
 
     A worker reuses one pipeline for generation and training: adapters the generation engine loaded
@@ -492,7 +508,7 @@ def _prepared_pipeline(pipe: DiffusionPipeline, family: Family, dtype: torch.dty
         if before[name] is not None:
             adapters.set_enabled(module, False)
     try:
-        yield modules
+        yield
     finally:
         pipe.unet.eval()
         if checkpointing:

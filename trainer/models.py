@@ -266,12 +266,14 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
                   offline: bool | None = None, sdxl: bool | None = None) -> DiffusionPipeline:
     """Load a base model from a random kind, a Hugging Face id, a diffusers folder or a single file.
 
-    `offline` defaults to the HF_HUB_OFFLINE environment variable; offline loads come from the local
-    Hugging Face cache only. `sdxl` forces the family of a single-file checkpoint (default: inspect keys).
+    `dtype` defaults to the device's best (`pick_dtype`). `offline` defaults to the HF_HUB_OFFLINE
+    environment variable; offline loads come from the local Hugging Face cache only. `sdxl` forces the family of a single-file checkpoint (default: inspect keys).
     Raises ModelUnavailable with what was tried and what to do when the model cannot be had.
     """
     if offline is None:
         offline = _env_offline()
+    if dtype is None:
+        dtype = pick_dtype(device)
     if spec in RANDOM_KINDS:
         return build_random_pipeline(spec, device=device, dtype=dtype)  # type: ignore[arg-type]
     is_path = _looks_like_path(spec)

@@ -28,8 +28,14 @@ DETECT_LONG_SIDE = 512
 """Detection runs on a copy this long: Haar cost grows with pixels, and a face that matters for
 a selfie is still dozens of pixels wide at this size."""
 
-MIN_FACE_PX = 24
-"""The cascade's own window size, at detection scale (about 5% of the long side)."""
+MIN_FACE_PX = 32
+"""Smallest face looked for, at detection scale (6% of the long side, 0.5% of a 4:3 photo's area,
+a quarter of the small-face limit). The smallest windows cost the most, and a face that small
+would only be flagged anyway."""
+
+SCALE_STEP = 1.2
+"""Pyramid step between window sizes: 1.2 finds every face of the synthetic corpus, as 1.1 does,
+in about half the time; the crop does not need a tighter box."""
 
 MIN_NEIGHBOURS = 5
 """Overlapping hits needed to accept a face: fewer lets texture (hair, foliage) count as faces."""
@@ -80,7 +86,7 @@ def detect_faces(image: Image.Image, original_size: tuple[int, int]) -> list[Box
     gray = cv2.equalizeHist(np.asarray(small))
     with _detect_lock:
         found = _cascade().detectMultiScale(
-            gray, scaleFactor=1.1, minNeighbors=MIN_NEIGHBOURS, minSize=(MIN_FACE_PX, MIN_FACE_PX)
+            gray, scaleFactor=SCALE_STEP, minNeighbors=MIN_NEIGHBOURS, minSize=(MIN_FACE_PX, MIN_FACE_PX)
         )
     fx = original_size[0] / small_size[0]
     fy = original_size[1] / small_size[1]

@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 
+from trainer.models import cast_module
+
 PhotoInput = Path | str | bytes | Image.Image
 
 
@@ -84,7 +86,7 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8
     original = vae.dtype
     upcast = original == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
-        vae.to(torch.float32)
+        cast_module(vae, torch.float32)
     try:
         means, stds = [], []
         for chunk in pixels.split(batch_size):
@@ -93,5 +95,5 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8
             stds.append(dist.std.float())
     finally:
         if upcast:
-            vae.to(original)
+            cast_module(vae, original)
     return LatentCache(torch.cat(means), torch.cat(stds))

@@ -46,7 +46,7 @@ from trainer.errors import (
 )
 from trainer.events import EventSink
 from trainer.family import Conditioning, Family, family_of
-from trainer.models import load_pipeline, pick_device, pick_dtype
+from trainer.models import cast_module, load_pipeline, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ def _prepared_pipeline(pipe: DiffusionPipeline, family: Family, dtype: torch.dty
     for name, module in modules.items():
         module.requires_grad_(False)
         if module.dtype != dtype:
-            module.to(dtype)
+            cast_module(module, dtype)
         if before[name] is not None:
             adapters.set_enabled(module, False)
     try:
@@ -519,4 +519,4 @@ def _prepared_pipeline(pipe: DiffusionPipeline, family: Family, dtype: torch.dty
             if adapters.snapshot(module) is not None:
                 adapters.remove_lora(module, ADAPTER, before[name])
             if module.dtype != dtypes[name]:
-                module.to(dtypes[name])
+                cast_module(module, dtypes[name])

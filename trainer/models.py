@@ -137,12 +137,19 @@ def _build_sd15(device: str) -> StableDiffusionPipeline:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed the global RNGs for weight initialisation without disturbing the caller's RNG state."""
+def _seeded(seed: int, dtype: torch.dtype | None) -> Iterator[None]:
+    """Seed the global RNGs for weight initialisation without disturbing the caller's RNG state, and
+    create parameters directly in `dtype` (cheaper than casting, and diffusers warns on every cast)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        yield
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu",
@@ -154,14 +161,23 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
     """
     if kind not in RANDOM_KINDS:
         raise ValueError(f"unknown random model kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
-    with _seeded(seed):
+    with _seeded(seed, dtype):
         if kind == "tiny":
             pipe = _build_tiny()
         elif kind == "tiny-sdxl":
             pipe = _build_tiny_sdxl()
         else:
             pipe = _build_sd15(device)
-    return pipe.to(device=device, dtype=dtype) if dtype is not None else pipe.to(device)
+    return pipe.to(device)
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a model's weights to `dtype` in place.
+
+    diffusers' `ModelMixin.to` warns about fp32-only modules on every dtype cast, even when the model
+    has none; torch's own `Module.to` does the same cast without the noise.
+    """
+    return torch.nn.Module.to(module, dtype=dtype)
 
 
 def save_random_model(kind: RandomKind, out_dir: Path | str, seed: int = 0) -> Path:

@@ -1,0 +1,224 @@
+"""Training speed: this trainer's step against the plain diffusers recipe, in one process.
+
+Measures ms per training step (median of timed steps after warm-up) and peak GPU memory for the
+trainer at its default config, with and without prior preservation, and for a baseline that follows
+diffusers' examples/dreambooth/train_dreambooth_lora.py: VAE encoder and text encoder run every step,
+LoRA weights in fp32 with the UNet forward under autocast, torch's default (non-fused) AdamW.
+
+    python -m bench.train_speed                          # full-size random SD1.5 at 512 px on the GPU
+    python -m bench.train_speed --model tiny --steps 5   # CPU smoke test
+    python -m bench.train_speed --json results.json
+
+`PlainRecipe` draws its random numbers in the same order as the trainer, so in fp32 both produce the
+same losses step by step (tests/test_dreambooth.py checks this); only where the work is done differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.training_utils import cast_training_params, compute_snr
+from peft import LoraConfig
+from PIL import Image
+
+from trainer.class_images import ensure_class_images
+from trainer.dataset import PhotoInput, class_pixels, instance_pixels
+from trainer.dreambooth import TrainConfig, TrainingRun, class_prompt, instance_prompt
+from trainer.family import family_of, tokenize
+from trainer.models import load_pipeline, pick_device, pick_dtype
+
+HANDLE, CLASS_WORD = "sks", "woman"
+
+
+class PlainRecipe:
+    """One LoRA DreamBooth step as diffusers' example script does it (SD1.x pipelines only).
+
+    Random draws per step, in order: instance rows, class rows, the VAE latent sample, noise, offset
+    noise, timesteps, all from one generator seeded with `config.seed` (the example script draws from
+    the global generator in the same order). The LoRA is initialised from `config.seed` as well.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
+                 class_paths: list[Path]) -> None:
+        if family_of(pipe).name != "sd15":
+            raise ValueError("the plain recipe baseline covers SD1.x pipelines only")
+        self.pipe, self.config = pipe, config
+        self.device = pipe.device
+        self.weight_dtype = pipe.unet.dtype
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        torch.manual_seed(config.seed)
+        pipe.unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                                         target_modules=list(config.lora_targets)))
+        cast_training_params(pipe.unet, dtype=torch.float32)
+        pipe.unet.train()
+        self.params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(0.9, 0.999),
+                                           weight_decay=config.adam_weight_decay, eps=1e-8)
+        self.instance = instance_pixels(photos, config.resolution).to(self.device)
+        self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
+        ids = tokenize(pipe.tokenizer, [instance_prompt(HANDLE, CLASS_WORD), class_prompt(CLASS_WORD)],
+                       self.device)
+        rows = [0] * config.batch_size + ([1] * config.batch_size if class_paths else [])
+        self.input_ids = ids[torch.tensor(rows, device=self.device)]
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.autocast = self.weight_dtype != torch.float32
+
+    def step(self) -> torch.Tensor:
+        cfg, g, dev, pipe = self.config, self.generator, self.device, self.pipe
+        index = torch.randint(0, self.instance.shape[0], (cfg.batch_size,), generator=g, device=dev)
+        pixels = self.instance[index]
+        if self.classes is not None:
+            class_index = torch.randint(0, self.classes.shape[0], (cfg.batch_size,), generator=g, device=dev)
+            pixels = torch.cat([pixels, self.classes[class_index]])
+        latents = pipe.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample(generator=g)
+        latents = latents * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=dev,
+                                                           dtype=latents.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=g, device=dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = pipe.text_encoder(self.input_ids, return_dict=False)[0]
+        with torch.autocast(dev.type, dtype=self.weight_dtype, enabled=self.autocast):
+            pred = pipe.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        prediction_type = self.noise_scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
+            latents, noise, timesteps)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weights = torch.stack([snr, cfg.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+            loss = loss * (weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr)
+        if self.classes is not None:
+            instance_loss, prior_loss = loss.chunk(2)
+            loss = instance_loss.mean() + cfg.prior_loss_weight * prior_loss.mean()
+        else:
+            loss = loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+    def close(self) -> None:
+        """Take the LoRA out again, so the pipeline can serve the next variant."""
+        self.pipe.unet.unload_lora()
+        self.pipe.unet.eval()
+
+
+def synthetic_photos(resolution: int, count: int = 5, seed: int = 0) -> list[Image.Image]:
+    """Smooth random colour fields: plausible VAE input without shipping any photo."""
+    rng = np.random.default_rng(seed)
+    photos = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        photos.append(Image.fromarray(small).resize((resolution, resolution), Image.Resampling.BICUBIC))
+    return photos
+
+
+def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each timed step; CUDA events avoid a host sync between steps."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for i in range(steps):
+            step()
+            marks[i + 1].record()
+        torch.cuda.synchronize(device)
+        return [marks[i].elapsed_time(marks[i + 1]) for i in range(steps)]
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step().item()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def measure(name: str, device: torch.device, body: Callable[[], list[float]]) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = body()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    result = {"variant": name, "ms_per_step": statistics.median(times), "peak_mib": peak,
+              "steps_timed": len(times)}
+    mem = f"{peak:8.0f} MiB peak" if peak is not None else "(no GPU memory figure on CPU)"
+    print(f"{name:<28} {result['ms_per_step']:9.1f} ms/step  {mem}", flush=True)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device_name = pick_device(args.device)
+    pipe = load_pipeline(args.model, device=device_name, dtype=pick_dtype(device_name))
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.device
+    resolution = args.resolution or (64 if pipe.unet.config.sample_size <= 16 else 512)
+    photos = synthetic_photos(resolution)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
+            "dtype": str(pipe.unet.dtype), "resolution": resolution, "warmup": args.warmup, "steps": args.steps}
+    print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "class-cache"
+        for prior in (True, False):
+            config = TrainConfig(resolution=resolution, prior_preservation=prior, steps=args.warmup + args.steps,
+                                 num_class_images=args.class_images, class_image_steps=args.class_image_steps,
+                                 checkpoint_every=0, min_photos=1)
+            label = "prior" if prior else "no prior"
+            trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model=args.model,
+                                  out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", class_cache_dir=cache,
+                                  on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
+            with trainer.session(pipe):
+                ours = measure(f"ours ({label})", device,
+                               lambda t=trainer: time_steps(t.train_step, args.warmup, args.steps, device))
+            class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
+                                              args.class_images, cache).paths if prior else []
+            recipe = PlainRecipe(pipe, photos, config, class_paths)
+            try:
+                base = measure(f"diffusers recipe ({label})", device,
+                               lambda r=recipe: time_steps(r.step, args.warmup, args.steps, device))
+            finally:
+                recipe.close()
+            ratio = base["ms_per_step"] / ours["ms_per_step"]
+            print(f"speed-up ({label}): {ratio:.2f}x (baseline ms / ours ms)", flush=True)
+            results += [ours, base, {"variant": f"speedup ({label})", "ratio": ratio}]
+    return {**info, "results": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, a hub id or a folder")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
+    parser.add_argument("--resolution", type=int, default=0, help="default: 512, or 64 for tiny models")
+    parser.add_argument("--class-images", type=int, default=4)
+    parser.add_argument("--class-image-steps", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    report = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Forgetting a person removes every row and file of theirs and nothing of anyone else."""
+
+from __future__ import annotations
+
+import aiosqlite
+import pytest
+
+from storage import generations as generations_db
+from storage import jobs as jobs_db
+from storage import models as models_db
+from storage import photos as photos_db
+from storage import users as users_db
+from storage.forget import forget_user
+from storage.store import Storage
+
+ALICE, BOB = 101, 202
+TABLES = {"users": "id", "photos": "owner", "jobs": "owner", "models": "owner", "generations": "owner"}
+
+
+async def _give_everything(store: Storage, user: int) -> None:
+    await users_db.set_handle(store.db, user, f"zorbq{user}", "person")
+    photo = store.files.write(user, "photos", b"pixels", ".png")
+    await photos_db.add_photo(
+        store.db, user, sha256=f"{user:064x}", phash=1, path=photo, byte_size=6, width=1, height=1
+    )
+    job = await jobs_db.create_job(store.db, "train", user, {})
+    await jobs_db.claim_next_job(store.db, "w", 60)
+    await jobs_db.set_checkpoint(store.db, job, store.files.write(user, "checkpoints", b"ckpt", ".zip"))
+    lora = store.files.write(user, "models", b"lora", ".safetensors")
+    model = await models_db.add_model(store.db, user, job, lora, "sd15", {"handle": f"zorbq{user}"})
+    await jobs_db.finish_job(store.db, job, "succeeded", result={"model_id": model})
+    gen_job = await jobs_db.create_job(store.db, "generate", user, {})
+    image = store.files.write(user, "generations", b"img", ".png")
+    await generations_db.add_generation(store.db, user, model, gen_job, "p", "", [1], {}, [image])
+
+
+async def _rows(store: Storage, user: int) -> dict[str, int]:
+    counts = {}
+    for table, column in TABLES.items():
+        counts[table] = (
+            await store.db.fetchone(f"SELECT count(*) FROM {table} WHERE {column} = ?", (user,))
+        )[0]
+    return counts
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Storage.open(tmp_path)
+    yield store
+    await store.close()
+
+
+async def test_forget_user_leaves_nothing_of_them_and_everything_of_others(store):
+    await _give_everything(store, ALICE)
+    await _give_everything(store, BOB)
+    bob_rows = await _rows(store, BOB)
+    bob_usage = store.files.user_usage(BOB)
+
+    summary = await forget_user(store, ALICE)
+
+    assert summary == {
+        "generations": 1,
+        "models": 1,
+        "jobs": 2,
+        "photos": 1,
+        "users": 1,
+        "files": 4,
+        "bytes": len(b"pixels" + b"ckpt" + b"lora" + b"img"),
+    }
+    assert await _rows(store, ALICE) == dict.fromkeys(TABLES, 0)
+    assert not store.files.user_dir(ALICE).exists()
+    assert await _rows(store, BOB) == bob_rows and all(bob_rows.values())
+    assert store.files.user_usage(BOB) == bob_usage
+    bob_photos = await photos_db.list_photos(store.db, BOB)
+    assert store.files.read(bob_photos[0].path, BOB) == b"pixels"
+    # The handle is free again, and forgetting twice is harmless.
+    assert "zorbq101" not in await users_db.all_handles(store.db)
+    assert (await forget_user(store, ALICE))["users"] == 0
+
+
+async def test_a_late_result_for_a_forgotten_person_is_refused(store):
+    await _give_everything(store, ALICE)
+    await forget_user(store, ALICE)
+    with pytest.raises(aiosqlite.IntegrityError, match="FOREIGN KEY"):
+        await generations_db.add_generation(store.db, ALICE, None, None, "p", "", [1], {}, [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import aiosqlite
 import pytest
 
 from storage import generations as generations_db
@@ -74,6 +75,12 @@ async def test_a_handle_taken_by_someone_else_is_refused_kindly(store):
     assert (await users_db.set_handle(store.db, BOB, suggestion, "man")).handle == suggestion
     # Setting one's own handle again is not a conflict.
     assert (await users_db.set_handle(store.db, ALICE, "zorbq", "woman")).handle == "zorbq"
+
+
+async def test_the_database_itself_treats_handles_case_insensitively(store):
+    await users_db.set_handle(store.db, ALICE, "zorbq", "woman")
+    with pytest.raises(aiosqlite.IntegrityError):
+        await store.db.execute("UPDATE users SET handle = 'ZorbQ' WHERE id = ?", (BOB,))
 
 
 async def test_set_handle_applies_the_handle_rules(store):

@@ -1,0 +1,245 @@
+"""LoRA DreamBooth on the tiny model: learning, files, resume, cancel, caches, events, SDXL."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from bench.train_speed import PlainRecipe
+from trainer import events
+from trainer.checkpoint import load_checkpoint
+from trainer.class_images import cache_key, ensure_class_images
+from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, TrainingRun, instance_prompt, train
+from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, TooFewPhotos
+from trainer.lora_io import read_metadata
+from trainer.models import build_random_pipeline
+
+HANDLE, CLASS = "sks", "woman"
+
+
+def make_photos(count: int = 5, size: int = 64) -> list[Image.Image]:
+    """A face-like blob on coloured backgrounds: enough structure for the VAE, different per photo."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(count):
+        a = np.full((size + 16, size, 3), (30 * i, 60, 200 - 30 * i), np.uint8)
+        a[20:60, 16:48] = (210, 160, 120)
+        a = (a + rng.integers(0, 25, a.shape)).clip(0, 255).astype(np.uint8)
+        photos.append(Image.fromarray(a))
+    return photos
+
+
+def small(**overrides) -> TrainConfig:
+    """A config for 64 px tiny-model runs with only a couple of cheap class images."""
+    base = {"steps": 6, "resolution": 64, "rank": 4, "num_class_images": 2, "class_image_steps": 2,
+            "checkpoint_every": 0, "learning_rate": 1e-3}
+    return TrainConfig(**{**base, **overrides})
+
+
+def run_train(tmp_path: Path, config: TrainConfig, pipe=None, tag: str = "run", **kwargs):
+    return train(make_photos(), HANDLE, CLASS, config, pipeline=pipe or build_random_pipeline("tiny"),
+                 base_model="tiny", out_dir=tmp_path / tag / "out", work_dir=tmp_path / tag / "work",
+                 class_cache_dir=tmp_path / "class-cache", device="cpu", **kwargs)
+
+
+def generate(pipe, size: int = 64, steps: int = 3, seed: int = 0) -> np.ndarray:
+    image = pipe(prompt=instance_prompt(HANDLE, CLASS), height=size, width=size, num_inference_steps=steps,
+                 generator=torch.Generator().manual_seed(seed)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_training_reduces_the_instance_loss(tmp_path: Path) -> None:
+    result = run_train(tmp_path, small(steps=100, learning_rate=1e-2, rank=8, prior_preservation=False))
+    first, last = np.mean(result.losses[:10]), np.mean(result.losses[-10:])
+    assert len(result.losses) == 100 and result.steps == 100
+    assert last < 0.85 * first, (first, last)
+
+
+def test_lora_changes_the_image_and_loads_back_as_trained(tmp_path: Path) -> None:
+    seen: list[events.Event] = []
+    config = small(steps=20, learning_rate=1e-2, rank=4, alpha=8, train_text_encoder=True,
+                   prior_preservation=False, preview_every=20, preview_steps=3)
+    result = run_train(tmp_path, config, on_event=seen.append)
+    # The preview at the last step was made with the LoRA still in memory.
+    trained = np.asarray(Image.open(io.BytesIO(next(e["png"] for e in seen if e["type"] == "preview"))),
+                         dtype=np.int16)
+
+    pipe = build_random_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(pipe)
+    pipe.load_lora_weights(str(result.lora_path.parent))
+    loaded = generate(pipe)
+    assert np.abs(loaded - base).mean() > 2.0  # the LoRA visibly changes the picture
+    assert np.abs(loaded - trained).max() <= 1  # and the file reproduces the trained adapter (alpha too)
+
+
+def test_lora_files_carry_metadata_and_kohya_keys(tmp_path: Path) -> None:
+    result = run_train(tmp_path, small(steps=2, rank=4, alpha=2, train_text_encoder=True))
+    meta = read_metadata(result.lora_path)
+    assert result.lora_path.name == "pytorch_lora_weights.safetensors"
+    assert {k: meta[k] for k in ("handle", "class_word", "base_model", "steps", "rank", "alpha")} == {
+        "handle": HANDLE, "class_word": CLASS, "base_model": "tiny", "steps": "2", "rank": "4", "alpha": "2"}
+    assert re.match(r"\d{4}-\d\d-\d\dT", meta["created"]) and meta["format_version"] == "1"
+    assert result.metadata["handle"] == HANDLE
+
+    assert result.kohya_path is not None and result.kohya_path.name == f"{HANDLE}.safetensors"
+    kohya = load_file(result.kohya_path)
+    pattern = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+    assert all(pattern.match(k) for k in kohya), [k for k in kohya if not pattern.match(k)][:3]
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
+    assert all(float(v) == 2.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    assert kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+    assert read_metadata(result.kohya_path)["ss_network_dim"] == "4"
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = small(steps=6, checkpoint_every=3, train_text_encoder=True, noise_offset=0.05)
+    straight = run_train(tmp_path, config, tag="straight")
+    checkpoint = tmp_path / "straight" / "work" / CHECKPOINT_NAME
+    assert load_checkpoint(checkpoint).step == 3
+
+    # A new process: fresh pipeline, only the checkpoint file carried over.
+    moved = tmp_path / "carried.safetensors"
+    moved.write_bytes(checkpoint.read_bytes())
+    resumed = run_train(tmp_path, config, tag="resumed", resume_from=moved)
+    assert resumed.losses == straight.losses and resumed.steps == 6
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path: Path) -> None:
+    run_train(tmp_path, small(steps=4, checkpoint_every=2), tag="first")
+    with pytest.raises(BadCheckpoint, match="rank"):
+        run_train(tmp_path, small(steps=4, rank=8), tag="second",
+                  resume_from=tmp_path / "first" / "work" / CHECKPOINT_NAME)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(BadCheckpoint):
+        run_train(tmp_path, small(), tag="third", resume_from=tmp_path / "junk.safetensors")
+
+
+def test_cancel_stops_within_one_step_and_restores_the_pipeline(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    calls = 0
+
+    def cancel_on_third_check() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls >= 3
+
+    with pytest.raises(Cancelled):
+        run_train(tmp_path, small(steps=50, checkpoint_every=1, prior_preservation=False), pipe=pipe,
+                  should_cancel=cancel_on_third_check)
+    assert load_checkpoint(tmp_path / "run" / "work" / CHECKPOINT_NAME).step == 2
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(pipe.unet, "peft_config")
+
+
+def test_class_images_are_cached_per_model_class_and_resolution(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    cache = tmp_path / "cache"
+    first = ensure_class_images(pipe, "tiny", "a photo of a woman", 64, 3, cache, steps=2)
+    again = ensure_class_images(pipe, "tiny", "a photo of a woman", 64, 3, cache, steps=2)
+    assert (first.generated, again.generated) == (3, 0) and first.paths == again.paths
+    more = ensure_class_images(pipe, "tiny", "a photo of a woman", 64, 4, cache, steps=2)
+    assert more.generated == 1  # only the missing one
+    men = ensure_class_images(pipe, "tiny", "a photo of a man", 64, 2, cache, steps=2)
+    assert men.generated == 2 and men.paths[0].parent != first.paths[0].parent
+    assert cache_key("tiny", "a photo of a woman", 64) != cache_key("other", "a photo of a woman", 64)
+    assert Image.open(first.paths[0]).size == (64, 64)
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:
+    seen: list[events.Event] = []
+    run_train(tmp_path, small(steps=4, checkpoint_every=2), on_event=seen.append)
+    stages = [e["stage"] for e in seen if e["type"] == "stage"]
+    assert stages == ["preparing", "class_images", "caching", "training", "saving"]
+    progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "training"]
+    assert progress[-1]["step"] == progress[-1]["total"] == 4 and progress[-1]["eta_s"] == 0
+    assert all(e["loss"] > 0 and e["eta_s"] is not None for e in progress)
+    assert [e["step"] for e in seen if e["type"] == "checkpoint"] == [2]
+    class_progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "class_images"]
+    assert class_progress[-1]["step"] == class_progress[-1]["total"] == 2
+
+    # A second training of the same class reuses the cached class images.
+    seen.clear()
+    run_train(tmp_path, small(steps=1), tag="second", on_event=seen.append)
+    assert not [e for e in seen if e["type"] == "progress" and e["stage"] == "class_images"]
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_cached_training_equals_the_plain_recipe(tmp_path: Path, prior: bool) -> None:
+    """Encoding once gives the same losses as running the VAE and text encoder every step."""
+    config = small(steps=5, prior_preservation=prior, noise_offset=0.1, learning_rate=1e-2)
+    run = TrainingRun(make_photos(), HANDLE, CLASS, config, base_model="tiny", out_dir=tmp_path / "out",
+                      work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache", on_event=events.ignore,
+                      should_cancel=lambda: False, resume_from=None)
+    with run.session(build_random_pipeline("tiny")):
+        cached = [run.train_step().item() for _ in range(config.steps)]
+
+    pipe = build_random_pipeline("tiny")
+    class_paths = ensure_class_images(pipe, "tiny", f"a photo of a {CLASS}", 64, 2, tmp_path / "cache").paths
+    recipe = PlainRecipe(pipe, make_photos(), config, class_paths if prior else [])
+    plain = [recipe.step().item() for _ in range(config.steps)]
+    np.testing.assert_allclose(cached, plain, rtol=1e-4)
+    assert len(set(cached)) == config.steps  # the steps really differ (fresh draws each step)
+
+
+def test_too_few_photos_and_unreadable_photos_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(TooFewPhotos, match="at least 5"):
+        train(make_photos(3), HANDLE, CLASS, small(), pipeline=build_random_pipeline("tiny"),
+              out_dir=tmp_path, work_dir=tmp_path, class_cache_dir=tmp_path)
+    photos: list = [*make_photos(4), b"this is not an image"]
+    with pytest.raises(BadPhoto):
+        train(photos, HANDLE, CLASS, small(), pipeline=build_random_pipeline("tiny"), out_dir=tmp_path,
+              work_dir=tmp_path, class_cache_dir=tmp_path)
+
+
+def test_photos_may_be_paths_bytes_or_images(tmp_path: Path) -> None:
+    photos = make_photos()
+    (tmp_path / "p0.png").parent.mkdir(exist_ok=True)
+    photos[0].save(tmp_path / "p0.png")
+    buffer = io.BytesIO()
+    photos[1].save(buffer, format="JPEG")
+    mixed = [tmp_path / "p0.png", buffer.getvalue(), *photos[2:]]
+    result = train(mixed, HANDLE, CLASS, small(steps=1, prior_preservation=False),
+                   pipeline=build_random_pipeline("tiny"), out_dir=tmp_path / "out", work_dir=tmp_path / "w",
+                   class_cache_dir=tmp_path / "c")
+    assert result.lora_path.exists()
+
+
+def test_sdxl_trains_and_its_lora_loads(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny-sdxl")
+    config = small(steps=2, train_text_encoder=True, learning_rate=1e-2)
+    result = train(make_photos(), HANDLE, CLASS, config, pipeline=pipe, base_model="tiny-sdxl",
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache")
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    keys = load_file(result.lora_path).keys()
+    assert any(k.startswith("text_encoder_2.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    kohya = load_file(result.kohya_path)
+    assert any(k.startswith("lora_te2_") for k in kohya) and any(k.startswith("lora_te1_") for k in kohya)
+    fresh = build_random_pipeline("tiny-sdxl")
+    fresh.load_lora_weights(str(result.lora_path.parent))
+    out = fresh(prompt="a photo of sks woman", height=64, width=64, num_inference_steps=2,
+                output_type="latent").images
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_config_round_trips_through_json_payloads() -> None:
+    config = TrainConfig(steps=10, lora_targets=["to_q", "to_v"])  # type: ignore[arg-type]
+    assert config.lora_targets == ("to_q", "to_v")
+    assert TrainConfig(**config.to_dict()) == config
+    with pytest.raises(ValueError):
+        TrainConfig(resolution=100)

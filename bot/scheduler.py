@@ -32,7 +32,8 @@ from trainer.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 2
+MAX_ATTEMPTS = 2  # a worker lost twice on one job: that job is probably what kills it
+MAX_RESTARTS = 5  # a job interrupted by this many bot restarts is failed instead of re-queued
 LEASE_SECONDS = 600.0
 PROGRESS_WRITE_INTERVAL_S = 1.0
 
@@ -78,6 +79,11 @@ class Scheduler:
         requeued = await jobs_db.requeue_interrupted(self.store.db, all_running=True)
         if requeued:
             log.info("re-queued %d interrupted job(s): %s", len(requeued), requeued)
+        for job_id in requeued:
+            job = await jobs_db.get_job(self.store.db, job_id)
+            if job is not None and job.attempts >= MAX_RESTARTS:
+                await jobs_db.finish_job(self.store.db, job_id, "failed",
+                                         error="This job was interrupted too many times; please start it again.")
         await self.runner.start(self._on_event)
         self._task = asyncio.create_task(self._dispatch_loop(), name="scheduler")
         self._wake.set()

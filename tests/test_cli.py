@@ -1,0 +1,97 @@
+"""The `python -m trainer` command line on the tiny model: make-model, train, imagine, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainer.__main__ import main
+from trainer.cli import run
+from trainer.lora_io import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_photos(folder: Path, count: int) -> Path:
+    """Distinct 512 px photos (intake refuses small ones and near-duplicates)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((512, 512), Image.Resampling.BICUBIC).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    assert run(["make-model", "tiny", str(out)]) == [f"model: {out}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("train")
+    photos = write_photos(base / "photos", 5)
+    (photos / "notes.txt").write_text("not a photo")  # ignored: not a photo suffix
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")  # refused by intake, skipped
+    out = base / "lora"
+    lines = run(["train", "--photos", str(photos), "--handle", "sks", "--class", "woman", "--out", str(out),
+                 "--model", str(tiny_model), "--steps", "3", "--resolution", "64", "--class-images", "2",
+                 "--rank", "4", "--device", "cpu", "--class-cache", str(base / "cache"),
+                 "--checkpoint-every", "2", "--preview-every", "3"])
+    assert lines[0] == f"lora: {out / 'pytorch_lora_weights.safetensors'}"
+    assert lines[1] == f"kohya: {out / 'sks.safetensors'}" and lines[2] == "steps: 3"
+    return out
+
+
+def test_train_writes_the_lora_checkpoint_and_previews(trained: Path, tiny_model: Path) -> None:
+    meta = read_metadata(trained / "pytorch_lora_weights.safetensors")
+    assert (meta["handle"], meta["class_word"], meta["base_model"], meta["steps"], meta["rank"]) == (
+        "sks", "woman", str(tiny_model), "3", "4")
+    assert any(k.startswith("lora_unet_") for k in load_file(trained / "sks.safetensors"))
+    assert (trained / "checkpoints" / "checkpoint.safetensors").exists()
+    assert [p.name for p in (trained / "previews").iterdir()] == ["step-00003.png"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trainer.engine") is None, reason="generation engine not present")
+def test_imagine_writes_images_with_the_lora(trained: Path, tmp_path: Path) -> None:
+    lines = run(["imagine", "a photo of sks woman", "--lora", str(trained), "--n", "2", "--out",
+                 str(tmp_path), "--steps", "2", "--seed", "7", "--device", "cpu"])
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 2 and lines == [f"image: {f}" for f in files]
+    assert Image.open(files[0]).size[0] > 0
+
+
+def test_missing_folder_and_too_few_photos_are_readable_errors(tmp_path: Path, tiny_model: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--handle", "sks", "--class", "man", "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+              "--resolution", "64", "--device", "cpu", "--no-prior"]
+    assert main(["train", "--photos", str(tmp_path / "nowhere"), *common]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    photos = write_photos(tmp_path / "few", 2)
+    assert main(["train", "--photos", str(photos), *common]) == 1
+    err = capsys.readouterr().err
+    assert "at least 5 photos" in err and "Traceback" not in err
+    assert main(["train", "--photos", str(photos), *common, "--resolution", "100"]) == 1
+    assert "Invalid training settings" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_readable_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = write_photos(tmp_path / "photos", 5)
+    code = main(["train", "--photos", str(photos), "--handle", "sks", "--class", "man", "--out",
+                 str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), "--device", "cpu"])
+    assert code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "make-model" in done.stdout and "imagine" in done.stdout

@@ -1,0 +1,261 @@
+"""The trainer's command line: train a LoRA from a folder of photos, imagine with it, build test models.
+
+    python -m trainer make-model tiny models/tiny
+    python -m trainer train --photos selfies/ --handle alex --class man --out loras/alex --model models/tiny
+    python -m trainer imagine --lora loras/alex "alex man as an astronaut" --n 4 --out images/
+
+`run(argv)` does the work and returns the lines to show as the result; progress bars (tqdm) follow
+the same events the bot turns into Discord messages, and other messages go through `logging`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tqdm import tqdm
+
+from trainer import events
+from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
+
+
+def default_class_cache() -> Path:
+    """Shared class images live with other caches (XDG_CACHE_HOME or ~/.cache)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "avatar-trainer" / "class-images"
+
+
+class ProgressBars:
+    """An event sink drawing one tqdm bar per stage with progress; previews are saved as PNG files."""
+
+    def __init__(self, preview_dir: Path | None = None, disable: bool | None = None) -> None:
+        self.preview_dir = preview_dir
+        self.disable = disable
+        self.bar: tqdm | None = None
+        self.bar_stage: str | None = None
+
+    def __call__(self, event: events.Event) -> None:
+        kind = event["type"]
+        if kind == "stage":
+            self.close()
+            log.info("%s%s", event["stage"].replace("_", " "), f": {event['detail']}" if event["detail"] else "")
+        elif kind == "progress":
+            if self.bar is None or self.bar_stage != event["stage"]:
+                self.close()
+                self.bar = tqdm(total=event["total"], desc=event["stage"].replace("_", " "), unit="step",
+                                disable=self.disable)
+                self.bar_stage = event["stage"]
+            self.bar.update(event["step"] - self.bar.n)
+            if event.get("loss") is not None:
+                self.bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+        elif kind == "checkpoint":
+            log.debug("checkpoint at step %d: %s", event["step"], event["path"])
+        elif kind == "preview" and self.preview_dir is not None:
+            self.preview_dir.mkdir(parents=True, exist_ok=True)
+            (self.preview_dir / f"step-{event['step']:05d}.png").write_bytes(event["png"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def cancel_on_interrupt() -> Iterator[list[bool]]:
+    """The first Ctrl-C asks the training to stop after the current step (a second one stops at once)."""
+    flag = [False]
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+        log.warning("stopping after this step (press Ctrl-C again to stop at once)")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def read_photos(folder: Path) -> list[bytes]:
+    """Normalise every photo in `folder` as the bot does; refused or repeated photos are skipped with a
+    warning saying why."""
+    from storage.intake import IntakeError, check_duplicates, normalise_photo
+
+    if not folder.is_dir():
+        raise BadPhoto(f"The photo folder {folder} does not exist.")
+    kept: list[Any] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES):
+        try:
+            photo = normalise_photo(path.read_bytes())
+            check_duplicates(photo, [(k.sha256, k.phash) for k in kept])
+        except IntakeError as exc:
+            log.warning("skipping %s: %s", path.name, exc.message)
+            continue
+        for warning in photo.warnings:
+            log.warning("%s: %s", path.name, warning)
+        kept.append(photo)
+    return [p.png for p in kept]
+
+
+def cmd_make_model(args: argparse.Namespace) -> list[str]:
+    from trainer.models import save_random_model
+
+    out = save_random_model(args.kind, args.out, seed=args.seed)
+    return [f"model: {out}"]
+
+
+def cmd_train(args: argparse.Namespace) -> list[str]:
+    from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, train
+
+    photos = read_photos(args.photos)
+    if not photos:
+        raise TooFewPhotos(f"No usable photos were found in {args.photos}.")
+    overrides = {
+        "steps": args.steps, "rank": args.rank, "resolution": args.resolution, "learning_rate": args.lr,
+        "seed": args.seed, "checkpoint_every": args.checkpoint_every, "preview_every": args.preview_every,
+        "num_class_images": args.class_images, "min_photos": args.min_photos,
+    }
+    try:
+        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None},
+                             prior_preservation=not args.no_prior, train_text_encoder=args.train_text_encoder,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    except ValueError as exc:
+        raise TrainerError(f"Invalid training settings: {exc}.", "bad_settings") from exc
+    out: Path = args.out
+    work_dir = args.work_dir or out / "checkpoints"
+    bars = ProgressBars(preview_dir=out / "previews")
+    try:
+        with cancel_on_interrupt() as stop:
+            result = train(photos, args.handle, args.class_word, config, base_model=args.model, out_dir=out,
+                           work_dir=work_dir, class_cache_dir=args.class_cache, device=args.device,
+                           on_event=bars, should_cancel=lambda: stop[0], resume_from=args.resume)
+    except Cancelled as exc:
+        checkpoint = work_dir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            raise Cancelled(f"{exc.message} Continue later with --resume {checkpoint}") from exc
+        raise
+    finally:
+        bars.close()
+    return [f"lora: {result.lora_path}", f"kohya: {result.kohya_path}", f"steps: {result.steps}",
+            f"final loss: {result.final_loss:.4f}",
+            f'try: python -m trainer imagine --lora {out} --model {args.model} "a photo of {args.handle} '
+            f'{args.class_word} as an astronaut"']
+
+
+def lora_file(path: Path) -> Path:
+    """Accept the LoRA's folder or the file itself."""
+    from trainer.lora_io import DIFFUSERS_NAME
+
+    file = path / DIFFUSERS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise TrainerError(f"No LoRA file was found at {path} (expected {DIFFUSERS_NAME}).", "missing_lora")
+    return file
+
+
+def cmd_imagine(args: argparse.Namespace) -> list[str]:
+    from trainer.engine import GenerateRequest, GenerationEngine
+    from trainer.lora_io import read_metadata, safe_file_stem
+    from trainer.models import load_pipeline, pick_device
+
+    lora = lora_file(args.lora) if args.lora else None
+    meta = read_metadata(lora) if lora else {}
+    model = args.model or meta.get("base_model") or DEFAULT_MODEL
+    pipe = load_pipeline(model, device=pick_device(args.device))
+    engine = GenerationEngine(pipe)
+    fields: dict[str, Any] = {"prompt": args.prompt, "num_images": args.n}
+    for name, value in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
+                        ("guidance", args.guidance)):
+        if value is not None:
+            fields[name] = value
+    key = hashlib.sha256(lora.read_bytes()).hexdigest()[:16] if lora else None
+    bars = ProgressBars()
+    try:
+        images = engine.generate(GenerateRequest(**fields), adapter_key=key, lora_path=lora,
+                                 handle=meta.get("handle"), class_word=meta.get("class_word"), on_event=bars)
+    finally:
+        bars.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = safe_file_stem(meta.get("handle", "image"))
+    lines = []
+    for i, image in enumerate(images):
+        path = args.out / f"{stem}-{i}-seed{image.seed}.png"
+        path.write_bytes(image.png)
+        lines.append(f"image: {path}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    make = sub.add_parser("make-model", help="build a random offline model (tiny for tests and demos)")
+    make.add_argument("kind", choices=["tiny", "sd15-random", "tiny-sdxl"])
+    make.add_argument("out", type=Path)
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=cmd_make_model)
+
+    tr = sub.add_parser("train", help="train a LoRA of a person from a folder of photos")
+    tr.add_argument("--photos", type=Path, required=True, help="folder of JPEG/PNG/WebP/HEIC photos")
+    tr.add_argument("--handle", required=True, help="the word that will mean this person in prompts")
+    tr.add_argument("--class", dest="class_word", required=True, help="woman, man, person, ...")
+    tr.add_argument("--out", type=Path, required=True, help="folder for the LoRA files")
+    tr.add_argument("--model", default=DEFAULT_MODEL, help="tiny, a Hugging Face id, a folder or a .safetensors")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--rank", type=int)
+    tr.add_argument("--resolution", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--class-images", type=int, help="class images for prior preservation")
+    tr.add_argument("--min-photos", type=int)
+    tr.add_argument("--no-prior", action="store_true", help="turn off prior preservation")
+    tr.add_argument("--train-text-encoder", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="less GPU memory, slower")
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--preview-every", type=int, help="save a preview image every N steps")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    tr.add_argument("--resume", type=Path, help="a checkpoint.safetensors to continue from")
+    tr.add_argument("--work-dir", type=Path, help="where checkpoints go (default: OUT/checkpoints)")
+    tr.add_argument("--class-cache", type=Path, default=default_class_cache())
+    tr.set_defaults(func=cmd_train)
+
+    im = sub.add_parser("imagine", help="generate images, with a trained LoRA or without")
+    im.add_argument("prompt")
+    im.add_argument("--lora", type=Path, help="a LoRA folder or pytorch_lora_weights.safetensors")
+    im.add_argument("--n", type=int, default=4, help="how many images")
+    im.add_argument("--out", type=Path, required=True)
+    im.add_argument("--model", help="default: the base model recorded in the LoRA")
+    im.add_argument("--seed", type=int)
+    im.add_argument("--steps", type=int)
+    im.add_argument("--guidance", type=float)
+    im.add_argument("--negative", help="negative prompt")
+    im.add_argument("--device", default="auto")
+    im.set_defaults(func=cmd_imagine)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> list[str]:
+    """Parse `argv`, run the command and return its result lines; TrainerError says what went wrong."""
+    args = build_parser().parse_args(argv)
+    logging.getLogger().setLevel(args.log_level.upper())
+    return args.func(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import re
 from pathlib import Path
@@ -14,10 +15,11 @@ from safetensors.torch import load_file
 
 from bench.train_speed import PlainRecipe
 from trainer import events
+from trainer.atomic import write_atomic
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
 from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, TrainingRun, instance_prompt, train
-from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, TooFewPhotos
+from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, DiskFull, OutOfMemory, TooFewPhotos
 from trainer.lora_io import read_metadata
 from trainer.models import build_random_pipeline
 
@@ -243,3 +245,26 @@ def test_config_round_trips_through_json_payloads() -> None:
     assert TrainConfig(**config.to_dict()) == config
     with pytest.raises(ValueError):
         TrainConfig(resolution=100)
+
+
+def test_out_of_memory_is_explained_and_the_pipeline_restored(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(self: TrainingRun) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrainingRun, "train_step", exhausted)
+    pipe = build_random_pipeline("tiny")
+    with pytest.raises(OutOfMemory, match="resolution.*gradient checkpointing"):
+        run_train(tmp_path, small(prior_preservation=False), pipe=pipe)
+    assert not hasattr(pipe.unet, "peft_config")
+    assert not any("lora" in name for name, _ in pipe.unet.named_modules())
+
+
+def test_a_full_disk_is_reported_as_disk_full(tmp_path: Path) -> None:
+    def no_space(path: Path) -> None:
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull, match="disk is full"):
+        write_atomic(tmp_path / "lora.safetensors", no_space, "trained model")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file is left

@@ -112,3 +112,27 @@ def test_device_and_dtype_choice() -> None:
             models.pick_device("cuda")
     with pytest.raises(DeviceUnavailable):
         models.pick_device("tpu")
+
+
+def test_single_file_family_is_read_from_the_keys(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "v1.safetensors")
+    assert models._is_sdxl_single_file(tmp_path / "xl.safetensors")
+    assert not models._is_sdxl_single_file(tmp_path / "v1.safetensors")
+
+
+def test_unusable_single_files_are_model_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelUnavailable, match="junk.safetensors"):
+        models.load_pipeline(str(tmp_path / "junk.safetensors"))
+    # A plausible SD1 checkpoint still needs its configuration, which offline mode cannot fetch.
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)},
+              tmp_path / "v1.safetensors")
+    with pytest.raises(ModelUnavailable, match="configuration"):
+        models.load_pipeline(str(tmp_path / "v1.safetensors"))

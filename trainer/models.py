@@ -242,19 +242,22 @@ def _is_sdxl_single_file(path: Path) -> bool:
 
 def _load_single_file(path: Path, dtype: torch.dtype | None, offline: bool,
                       sdxl: bool | None) -> DiffusionPipeline:
+    from safetensors import SafetensorError
+
     if not path.is_file():
         raise ModelUnavailable(f"The model file {path} does not exist. Check the path in the base model "
                                "setting.")
-    is_xl = _is_sdxl_single_file(path) if sdxl is None else sdxl
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
+        is_xl = _is_sdxl_single_file(path) if sdxl is None else sdxl
+        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+        extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
         return cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline, **extra)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, SafetensorError) as exc:
         raise ModelUnavailable(
-            f"Could not load the checkpoint {path.name} as {'SDXL' if is_xl else 'Stable Diffusion 1.x'}: "
-            f"{exc}. Loading a single file needs the matching diffusers configuration once from the "
-            "Hugging Face hub (or in its cache); with no network, convert it to a diffusers folder first."
+            f"Could not load the checkpoint {path.name} as a Stable Diffusion model ({type(exc).__name__}: "
+            f"{exc}). Check that it is an SD 1.x or SDXL checkpoint; loading one also needs its diffusers "
+            "configuration from the Hugging Face hub once (or from the local cache), so with no network "
+            "convert it to a diffusers folder first."
         ) from exc
 
 

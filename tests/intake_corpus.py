@@ -45,8 +45,8 @@ def add_noise(img: Image.Image, sigma: float = 8.0, seed: int = 0) -> Image.Imag
     """Gaussian noise per channel, like a camera sensor's."""
     rng = np.random.default_rng(seed)
     pixels = np.asarray(img, dtype=np.float32)
-    noisy = pixels + rng.normal(0.0, sigma, pixels.shape)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode=img.mode)
+    noisy = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(sigma)
+    return Image.fromarray(np.clip(noisy, 0, 255, out=noisy).astype(np.uint8), mode=img.mode)
 
 
 def portrait(
@@ -66,9 +66,9 @@ def portrait(
     for fx, fy, fw in faces:
         draw_face(draw, fx * size[0], fy * size[1], fw * size[0])
     # soften the drawn edges a little, as a lens does
-    img = img.filter(ImageFilter.GaussianBlur(1.0))
+    img = img.filter(ImageFilter.BoxBlur(1))
     ramp = np.linspace(1 + light / 2, 1 - light / 2, size[0], dtype=np.float32)[None, :, None]
-    lit = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * ramp, 0, 255).astype(np.uint8), mode="RGB")
+    lit = Image.fromarray((np.asarray(img, dtype=np.float32) * ramp).clip(0, 255).astype(np.uint8), mode="RGB")
     return add_noise(lit, seed=seed)
 
 

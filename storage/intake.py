@@ -106,9 +106,12 @@ class IntakeError(Exception):
     """A photo that is not kept: `code` is for programs, `message` is what the person reads."""
 
     def __init__(self, code: IntakeCode, message: str) -> None:
-        super().__init__(message)
+        super().__init__(code, message)  # both in args, so the error survives pickling to another process
         self.code: IntakeCode = code
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
     def __repr__(self) -> str:
         return f"IntakeError({self.code!r}, {self.message!r})"
@@ -356,9 +359,6 @@ def _draft(img: Image.Image, limits: IntakeLimits) -> None:
 
 # --- colour --------------------------------------------------------------------------------------
 
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
 def to_srgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit sRGB RGB; transparency is composited on white.
 
@@ -409,7 +409,8 @@ def _apply_icc(img: Image.Image, icc: bytes) -> Image.Image | None:
     """Convert from the embedded profile to sRGB; None when the profile cannot be used."""
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(img, source, _SRGB, outputMode="RGB")
+        # a fresh sRGB profile per call: LittleCMS profile handles are not shared across threads
+        return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         logger.info("ignoring unusable ICC profile on a %s photo (%s)", img.mode, type(exc).__name__)
         return None

@@ -251,6 +251,27 @@ def mpo_jpeg() -> bytes:
     return encode(face_image(), "MPO", save_all=True, append_images=[landscape((800, 1000))], quality=90)
 
 
+def palette_with_hole() -> Image.Image:
+    """A palette image whose left half is the transparent index 0, right half noisy colours."""
+    rng = np.random.default_rng(7)
+    indices = rng.integers(1, 256, (400, 400), dtype=np.uint8)
+    indices[:, :200] = 0
+    img = Image.fromarray(indices, mode="P")
+    palette = rng.integers(0, 256, 768, dtype=np.uint8)
+    palette[:3] = (0, 0, 0)
+    img.putpalette(palette.tobytes())
+    img.info["transparency"] = 0
+    return img
+
+
+def half_transparent(mode: str, colour: tuple[int, ...]) -> Image.Image:
+    """`colour` with noise in `mode` (LA or RGBA), fully transparent on the left half."""
+    img = textured(mode, colour)
+    pixels = np.array(img)
+    pixels[:, :200, -1] = 0
+    return Image.fromarray(pixels, mode=mode)
+
+
 # --- the corpus ----------------------------------------------------------------------------------
 
 SMALL = IntakeLimits(max_bytes=200_000)
@@ -322,24 +343,3 @@ CASES: list[Case] = [
     Case("tiff", lambda: encode(face_image(), "TIFF"), "unsupported_format"),
     Case("avif", lambda: encode(noise_image((300, 300)), "AVIF"), "unsupported_format"),
 ]
-
-
-def palette_with_hole() -> Image.Image:
-    """A palette image whose left half is the transparent index 0, right half noisy colours."""
-    rng = np.random.default_rng(7)
-    indices = rng.integers(1, 256, (400, 400), dtype=np.uint8)
-    indices[:, :200] = 0
-    img = Image.fromarray(indices, mode="P")
-    palette = rng.integers(0, 256, 768, dtype=np.uint8)
-    palette[:3] = (0, 0, 0)
-    img.putpalette(palette.tobytes())
-    img.info["transparency"] = 0
-    return img
-
-
-def half_transparent(mode: str, colour: tuple[int, ...]) -> Image.Image:
-    """`colour` with noise in `mode` (LA or RGBA), fully transparent on the left half."""
-    img = textured(mode, colour)
-    pixels = np.array(img)
-    pixels[:, :200, -1] = 0
-    return Image.fromarray(pixels, mode=mode)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import pickle
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -245,6 +247,15 @@ def test_large_jpeg_is_decoded_reduced_but_measured_in_full_size() -> None:
     assert abs(cx - 256) < 40 and abs(cy - 256) < 60
 
 
+def test_far_smaller_faces_do_not_count_as_other_people(monkeypatch: pytest.MonkeyPatch) -> None:
+    img = corpus.portrait((1200, 900), ((0.35, 0.45, 0.3), (0.85, 0.3, 0.08)))
+    monkeypatch.setattr(faces, "RELATIVE_MIN_FACE", 0.0)
+    assert len(faces.detect_faces(img, img.size)) == 2, "the cascade sees the stranger"
+    monkeypatch.undo()
+    found = faces.detect_faces(img, img.size)
+    assert len(found) == 1 and found[0][0] < 600, "only the main face is kept"
+
+
 def test_detector_is_quiet_on_photos_without_faces() -> None:
     for img in (corpus.landscape(seed=s) for s in range(3)):
         assert faces.detect_faces(img, img.size) == []
@@ -393,6 +404,19 @@ def test_limit_messages_state_the_numbers() -> None:
     with pytest.raises(IntakeError) as caught:
         normalise_photo(corpus.decompression_bomb_png())
     assert "8000×8000" in caught.value.message and "50 megapixels" in caught.value.message
+
+
+def test_worker_threads_get_the_same_results_as_one_thread() -> None:
+    uploads = [by_name(name).make() for name in ("face_jpeg", "face_heic", "two_faces", "cmyk_jpeg", "icc_tagged_png")]
+    alone = [normalise_photo(data) for data in uploads]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(normalise_photo, uploads * 2))
+    assert together == alone * 2
+
+
+def test_intake_error_survives_pickling_to_another_process() -> None:
+    error = pickle.loads(pickle.dumps(IntakeError("too_small", "That photo is only 100×100 pixels.")))
+    assert (error.code, error.message, str(error)) == ("too_small", "That photo is only 100×100 pixels.", error.message)
 
 
 def test_truncated_files_do_not_switch_on_truncated_loading() -> None:

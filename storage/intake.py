@@ -443,6 +443,9 @@ def _frame(rgb: Image.Image, size: tuple[int, int], kind: str, limits: IntakeLim
     if imagehash.sharpness(np.asarray(out.convert("L"))) < BLUR_THRESHOLD:
         flags.append("blurry")
 
+    # Nothing of the upload's metadata goes into the kept file: its ICC profile no longer applies
+    # (the pixels are sRGB now), and EXIF or text chunks could carry location or names.
+    out.info.clear()
     buffer = io.BytesIO()
     out.save(buffer, "PNG")
     logger.debug("normalised a %s photo %dx%d, flags=%s", kind, size[0], size[1], flags)

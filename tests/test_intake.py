@@ -406,6 +406,16 @@ def test_limit_messages_state_the_numbers() -> None:
     assert "8000×8000" in caught.value.message and "50 megapixels" in caught.value.message
 
 
+def test_kept_png_carries_no_metadata_from_the_upload() -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "at home, 12 Example Street"  # ImageDescription
+    upload = corpus.encode(corpus.textured("RGB", (230, 20, 20)), "PNG", icc_profile=corpus.rgb_swapping_icc(),
+                           exif=exif)
+    kept = decoded(normalise_photo(upload))
+    assert "icc_profile" not in kept.info and "exif" not in kept.info
+    assert b"Example Street" not in normalise_photo(upload).png
+
+
 def test_worker_threads_get_the_same_results_as_one_thread() -> None:
     uploads = [by_name(name).make() for name in ("face_jpeg", "face_heic", "two_faces", "cmyk_jpeg", "icc_tagged_png")]
     alone = [normalise_photo(data) for data in uploads]

@@ -163,13 +163,6 @@ def normalise_photo(data: bytes, limits: IntakeLimits = DEFAULT_LIMITS) -> Norma
         _register_heif()
 
     work, size = _decode(data, kind, limits)
-    width, height = size
-    if min(width, height) < limits.min_side:
-        raise IntakeError(
-            "too_small",
-            f"That photo is only {width}×{height} pixels. Photos need at least {limits.min_side} pixels "
-            "on each side; please send the original, full-size photo.",
-        )
     rgb = to_srgb(work)
     return _frame(rgb, size, kind, limits)
 
@@ -297,6 +290,19 @@ def _too_many_pixels(limits: IntakeLimits, size: tuple[int, int] | None) -> Inta
     )
 
 
+def _too_small(size: tuple[int, int], limits: IntakeLimits) -> IntakeError:
+    return IntakeError(
+        "too_small",
+        f"That photo is only {size[0]}×{size[1]} pixels. Photos need at least {limits.min_side} pixels "
+        "on each side; please send the original, full-size photo.",
+    )
+
+
+def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """`size` as shown: EXIF orientations 5-8 turn the picture a quarter."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
 def _corrupt() -> IntakeError:
     return IntakeError(
         "corrupt",
@@ -307,8 +313,8 @@ def _corrupt() -> IntakeError:
 def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, tuple[int, int]]:
     """Decode just enough pixels, upright. Returns the image and the original size after orientation.
 
-    Header checks come first: Image.open only parses the header, so the pixel count and the
-    frame count are known before any pixel is allocated. Every failure of the decoder on these
+    Header checks come first: Image.open only parses the header, so the pixel count, the frame
+    count and the short side are known before any pixel is allocated. Every failure of the decoder on these
     untrusted bytes (Pillow raises OSError, SyntaxError, ValueError, struct.error and more) is
     'corrupt'; nothing else escapes.
     """
@@ -326,6 +332,12 @@ def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, 
             raise _too_many_pixels(limits, header_size)
         if img.format in ("PNG", "WEBP") and getattr(img, "is_animated", False):
             raise _animated()
+        if min(header_size) < limits.min_side:
+            try:
+                orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            except Exception:  # a broken EXIF block only costs the order of the numbers
+                orientation = 1
+            raise _too_small(_upright(header_size, orientation), limits)
         if img.format in ("JPEG", "MPO"):
             _draft(img, limits)
         try:
@@ -337,9 +349,7 @@ def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, 
         except Exception as exc:  # untrusted bytes: see docstring
             logger.info("undecodable %s upload (%s)", kind, type(exc).__name__)
             raise _corrupt() from None
-    width, height = header_size
-    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    return upright, size
+    return upright, _upright(header_size, orientation)
 
 
 def _draft(img: Image.Image, limits: IntakeLimits) -> None:

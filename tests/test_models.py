@@ -90,6 +90,7 @@ def test_missing_folder_is_model_unavailable(tmp_path: Path) -> None:
         models.load_pipeline(str(tmp_path / "empty"))
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_unknown_hub_id_offline_is_model_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -66,9 +66,6 @@ class LatentCache:
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A latent sample for rows `index`, drawing noise as DiagonalGaussianDistribution.sample does."""
         mean, std = self.mean[index], self.std[index]

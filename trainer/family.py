@@ -27,13 +27,6 @@ class Conditioning:
         added = {k: v[index] for k, v in self.added.items()} if self.added else None
         return Conditioning(self.hidden_states[index], added)
 
-    @staticmethod
-    def cat(parts: list[Conditioning]) -> Conditioning:
-        added = None
-        if parts[0].added:
-            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}  # type: ignore[index]
-        return Conditioning(torch.cat([p.hidden_states for p in parts]), added)
-
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device | str) -> torch.Tensor:
     """Token ids padded to the encoder's context (77), as the pipelines do."""

@@ -41,9 +41,8 @@ def default_class_cache() -> Path:
 class ProgressBars:
     """An event sink drawing one tqdm bar per stage with progress; previews are saved as PNG files."""
 
-    def __init__(self, preview_dir: Path | None = None, disable: bool | None = None) -> None:
+    def __init__(self, preview_dir: Path | None = None) -> None:
         self.preview_dir = preview_dir
-        self.disable = disable
         self.bar: tqdm | None = None
         self.bar_stage: str | None = None
 
@@ -55,8 +54,7 @@ class ProgressBars:
         elif kind == "progress":
             if self.bar is None or self.bar_stage != event["stage"]:
                 self.close()
-                self.bar = tqdm(total=event["total"], desc=event["stage"].replace("_", " "), unit="step",
-                                disable=self.disable)
+                self.bar = tqdm(total=event["total"], desc=event["stage"].replace("_", " "), unit="step")
                 self.bar_stage = event["stage"]
             self.bar.update(event["step"] - self.bar.n)
             if event.get("loss") is not None:

@@ -1,0 +1,56 @@
+"""GPU-only checks on the full-size random SD1.5 architecture (run through bench/run_device.sh).
+
+These need CUDA and are skipped elsewhere; the CPU suite covers the same behaviour on `tiny`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from trainer.models import build_random_pipeline
+
+    return build_random_pipeline("sd15-random", device="cuda", dtype=torch.bfloat16)
+
+
+def _photos(n: int = 5) -> list[bytes]:
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (512, 512), (40 * i, 120, 200 - 30 * i))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_train_then_generate_on_gpu(pipe, tmp_path):
+    from trainer.dreambooth import TrainConfig, train
+    from trainer.engine import GenerateRequest, GenerationEngine
+
+    config = TrainConfig(steps=20, num_class_images=2, class_image_steps=5, checkpoint_every=10)
+    seen: list[dict] = []
+    result = train(_photos(), "zqjane", "woman", config, pipeline=pipe, base_model="sd15-random",
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "ckpt", class_cache_dir=tmp_path / "classes",
+                   device="cuda", on_event=seen.append)
+    assert result.steps == 20 and math.isfinite(result.final_loss)
+    assert result.lora_path.is_file()
+    assert any(e["type"] == "checkpoint" for e in seen)
+    assert torch.cuda.max_memory_allocated() < 10 * 2**30
+
+    engine = GenerationEngine(pipe)
+    images = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=10, num_images=2),
+                             adapter_key="jane", lora_path=result.lora_path, handle="zqjane", class_word="woman")
+    assert [im.seed for im in images] == [3, 4]
+    assert Image.open(io.BytesIO(images[0].png)).size == (512, 512)
+    base = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=10), handle="zqjane",
+                           class_word="woman")
+    assert base[0].png != images[0].png

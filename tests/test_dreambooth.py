@@ -268,3 +268,20 @@ def test_a_full_disk_is_reported_as_disk_full(tmp_path: Path) -> None:
     with pytest.raises(DiskFull, match="disk is full"):
         write_atomic(tmp_path / "lora.safetensors", no_space, "trained model")
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file is left
+
+
+def test_training_beside_loaded_adapters_is_isolated_and_leaves_them_as_they_were(tmp_path: Path) -> None:
+    """A worker trains on the pipeline its generation engine has loaded people's LoRAs into."""
+    other = run_train(tmp_path, small(steps=3, learning_rate=1e-2, train_text_encoder=True,
+                                      prior_preservation=False), tag="other")
+    clean = run_train(tmp_path, small(steps=3), tag="clean")
+
+    pipe = build_random_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(other.lora_path.parent), adapter_name="other")
+    before = generate(pipe)
+    shared = run_train(tmp_path, small(steps=3), pipe=pipe, tag="shared")
+
+    assert shared.losses == clean.losses  # the loaded adapter touched neither class images nor caches
+    assert pipe.get_list_adapters() == {"unet": ["other"], "text_encoder": ["other"]}
+    assert np.array_equal(generate(pipe), before)  # and it still works as before

@@ -7,6 +7,7 @@ module as it was found (unwrapped again when it held no LoRA before). transforme
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,10 @@ def set_enabled(module: torch.nn.Module, enabled: bool) -> None:
 
 def add_lora(module: torch.nn.Module, config: LoraConfig, name: str) -> None:
     """Inject adapter `name` and make it the only active (and only trainable) one."""
-    inject_adapter_in_model(config, module, adapter_name=name)
+    with warnings.catch_warnings():
+        # PEFT warns whenever a module already holds adapters; here that is the point.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, module, adapter_name=name)
     for layer in tuner_layers(module):
         layer.enable_adapters(True)
         layer.set_adapter(name)
@@ -60,9 +64,9 @@ def remove_lora(module: torch.nn.Module, name: str, before: AdapterState | None)
         recurse_remove_peft_layers(module)
     else:
         for layer in tuner_layers(module):
+            layer.set_adapter(before.active)
             if name in getattr(layer, "lora_A", {}):
                 layer.delete_adapter(name)
-            layer.set_adapter(before.active)
             layer.enable_adapters(before.enabled)
     module.requires_grad_(False)
 

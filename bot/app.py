@@ -37,11 +37,14 @@ def build_runner(settings: Settings) -> JobRunner:
 class AvatarBot(commands.Bot):
     """The bot: slash commands, DM photo intake and persistent buttons over one scheduler."""
 
-    def __init__(self, settings: Settings, store: Storage, runner: JobRunner) -> None:
+    def __init__(self, settings: Settings, store: Storage, runner: JobRunner, *,
+                 guild_ready_timeout: float = 2.0) -> None:
+        """`guild_ready_timeout`: how long discord.py waits for more guilds before on_ready (tests shorten it)."""
         intents = discord.Intents.none()
         intents.guilds = True
         intents.dm_messages = True  # photos arrive as DM attachments; DMs need no Message Content intent
-        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
+                         guild_ready_timeout=guild_ready_timeout)
         self.settings = settings
         self.store = store
         self.notifier = Notifier(self)
@@ -93,11 +96,11 @@ async def reply(interaction: discord.Interaction, message: str, *, ephemeral: bo
         log.warning("could not deliver a reply to an interaction", exc_info=True)
 
 
-async def serve(settings: Settings, runner: JobRunner | None = None) -> None:
+async def serve(settings: Settings, runner: JobRunner | None = None, *, guild_ready_timeout: float = 2.0) -> None:
     """Open storage, start the bot and run until it is closed."""
     store = await Storage.open(settings.data_dir)
     try:
-        bot = AvatarBot(settings, store, runner or build_runner(settings))
+        bot = AvatarBot(settings, store, runner or build_runner(settings), guild_ready_timeout=guild_ready_timeout)
         async with bot:
             await bot.start(settings.discord_token)
     finally:

@@ -52,6 +52,7 @@ class Settings:
     train_resolution: int = 512
     train_learning_rate: float = 1e-4
     class_images: int = 100
+    train_checkpoint_every: int = 200  # steps between resumable checkpoints; 0 turns them off
     progress_interval_s: float = 3.0
 
     @property
@@ -123,6 +124,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
                  "train_resolution", "class_images"):
         if getattr(settings, name) < 1:
             problems.append(f"{ENV_NAMES[name]} must be at least 1.")
+    if settings.train_checkpoint_every < 0:
+        problems.append("TRAIN_CHECKPOINT_EVERY must be 0 (no checkpoints) or a positive number of steps.")
     if settings.workers < 0:
         problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
     if settings.min_photos > settings.max_photos:

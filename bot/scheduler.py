@@ -172,6 +172,7 @@ class Scheduler:
                 "resolution": self.settings.train_resolution,
                 "learning_rate": self.settings.train_learning_rate,
                 "num_class_images": self.settings.class_images,
+                "checkpoint_every": self.settings.train_checkpoint_every,
             },
             "sample_steps": 25,
             "samples": 2,

@@ -1,0 +1,322 @@
+"""Generation: one base pipeline kept loaded, each person's LoRA swapped in as a named adapter.
+
+Switching people is the hot path of a shared bot, so adapters stay resident: the first request of a
+person loads their LoRA with `load_lora_weights(path, adapter_name=...)`; later requests only make it
+the active adapter with `set_adapters` (a walk over the tuner layers, milliseconds, no weights read
+or copied). A least-recently-used list caps how many stay loaded; the oldest is deleted with
+`delete_adapters`. Only the active adapter is computed in a forward pass, so resident ones cost
+memory (a few MB each at rank 16), not time. Generation without a LoRA switches adapters off.
+
+diffusers' LoRA hot-swap (`hotswap=True`) was not used: it reads the file and copies every LoRA weight
+on every switch, which buys nothing here; its purpose is to avoid recompiling a `torch.compile`d UNet,
+and this engine does not compile (compiling would recompile on every adapter switch).
+
+Variations ("more like #N") run img2img from the same modules: the img2img pipeline object shares
+the text-to-image pipeline's components, so nothing is loaded twice and adapters apply to both.
+
+Thread safety: an engine is meant for one worker thread. The pipeline's modules, adapters and
+schedulers are shared mutable state, so every public method takes the engine's lock; a second
+thread calling in waits for the current generation to finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+
+from trainer import events, prompts
+from trainer.errors import Cancelled, TrainerError
+from trainer.events import EventSink
+from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
+
+log = logging.getLogger(__name__)
+
+Aspect = Literal["square", "portrait", "landscape"]
+ASPECTS: tuple[str, ...] = ("square", "portrait", "landscape")
+MAX_IMAGES = 4
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**53  # seeds travel through JSON; above this they stop being exact
+DEFAULT_VARIATION_STRENGTH = 0.55
+# zlib level 1: a 512 px PNG encodes in a few milliseconds and is ~10% larger than at level 6.
+PNG_COMPRESS_LEVEL = 1
+
+
+def _bad_request(message: str) -> TrainerError:
+    return TrainerError(message, "bad_request")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What a person asked for. Image `i` of a request uses seed `seed + i`.
+
+    `strength` (0-1, how far a variation may move from its starting picture) applies only when the
+    engine is given an `init_image`; without one the request is an ordinary generation.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    seed: int | None = None
+    steps: int = 25
+    guidance: float = 7.0
+    aspect: Aspect = "square"
+    scheduler: str = DEFAULT_SCHEDULER
+    style: str | None = None
+    strength: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise _bad_request(f"You can ask for 1 to {MAX_IMAGES} pictures at a time.")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED - MAX_IMAGES:
+            raise _bad_request(f"A seed is a whole number from 0 to {MAX_SEED - MAX_IMAGES}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise _bad_request(f"Steps must be between 1 and {MAX_STEPS}.")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise _bad_request(f"Guidance must be between 0 and {MAX_GUIDANCE:g}.")
+        if self.aspect not in ASPECTS:
+            raise _bad_request(f"Unknown shape {self.aspect!r}; choose one of {', '.join(ASPECTS)}.")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise _bad_request(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}.")
+        if self.style and self.style not in prompts.STYLES:
+            raise _bad_request(f"Unknown style {self.style!r}; choose one of {', '.join(prompts.STYLES)}.")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise _bad_request("Variation strength must be above 0 and at most 1.")
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One picture as PNG bytes, with the seed that makes it again."""
+
+    png: bytes
+    seed: int
+
+
+def image_size(aspect: str, base: int, multiple: int) -> tuple[int, int]:
+    """(width, height) for an aspect: square is base x base; portrait and landscape are 2:3 and 3:2.
+
+    Up to a 512 px base (SD 1.x) the short side stays at the base, the usual 512x768; larger bases
+    (SDXL, trained on about one megapixel) keep roughly the base's pixel count instead. Sides are
+    rounded to `multiple`, the size the UNet's down- and up-sampling divides evenly.
+    """
+    if aspect == "square":
+        return base, base
+    if base <= 512:
+        short, long = base, base * 3 / 2
+    else:
+        short, long = base * (2 / 3) ** 0.5, base * (3 / 2) ** 0.5
+    short_px, long_px = (max(multiple, round(side / multiple) * multiple) for side in (short, long))
+    return (short_px, long_px) if aspect == "portrait" else (long_px, short_px)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def adapter_name(key: str) -> str:
+    """A valid, collision-free PEFT adapter name for any key (PEFT names may not contain dots)."""
+    return "user_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _pipeline_classes(pipe: DiffusionPipeline) -> tuple[type, type, dict[str, Any]]:
+    """Text-to-image and image-to-image classes for the pipeline's family, and constructor options."""
+    if isinstance(pipe, StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline):
+        return StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, {"add_watermarker": False}
+    if isinstance(pipe, StableDiffusionPipeline | StableDiffusionImg2ImgPipeline):
+        return StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, {"requires_safety_checker": False}
+    raise TrainerError(f"Generation supports Stable Diffusion 1.x/2.x and SDXL models, not "
+                       f"{type(pipe).__name__}.", "model_unavailable")
+
+
+class GenerationEngine:
+    """Makes pictures with a base pipeline that is loaded once and people's LoRAs swapped in and out."""
+
+    def __init__(self, pipeline: DiffusionPipeline, *, max_loaded_adapters: int = 8,
+                 base_resolution: int | None = None) -> None:
+        if max_loaded_adapters < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
+        text_cls, image_cls, options = _pipeline_classes(pipeline)
+        # Our own pipeline objects over the same modules: switching their scheduler leaves the caller's
+        # pipeline (which the trainer also uses) untouched. Constructing one loads nothing.
+        components = {k: v for k, v in pipeline.components.items()
+                      if k in text_cls._get_signature_keys(text_cls)[0]}
+        self._text = text_cls(**components, **options)
+        self._image_cls, self._image_options = image_cls, options
+        self._image: DiffusionPipeline | None = None
+        self._text.set_progress_bar_config(disable=True)
+        self._schedulers = SchedulerCache(pipeline.scheduler.config)
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # key -> adapter name, oldest first
+        self._lock = threading.Lock()
+        self.max_loaded_adapters = max_loaded_adapters
+        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.base_resolution = base_resolution or pipeline.unet.config.sample_size * vae_factor
+        # The UNet halves the latent (len(blocks) - 1) times and must be able to double it back exactly.
+        self.size_multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+        self.tokenizers = [t for t in (getattr(pipeline, "tokenizer", None),
+                                       getattr(pipeline, "tokenizer_2", None)) if t is not None]
+
+    # ---- public helpers --------------------------------------------------------------------------
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Keys of the resident adapters, least recently used first."""
+        return list(self._adapters)
+
+    def image_size(self, aspect: str) -> tuple[int, int]:
+        """(width, height) of pictures of `aspect` for this model."""
+        return image_size(aspect, self.base_resolution, self.size_multiple)
+
+    def check_prompt(self, text: str, *, what: str = "prompt", added: str = "") -> None:
+        """Raise PromptTooLong when `text` does not fit the text encoders (see trainer.prompts)."""
+        prompts.check_prompt(self.tokenizers, text, what=what, added=added)
+
+    def prepare_prompt(self, request: GenerateRequest, handle: str | None = None,
+                       class_word: str | None = None) -> tuple[str, str]:
+        """The (prompt, negative prompt) the model will read, checked for length."""
+        prompt = prompts.compose_prompt(request.prompt, handle, class_word, request.style)
+        self.check_prompt(prompt, added=prompts.additions(request.prompt, handle, class_word, request.style))
+        negative = " ".join(request.negative_prompt.split())
+        self.check_prompt(negative, what="negative prompt")
+        return prompt, negative
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def evict(self, adapter_key: str) -> None:
+        """Unload a person's adapter (their model was retrained or deleted); unknown keys are ignored."""
+        with self._lock:
+            name = self._adapters.pop(adapter_key, None)
+            if name is not None:
+                self._text.delete_adapters(name)
+                log.info("unloaded adapter %s", adapter_key)
+
+    def _activate(self, key: str | None, lora_path: Path | None) -> None:
+        """Make `key`'s adapter the only active one (loading it if needed), or switch LoRA off."""
+        if key is None:
+            if self._adapters:
+                self._text.disable_lora()
+            return
+        name = self._adapters.get(key)
+        if name is None:
+            if lora_path is None:
+                raise TrainerError("This model is not loaded on the GPU worker and its file did not come "
+                                   "with the request; please try again.", "missing_lora")
+            name = self._load(key, lora_path)
+        else:
+            self._adapters.move_to_end(key)
+        self._text.enable_lora()
+        self._text.set_adapters([name])
+
+    def _load(self, key: str, path: Path) -> str:
+        while len(self._adapters) >= self.max_loaded_adapters:
+            old_key, old_name = self._adapters.popitem(last=False)
+            self._text.delete_adapters(old_name)
+            log.info("unloaded least recently used adapter %s", old_key)
+        name = adapter_name(key)
+        started = time.perf_counter()
+        try:
+            self._text.load_lora_weights(str(path), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            self._discard(name)
+            log.warning("could not load LoRA %s: %s: %s", key, type(exc).__name__, exc)
+            raise TrainerError("This model's file could not be loaded into the base model here. It may be "
+                               "damaged or made for a different base model; training it again fixes "
+                               "that.", "bad_lora") from exc
+        self._adapters[key] = name
+        log.info("loaded adapter %s in %.0f ms (%d resident)", key, (time.perf_counter() - started) * 1000,
+                 len(self._adapters))
+        return name
+
+    def _discard(self, name: str) -> None:
+        """Remove whatever part of adapter `name` a failed load left behind."""
+        if any(name in names for names in self._text.get_list_adapters().values()):
+            self._text.delete_adapters(name)
+
+    # ---- generation --------------------------------------------------------------------------------
+    def _image_pipeline(self) -> DiffusionPipeline:
+        if self._image is None:
+            components = {k: v for k, v in self._text.components.items()
+                          if k in self._image_cls._get_signature_keys(self._image_cls)[0]}
+            self._image = self._image_cls(**components, **self._image_options)
+            self._image.set_progress_bar_config(disable=True)
+        return self._image
+
+    def _init_image(self, data: bytes, size: tuple[int, int]) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise TrainerError("The picture to make variations of could not be read.", "bad_image") from exc
+        return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+    def generate(self, request: GenerateRequest, *, adapter_key: str | None = None,
+                 lora_path: Path | None = None, handle: str | None = None, class_word: str | None = None,
+                 on_event: EventSink = events.ignore, should_cancel: Callable[[], bool] = lambda: False,
+                 init_image: bytes | None = None) -> list[GeneratedImage]:
+        """Make `request.num_images` pictures, with `adapter_key`'s LoRA or (key None) the base model.
+
+        `lora_path` is read only when the adapter is not resident. `handle` and `class_word` name the
+        person in the prompt (see trainer.prompts). With `init_image` (PNG/JPEG bytes) the pictures are
+        variations of it. Reports `progress` events per denoising step and raises Cancelled between
+        steps once `should_cancel()` is true; raises PromptTooLong before any work for long prompts.
+        """
+        with self._lock:
+            if should_cancel():
+                raise Cancelled()
+            prompt, negative = self.prepare_prompt(request, handle, class_word)
+            width, height = self.image_size(request.aspect)
+            first = request.seed if request.seed is not None else secrets.randbelow(2**31)
+            seeds = [first + i for i in range(request.num_images)]
+            self._activate(adapter_key, lora_path)
+            # CPU generators: the starting noise, hence the picture for a seed, is the same on any device.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            kwargs: dict[str, Any] = {
+                "prompt": prompt, "negative_prompt": negative or None, "num_images_per_prompt": len(seeds),
+                "num_inference_steps": request.steps, "guidance_scale": request.guidance,
+                "generator": generators, "output_type": "pil",
+            }
+            if init_image is not None:
+                pipe = self._image_pipeline()
+                kwargs.update(image=self._init_image(init_image, (width, height)),
+                              strength=request.strength or DEFAULT_VARIATION_STRENGTH)
+            else:
+                pipe = self._text
+                kwargs.update(width=width, height=height)
+            pipe.scheduler = self._schedulers.get(request.scheduler)
+            started = time.monotonic()
+
+            def on_step_end(p: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any],
+                            ) -> dict[str, Any]:
+                done, total = step + 1, p.num_timesteps
+                elapsed = time.monotonic() - started
+                on_event(events.progress(done, total, eta_s=elapsed / done * (total - done),
+                                         stage_name="generating"))
+                if should_cancel():
+                    raise Cancelled()
+                return tensors
+
+            images = pipe(**kwargs, callback_on_step_end=on_step_end).images
+            result = [GeneratedImage(encode_png(image), seed) for image, seed in zip(images, seeds, strict=True)]
+            log.info("made %d %dx%d picture(s), %s, %d steps, %s, in %.2f s", len(result), width, height,
+                     "variation" if init_image is not None else "text to image", request.steps,
+                     "with a LoRA" if adapter_key else "base model", time.monotonic() - started)
+            return result

@@ -31,6 +31,7 @@ from .models import (
     COMPONENT_BUTTON,
     INTERACTION_APPLICATION_COMMAND,
     INTERACTION_MESSAGE_COMPONENT,
+    INTERACTION_MODAL_SUBMIT,
     FakeAttachment,
     FakeChannel,
     FakeGuild,
@@ -257,6 +258,28 @@ class FakeDiscord:
         data = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
         return self._dispatch_interaction(
             INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target
+        )
+
+    async def submit_modal(
+        self, user: FakeUser, opened_by: FakeInteraction, values: Mapping[str, str]
+    ) -> FakeInteraction:
+        """Fill in and submit the modal the bot answered `opened_by` with; values go by text input label."""
+        self._require_connected()
+        modal = next((r.payload["data"] for r in opened_by.responses if r.type == 9), None)
+        if modal is None:
+            raise LookupError(f"interaction {opened_by.id} was not answered with a modal")
+        rows = []
+        for row in modal.get("components", []):
+            inputs = []
+            for field in row.get("components", []):
+                label = field.get("label")
+                if label not in values and field.get("required", True):
+                    raise ValueError(f"the modal's required field {label!r} has no value")
+                inputs.append({"type": field["type"], "custom_id": field["custom_id"], "value": values.get(label, "")})
+            rows.append({"type": row["type"], "components": inputs})
+        data = {"custom_id": modal["custom_id"], "components": rows}
+        return self._dispatch_interaction(
+            INTERACTION_MODAL_SUBMIT, user, opened_by.channel, data, message=opened_by.message
         )
 
     def expire_interaction(self, interaction: FakeInteraction) -> None:

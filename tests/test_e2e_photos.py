@@ -1,0 +1,93 @@
+"""End to end: /photos with its contact sheet, removing one photo, clearing all, /help and /handle rules."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from storage import photos as photos_db
+from tests.e2e import e2e_settings, running_bot, selfie
+from tests.fakediscord import FakeDiscord
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def fake():
+    async with FakeDiscord() as server:
+        yield server
+
+
+def last_text(interaction) -> str:
+    messages = [r.message for r in interaction.responses if r.message is not None]
+    return messages[-1].content if messages else ""
+
+
+async def test_photos_sheet_remove_one_and_clear_all(fake, tmp_path):
+    alice = fake.add_user("alice")
+    async with running_bot(fake, e2e_settings(fake, tmp_path)) as run:
+        empty = await fake.invoke_command(alice, "photos")
+        await fake.wait_for(lambda: "no photos yet" in last_text(empty), timeout=10)
+
+        await fake.send_dm(alice, attachments=[(f"s{i}.jpg", selfie(i), "image/jpeg") for i in range(3)])
+        await fake.wait_for_message(fake.dm_channel_of(alice), lambda m: "Kept 3 photos" in m.content, timeout=30)
+        shown = await fake.invoke_command(alice, "photos")
+        sheet_message = await fake.wait_for(
+            lambda: next((f for f in shown.followups if f.attachments), None), timeout=40)
+        assert sheet_message.ephemeral and "**3 of 12**" in sheet_message.content
+        with Image.open(io.BytesIO(sheet_message.attachments[0].data)) as sheet:
+            assert sheet.size == (3 * 128, 128)  # three numbered thumbnails in a row
+        labels = {b["label"]: b["custom_id"] for b in sheet_message.buttons}
+        assert set(labels) == {"Remove a photo", "Clear all"}
+
+        kept = await photos_db.list_photos(run.store.db, alice.id)
+        opened = await fake.press_button(alice, sheet_message, labels["Remove a photo"])
+        await fake.wait_for(lambda: opened.callback_type == 9, timeout=10)
+        wrong = await fake.submit_modal(alice, opened, {"Photo number (from the contact sheet)": "7"})
+        await fake.wait_for(lambda: "no photo number '7'" in last_text(wrong), timeout=10)
+        reopened = await fake.press_button(alice, sheet_message, labels["Remove a photo"])  # a modal closes once sent
+        await fake.wait_for(lambda: reopened.callback_type == 9, timeout=10)
+        submitted = await fake.submit_modal(alice, reopened, {"Photo number (from the contact sheet)": "2"})
+        await fake.wait_for(lambda: "Removed photo #2. You have 2 left." in last_text(submitted), timeout=10)
+        left = await photos_db.list_photos(run.store.db, alice.id)
+        assert [p.id for p in left] == [kept[0].id, kept[2].id]
+        assert not (tmp_path / kept[1].path).exists()
+
+        clear = await fake.press_button(alice, sheet_message, labels["Clear all"])
+        question = await fake.wait_for(lambda: clear.original, timeout=10)
+        assert "Delete **all** your photos?" in question.content
+        yes = next(b["custom_id"] for b in question.buttons if b["label"] == "Yes, delete them")
+        await fake.press_button(alice, question, yes)
+        await fake.wait_for(lambda: clear.original.content == "Deleted 2 photos.", timeout=10)
+        assert await photos_db.count_photos(run.store.db, alice.id) == 0
+        assert list((tmp_path / "users").rglob("*.png")) == []
+    assert fake.unknown_routes == []
+
+
+async def test_help_handle_rules_and_a_message_without_photos(fake, tmp_path):
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    async with running_bot(fake, e2e_settings(fake, tmp_path)):
+        helped = await fake.invoke_command(alice, "help", in_guild=True)
+        await fake.wait_for(lambda: last_text(helped), timeout=10)
+        assert helped.original.ephemeral and "/train" in last_text(helped) and "/imagine" in last_text(helped)
+
+        suggested = await fake.invoke_command(alice, "handle", {"class": "woman"})
+        await fake.wait_for(lambda: last_text(suggested), timeout=10)
+        assert last_text(suggested).startswith("How about `") and "class:woman" in last_text(suggested)
+
+        common = await fake.invoke_command(alice, "handle", {"name": "table", "class": "woman"})
+        await fake.wait_for(lambda: last_text(common), timeout=10)
+        assert "common" in last_text(common).lower()
+        ok = await fake.invoke_command(alice, "handle", {"name": "zqalice", "class": "woman"})
+        await fake.wait_for(lambda: last_text(ok) == "Your handle is `zqalice` (woman).", timeout=10)
+        taken = await fake.invoke_command(bob, "handle", {"name": "ZQalice", "class": "man"})
+        await fake.wait_for(lambda: last_text(taken), timeout=10)
+        assert "Someone else already has the handle" in last_text(taken)
+
+        await fake.send_dm(alice, "hello")
+        await fake.wait_for_message(
+            fake.dm_channel_of(alice),
+            lambda m: m.from_bot and not m.ephemeral and "Send me your selfies as attachments" in m.content)
+    assert fake.unknown_routes == []

@@ -227,10 +227,8 @@ class GenerationEngine:
         self._text.set_adapters([name])
 
     def _load(self, key: str, path: Path) -> str:
-        while len(self._adapters) >= self.max_loaded_adapters:
-            old_key, old_name = self._adapters.popitem(last=False)
-            self._text.delete_adapters(old_name)
-            log.info("unloaded least recently used adapter %s", old_key)
+        # Evict only after the new adapter loaded: a damaged file must not cost a resident adapter.
+        # The cap is exceeded by one adapter (a few MB) for the duration of the load.
         name = adapter_name(key)
         started = time.perf_counter()
         try:
@@ -242,6 +240,10 @@ class GenerationEngine:
                                "damaged or made for a different base model; training it again fixes "
                                "that.", "bad_lora") from exc
         self._adapters[key] = name
+        while len(self._adapters) > self.max_loaded_adapters:
+            old_key, old_name = self._adapters.popitem(last=False)
+            self._text.delete_adapters(old_name)
+            log.info("unloaded least recently used adapter %s", old_key)
         log.info("loaded adapter %s in %.0f ms (%d resident)", key, (time.perf_counter() - started) * 1000,
                  len(self._adapters))
         return name

@@ -1,0 +1,261 @@
+"""Generation speed: the engine's resident LoRA adapters against loading a LoRA per request, in one process.
+
+Two people's LoRAs (random weights, rank 16 on the UNet's attention projections, diffusers format) are
+served alternately, as a shared bot serves consecutive requests from different people:
+
+- baseline: a plain `StableDiffusionPipeline`, per request `load_lora_weights(path)`, generate,
+  `unload_lora_weights()`, then the PNG encoded with PIL's default settings;
+- ours: `trainer.engine.GenerationEngine` with both adapters resident (each request only switches the
+  active adapter), returning PNG bytes as the bot receives them.
+
+Both sample with the same scheduler (the engine's default, DPM-Solver++ 2M Karras, built from the same
+config) for the same number of steps, at the same size, guidance and CPU-generator seeds, so the
+denoising work is identical; what differs is the LoRA handling around it (and the PNG compression level).
+
+Figures: seconds per image (one request, n=1), seconds per batch of 4 (one request, n=4), the LoRA
+switch time (ours: making another resident adapter active; baseline: load + unload), the time to load
+a LoRA the first time, and peak GPU memory. Each time is the median of timed runs after one untimed
+warm-up, with `torch.cuda.synchronize` around each, and is printed with the ratio baseline / ours.
+
+    python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
+    python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test
+    python -m bench.generate_speed --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict
+
+from trainer.dreambooth import TrainConfig
+from trainer.engine import GenerateRequest, GenerationEngine
+from trainer.family import family_of
+from trainer.lora_io import save_diffusers
+from trainer.models import load_pipeline, pick_device, pick_dtype
+from trainer.schedulers import DEFAULT_SCHEDULER, SchedulerCache
+
+PROMPT = "a photo of sks woman on a beach at sunset"
+NEGATIVE = "blurry, low quality"
+GUIDANCE = 7.0
+USERS = ("alice", "bob")
+# The adapter name a LoRA gets while its random weights are made; it never stays on the UNet.
+SCRATCH_ADAPTER = "bench_scratch"
+
+
+def make_random_lora(pipe: DiffusionPipeline, out_dir: Path, seed: int, rank: int) -> Path:
+    """A diffusers-format LoRA file for the pipeline's UNet with small random weights (both A and B).
+
+    Written the way the trainer writes a trained LoRA (`trainer.lora_io.save_diffusers`), so the engine
+    and `load_lora_weights` read it exactly as they read a real one. The UNet is left without LoRA layers.
+    """
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=list(TrainConfig().lora_targets))
+    unet = pipe.unet
+    unet.add_adapter(config, adapter_name=SCRATCH_ADAPTER)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if "lora_" in name:
+                    noise = torch.randn(param.shape, generator=generator) * (0.02 if "lora_B" in name else 0.1)
+                    param.copy_(noise.to(param.dtype))
+        state = {k: v.detach().to("cpu", torch.float32).contiguous()
+                 for k, v in get_peft_model_state_dict(unet, adapter_name=SCRATCH_ADAPTER).items()}
+    finally:
+        unet.unload_lora()
+    metadata = {"handle": "sks", "class_word": "woman", "rank": str(rank), "alpha": str(rank),
+                "base_model": "random"}
+    return save_diffusers(out_dir, family_of(pipe), {"unet": state}, {"unet": config}, metadata)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(call: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call takes, the GPU's queued work included."""
+    sync(device)
+    started = time.perf_counter()
+    call()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def median_of(call: Callable[[int], Any], repeats: int, device: torch.device) -> float:
+    """Median seconds of `call(i)` over `repeats` timed runs, after one untimed warm-up run."""
+    call(-1)
+    return statistics.median(timed(lambda i=i: call(i), device) for i in range(repeats))
+
+
+def median_then(call: Callable[[int], Any], cleanup: Callable[[int], Any], repeats: int,
+                device: torch.device) -> float:
+    """Like `median_of`, with an untimed `cleanup(i)` after each `call(i)`."""
+    times = []
+    for i in range(-1, repeats):
+        seconds = timed(lambda i=i: call(i), device)
+        cleanup(i)
+        if i >= 0:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+class Baseline:
+    """A plain pipeline over the same modules that loads and unloads the person's LoRA on every request."""
+
+    def __init__(self, pipe: DiffusionPipeline, size: tuple[int, int], steps: int) -> None:
+        self.pipe = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()
+                                               if k in StableDiffusionPipeline._get_signature_keys(
+                                                   StableDiffusionPipeline)[0]},
+                                            requires_safety_checker=False)
+        self.pipe.scheduler = SchedulerCache(pipe.scheduler.config).get(DEFAULT_SCHEDULER)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.width, self.height = size
+        self.steps = steps
+
+    def load(self, path: Path) -> None:
+        self.pipe.load_lora_weights(str(path))
+
+    def unload(self) -> None:
+        self.pipe.unload_lora_weights()
+
+    def generate(self, n: int, seed: int) -> list[bytes]:
+        images = self.pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=n,
+                           num_inference_steps=self.steps, guidance_scale=GUIDANCE, width=self.width,
+                           height=self.height,
+                           generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]).images
+        out = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            out.append(buffer.getvalue())
+        return out
+
+    def request(self, path: Path, n: int, seed: int) -> list[bytes]:
+        self.load(path)
+        try:
+            return self.generate(n, seed)
+        finally:
+            self.unload()
+
+
+def report(figures: dict[str, Any], name: str, key: str, seconds: float) -> None:
+    figures[key] = seconds
+    print(f"{name:<46} {seconds * 1000:10.1f} ms", flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device_name = pick_device(args.device)
+    pipe = load_pipeline(args.model, device=device_name, dtype=pick_dtype(device_name))
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.device
+    engine = GenerationEngine(pipe, max_loaded_adapters=8)
+    size = engine.image_size("square")
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
+            "dtype": str(pipe.unet.dtype), "width": size[0], "height": size[1], "steps": args.steps,
+            "scheduler": DEFAULT_SCHEDULER, "guidance": GUIDANCE, "rank": args.rank, "repeats": args.repeats,
+            "switches": args.switches}
+    print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = {user: make_random_lora(pipe, Path(tmp) / user, seed, args.rank)
+                 for seed, user in enumerate(USERS)}
+
+        def user(i: int) -> str:
+            return USERS[i % len(USERS)]
+
+        # Baseline first: its unload_lora_weights removes every LoRA layer, the engine's would go too.
+        baseline: dict[str, Any] = {}
+        plain = Baseline(pipe, size, args.steps)
+        report(baseline, "baseline: load_lora_weights", "first_load_s",
+               median_then(lambda i: plain.load(loras[user(i)]), lambda _i: plain.unload(), args.switches,
+                           device))
+        report(baseline, "baseline: switch (load + unload)", "switch_s",
+               median_of(lambda i: (plain.load(loras[user(i)]), plain.unload()), args.switches, device))
+        reset_peak(device)
+        report(baseline, "baseline: image (n=1, load+generate+unload)", "image_s",
+               median_of(lambda i: plain.request(loras[user(i)], 1, max(i, 0)), args.repeats, device))
+        report(baseline, "baseline: batch of 4 (load+generate+unload)", "batch4_s",
+               median_of(lambda i: plain.request(loras[user(i)], 4, max(i, 0)), args.repeats, device))
+        baseline["peak_mib"] = peak_mib(device)
+        plain.load(loras[USERS[0]])
+        report(baseline, "baseline: image, LoRA kept loaded (reference)", "image_generate_only_s",
+               median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
+        plain.unload()
+
+        ours: dict[str, Any] = {}
+
+        # A person's first request: their file is read and becomes a resident adapter (then evicted again).
+        report(ours, "ours: first load of a LoRA", "first_load_s",
+               median_then(lambda i: engine._activate(f"new-{i}", loras[user(i)]),
+                           lambda i: engine.evict(f"new-{i}"), args.switches, device))
+        for u in USERS:
+            engine._activate(u, loras[u])
+        report(ours, "ours: switch between resident adapters", "switch_s",
+               median_of(lambda i: engine._activate(user(i), None), args.switches, device))
+        reset_peak(device)
+
+        def ask(n: int, i: int) -> list[Any]:
+            request = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=n, seed=max(i, 0),
+                                      steps=args.steps, guidance=GUIDANCE)
+            return engine.generate(request, adapter_key=user(i), lora_path=loras[user(i)])
+
+        report(ours, "ours: image (n=1, adapter switched)", "image_s",
+               median_of(lambda i: ask(1, i), args.repeats, device))
+        report(ours, "ours: batch of 4 (adapter switched)", "batch4_s",
+               median_of(lambda i: ask(4, i), args.repeats, device))
+        ours["peak_mib"] = peak_mib(device)
+        ours["resident_adapters"] = len(engine.loaded_adapters)
+
+    ratios = {key: baseline[key] / ours[key] for key in ("image_s", "batch4_s", "switch_s", "first_load_s")}
+    for key, ratio in ratios.items():
+        print(f"{key:<14} {ratio:8.2f}x faster (baseline / ours)", flush=True)
+    if baseline["peak_mib"] is not None:
+        print(f"peak GPU memory: baseline {baseline['peak_mib']:.0f} MiB, ours {ours['peak_mib']:.0f} MiB "
+              f"({len(USERS)} adapters resident)", flush=True)
+    else:
+        print("(no GPU memory figure on CPU)", flush=True)
+    return {**info, "baseline": baseline, "ours": ours, "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, a hub id or a folder (SD1.x)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
+    parser.add_argument("--repeats", type=int, default=5, help="timed requests per image figure")
+    parser.add_argument("--switches", type=int, default=20, help="timed LoRA loads and switches")
+    parser.add_argument("--rank", type=int, default=16, help="rank of the random LoRAs")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    result = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

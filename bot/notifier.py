@@ -16,6 +16,7 @@ import discord
 
 from bot.progress import ThrottledEditor, render_progress
 from bot.views import imagine_view
+from storage import generations as generations_db
 from storage import jobs as jobs_db
 from storage.jobs import Job
 from trainer.events import Event
@@ -147,7 +148,5 @@ class Notifier:
 
     async def _remember_message(self, outcome: dict[str, Any], message: discord.Message) -> None:
         if "generation_id" in outcome:
-            from storage import generations as generations_db
-
             await generations_db.set_generation_message(self.bot.store.db, outcome["generation_id"],
                                                         message.channel.id, message.id)

@@ -35,9 +35,11 @@ def progress_bar(fraction: float, width: int = 20) -> str:
 
 
 def format_duration(seconds: float | None) -> str:
-    """`1 h 05 min`, `4 min 10 s`, `12 s`; `unknown` when there is no estimate yet."""
+    """`1 h 05 min`, `4 min 10 s`, `12 s`, `under a second`; `unknown` when there is no estimate."""
     if seconds is None or seconds < 0:
         return "unknown"
+    if seconds < 0.5:
+        return "under a second"
     seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
@@ -49,14 +51,18 @@ def format_duration(seconds: float | None) -> str:
 def render_progress(title: str, progress: dict[str, Any], queue_position: int | None = None) -> str:
     """The text of a progress message from a job's stored progress."""
     stage = progress.get("stage", "queued")
-    lines = [f"**{title}**", f"Stage: {STAGE_LABELS.get(stage, stage)}"]
+    label = STAGE_LABELS.get(stage, stage)
+    detail = progress.get("detail")
+    lines = [f"**{title}**", f"Stage: {label} ({detail})" if detail else f"Stage: {label}"]
     if queue_position:
         lines.append(f"Position in the queue: {queue_position}")
     total = progress.get("total")
     if total:
         step = progress.get("step", 0)
         lines.append(f"`{progress_bar(step / total)}`  step {step}/{total}")
-        lines.append(f"Time left: about {format_duration(progress.get('eta_s'))}")
+        eta = progress.get("eta_s")
+        if eta is not None and step < total:  # no estimate yet, or nothing left: no line
+            lines.append(f"Time left: about {format_duration(eta)}")
     return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ MAX_ATTEMPTS = 2  # a worker lost twice on one job: that job is probably what ki
 MAX_RESTARTS = 5  # a job interrupted by this many bot restarts is failed instead of re-queued
 LEASE_SECONDS = 600.0
 PROGRESS_WRITE_INTERVAL_S = 1.0
+SUBMIT_RETRY_S = 0.5  # after a failed hand-over, time for the runner to replace the worker
 
 
 class Refused(Exception):
@@ -119,7 +120,13 @@ class Scheduler:
             except Refused as exc:  # e.g. the photos or the model vanished after queueing
                 await self._fail(job, exc.message)
                 continue
-            await self.runner.submit(item)
+            try:
+                await self.runner.submit(item)
+            except (OSError, RuntimeError):  # the worker died as the job was handed over
+                log.warning("could not hand job %d to a worker; it waits for the next one", job.id)
+                await jobs_db.requeue(self.store.db, job.id, refund_attempt=True)
+                asyncio.get_running_loop().call_later(SUBMIT_RETRY_S, self._wake.set)
+                return
             await self.observer.job_updated(job, {"type": "stage", "stage": "loading_model", "detail": ""})
 
     async def _work_item(self, job: Job) -> WorkItem:
@@ -219,7 +226,10 @@ class Scheduler:
                 continue
             state = await jobs_db.request_cancel(self.store.db, job.id)
             if state == "running":
-                await self.runner.cancel(job.id)
+                await self.runner.cancel(job.id)  # its worker reports `cancelled` at the next step
+            elif state == "cancelled":  # it never started: tell the person now
+                finished = await jobs_db.get_job(self.store.db, job.id)
+                await self.observer.job_finished(finished or job, {})
             cancelled.append(job)
         return cancelled
 

@@ -191,12 +191,15 @@ async def request_cancel(db: Database, job_id: int) -> str | None:
     return job.state if job else None
 
 
-async def requeue(db: Database, job_id: int) -> bool:
-    """Put one running job back in the queue (its worker was lost), keeping params and checkpoint."""
+async def requeue(db: Database, job_id: int, *, refund_attempt: bool = False) -> bool:
+    """Put one running job back in the queue (its worker was lost), keeping params and checkpoint.
+
+    `refund_attempt`: the job never reached a worker, so its claim does not count as an attempt.
+    """
     changed = await db.execute(
-        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ? "
-        "WHERE id = ? AND state = 'running'",
-        (time.time(), job_id),
+        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ?, "
+        "attempts = attempts - ? WHERE id = ? AND state = 'running'",
+        (time.time(), 1 if refund_attempt else 0, job_id),
     )
     return changed == 1
 

@@ -10,6 +10,7 @@ def test_bar_and_durations():
     assert progress_bar(1.5, width=4) == "[####] 100%"
     assert format_duration(None) == "unknown"
     assert format_duration(12.4) == "12 s"
+    assert format_duration(0.2) == "under a second"
     assert format_duration(250) == "4 min 10 s"
     assert format_duration(3900) == "1 h 05 min"
 
@@ -19,6 +20,10 @@ def test_render_progress_shows_stage_step_and_eta():
     assert "Training your model" in text
     assert "step 200/800" in text and " 25%" in text
     assert "1 min 35 s" in text
+    resumed = render_progress("Training", {"stage": "training", "detail": "resumed at step 200"})
+    assert "Stage: Training your model (resumed at step 200)" in resumed
+    assert "Time left" not in render_progress("Training", {"stage": "class_images", "step": 1, "total": 4})
+    assert "Time left" not in render_progress("Training", {"stage": "training", "step": 8, "total": 8, "eta_s": 0})
     queued = render_progress("Training", {}, queue_position=3)
     assert "Waiting in the queue" in queued and "Position in the queue: 3" in queued
 

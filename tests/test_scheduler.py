@@ -243,3 +243,25 @@ async def test_forget_cancels_and_drops_adapters(env):
     assert await jobs_db.get_job(store.db, job.id) is None
     await runner.emit(job.id, {"type": "done", "result": {"images": [{"png": b"I", "seed": 1}]}})
     assert not (store.data_dir / "users" / str(ALICE)).exists()  # the late result wrote nothing
+
+
+async def test_a_job_whose_hand_over_fails_waits_for_the_next_worker_without_losing_an_attempt(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    original_submit, failures = runner.submit, []
+
+    async def dying_worker(item: WorkItem) -> None:
+        if not failures:
+            failures.append(item.job_id)
+            raise BrokenPipeError("the worker died as the job was sent")
+        await original_submit(item)
+
+    runner.submit = dying_worker
+    job, _ = await scheduler.enqueue_train(ALICE)
+    for _ in range(100):
+        if runner.submitted:
+            break
+        await asyncio.sleep(0.05)
+    assert failures == [job.id] and [i.job_id for i in runner.submitted] == [job.id]
+    again = await jobs_db.get_job(store.db, job.id)
+    assert (again.state, again.attempts) == ("running", 1)

@@ -213,3 +213,13 @@ async def test_concurrent_claims_from_two_connections_never_share_a_job(tmp_path
     assert sorted(claimed) == sorted(ids)
     assert len(set(claimed)) == len(claimed)
     assert {j.worker_id for j in await jobs_db.jobs_in_states(db, ("running",))} <= {"a", "b"}
+
+
+async def test_requeue_can_refund_the_attempt_of_a_job_that_never_reached_a_worker(db):
+    job_id = await jobs_db.create_job(db, "train", ALICE, {})
+    await jobs_db.claim_next_job(db, "w", 60)
+    assert await jobs_db.requeue(db, job_id, refund_attempt=True)
+    assert (await jobs_db.get_job(db, job_id)).attempts == 0
+    await jobs_db.claim_next_job(db, "w", 60)
+    assert await jobs_db.requeue(db, job_id)
+    assert (await jobs_db.get_job(db, job_id)).attempts == 1

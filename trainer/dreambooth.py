@@ -406,7 +406,7 @@ class TrainingRun:
         """Train up to `config.steps`, reporting progress, writing checkpoints and honouring cancel."""
         cfg = self.config
         total = cfg.steps
-        self.on_event(events.stage("training"))
+        self.on_event(events.stage("training", f"resumed at step {self.step}" if self.step else ""))
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
         started, start_step = time.monotonic(), self.step
         last_report = 0.0

@@ -159,6 +159,8 @@ class LocalProcessRunner(JobRunner):
         asyncio.run_coroutine_threadsafe(self._worker_exited(slot, generation), self._loop)
 
     async def _deliver(self, slot: _Slot, job_id: int, event: Event) -> None:
+        if self._stopping:  # a job cut short by the shutdown stays running in the database
+            return
         if event["type"] in ("done", "error") and slot.job_id == job_id:
             slot.job_id = None
         if event["type"] == "adapter_loaded":
@@ -214,23 +216,32 @@ class LocalProcessRunner(JobRunner):
                 await asyncio.to_thread(slot.commands.send, {"op": "cancel", "job_id": job_id})
 
     async def forget_adapter(self, key: str) -> None:
+        # Every worker is told, not only those known to hold it: a cheap message buys certainty.
         for slot in self._slots:
-            if key in slot.adapters and slot.commands is not None:
-                slot.adapters.discard(key)
+            slot.adapters.discard(key)
+            if slot.commands is None:
+                continue
+            try:
                 await asyncio.to_thread(slot.commands.send, {"op": "evict", "key": key})
+            except (BrokenPipeError, OSError):  # a dead worker's replacement starts with no adapters
+                log.info("worker %d is gone; nothing to evict there", slot.index)
 
     async def stop(self) -> None:
+        """Stop every worker; a running job stops at its next step and is resumed on the next start."""
         self._stopping = True
-        for slot in self._slots:
-            if slot.process is None:
-                continue
+        live = [s for s in self._slots if s.process is not None]
+        for slot in live:
             try:
                 assert slot.commands is not None
                 slot.commands.send({"op": "stop"})
             except (BrokenPipeError, OSError):
                 pass
-            await asyncio.to_thread(slot.process.join, 10)
-            if slot.process.is_alive():
-                slot.process.kill()
-                await asyncio.to_thread(slot.process.join, 5)
+        await asyncio.gather(*(self._join(slot) for slot in live))
         log.info("workers stopped")
+
+    @staticmethod
+    async def _join(slot: _Slot) -> None:
+        await asyncio.to_thread(slot.process.join, 10)
+        if slot.process.is_alive():
+            slot.process.kill()
+            await asyncio.to_thread(slot.process.join, 5)

@@ -78,8 +78,12 @@ class Worker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._pipeline: Any = None
         self._engine: Any = None
+        # A cache of LoRA files for the engine. A new worker process holds no adapter, and the bot
+        # sends the file again to a worker that does not hold it, so files of an earlier run (which
+        # may belong to people who have since asked to be forgotten) are removed.
         self._adapter_files = self.work_dir / "adapters"
-        self._adapter_files.mkdir(exist_ok=True)
+        shutil.rmtree(self._adapter_files, ignore_errors=True)
+        self._adapter_files.mkdir()
 
     @property
     def pipeline(self) -> Any:
@@ -174,7 +178,7 @@ class Worker:
         key = params.get("adapter_key")
         lora_path = None
         if key:
-            lora_path = self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors"
+            lora_path = self.adapter_file(key)
             if item.blobs.get("lora"):
                 lora_path.write_bytes(item.blobs["lora"])
                 emit({"type": "adapter_loaded", "key": key})
@@ -188,10 +192,14 @@ class Worker:
         )
         return {"images": [{"png": im.png, "seed": im.seed} for im in images]}
 
+    def adapter_file(self, key: str) -> Path:
+        return self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors"
+
     def evict(self, key: str) -> None:
+        """Unload a person's adapter and delete its file (called between jobs: the engine is busy in one)."""
         if self._engine is not None:
             self._engine.evict(key)
-        (self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors").unlink(missing_ok=True)
+        self.adapter_file(key).unlink(missing_ok=True)
 
 
 def describe_failure(exc: BaseException) -> Event:
@@ -213,9 +221,12 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
     """Child-process entry: read commands on a thread, run jobs one at a time on this thread."""
     setup_logging(config.log_level)
     worker = Worker(config)
-    jobs: queue.Queue[WorkItem | None] = queue.Queue()
+    jobs: queue.Queue[WorkItem | str | None] = queue.Queue()  # an item to run, a key to evict, or stop
     cancelled: set[int] = set()
-    evictions: queue.Queue[str] = queue.Queue()
+    # Set when the bot stops or goes away: the running job stops at its next step and reports
+    # nothing, so it stays `running` in the database and is re-queued (from its last checkpoint)
+    # when the bot starts again.
+    stopping = threading.Event()
     send_lock = threading.Lock()
 
     def send(job_id: int, event: Event) -> None:
@@ -227,6 +238,7 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             try:
                 message = commands.recv()
             except (EOFError, OSError):
+                stopping.set()
                 jobs.put(None)
                 return
             op = message["op"]
@@ -235,8 +247,12 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             elif op == "cancel":
                 cancelled.add(message["job_id"])
             elif op == "evict":
-                evictions.put(message["key"])
+                # The file goes at once (the person may be waiting on /forget); the loaded weights go
+                # as soon as the job that may be using them ends.
+                worker.adapter_file(message["key"]).unlink(missing_ok=True)
+                jobs.put(message["key"])
             elif op == "stop":
+                stopping.set()
                 jobs.put(None)
                 return
 
@@ -245,13 +261,14 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         worker.pipeline  # noqa: B018 - load the base model before the first job arrives
     except Exception as exc:  # the first job reports it to its owner
         log.error("could not load the base model yet: %s", exc)
-    while (item := jobs.get()) is not None:
-        while not evictions.empty():
-            worker.evict(evictions.get())
+    while (item := jobs.get()) is not None and not stopping.is_set():
+        if isinstance(item, str):
+            worker.evict(item)
+            continue
         job_id = item.job_id
 
         def should_cancel(job_id: int = job_id) -> bool:
-            return job_id in cancelled
+            return job_id in cancelled or stopping.is_set()
 
         try:
             if should_cancel():
@@ -261,6 +278,10 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
+            if stopping.is_set():
+                log.info("job %d interrupted by shutdown; it resumes from its checkpoint on the next start",
+                         job_id)
+                break
             send(job_id, describe_failure(exc))
         finally:
             cancelled.discard(job_id)

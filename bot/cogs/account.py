@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import reply
+from bot.progress import STAGE_LABELS
 from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import users as users_db
@@ -82,7 +83,8 @@ class AccountCog(commands.Cog):
             else:
                 p = job.progress
                 step = f", step {p['step']}/{p['total']}" if p.get("total") else ""
-                lines.append(f"• {what} #{job.id}: running ({p.get('stage', 'starting')}{step})")
+                stage = STAGE_LABELS.get(p.get("stage", ""), "starting").lower()
+                lines.append(f"• {what} #{job.id}: running ({stage}{step})")
         model = await models_db.get_active_model(db, interaction.user.id)
         lines.append(f"Model: trained as `{model.metadata.get('handle')}`." if model else "Model: none yet.")
         await reply(interaction, "\n".join(lines) if jobs else "Nothing running or queued.\n" + lines[-1])

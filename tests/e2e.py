@@ -1,0 +1,146 @@
+"""End-to-end harness: the real bot (discord.py, storage, scheduler, worker processes) against FakeDiscord.
+
+The bot runs on the `tiny` random model on the CPU, with settings small enough that a whole training
+takes seconds. `BotProcess` starts and stops the bot inside the test's event loop the way `make run`
+does (login, command sync, gateway connect), so a test can stop it and start a new one over the same
+data folder to see what survives a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+
+from bot.app import AvatarBot, build_runner
+from bot.config import Settings
+from bot.endpoints import use_discord_endpoints
+from storage.store import Storage
+from tests.fakediscord import FakeDiscord
+from tests.intake_corpus import encode, portrait
+from trainer.runner import JobRunner
+
+# Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
+TRAIN_STEPS = 24
+
+
+def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Settings:
+    """Settings as an operator of a CPU demo would write them, pointed at the fake Discord."""
+    base = Settings(
+        discord_token=fake.bot_token,
+        data_dir=data_dir,
+        base_model="tiny",
+        device="cpu",
+        workers=1,
+        discord_api_base=fake.api_base,
+        discord_gateway_url=fake.gateway_url,
+        min_photos=5,
+        max_photos=12,
+        max_photo_mb=1,
+        train_steps=TRAIN_STEPS,
+        train_resolution=64,
+        train_rank=4,
+        train_learning_rate=1e-3,
+        class_images=4,
+        train_checkpoint_every=4,
+        progress_interval_s=0.3,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def selfie(index: int, size: tuple[int, int] = (640, 800)) -> bytes:
+    """A distinct selfie: face position, size, light and background differ per index."""
+    backgrounds = [(118, 150, 182), (90, 130, 90), (170, 120, 160), (200, 190, 120), (80, 80, 110),
+                   (150, 150, 150), (60, 120, 140), (180, 100, 90)]
+    fx = 0.38 + 0.08 * (index % 4)
+    fy = 0.4 + 0.05 * (index % 3)
+    width = 0.34 + 0.04 * (index % 3)
+    image = portrait(size, ((fx, fy, width),), background=backgrounds[index % len(backgrounds)],
+                     light=0.5 - 0.25 * (index % 5), seed=index)
+    return encode(image, "JPEG", quality=92)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class LoopLag:
+    """Measures how late the event loop wakes a task that sleeps `interval` seconds, over and over.
+
+    The largest lateness is the longest time something blocked the loop (a handler that computed
+    instead of awaiting), within the resolution of `interval`.
+    """
+
+    interval: float = 0.01
+    worst: float = 0.0
+    samples: int = 0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.worst = max(self.worst, time.perf_counter() - started - self.interval)
+            self.samples += 1
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class BotProcess:
+    """One run of the bot: storage opened, commands synced, gateway connected; `stop` closes it all."""
+
+    def __init__(self, fake: FakeDiscord, settings: Settings, runner: JobRunner | None = None) -> None:
+        self.fake = fake
+        self.settings = settings
+        self.runner = runner
+        self.bot: AvatarBot | None = None
+        self.store: Storage | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> AvatarBot:
+        use_discord_endpoints(self.settings.discord_api_base, self.settings.discord_gateway_url)
+        identified = self.fake.identify_count
+        self.store = await Storage.open(self.settings.data_dir)
+        self.runner = self.runner or build_runner(self.settings)
+        self.bot = AvatarBot(self.settings, self.store, self.runner, guild_ready_timeout=0.05)
+        await self.bot.login(self.settings.discord_token)
+        self._task = asyncio.create_task(self.bot.connect())
+        await self.fake.wait_connected(identify_count=identified + 1, timeout=30)
+        await asyncio.wait_for(self.bot.wait_until_ready(), 30)
+        return self.bot
+
+    async def stop(self) -> None:
+        if self.bot is not None:
+            await self.bot.close()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+        if self.store is not None:
+            await self.store.close()
+        self.bot = self.store = self._task = None
+
+
+@contextlib.asynccontextmanager
+async def running_bot(fake: FakeDiscord, settings: Settings,
+                      runner: JobRunner | None = None) -> AsyncIterator[BotProcess]:
+    process = BotProcess(fake, settings, runner)
+    await process.start()
+    try:
+        yield process
+    finally:
+        await process.stop()

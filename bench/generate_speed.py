@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Baseline first: its unload_lora_weights removes every LoRA layer, the engine's would go too.
         baseline: dict[str, Any] = {}
         plain = Baseline(pipe, size, args.steps)
+        report(baseline, "base model, no LoRA at all (reference)", "image_no_lora_s",
+               median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
         report(baseline, "baseline: load_lora_weights", "first_load_s",
                median_then(lambda i: plain.load(loras[user(i)]), lambda _i: plain.unload(), args.switches,
                            device))

@@ -17,7 +17,7 @@ from bot.notifier import Notifier
 from bot.scheduler import Refused, Scheduler
 from storage.store import Storage
 from trainer.logs import setup_logging
-from trainer.runner import JobRunner, LocalProcessRunner, WorkerConfig, visible_devices
+from trainer.runner import JobRunner, LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def build_runner(settings: Settings) -> JobRunner:
     return LocalProcessRunner([
         WorkerConfig(base_model=settings.base_model, device=device, work_dir=str(work / f"worker-{i}"),
                      class_cache_dir=str(Path(settings.data_dir) / "shared" / "class_images"),
-                     log_level=settings.log_level)
+                     log_level=settings.log_level, cpu_threads=cpu_threads_per_worker(devices))
         for i, device in enumerate(devices)
     ])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,9 @@ class WorkerConfig:
     class_cache_dir: str
     log_level: str = "INFO"
     max_adapters: int = 8
+    # CPU threads for torch in this worker; 0 keeps torch's default (all cores). Several CPU workers
+    # on one host must share the cores, or their thread pools fight and each runs many times slower.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -91,6 +95,12 @@ def visible_devices(requested: str, workers: int) -> list[str]:
             log.warning("DEVICE=cuda but no GPU is visible; running on the CPU")
         requested = "cpu"
     return [requested] * max(workers, 1)
+
+
+def cpu_threads_per_worker(devices: list[str]) -> int:
+    """Torch threads for each worker: CPU workers split the cores between them, GPU workers keep the default."""
+    cpu_workers = sum(1 for d in devices if d == "cpu")
+    return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
 
 
 def _cuda_device_count() -> int:

@@ -220,6 +220,10 @@ def describe_failure(exc: BaseException) -> Event:
 def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
     """Child-process entry: read commands on a thread, run jobs one at a time on this thread."""
     setup_logging(config.log_level)
+    if config.cpu_threads:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
     worker = Worker(config)
     jobs: queue.Queue[WorkItem | str | None] = queue.Queue()  # an item to run, a key to evict, or stop
     cancelled: set[int] = set()

@@ -17,7 +17,13 @@ from bot.notifier import Notifier
 from bot.scheduler import Refused, Scheduler
 from storage.store import Storage
 from trainer.logs import setup_logging
-from trainer.runner import JobRunner, LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
+from trainer.runner import (
+    JobRunner,
+    LocalProcessRunner,
+    WorkerConfig,
+    cpu_threads_per_worker,
+    visible_devices,
+)
 
 log = logging.getLogger(__name__)
 

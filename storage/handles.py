@@ -13,8 +13,6 @@ import re
 import unicodedata
 from collections.abc import Callable, Container, Iterator
 
-from wordfreq import zipf_frequency
-
 MIN_LEN = 3
 MAX_LEN = 24
 MAX_CLASS_WORD_LEN = 24
@@ -54,6 +52,9 @@ class ClassWordError(NameRuleError):
 
 
 def _is_common_word(word: str) -> bool:
+    # Imported here: wordfreq's word lists are large, and GPU workers that only read users never need them.
+    from wordfreq import zipf_frequency
+
     return bool(word) and zipf_frequency(word, "en") >= COMMON_WORD_ZIPF
 
 

@@ -111,8 +111,8 @@ class Scheduler:
                 self._wake.set()
 
     async def _dispatch(self) -> None:
-        while self.runner.idle_capacity() > 0:
-            job = await jobs_db.claim_next_job(self.store.db, self.worker_id, LEASE_SECONDS)
+        while kinds := [k for k in ("generate", "train") if self.runner.idle_capacity(k) > 0]:
+            job = await jobs_db.claim_next_job(self.store.db, self.worker_id, LEASE_SECONDS, kinds=kinds)
             if job is None:
                 return
             try:

@@ -133,6 +133,7 @@ class BotProcess:
         if self.store is not None:
             await self.store.close()
         self.bot = self.store = self._task = None
+        use_discord_endpoints(None, None)  # discord.py's endpoints are process-wide
 
 
 @contextlib.asynccontextmanager

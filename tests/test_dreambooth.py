@@ -285,3 +285,36 @@ def test_training_beside_loaded_adapters_is_isolated_and_leaves_them_as_they_wer
     assert shared.losses == clean.losses  # the loaded adapter touched neither class images nor caches
     assert pipe.get_list_adapters() == {"unet": ["other"], "text_encoder": ["other"]}
     assert np.array_equal(generate(pipe), before)  # and it still works as before
+
+
+def test_generations_served_between_steps_change_neither_the_training_nor_their_own_pictures(tmp_path: Path) -> None:
+    """A worker serves /imagine between training steps on the same pipeline (see TrainingRun._interlude)."""
+    from trainer.engine import GenerateRequest, GenerationEngine
+
+    other = run_train(tmp_path, small(steps=3, learning_rate=1e-2, train_text_encoder=True,
+                                      prior_preservation=False), tag="other")
+    config = small(steps=5, train_text_encoder=True)
+    plain = run_train(tmp_path, config, tag="plain")
+    request = GenerateRequest("on a horse", seed=7, steps=2)
+
+    alone = GenerationEngine(build_random_pipeline("tiny"))
+    expected = alone.generate(request, adapter_key="other", lora_path=other.lora_path, handle=HANDLE,
+                              class_word=CLASS)[0].png
+
+    pipe = build_random_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    engine = GenerationEngine(pipe)
+    served: list[bytes] = []
+
+    def serve() -> None:  # the first interlude loads the adapter, later ones find it resident
+        served.append(engine.generate(request, adapter_key="other", lora_path=other.lora_path, handle=HANDLE,
+                                      class_word=CLASS)[0].png)
+
+    shared = run_train(tmp_path, config, pipe=pipe, tag="shared", between_steps=serve)
+    assert len(served) == 5 and all(png == expected for png in served)
+    assert shared.losses == plain.losses
+    saved, reference = load_file(shared.lora_path), load_file(plain.lora_path)
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+    # The adapter loaded during training survived its end and still draws the same picture.
+    assert engine.loaded_adapters == ["other"]
+    assert engine.generate(request, adapter_key="other", handle=HANDLE, class_word=CLASS)[0].png == expected

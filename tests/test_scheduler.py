@@ -37,7 +37,7 @@ class FakeRunner(JobRunner):
     async def stop(self):
         pass
 
-    def idle_capacity(self) -> int:
+    def idle_capacity(self, kind: str | None = None) -> int:
         return self.capacity - len(self.running)
 
     async def submit(self, item: WorkItem) -> None:

@@ -53,21 +53,37 @@ def add_lora(module: torch.nn.Module, config: LoraConfig, name: str) -> None:
         layer.set_adapter(name)
 
 
+def restore(module: torch.nn.Module, state: AdapterState | None) -> None:
+    """Put back the active adapters recorded by `snapshot` (adapter layers added since stay, switched off)."""
+    if state is None:
+        set_enabled(module, False)
+        return
+    for layer in tuner_layers(module):
+        layer.set_adapter(state.active)  # PEFT also makes exactly the active adapters trainable
+        layer.enable_adapters(state.enabled)
+
+
 def remove_lora(module: torch.nn.Module, name: str, before: AdapterState | None) -> None:
-    """Delete adapter `name` and put back the adapter state recorded by `snapshot`."""
+    """Delete adapter `name` and put back the adapter state recorded by `snapshot`.
+
+    Adapters loaded while `name` was there (a generation served between training steps) stay; when
+    none was there before and none was added, the module is unwrapped completely.
+    """
     configs = getattr(module, "peft_config", None)  # PEFT's injector registers every adapter here
     if isinstance(configs, dict):
         configs.pop(name, None)
         if not configs:
             del module.peft_config
-    if before is None:
+    others = sorted({a for layer in tuner_layers(module) for a in getattr(layer, "lora_A", {}) if a != name})
+    if before is None and not others:
         recurse_remove_peft_layers(module)
     else:
+        state = before or AdapterState(others[:1], False)
         for layer in tuner_layers(module):
-            layer.set_adapter(before.active)
+            layer.set_adapter([a for a in state.active if a != name] or others[:1])
             if name in getattr(layer, "lora_A", {}):
                 layer.delete_adapter(name)
-            layer.enable_adapters(before.enabled)
+            layer.enable_adapters(state.enabled)
     module.requires_grad_(False)
 
 

@@ -171,12 +171,15 @@ def resolve_dtype(mixed_precision: str, device: str, current: torch.dtype | None
 def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: TrainConfig, *,
           pipeline: DiffusionPipeline | None = None, base_model: str = DEFAULT_BASE_MODEL, out_dir: Path,
           work_dir: Path, class_cache_dir: Path, device: str = "auto", on_event: EventSink = events.ignore,
-          should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None) -> TrainResult:
+          should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
+          between_steps: Callable[[], None] | None = None) -> TrainResult:
     """Train a LoRA of the person in `photos`, called `handle`, a `class_word` ("woman", "man", ...).
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
     dtypes and modes as they were); otherwise `base_model` is loaded. `base_model` also names the
     class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
+    `between_steps` is called between training steps with the pipeline usable for inference (a worker
+    serves waiting generations there); adapters and modes are put back before the next step.
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
     if len(photos) < config.min_photos:
@@ -184,7 +187,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
                            "Send a few more (different angles, lighting and expressions help).")
     run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
                       out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
-                      on_event=on_event, should_cancel=should_cancel, resume_from=resume_from)
+                      on_event=on_event, should_cancel=should_cancel, resume_from=resume_from,
+                      between_steps=between_steps)
     try:
         with run.session(pipeline, device):
             run.loop()
@@ -210,11 +214,13 @@ class TrainingRun:
 
     def __init__(self, photos: Sequence[PhotoInput], handle: str, class_word: str, config: TrainConfig, *,
                  base_model: str, out_dir: Path, work_dir: Path, class_cache_dir: Path, on_event: EventSink,
-                 should_cancel: Callable[[], bool], resume_from: Path | None) -> None:
+                 should_cancel: Callable[[], bool], resume_from: Path | None,
+                 between_steps: Callable[[], None] | None = None) -> None:
         self.photos, self.handle, self.class_word, self.config = photos, handle, class_word, config
         self.base_model, self.out_dir, self.work_dir = base_model, out_dir, work_dir
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
+        self.between_steps = between_steps
 
     # ---- orchestration -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -413,6 +419,8 @@ class TrainingRun:
         while self.step < total:
             if self.should_cancel():
                 raise Cancelled()
+            if self.between_steps is not None:
+                self._interlude(self.between_steps)
             pending.append(self.train_step())
             now = time.monotonic()
             checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total
@@ -429,6 +437,26 @@ class TrainingRun:
             if cfg.preview_every and self.step % cfg.preview_every == 0:
                 self.on_event(events.preview(self.step, self._preview()))
         self.losses += torch.stack(pending).float().cpu().tolist() if pending else []
+
+    def _interlude(self, work: Callable[[], None]) -> None:
+        """Run `work` (inference on the same pipeline) between two steps, then restore the training state.
+
+        Generation may load other adapters and switch them on, and PEFT's `set_adapter` also decides
+        which adapter weights require gradients; so every module's adapter state is put back, which
+        makes the trained adapter the only active and trainable one again. Training draws only from
+        its own generator, so its results do not change (tests/test_dreambooth.py checks this).
+        """
+        modules = {name: getattr(self.pipe, name) for name in ("unet", *self.family.text_encoder_names)}
+        states = {name: adapters.snapshot(module) for name, module in modules.items()}
+        self.pipe.unet.eval()
+        try:
+            work()
+        finally:
+            for name, module in modules.items():
+                adapters.restore(module, states[name])
+                if name not in self.trained:
+                    module.requires_grad_(False)
+            self.pipe.unet.train()
 
     def _checkpoint(self) -> None:
         path = self.work_dir / CHECKPOINT_NAME

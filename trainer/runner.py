@@ -41,8 +41,8 @@ class JobRunner(ABC):
     async def stop(self) -> None: ...
 
     @abstractmethod
-    def idle_capacity(self) -> int:
-        """How many more items `submit` accepts right now."""
+    def idle_capacity(self, kind: str | None = None) -> int:
+        """How many more items (of `kind`, "train" or "generate", or of any kind) `submit` accepts now."""
 
     @abstractmethod
     async def submit(self, item: WorkItem) -> None: ...
@@ -80,6 +80,8 @@ class _Slot:
     process: Any = None
     commands: Connection | None = None
     job_id: int | None = None
+    kind: str | None = None  # of job_id
+    rider_id: int | None = None  # a generation served between the steps of the slot's training
     adapters: set[str] = field(default_factory=set)
     generation: int = 0
 
@@ -131,7 +133,7 @@ class LocalProcessRunner(JobRunner):
         return [s.process.pid if s.process else None for s in self._slots]
 
     def slot_of(self, job_id: int) -> int | None:
-        return next((s.index for s in self._slots if s.job_id == job_id), None)
+        return next((s.index for s in self._slots if job_id in (s.job_id, s.rider_id)), None)
 
     async def start(self, on_event: EventHandler) -> None:
         self._loop = asyncio.get_running_loop()
@@ -150,7 +152,7 @@ class LocalProcessRunner(JobRunner):
         commands_read.close()
         events_write.close()
         slot.process, slot.commands = process, commands_write
-        slot.job_id, slot.adapters = None, set()
+        slot.job_id, slot.kind, slot.rider_id, slot.adapters = None, None, None, set()
         slot.generation += 1
         threading.Thread(target=self._pump_events, args=(slot, events_read, slot.generation),
                          name=f"events-{slot.index}", daemon=True).start()
@@ -171,8 +173,11 @@ class LocalProcessRunner(JobRunner):
     async def _deliver(self, slot: _Slot, job_id: int, event: Event) -> None:
         if self._stopping:  # a job cut short by the shutdown stays running in the database
             return
-        if event["type"] in ("done", "error") and slot.job_id == job_id:
-            slot.job_id = None
+        if event["type"] in ("done", "error"):
+            if slot.job_id == job_id:
+                slot.job_id = slot.kind = None
+            elif slot.rider_id == job_id:
+                slot.rider_id = None
         if event["type"] == "adapter_loaded":
             slot.adapters.add(event["key"])
             return
@@ -186,43 +191,63 @@ class LocalProcessRunner(JobRunner):
         if generation != slot.generation:
             return
         code = slot.process.exitcode if slot.process else None
-        lost, slot.job_id = slot.job_id, None
+        lost = [j for j in (slot.job_id, slot.rider_id) if j is not None]
+        slot.job_id = slot.kind = slot.rider_id = None
         if self._stopping:
             return
         log.warning("worker %d exited (code %s)%s", slot.index, code,
-                    f" while running job {lost}" if lost is not None else "")
+                    f" while running job(s) {lost}" if lost else "")
         self._spawn(slot)
-        if lost is not None and self._on_event is not None:
-            await self._on_event(lost, {"type": "worker_lost",
-                                        "message": "The GPU worker stopped unexpectedly while working on this."})
+        for job_id in lost:
+            if self._on_event is not None:
+                await self._on_event(job_id, {"type": "worker_lost",
+                                              "message": "The GPU worker stopped unexpectedly while working on this."})
 
-    def idle_capacity(self) -> int:
-        return sum(1 for s in self._slots if s.job_id is None and s.process is not None)
+    def _free(self) -> list[_Slot]:
+        return [s for s in self._slots if s.job_id is None and s.process is not None]
 
-    def _pick_slot(self, item: WorkItem) -> _Slot:
-        idle = [s for s in self._slots if s.job_id is None and s.process is not None]
-        if not idle:
-            raise RuntimeError("no idle worker; check idle_capacity() before submit()")
+    def _training_without_rider(self) -> list[_Slot]:
+        return [s for s in self._slots if s.kind == "train" and s.rider_id is None and s.process is not None]
+
+    def idle_capacity(self, kind: str | None = None) -> int:
+        """Free workers take anything; a training worker also takes one generation between its steps."""
+        free = len(self._free())
+        return free if kind == "train" else free + len(self._training_without_rider())
+
+    def _pick_slot(self, item: WorkItem) -> tuple[_Slot, bool]:
+        """The slot for `item`, and whether it rides along a training there."""
         key = item.params.get("adapter_key")
-        return next((s for s in idle if key and key in s.adapters), idle[0])
+        free = self._free()
+        riding = self._training_without_rider() if item.kind == "generate" else []
+        for candidates, rides in ((free, False), (riding, True)):
+            if candidates:  # a worker that already holds the person's LoRA skips reading it again
+                return next((s for s in candidates if key and key in s.adapters), candidates[0]), rides
+        raise RuntimeError(f"no worker can take a {item.kind} job now; check idle_capacity() before submit()")
 
     async def submit(self, item: WorkItem) -> None:
-        slot = self._pick_slot(item)
+        slot, rides = self._pick_slot(item)
         key = item.params.get("adapter_key")
         if key and key in slot.adapters:
             item.blobs.pop("lora", None)  # the worker holds it already
-        slot.job_id = item.job_id
+        if rides:
+            slot.rider_id = item.job_id
+        else:
+            slot.job_id, slot.kind = item.job_id, item.kind
         assert slot.commands is not None
         try:
             await asyncio.to_thread(slot.commands.send, {"op": "run", "item": item})
         except (BrokenPipeError, OSError):
-            slot.job_id = None
+            if rides:
+                slot.rider_id = None
+            else:
+                slot.job_id = slot.kind = None
             raise
-        log.info("job %d (%s) sent to worker %d", item.job_id, item.kind, slot.index)
+        log.info("job %d (%s) sent to worker %d%s", item.job_id, item.kind, slot.index,
+                 " to run between the steps of its training" if rides else "")
 
     async def cancel(self, job_id: int) -> None:
         for slot in self._slots:
-            if slot.job_id == job_id and slot.commands is not None:
+            if job_id in (slot.job_id, slot.rider_id) and slot.commands is not None:
                 await asyncio.to_thread(slot.commands.send, {"op": "cancel", "job_id": job_id})
 
     async def forget_adapter(self, key: str) -> None:

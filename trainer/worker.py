@@ -8,15 +8,16 @@ reaches a training between two steps; events go back on another pipe as `(job_id
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
-import queue
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,14 +106,17 @@ class Worker:
             self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters)
         return self._engine
 
-    def run(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
+    def run(self, item: WorkItem, emit: EventSink, should_cancel: Any,
+            between_steps: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run one item; a training calls `between_steps` between its steps (see process_main)."""
         if item.kind == "train":
-            return self._train(item, emit, should_cancel)
+            return self._train(item, emit, should_cancel, between_steps)
         if item.kind == "generate":
             return self._generate(item, emit, should_cancel)
         raise TrainerError(f"Unknown job kind {item.kind!r}.", "bad_job")
 
-    def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
+    def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any,
+               between_steps: Callable[[], None] | None) -> dict[str, Any]:
         from trainer.dreambooth import TrainConfig, train
 
         params = item.params
@@ -135,7 +139,7 @@ class Worker:
                 pipeline=pipeline, base_model=self.config.base_model, out_dir=scratch / "out",
                 work_dir=scratch / "checkpoints", class_cache_dir=Path(self.config.class_cache_dir),
                 device=self.config.device, on_event=forward, should_cancel=should_cancel,
-                resume_from=resume_from,
+                resume_from=resume_from, between_steps=between_steps,
             )
             samples = self._samples(item, result.lora_path, emit, should_cancel)
             return {
@@ -217,15 +221,50 @@ def describe_failure(exc: BaseException) -> Event:
     return events.error(f"Something went wrong on the GPU worker (reference {reference}).", "internal")
 
 
+class Inbox:
+    """What the command thread hands the job thread: items to run, adapter keys to evict, or None (stop).
+
+    Entries are taken in order, except that a training takes waiting generations and evictions out of
+    turn between its steps, so that a person's /imagine does not wait for someone else's training.
+    """
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[WorkItem | str | None] = collections.deque()
+        self._ready = threading.Condition()
+
+    def put(self, entry: WorkItem | str | None) -> None:
+        with self._ready:
+            self._entries.append(entry)
+            self._ready.notify()
+
+    def get(self) -> WorkItem | str | None:
+        with self._ready:
+            self._ready.wait_for(lambda: self._entries)
+            return self._entries.popleft()
+
+    def take_between_steps(self) -> WorkItem | str | None:
+        """The oldest waiting generation or eviction, or None when there is none."""
+        with self._ready:
+            for entry in self._entries:
+                if isinstance(entry, str) or (isinstance(entry, WorkItem) and entry.kind == "generate"):
+                    self._entries.remove(entry)
+                    return entry
+        return None
+
+
 def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
-    """Child-process entry: read commands on a thread, run jobs one at a time on this thread."""
+    """Child-process entry: read commands on a thread, run jobs one at a time on this thread.
+
+    While a training runs, generations sent to this worker are served between its steps (the
+    runner sends at most one such generation per training), on the same loaded model.
+    """
     setup_logging(config.log_level)
     if config.cpu_threads:
         import torch
 
         torch.set_num_threads(config.cpu_threads)
     worker = Worker(config)
-    jobs: queue.Queue[WorkItem | str | None] = queue.Queue()  # an item to run, a key to evict, or stop
+    inbox = Inbox()
     cancelled: set[int] = set()
     # Set when the bot stops or goes away: the running job stops at its next step and reports
     # nothing, so it stays `running` in the database and is re-queued (from its last checkpoint)
@@ -243,41 +282,42 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
                 message = commands.recv()
             except (EOFError, OSError):
                 stopping.set()
-                jobs.put(None)
+                inbox.put(None)
                 return
             op = message["op"]
             if op == "run":
-                jobs.put(message["item"])
+                inbox.put(message["item"])
             elif op == "cancel":
                 cancelled.add(message["job_id"])
             elif op == "evict":
                 # The file goes at once (the person may be waiting on /forget); the loaded weights go
-                # as soon as the job that may be using them ends.
+                # as soon as no job may be using them.
                 worker.adapter_file(message["key"]).unlink(missing_ok=True)
-                jobs.put(message["key"])
+                inbox.put(message["key"])
             elif op == "stop":
                 stopping.set()
-                jobs.put(None)
+                inbox.put(None)
                 return
 
-    threading.Thread(target=read_commands, name="commands", daemon=True).start()
-    try:
-        worker.pipeline  # noqa: B018 - load the base model before the first job arrives
-    except Exception as exc:  # the first job reports it to its owner
-        log.error("could not load the base model yet: %s", exc)
-    while (item := jobs.get()) is not None and not stopping.is_set():
-        if isinstance(item, str):
-            worker.evict(item)
-            continue
+    def serve_waiting() -> None:
+        while (entry := inbox.take_between_steps()) is not None:
+            if isinstance(entry, str):
+                worker.evict(entry)
+            else:
+                execute(entry)
+
+    def execute(item: WorkItem) -> bool:
+        """Run one item and report its outcome; False when a shutdown cut it short."""
         job_id = item.job_id
 
-        def should_cancel(job_id: int = job_id) -> bool:
+        def should_cancel() -> bool:
             return job_id in cancelled or stopping.is_set()
 
         try:
             if should_cancel():
                 raise Cancelled()
-            result = worker.run(item, lambda event, job_id=job_id: send(job_id, event), should_cancel)
+            result = worker.run(item, lambda event: send(job_id, event), should_cancel,
+                                between_steps=serve_waiting if item.kind == "train" else None)
             send(job_id, events.done(result))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
             if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -285,8 +325,20 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             if stopping.is_set():
                 log.info("job %d interrupted by shutdown; it resumes from its checkpoint on the next start",
                          job_id)
-                break
+                return False
             send(job_id, describe_failure(exc))
         finally:
             cancelled.discard(job_id)
+        return True
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    try:
+        worker.pipeline  # noqa: B018 - load the base model before the first job arrives
+    except Exception as exc:  # the first job reports it to its owner
+        log.error("could not load the base model yet: %s", exc)
+    while (entry := inbox.get()) is not None and not stopping.is_set():
+        if isinstance(entry, str):
+            worker.evict(entry)
+        elif not execute(entry):
+            break
     log.info("worker stopping")

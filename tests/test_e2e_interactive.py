@@ -1,0 +1,53 @@
+"""End to end: an /imagine that arrives while the only worker trains someone is served between steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import jobs as jobs_db
+from tests.e2e import e2e_settings, running_bot
+from tests.fakediscord import FakeDiscord
+from tests.test_e2e_recovery import eventually, ready_to_train, samples_message, start_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def fake():
+    async with FakeDiscord() as server:
+        yield server
+
+
+async def test_imagine_during_someone_elses_training_does_not_wait_for_it(fake, tmp_path):
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    settings = e2e_settings(fake, tmp_path, workers=1)
+    async with running_bot(fake, settings) as run:
+        await ready_to_train(fake, alice, "zqalice")
+        await start_training(fake, alice)
+        await fake.wait_for(lambda: samples_message(fake, alice), timeout=300)
+
+        await ready_to_train(fake, bob, "zqbobby")
+        bob_train = await fake.invoke_command(bob, "train", {"steps": 2000})
+        await fake.wait_for(lambda: any("Training queued" in (r.message.content if r.message else "")
+                                        for r in bob_train.responses), timeout=30)
+
+        async def bob_in_the_loop():
+            [job] = await jobs_db.jobs_for_user(run.store.db, bob.id, kind="train")
+            return job if job.state == "running" and job.progress.get("stage") == "training" else None
+        assert await eventually(bob_in_the_loop, timeout=120)
+
+        imagine = await fake.invoke_command(alice, "imagine", {"prompt": "on the moon", "count": 1})
+        await fake.wait_for(lambda: imagine.original is not None and imagine.original.attachments, timeout=60)
+        [bob_job] = await jobs_db.jobs_for_user(run.store.db, bob.id, kind="train")
+        assert bob_job.state == "running"  # alice did not wait for bob's 2000 steps
+        assert bob_job.progress["step"] < 2000
+
+        cancel = await fake.invoke_command(bob, "cancel")
+        await fake.wait_for(lambda: cancel.responses, timeout=10)
+        assert (await eventually(lambda: _finished(run, bob_job.id), timeout=60)).state == "cancelled"
+    assert fake.unknown_routes == []
+
+
+async def _finished(run, job_id):
+    job = await jobs_db.get_job(run.store.db, job_id)
+    return job if job.state in ("succeeded", "failed", "cancelled") else None

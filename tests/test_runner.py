@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
-from trainer.runner import cpu_threads_per_worker, visible_devices
+import pytest
+
+from trainer.jobs import WorkItem
+from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -23,3 +27,65 @@ def test_one_worker_per_visible_gpu_or_the_requested_number_of_cpu_workers(monke
     monkeypatch.setattr("trainer.runner._cuda_device_count", lambda: 0)
     assert visible_devices("auto", 0) == ["cpu"]
     assert visible_devices("cuda:1", 0) == ["cuda:1"]
+
+
+class Pipe:
+    """Stands in for a worker's command pipe."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+
+def pool(n: int) -> LocalProcessRunner:
+    """A runner whose slots look started, without starting processes (placement logic only)."""
+    runner = LocalProcessRunner([WorkerConfig("tiny", "cpu", f"/tmp/w{i}", "/tmp/c") for i in range(n)])
+    for slot in runner._slots:
+        slot.process, slot.commands = object(), Pipe()
+    return runner
+
+
+def item(job_id: int, kind: str, key: str | None = None) -> WorkItem:
+    return WorkItem(job_id, kind, {"adapter_key": key} if key else {}, {"lora": b"L"} if key else {})
+
+
+async def place(runner: LocalProcessRunner, work: WorkItem) -> int:
+    await runner.submit(work)
+    return runner.slot_of(work.job_id)
+
+
+async def finish(runner: LocalProcessRunner, job_id: int) -> None:
+    slot = runner._slots[runner.slot_of(job_id)]
+    runner._on_event = lambda *args: asyncio.sleep(0)
+    await runner._deliver(slot, job_id, {"type": "done", "result": {}})
+
+
+async def test_generations_ride_along_trainings_spread_over_them_and_trainings_need_a_free_worker():
+    runner = pool(2)
+    assert (runner.idle_capacity("train"), runner.idle_capacity("generate")) == (2, 2)
+    assert await place(runner, item(1, "train")) == 0
+    assert await place(runner, item(2, "train")) == 1
+    assert (runner.idle_capacity("train"), runner.idle_capacity("generate")) == (0, 2)
+    with pytest.raises(RuntimeError):
+        await runner.submit(item(3, "train"))
+    runner._slots[1].adapters.add("model-7")
+    held = item(4, "generate", "model-7")
+    assert await place(runner, held) == 1  # the worker that holds the LoRA, which is not sent again
+    assert "lora" not in held.blobs
+    assert runner.idle_capacity("generate") == 1  # one generation per training at a time
+    await finish(runner, 4)
+    assert runner.idle_capacity("generate") == 2
+    assert await place(runner, item(5, "generate", "model-7")) == 0  # that training has had fewer
+    assert runner.idle_capacity() == 1
+    await finish(runner, 1)  # the training ends; its rider still runs there
+    assert runner.idle_capacity("train") == 1 and runner.slot_of(5) == 0
+
+
+async def test_a_free_worker_is_preferred_to_riding_along_a_training():
+    runner = pool(2)
+    await place(runner, item(1, "train"))
+    assert await place(runner, item(2, "generate")) == 1
+    assert await place(runner, item(3, "generate")) == 0
+    assert [m["item"].job_id for m in runner._slots[0].commands.sent] == [1, 3]

@@ -82,6 +82,7 @@ class _Slot:
     job_id: int | None = None
     kind: str | None = None  # of job_id
     rider_id: int | None = None  # a generation served between the steps of the slot's training
+    riders_served: int = 0  # during the current training: riders go where fewest have gone
     adapters: set[str] = field(default_factory=set)
     generation: int = 0
 
@@ -218,10 +219,13 @@ class LocalProcessRunner(JobRunner):
         """The slot for `item`, and whether it rides along a training there."""
         key = item.params.get("adapter_key")
         free = self._free()
+        if free:  # a worker that already holds the person's LoRA skips reading it again
+            return next((s for s in free if key and key in s.adapters), free[0]), False
         riding = self._training_without_rider() if item.kind == "generate" else []
-        for candidates, rides in ((free, False), (riding, True)):
-            if candidates:  # a worker that already holds the person's LoRA skips reading it again
-                return next((s for s in candidates if key and key in s.adapters), candidates[0]), rides
+        if riding:
+            # Each generation served slows that training down: spread them over the trainings,
+            # preferring (among the least burdened) a worker that holds the person's LoRA.
+            return min(riding, key=lambda s: (s.riders_served, not (key and key in s.adapters))), True
         raise RuntimeError(f"no worker can take a {item.kind} job now; check idle_capacity() before submit()")
 
     async def submit(self, item: WorkItem) -> None:
@@ -231,8 +235,9 @@ class LocalProcessRunner(JobRunner):
             item.blobs.pop("lora", None)  # the worker holds it already
         if rides:
             slot.rider_id = item.job_id
+            slot.riders_served += 1
         else:
-            slot.job_id, slot.kind = item.job_id, item.kind
+            slot.job_id, slot.kind, slot.riders_served = item.job_id, item.kind, 0
         assert slot.commands is not None
         try:
             await asyncio.to_thread(slot.commands.send, {"op": "run", "item": item})

@@ -53,6 +53,7 @@ class Settings:
     train_learning_rate: float = 1e-4
     class_images: int = 100
     train_checkpoint_every: int = 200  # steps between resumable checkpoints; 0 turns them off
+    train_preview_every: int = 200  # steps between preview pictures in the progress message; 0: none
     progress_interval_s: float = 3.0
 
     @property
@@ -126,6 +127,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
             problems.append(f"{ENV_NAMES[name]} must be at least 1.")
     if settings.train_checkpoint_every < 0:
         problems.append("TRAIN_CHECKPOINT_EVERY must be 0 (no checkpoints) or a positive number of steps.")
+    if settings.train_preview_every < 0:
+        problems.append("TRAIN_PREVIEW_EVERY must be 0 (no previews) or a positive number of steps.")
     if settings.workers < 0:
         problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
     if settings.min_photos > settings.max_photos:

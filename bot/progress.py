@@ -80,7 +80,12 @@ class ThrottledEditor:
         self._task: asyncio.Task[None] | None = None
 
     def update(self, text: str, image: bytes | None = None) -> None:
-        """Record the newest state; it is sent now or as soon as the interval allows."""
+        """Record the newest state; it is sent now or as soon as the interval allows.
+
+        An image waiting to be sent is kept when a newer text without one replaces it.
+        """
+        if image is None and self._pending is not None:
+            image = self._pending[1]
         self._pending = (text, image)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush_later())

@@ -180,6 +180,7 @@ class Scheduler:
                 "learning_rate": self.settings.train_learning_rate,
                 "num_class_images": self.settings.class_images,
                 "checkpoint_every": self.settings.train_checkpoint_every,
+                "preview_every": self.settings.train_preview_every,
             },
             "sample_steps": 25,
             "samples": 2,

@@ -49,6 +49,7 @@ def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Sett
         train_learning_rate=1e-3,
         class_images=4,
         train_checkpoint_every=4,
+        train_preview_every=8,
         progress_interval_s=0.3,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]

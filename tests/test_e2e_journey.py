@@ -92,7 +92,7 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert "Training queued (position 1)" in await answered(fake, train)
         again = await fake.invoke_command(alice, "train")
         assert "already training or waiting" in await answered(fake, again)
-        done = await fake.wait_for_message(dm, lambda m: m.from_bot and m.attachments, timeout=300)
+        done = await fake.wait_for_message(dm, lambda m: m.from_bot and "Here is" in m.content, timeout=300)
         train_seconds = time.monotonic() - started
         await lag.stop()
         assert "Here is **zqalice**" in done.content and "/imagine prompt:" in done.content
@@ -103,10 +103,13 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert any("Making reference images" in t for t in texts)
         assert any("Training your model" in t.split("\n")[1] and "step " in t and "Time left" in t for t in texts)
         assert texts[-1].endswith("Done! Your model is ready.")
+        assert any(a.filename == "preview.png" for v in progress.history for a in v.attachments)
+        assert progress.attachments == []  # the finished message drops the preview
         gaps = [(b.at - a.at).total_seconds() for a, b in zip(progress.history[1:-2], progress.history[2:-1],
                                                               strict=False)]
         assert all(gap >= settings.progress_interval_s * 0.9 for gap in gaps)  # throttled edits
         model = await models_db.get_active_model(first.store.db, alice.id)
+        run_files = first.store.files
         assert model is not None and model.metadata["handle"] == "zqalice"
         # The figures the README quotes; see them with `-o log_cli=true --log-cli-level=INFO`.
         log.info("measured: /train to model on tiny %.1f s; event loop blocked at most %.0f ms (%d samples)",
@@ -124,6 +127,19 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert generation is not None and generation.owner == alice.id
         assert [b["custom_id"] for b in result.buttons] == [
             f"gen:{generation.id}:reroll", f"gen:{generation.id}:more:0", f"gen:{generation.id}:more:1"]
+
+        # --- /export: both LoRA formats, only to her ------------------------------------------------
+        export = await fake.invoke_command(alice, "export")
+        exported = await fake.wait_for(lambda: export.original, timeout=30)
+        assert exported.ephemeral
+        assert [a.filename for a in exported.attachments] == ["pytorch_lora_weights.safetensors",
+                                                              "zqalice_kohya.safetensors"]
+        assert exported.attachments[0].data == run_files.read(model.lora_path, alice.id)
+        fake.attachment_size_limit = min(len(a.data) for a in exported.attachments) - 1  # a tighter channel
+        small = await fake.invoke_command(alice, "export")
+        refused = await fake.wait_for(lambda: small.original, timeout=30)
+        assert refused.attachments == [] and "larger than this channel's upload limit" in refused.content
+        fake.attachment_size_limit = 10 * 1024 * 1024
 
         # --- bob types alice's handle: a polite refusal, never her face -------------------------------
         theirs = await fake.invoke_command(bob, "imagine", {"prompt": "zqalice on a horse"})

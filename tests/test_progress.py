@@ -61,3 +61,18 @@ async def test_failed_edit_does_not_stop_later_edits():
     await editor.flush()
     await asyncio.sleep(0)
     assert sent == ["good"]
+
+
+async def test_a_preview_waiting_to_be_sent_survives_newer_text_without_one():
+    sent: list[tuple[str, bytes | None]] = []
+
+    async def edit(text, image):
+        sent.append((text, image))
+
+    editor = ThrottledEditor(edit, interval=0.05)
+    editor.update("step 0")
+    await asyncio.sleep(0.01)
+    editor.update("step 8", b"preview-png")
+    editor.update("step 9")  # arrives before the interval allows another edit
+    await editor.flush()
+    assert sent == [("step 0", None), ("step 9", b"preview-png")]

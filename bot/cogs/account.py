@@ -104,7 +104,7 @@ class AccountCog(commands.Cog):
         if model is None:
             await reply(interaction, "You don't have a trained model yet.")
             return
-        limit = interaction.guild.filesize_limit if interaction.guild else 10 * 1024 * 1024
+        limit = interaction.filesize_limit  # what this channel accepts from the app, sent with the interaction
         handle = model.metadata.get("handle", "model")
         candidates = [(model.lora_path, "pytorch_lora_weights.safetensors")]
         if model.metadata.get("kohya_path"):

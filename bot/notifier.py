@@ -129,8 +129,9 @@ class Notifier:
             files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(images)]
             view = imagine_view(outcome["generation_id"], len(images))
         else:
-            reason = "cancelled." if job.state == "cancelled" else f"it did not work: {job.error}"
-            text, files, view = f"Your picture was {reason}", [], None
+            text = ("Your pictures were cancelled." if job.state == "cancelled"
+                    else f"Sorry, no pictures this time: {job.error}")
+            files, view = [], None
         if interaction is not None:
             kwargs: dict[str, Any] = {"content": text, "attachments": files}
             if view is not None:

@@ -128,6 +128,12 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert [b["custom_id"] for b in result.buttons] == [
             f"gen:{generation.id}:reroll", f"gen:{generation.id}:more:0", f"gen:{generation.id}:more:1"]
 
+        # --- a prompt longer than the model reads is refused with the reason, not cut ----------------
+        wordy = await fake.invoke_command(alice, "imagine", {"prompt": "a very detailed scene " * 22})
+        await fake.wait_for(lambda: wordy.original is not None and "too long" in wordy.original.content, timeout=60)
+        assert wordy.original.content.startswith("Sorry, no pictures this time: Your prompt is too long")
+        assert wordy.original.attachments == []
+
         # --- /export: both LoRA formats, only to her ------------------------------------------------
         export = await fake.invoke_command(alice, "export")
         exported = await fake.wait_for(lambda: export.original, timeout=30)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 
 import pytest
 from PIL import Image
@@ -66,9 +68,9 @@ async def test_photos_sheet_remove_one_and_clear_all(fake, tmp_path):
     assert fake.unknown_routes == []
 
 
-async def test_help_handle_rules_and_a_message_without_photos(fake, tmp_path):
+async def test_help_handle_rules_failures_and_a_message_without_photos(fake, tmp_path, caplog):
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
-    async with running_bot(fake, e2e_settings(fake, tmp_path)):
+    async with running_bot(fake, e2e_settings(fake, tmp_path)) as run:
         helped = await fake.invoke_command(alice, "help", in_guild=True)
         await fake.wait_for(lambda: last_text(helped), timeout=10)
         assert helped.original.ephemeral and "/train" in last_text(helped) and "/imagine" in last_text(helped)
@@ -85,6 +87,17 @@ async def test_help_handle_rules_and_a_message_without_photos(fake, tmp_path):
         taken = await fake.invoke_command(bob, "handle", {"name": "ZQalice", "class": "man"})
         await fake.wait_for(lambda: last_text(taken), timeout=10)
         assert "Someone else already has the handle" in last_text(taken)
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("the database went away")
+
+        run.bot.scheduler.enqueue_train = broken  # an unexpected failure inside a command
+        with caplog.at_level(logging.ERROR, logger="bot.app"):
+            failed = await fake.invoke_command(alice, "train")
+            await fake.wait_for(lambda: "something went wrong" in last_text(failed), timeout=10)
+        reference = re.search(r"reference `([0-9a-f]{8})`", last_text(failed))[1]
+        assert "RuntimeError" not in last_text(failed) and "database" not in last_text(failed)
+        assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)
 
         await fake.send_dm(alice, "hello")
         await fake.wait_for_message(

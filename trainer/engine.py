@@ -27,6 +27,7 @@ import logging
 import secrets
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ from trainer.events import EventSink
 from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
 
 log = logging.getLogger(__name__)
+
+
+class _UnetOnlyLoraNotice(logging.Filter):
+    """diffusers warns on every load of a LoRA without text-encoder weights, the trainer's default."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_UnetOnlyLoraNotice())
 
 Aspect = Literal["square", "portrait", "landscape"]
 ASPECTS: tuple[str, ...] = ("square", "portrait", "landscape")
@@ -206,7 +217,7 @@ class GenerationEngine:
         with self._lock:
             name = self._adapters.pop(adapter_key, None)
             if name is not None:
-                self._text.delete_adapters(name)
+                self._delete(name)
                 log.info("unloaded adapter %s", adapter_key)
 
     def _activate(self, key: str | None, lora_path: Path | None) -> None:
@@ -242,16 +253,22 @@ class GenerationEngine:
         self._adapters[key] = name
         while len(self._adapters) > self.max_loaded_adapters:
             old_key, old_name = self._adapters.popitem(last=False)
-            self._text.delete_adapters(old_name)
+            self._delete(old_name)
             log.info("unloaded least recently used adapter %s", old_key)
         log.info("loaded adapter %s in %.0f ms (%d resident)", key, (time.perf_counter() - started) * 1000,
                  len(self._adapters))
         return name
 
+    def _delete(self, name: str) -> None:
+        with warnings.catch_warnings():
+            # PEFT warns when the deleted adapter was the active one; the next request activates its own.
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            self._text.delete_adapters(name)
+
     def _discard(self, name: str) -> None:
         """Remove whatever part of adapter `name` a failed load left behind."""
         if any(name in names for names in self._text.get_list_adapters().values()):
-            self._text.delete_adapters(name)
+            self._delete(name)
 
     # ---- generation --------------------------------------------------------------------------------
     def _image_pipeline(self) -> DiffusionPipeline:

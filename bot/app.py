@@ -49,8 +49,13 @@ class AvatarBot(commands.Bot):
         intents = discord.Intents.none()
         intents.guilds = True
         intents.dm_messages = True  # photos arrive as DM attachments; DMs need no Message Content intent
-        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
-                         guild_ready_timeout=guild_ready_timeout)
+        super().__init__(
+            command_prefix=commands.when_mentioned, intents=intents, help_command=None,
+            guild_ready_timeout=guild_ready_timeout,
+            # Commands work on servers and in DMs with the bot, for a server install and for people
+            # who installed the app for themselves (README: "User Install").
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=True))
         self.settings = settings
         self.store = store
         self.notifier = Notifier(self)

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +185,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  num_class_images=args.class_images, class_image_steps=args.class_image_steps,
                                  checkpoint_every=0, min_photos=1)
             label = "prior" if prior else "no prior"
-            trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model=args.model,
-                                  out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", class_cache_dir=cache,
-                                  on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
-            with trainer.session(pipe):
-                ours = measure(f"ours ({label})", device,
-                               lambda t=trainer: time_steps(t.train_step, args.warmup, args.steps, device))
+
+            def ours_with(cfg: TrainConfig, name: str) -> dict[str, Any]:
+                trainer = TrainingRun(photos, HANDLE, CLASS_WORD, cfg, base_model=args.model,
+                                      out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", class_cache_dir=cache,
+                                      on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
+                with trainer.session(pipe):
+                    result = measure(name, device,
+                                     lambda: time_steps(trainer.train_step, args.warmup, args.steps, device))
+                if trainer.capture_s is not None:
+                    result["graph_capture_s"] = trainer.capture_s
+                    print(f"{'':<28} CUDA graph capture {trainer.capture_s:.1f} s (once, in the warm-up)")
+                return result
+
+            ours = ours_with(config, f"ours ({label})")
+            if device.type == "cuda" and config.cuda_graphs:
+                results.append(ours_with(replace(config, cuda_graphs=False), f"ours, no graphs ({label})"))
             class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
                                               args.class_images, cache).paths if prior else []
             recipe = PlainRecipe(pipe, photos, config, class_paths)

@@ -54,3 +54,20 @@ def test_train_then_generate_on_gpu(pipe, tmp_path):
     base = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=10), handle="zqjane",
                            class_word="woman")
     assert base[0].png != images[0].png
+
+
+def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path):
+    """The graphed step (TrainConfig.cuda_graphs, the GPU default) computes what the eager step does."""
+    from dataclasses import replace
+
+    from trainer.dreambooth import TrainConfig, train
+
+    config = TrainConfig(steps=12, prior_preservation=False, checkpoint_every=0)
+    losses = {}
+    for graphs in (True, False):
+        result = train(_photos(), "zqjane", "woman", replace(config, cuda_graphs=graphs), pipeline=pipe,
+                       base_model="sd15-random", out_dir=tmp_path / f"out{graphs}", work_dir=tmp_path / f"w{graphs}",
+                       class_cache_dir=tmp_path / "classes", device="cuda")
+        losses[graphs] = torch.tensor(result.losses)
+    assert len(set(losses[True].tolist())) > 1  # a fresh loss every step, not one replayed output
+    assert torch.allclose(losses[True], losses[False], rtol=2e-2, atol=1e-3), (losses[True], losses[False])

@@ -93,6 +93,10 @@ class TrainConfig:
     - class_image_steps=25, class_image_batch=4: class images only need to be plausible members of
       the class; 25 steps of the default scheduler are enough and batches of 4 fill a GPU.
     - preview_resolution=256, preview_steps=12: a small, quick picture for progress messages.
+    - cuda_graphs=True: on a CUDA GPU the UNet's forward and backward of a step are captured once as
+      CUDA graphs and replayed (`torch.cuda.make_graphed_callables`): a step is thousands of small
+      kernels, and launching them one by one from Python costs far more than computing them. Used
+      with bf16/fp32, cached text embeddings and no gradient checkpointing; ignored elsewhere.
     """
 
     steps: int = 800
@@ -122,6 +126,7 @@ class TrainConfig:
     class_image_batch: int = 4
     preview_resolution: int = 256
     preview_steps: int = 12
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)  # JSON payloads carry lists
@@ -221,6 +226,8 @@ class TrainingRun:
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
         self.between_steps = between_steps
+        self._graphed: Callable[..., Any] | None = None
+        self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per run
 
     # ---- orchestration -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -371,7 +378,13 @@ class TrainingRun:
     def train_step(self) -> torch.Tensor:
         """One optimisation step; returns the loss, still on the device (reading it forces a sync)."""
         cfg = self.config
-        loss = self._loss()
+        if self._graphable():
+            noisy, timesteps, target = self._draw()
+            if self._graphed is None:
+                self._graphed = self._capture(noisy, timesteps, target)
+            loss = self._graphed(noisy, timesteps, target)
+        else:
+            loss = self._loss()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -384,10 +397,29 @@ class TrainingRun:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.detach()
+        return loss.detach().clone()  # a graph's output is overwritten by its next replay
+
+    def _graphable(self) -> bool:
+        cfg = self.config
+        return (cfg.cuda_graphs and self.device.type == "cuda" and self.scaler is None
+                and not cfg.train_text_encoder and not cfg.gradient_checkpointing)
+
+    def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Callable[..., Any]:
+        """Graph the step's UNet forward and backward; random draws and the optimiser stay outside."""
+        started = time.monotonic()
+        module = _StepLoss(self).train()
+        sample = tuple(t.detach().clone() for t in (noisy, timesteps, target))
+        graphed = torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=3, allow_unused_input=True)
+        self.capture_s = time.monotonic() - started
+        log.info("captured the training step as CUDA graphs in %.1f s", self.capture_s)
+        return graphed
 
     def _loss(self) -> torch.Tensor:
         """One step's loss; draws from the generator in the documented order."""
+        return self._forward(*self._draw())
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's noisy latents, timesteps and target, drawn from the generator in the documented order."""
         cfg, g, dev = self.config, self.generator, self.device
         index = torch.randint(0, self.n_instance, (cfg.batch_size,), generator=g, device=dev)
         if self.n_class:
@@ -402,6 +434,11 @@ class TrainingRun:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
             latents, noise, timesteps)
+        return noisy, timesteps, target
+
+    def _forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction and the weighted loss (the part CUDA graphs capture)."""
+        cfg = self.config
         cond = self._conditioning()
         added = {k: v.to(self.dtype) for k, v in cond.added.items()} if cond.added else None
         pred = self.pipe.unet(noisy.to(self.dtype), timesteps, cond.hidden_states.to(self.dtype),
@@ -499,6 +536,22 @@ class TrainingRun:
         return TrainResult(lora_path=lora_path, kohya_path=kohya_path, steps=self.step,
                            final_loss=sum(tail) / len(tail) if tail else math.nan, losses=list(self.losses),
                            metadata=metadata)
+
+
+class _StepLoss(torch.nn.Module):
+    """One step's UNet forward and loss as a module, the form `make_graphed_callables` takes.
+
+    The UNet is registered so its parameters (the trainable LoRA among them) are the graph's
+    autograd inputs; the cached text embeddings are constants captured with it.
+    """
+
+    def __init__(self, run: TrainingRun) -> None:
+        super().__init__()
+        self.unet = run.pipe.unet
+        self._forward = run._forward
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._forward(noisy, timesteps, target)
 
 
 def weighted_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, snr_table: torch.Tensor,

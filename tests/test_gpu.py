@@ -71,3 +71,34 @@ def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path):
         losses[graphs] = torch.tensor(result.losses)
     assert len(set(losses[True].tolist())) > 1  # a fresh loss every step, not one replayed output
     assert torch.allclose(losses[True], losses[False], rtol=2e-2, atol=1e-3), (losses[True], losses[False])
+
+
+def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tmp_path):
+    """A worker serves /imagine between the (CUDA-graphed) steps of a training on the same pipeline."""
+    from trainer.dreambooth import TrainConfig, train
+    from trainer.engine import GenerateRequest, GenerationEngine
+
+    config = TrainConfig(steps=6, prior_preservation=False, checkpoint_every=0)
+    first = train(_photos(), "zqjane", "woman", config, pipeline=pipe, base_model="sd15-random",
+                  out_dir=tmp_path / "first", work_dir=tmp_path / "w1", class_cache_dir=tmp_path / "c", device="cuda")
+    plain = train(_photos(), "zqbob", "man", config, pipeline=pipe, base_model="sd15-random",
+                  out_dir=tmp_path / "plain", work_dir=tmp_path / "w2", class_cache_dir=tmp_path / "c", device="cuda")
+    engine = GenerationEngine(pipe)
+    request = GenerateRequest(prompt="on the moon", seed=1, steps=4)
+    served = []
+
+    def serve() -> None:
+        served.append(engine.generate(request, adapter_key="jane", lora_path=first.lora_path, handle="zqjane",
+                                      class_word="woman")[0].png)
+
+    shared = train(_photos(), "zqbob", "man", config, pipeline=pipe, base_model="sd15-random",
+                   out_dir=tmp_path / "shared", work_dir=tmp_path / "w3", class_cache_dir=tmp_path / "c",
+                   device="cuda", between_steps=serve)
+    def pixels(png: bytes) -> torch.Tensor:
+        return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
+
+    # The same picture every time (within GPU nondeterminism): the adapters were restored each time.
+    assert len(served) == 6 and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
+    assert torch.allclose(torch.tensor(shared.losses), torch.tensor(plain.losses), rtol=2e-2, atol=1e-3)
+    again = engine.generate(request, adapter_key="jane", handle="zqjane", class_word="woman")[0].png
+    assert (pixels(again) - pixels(served[0])).abs().mean() < 2

@@ -146,3 +146,50 @@ async def running_bot(fake: FakeDiscord, settings: Settings,
         yield process
     finally:
         await process.stop()
+
+
+# --- what a test does and reads as a person ---------------------------------------------------------
+
+
+def last_text(interaction) -> str:
+    """The text a person finally sees for an interaction: the last message the bot wrote for it."""
+    messages = [r.message for r in interaction.responses if r.message is not None]
+    return messages[-1].content if messages else ""
+
+
+async def eventually(read, timeout: float = 60.0):
+    """Poll an async read until it returns something truthy (the bot records after it answers)."""
+    deadline = time.monotonic() + timeout
+    while not (value := await read()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def ready_to_train(fake: FakeDiscord, user, handle: str) -> None:
+    """Five selfies by DM and a handle, as a person would do it."""
+    await fake.send_dm(user, attachments=[(f"s{i}.jpg", selfie(i + 3 * len(handle)), "image/jpeg")
+                                          for i in range(5)])
+    await fake.wait_for_message(fake.dm_channel_of(user), lambda m: "ready to `/train`" in m.content, timeout=60)
+    named = await fake.invoke_command(user, "handle", {"name": handle, "class": "person"})
+    await fake.wait_for(lambda: "Your handle is" in last_text(named), timeout=10)
+
+
+async def start_training(fake: FakeDiscord, user):
+    """`/train`, and the DM progress message it starts."""
+    train = await fake.invoke_command(user, "train")
+    await fake.wait_for(lambda: "Training queued" in last_text(train), timeout=30)
+    return await fake.wait_for_message(fake.dm_channel_of(user),
+                                       lambda m: m.from_bot and "Training your model" in m.content)
+
+
+def samples_message(fake: FakeDiscord, user):
+    """The DM with sample pictures that ends a training, once there is one."""
+    return next((m for m in fake.bot_messages_to(user) if m.attachments and "Here is" in m.content), None)
+
+
+async def finished_job(store: Storage, job_id: int):
+    """The job once it has ended, else None."""
+    from storage import jobs as jobs_db
+
+    job = await jobs_db.get_job(store.db, job_id)
+    return job if job.state in ("succeeded", "failed", "cancelled") else None

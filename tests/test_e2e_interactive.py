@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 
 from storage import jobs as jobs_db
-from tests.e2e import e2e_settings, running_bot
-from tests.fakediscord import FakeDiscord
-from tests.test_e2e_recovery import eventually, ready_to_train, samples_message, start_training
+from tests.e2e import (
+    e2e_settings,
+    eventually,
+    finished_job,
+    ready_to_train,
+    running_bot,
+    samples_message,
+    start_training,
+)
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-async def fake():
-    async with FakeDiscord() as server:
-        yield server
 
 
 async def test_imagine_during_someone_elses_training_does_not_wait_for_it(fake, tmp_path):
@@ -44,10 +45,5 @@ async def test_imagine_during_someone_elses_training_does_not_wait_for_it(fake, 
 
         cancel = await fake.invoke_command(bob, "cancel")
         await fake.wait_for(lambda: cancel.responses, timeout=10)
-        assert (await eventually(lambda: _finished(run, bob_job.id), timeout=60)).state == "cancelled"
+        assert (await eventually(lambda: finished_job(run.store, bob_job.id), timeout=60)).state == "cancelled"
     assert fake.unknown_routes == []
-
-
-async def _finished(run, job_id):
-    job = await jobs_db.get_job(run.store.db, job_id)
-    return job if job.state in ("succeeded", "failed", "cancelled") else None

@@ -6,7 +6,6 @@ restarted, someone else trying the first person's handle, and `/forget` leaving 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -17,7 +16,7 @@ from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import photos as photos_db
 from storage import users as users_db
-from tests.e2e import BotProcess, LoopLag, e2e_settings, running_bot, selfie
+from tests.e2e import BotProcess, LoopLag, e2e_settings, eventually, running_bot, selfie
 from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.slow
@@ -25,11 +24,6 @@ log = logging.getLogger(__name__)
 
 EPHEMERAL = 1 << 6
 
-
-@pytest.fixture
-async def fake():
-    async with FakeDiscord() as server:
-        yield server
 
 
 def answer(interaction) -> str:
@@ -42,14 +36,6 @@ async def answered(fake: FakeDiscord, interaction, timeout: float = 30) -> str:
     """Wait for the interaction's visible answer (a deferred 'thinking' state does not count)."""
     await fake.wait_for(lambda: answer(interaction), timeout=timeout)
     return answer(interaction)
-
-
-async def eventually(read, timeout: float = 10.0):
-    """Poll an async read until it returns something truthy (the bot records after it answers)."""
-    deadline = time.monotonic() + timeout
-    while not (value := await read()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return value
 
 
 def files_of(root) -> list[str]:

@@ -10,21 +10,10 @@ import pytest
 from PIL import Image
 
 from storage import photos as photos_db
-from tests.e2e import e2e_settings, running_bot, selfie
-from tests.fakediscord import FakeDiscord
+from tests.e2e import e2e_settings, last_text, running_bot, selfie
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-async def fake():
-    async with FakeDiscord() as server:
-        yield server
-
-
-def last_text(interaction) -> str:
-    messages = [r.message for r in interaction.responses if r.message is not None]
-    return messages[-1].content if messages else ""
 
 
 async def test_photos_sheet_remove_one_and_clear_all(fake, tmp_path):

@@ -6,61 +6,30 @@ person training at the same time on a second worker, and cancelling.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
-import time
 
 import pytest
 
 from storage import jobs as jobs_db
 from storage import models as models_db
-from tests.e2e import BotProcess, e2e_settings, running_bot, selfie
-from tests.fakediscord import FakeDiscord
+from tests.e2e import (
+    BotProcess,
+    e2e_settings,
+    eventually,
+    finished_job,
+    last_text,
+    ready_to_train,
+    running_bot,
+    samples_message,
+    start_training,
+)
 
 pytestmark = pytest.mark.slow
 
 PROGRESS_EDIT = r"/channels/\d+/messages/\d+"
 
-
-@pytest.fixture
-async def fake():
-    async with FakeDiscord() as server:
-        yield server
-
-
-def last_text(interaction) -> str:
-    messages = [r.message for r in interaction.responses if r.message is not None]
-    return messages[-1].content if messages else ""
-
-
-async def eventually(read, timeout: float = 60.0):
-    """Poll an async read until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := await read()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return value
-
-
-async def ready_to_train(fake: FakeDiscord, user, handle: str) -> None:
-    """Five selfies by DM and a handle, as a person would do it."""
-    await fake.send_dm(user, attachments=[(f"s{i}.jpg", selfie(i + 3 * len(handle)), "image/jpeg")
-                                          for i in range(5)])
-    await fake.wait_for_message(fake.dm_channel_of(user), lambda m: "ready to `/train`" in m.content, timeout=60)
-    named = await fake.invoke_command(user, "handle", {"name": handle, "class": "person"})
-    await fake.wait_for(lambda: "Your handle is" in last_text(named), timeout=10)
-
-
-async def start_training(fake: FakeDiscord, user):
-    train = await fake.invoke_command(user, "train")
-    await fake.wait_for(lambda: "Training queued" in last_text(train), timeout=30)
-    return await fake.wait_for_message(fake.dm_channel_of(user),
-                                       lambda m: m.from_bot and "Training your model" in m.content)
-
-
-def samples_message(fake: FakeDiscord, user):
-    return next((m for m in fake.bot_messages_to(user) if m.attachments and "Here is" in m.content), None)
 
 
 async def checkpointed(run: BotProcess, owner: int):
@@ -170,7 +139,7 @@ async def test_a_job_that_kills_its_worker_twice_fails_with_a_reason_and_the_nex
             assert job is not None, f"attempt {attempt} stored no checkpoint"
             previous = job.checkpoint_path
             os.kill(run.runner.worker_pids[0], signal.SIGKILL)
-        failed = await eventually(lambda: _finished(run, job.id))
+        failed = await eventually(lambda: finished_job(run.store, job.id))
         assert failed.state == "failed" and "stopped unexpectedly" in failed.error
         await fake.wait_for(lambda: "It did not work: The GPU worker stopped unexpectedly" in progress.content,
                             timeout=30)
@@ -186,8 +155,3 @@ async def _checkpointed_again(run: BotProcess, owner: int, attempt: int, previou
     [job] = await jobs_db.jobs_for_user(run.store.db, owner, kind="train")
     fresh = job.checkpoint_path is not None and job.checkpoint_path != previous
     return job if job.state == "running" and job.attempts == attempt and fresh else None
-
-
-async def _finished(run: BotProcess, job_id: int):
-    job = await jobs_db.get_job(run.store.db, job_id)
-    return job if job.state in ("succeeded", "failed", "cancelled") else None

@@ -31,7 +31,7 @@ def summarise(outcomes: list[IntakeOutcome], total: int, cap: int, needed: int) 
     if kept:
         lines.append(f"**Kept {len(kept)} photo{'s' if len(kept) != 1 else ''}:**")
         for o in kept:
-            lines.append(f"• `{o.filename}`" + (f" (kept, but {'; '.join(o.warnings)})" if o.warnings else ""))
+            lines.append(f"• `{o.filename}`" + (f": {' '.join(o.warnings)}" if o.warnings else ""))
     if refused:
         lines.append(f"**Refused {len(refused)}:**")
         lines += [f"• `{o.filename}`: {o.error}" for o in refused]

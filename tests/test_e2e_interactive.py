@@ -1,4 +1,5 @@
-"""End to end: an /imagine that arrives while the only worker trains someone is served between steps."""
+"""End to end: while the only worker trains someone, the bot keeps its gateway alive, answers commands,
+and serves an /imagine between training steps instead of after the training."""
 
 from __future__ import annotations
 
@@ -9,17 +10,24 @@ from tests.e2e import (
     e2e_settings,
     eventually,
     finished_job,
+    last_text,
     ready_to_train,
     running_bot,
     samples_message,
     start_training,
 )
+from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+async def fake():
+    async with FakeDiscord(heartbeat_interval=0.2) as server:  # frequent heartbeats to watch
+        yield server
 
-async def test_imagine_during_someone_elses_training_does_not_wait_for_it(fake, tmp_path):
+
+async def test_heartbeats_commands_and_imagine_during_someone_elses_training(fake, tmp_path):
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     settings = e2e_settings(fake, tmp_path, workers=1)
     async with running_bot(fake, settings) as run:
@@ -36,6 +44,10 @@ async def test_imagine_during_someone_elses_training_does_not_wait_for_it(fake, 
             [job] = await jobs_db.jobs_for_user(run.store.db, bob.id, kind="train")
             return job if job.state == "running" and job.progress.get("stage") == "training" else None
         assert await eventually(bob_in_the_loop, timeout=120)
+        session, beats = fake.session, fake.session.heartbeats
+        await fake.wait_for(lambda: session.heartbeats >= beats + 5, timeout=10)  # the gateway stays alive
+        status = await fake.invoke_command(bob, "status")
+        await fake.wait_for(lambda: "running (training your model" in last_text(status), timeout=10)
 
         imagine = await fake.invoke_command(alice, "imagine", {"prompt": "on the moon", "count": 1})
         await fake.wait_for(lambda: imagine.original is not None and imagine.original.attachments, timeout=60)

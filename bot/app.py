@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def build_runner(settings: Settings) -> JobRunner:
-    """The job backend named by JOB_BACKEND; `local` runs one worker process per device."""
+    """The job backend named by JOB_BACKEND: `local` runs one worker process per device; `celery`
+    sends jobs through Redis to `python -m trainer worker` processes on any machine."""
+    if settings.job_backend == "celery":
+        from trainer.celery_runner import CeleryRunner
+
+        return CeleryRunner(settings.redis_url)
     devices = visible_devices(settings.device, settings.workers)
     work = Path(settings.data_dir) / "work"
     return LocalProcessRunner([

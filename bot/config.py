@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_BACKENDS = ("local",)
+_BACKENDS = ("local", "celery")
 
 
 class ConfigError(Exception):
@@ -38,6 +38,7 @@ class Settings:
     device: str = "auto"
     workers: int = 0  # 0: one worker per visible GPU, or one CPU worker when there is none
     job_backend: str = "local"
+    redis_url: str = "redis://localhost:6379/0"  # JOB_BACKEND=celery: the broker the workers share
     log_level: str = "INFO"
     dev_guild_id: int | None = None
     discord_api_base: str | None = None

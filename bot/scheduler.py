@@ -13,6 +13,7 @@ is re-queued once and resumes from its last checkpoint; a second loss fails it w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Protocol
@@ -36,7 +37,8 @@ MAX_ATTEMPTS = 2  # a worker lost twice on one job: that job is probably what ki
 MAX_RESTARTS = 5  # a job interrupted by this many bot restarts is failed instead of re-queued
 LEASE_SECONDS = 600.0
 PROGRESS_WRITE_INTERVAL_S = 1.0
-SUBMIT_RETRY_S = 0.5  # after a failed hand-over, time for the runner to replace the worker
+SUBMIT_RETRY_S = 0.5
+DISPATCH_POLL_S = 2.0  # after a failed hand-over, time for the runner to replace the worker
 
 
 class Refused(Exception):
@@ -101,7 +103,10 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            # Woken by new jobs and finished ones; the timeout also notices capacity that appears on
+            # its own (a remote worker joining the pool).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), DISPATCH_POLL_S)
             self._wake.clear()
             try:
                 await self._dispatch()

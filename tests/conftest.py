@@ -1,8 +1,18 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the end-to-end tests: the fake Discord, a Redis server, Celery workers."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import redis
 
 from tests.fakediscord import FakeDiscord
 
@@ -12,3 +22,68 @@ async def fake():
     """A fresh fake Discord server on loopback for one test."""
     async with FakeDiscord() as server:
         yield server
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A private Redis server on loopback (Debian's redis-server; `.ci/run` installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+class CeleryWorkers:
+    """`python -m trainer worker` processes on the CPU with the tiny model, as an operator starts them."""
+
+    def __init__(self, redis_url: str, root: Path) -> None:
+        self.redis_url, self.root = redis_url, root
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "--log-level", "WARNING", "worker", "--redis-url", self.redis_url,
+             "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
+             "--class-cache", str(self.root / "class-cache")], env=env, cwd=Path(__file__).parent.parent)
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(10)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def celery_workers(redis_url, tmp_path):
+    workers = CeleryWorkers(redis_url, tmp_path / "workers")
+    try:
+        yield workers
+    finally:
+        workers.stop()

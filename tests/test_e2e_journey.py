@@ -42,9 +42,18 @@ def files_of(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_path):
+@pytest.fixture(params=["local", "celery"])
+def backend(request) -> dict:
+    """The same journey with the default local workers and with JOB_BACKEND=celery (Redis + a worker)."""
+    if request.param == "local":
+        return {}
+    request.getfixturevalue("celery_workers").start("w1")
+    return {"job_backend": "celery", "redis_url": request.getfixturevalue("redis_url")}
+
+
+async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_path, backend):
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
-    settings = e2e_settings(fake, tmp_path)
+    settings = e2e_settings(fake, tmp_path, **backend)
     dm = fake.dm_channel_of(alice)
     lag = LoopLag()
     first = BotProcess(fake, settings)
@@ -78,7 +87,7 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert "Training queued (position 1)" in await answered(fake, train)
         again = await fake.invoke_command(alice, "train")
         assert "already training or waiting" in await answered(fake, again)
-        done = await fake.wait_for_message(dm, lambda m: m.from_bot and "Here is" in m.content, timeout=300)
+        done = await fake.wait_for_message(dm, lambda m: m.from_bot and "Here is" in m.content, timeout=120)
         train_seconds = time.monotonic() - started
         await lag.stop()
         assert "Here is **zqalice**" in done.content and "/imagine prompt:" in done.content
@@ -169,7 +178,8 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert files_of(tmp_path / "users") == []
 
         async def personal_files() -> list[str]:  # all that may stay: the database and shared class images
-            return [f for f in files_of(tmp_path) if not f.startswith(("avatar.db", "shared/class_images/"))]
+            shared = ("avatar.db", "shared/class_images/", "workers/class-cache/")
+            return [f for f in files_of(tmp_path) if not f.startswith(shared)]
 
         async def none_left() -> bool:
             return not await personal_files()

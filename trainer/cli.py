@@ -202,6 +202,18 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def cmd_worker(args: argparse.Namespace) -> list[str]:
+    from trainer.celery_worker import default_name, serve
+    from trainer.runner import WorkerConfig
+
+    name = args.name or default_name()
+    work = args.work_dir or Path("worker-data") / name
+    serve(WorkerConfig(base_model=args.model, device=args.device, work_dir=str(work / "work"),
+                       class_cache_dir=str(args.class_cache), log_level=args.log_level.upper()),
+          args.redis_url, name)
+    return [f"worker {name} stopped"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO")
@@ -249,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--negative", help="negative prompt")
     im.add_argument("--device", default="auto")
     im.set_defaults(func=cmd_imagine)
+
+    wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis")
+    wk.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    wk.add_argument("--model", default=os.environ.get("BASE_MODEL", DEFAULT_MODEL),
+                    help="the same base model as the bot's BASE_MODEL")
+    wk.add_argument("--device", default=os.environ.get("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    wk.add_argument("--name", help="unique worker name (default: host name and process id)")
+    wk.add_argument("--work-dir", type=Path, help="scratch space (default: worker-data/NAME)")
+    wk.add_argument("--class-cache", type=Path, default=default_class_cache())
+    wk.set_defaults(func=cmd_worker)
     return parser
 
 

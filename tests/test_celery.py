@@ -1,0 +1,105 @@
+"""The Celery backend: a real Redis server and real `python -m trainer worker` processes on the CPU.
+
+The bot's scheduler and storage drive a `CeleryRunner`, as with JOB_BACKEND=celery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from bot.config import Settings
+from bot.scheduler import Scheduler
+from storage import jobs as jobs_db
+from storage.store import Storage
+from tests.e2e import eventually, finished_job, selfie
+from trainer.celery_runner import CeleryRunner
+
+pytestmark = pytest.mark.slow
+
+
+class Observed:
+    """The scheduler's observer: every event per job, in order."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, list[dict]] = {}
+
+    async def job_updated(self, job, event) -> None:
+        self.events.setdefault(job.id, []).append({**event, "progress": dict(job.progress)})
+
+    async def job_finished(self, job, outcome) -> None:
+        self.events.setdefault(job.id, []).append({"type": "finished", "state": job.state})
+
+
+async def add_person(store: Storage, user_id: int, handle: str) -> None:
+    from storage import users as users_db
+    from storage.accept import accept_photo
+    from storage.intake import IntakeLimits
+
+    await users_db.set_handle(store.db, user_id, handle, "person")
+    for i in range(5):
+        await accept_photo(store, user_id, selfie(i + user_id % 7), f"{i}.jpg", IntakeLimits(), max_photos=30)
+
+
+@pytest.fixture
+async def pool(tmp_path, redis_url, celery_workers):
+    settings = replace(Settings(), data_dir=tmp_path / "bot", base_model="tiny", job_backend="celery",
+                       redis_url=redis_url, train_steps=60, train_resolution=64, train_rank=4,
+                       train_learning_rate=1e-3, class_images=2, train_checkpoint_every=4, train_preview_every=0)
+    store = await Storage.open(settings.data_dir)
+    runner, observed = CeleryRunner(redis_url), Observed()
+    scheduler = Scheduler(store, runner, settings, observed)
+    for name in ("w1", "w2"):
+        celery_workers.start(name)
+    await scheduler.start()
+
+    async def both_up():
+        return len(runner.workers) == 2
+    assert await eventually(both_up, timeout=120), "the two workers never reported"
+    try:
+        yield store, runner, scheduler, observed, celery_workers
+    finally:
+        await scheduler.stop()
+        await store.close()
+
+
+async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_pictures(pool):
+    store, runner, scheduler, observed, _ = pool
+    await add_person(store, 1, "zqalice")
+    await add_person(store, 2, "zqbobby")
+    a, _ = await scheduler.enqueue_train(1)
+    b, _ = await scheduler.enqueue_train(2)
+    a, b = [await eventually(lambda j=j: finished_job(store, j.id), timeout=300) for j in (a, b)]
+    assert (a.state, b.state) == ("succeeded", "succeeded"), (a.error, b.error)
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at  # side by side on two workers
+
+    jobs = [(await scheduler.enqueue_generate(user, {"prompt": "on the moon", "num_images": 1, "seed": 5}))[0]
+            for user in (1, 2)]
+    done = [await eventually(lambda j=j: finished_job(store, j.id), timeout=120) for j in jobs]
+    assert [j.state for j in done] == ["succeeded", "succeeded"]
+    from storage import generations as generations_db
+
+    pictures = [await generations_db.get_generation(store.db, j.result["generation_id"]) for j in done]
+    assert [p.owner for p in pictures] == [1, 2]
+    images = [store.files.read(p.paths[0], p.owner) for p in pictures]
+    assert images[0] != images[1]  # same prompt and seed, each with their own LoRA
+
+
+async def test_a_worker_killed_mid_training_hands_the_job_to_the_other_from_its_checkpoint(pool):
+    store, runner, scheduler, observed, workers = pool
+    await add_person(store, 1, "zqalice")
+    job, _ = await scheduler.enqueue_train(1)
+
+    async def checkpointed():
+        current = await jobs_db.get_job(store.db, job.id)
+        return current if current.checkpoint_path and current.state == "running" else None
+    assert await eventually(checkpointed, timeout=300)
+    victim = runner._running_on[job.id]
+    workers.kill(victim)
+
+    finished = await eventually(lambda: finished_job(store, job.id), timeout=300)
+    assert finished.state == "succeeded" and finished.attempts == 2, finished.error
+    resumed = [e for e in observed.events[job.id] if e.get("detail", "").startswith("resumed at step")]
+    assert resumed, "the second attempt did not resume from the checkpoint"
+    assert victim not in runner.workers and len(runner.workers) == 1  # its heartbeat stopped

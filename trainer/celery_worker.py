@@ -1,0 +1,197 @@
+"""A GPU worker on any machine, fed through Celery and Redis: `python -m trainer worker`.
+
+Each worker process owns one device, keeps the base model loaded and runs one job at a time (Celery's
+solo pool, prefetch 1), with the same `trainer.worker.Worker` code as the local runner. Jobs arrive
+self-contained (photo and LoRA bytes inside, JSON with base64 bytes, see `trainer.wire`); events and
+results go back on a Redis list the bot reads, so a worker needs no shared disk and no database.
+
+Redis keys (all under `avatar:`):
+- `avatar:events` — a list of `{"job_id", "token", "worker", "event"}` the bot pops;
+- `avatar:worker:<name>` — this worker's heartbeat, refreshed every second, expiring after a few:
+  the bot sees a worker die by its key expiring;
+- `avatar:job:<id>:token` — the bot's token for the current attempt of a job. A worker runs a job
+  only while its message carries that token, so a message that Redis re-delivers after its worker
+  died, or an attempt the bot has since replaced, stops without running to completion twice;
+- `avatar:cancel:<id>` — set by the bot to cancel a job between steps;
+- `avatar:evict:<name>` — LoRA keys this worker must forget (a person asked to be forgotten).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import redis
+from celery import Celery
+
+from trainer import events, wire
+from trainer.errors import Cancelled
+from trainer.events import Event
+
+if TYPE_CHECKING:
+    from trainer.runner import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+TASK = "avatar.run_job"
+SHARED_QUEUE = "avatar.jobs"
+EVENTS = "avatar:events"
+HEARTBEAT_S = 1.0
+WORKER_TTL_S = 5  # a worker silent this long is taken for dead
+TOKEN_TTL_S = 7 * 24 * 3600
+# Redis re-delivers an unacknowledged job after this long; longer than the longest training, so a
+# job is re-delivered only when its worker died (the bot has usually re-queued it long before).
+VISIBILITY_TIMEOUT_S = 6 * 3600
+CANCEL_POLL_S = 0.5
+
+
+def worker_queue(name: str) -> str:
+    return f"avatar.worker.{name}"
+
+
+def worker_key(name: str) -> str:
+    return f"avatar:worker:{name}"
+
+
+def token_key(job_id: int) -> str:
+    return f"avatar:job:{job_id}:token"
+
+
+def cancel_key(job_id: int) -> str:
+    return f"avatar:cancel:{job_id}"
+
+
+def evict_key(name: str) -> str:
+    return f"avatar:evict:{name}"
+
+
+def make_app(redis_url: str) -> Celery:
+    """The Celery app both sides use, with the settings long GPU jobs need."""
+    app = Celery("avatar", broker=redis_url)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], task_default_queue=SHARED_QUEUE,
+        task_acks_late=True,  # acknowledged when done: a worker that dies leaves its job in Redis
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a busy worker holds no other job hostage
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class CeleryWorker:
+    """The task body, the heartbeat and evictions around one `trainer.worker.Worker`."""
+
+    def __init__(self, config: WorkerConfig, name: str, redis_url: str) -> None:
+        from trainer.worker import Worker
+
+        self.config, self.name = config, name
+        self.redis = redis.Redis.from_url(redis_url)
+        self.worker = Worker(config)
+        self.current: int | None = None
+        self._evicted: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # ---- heartbeat ---------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.redis.set(worker_key(self.name), wire.dumps({"busy": self.current}), ex=WORKER_TTL_S)
+                while (key := self.redis.lpop(evict_key(self.name))) is not None:
+                    key = key.decode()
+                    self.worker.adapter_file(key).unlink(missing_ok=True)  # the file goes at once
+                    with self._lock:
+                        self._evicted.append(key)
+            except redis.RedisError as exc:
+                log.warning("heartbeat to Redis failed: %s", exc)
+            self._stop.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.redis.delete(worker_key(self.name))
+
+    def _apply_evictions(self) -> None:
+        """Unload forgotten adapters from the engine; only between jobs, when nothing uses them."""
+        with self._lock:
+            keys, self._evicted = self._evicted, []
+        for key in keys:
+            self.worker.evict(key)
+
+    # ---- the task ----------------------------------------------------------------------------
+    def run(self, payload: str, token: str) -> None:
+        item = wire.item_from_dict(wire.loads(payload))
+        job_id = item.job_id
+        self._apply_evictions()
+        if not self._current_attempt(job_id, token):
+            log.info("job %d: this message is an old attempt; dropped", job_id)
+            return
+
+        def emit(event: Event) -> None:
+            self.redis.rpush(EVENTS, wire.dumps({"job_id": job_id, "token": token, "worker": self.name,
+                                                 "event": event}))
+
+        last_poll, cancelled = 0.0, False
+
+        def should_cancel() -> bool:
+            nonlocal last_poll, cancelled
+            now = time.monotonic()
+            if not cancelled and now - last_poll >= CANCEL_POLL_S:
+                last_poll = now
+                cancelled = bool(self.redis.exists(cancel_key(job_id))) or not self._current_attempt(job_id, token)
+            return cancelled
+
+        from trainer.worker import describe_failure
+
+        self.current = job_id
+        emit({"type": "claimed"})  # tells the bot which worker runs it, so it notices if this one dies
+        try:
+            if should_cancel():
+                raise Cancelled()
+            emit(events.done(self.worker.run(item, emit, should_cancel)))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            emit(describe_failure(exc))
+        finally:
+            self.current = None
+            self._apply_evictions()
+
+    def _current_attempt(self, job_id: int, token: str) -> bool:
+        stored = self.redis.get(token_key(job_id))
+        return stored is not None and stored.decode() == token
+
+
+def serve(config: WorkerConfig, redis_url: str, name: str | None = None) -> None:
+    """Run a Celery worker for the bot's jobs in this process until it is stopped."""
+    name = name or default_name()
+    app = make_app(redis_url)
+    body = CeleryWorker(config, name, redis_url)
+
+    @app.task(name=TASK)
+    def run_job(payload: str, token: str) -> None:
+        body.run(payload, token)
+
+    body.worker.pipeline  # noqa: B018 - load the model before taking the first job
+    body.start_heartbeat()
+    log.info("worker %s on %s, queues %s and %s", name, config.device, SHARED_QUEUE, worker_queue(name))
+    try:
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1",
+                         f"--hostname={name}@%h", "-Q", f"{SHARED_QUEUE},{worker_queue(name)}",
+                         "--without-gossip", "--without-mingle", "--without-heartbeat",
+                         f"--loglevel={config.log_level}"])
+    finally:
+        body.stop()
+

@@ -105,8 +105,11 @@ class Scheduler:
         while True:
             # Woken by new jobs and finished ones; the timeout also notices capacity that appears on
             # its own (a remote worker joining the pool).
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and stop() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), DISPATCH_POLL_S)
+                async with asyncio.timeout(DISPATCH_POLL_S):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._dispatch()

@@ -128,7 +128,8 @@ class BotProcess:
 
     async def stop(self) -> None:
         if self.bot is not None:
-            await self.bot.close()
+            async with asyncio.timeout(60):  # a shutdown that hangs fails the test instead of stalling it
+                await self.bot.close()
         if self._task is not None:
             await asyncio.wait_for(self._task, 30)
         if self.store is not None:

@@ -10,11 +10,13 @@ from dataclasses import replace
 import pytest
 
 from bot.config import Settings
-from bot.scheduler import Scheduler
+from bot.scheduler import Scheduler, adapter_key
 from storage import jobs as jobs_db
 from storage.store import Storage
 from tests.e2e import eventually, finished_job, selfie
+from trainer import wire
 from trainer.celery_runner import CeleryRunner
+from trainer.celery_worker import worker_queue
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +86,20 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
     assert [p.owner for p in pictures] == [1, 2]
     images = [store.files.read(p.paths[0], p.owner) for p in pictures]
     assert images[0] != images[1]  # same prompt and seed, each with their own LoRA
+
+    # Alice's next picture goes to the worker that already holds her LoRA, without the file.
+    key = adapter_key(pictures[0].model_id)
+    [holder] = [name for name, known in runner._workers.items() if key in known.adapters]
+    sent, send_task = [], runner.app.send_task
+
+    def recording(*args, **kwargs):
+        sent.append((kwargs["queue"], wire.loads(kwargs["args"][0])["blobs"]))
+        return send_task(*args, **kwargs)
+
+    runner.app.send_task = recording
+    again, _ = await scheduler.enqueue_generate(1, {"prompt": "on the moon", "num_images": 1, "seed": 6})
+    assert (await eventually(lambda: finished_job(store, again.id), timeout=120)).state == "succeeded"
+    assert sent[0][0] == worker_queue(holder) and "lora" not in sent[0][1]
 
 
 async def test_a_worker_killed_mid_training_hands_the_job_to_the_other_from_its_checkpoint(pool):

@@ -3,13 +3,7 @@
 # and accelerate but no diffusers: the wheels in .whl/ (see bench/README.md) are installed first.
 # Results land in $OUT (or ./bench-out): train.json, generate.json and the logs.
 set -uo pipefail
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m bench.train_speed --json "$OUT/train.json" "$@" 2>&1 | tee "$OUT/train.log"

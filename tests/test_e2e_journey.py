@@ -16,26 +16,18 @@ from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import photos as photos_db
 from storage import users as users_db
-from tests.e2e import BotProcess, LoopLag, e2e_settings, eventually, running_bot, selfie
+from tests.e2e import BotProcess, LoopLag, e2e_settings, eventually, last_text, running_bot, selfie
 from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-EPHEMERAL = 1 << 6
-
-
-
-def answer(interaction) -> str:
-    """The text a person finally sees for an interaction: the last message the bot wrote for it."""
-    messages = [r.message for r in interaction.responses if r.message is not None]
-    return messages[-1].content if messages else ""
 
 
 async def answered(fake: FakeDiscord, interaction, timeout: float = 30) -> str:
     """Wait for the interaction's visible answer (a deferred 'thinking' state does not count)."""
-    await fake.wait_for(lambda: answer(interaction), timeout=timeout)
-    return answer(interaction)
+    await fake.wait_for(lambda: last_text(interaction), timeout=timeout)
+    return last_text(interaction)
 
 
 def files_of(root) -> list[str]:

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING
 import redis
 from celery import Celery
 
-from trainer import events, wire
-from trainer.errors import Cancelled
+from trainer import wire
 from trainer.events import Event
 
 if TYPE_CHECKING:
@@ -153,18 +152,10 @@ class CeleryWorker:
                 cancelled = bool(self.redis.exists(cancel_key(job_id))) or not self._current_attempt(job_id, token)
             return cancelled
 
-        from trainer.worker import describe_failure
-
         self.current = job_id
         emit({"type": "claimed"})  # tells the bot which worker runs it, so it notices if this one dies
         try:
-            if should_cancel():
-                raise Cancelled()
-            emit(events.done(self.worker.run(item, emit, should_cancel)))
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            emit(describe_failure(exc))
+            self.worker.execute(item, emit, should_cancel)
         finally:
             self.current = None
             self._apply_evictions()

@@ -115,6 +115,27 @@ class Worker:
             return self._generate(item, emit, should_cancel)
         raise TrainerError(f"Unknown job kind {item.kind!r}.", "bad_job")
 
+    def execute(self, item: WorkItem, emit: EventSink, should_cancel: Callable[[], bool],
+                between_steps: Callable[[], None] | None = None, *,
+                stopping: Callable[[], bool] = lambda: False) -> bool:
+        """Run `item` and report its outcome through `emit`: `done`, or an `error` a person can read.
+
+        False when `stopping()` says the worker is shutting down: then nothing is reported, the job
+        stays running for the bot, which resumes it from its checkpoint later or elsewhere.
+        """
+        try:
+            if should_cancel():
+                raise Cancelled()
+            emit(events.done(self.run(item, emit, should_cancel, between_steps)))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            if stopping():
+                log.info("job %d interrupted by shutdown; it resumes from its checkpoint", item.job_id)
+                return False
+            emit(describe_failure(exc))
+        return True
+
     def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any,
                between_steps: Callable[[], None] | None) -> dict[str, Any]:
         from trainer.dreambooth import TrainConfig, train
@@ -314,22 +335,11 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             return job_id in cancelled or stopping.is_set()
 
         try:
-            if should_cancel():
-                raise Cancelled()
-            result = worker.run(item, lambda event: send(job_id, event), should_cancel,
-                                between_steps=serve_waiting if item.kind == "train" else None)
-            send(job_id, events.done(result))
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            if stopping.is_set():
-                log.info("job %d interrupted by shutdown; it resumes from its checkpoint on the next start",
-                         job_id)
-                return False
-            send(job_id, describe_failure(exc))
+            return worker.execute(item, lambda event: send(job_id, event), should_cancel,
+                                  between_steps=serve_waiting if item.kind == "train" else None,
+                                  stopping=stopping.is_set)
         finally:
             cancelled.discard(job_id)
-        return True
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
     try:

@@ -37,8 +37,8 @@ MAX_ATTEMPTS = 2  # a worker lost twice on one job: that job is probably what ki
 MAX_RESTARTS = 5  # a job interrupted by this many bot restarts is failed instead of re-queued
 LEASE_SECONDS = 600.0
 PROGRESS_WRITE_INTERVAL_S = 1.0
-SUBMIT_RETRY_S = 0.5
-DISPATCH_POLL_S = 2.0  # after a failed hand-over, time for the runner to replace the worker
+SUBMIT_RETRY_S = 0.5  # after a failed hand-over, time for the runner to replace the worker
+DISPATCH_POLL_S = 2.0  # how often the loop also looks for capacity that appeared on its own
 
 
 class Refused(Exception):
@@ -103,10 +103,9 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            # Woken by new jobs and finished ones; the timeout also notices capacity that appears on
-            # its own (a remote worker joining the pool).
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
-            # arrives as the event is set, and stop() would then wait for this loop forever.
+            # Woken by new and finished jobs; the timeout notices capacity that appears on its own (a
+            # remote worker joining). asyncio.timeout, not wait_for: on Python 3.11 wait_for can
+            # swallow a cancellation that arrives as the event is set, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DISPATCH_POLL_S):
                     await self._wake.wait()

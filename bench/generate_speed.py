@@ -1,21 +1,26 @@
-"""Generation speed: the engine's resident LoRA adapters against loading a LoRA per request, in one process.
+"""Generation speed: the engine (merged LoRAs, CUDA graphs) against loading a LoRA per request, in one process.
 
 Two people's LoRAs (random weights, rank 16 on the UNet's attention projections, diffusers format) are
 served alternately, as a shared bot serves consecutive requests from different people:
 
 - baseline: a plain `StableDiffusionPipeline`, per request `load_lora_weights(path)`, generate,
   `unload_lora_weights()`, then the PNG encoded with PIL's default settings;
-- ours: `trainer.engine.GenerationEngine` with both adapters resident (each request only switches the
-  active adapter), returning PNG bytes as the bot receives them.
+- ours: `trainer.engine.GenerationEngine` with both LoRAs resident (each request merges its person's
+  update into the weights and restores them after; on CUDA the UNet and VAE decoder replay CUDA
+  graphs), returning PNG bytes as the bot receives them; on CUDA also without graphs, to show their share.
 
 Both sample with the same scheduler (the engine's default, DPM-Solver++ 2M Karras, built from the same
 config) for the same number of steps, at the same size, guidance and CPU-generator seeds, so the
-denoising work is identical; what differs is the LoRA handling around it (and the PNG compression level).
+denoising work is identical; what differs is how the LoRA and the kernels are handled (and the PNG
+compression level). The output also compares the pictures: mean absolute pixel difference between
+ours and the baseline for the same request (bf16 rounding differs between a merged weight and
+PEFT's separate low-rank path), and between ours with and without graphs.
 
 Figures: seconds per image (one request, n=1), seconds per batch of 4 (one request, n=4), the LoRA
-switch time (ours: making another resident adapter active; baseline: load + unload), the time to load
-a LoRA the first time, and peak GPU memory. Each time is the median of timed runs after one untimed
-warm-up, with `torch.cuda.synchronize` around each, and is printed with the ratio baseline / ours.
+switch time (ours: merging a resident LoRA and restoring the weights; baseline: load + unload), the
+time to load a LoRA the first time, the one-off graph capture time, and peak GPU memory. Each time is
+the median of timed runs after one untimed warm-up, with `torch.cuda.synchronize` around each, and is
+printed with the ratio baseline / ours.
 
     python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
     python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -35,10 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image
 
+from bench.train_speed import plain_layout
 from trainer.dreambooth import TrainConfig
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.family import family_of
@@ -47,6 +56,16 @@ from trainer.models import load_pipeline, pick_device, pick_dtype
 from trainer.schedulers import DEFAULT_SCHEDULER, SchedulerCache
 
 PROMPT = "a photo of sks woman on a beach at sunset"
+
+
+class _UnetOnlyLoraNotice(logging.Filter):
+    """diffusers warns on every baseline load of a LoRA without text-encoder weights, as these are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_UnetOnlyLoraNotice())
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.0
 USERS = ("alice", "bob")
@@ -78,6 +97,10 @@ def make_random_lora(pipe: DiffusionPipeline, out_dir: Path, seed: int, rank: in
     metadata = {"handle": "sks", "class_word": "woman", "rank": str(rank), "alpha": str(rank),
                 "base_model": "random"}
     return save_diffusers(out_dir, family_of(pipe), {"unet": state}, {"unet": config}, metadata)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
 
 
 def sync(device: torch.device) -> None:
@@ -190,47 +213,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Baseline first: its unload_lora_weights removes every LoRA layer, the engine's would go too.
         baseline: dict[str, Any] = {}
         plain = Baseline(pipe, size, args.steps)
-        report(baseline, "base model, no LoRA at all (reference)", "image_no_lora_s",
-               median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
-        report(baseline, "baseline: load_lora_weights", "first_load_s",
-               median_then(lambda i: plain.load(loras[user(i)]), lambda _i: plain.unload(), args.switches,
-                           device))
-        report(baseline, "baseline: switch (load + unload)", "switch_s",
-               median_of(lambda i: (plain.load(loras[user(i)]), plain.unload()), args.switches, device))
-        reset_peak(device)
-        report(baseline, "baseline: image (n=1, load+generate+unload)", "image_s",
-               median_of(lambda i: plain.request(loras[user(i)], 1, max(i, 0)), args.repeats, device))
-        report(baseline, "baseline: batch of 4 (load+generate+unload)", "batch4_s",
-               median_of(lambda i: plain.request(loras[user(i)], 4, max(i, 0)), args.repeats, device))
-        baseline["peak_mib"] = peak_mib(device)
-        plain.load(loras[USERS[0]])
-        report(baseline, "baseline: image, LoRA kept loaded (reference)", "image_generate_only_s",
-               median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
-        plain.unload()
+        with plain_layout(pipe):  # the baseline runs the UNet as diffusers loads it (NCHW)
+            report(baseline, "base model, no LoRA at all (reference)", "image_no_lora_s",
+                   median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
+            report(baseline, "baseline: load_lora_weights", "first_load_s",
+                   median_then(lambda i: plain.load(loras[user(i)]), lambda _i: plain.unload(), args.switches,
+                               device))
+            report(baseline, "baseline: switch (load + unload)", "switch_s",
+                   median_of(lambda i: (plain.load(loras[user(i)]), plain.unload()), args.switches, device))
+            reset_peak(device)
+            report(baseline, "baseline: image (n=1, load+generate+unload)", "image_s",
+                   median_of(lambda i: plain.request(loras[user(i)], 1, max(i, 0)), args.repeats, device))
+            report(baseline, "baseline: batch of 4 (load+generate+unload)", "batch4_s",
+                   median_of(lambda i: plain.request(loras[user(i)], 4, max(i, 0)), args.repeats, device))
+            baseline["peak_mib"] = peak_mib(device)
+            plain.load(loras[USERS[0]])
+            report(baseline, "baseline: image, LoRA kept loaded (reference)", "image_generate_only_s",
+                   median_of(lambda i: plain.generate(1, max(i, 0)), args.repeats, device))
+            plain.unload()
 
         ours: dict[str, Any] = {}
 
-        # A person's first request: their file is read and becomes a resident adapter (then evicted again).
+        # A person's first request: their file is read and becomes resident (then evicted again).
         report(ours, "ours: first load of a LoRA", "first_load_s",
-               median_then(lambda i: engine._activate(f"new-{i}", loras[user(i)]),
+               median_then(lambda i: engine._load(f"new-{i}", loras[user(i)]),
                            lambda i: engine.evict(f"new-{i}"), args.switches, device))
-        for u in USERS:
-            engine._activate(u, loras[u])
-        report(ours, "ours: switch between resident adapters", "switch_s",
-               median_of(lambda i: engine._activate(user(i), None), args.switches, device))
+        resident = {u: engine._load(u, loras[u]) for u in USERS}
+
+        def switch(i: int) -> None:
+            with engine._applied(resident[user(i)]):  # merged in, graphs installed, then restored
+                pass
+
+        report(ours, "ours: switch (merge a resident LoRA + restore)", "switch_s",
+               median_of(switch, args.switches, device))
         reset_peak(device)
 
-        def ask(n: int, i: int) -> list[Any]:
+        def ask(n: int, i: int, on: GenerationEngine = engine) -> list[Any]:
             request = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=n, seed=max(i, 0),
                                       steps=args.steps, guidance=GUIDANCE)
-            return engine.generate(request, adapter_key=user(i), lora_path=loras[user(i)])
+            return on.generate(request, adapter_key=user(i), lora_path=loras[user(i)])
 
-        report(ours, "ours: image (n=1, adapter switched)", "image_s",
+        report(ours, "ours: image (n=1, person switched)", "image_s",
                median_of(lambda i: ask(1, i), args.repeats, device))
-        report(ours, "ours: batch of 4 (adapter switched)", "batch4_s",
+        report(ours, "ours: batch of 4 (person switched)", "batch4_s",
                median_of(lambda i: ask(4, i), args.repeats, device))
         ours["peak_mib"] = peak_mib(device)
         ours["resident_adapters"] = len(engine.loaded_adapters)
+        ours["graph_capture_s"] = engine.graph_capture_s
+        print(f"{'ours: CUDA graph capture (once per shape)':<46} {engine.graph_capture_s * 1000:10.1f} ms",
+              flush=True)
+
+        # Quality: the same request through the baseline (PEFT layers, eager) and through the engine.
+        mine = [pixels(png) for png in (ask(1, 0)[0].png, ask(4, 1)[0].png)]
+        theirs = [pixels(plain.request(loras[user(0)], 1, 0)[0]), pixels(plain.request(loras[user(1)], 4, 1)[0])]
+        ours["pixel_diff_vs_baseline"] = [float(np.abs(a - b).mean()) for a, b in zip(mine, theirs, strict=True)]
+        print(f"mean |ours - baseline| per pixel (0-255), n=1 and n=4: "
+              f"{', '.join(f'{d:.2f}' for d in ours['pixel_diff_vs_baseline'])}", flush=True)
+        if engine.graph_capture_s:
+            eager = GenerationEngine(pipe, cuda_graphs=False)
+            report(ours, "ours without CUDA graphs: image (n=1)", "image_no_graphs_s",
+                   median_of(lambda i: ask(1, i, eager), args.repeats, device))
+            report(ours, "ours without CUDA graphs: batch of 4", "batch4_no_graphs_s",
+                   median_of(lambda i: ask(4, i, eager), args.repeats, device))
+            ours["pixel_diff_graphs_vs_eager"] = float(np.abs(pixels(ask(1, 0, eager)[0].png) - mine[0]).mean())
+            print(f"mean |graphs - eager| per pixel: {ours['pixel_diff_graphs_vs_eager']:.3f}", flush=True)
 
     ratios = {key: baseline[key] / ours[key] for key in ("image_s", "batch4_s", "switch_s", "first_load_s")}
     for key, ratio in ratios.items():

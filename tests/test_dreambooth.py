@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,32 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_bf16_training_keeps_fp32_masters_resumes_exactly_and_tracks_fp32(tmp_path: Path) -> None:
+    """Under bf16 the LoRA layers compute in bf16 while the optimiser updates fp32 master weights."""
+    config = small(steps=6, checkpoint_every=3, prior_preservation=False, learning_rate=1e-2)
+    seen: list[torch.dtype] = []
+    pipe = build_random_pipeline("tiny", dtype=torch.bfloat16)
+    bf16 = run_train(tmp_path, replace(config, mixed_precision="bf16"), pipe=pipe, tag="bf16",
+                     between_steps=lambda: seen.append(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+                                                       .attn1.to_q.lora_A["dreambooth"].weight.dtype))
+    assert set(seen) == {torch.bfloat16}
+    saved = load_file(bf16.lora_path)
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the masters, not their bf16 rounding
+    assert load_checkpoint(tmp_path / "bf16" / "work" / CHECKPOINT_NAME).params  # fp32 masters in checkpoints
+
+    moved = tmp_path / "carried.safetensors"
+    moved.write_bytes((tmp_path / "bf16" / "work" / CHECKPOINT_NAME).read_bytes())
+    resumed = run_train(tmp_path, replace(config, mixed_precision="bf16"), tag="resumed", resume_from=moved,
+                        pipe=build_random_pipeline("tiny", dtype=torch.bfloat16))
+    assert resumed.losses == bf16.losses
+    again = load_file(resumed.lora_path)
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+
+    fp32 = run_train(tmp_path, replace(config, mixed_precision="no"), tag="fp32")
+    assert torch.allclose(torch.tensor(bf16.losses), torch.tensor(fp32.losses), rtol=0.1, atol=0.02), (
+        bf16.losses, fp32.losses)
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path: Path) -> None:

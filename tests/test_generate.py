@@ -22,7 +22,7 @@ from bench import generate_speed
 from tests.test_dreambooth import CLASS, HANDLE, make_photos, small
 from trainer import prompts
 from trainer.dreambooth import train
-from trainer.engine import GeneratedImage, GenerateRequest, GenerationEngine, adapter_name, image_size
+from trainer.engine import GeneratedImage, GenerateRequest, GenerationEngine, image_size
 from trainer.errors import Cancelled, PromptTooLong, TrainerError
 from trainer.models import build_random_pipeline
 from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
@@ -163,13 +163,11 @@ def test_no_adapter_after_a_lora_gives_the_base_picture(loras: Loras, refs: Refe
 
 def test_the_least_recently_used_adapter_is_evicted(loras: Loras, refs: References) -> None:
     engine = make_engine(max_loaded_adapters=2)
-    pipe_adapters = engine._text.get_list_adapters
     engine.generate(REQUEST, adapter_key="a", lora_path=loras.a, **PERSON)
     engine.generate(REQUEST, adapter_key="b", lora_path=loras.b, **PERSON)
     engine.generate(REQUEST, adapter_key="a", **PERSON)  # A is now the most recently used
     engine.generate(REQUEST, adapter_key="c", lora_path=loras.c, **PERSON)
     assert engine.loaded_adapters == ["a", "c"]
-    assert adapter_name("b") not in pipe_adapters()["unet"]
     with pytest.raises(TrainerError) as missing:
         engine.generate(REQUEST, adapter_key="b", **PERSON)
     assert missing.value.code == "missing_lora"
@@ -180,7 +178,6 @@ def test_the_least_recently_used_adapter_is_evicted(loras: Loras, refs: Referenc
     engine.evict("c")
     engine.evict("never-loaded")  # ignored
     assert engine.loaded_adapters == ["b"]
-    assert pipe_adapters()["unet"] == [adapter_name("b")]
     with pytest.raises(TrainerError, match="not loaded") as evicted:
         engine.generate(REQUEST, adapter_key="c", **PERSON)
     assert evicted.value.code == "missing_lora"
@@ -192,12 +189,6 @@ def test_a_missing_adapter_without_a_file_is_refused() -> None:
         engine.generate(REQUEST, adapter_key="nobody", **PERSON)
     assert caught.value.code == "missing_lora" and "try again" in caught.value.message
     assert engine.loaded_adapters == []
-
-
-def test_adapter_names_are_valid_and_distinct() -> None:
-    names = {adapter_name(k) for k in ("a", "a.b", "user:1", "user:2", "x" * 300)}
-    assert len(names) == 5 and all("." not in n and n.startswith("user_") for n in names)
-    assert adapter_name("a") == adapter_name("a")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other model"])
@@ -222,7 +213,6 @@ def test_a_damaged_lora_is_refused_and_the_engine_keeps_working(
     assert seen == []
     # Nothing of the bad file is left, and no resident adapter was given up for it.
     assert engine.loaded_adapters == ["a", "b"]
-    assert adapter_name("bad") not in {n for names in engine._text.get_list_adapters().values() for n in names}
     assert engine.generate(REQUEST, adapter_key="a", **PERSON)[0].png == refs.a.png
     assert engine.generate(REQUEST, adapter_key="b", **PERSON)[0].png == refs.b.png
     assert engine.generate(REQUEST, **PERSON)[0].png == refs.base.png

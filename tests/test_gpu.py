@@ -56,13 +56,15 @@ def test_train_then_generate_on_gpu(pipe, tmp_path):
     assert base[0].png != images[0].png
 
 
-def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path):
-    """The graphed step (TrainConfig.cuda_graphs, the GPU default) computes what the eager step does."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path, precision):
+    """The graphed step (TrainConfig.cuda_graphs, the GPU default) computes what the eager step does,
+    also in fp16, where the loss scale enters the graphed backward."""
     from dataclasses import replace
 
     from trainer.dreambooth import TrainConfig, train
 
-    config = TrainConfig(steps=12, prior_preservation=False, checkpoint_every=0)
+    config = TrainConfig(steps=12, prior_preservation=False, checkpoint_every=0, mixed_precision=precision)
     losses = {}
     for graphs in (True, False):
         result = train(_photos(), "zqjane", "woman", replace(config, cuda_graphs=graphs), pipeline=pipe,
@@ -102,3 +104,26 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
     assert torch.allclose(torch.tensor(shared.losses), torch.tensor(plain.losses), rtol=2e-2, atol=1e-3)
     again = engine.generate(request, adapter_key="jane", handle="zqjane", class_word="woman")[0].png
     assert (pixels(again) - pixels(served[0])).abs().mean() < 2
+
+
+def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pipe, tmp_path):
+    """The engine's CUDA graphs (captured once, then replayed with anyone's merged LoRA) change nothing."""
+    from bench.generate_speed import make_random_lora
+    from trainer.engine import GenerateRequest, GenerationEngine
+
+    loras = {name: make_random_lora(pipe, tmp_path / name, seed, rank=16) for seed, name in enumerate("ab")}
+    graphed, eager = GenerationEngine(pipe), GenerationEngine(pipe, cuda_graphs=False)
+    request = GenerateRequest(prompt="on the moon", seed=5, steps=8)
+
+    def pixels(png: bytes) -> torch.Tensor:
+        return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
+
+    seen = {}
+    for key in ("a", "b", "a", None):
+        fast = graphed.generate(request, adapter_key=key, lora_path=loras.get(key))[0].png
+        slow = eager.generate(request, adapter_key=key, lora_path=loras.get(key))[0].png
+        assert (pixels(fast) - pixels(slow)).abs().mean() < 1.0, key
+        seen.setdefault(key, fast)
+    assert graphed.graph_capture_s > 0 and eager.graph_capture_s == 0
+    assert (pixels(seen["a"]) - pixels(seen["b"])).abs().mean() > 2  # the graph follows the person
+    assert (pixels(seen["a"]) - pixels(seen[None])).abs().mean() > 2

@@ -175,7 +175,7 @@ def serve(config: WorkerConfig, redis_url: str, name: str | None = None) -> None
     def run_job(payload: str, token: str) -> None:
         body.run(payload, token)
 
-    body.worker.pipeline  # noqa: B018 - load the model before taking the first job
+    body.worker.prepare()  # load the model before taking the first job
     body.start_heartbeat()
     log.info("worker %s on %s, queues %s and %s", name, config.device, SHARED_QUEUE, worker_queue(name))
     try:

@@ -1,35 +1,35 @@
-"""Generation: one base pipeline kept loaded, each person's LoRA swapped in as a named adapter.
+"""Generation: one base pipeline kept loaded, each person's LoRA merged in for their request.
 
-Switching people is the hot path of a shared bot, so adapters stay resident: the first request of a
-person loads their LoRA with `load_lora_weights(path, adapter_name=...)`; later requests only make it
-the active adapter with `set_adapters` (a walk over the tuner layers, milliseconds, no weights read
-or copied). A least-recently-used list caps how many stay loaded; the oldest is deleted with
-`delete_adapters`. Only the active adapter is computed in a forward pass, so resident ones cost
-memory (a few MB each at rank 16), not time. Generation without a LoRA switches adapters off.
+Switching people is the hot path of a shared bot. A person's LoRA is read once (a few MB) and kept
+resident on the GPU in a least-recently-used list; for each request its update is merged into the base
+weights and the original weights are copied back afterwards (trainer.merged_lora). The denoising loop
+therefore runs the plain base model, which on CUDA is replayed from CUDA graphs captured once per
+picture shape (trainer.graphs) for the UNet and the VAE decoder: a step is then bound by the GPU, not
+by Python launching a thousand kernels. Graphs see every person's weights because merging writes into
+the same storage, so switching person never re-captures.
 
-diffusers' LoRA hot-swap (`hotswap=True`) was not used: it reads the file and copies every LoRA weight
-on every switch, which buys nothing here; its purpose is to avoid recompiling a `torch.compile`d UNet,
-and this engine does not compile (compiling would recompile on every adapter switch).
+PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
+steps) are switched off for the generation and put back after it.
 
 Variations ("more like #N") run img2img from the same modules: the img2img pipeline object shares
-the text-to-image pipeline's components, so nothing is loaded twice and adapters apply to both.
+the text-to-image pipeline's components, so nothing is loaded twice and merged LoRAs apply to both.
 
-Thread safety: an engine is meant for one worker thread. The pipeline's modules, adapters and
+Thread safety: an engine is meant for one worker thread. The pipeline's modules, merged weights and
 schedulers are shared mutable state, so every public method takes the engine's lock; a second
 thread calling in waits for the current generation to finish.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import logging
 import secrets
 import threading
 import time
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,24 +43,15 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
 
-from trainer import events, prompts
+from trainer import adapters, events, merged_lora, prompts
 from trainer.errors import Cancelled, TrainerError
 from trainer.events import EventSink
+from trainer.graphs import PipelineGraphs
 from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
 
 log = logging.getLogger(__name__)
 
-
-class _UnetOnlyLoraNotice(logging.Filter):
-    """diffusers warns on every load of a LoRA without text-encoder weights, the trainer's default."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No LoRA keys associated to")
-
-
-logging.getLogger("diffusers.loaders.lora_base").addFilter(_UnetOnlyLoraNotice())
 
 Aspect = Literal["square", "portrait", "landscape"]
 ASPECTS: tuple[str, ...] = ("square", "portrait", "landscape")
@@ -146,9 +137,12 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def adapter_name(key: str) -> str:
-    """A valid, collision-free PEFT adapter name for any key (PEFT names may not contain dots)."""
-    return "user_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+def encode_pngs(images: list[Image.Image]) -> list[bytes]:
+    """PNG bytes of several pictures, encoded in parallel threads (zlib releases the GIL)."""
+    if len(images) == 1:
+        return [encode_png(images[0])]
+    with ThreadPoolExecutor(max_workers=len(images), thread_name_prefix="png") as pool:
+        return list(pool.map(encode_png, images))
 
 
 def _pipeline_classes(pipe: DiffusionPipeline) -> tuple[type, type, dict[str, Any]]:
@@ -165,7 +159,7 @@ class GenerationEngine:
     """Makes pictures with a base pipeline that is loaded once and people's LoRAs swapped in and out."""
 
     def __init__(self, pipeline: DiffusionPipeline, *, max_loaded_adapters: int = 8,
-                 base_resolution: int | None = None) -> None:
+                 base_resolution: int | None = None, cuda_graphs: bool = True) -> None:
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -178,7 +172,7 @@ class GenerationEngine:
         self._image: DiffusionPipeline | None = None
         self._text.set_progress_bar_config(disable=True)
         self._schedulers = SchedulerCache(pipeline.scheduler.config)
-        self._adapters: OrderedDict[str, str] = OrderedDict()  # key -> adapter name, oldest first
+        self._adapters: OrderedDict[str, merged_lora.Lora] = OrderedDict()  # key -> LoRA, oldest first
         self._lock = threading.Lock()
         self.max_loaded_adapters = max_loaded_adapters
         vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -187,8 +181,17 @@ class GenerationEngine:
         self.size_multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
         self.tokenizers = [t for t in (getattr(pipeline, "tokenizer", None),
                                        getattr(pipeline, "tokenizer_2", None)) if t is not None]
+        # Modules a LoRA may touch: the UNet and the text encoders (the trainer can train both).
+        self._lora_modules: dict[str, torch.nn.Module] = {
+            name: module for name in ("unet", "text_encoder", "text_encoder_2")
+            if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
+        self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
 
-    # ---- public helpers --------------------------------------------------------------------------
+    @property
+    def graph_capture_s(self) -> float:
+        """Seconds spent capturing CUDA graphs so far (once per picture shape)."""
+        return self._graphs.capture_s if self._graphs is not None else 0.0
+
     @property
     def loaded_adapters(self) -> list[str]:
         """Keys of the resident adapters, least recently used first."""
@@ -213,62 +216,68 @@ class GenerationEngine:
 
     # ---- adapters ----------------------------------------------------------------------------------
     def evict(self, adapter_key: str) -> None:
-        """Unload a person's adapter (their model was retrained or deleted); unknown keys are ignored."""
+        """Forget a person's LoRA (their model was retrained or deleted); unknown keys are ignored."""
         with self._lock:
-            name = self._adapters.pop(adapter_key, None)
-            if name is not None:
-                self._delete(name)
+            if self._adapters.pop(adapter_key, None) is not None:
                 log.info("unloaded adapter %s", adapter_key)
 
-    def _activate(self, key: str | None, lora_path: Path | None) -> None:
-        """Make `key`'s adapter the only active one (loading it if needed), or switch LoRA off."""
+    def _lora_for(self, key: str | None, lora_path: Path | None) -> merged_lora.Lora | None:
+        """`key`'s resident LoRA, read from `lora_path` first if needed; None for the base model."""
         if key is None:
-            if self._adapters:
-                self._text.disable_lora()
-            return
-        name = self._adapters.get(key)
-        if name is None:
-            if lora_path is None:
-                raise TrainerError("This model is not loaded on the GPU worker and its file did not come "
-                                   "with the request; please try again.", "missing_lora")
-            name = self._load(key, lora_path)
-        else:
+            return None
+        lora = self._adapters.get(key)
+        if lora is not None:
             self._adapters.move_to_end(key)
-        self._text.enable_lora()
-        self._text.set_adapters([name])
+            return lora
+        if lora_path is None:
+            raise TrainerError("This model is not loaded on the GPU worker and its file did not come "
+                               "with the request; please try again.", "missing_lora")
+        return self._load(key, lora_path)
 
-    def _load(self, key: str, path: Path) -> str:
-        # Evict only after the new adapter loaded: a damaged file must not cost a resident adapter.
-        # The cap is exceeded by one adapter (a few MB) for the duration of the load.
-        name = adapter_name(key)
+    def _load(self, key: str, path: Path) -> merged_lora.Lora:
+        # Evict only after the new LoRA was read: a damaged file must not cost a resident one.
         started = time.perf_counter()
         try:
-            self._text.load_lora_weights(str(path), adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-            self._discard(name)
-            log.warning("could not load LoRA %s: %s: %s", key, type(exc).__name__, exc)
+            lora = merged_lora.read_lora(path, self._lora_modules)
+        except merged_lora.UnusableLora as exc:
+            log.warning("could not load LoRA %s: %s", key, exc)
             raise TrainerError("This model's file could not be loaded into the base model here. It may be "
                                "damaged or made for a different base model; training it again fixes "
                                "that.", "bad_lora") from exc
-        self._adapters[key] = name
+        self._adapters[key] = lora
         while len(self._adapters) > self.max_loaded_adapters:
-            old_key, old_name = self._adapters.popitem(last=False)
-            self._delete(old_name)
+            old_key, _ = self._adapters.popitem(last=False)
             log.info("unloaded least recently used adapter %s", old_key)
-        log.info("loaded adapter %s in %.0f ms (%d resident)", key, (time.perf_counter() - started) * 1000,
-                 len(self._adapters))
-        return name
+        log.info("loaded adapter %s (%d layers, %.1f MB) in %.0f ms (%d resident)", key, len(lora.updates),
+                 lora.nbytes / 1e6, (time.perf_counter() - started) * 1000, len(self._adapters))
+        return lora
 
-    def _delete(self, name: str) -> None:
-        with warnings.catch_warnings():
-            # PEFT warns when the deleted adapter was the active one; the next request activates its own.
-            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            self._text.delete_adapters(name)
+    @contextlib.contextmanager
+    def _applied(self, lora: merged_lora.Lora | None) -> Iterator[None]:
+        """The pipeline computing with `lora` merged, PEFT layers off and CUDA graphs in place."""
+        states = {name: adapters.snapshot(module) for name, module in self._lora_modules.items()}
+        for name, state in states.items():
+            if state is not None:
+                adapters.set_enabled(self._lora_modules[name], False)
+        try:
+            with merged_lora.merged(lora), self._graphs.installed() if self._graphs else contextlib.nullcontext():
+                yield
+        finally:
+            for name, state in states.items():
+                if state is not None:
+                    adapters.set_enabled(self._lora_modules[name], state.enabled)
 
-    def _discard(self, name: str) -> None:
-        """Remove whatever part of adapter `name` a failed load left behind."""
-        if any(name in names for names in self._text.get_list_adapters().values()):
-            self._delete(name)
+    def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> float:
+        """Capture the graphs of square pictures for these counts now, so the first requests do not
+        pay for it; returns the seconds spent. Does nothing without CUDA graphs."""
+        if self._graphs is None:
+            return 0.0
+        started = time.monotonic()
+        for count in counts:
+            self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+        elapsed = time.monotonic() - started
+        log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
+        return elapsed
 
     # ---- generation --------------------------------------------------------------------------------
     def _image_pipeline(self) -> DiffusionPipeline:
@@ -305,7 +314,7 @@ class GenerationEngine:
             width, height = self.image_size(request.aspect)
             first = request.seed if request.seed is not None else secrets.randbelow(2**31)
             seeds = [first + i for i in range(request.num_images)]
-            self._activate(adapter_key, lora_path)
+            lora = self._lora_for(adapter_key, lora_path)
             # CPU generators: the starting noise, hence the picture for a seed, is the same on any device.
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             kwargs: dict[str, Any] = {
@@ -333,9 +342,11 @@ class GenerationEngine:
                     raise Cancelled()
                 return tensors
 
-            images = pipe(**kwargs, callback_on_step_end=on_step_end).images
-            result = [GeneratedImage(encode_png(image), seed) for image, seed in zip(images, seeds, strict=True)]
+            with self._applied(lora):
+                images = pipe(**kwargs, callback_on_step_end=on_step_end).images
+            result = [GeneratedImage(png, seed) for png, seed in zip(encode_pngs(images), seeds, strict=True)]
             log.info("made %d %dx%d picture(s), %s, %d steps, %s, in %.2f s", len(result), width, height,
                      "variation" if init_image is not None else "text to image", request.steps,
                      "with a LoRA" if adapter_key else "base model", time.monotonic() - started)
             return result
+

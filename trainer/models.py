@@ -294,7 +294,7 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
     if dtype is None:
         dtype = pick_dtype(device)
     if spec in RANDOM_KINDS:
-        return build_random_pipeline(spec, device=device, dtype=dtype)  # type: ignore[arg-type]
+        return prepare_for_device(build_random_pipeline(spec, device=device, dtype=dtype))  # type: ignore[arg-type]
     is_path = _looks_like_path(spec)
     if is_path:
         path = Path(spec).expanduser()
@@ -309,4 +309,17 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
     else:
         pipe = _load_pretrained(spec, dtype, offline, is_path=False)
     log.info("loaded base model %s", spec)
-    return pipe.to(device)
+    return prepare_for_device(pipe.to(device))
+
+
+def prepare_for_device(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Lay the UNet's weights out for the device: channels-last on CUDA.
+
+    cuDNN's convolutions work in NHWC; with NCHW weights every convolution of the UNet converts its
+    input and output (a quarter of a denoising step's GPU time on an H200). Channels-last made a
+    512 px training step 12% and a denoising step 14% faster there (bench/RESULTS.md). The VAE is
+    left alone: its decoder measured 30% slower channels-last.
+    """
+    if pipe.device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    return pipe

@@ -98,6 +98,13 @@ class Worker:
                      time.perf_counter() - started)
         return self._pipeline
 
+    def prepare(self) -> None:
+        """Load the base model and, on a GPU, capture the generation graphs of the common picture
+        shapes, so the first jobs do not wait for either."""
+        pipeline = self.pipeline
+        if pipeline.device.type == "cuda":
+            self.engine.warm_up()
+
     @property
     def engine(self) -> Any:
         if self._engine is None:
@@ -343,9 +350,9 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
     try:
-        worker.pipeline  # noqa: B018 - load the base model before the first job arrives
+        worker.prepare()
     except Exception as exc:  # the first job reports it to its owner
-        log.error("could not load the base model yet: %s", exc)
+        log.error("could not load the base model or warm up yet: %s", exc)
     while (entry := inbox.get()) is not None and not stopping.is_set():
         if isinstance(entry, str):
             worker.evict(entry)

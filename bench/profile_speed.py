@@ -1,0 +1,242 @@
+"""Where the GPU time goes: kernel tables and layout/compiler variants of the training step and the UNet.
+
+For the training step (the trainer's own `TrainingRun.train_step`) and for the denoising UNet call
+(batch 2 = one picture with guidance, batch 8 = four), each in one process:
+
+- the kernel-time table of one eager call (`torch.profiler`, top kernels by GPU time) and its total
+  GPU time, the floor a CUDA graph can reach;
+- ms per call eager, as CUDA graphs, with channels-last weights, and with `torch.compile` under the
+  graphs (compile time printed separately);
+- the training step in fp16 with loss scaling (for GPUs without bf16) next to bf16.
+
+Every variant runs in the same process on the same weights; the first figure of each group is its
+baseline. Results also go to `--json`.
+
+    python -m bench.profile_speed --json profile.json          # on a CUDA GPU (sd15-random, 512 px)
+    python -m bench.profile_speed --no-compile                 # skip the slow torch.compile variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.train_speed import CLASS_WORD, HANDLE, synthetic_photos, time_steps
+from trainer.dreambooth import TrainConfig, TrainingRun
+from trainer.graphs import GraphedCall
+from trainer.models import load_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def gpu_ms(call: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
+    """Median ms per call, timed with CUDA events around each call."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    marks[0].record()
+    for i in range(iters):
+        call()
+        marks[i + 1].record()
+    torch.cuda.synchronize()
+    return statistics.median(marks[i].elapsed_time(marks[i + 1]) for i in range(iters))
+
+
+def kernel_table(call: Callable[[], Any], label: str, rows: int) -> float:
+    """Print the top kernels of one call by GPU time; return the call's total kernel time in ms."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
+    print(f"\n--- {label}: {total_ms:.1f} ms of kernels in one call ---")
+    key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=90))
+    return total_ms
+
+
+def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    photos = synthetic_photos(512)
+    results = out.setdefault("train", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(config: TrainConfig, name: str, profile: bool = False) -> None:
+            trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model="sd15-random",
+                                  out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
+                                  class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
+                                  should_cancel=lambda: False, resume_from=None)
+            torch.cuda.reset_peak_memory_stats()
+            started = time.monotonic()
+            with trainer.session(pipe):
+                trainer.train_step()
+                first_s = time.monotonic() - started
+                if profile:
+                    results[f"{name} kernel ms"] = kernel_table(trainer.train_step, name, args.rows)
+                ms = statistics.median(time_steps(trainer.train_step, 3, args.steps, pipe.device))
+            results[name] = {"ms": ms, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                             "prepare_and_first_step_s": first_s, "capture_s": trainer.capture_s}
+            print(f"{name:<44} {ms:8.2f} ms/step  peak {results[name]['peak_mib']:.0f} MiB  "
+                  f"first step after {first_s:.1f} s", flush=True)
+
+        base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
+        plain = replace(base, prior_preservation=False)
+        run(plain, "train no prior, graphs")
+        run(replace(plain, cuda_graphs=False), "train no prior, eager", profile=True)
+        run(base, "train prior, graphs")
+        run(replace(plain, mixed_precision="fp16"), "train no prior, fp16 + scaler")
+        pipe.to(torch.bfloat16)
+        pipe.unet.to(memory_format=torch.channels_last)
+        run(plain, "train no prior, graphs, channels-last")
+        run(replace(plain, cuda_graphs=False), "train no prior, eager, channels-last", profile=True)
+        run(base, "train prior, graphs, channels-last")
+        pipe.unet.to(memory_format=torch.contiguous_format)
+        if args.compile:
+            started = time.monotonic()
+            pipe.unet.compile()
+            try:
+                run(plain, "train no prior, graphs, torch.compile")
+            except Exception as exc:  # a benchmark variant may fail; the others still report
+                print(f"train with torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
+            results["compile + first step s"] = time.monotonic() - started
+            pipe.unet._compiled_call_impl = None
+
+
+def unet_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    results = out.setdefault("unet", {})
+    pipe.unet.eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    with torch.no_grad():
+        for batch in (2, 8):
+            unet_batch(pipe.unet, batch, g, args, results)
+            vae_batch(pipe.vae, batch // 2, g, results)
+        ids = torch.randint(0, 1000, (1, 77), device="cuda")
+        results["text encoder eager"] = gpu_ms(lambda: pipe.text_encoder(ids))
+    print(f"{'text encoder eager':<44} {results['text encoder eager']:8.2f} ms", flush=True)
+
+
+def unet_batch(unet: torch.nn.Module, batch: int, g: torch.Generator, args: argparse.Namespace,
+               results: dict[str, Any]) -> None:
+    """One denoising call at `batch` (2 per picture with guidance), 512 px: eager, graphs, layouts, compile."""
+    x = torch.randn(batch, 4, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.tensor(500, device="cuda")
+    ehs = torch.randn(batch, 77, 768, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def call(fn: Callable[..., Any] = unet.forward) -> Any:
+        return fn(x, t, encoder_hidden_states=ehs, return_dict=False)
+
+    def measure(name: str, fn: Callable[..., Any]) -> None:
+        results[name] = gpu_ms(lambda: call(fn))
+        print(f"{name:<44} {results[name]:8.2f} ms", flush=True)
+
+    measure(f"UNet b{batch} eager", unet.forward)
+    if batch == 2:
+        results[f"UNet b{batch} kernel ms"] = kernel_table(call, f"UNet b{batch}", args.rows)
+    measure(f"UNet b{batch} graphs", GraphedCall(unet.forward, unet, name="UNet"))
+    unet.to(memory_format=torch.channels_last)
+    measure(f"UNet b{batch} graphs, channels-last", GraphedCall(unet.forward, unet, name="UNet"))
+    if batch == 2:
+        results[f"UNet b{batch} channels-last kernel ms"] = kernel_table(call, f"UNet b{batch} channels-last",
+                                                                         args.rows)
+    unet.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        started = time.monotonic()
+        try:
+            compiled = torch.compile(unet.forward)
+            call(compiled)
+            graphed = GraphedCall(compiled, unet, name="UNet compiled")
+            call(graphed)
+            results[f"UNet b{batch} compile + capture s"] = time.monotonic() - started
+            measure(f"UNet b{batch} graphs, torch.compile", graphed)
+        except Exception as exc:  # a benchmark variant may fail; the others still report
+            print(f"UNet b{batch} with torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+def vae_batch(vae: torch.nn.Module, n: int, g: torch.Generator, results: dict[str, Any]) -> None:
+    """Decoding `n` 512 px pictures: eager, graphs, graphs with channels-last weights."""
+    z = torch.randn(n, 4, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def measure(name: str, fn: Callable[..., Any]) -> None:
+        results[name] = gpu_ms(lambda: fn(z, return_dict=False))
+        print(f"{name:<44} {results[name]:8.2f} ms", flush=True)
+
+    measure(f"VAE decode x{n} eager", vae.decode)
+    measure(f"VAE decode x{n} graphs", GraphedCall(vae.decode, vae, name="VAE"))
+    vae.to(memory_format=torch.channels_last)
+    measure(f"VAE decode x{n} graphs, channels-last", GraphedCall(vae.decode, vae, name="VAE"))
+    vae.to(memory_format=torch.contiguous_format)
+
+
+def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The engine end to end: warm-up, then 25-step pictures, and where one picture's time goes."""
+    from trainer.engine import GenerateRequest, GenerationEngine
+
+    results = out.setdefault("generate", {})
+    engine = GenerationEngine(pipe)
+    results["warm-up s"] = engine.warm_up()
+    print(f"{'engine warm-up':<44} {results['warm-up s']:8.1f} s", flush=True)
+    for n, aspect in ((1, "square"), (4, "square"), (1, "portrait")):
+        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25,
+                                  aspect=aspect)
+        started = time.monotonic()
+        engine.generate(request)
+        first = time.monotonic() - started
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            engine.generate(request)
+            times.append(time.perf_counter() - started)
+        name = f"engine n={n} {aspect}"
+        results[name] = {"s": statistics.median(times), "first_s": first}
+        print(f"{name:<44} {results[name]['s'] * 1000:8.1f} ms (first {first:.2f} s)", flush=True)
+    request = GenerateRequest(prompt="a photo of a woman on a beach", seed=1, steps=25)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.generate(request)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    results["n=1 kernel ms"] = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
+    print(f"\n--- one n=1 picture: {results['n=1 kernel ms']:.1f} ms of kernels; top CPU ---")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
+    parser.add_argument("--rows", type=int, default=18, help="kernels per table")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--only", choices=("train", "unet", "generate"), help="one part only")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("this profile needs a CUDA GPU")
+    logging.basicConfig(level=logging.WARNING)
+    pipe = load_pipeline("sd15-random", device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        if args.only in (None, "unet"):
+            unet_variants(pipe, args, out)
+        if args.only in (None, "generate"):
+            generate_variants(pipe, args, out)
+        if args.only in (None, "train"):
+            train_variants(pipe, args, out)
+    finally:
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The GPU benchmarks run end to end on the tiny model on the CPU, so they cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench import job_speed, train_speed
+
+
+def test_the_training_benchmark_reports_both_sides_and_their_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for label in ("prior", "no prior"):
+        ours, recipe = results[f"ours ({label})"], results[f"diffusers recipe ({label})"]
+        assert ours["ms_per_step"] > 0 and recipe["ms_per_step"] > 0
+        assert math.isclose(results[f"speedup ({label})"]["ratio"], recipe["ms_per_step"] / ours["ms_per_step"])
+
+
+def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> None:
+    out = tmp_path / "job.json"
+    result = job_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "6", "--class-images", "3",
+                             "--recipe-steps", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for job in ("first_job", "job"):
+        assert result[job]["steps"] == 6
+        assert set(result[job]["stages_s"]) == {"preparing", "class_images", "caching", "training", "saving"}
+        assert math.isclose(sum(result[job]["stages_s"].values()), result[job]["total_s"], rel_tol=0.05, abs_tol=0.05)
+    assert result["class_images_first_time_s"] > 0 and result["baseline"]["recipe_step_ms"] > 0
+    assert set(result["ratios"]) == {"class_images", "job_vs_recipe_steps"}

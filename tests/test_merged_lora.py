@@ -1,0 +1,146 @@
+"""Merged LoRAs (trainer.merged_lora) compute what PEFT's adapter layers compute, and leave no trace.
+
+Also the CPU-side rules of trainer.graphs: which calls can be graphed, and the method replacement
+being confined to its block (graph replay itself needs CUDA: tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch.utils import _pytree as pytree
+
+from tests.test_dreambooth import make_photos, small
+from trainer import merged_lora
+from trainer.dreambooth import train
+from trainer.graphs import GraphedCall, InstalledGraphs, _signature
+from trainer.models import build_random_pipeline
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA on the UNet and the text encoder, trained hard enough to change outputs visibly."""
+    root = tmp_path_factory.mktemp("merged")
+    return train(make_photos(), "zqx", "woman", small(steps=3, learning_rate=5e-2, train_text_encoder=True,
+                                                       prior_preservation=False, rank=4, alpha=8),
+                 pipeline=build_random_pipeline("tiny"), base_model="tiny", out_dir=root / "out", work_dir=root / "work", class_cache_dir=root / "cache",
+                 device="cpu").lora_path
+
+
+def _inputs(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=g)
+    ids = pipe.tokenizer(["a photo of zqx woman", ""], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    return latents, torch.tensor([500, 20]), ids
+
+
+def _outputs(pipe, latents: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        return text, pipe.unet(latents, timesteps, text).sample
+
+
+def test_a_merged_lora_computes_what_peft_layers_compute(lora_file: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    inputs = _inputs(pipe)
+    base = _outputs(pipe, *inputs)
+    before = {k: v.clone() for k, v in {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}.items()}
+    lora = merged_lora.read_lora(lora_file, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    assert {u.scale for u in lora.updates} == {2.0}  # alpha 8 over rank 4, as PEFT scales it
+    with merged_lora.merged(lora):
+        merged = _outputs(pipe, *inputs)
+    after = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the originals, bit for bit
+
+    pipe.load_lora_weights(str(lora_file), adapter_name="peft")
+    with_peft = _outputs(pipe, *inputs)
+    for ours, theirs, plain in zip(merged, with_peft, base, strict=True):
+        assert (theirs - plain).abs().max() > 1e-2  # the LoRA matters...
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)  # ...and merging changes nothing
+
+
+def test_merging_again_and_again_drifts_nothing_and_an_error_still_restores(lora_file: Path) -> None:
+    pipe = build_random_pipeline("tiny", dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    lora = merged_lora.read_lora(lora_file, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    assert all(u.down.dtype == torch.bfloat16 for u in lora.updates)
+    for _ in range(50):
+        with merged_lora.merged(lora):
+            pass
+    with pytest.raises(RuntimeError, match="mid-generation"), merged_lora.merged(lora):
+        raise RuntimeError("mid-generation")
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_lora_reaches_layers_wrapped_by_a_training_adapter(lora_file: Path) -> None:
+    """Between training steps the UNet's projections are PEFT layers; the merge goes to their base layer."""
+    pipe = build_random_pipeline("tiny")
+    inputs = _inputs(pipe)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    with merged_lora.merged(merged_lora.read_lora(lora_file, components)):
+        expected = _outputs(pipe, *inputs)
+    from peft import LoraConfig
+
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "trained")
+    pipe.unet.disable_adapters()
+    assert any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+    with merged_lora.merged(merged_lora.read_lora(lora_file, components)):
+        wrapped = _outputs(pipe, *inputs)
+    for a, b in zip(expected, wrapped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["unknown component", "wrong shape", "missing half", "dora"])
+def test_files_that_do_not_fit_are_refused(lora_file: Path, tmp_path: Path, damage: str) -> None:
+    pipe = build_random_pipeline("tiny")
+    tensors = load_file(lora_file)
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as f:
+        metadata = dict(f.metadata())
+    key = next(k for k in tensors if k.startswith("unet.") and k.endswith("lora.down.weight"))
+    if damage == "unknown component":
+        tensors["controlnet." + key.removeprefix("unet.")] = tensors[key].clone()
+    elif damage == "wrong shape":
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    elif damage == "missing half":
+        del tensors[key]
+    else:
+        metadata["lora_adapter_metadata"] = '{"unet.use_dora": true}'
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    with pytest.raises(merged_lora.UnusableLora):
+        merged_lora.read_lora(bad, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+
+
+# ---- trainer.graphs, the parts that do not need CUDA --------------------------------------------------
+def test_only_cuda_tensors_and_plain_options_make_a_graph_key() -> None:
+    def key(*args, **kwargs):
+        return _signature(*pytree.tree_flatten((args, kwargs)))
+
+    assert key(torch.zeros(2)) is None  # CPU tensors run eagerly
+    assert key(object()) is None
+    meta = torch.empty(2, 4, device="meta")
+    assert key(meta, return_dict=False) is None
+    # Same structure, same options: the same key; None, bools and numbers are part of it.
+    assert key(1, None, flag=True) == key(1, None, flag=True) != key(1, None, flag=False)
+    assert key(1, flag=True) != key(1.0, flag=True)
+
+
+def test_an_eager_call_on_cpu_and_the_replacement_stays_in_its_block() -> None:
+    module = torch.nn.Linear(3, 2)
+    graphed = GraphedCall(module.forward, module, name="linear")
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(graphed(x), module(x))
+    assert len(graphed) == 0  # nothing captured off CUDA
+
+    calls = []
+    with InstalledGraphs(module, "forward", lambda t: calls.append(t) or t):
+        assert module(x) is x
+    assert len(calls) == 1 and "forward" not in vars(module)
+    torch.testing.assert_close(module(x), graphed(x))

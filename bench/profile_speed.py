@@ -92,16 +92,14 @@ def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
 
         base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
         plain = replace(base, prior_preservation=False)
+        pipe.unet.to(memory_format=torch.contiguous_format)
+        run(plain, "train no prior, graphs, NCHW")
+        run(replace(plain, cuda_graphs=False), "train no prior, eager, NCHW", profile=True)
+        pipe.unet.to(memory_format=torch.channels_last)  # the project's default on CUDA
         run(plain, "train no prior, graphs")
         run(replace(plain, cuda_graphs=False), "train no prior, eager", profile=True)
         run(base, "train prior, graphs")
         run(replace(plain, mixed_precision="fp16"), "train no prior, fp16 + scaler")
-        pipe.to(torch.bfloat16)
-        pipe.unet.to(memory_format=torch.channels_last)
-        run(plain, "train no prior, graphs, channels-last")
-        run(replace(plain, cuda_graphs=False), "train no prior, eager, channels-last", profile=True)
-        run(base, "train prior, graphs, channels-last")
-        pipe.unet.to(memory_format=torch.contiguous_format)
         if args.compile:
             started = time.monotonic()
             pipe.unet.compile()
@@ -140,16 +138,16 @@ def unet_batch(unet: torch.nn.Module, batch: int, g: torch.Generator, args: argp
         results[name] = gpu_ms(lambda: call(fn))
         print(f"{name:<44} {results[name]:8.2f} ms", flush=True)
 
-    measure(f"UNet b{batch} eager", unet.forward)
+    unet.to(memory_format=torch.contiguous_format)
+    measure(f"UNet b{batch} eager, NCHW", unet.forward)
     if batch == 2:
-        results[f"UNet b{batch} kernel ms"] = kernel_table(call, f"UNet b{batch}", args.rows)
-    measure(f"UNet b{batch} graphs", GraphedCall(unet.forward, unet, name="UNet"))
-    unet.to(memory_format=torch.channels_last)
+        results[f"UNet b{batch} NCHW kernel ms"] = kernel_table(call, f"UNet b{batch} NCHW", args.rows)
+    measure(f"UNet b{batch} graphs, NCHW", GraphedCall(unet.forward, unet, name="UNet"))
+    unet.to(memory_format=torch.channels_last)  # the project's default on CUDA
     measure(f"UNet b{batch} graphs, channels-last", GraphedCall(unet.forward, unet, name="UNet"))
     if batch == 2:
         results[f"UNet b{batch} channels-last kernel ms"] = kernel_table(call, f"UNet b{batch} channels-last",
                                                                          args.rows)
-    unet.to(memory_format=torch.contiguous_format)
     if args.compile:
         started = time.monotonic()
         try:
@@ -161,6 +159,7 @@ def unet_batch(unet: torch.nn.Module, batch: int, g: torch.Generator, args: argp
             measure(f"UNet b{batch} graphs, torch.compile", graphed)
         except Exception as exc:  # a benchmark variant may fail; the others still report
             print(f"UNet b{batch} with torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
+        unet.to(memory_format=torch.channels_last)
 
 
 def vae_batch(vae: torch.nn.Module, n: int, g: torch.Generator, results: dict[str, Any]) -> None:

@@ -47,12 +47,11 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
-from bench.train_speed import plain_layout
+from bench.train_speed import bench_pipeline, plain_layout
 from trainer.dreambooth import TrainConfig
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.family import family_of
 from trainer.lora_io import save_diffusers
-from trainer.models import load_pipeline, pick_device, pick_dtype
 from trainer.schedulers import DEFAULT_SCHEDULER, SchedulerCache
 
 PROMPT = "a photo of sks woman on a beach at sunset"
@@ -190,9 +189,7 @@ def report(figures: dict[str, Any], name: str, key: str, seconds: float) -> None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device_name = pick_device(args.device)
-    pipe = load_pipeline(args.model, device=device_name, dtype=pick_dtype(device_name))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_pipeline(args.model, args.device)
     device = pipe.device
     engine = GenerationEngine(pipe, max_loaded_adapters=8)
     size = engine.image_size("square")

@@ -30,10 +30,17 @@ from typing import Any
 
 import torch
 
-from bench.train_speed import CLASS_WORD, HANDLE, PlainRecipe, plain_layout, synthetic_photos, time_steps
+from bench.train_speed import (
+    CLASS_WORD,
+    HANDLE,
+    PlainRecipe,
+    bench_pipeline,
+    plain_layout,
+    synthetic_photos,
+    time_steps,
+)
 from trainer.class_images import ensure_class_images
 from trainer.dreambooth import TrainConfig, class_prompt, train
-from trainer.models import load_pipeline, pick_device, pick_dtype
 
 
 def sync(device: torch.device) -> None:
@@ -67,9 +74,7 @@ def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device_name = pick_device(args.device)
-    pipe = load_pipeline(args.model, device=device_name, dtype=pick_dtype(device_name))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_pipeline(args.model, args.device)
     device = pipe.device
     resolution = 64 if pipe.unet.config.sample_size <= 16 else 512
     config = TrainConfig(steps=args.steps, num_class_images=args.class_images, resolution=resolution)

@@ -123,6 +123,14 @@ class PlainRecipe:
         self.pipe.unet.eval()
 
 
+def bench_pipeline(model: str, device: str) -> DiffusionPipeline:
+    """The base model as a worker loads it (trainer.models.load_pipeline), without progress bars."""
+    device_name = pick_device(device)
+    pipe = load_pipeline(model, device=device_name, dtype=pick_dtype(device_name))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextlib.contextmanager
 def plain_layout(pipe: DiffusionPipeline) -> Iterator[None]:
     """The UNet in PyTorch's default NCHW layout for the block, as a baseline runs it (the project's
@@ -182,9 +190,7 @@ def measure(name: str, device: torch.device, body: Callable[[], list[float]]) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device_name = pick_device(args.device)
-    pipe = load_pipeline(args.model, device=device_name, dtype=pick_dtype(device_name))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_pipeline(args.model, args.device)
     device = pipe.device
     resolution = args.resolution or (64 if pipe.unet.config.sample_size <= 16 else 512)
     photos = synthetic_photos(resolution)

@@ -3,8 +3,10 @@
 The recipe is DreamBooth (Ruiz et al., 2022) with LoRA adapters (Hu et al., 2021) on the UNet's
 attention projections, as in diffusers' `train_dreambooth_lora.py`, reorganised for speed:
 the photos, their mirror images and the class images are VAE-encoded once and the prompts are encoded
-once, so the loop runs only the UNet; frozen weights sit in bf16/fp16 while the LoRA weights and the
-optimiser stay in fp32; losses stay on the device and are read back only when progress is reported.
+once, so the loop runs only the UNet; frozen weights sit in bf16/fp16, the optimiser updates fp32
+LoRA weights (under bf16 the LoRA layers compute with a bf16 copy of them); on CUDA the UNet's
+forward and backward replay CUDA graphs; losses stay on the device and are read back only when
+progress is reported.
 
 Every random draw of the loop comes from one seeded `torch.Generator` on the training device, in a
 fixed order per step (instance rows, class rows, latent sample, noise, offset noise, timesteps), and

@@ -176,6 +176,25 @@ def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int, device
     return times
 
 
+def recorded(step: Callable[[], torch.Tensor], losses: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`step`, keeping each returned loss (on the device: no sync inside the timed loop)."""
+
+    def call() -> torch.Tensor:
+        loss = step()
+        losses.append(loss)
+        return loss
+
+    return call
+
+
+def compare_losses(ours: list[torch.Tensor], recipe: list[torch.Tensor]) -> dict[str, float]:
+    """Both sides draw the same timesteps and noise per step, so their loss curves should coincide
+    up to the precision each computes in."""
+    a, b = torch.stack(ours).float().cpu(), torch.stack(recipe).float().cpu()
+    return {"ours_mean": a.mean().item(), "recipe_mean": b.mean().item(),
+            "mean_abs_diff": (a - b).abs().mean().item(), "steps": len(a)}
+
+
 def measure(name: str, device: torch.device, body: Callable[[], list[float]]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -207,19 +226,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  checkpoint_every=0, min_photos=1)
             label = "prior" if prior else "no prior"
 
-            def ours_with(cfg: TrainConfig, name: str) -> dict[str, Any]:
+            def ours_with(cfg: TrainConfig, name: str, losses: list[torch.Tensor] | None = None) -> dict[str, Any]:
                 trainer = TrainingRun(photos, HANDLE, CLASS_WORD, cfg, base_model=args.model,
                                       out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", class_cache_dir=cache,
                                       on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
+                step = recorded(trainer.train_step, losses) if losses is not None else trainer.train_step
                 with trainer.session(pipe):
-                    result = measure(name, device,
-                                     lambda: time_steps(trainer.train_step, args.warmup, args.steps, device))
+                    result = measure(name, device, lambda: time_steps(step, args.warmup, args.steps, device))
                 if trainer.capture_s is not None:
                     result["graph_capture_s"] = trainer.capture_s
                     print(f"{'':<28} CUDA graph capture {trainer.capture_s:.1f} s (once, in the warm-up)")
                 return result
 
-            ours = ours_with(config, f"ours ({label})")
+            ours_losses: list[torch.Tensor] = []
+            recipe_losses: list[torch.Tensor] = []
+            ours = ours_with(config, f"ours ({label})", ours_losses)
             if device.type == "cuda" and config.cuda_graphs:
                 results.append(ours_with(replace(config, cuda_graphs=False), f"ours, no graphs ({label})"))
             class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
@@ -227,13 +248,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with plain_layout(pipe):
                 recipe = PlainRecipe(pipe, photos, config, class_paths)
                 try:
+                    step = recorded(recipe.step, recipe_losses)
                     base = measure(f"diffusers recipe ({label})", device,
-                                   lambda r=recipe: time_steps(r.step, args.warmup, args.steps, device))
+                                   lambda s=step: time_steps(s, args.warmup, args.steps, device))
                 finally:
                     recipe.close()
             ratio = base["ms_per_step"] / ours["ms_per_step"]
             print(f"speed-up ({label}): {ratio:.2f}x (baseline ms / ours ms)", flush=True)
-            results += [ours, base, {"variant": f"speedup ({label})", "ratio": ratio}]
+            curves = compare_losses(ours_losses, recipe_losses)
+            print(f"loss curves ({label}), same seeds, {len(ours_losses)} steps: mean loss ours "
+                  f"{curves['ours_mean']:.4f}, recipe {curves['recipe_mean']:.4f}; mean |ours - recipe| per step "
+                  f"{curves['mean_abs_diff']:.5f}", flush=True)
+            results += [ours, base, {"variant": f"speedup ({label})", "ratio": ratio},
+                        {"variant": f"loss curves ({label})", **curves}]
     return {**info, "results": results}
 
 

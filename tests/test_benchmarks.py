@@ -17,6 +17,10 @@ def test_the_training_benchmark_reports_both_sides_and_their_ratio(tmp_path: Pat
         ours, recipe = results[f"ours ({label})"], results[f"diffusers recipe ({label})"]
         assert ours["ms_per_step"] > 0 and recipe["ms_per_step"] > 0
         assert math.isclose(results[f"speedup ({label})"]["ratio"], recipe["ms_per_step"] / ours["ms_per_step"])
+        # Same seeds, same draws: in fp32 the two loss curves coincide step by step.
+        curves = results[f"loss curves ({label})"]
+        assert curves["steps"] == 3 and curves["ours_mean"] > 0
+        assert curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
 
 
 def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> None:

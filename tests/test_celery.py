@@ -119,3 +119,58 @@ async def test_a_worker_killed_mid_training_hands_the_job_to_the_other_from_its_
     resumed = [e for e in observed.events[job.id] if e.get("detail", "").startswith("resumed at step")]
     assert resumed, "the second attempt did not resume from the checkpoint"
     assert victim not in runner.workers and len(runner.workers) == 1  # its heartbeat stopped
+
+
+async def test_a_picture_rides_on_a_training_when_every_worker_trains(pool):
+    """As with the local runner, /imagine need not wait for someone else's training to end."""
+    store, runner, scheduler, observed, _ = pool
+    for user, handle in ((1, "zqalice"), (2, "zqbobby"), (3, "zqcarla")):
+        await add_person(store, user, handle)
+    first, _ = await scheduler.enqueue_train(1)
+    assert (await eventually(lambda: finished_job(store, first.id), timeout=300)).state == "succeeded"
+    long = [(await scheduler.enqueue_train(user, steps=5000))[0] for user in (2, 3)]
+
+    async def both_training():
+        return len(runner._trainings_without_rider()) == 2
+    assert await eventually(both_training, timeout=120), "the two trainings never started"
+    picture, _ = await scheduler.enqueue_generate(1, {"prompt": "on the moon", "num_images": 1, "seed": 5})
+    done = await eventually(lambda: finished_job(store, picture.id), timeout=120)
+    assert done.state == "succeeded", done.error
+    assert [(await jobs_db.get_job(store.db, j.id)).state for j in long] == ["running", "running"]
+    await scheduler.cancel_user_jobs(2)
+    await scheduler.cancel_user_jobs(3)
+
+
+async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_token(redis_url):
+    """Bookkeeping of CeleryRunner alone: a training ends before it served the generation given to it."""
+    from trainer.celery_runner import _Known
+    from trainer.celery_worker import rider_key, token_key
+    from trainer.jobs import WorkItem
+
+    runner, seen, sent = CeleryRunner(redis_url), [], []
+
+    async def on_event(job_id, event):
+        seen.append((job_id, event["type"]))
+    runner._on_event = on_event
+    runner._workers = {"w1": _Known(adapters={"alice"})}
+    runner.app.send_task = lambda *args, **kwargs: sent.append((kwargs["queue"], wire.loads(kwargs["args"][0]),
+                                                                 kwargs["args"][1]))
+    assert runner.idle_capacity("train") == 1
+    await runner.submit(WorkItem(1, "train", {}, {"photos": []}))
+    token = runner._tokens[1]
+    await runner._deliver({"job_id": 1, "token": token, "worker": "w1", "event": {"type": "claimed"}})
+    assert (runner.idle_capacity("train"), runner.idle_capacity("generate")) == (0, 1)
+
+    await runner.submit(WorkItem(2, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    assert len(sent) == 1 and runner.idle_capacity("generate") == 0  # one rider per training
+    envelope = wire.loads(runner.redis.lpop(rider_key("w1")))
+    assert "lora" not in wire.loads(envelope["payload"])["blobs"]  # w1 holds Alice's LoRA already
+    old_token = envelope["token"]
+
+    await runner._deliver({"job_id": 1, "token": token, "worker": "w1", "event": {"type": "done", "result": {}}})
+    assert seen == [(1, "done")]
+    [(queue, payload, new_token)] = sent[1:]
+    # Now through the queues, to the idle worker that holds Alice's LoRA; the old entry's token is void.
+    assert payload["job_id"] == 2 and queue == worker_queue("w1") and "lora" not in payload["blobs"]
+    assert new_token != old_token and runner.redis.get(token_key(2)).decode() == new_token
+    assert runner._riders == {} and runner.idle_capacity("train") == 0

@@ -7,6 +7,11 @@ known by their heartbeat keys: capacity is the live workers minus the jobs in fl
 whose key expires while it runs a job is reported as `worker_lost`, which the scheduler re-queues
 from the last checkpoint it holds. A generation goes to the queue of a live, idle worker that
 already holds the person's LoRA when there is one, else to the shared queue.
+
+When no worker is idle, a generation may ride on a training: it is pushed to that worker's rider
+list, which the training task serves between its steps (one rider per training at a time, spread
+over the trainings, preferring a worker that holds the person's LoRA). A rider the training did not
+pick up before it ended is sent again through the queues, with a new token.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import asyncio
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import redis
 
@@ -28,6 +34,7 @@ from trainer.celery_worker import (
     cancel_key,
     evict_key,
     make_app,
+    rider_key,
     token_key,
     worker_key,
     worker_queue,
@@ -54,6 +61,10 @@ class CeleryRunner(JobRunner):
         self._workers: dict[str, _Known] = {}
         self._tokens: dict[int, str] = {}  # job id -> token of the attempt in flight
         self._running_on: dict[int, str | None] = {}  # job id -> worker name once it reported
+        self._kinds: dict[int, str] = {}  # job id -> "train" or "generate", for jobs in flight
+        self._claimed: set[int] = set()  # jobs a worker has started
+        self._riders: dict[str, WorkItem] = {}  # worker name -> the generation riding on its training
+        self._riders_served: Counter[str] = Counter()  # per worker: riders go where fewest have gone
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: EventHandler | None = None
         self._stop = threading.Event()
@@ -113,8 +124,12 @@ class CeleryRunner(JobRunner):
                 log.warning("reading events from Redis failed: %s", exc)
                 self._stop.wait(1)
                 continue
-            if popped is not None:
+            if popped is None or self._stop.is_set():
+                continue
+            try:
                 asyncio.run_coroutine_threadsafe(self._deliver(wire.loads(popped[1])), self._loop)
+            except RuntimeError:  # the bot's loop closed while this event was on its way
+                return
 
     async def _deliver(self, envelope: dict) -> None:
         job_id, event, name = envelope["job_id"], envelope["event"], envelope["worker"]
@@ -123,22 +138,54 @@ class CeleryRunner(JobRunner):
         self._running_on[job_id] = name
         known = self._workers.setdefault(name, _Known())
         if event["type"] == "claimed":
+            self._claimed.add(job_id)
             return
         if event["type"] == "adapter_loaded":
             known.adapters.add(event["key"])
             return
         if event["type"] in ("done", "error"):
+            training = self._kinds.get(job_id) == "train"
             self._forget_job(job_id)
+            if training:
+                await self._resend_unserved_rider(name)
         assert self._on_event is not None
         await self._on_event(job_id, event)
 
     def _forget_job(self, job_id: int) -> None:
         self._tokens.pop(job_id, None)
         self._running_on.pop(job_id, None)
+        self._kinds.pop(job_id, None)
+        self._claimed.discard(job_id)
+        for name, rider in list(self._riders.items()):
+            if rider.job_id == job_id:
+                del self._riders[name]
+
+    async def _resend_unserved_rider(self, name: str) -> None:
+        """A training ended before it picked up its rider: send the rider through the queues instead.
+
+        The new token makes the old rider entry void should this worker pop it later."""
+        rider = self._riders.pop(name, None)
+        self._riders_served.pop(name, None)
+        if rider is None or rider.job_id in self._claimed:
+            return
+        self._forget_job(rider.job_id)
+        log.info("job %d: the training it waited on ended first; sending it again", rider.job_id)
+        await self.submit(rider)
 
     # ---- JobRunner -----------------------------------------------------------------------------
+    def _free(self) -> int:
+        """Workers that no job (other than a rider) is meant for."""
+        riding = {r.job_id for r in self._riders.values()}
+        return max(0, len(self._workers) - len([j for j in self._tokens if j not in riding]))
+
+    def _trainings_without_rider(self) -> list[str]:
+        return [name for job_id, name in self._running_on.items()
+                if name in self._workers and self._kinds.get(job_id) == "train" and job_id in self._claimed
+                and name not in self._riders]
+
     def idle_capacity(self, kind: str | None = None) -> int:
-        return max(0, len(self._workers) - len(self._tokens))
+        free = self._free()
+        return free if kind == "train" else free + len(self._trainings_without_rider())
 
     def _queue_for(self, item: WorkItem) -> str:
         key = item.params.get("adapter_key")
@@ -150,13 +197,34 @@ class CeleryRunner(JobRunner):
         return SHARED_QUEUE
 
     async def submit(self, item: WorkItem) -> None:
+        riding = self._trainings_without_rider() if item.kind == "generate" and not self._free() else []
+        if riding:
+            await self._send_rider(item, riding)
+            return
         token = uuid.uuid4().hex
         queue = self._queue_for(item)
         payload = wire.dumps(wire.item_to_dict(item))
         await asyncio.to_thread(self.redis.set, token_key(item.job_id), token, ex=TOKEN_TTL_S)
         self._tokens[item.job_id], self._running_on[item.job_id] = token, None
+        self._kinds[item.job_id] = item.kind
         await asyncio.to_thread(self.app.send_task, TASK, args=[payload, token], queue=queue)
         log.info("job %d (%s) sent to %s", item.job_id, item.kind, queue)
+
+    async def _send_rider(self, item: WorkItem, trainings: list[str]) -> None:
+        key = item.params.get("adapter_key")
+        name = min(trainings, key=lambda n: (self._riders_served[n], not (key and key in self._workers[n].adapters)))
+        sent = item
+        if key and key in self._workers[name].adapters:
+            sent = replace(item, blobs={k: v for k, v in item.blobs.items() if k != "lora"})  # held there
+        token = uuid.uuid4().hex
+        await asyncio.to_thread(self.redis.set, token_key(item.job_id), token, ex=TOKEN_TTL_S)
+        self._tokens[item.job_id], self._running_on[item.job_id] = token, name
+        self._kinds[item.job_id] = item.kind
+        self._riders[name] = item  # kept whole: it may have to go elsewhere, LoRA file included
+        self._riders_served[name] += 1
+        envelope = wire.dumps({"payload": wire.dumps(wire.item_to_dict(sent)), "token": token})
+        await asyncio.to_thread(self.redis.rpush, rider_key(name), envelope)
+        log.info("job %d (generate) rides on the training of worker %s", item.job_id, name)
 
     async def cancel(self, job_id: int) -> None:
         await asyncio.to_thread(self.redis.set, cancel_key(job_id), 1, ex=TOKEN_TTL_S)

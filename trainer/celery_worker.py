@@ -13,7 +13,10 @@ Redis keys (all under `avatar:`):
   only while its message carries that token, so a message that Redis re-delivers after its worker
   died, or an attempt the bot has since replaced, stops without running to completion twice;
 - `avatar:cancel:<id>` — set by the bot to cancel a job between steps;
-- `avatar:evict:<name>` — LoRA keys this worker must forget (a person asked to be forgotten).
+- `avatar:evict:<name>` — LoRA keys this worker must forget (a person asked to be forgotten);
+- `avatar:riders:<name>` — generations the bot gave this worker while it trains: the training task
+  pops and serves them between its steps (as the local runner's workers do), and serves any left
+  when the training ends. Each carries its own token like any job.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
@@ -46,6 +50,7 @@ TOKEN_TTL_S = 7 * 24 * 3600
 # job is re-delivered only when its worker died (the bot has usually re-queued it long before).
 VISIBILITY_TIMEOUT_S = 6 * 3600
 CANCEL_POLL_S = 0.5
+RIDER_POLL_S = 0.2  # how often a training looks for generations to serve between its steps
 
 
 def worker_queue(name: str) -> str:
@@ -66,6 +71,10 @@ def cancel_key(job_id: int) -> str:
 
 def evict_key(name: str) -> str:
     return f"avatar:evict:{name}"
+
+
+def rider_key(name: str) -> str:
+    return f"avatar:riders:{name}"
 
 
 def make_app(redis_url: str) -> Celery:
@@ -100,6 +109,7 @@ class CeleryWorker:
         self._evicted: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._last_rider_poll = 0.0
 
     # ---- heartbeat ---------------------------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -131,9 +141,19 @@ class CeleryWorker:
 
     # ---- the task ----------------------------------------------------------------------------
     def run(self, payload: str, token: str) -> None:
+        """The Celery task: one job, then any generation left waiting for this worker's training."""
+        self._apply_evictions()
+        self.current = wire.loads(payload)["job_id"]
+        try:
+            self._run_one(payload, token, between_steps=self._serve_riders_now_and_then)
+        finally:
+            self.current = None
+            self._serve_riders()
+            self._apply_evictions()
+
+    def _run_one(self, payload: str, token: str, between_steps: Callable[[], None] | None = None) -> None:
         item = wire.item_from_dict(wire.loads(payload))
         job_id = item.job_id
-        self._apply_evictions()
         if not self._current_attempt(job_id, token):
             log.info("job %d: this message is an old attempt; dropped", job_id)
             return
@@ -152,13 +172,24 @@ class CeleryWorker:
                 cancelled = bool(self.redis.exists(cancel_key(job_id))) or not self._current_attempt(job_id, token)
             return cancelled
 
-        self.current = job_id
         emit({"type": "claimed"})  # tells the bot which worker runs it, so it notices if this one dies
+        self.worker.execute(item, emit, should_cancel,
+                            between_steps=between_steps if item.kind == "train" else None)
+
+    def _serve_riders_now_and_then(self) -> None:
+        """Between training steps: serve waiting generations, looking at most every RIDER_POLL_S."""
+        now = time.monotonic()
+        if now - self._last_rider_poll >= RIDER_POLL_S:
+            self._last_rider_poll = now
+            self._serve_riders()
+
+    def _serve_riders(self) -> None:
         try:
-            self.worker.execute(item, emit, should_cancel)
-        finally:
-            self.current = None
-            self._apply_evictions()
+            while (raw := self.redis.lpop(rider_key(self.name))) is not None:
+                envelope = wire.loads(raw)
+                self._run_one(envelope["payload"], envelope["token"])
+        except redis.RedisError as exc:  # the training goes on; the bot re-sends what it misses
+            log.warning("could not read waiting generations from Redis: %s", exc)
 
     def _current_attempt(self, job_id: int, token: str) -> bool:
         stored = self.redis.get(token_key(job_id))

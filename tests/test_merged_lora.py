@@ -144,3 +144,20 @@ def test_an_eager_call_on_cpu_and_the_replacement_stays_in_its_block() -> None:
         assert module(x) is x
     assert len(calls) == 1 and "forward" not in vars(module)
     torch.testing.assert_close(module(x), graphed(x))
+
+
+def test_graphs_are_dropped_when_weights_move_but_not_when_a_training_adapter_arrives() -> None:
+    """A captured graph points at weight storage: a cast must drop it, an injected LoRA must not."""
+    from peft import LoraConfig
+
+    pipe = build_random_pipeline("tiny")
+    graphed = GraphedCall(pipe.unet.forward, pipe.unet, name="UNet")
+    graphed._graphs["captured"] = object()  # stands for a graph captured on CUDA
+    graphed._weights = graphed._weight_addresses()
+
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), "trained")  # wraps, same storage
+    graphed.check_weights()
+    assert len(graphed) == 1
+    pipe.unet.to(torch.bfloat16)  # the trainer casting the model moves every weight
+    graphed.check_weights()
+    assert len(graphed) == 0

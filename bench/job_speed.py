@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench.generate_speed import sync, timed
 from bench.train_speed import (
     CLASS_WORD,
     HANDLE,
@@ -41,11 +42,6 @@ from bench.train_speed import (
 )
 from trainer.class_images import ensure_class_images
 from trainer.dreambooth import TrainConfig, class_prompt, train
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path, cache: Path,
@@ -100,13 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Baseline: the recipe's step and a plain eager class-image batch, extrapolated.
         batch = config.class_image_batch
-        sync(device)
-        started = time.monotonic()
         with plain_layout(pipe):
-            ensure_class_images(pipe, args.model, prompt + ", plain", resolution, batch, cache,
-                                steps=config.class_image_steps, batch_size=batch, graphs=False)
-        sync(device)
-        per_image = (time.monotonic() - started) / batch
+            per_image = timed(lambda: ensure_class_images(pipe, args.model, prompt + ", plain", resolution, batch,
+                                                          cache, steps=config.class_image_steps, batch_size=batch,
+                                                          graphs=False), device) / batch
         with plain_layout(pipe):
             recipe = PlainRecipe(pipe, photos, config, made.paths)
             try:

@@ -41,16 +41,7 @@ log = logging.getLogger(__name__)
 
 def gpu_ms(call: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
     """Median ms per call, timed with CUDA events around each call."""
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    marks[0].record()
-    for i in range(iters):
-        call()
-        marks[i + 1].record()
-    torch.cuda.synchronize()
-    return statistics.median(marks[i].elapsed_time(marks[i + 1]) for i in range(iters))
+    return statistics.median(time_steps(call, warmup, iters, torch.device("cuda")))
 
 
 def kernel_table(call: Callable[[], Any], label: str, rows: int) -> float:

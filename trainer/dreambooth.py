@@ -411,23 +411,24 @@ class TrainingRun:
             torch.nn.utils.clip_grad_norm_(self.param_list, cfg.max_grad_norm, foreach=True)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self._lora_weights is not None:
+        else:
             loss.backward()
-            grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self._lora_weights]
-            torch._foreach_copy_([m.grad for m in self.param_list], grads)
-            for weight in self._lora_weights:
-                weight.grad = None
+            self._copy_grads_to_masters()
             torch.nn.utils.clip_grad_norm_(self.param_list, cfg.max_grad_norm, foreach=True)
             self.optimizer.step()
             self._copy_masters_to_lora()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.param_list, cfg.max_grad_norm, foreach=True)
-            self.optimizer.step()
         if self._lora_weights is None:
             self.optimizer.zero_grad(set_to_none=True)  # master gradients are overwritten instead
         self.step += 1
         return loss.detach().clone()  # a graph's output is overwritten by its next replay
+
+    def _copy_grads_to_masters(self) -> None:
+        """Hand the LoRA layers' bf16 gradients to the fp32 masters the optimiser steps (bf16 runs only)."""
+        if self._lora_weights is not None:
+            grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self._lora_weights]
+            torch._foreach_copy_([m.grad for m in self.param_list], grads)
+            for weight in self._lora_weights:
+                weight.grad = None
 
     @torch.no_grad()
     def _copy_masters_to_lora(self) -> None:

@@ -100,10 +100,8 @@ class Worker:
 
     def prepare(self) -> None:
         """Load the base model and, on a GPU, capture the generation graphs of the common picture
-        shapes, so the first jobs do not wait for either."""
-        pipeline = self.pipeline
-        if pipeline.device.type == "cuda":
-            self.engine.warm_up()
+        shapes, so the first jobs do not wait for either (the engine warms up only where it graphs)."""
+        self.engine.warm_up()
 
     @property
     def engine(self) -> Any:

@@ -164,7 +164,7 @@ async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_tok
     await runner.submit(WorkItem(2, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
     assert len(sent) == 1 and runner.idle_capacity("generate") == 0  # one rider per training
     envelope = wire.loads(runner.redis.lpop(rider_key("w1")))
-    assert "lora" not in wire.loads(envelope["payload"])["blobs"]  # w1 holds Alice's LoRA already
+    assert "lora" not in envelope["item"]["blobs"]  # w1 holds Alice's LoRA already
     old_token = envelope["token"]
 
     await runner._deliver({"job_id": 1, "token": token, "worker": "w1", "event": {"type": "done", "result": {}}})

@@ -222,7 +222,7 @@ class CeleryRunner(JobRunner):
         self._kinds[item.job_id] = item.kind
         self._riders[name] = item  # kept whole: it may have to go elsewhere, LoRA file included
         self._riders_served[name] += 1
-        envelope = wire.dumps({"payload": wire.dumps(wire.item_to_dict(sent)), "token": token})
+        envelope = wire.dumps({"item": wire.item_to_dict(sent), "token": token})
         await asyncio.to_thread(self.redis.rpush, rider_key(name), envelope)
         log.info("job %d (generate) rides on the training of worker %s", item.job_id, name)
 

@@ -36,6 +36,7 @@ from trainer import wire
 from trainer.events import Event
 
 if TYPE_CHECKING:
+    from trainer.jobs import WorkItem
     from trainer.runner import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -143,16 +144,16 @@ class CeleryWorker:
     def run(self, payload: str, token: str) -> None:
         """The Celery task: one job, then any generation left waiting for this worker's training."""
         self._apply_evictions()
-        self.current = wire.loads(payload)["job_id"]
+        item = wire.item_from_dict(wire.loads(payload))
+        self.current = item.job_id
         try:
-            self._run_one(payload, token, between_steps=self._serve_riders_now_and_then)
+            self._run_one(item, token, between_steps=self._serve_riders_now_and_then)
         finally:
             self.current = None
             self._serve_riders()
             self._apply_evictions()
 
-    def _run_one(self, payload: str, token: str, between_steps: Callable[[], None] | None = None) -> None:
-        item = wire.item_from_dict(wire.loads(payload))
+    def _run_one(self, item: WorkItem, token: str, between_steps: Callable[[], None] | None = None) -> None:
         job_id = item.job_id
         if not self._current_attempt(job_id, token):
             log.info("job %d: this message is an old attempt; dropped", job_id)
@@ -187,7 +188,7 @@ class CeleryWorker:
         try:
             while (raw := self.redis.lpop(rider_key(self.name))) is not None:
                 envelope = wire.loads(raw)
-                self._run_one(envelope["payload"], envelope["token"])
+                self._run_one(wire.item_from_dict(envelope["item"]), envelope["token"])
         except redis.RedisError as exc:  # the training goes on; the bot re-sends what it misses
             log.warning("could not read waiting generations from Redis: %s", exc)
 

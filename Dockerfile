@@ -7,8 +7,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     DATA_DIR=/data \
     HF_HOME=/hf-cache
 
+# gcc and python3-dev: Triton builds its small kernel launchers with them when the worker compiles
+# the model's blocks for generation (COMPILE_GENERATION).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 avatar \

@@ -7,14 +7,15 @@ served alternately, as a shared bot serves consecutive requests from different p
   `unload_lora_weights()`, then the PNG encoded with PIL's default settings;
 - ours: `trainer.engine.GenerationEngine` with both LoRAs resident (each request merges its person's
   update into the weights and restores them after; on CUDA the UNet and VAE decoder replay CUDA
-  graphs), returning PNG bytes as the bot receives them; on CUDA also without graphs, to show their share.
+  graphs captured from their inductor-compiled blocks), returning PNG bytes as the bot receives
+  them; on CUDA also with graphs but plain blocks, and without graphs, to show each lever's share.
 
 Both sample with the same scheduler (the engine's default, DPM-Solver++ 2M Karras, built from the same
 config) for the same number of steps, at the same size, guidance and CPU-generator seeds, so the
 denoising work is identical; what differs is how the LoRA and the kernels are handled (and the PNG
 compression level). The output also compares the pictures: mean absolute pixel difference between
 ours and the baseline for the same request (bf16 rounding differs between a merged weight and
-PEFT's separate low-rank path), and between ours with and without graphs.
+PEFT's separate low-rank path), between compiled and plain blocks, and between ours with and without graphs.
 
 Figures: seconds per image (one request, n=1), seconds per batch of 4 (one request, n=4), the LoRA
 switch time (ours: merging a resident LoRA and restoring the weights; baseline: load + unload), the
@@ -243,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         report(ours, "ours: switch (merge a resident LoRA + restore)", "switch_s",
                median_of(switch, args.switches, device))
+        ours["warm_up_s"] = engine.warm_up()
+        print(f"{'ours: warm-up (compile blocks, capture graphs)':<46} {ours['warm_up_s']:10.1f} s", flush=True)
         reset_peak(device)
 
         def ask(n: int, i: int, on: GenerationEngine = engine) -> list[Any]:
@@ -266,6 +269,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours["pixel_diff_vs_baseline"] = [float(np.abs(a - b).mean()) for a, b in zip(mine, theirs, strict=True)]
         print(f"mean |ours - baseline| per pixel (0-255), n=1 and n=4: "
               f"{', '.join(f'{d:.2f}' for d in ours['pixel_diff_vs_baseline'])}", flush=True)
+        if engine._compiled is not None:
+            plain_blocks = GenerationEngine(pipe, compile_blocks=False)
+            report(ours, "ours, graphs of plain blocks: image (n=1)", "image_plain_blocks_s",
+                   median_of(lambda i: ask(1, i, plain_blocks), args.repeats, device))
+            report(ours, "ours, graphs of plain blocks: batch of 4", "batch4_plain_blocks_s",
+                   median_of(lambda i: ask(4, i, plain_blocks), args.repeats, device))
+            ours["pixel_diff_compiled_vs_plain"] = float(np.abs(pixels(ask(1, 0, plain_blocks)[0].png)
+                                                                - mine[0]).mean())
+            print(f"mean |compiled - plain blocks| per pixel: {ours['pixel_diff_compiled_vs_plain']:.3f}", flush=True)
+            del plain_blocks
         if engine.graph_capture_s:
             eager = GenerationEngine(pipe, cuda_graphs=False)
             report(ours, "ours without CUDA graphs: image (n=1)", "image_no_graphs_s",

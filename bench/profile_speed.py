@@ -7,7 +7,13 @@ For the training step (the trainer's own `TrainingRun.train_step`) and for the d
   GPU time, the floor a CUDA graph can reach;
 - ms per call eager, as CUDA graphs, with channels-last weights, and with `torch.compile` under the
   graphs (compile time printed separately);
-- the training step in fp16 with loss scaling (for GPUs without bf16) next to bf16.
+- the training step in fp16 with loss scaling (for GPUs without bf16) next to bf16;
+- `--only regional`: the UNet's ResNet and transformer blocks and the VAE decoder's ResNet blocks
+  compiled one by one (trainer.compiled_blocks; `--dynamic` for dynamic shapes), under the graphs,
+  with the compile time of each first call; `--only regional-train`: the training step with the
+  UNet's ResNet blocks compiled;
+- `--only generate`: the engine end to end, with a CPU profile and where one picture's wall time
+  goes (before the first kernel, GPU busy, idle gaps, after the last kernel).
 
 Every variant runs in the same process on the same weights; the first figure of each group is its
 baseline. Results also go to `--json`.
@@ -59,9 +65,9 @@ def kernel_table(call: Callable[[], Any], label: str, rows: int) -> float:
     return total_ms
 
 
-def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any], only_default: bool = False) -> None:
     photos = synthetic_photos(512)
-    results = out.setdefault("train", {})
+    results = out.setdefault("train regional" if only_default else "train", {})
     with tempfile.TemporaryDirectory() as tmp:
         def run(config: TrainConfig, name: str, profile: bool = False) -> None:
             trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model="sd15-random",
@@ -83,6 +89,12 @@ def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
 
         base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
         plain = replace(base, prior_preservation=False)
+        if only_default:
+            started = time.monotonic()
+            run(plain, "train no prior, graphs, compiled resnets")
+            results["compile + first step s"] = time.monotonic() - started
+            run(base, "train prior, graphs, compiled resnets")
+            return
         pipe.unet.to(memory_format=torch.contiguous_format)
         run(plain, "train no prior, graphs, NCHW")
         run(replace(plain, cuda_graphs=False), "train no prior, eager, NCHW", profile=True)
@@ -168,6 +180,66 @@ def vae_batch(vae: torch.nn.Module, n: int, g: torch.Generator, results: dict[st
     vae.to(memory_format=torch.contiguous_format)
 
 
+def compile_blocks(module: torch.nn.Module, classes: tuple[type, ...], dynamic: bool | None) -> int:
+    """`torch.compile` each submodule of the given classes in place (regional compilation)."""
+    blocks = [m for m in module.modules() if isinstance(m, classes)]
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+    return len(blocks)
+
+
+def uncompile(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        m._compiled_call_impl = None
+
+
+def regional_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Regional `torch.compile` of the ResNet and transformer blocks, under the graphs."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch._dynamo.config.cache_size_limit = 64
+    results = out.setdefault("regional", {})
+    g = torch.Generator("cuda").manual_seed(0)
+    unet, vae = pipe.unet, pipe.vae
+    unet.eval()
+
+    def measure(name: str, graphed: GraphedCall, *call_args: Any, **kwargs: Any) -> None:
+        started = time.monotonic()
+        graphed(*call_args, **kwargs)
+        results[f"{name} compile + capture s"] = time.monotonic() - started
+        results[name] = gpu_ms(lambda: graphed(*call_args, **kwargs))
+        print(f"{name:<64} {results[name]:8.2f} ms  (compile + capture "
+              f"{results[f'{name} compile + capture s']:.1f} s)", flush=True)
+
+    tag = f"dynamic={args.dynamic}"
+    results["UNet blocks"] = compile_blocks(unet, (ResnetBlock2D, BasicTransformerBlock), args.dynamic)
+    with torch.no_grad():
+        for batch, (h, w) in ((2, (64, 64)), (8, (64, 64)), (2, (96, 64))):
+            x = torch.randn(batch, 4, h, w, device="cuda", generator=g, dtype=torch.bfloat16)
+            t = torch.tensor(500, device="cuda")
+            ehs = torch.randn(batch, 77, 768, device="cuda", generator=g, dtype=torch.bfloat16)
+            measure(f"UNet b{batch} {h * 8}x{w * 8} graphs, compiled blocks, {tag}",
+                    GraphedCall(unet.forward, unet, name="UNet"), x, t, encoder_hidden_states=ehs, return_dict=False)
+    uncompile(unet)
+    compile_blocks(vae, (ResnetBlock2D,), args.dynamic)
+    with torch.no_grad():
+        for n in (1, 4):
+            z = torch.randn(n, 4, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+            measure(f"VAE decode x{n} graphs, compiled resnets, {tag}", GraphedCall(vae.decode, vae, name="VAE"),
+                    z, return_dict=False)
+    uncompile(vae)
+
+
+def regional_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch._dynamo.config.cache_size_limit = 64
+    out["UNet train: blocks"] = compile_blocks(pipe.unet, (ResnetBlock2D,), args.dynamic)
+    train_variants(pipe, args, out, only_default=True)
+    uncompile(pipe.unet)
+
+
 def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The engine end to end: warm-up, then 25-step pictures, and where one picture's time goes."""
     from trainer.engine import GenerateRequest, GenerationEngine
@@ -200,6 +272,28 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     results["n=1 kernel ms"] = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
     print(f"\n--- one n=1 picture: {results['n=1 kernel ms']:.1f} ms of kernels; top CPU ---")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    results["n=1 timeline ms"] = gpu_timeline(prof)
+    print("one n=1 picture on the GPU's clock (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                                  results["n=1 timeline ms"].items()))
+
+
+def gpu_timeline(prof: torch.profiler.profile) -> dict[str, float]:
+    """Where a profiled call's wall time went: before the GPU's first kernel, GPU busy, idle gaps
+    between kernels, and after the last kernel (host work the GPU waits for)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    host = [e.time_range for e in events if e.device_type == DeviceType.CPU]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    begin, end = min(r.start for r in host), max(r.end for r in host)
+    busy, idle, reach = 0.0, 0.0, kernels[0][0]
+    for start, stop in kernels:
+        if start > reach:
+            idle += start - reach
+        busy += max(0.0, stop - max(start, reach))
+        reach = max(reach, stop)
+    return {"wall": (end - begin) / 1000, "before first kernel": (kernels[0][0] - begin) / 1000,
+            "GPU busy": busy / 1000, "idle between kernels": idle / 1000, "after last kernel": (end - reach) / 1000}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--rows", type=int, default=18, help="kernels per table")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--only", choices=("train", "unet", "generate"), help="one part only")
+    parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train"), help="one part only")
+    parser.add_argument("--dynamic", action="store_true", default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -221,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
             unet_variants(pipe, args, out)
         if args.only in (None, "generate"):
             generate_variants(pipe, args, out)
+        if args.only == "regional":
+            regional_variants(pipe, args, out)
+        if args.only == "regional-train":
+            regional_train(pipe, args, out)
         if args.only in (None, "train"):
             train_variants(pipe, args, out)
     finally:

@@ -36,11 +36,12 @@ def build_runner(settings: Settings) -> JobRunner:
 
         return CeleryRunner(settings.redis_url)
     devices = visible_devices(settings.device, settings.workers)
-    work = Path(settings.data_dir) / "work"
+    work, shared = Path(settings.data_dir) / "work", Path(settings.data_dir) / "shared"
     return LocalProcessRunner([
         WorkerConfig(base_model=settings.base_model, device=device, work_dir=str(work / f"worker-{i}"),
-                     class_cache_dir=str(Path(settings.data_dir) / "shared" / "class_images"),
-                     log_level=settings.log_level, cpu_threads=cpu_threads_per_worker(devices))
+                     class_cache_dir=str(shared / "class_images"), log_level=settings.log_level,
+                     cpu_threads=cpu_threads_per_worker(devices), compile_generation=settings.compile_generation,
+                     compile_cache_dir=str(shared / "compiled"))
         for i, device in enumerate(devices)
     ])
 

@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BACKENDS = ("local", "celery")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(Exception):
@@ -56,6 +57,7 @@ class Settings:
     train_checkpoint_every: int = 200  # steps between resumable checkpoints; 0 turns them off
     train_preview_every: int = 200  # steps between preview pictures in the progress message; 0: none
     progress_interval_s: float = 3.0
+    compile_generation: bool = True  # on a GPU: compile the model's blocks for generation at worker start
 
     @property
     def max_photo_bytes(self) -> int:
@@ -68,6 +70,11 @@ ENV_NAMES: dict[str, str] = {f.name: f.name.upper() for f in fields(Settings)}
 
 def _parse(name: str, raw: str, kind: type, problems: list[str]) -> object:
     env = ENV_NAMES[name]
+    if kind is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        problems.append(f"{env}={raw!r} is not on or off; use 1 or 0.")
+        return None
     try:
         if kind is int:
             return int(raw)
@@ -109,7 +116,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         elif f.name == "dev_guild_id":
             kwargs[f.name] = _parse(f.name, raw, int, problems)
         else:
-            kind = {int: int, float: float}.get(type(f.default), str)
+            kind = {bool: bool, int: int, float: float}.get(type(f.default), str)
             kwargs[f.name] = _parse(f.name, raw, kind, problems)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     settings = Settings(**kwargs)  # type: ignore[arg-type]

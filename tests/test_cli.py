@@ -95,3 +95,14 @@ def test_module_entry_point_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "make-model" in done.stdout and "imagine" in done.stdout
+
+
+def test_a_celery_worker_compiles_for_generation_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.cli import build_parser
+
+    monkeypatch.delenv("COMPILE_GENERATION", raising=False)
+    assert build_parser().parse_args(["worker"]).compile is True
+    assert build_parser().parse_args(["worker", "--no-compile"]).compile is False
+    monkeypatch.setenv("COMPILE_GENERATION", "off")
+    assert build_parser().parse_args(["worker"]).compile is False
+    assert build_parser().parse_args(["worker", "--compile-cache", "/x"]).compile_cache == Path("/x")

@@ -35,6 +35,7 @@ def test_defaults_and_types(tmp_path):
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD' is unknown"),
         ({"MIN_PHOTOS": "40"}, "MIN_PHOTOS is larger than MAX_PHOTOS"),
         ({"DISCORD_API_BASE": "ftp://x"}, "DISCORD_API_BASE='ftp://x' must start with http:// or https://."),
+        ({"COMPILE_GENERATION": "maybe"}, "COMPILE_GENERATION='maybe' is not on or off; use 1 or 0."),
     ],
 )
 def test_each_problem_has_one_clear_line(tmp_path, env, expected):
@@ -42,6 +43,19 @@ def test_each_problem_has_one_clear_line(tmp_path, env, expected):
         _load(tmp_path, **env)
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(expected)
+
+
+def test_compiling_for_generation_is_on_unless_switched_off_and_workers_cache_it_in_the_data_dir(tmp_path):
+    from bot.app import build_runner
+
+    assert _load(tmp_path).compile_generation is True
+    assert _load(tmp_path, COMPILE_GENERATION="Yes").compile_generation is True
+    for off in ("0", "off", "FALSE", "no"):
+        assert _load(tmp_path, COMPILE_GENERATION=off).compile_generation is False
+    runner = build_runner(_load(tmp_path, COMPILE_GENERATION="0", DEVICE="cpu", WORKERS="2"))
+    configs = [slot.config for slot in runner._slots]
+    assert [c.compile_generation for c in configs] == [False, False]
+    assert {c.compile_cache_dir for c in configs} == {str(tmp_path / "data" / "shared" / "compiled")}
 
 
 def test_unwritable_data_dir(tmp_path):

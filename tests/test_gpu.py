@@ -106,13 +106,16 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
     assert (pixels(again) - pixels(served[0])).abs().mean() < 2
 
 
-def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pipe, tmp_path):
-    """The engine's CUDA graphs (captured once, then replayed with anyone's merged LoRA) change nothing."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain blocks", "compiled blocks"])
+def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pipe, tmp_path, compiled):
+    """The engine's CUDA graphs (captured once, then replayed with anyone's merged LoRA) change nothing,
+    and neither do the inductor-compiled blocks they are captured from (the default), beyond bf16 rounding."""
     from bench.generate_speed import make_random_lora
     from trainer.engine import GenerateRequest, GenerationEngine
 
     loras = {name: make_random_lora(pipe, tmp_path / name, seed, rank=16) for seed, name in enumerate("ab")}
-    graphed, eager = GenerationEngine(pipe), GenerationEngine(pipe, cuda_graphs=False)
+    graphed, eager = GenerationEngine(pipe, compile_blocks=compiled), GenerationEngine(pipe, cuda_graphs=False)
+    assert (graphed._compiled is not None) is compiled and eager._compiled is None
     request = GenerateRequest(prompt="on the moon", seed=5, steps=8)
 
     def pixels(png: bytes) -> torch.Tensor:
@@ -122,7 +125,8 @@ def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pi
     for key in ("a", "b", "a", None):
         fast = graphed.generate(request, adapter_key=key, lora_path=loras.get(key))[0].png
         slow = eager.generate(request, adapter_key=key, lora_path=loras.get(key))[0].png
-        assert (pixels(fast) - pixels(slow)).abs().mean() < 1.0, key
+        difference = (pixels(fast) - pixels(slow)).abs().mean().item()
+        assert difference < (1.5 if compiled else 1.0), (key, difference)
         seen.setdefault(key, fast)
     assert graphed.graph_capture_s > 0 and eager.graph_capture_s == 0
     assert (pixels(seen["a"]) - pixels(seen["b"])).abs().mean() > 2  # the graph follows the person

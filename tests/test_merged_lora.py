@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from tests.test_dreambooth import make_photos, small
 from trainer import merged_lora
 from trainer.dreambooth import train
-from trainer.graphs import GraphedCall, InstalledGraphs, _signature
+from trainer.graphs import GraphedCall, Override, _signature
 from trainer.models import build_random_pipeline
 
 
@@ -140,7 +140,7 @@ def test_an_eager_call_on_cpu_and_the_replacement_stays_in_its_block() -> None:
     assert len(graphed) == 0  # nothing captured off CUDA
 
     calls = []
-    with InstalledGraphs(module, "forward", lambda t: calls.append(t) or t):
+    with Override(module, "forward", lambda t: calls.append(t) or t):
         assert module(x) is x
     assert len(calls) == 1 and "forward" not in vars(module)
     torch.testing.assert_close(module(x), graphed(x))

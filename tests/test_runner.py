@@ -89,3 +89,24 @@ async def test_a_free_worker_is_preferred_to_riding_along_a_training():
     assert await place(runner, item(2, "generate")) == 1
     assert await place(runner, item(3, "generate")) == 0
     assert [m["item"].job_id for m in runner._slots[0].commands.sent] == [1, 3]
+
+
+def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_compile_setting_on(
+        monkeypatch, tmp_path):
+    from trainer import engine
+    from trainer.worker import Worker
+
+    made: list[dict] = []
+    monkeypatch.setattr(engine, "GenerationEngine", lambda pipe, **options: made.append(options) or pipe)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for compile_generation, expected in ((True, None), (False, False)):
+        worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
+                                     compile_generation=compile_generation,
+                                     compile_cache_dir=str(tmp_path / "compiled")))
+        worker._pipeline = "pipe"
+        assert worker.engine == "pipe"
+        assert made[-1]["compile_blocks"] is expected  # None: wherever it pays (a GPU with graphs)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/operators/choice")
+    Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"), compile_cache_dir="/elsewhere"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/operators/choice"

@@ -209,7 +209,8 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
     name = args.name or default_name()
     work = args.work_dir or Path("worker-data") / name
     serve(WorkerConfig(base_model=args.model, device=args.device, work_dir=str(work / "work"),
-                       class_cache_dir=str(args.class_cache), log_level=args.log_level.upper()),
+                       class_cache_dir=str(args.class_cache), log_level=args.log_level.upper(),
+                       compile_generation=args.compile, compile_cache_dir=str(args.compile_cache)),
           args.redis_url, name)
     return [f"worker {name} stopped"]
 
@@ -270,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--name", help="unique worker name (default: host name and process id)")
     wk.add_argument("--work-dir", type=Path, help="scratch space (default: worker-data/NAME)")
     wk.add_argument("--class-cache", type=Path, default=default_class_cache())
+    wk.add_argument("--no-compile", dest="compile", action="store_false",
+                    default=os.environ.get("COMPILE_GENERATION", "1").strip().lower() not in ("0", "false", "no", "off"),
+                    help="do not compile the model's blocks for generation (COMPILE_GENERATION=0 does the same)")
+    wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
+                    help="where compiled kernels are kept between starts")
     wk.set_defaults(func=cmd_worker)
     return parser
 

@@ -56,6 +56,8 @@ class GraphedCall:
         self._pool: Any = None
         self._weights: tuple[int, ...] = ()
         self.capture_s = 0.0  # total time spent capturing, for benchmarks and logs
+        # Part of every graph's key: what, besides the inputs, decided the kernels a graph holds.
+        self.variant: Hashable = None
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -76,7 +78,8 @@ class GraphedCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = _signature(leaves, spec)
+        signature = _signature(leaves, spec)
+        key = None if signature is None else (self.variant, signature)
         if key is None or key in self._failed:
             return self._fn(*args, **kwargs)
         entry = self._graphs.get(key)
@@ -140,20 +143,21 @@ def _signature(leaves: list[Any], spec: pytree.TreeSpec) -> Hashable | None:
     return tuple(parts)
 
 
-class InstalledGraphs:
-    """Within `with`, `module.<method>` is served by a GraphedCall; the module is untouched after.
+class Override:
+    """Within `with`, `module.<method>` is `replacement` (a GraphedCall, a compiled forward); the
+    module is untouched after.
 
     The replacement is an instance attribute, so only this module object sees it, and only for the
     length of the block: the trainer, which graphs its own training step, never meets it.
     """
 
-    def __init__(self, module: torch.nn.Module, method: str, graphed: Callable[..., Any]) -> None:
-        self.module, self.method, self.graphed = module, method, graphed
+    def __init__(self, module: torch.nn.Module, method: str, replacement: Callable[..., Any]) -> None:
+        self.module, self.method, self.replacement = module, method, replacement
 
     def __enter__(self) -> None:
         if self.method in vars(self.module):
             raise RuntimeError(f"{self.method} of this module is already replaced")
-        setattr(self.module, self.method, self.graphed)
+        setattr(self.module, self.method, self.replacement)
 
     def __exit__(self, *exc: object) -> None:
         delattr(self.module, self.method)
@@ -164,13 +168,12 @@ class PipelineGraphs:
 
     `installed()` puts them in place for a block (after dropping graphs whose weights moved). Keep one
     instance for as long as its captures are useful: a generation engine keeps one for its lifetime,
-    a batch of class images one for the batch. `unet_forward` replaces the function the UNet's graphs
-    capture (a compiled forward, say).
+    a batch of class images one for the batch.
     """
 
-    def __init__(self, pipe: Any, *, unet_forward: Callable[..., Any] | None = None) -> None:
+    def __init__(self, pipe: Any) -> None:
         unet, vae = pipe.unet, pipe.vae
-        self.unet = GraphedCall(unet_forward or unet.forward, unet, name="UNet")
+        self.unet = GraphedCall(unet.forward, unet, name="UNet")
         self.decode = GraphedCall(vae.decode, vae, name="VAE decoder")
         self._replacements = [(unet, "forward", self.unet), (vae, "decode", _without_generator(self.decode))]
 
@@ -179,12 +182,15 @@ class PipelineGraphs:
         return self.unet.capture_s + self.decode.capture_s
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, variant: Hashable = None) -> Iterator[None]:
+        """`variant` names what else shapes the captured kernels (compiled blocks, say): graphs
+        captured under one variant are never replayed under another."""
         self.unet.check_weights()
         self.decode.check_weights()
+        self.unet.variant = self.decode.variant = variant
         with contextlib.ExitStack() as stack:
             for module, method, replacement in self._replacements:
-                stack.enter_context(InstalledGraphs(module, method, replacement))
+                stack.enter_context(Override(module, method, replacement))
             yield
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -85,6 +86,9 @@ class Worker:
         self._adapter_files = self.work_dir / "adapters"
         shutil.rmtree(self._adapter_files, ignore_errors=True)
         self._adapter_files.mkdir()
+        if config.compile_cache_dir:
+            # Read by inductor when it first compiles; an operator's own setting wins.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", config.compile_cache_dir)
 
     @property
     def pipeline(self) -> Any:
@@ -108,7 +112,8 @@ class Worker:
         if self._engine is None:
             from trainer.engine import GenerationEngine
 
-            self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters)
+            self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters,
+                                            compile_blocks=None if self.config.compile_generation else False)
         return self._engine
 
     def run(self, item: WorkItem, emit: EventSink, should_cancel: Any,

@@ -34,3 +34,18 @@ def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> 
         assert math.isclose(sum(result[job]["stages_s"].values()), result[job]["total_s"], rel_tol=0.05, abs_tol=0.05)
     assert result["class_images_first_time_s"] > 0 and result["baseline"]["recipe_step_ms"] > 0
     assert set(result["ratios"]) == {"class_images", "job_vs_recipe_steps"}
+
+
+def test_the_png_benchmark_times_each_encoder_on_both_kinds_of_picture(tmp_path: Path) -> None:
+    from bench import png_speed
+
+    out = tmp_path / "png.json"
+    results = png_speed.main(["--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    groups = [key for key in results if key != "cpus"]
+    assert groups == ["photograph-like n=1", "photograph-like n=4", "noise-like n=1", "noise-like n=4"]
+    for group in groups:
+        assert len(results[group]) == 3
+        assert all(row["ms"] > 0 and row["bytes"] > 1000 for row in results[group].values())
+    # A smooth picture compresses; noise does not.
+    assert all(row["bytes"] < 0.8 * 512 * 512 * 3 for row in results["photograph-like n=1"].values())

@@ -461,11 +461,11 @@ def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None
 def test_pictures_are_rounded_to_bytes_as_diffusers_rounds_them() -> None:
     from diffusers.image_processor import VaeImageProcessor
 
-    from trainer.engine import to_pil
+    from trainer.engine import to_pixels
 
     decoded = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)).clamp(-1.2, 1.2)
     processor = VaeImageProcessor()
     theirs = processor.postprocess(decoded, output_type="pil")
-    ours = to_pil(processor.postprocess(decoded, output_type="pt"))
-    assert [im.size for im in ours] == [(24, 16)] * 2
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs, strict=True))
+    ours = to_pixels(processor.postprocess(decoded, output_type="pt"))
+    assert ours.shape == (2, 16, 24, 3) and ours.dtype == np.uint8
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(ours, theirs, strict=True))

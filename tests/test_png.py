@@ -1,0 +1,71 @@
+"""The PNG encoder of generated pictures (trainer.png): standard files that decode to the exact pixels."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import png
+
+
+def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of each chunk, checking every CRC on the way."""
+    assert data[:8] == png.SIGNATURE
+    out, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        kind, payload = data[at + 4:at + 8], data[at + 8:at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        assert crc == zlib.crc32(kind + payload), kind
+        out.append((kind, payload))
+        at += 12 + length
+    return out
+
+
+def smooth(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (3, 3), (7, 13), (64, 48), (768, 512)])
+def test_pictures_decode_to_their_exact_pixels(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    pictures = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8), smooth(*shape)]
+    for picture, data in zip(pictures, png.encode_rgb(pictures), strict=True):
+        decoded = Image.open(io.BytesIO(data))
+        assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(decoded), picture)
+        kinds = [kind for kind, _ in chunks(data)]
+        assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+        # One zlib stream whose Adler-32 checks out (zlib verifies it), holding Up-filtered rows.
+        lines = zlib.decompress(chunks(data)[1][1])
+        assert len(lines) == shape[0] * (shape[1] * 3 + 1)
+        assert lines[0] == png.UP_FILTER
+
+
+def test_the_same_pixels_always_give_the_same_bytes_and_smooth_pictures_compress() -> None:
+    picture = smooth(256, 256)
+    first, again = png.encode_rgb([picture, picture.copy()])
+    assert first == again == png.encode_rgb([picture])[0]
+    assert len(first) < picture.nbytes / 4  # the Up filter and deflate really compress
+
+
+def test_a_photo_is_no_larger_than_pillows_fast_png() -> None:
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                       .resize((512, 512), Image.Resampling.BICUBIC))
+    pillow = io.BytesIO()
+    Image.fromarray(photo).save(pillow, format="PNG", compress_level=1)
+    assert len(png.encode_rgb([photo])[0]) <= len(pillow.getvalue())
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8),
+                                 np.zeros((4, 4, 4), np.uint8)])
+def test_anything_but_rgb_bytes_is_refused(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        png.encode_rgb([bad])

@@ -15,9 +15,11 @@ loads them in seconds. The compiled code holds no weights (they are its inputs),
 nothing personal and every person's merged LoRA reaches it.
 
 The compiled blocks are in place only inside `installed()`. The generation engine installs them
-while it captures and replays its graphs; the trainer, whose LoRA layers sit inside the
-transformer blocks, never meets them (compiling the training step measured 20.1 -> 18.2 ms per step
-for 140 s of compiling: not worth it).
+while it captures and replays its graphs; the trainer never meets them (compiling the training step
+measured 20.1 -> 18.2 ms per step for 140 s of compiling: not worth it). When a picture is made
+between training steps, the training's PEFT layers sit inside the transformer blocks: those blocks
+then run plain (`skip_adapters`), because tracing the adapters' Python would mean compiling in the
+middle of a training, while the ResNet blocks, which hold no adapter, stay compiled.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.graphs import Override
 
@@ -64,9 +68,14 @@ class CompiledBlocks:
         return len(self.blocks)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Within the block, each block's `forward` is its compiled one; the modules are untouched after."""
+    def installed(self, *, skip_adapters: bool = False) -> Iterator[None]:
+        """Within the block, each block's `forward` is its compiled one; the modules are untouched after.
+
+        `skip_adapters`: blocks holding PEFT adapter layers keep their plain `forward`.
+        """
         with contextlib.ExitStack() as stack:
             for block, compiled in zip(self.blocks, self._compiled, strict=True):
+                if skip_adapters and any(isinstance(m, BaseTunerLayer) for m in block.modules()):
+                    continue
                 stack.enter_context(Override(block, "forward", compiled))
             yield

@@ -11,9 +11,9 @@ and decoder's blocks compiled by inductor (trainer.compiled_blocks), whose fused
 replay about a fifth shorter; the compiling happens once per process, in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
-steps) are switched off for the generation and put back after it. The compiled blocks are left out
-then: tracing the adapters' Python would mean compiling anew in the middle of a training, so a
-picture shape first met during a training is captured from the plain blocks.
+steps) are switched off for the generation and put back after it. The blocks holding them run
+plain then (tracing the adapters' Python would mean compiling in the middle of a training), so
+pictures between training steps replay their own graphs, captured once per shape.
 
 Variations ("more like #N") run img2img from the same modules: the img2img pipeline object shares
 the text-to-image pipeline's components, so nothing is loaded twice and merged LoRAs apply to both.
@@ -270,14 +270,15 @@ class GenerationEngine:
         for name, state in states.items():
             if state is not None:
                 adapters.set_enabled(self._lora_modules[name], False)
-        compiled = self._compiled is not None and all(state is None for state in states.values())
+        training = any(state is not None for state in states.values())
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(merged_lora.merged(lora))
-                if compiled:
-                    stack.enter_context(self._compiled.installed())  # type: ignore[union-attr]
+                if self._compiled is not None:
+                    stack.enter_context(self._compiled.installed(skip_adapters=training))
                 if self._graphs is not None:
-                    stack.enter_context(self._graphs.installed(variant="compiled" if compiled else "plain"))
+                    # Graphs hold the kernels of what was installed at capture: one set per case.
+                    stack.enter_context(self._graphs.installed(variant=(self._compiled is not None, training)))
                 yield
         finally:
             for name, state in states.items():

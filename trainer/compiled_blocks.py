@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
-
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.graphs import Override

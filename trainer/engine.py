@@ -277,8 +277,9 @@ class GenerationEngine:
                 if self._compiled is not None:
                     stack.enter_context(self._compiled.installed(skip_adapters=training))
                 if self._graphs is not None:
-                    # Graphs hold the kernels of what was installed at capture: one set per case.
-                    stack.enter_context(self._graphs.installed(variant=(self._compiled is not None, training)))
+                    # Graphs hold the kernels of the blocks installed at their capture: during a
+                    # training some blocks run plain, so those graphs are kept apart.
+                    stack.enter_context(self._graphs.installed(variant="next to a training" if training else None))
                 yield
         finally:
             for name, state in states.items():
@@ -292,7 +293,7 @@ class GenerationEngine:
             return 0.0
         if self._compiled is not None:
             log.info("compiling %d blocks of the UNet and VAE decoder for generation: a few minutes the "
-                     "first time, seconds once inductor's cache holds them", len(self._compiled))
+                     "first time, about half a minute once inductor's cache holds them", len(self._compiled))
         started = time.monotonic()
         for count in counts:
             self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))

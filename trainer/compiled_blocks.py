@@ -7,12 +7,13 @@ kernels. Measured on an H200 (bench/RESULTS.md): the UNet call of one picture 10
 four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms.
 
 Why blocks and not the whole UNet: the blocks repeat, so the compiled code of one block class serves
-all of them, and with dynamic shapes every picture size and count too. Compiling the whole UNet took
-68-82 s for every picture shape; these blocks compile once, in about 100 s for the UNet and 60 s for
-the decoder on the H200, and inductor keeps the result in its on-disk cache
-(`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder), from which a restart
-loads them in seconds. The compiled code holds no weights (they are its inputs), so the cache holds
-nothing personal and every person's merged LoRA reaches it.
+all of them, and with dynamic shapes every picture count and most sizes too (a new size costs a
+recompile of 8-9 s, once per process). Compiling the whole UNet took 68-82 s for every picture shape;
+these blocks compile in about 100 s for the UNet and 60 s for the decoder on the H200. Inductor keeps
+the result in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data
+folder) and a restart loads it from there: a worker's whole warm-up then took 31-35 s. The compiled
+code holds no weights (they are its inputs), so the cache holds nothing personal and every person's
+merged LoRA reaches it.
 
 The compiled blocks are in place only inside `installed()`. The generation engine installs them
 while it captures and replays its graphs; the trainer never meets them (compiling the training step

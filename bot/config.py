@@ -15,10 +15,11 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from trainer.runner import parse_switch
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BACKENDS = ("local", "celery")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(Exception):
@@ -71,8 +72,9 @@ ENV_NAMES: dict[str, str] = {f.name: f.name.upper() for f in fields(Settings)}
 def _parse(name: str, raw: str, kind: type, problems: list[str]) -> object:
     env = ENV_NAMES[name]
     if kind is bool:
-        if raw.lower() in _TRUE + _FALSE:
-            return raw.lower() in _TRUE
+        switch = parse_switch(raw)
+        if switch is not None:
+            return switch
         problems.append(f"{env}={raw!r} is not on or off; use 1 or 0.")
         return None
     try:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from trainer import events
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
+from trainer.runner import parse_switch
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--work-dir", type=Path, help="scratch space (default: worker-data/NAME)")
     wk.add_argument("--class-cache", type=Path, default=default_class_cache())
     wk.add_argument("--no-compile", dest="compile", action="store_false",
-                    default=os.environ.get("COMPILE_GENERATION", "1").strip().lower() not in ("0", "false", "no", "off"),
+                    default=parse_switch(os.environ.get("COMPILE_GENERATION", "1")) is not False,
                     help="do not compile the model's blocks for generation (COMPILE_GENERATION=0 does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
                     help="where compiled kernels are kept between starts")

@@ -56,6 +56,15 @@ class JobRunner(ABC):
         """Drop a user's LoRA from every worker (the user retrained or asked to be forgotten)."""
 
 
+SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_switch(raw: str) -> bool | None:
+    """An on/off setting as written in the environment (any case, spaces around); None if it is neither."""
+    word = raw.strip().lower()
+    return True if word in SWITCH_ON else False if word in SWITCH_OFF else None
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What a worker process needs to start: the model, its device and where it may keep files."""

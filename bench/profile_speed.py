@@ -182,6 +182,7 @@ def vae_batch(vae: torch.nn.Module, n: int, g: torch.Generator, results: dict[st
 
 def compile_blocks(module: torch.nn.Module, classes: tuple[type, ...], dynamic: bool | None) -> int:
     """`torch.compile` each submodule of the given classes in place (regional compilation)."""
+    torch._dynamo.config.cache_size_limit = 64  # one compiled variant per block kind and shape
     blocks = [m for m in module.modules() if isinstance(m, classes)]
     for block in blocks:
         block.compile(dynamic=dynamic)
@@ -198,7 +199,6 @@ def regional_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    torch._dynamo.config.cache_size_limit = 64
     results = out.setdefault("regional", {})
     g = torch.Generator("cuda").manual_seed(0)
     unet, vae = pipe.unet, pipe.vae
@@ -234,7 +234,6 @@ def regional_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
 def regional_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     from diffusers.models.resnet import ResnetBlock2D
 
-    torch._dynamo.config.cache_size_limit = 64
     out["UNet train: blocks"] = compile_blocks(pipe.unet, (ResnetBlock2D,), args.dynamic)
     train_variants(pipe, args, out, only_default=True)
     uncompile(pipe.unet)

@@ -7,8 +7,10 @@ served alternately, as a shared bot serves consecutive requests from different p
   `unload_lora_weights()`, then the PNG encoded with PIL's default settings;
 - ours: `trainer.engine.GenerationEngine` with both LoRAs resident (each request merges its person's
   update into the weights and restores them after; on CUDA the UNet and VAE decoder replay CUDA
-  graphs captured from their inductor-compiled blocks), returning PNG bytes as the bot receives
-  them; on CUDA also with graphs but plain blocks, and without graphs, to show each lever's share.
+  graphs captured from their inductor-compiled stages), returning PNG bytes as the bot receives
+  them; the same engine with the base model alone, to show what a person's LoRA costs; on CUDA also
+  with graphs of compiled blocks instead of stages, of plain blocks, and without graphs, to show each
+  lever's share.
 
 Both sample with the same scheduler (the engine's default, DPM-Solver++ 2M Karras, built from the same
 config) for the same number of steps, at the same size, guidance and CPU-generator seeds, so the
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report(ours, "ours: switch (merge a resident LoRA + restore)", "switch_s",
                median_of(switch, args.switches, device))
         ours["warm_up_s"] = engine.warm_up()
-        print(f"{'ours: warm-up (compile blocks, capture graphs)':<46} {ours['warm_up_s']:10.1f} s", flush=True)
+        print(f"{'ours: warm-up (compile, capture graphs)':<46} {ours['warm_up_s']:10.1f} s", flush=True)
         reset_peak(device)
 
         def ask(n: int, i: int, on: GenerationEngine = engine) -> list[Any]:
@@ -257,6 +259,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                median_of(lambda i: ask(1, i), args.repeats, device))
         report(ours, "ours: batch of 4 (person switched)", "batch4_s",
                median_of(lambda i: ask(4, i), args.repeats, device))
+        report(ours, "ours: image (n=1), base model, no LoRA", "image_base_s",
+               median_of(lambda i: engine.generate(GenerateRequest(
+                   prompt=PROMPT, negative_prompt=NEGATIVE, seed=max(i, 0), steps=args.steps, guidance=GUIDANCE)),
+                   args.repeats, device))
         ours["peak_mib"] = peak_mib(device)
         ours["resident_adapters"] = len(engine.loaded_adapters)
         ours["graph_capture_s"] = engine.graph_capture_s
@@ -270,6 +276,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"mean |ours - baseline| per pixel (0-255), n=1 and n=4: "
               f"{', '.join(f'{d:.2f}' for d in ours['pixel_diff_vs_baseline'])}", flush=True)
         if engine._compiled is not None:
+            blocks = GenerationEngine(pipe, compile_stages=False)
+            report(ours, "ours, graphs of compiled blocks: image (n=1)", "image_compiled_blocks_s",
+                   median_of(lambda i: ask(1, i, blocks), args.repeats, device))
+            report(ours, "ours, graphs of compiled blocks: batch of 4", "batch4_compiled_blocks_s",
+                   median_of(lambda i: ask(4, i, blocks), args.repeats, device))
+            del blocks
             plain_blocks = GenerationEngine(pipe, compile_blocks=False)
             report(ours, "ours, graphs of plain blocks: image (n=1)", "image_plain_blocks_s",
                    median_of(lambda i: ask(1, i, plain_blocks), args.repeats, device))

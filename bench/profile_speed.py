@@ -271,6 +271,8 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     results["n=1 kernel ms"] = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
     print(f"\n--- one n=1 picture: {results['n=1 kernel ms']:.1f} ms of kernels; top CPU ---")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    print("\n--- the same picture: top kernels ---")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     results["n=1 timeline ms"] = gpu_timeline(prof)
     print("one n=1 picture on the GPU's clock (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                                   results["n=1 timeline ms"].items()))

@@ -1,8 +1,9 @@
 """Regional compilation for generation (trainer.compiled_blocks), on the tiny model.
 
-Inductor pays only on a GPU (tests/test_gpu.py compares its pictures there); here the blocks are
-compiled with torch.compile's cheap backends, which check the wiring: which blocks are compiled, that
-the compiled code is what runs, that it draws the same pictures, and that it stays out of trainings.
+Inductor pays only on a GPU (tests/test_gpu.py compares its pictures there); here the stages and
+blocks are compiled with torch.compile's cheap backends, which check the wiring: which regions are
+compiled, that the compiled code is what runs, that it draws the same pictures, that it stays out of
+trainings, and that the warm-up compiles what a picture between training steps needs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from peft import LoraConfig, inject_adapter_in_model
 
 from tests.test_generate import PERSON, REQUEST, pixels
-from trainer.compiled_blocks import CompiledBlocks
+from trainer.compiled_blocks import CompiledBlocks, holds_adapters
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.models import build_random_pipeline
 
@@ -39,34 +40,47 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def overridden(blocks: CompiledBlocks) -> list[bool]:
-    return ["forward" in vars(block) for block in blocks.blocks]
+def overridden(modules: list[torch.nn.Module]) -> list[bool]:
+    return ["forward" in vars(module) for module in modules]
 
 
-def test_the_repeated_blocks_are_compiled_only_while_installed() -> None:
+def installed_now(blocks: CompiledBlocks) -> tuple[list[bool], list[bool]]:
+    """(which stages, which blocks) have their compiled forward in place."""
+    return overridden(blocks.stages), overridden(blocks.blocks)
+
+
+def test_the_stages_or_their_blocks_are_compiled_only_while_installed() -> None:
     pipe = build_random_pipeline("tiny")
     blocks = CompiledBlocks(pipe, backend=CountingBackend())
-    unet = [m for m in pipe.unet.modules() if isinstance(m, ResnetBlock2D | BasicTransformerBlock)]
-    decoder = [m for m in pipe.vae.decoder.modules() if isinstance(m, ResnetBlock2D)]
-    assert unet and decoder and blocks.blocks == unet + decoder
+    unet = pipe.unet
+    assert blocks.stages == [*unet.down_blocks, unet.mid_block, *unet.up_blocks, pipe.vae.decoder]
+    in_unet = [m for m in unet.modules() if isinstance(m, ResnetBlock2D | BasicTransformerBlock)]
+    in_decoder = [m for m in pipe.vae.decoder.modules() if isinstance(m, ResnetBlock2D)]
+    assert in_unet and in_decoder and len(blocks.blocks) == len(in_unet) + len(in_decoder)
+    assert {id(m) for m in blocks.blocks} == {id(m) for m in in_unet + in_decoder}
     assert not any(isinstance(m, ResnetBlock2D) and m in blocks.blocks for m in pipe.vae.encoder.modules())
 
-    with blocks.installed():
-        assert all(overridden(blocks))
-    assert not any(overridden(blocks))
+    with blocks.installed():  # whole stages by default, their blocks plain inside
+        assert installed_now(blocks) == ([True] * len(blocks.stages), [False] * len(blocks.blocks))
+    with blocks.installed(whole_stages=False):
+        assert installed_now(blocks) == ([False] * len(blocks.stages), [True] * len(blocks.blocks))
+    assert not any(sum(installed_now(blocks), []))
     with pytest.raises(RuntimeError, match="boom"), blocks.installed():
         raise RuntimeError("boom")
-    assert not any(overridden(blocks))
+    assert not any(sum(installed_now(blocks), []))
+    assert not CompiledBlocks(pipe, backend="eager", whole_stages=False).whole_stages
 
 
-def test_compiled_blocks_compute_what_the_plain_blocks_compute() -> None:
-    """Through AOT autograd (the functional graphs inductor compiles), for two latent sizes."""
+@pytest.mark.parametrize("whole_stages", [True, False], ids=["stages", "blocks"])
+def test_compiled_regions_compute_what_the_plain_ones_compute(whole_stages: bool) -> None:
+    """Through AOT autograd with inductor's decompositions (the graphs inductor compiles), for three
+    latent sizes."""
     pipe = build_random_pipeline("tiny")
-    blocks = CompiledBlocks(pipe, backend="aot_eager")
+    blocks = CompiledBlocks(pipe, backend="aot_eager_decomp_partition", whole_stages=whole_stages)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for size in (8, 12):
-            x = torch.randn(2, 4, size, size, generator=g)
+        for size in ((8, 8), (12, 12), (8, 12)):
+            x = torch.randn(2, 4, *size, generator=g)
             text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
             plain = pipe.unet(x, 500, encoder_hidden_states=text).sample
             decoded = pipe.vae.decode(x[:1]).sample
@@ -75,45 +89,65 @@ def test_compiled_blocks_compute_what_the_plain_blocks_compute() -> None:
                 torch.testing.assert_close(pipe.vae.decode(x[:1]).sample, decoded)
 
 
-def test_an_engine_with_compiled_blocks_draws_what_a_plain_engine_draws() -> None:
+def test_an_engine_with_compiled_stages_draws_what_a_plain_engine_draws() -> None:
     backend = CountingBackend()
     compiled = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=backend)
     plain = GenerationEngine(build_random_pipeline("tiny"))
     assert plain._compiled is None  # off by default without CUDA graphs
+    regions = compiled._compiled
 
-    seen: list[list[bool]] = []
-    first = compiled.generate(REQUEST, on_event=lambda _e: seen.append(overridden(compiled._compiled)),
-                              **PERSON)[0]
-    assert seen and all(all(step) for step in seen)  # the denoising ran the compiled blocks
-    assert backend.graphs > 0
+    seen: list[tuple[list[bool], list[bool]]] = []
+    first = compiled.generate(REQUEST, on_event=lambda _e: seen.append(installed_now(regions)), **PERSON)[0]
+    assert seen and all(step == ([True] * len(regions.stages), [False] * len(regions.blocks)) for step in seen)
+    assert backend.graphs == len(regions.stages)  # one graph per stage: nothing split them
     assert (pixels(first) == pixels(plain.generate(REQUEST, **PERSON)[0])).all()
-    traced = backend.graphs
     assert compiled.generate(REQUEST, **PERSON)[0].png == first.png
-    assert backend.graphs == traced  # compiled once, then reused
+    assert backend.graphs == len(regions.stages)  # compiled once, then reused
     other = GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=2, aspect="portrait")
     assert [im.png for im in compiled.generate(other, **PERSON)] == [im.png for im in plain.generate(other, **PERSON)]
-    assert not any(overridden(compiled._compiled))
+    assert not any(sum(installed_now(regions), []))
 
 
-def test_between_training_steps_the_blocks_holding_adapters_run_plain_and_the_others_compiled() -> None:
-    """The training's PEFT layers sit in the transformer blocks: compiling them would stall the training."""
+def test_between_training_steps_regions_holding_adapters_run_plain_and_the_others_compiled() -> None:
+    """The training's PEFT layers sit in the transformer blocks: compiling them would stall the training.
+    Their stages are split into blocks; stages without transformer blocks stay whole."""
     pipe = build_random_pipeline("tiny")
     backend = CountingBackend()
     engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
+    regions = engine._compiled
     expected = GenerationEngine(build_random_pipeline("tiny")).generate(REQUEST, **PERSON)[0]
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"]), pipe.unet, adapter_name="learning")
-    holds_adapter = [isinstance(block, BasicTransformerBlock) for block in engine._compiled.blocks]
-    assert any(holds_adapter) and not all(holds_adapter)
+    split = [holds_adapters(stage) for stage in regions.stages]
+    assert any(split) and not all(split)
+    split_blocks = [block for stage, held in zip(regions.stages, split, strict=True) if held
+                    for block in stage.modules() if block in regions.blocks]
+    compiled_blocks = [block in split_blocks and not isinstance(block, BasicTransformerBlock)
+                       for block in regions.blocks]
+    assert any(compiled_blocks)
 
-    seen: list[list[bool]] = []
-    image = engine.generate(REQUEST, on_event=lambda _e: seen.append(overridden(engine._compiled)), **PERSON)[0]
-    assert seen and all(step == [not held for held in holds_adapter] for step in seen)
+    seen: list[tuple[list[bool], list[bool]]] = []
+    image = engine.generate(REQUEST, on_event=lambda _e: seen.append(installed_now(regions)), **PERSON)[0]
+    assert seen and all(step == ([not held for held in split], compiled_blocks) for step in seen)
     assert backend.graphs > 0
     assert image.png == expected.png  # the training's adapter was switched off
-    assert not any(overridden(engine._compiled))
+    assert not any(sum(installed_now(regions), []))
 
 
-def test_blocks_that_fail_to_compile_run_as_they_are() -> None:
+def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs() -> None:
+    pipe = build_random_pipeline("tiny")
+    backend = CountingBackend()
+    engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
+    assert engine.warm_up(counts=(1,)) > 0
+    assert backend.graphs > len(engine._compiled.stages)  # the stages, then the blocks on their own
+    warmed = backend.graphs
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"]), pipe.unet, adapter_name="learning")
+    engine.generate(GenerateRequest(prompt=REQUEST.prompt, seed=1, steps=2), **PERSON)
+    assert backend.graphs == warmed  # nothing left to compile in the middle of a training
+    assert not any(sum(installed_now(engine._compiled), []))
+    assert GenerationEngine(build_random_pipeline("tiny")).warm_up() == 0.0  # nothing to prepare on a CPU
+
+
+def test_regions_that_fail_to_compile_run_as_they_are() -> None:
     def broken(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
         raise RuntimeError("no C compiler")
 

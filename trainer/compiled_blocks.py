@@ -1,33 +1,42 @@
-"""Regional `torch.compile` for generation: the blocks of the UNet and of the VAE decoder.
+"""Regional `torch.compile` for generation: the UNet's stages and the VAE decoder, or their blocks.
 
 With CUDA graphs (trainer.graphs) a denoising step is bound by its kernels, and a third of those are
-GroupNorm statistics, normalisation, SiLU, casts and residual adds that eager PyTorch runs one by one
-(on channels-last tensors through extra strided copies). Inductor fuses them into a few Triton
-kernels. Measured on an H200 (bench/RESULTS.md): the UNet call of one picture 10.3 -> 8.1 ms, of
-four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms.
+GroupNorm statistics, normalisation, SiLU, casts, residual adds and skip-connection copies that eager
+PyTorch runs one by one (on channels-last tensors through extra strided copies). Inductor fuses them
+into a few Triton kernels. Measured on an H200 (bench/RESULTS.md), with the blocks compiled: the
+UNet call of one picture 10.3 -> 8.1 ms, of four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms.
 
-Why blocks and not the whole UNet: the blocks repeat, so the compiled code of one block class serves
-all of them, and with dynamic shapes every picture count and most sizes too (a new size costs a
-recompile of 8-9 s, once per process). Compiling the whole UNet took 68-82 s for every picture shape;
-these blocks compile in about 100 s for the UNet and 60 s for the decoder on the H200. Inductor keeps
-the result in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data
-folder) and a restart loads it from there: a worker's whole warm-up then took 31-35 s. The compiled
-code holds no weights (they are its inputs), so the cache holds nothing personal and every person's
-merged LoRA reaches it.
+Two sizes of region, both compiled with dynamic shapes so that one compile serves every picture
+count and most sizes (a new size costs a recompile once per process):
+- **stages**, the default: each of the UNet's down, middle and up stages (diffusers' `down_blocks`,
+  `mid_block`, `up_blocks`) and the VAE decoder as a whole. Inductor then also fuses across the
+  blocks: the skip-connection concatenations, the upsamplers, the transformer's projections and
+  GroupNorm. What is left outside (the time embedding, the first and last convolutions) is a handful
+  of kernels. Compiling the whole UNet instead would clash with the CUDA graph that replaces its
+  `forward`, and gains nothing over its stages;
+- **blocks**: each ResNet and transformer block of the stages, each ResNet block of the decoder. A
+  picture made between training steps uses these (below), and the engine compiles them in its
+  warm-up for that reason.
 
-The compiled blocks are in place only inside `installed()`. The generation engine installs them
+Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker
+points into its data folder) and a restart loads it from there instead of compiling again. The
+compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
+person's merged LoRA reaches it.
+
+The compiled regions are in place only inside `installed()`. The generation engine installs them
 while it captures and replays its graphs; the trainer never meets them (compiling the training step
 measured 20.1 -> 18.2 ms per step for 140 s of compiling: not worth it). When a picture is made
-between training steps, the training's PEFT layers sit inside the transformer blocks: those blocks
-then run plain (`skip_adapters`), because tracing the adapters' Python would mean compiling in the
-middle of a training, while the ResNet blocks, which hold no adapter, stay compiled.
+between training steps the training's PEFT layers sit inside the stages' transformer blocks: a region
+holding them runs plain (`skip_adapters`), because tracing the adapters' Python would mean compiling
+in the middle of a training. Such a stage is split into its blocks, and those holding no adapter
+(the ResNet blocks) stay compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,45 +46,84 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.graphs import Override
 
-log = logging.getLogger(__name__)
-
 UNET_BLOCKS: tuple[type[torch.nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
 DECODER_BLOCKS: tuple[type[torch.nn.Module], ...] = (ResnetBlock2D,)
-# Dynamo keeps one compiled variant per block kind it meets (with or without a shortcut, with or
-# without a time embedding, ...); its default limit of 8 per function would send the rest back to eager.
+# Dynamo keeps one compiled variant per region kind and shape it meets (each stage of other widths,
+# blocks with or without a shortcut, ...); its default limit of 8 per function would send the rest
+# back to eager.
 RECOMPILE_LIMIT = 64
+
+Backend = str | Callable[..., Any]
+
+
+def _compiled(module: torch.nn.Module, backend: Backend) -> Callable[..., Any]:
+    return torch.compile(module.forward, dynamic=True, backend=backend)
+
+
+def holds_adapters(module: torch.nn.Module) -> bool:
+    """Whether PEFT adapter layers (a training's LoRA) sit anywhere inside `module`."""
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+@dataclass(frozen=True)
+class Region:
+    """A stage and its blocks, each with its compiled `forward` (compiled on first use)."""
+
+    module: torch.nn.Module
+    forward: Callable[..., Any]
+    blocks: tuple[tuple[torch.nn.Module, Callable[..., Any]], ...]
 
 
 class CompiledBlocks:
-    """Compiled `forward`s for the repeated blocks of a pipeline's UNet and VAE decoder.
+    """Compiled `forward`s for the stages and blocks of a pipeline's UNet and VAE decoder.
 
-    Nothing is compiled until a block first runs inside `installed()`. `backend` is torch.compile's
-    (tests pass a cheap one; inductor needs a GPU to pay off).
+    Nothing is compiled until a region first runs inside `installed()`. `whole_stages` is what
+    `installed()` uses by default (False: blocks only). `backend` is torch.compile's (tests pass a
+    cheap one; inductor needs a GPU to pay off).
     """
 
-    def __init__(self, pipe: Any, *, backend: str | Callable[..., Any] = "inductor") -> None:
-        blocks = [m for m in pipe.unet.modules() if isinstance(m, UNET_BLOCKS)]
-        blocks += [m for m in pipe.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
-        self.blocks = blocks
-        self._compiled = [torch.compile(block.forward, dynamic=True, backend=backend) for block in blocks]
+    def __init__(self, pipe: Any, *, backend: Backend = "inductor", whole_stages: bool = True) -> None:
+        unet = pipe.unet
+        stages = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+        kinds = [(stage, UNET_BLOCKS) for stage in stages] + [(pipe.vae.decoder, DECODER_BLOCKS)]
+        self.regions = [
+            Region(stage, _compiled(stage, backend),
+                   tuple((m, _compiled(m, backend)) for m in stage.modules() if isinstance(m, classes)))
+            for stage, classes in kinds]
+        self.whole_stages = whole_stages
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
-        # A block that fails to compile (no C compiler for Triton's launchers, an unsupported GPU)
+        # A region that fails to compile (no C compiler for Triton's launchers, an unsupported GPU)
         # runs as it is, with the failure in the log, instead of failing people's pictures.
         torch._dynamo.config.suppress_errors = True
 
+    @property
+    def stages(self) -> list[torch.nn.Module]:
+        return [region.module for region in self.regions]
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return [block for region in self.regions for block, _ in region.blocks]
+
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.regions)
 
     @contextlib.contextmanager
-    def installed(self, *, skip_adapters: bool = False) -> Iterator[None]:
-        """Within the block, each block's `forward` is its compiled one; the modules are untouched after.
+    def installed(self, *, skip_adapters: bool = False, whole_stages: bool | None = None) -> Iterator[None]:
+        """Within the block, each stage's `forward` (or each of its blocks') is the compiled one; the
+        modules are untouched after.
 
-        `skip_adapters`: blocks holding PEFT adapter layers keep their plain `forward`.
+        `skip_adapters`: a region holding PEFT adapter layers keeps its plain `forward`; a stage
+        holding them is split into its blocks. `whole_stages`: False compiles blocks only (None: the
+        instance's default).
         """
+        whole = self.whole_stages if whole_stages is None else whole_stages
         with contextlib.ExitStack() as stack:
-            for block, compiled in zip(self.blocks, self._compiled, strict=True):
-                if skip_adapters and any(isinstance(m, BaseTunerLayer) for m in block.modules()):
+            for region in self.regions:
+                if whole and not (skip_adapters and holds_adapters(region.module)):
+                    stack.enter_context(Override(region.module, "forward", region.forward))
                     continue
-                stack.enter_context(Override(block, "forward", compiled))
+                for block, forward in region.blocks:
+                    if not (skip_adapters and holds_adapters(block)):
+                        stack.enter_context(Override(block, "forward", forward))
             yield

@@ -7,13 +7,14 @@ therefore runs the plain base model, which on CUDA is replayed from CUDA graphs 
 picture shape (trainer.graphs) for the UNet and the VAE decoder: a step is then bound by the GPU, not
 by Python launching a thousand kernels. Graphs see every person's weights because merging writes into
 the same storage, so switching person never re-captures. The graphs are captured from the UNet's
-and decoder's blocks compiled by inductor (trainer.compiled_blocks), whose fused kernels make a
-replay about a fifth shorter; the compiling happens once per process, in `warm_up`.
+stages and the decoder compiled by inductor (trainer.compiled_blocks), whose fused kernels make a
+replay shorter; the compiling happens once per process, in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
-steps) are switched off for the generation and put back after it. The blocks holding them run
-plain then (tracing the adapters' Python would mean compiling in the middle of a training), so
-pictures between training steps replay their own graphs, captured once per shape.
+steps) are switched off for the generation and put back after it. The stages and blocks holding
+them run plain then (tracing the adapters' Python would mean compiling in the middle of a
+training), the other blocks compiled, so pictures between training steps replay their own graphs,
+captured once per shape.
 
 Variations ("more like #N") run img2img from the same modules: the img2img pipeline object shares
 the text-to-image pipeline's components, so nothing is loaded twice and merged LoRAs apply to both.
@@ -164,10 +165,11 @@ class GenerationEngine:
 
     def __init__(self, pipeline: DiffusionPipeline, *, max_loaded_adapters: int = 8,
                  base_resolution: int | None = None, cuda_graphs: bool = True,
-                 compile_blocks: bool | None = None, compile_backend: str | Callable[..., Any] = "inductor",
-                 ) -> None:
-        """`compile_blocks`: compile the UNet's and decoder's blocks (trainer.compiled_blocks); None
-        means where it pays, with CUDA graphs on a GPU. `compile_backend` is torch.compile's."""
+                 compile_blocks: bool | None = None, compile_stages: bool = True,
+                 compile_backend: str | Callable[..., Any] = "inductor") -> None:
+        """`compile_blocks`: compile the UNet and the VAE decoder (trainer.compiled_blocks); None means
+        where it pays, with CUDA graphs on a GPU. `compile_stages`: compile whole stages (False: their
+        blocks only, for comparison). `compile_backend` is torch.compile's."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -193,10 +195,16 @@ class GenerationEngine:
         self._lora_modules: dict[str, torch.nn.Module] = {
             name: module for name in ("unet", "text_encoder", "text_encoder_2")
             if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
+        # Pictures never need gradients, and a training freezes these modules too (trainer.dreambooth):
+        # frozen from the start, the compiled code's guards hold before, during and after a training.
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if isinstance(module := getattr(pipeline, name, None), torch.nn.Module):
+                module.requires_grad_(False)
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
         if compile_blocks is None:
             compile_blocks = self._graphs is not None
-        self._compiled = CompiledBlocks(pipeline, backend=compile_backend) if compile_blocks else None
+        self._compiled = (CompiledBlocks(pipeline, backend=compile_backend, whole_stages=compile_stages)
+                          if compile_blocks else None)
 
     @property
     def graph_capture_s(self) -> float:
@@ -287,16 +295,26 @@ class GenerationEngine:
                     adapters.set_enabled(self._lora_modules[name], state.enabled)
 
     def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> float:
-        """Compile the blocks and capture the graphs of square pictures for these counts now, so the
-        first requests do not pay for it; returns the seconds spent. Does nothing without CUDA graphs."""
-        if self._graphs is None:
+        """Compile and capture the graphs of square pictures for these counts now, so the first
+        requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
+        compiling.
+
+        The blocks that pictures between training steps run compiled are compiled here too, rather
+        than in the middle of someone's training.
+        """
+        if self._graphs is None and self._compiled is None:
             return 0.0
         if self._compiled is not None:
-            log.info("compiling %d blocks of the UNet and VAE decoder for generation: a few minutes the "
-                     "first time, about half a minute once inductor's cache holds them", len(self._compiled))
+            log.info("compiling the UNet and VAE decoder for generation: a few minutes the first time, "
+                     "under a minute once inductor's cache holds them")
         started = time.monotonic()
         for count in counts:
             self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+        if self._compiled is not None and self._compiled.whole_stages:
+            with self._lock, self._compiled.installed(whole_stages=False):
+                for count in counts:  # eager, no graphs: only the compiling is wanted
+                    self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
+                               output_type="latent")
         elapsed = time.monotonic() - started
         log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
         return elapsed

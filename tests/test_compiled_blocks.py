@@ -9,6 +9,7 @@ trainings, and that the warm-up compiles what a picture between training steps n
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from peft import LoraConfig, inject_adapter_in_model
 
+from tests.test_dreambooth import run_train, small
 from tests.test_generate import PERSON, REQUEST, pixels
 from trainer.compiled_blocks import CompiledBlocks, holds_adapters
 from trainer.engine import GenerateRequest, GenerationEngine
@@ -145,6 +147,28 @@ def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs() -> No
     assert backend.graphs == warmed  # nothing left to compile in the middle of a training
     assert not any(sum(installed_now(engine._compiled), []))
     assert GenerationEngine(build_random_pipeline("tiny")).warm_up() == 0.0  # nothing to prepare on a CPU
+
+
+def test_nothing_compiles_during_a_real_training_served_between_its_steps(tmp_path: Path) -> None:
+    """A training leaves the modules frozen and in eval mode, and puts the UNet in training mode
+    between steps: the warm-up must compile what every one of those states runs."""
+    pipe = build_random_pipeline("tiny")
+    pipe.unet.train()  # as a freshly built model is; the engine sets what pictures need
+    backend = CountingBackend()
+    engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
+    engine.warm_up(counts=(1,))
+    warmed = backend.graphs
+    traced: list[int] = []
+
+    def serve() -> None:
+        engine.generate(GenerateRequest(prompt=REQUEST.prompt, seed=1, steps=2))
+        traced.append(backend.graphs)
+
+    run_train(tmp_path, small(steps=3, prior_preservation=False), pipe=pipe, between_steps=serve)
+    assert traced == [warmed] * 3
+    engine.generate(REQUEST, **PERSON)
+    assert backend.graphs == warmed  # and none after it either
+    assert pipe.unet.training is False
 
 
 def test_regions_that_fail_to_compile_run_as_they_are() -> None:

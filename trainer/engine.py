@@ -195,11 +195,14 @@ class GenerationEngine:
         self._lora_modules: dict[str, torch.nn.Module] = {
             name: module for name in ("unet", "text_encoder", "text_encoder_2")
             if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
-        # Pictures never need gradients, and a training freezes these modules too (trainer.dreambooth):
-        # frozen from the start, the compiled code's guards hold before, during and after a training.
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if isinstance(module := getattr(pipeline, name, None), torch.nn.Module):
-                module.requires_grad_(False)
+        # Pictures need neither gradients nor training mode, and a training freezes these modules too
+        # and leaves them in eval mode (trainer.dreambooth): set so from the start, the compiled code's
+        # guards (which check both) hold before, during and after a training.
+        self._modules = [module for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                         if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)]
+        for module in self._modules:
+            module.requires_grad_(False)
+            module.eval()
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
         if compile_blocks is None:
             compile_blocks = self._graphs is not None
@@ -279,6 +282,9 @@ class GenerationEngine:
             if state is not None:
                 adapters.set_enabled(self._lora_modules[name], False)
         training = any(state is not None for state in states.values())
+        in_training_mode = [module for module in self._modules if module.training]
+        for module in in_training_mode:  # a caller's training loop, say; dropout is off in pictures
+            module.eval()
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(merged_lora.merged(lora))
@@ -293,6 +299,8 @@ class GenerationEngine:
             for name, state in states.items():
                 if state is not None:
                     adapters.set_enabled(self._lora_modules[name], state.enabled)
+            for module in in_training_mode:
+                module.train()
 
     def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> float:
         """Compile and capture the graphs of square pictures for these counts now, so the first

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--class-cache", type=Path, default=default_class_cache())
     wk.add_argument("--no-compile", dest="compile", action="store_false",
                     default=parse_switch(os.environ.get("COMPILE_GENERATION", "1")) is not False,
-                    help="do not compile the model's blocks for generation (COMPILE_GENERATION=0 does the same)")
+                    help="do not compile the model for generation (COMPILE_GENERATION=0 does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
                     help="where compiled kernels are kept between starts")
     wk.set_defaults(func=cmd_worker)

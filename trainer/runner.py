@@ -78,7 +78,7 @@ class WorkerConfig:
     # CPU threads for torch in this worker; 0 keeps torch's default (all cores). Several CPU workers
     # on one host must share the cores, or their thread pools fight and each runs many times slower.
     cpu_threads: int = 0
-    # On a GPU, compile the UNet's and VAE decoder's blocks for generation (trainer.compiled_blocks),
+    # On a GPU, compile the UNet's stages and the VAE decoder for generation (trainer.compiled_blocks),
     # keeping inductor's compiled kernels in `compile_cache_dir` so a restart reads them back.
     compile_generation: bool = True
     compile_cache_dir: str = ""

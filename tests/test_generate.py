@@ -469,3 +469,20 @@ def test_pictures_are_rounded_to_bytes_as_diffusers_rounds_them() -> None:
     ours = to_pixels(processor.postprocess(decoded, output_type="pt"))
     assert ours.shape == (2, 16, 24, 3) and ours.dtype == np.uint8
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_pictures_run_in_eval_mode_and_every_modules_own_mode_comes_back() -> None:
+    """Compiled code is guarded on training mode: pictures always run in the mode the warm-up saw."""
+    pipe = build_random_pipeline("tiny")
+    pipe.unet.train()
+    engine = GenerationEngine(pipe)
+    assert not any(m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+    pipe.unet.train()  # a training loop's state, with one submodule kept in eval mode
+    pipe.unet.conv_in.eval()
+    seen: list[bool] = []
+    engine.generate(REQUEST, on_event=lambda _e: seen.append(any(m.training for m in pipe.unet.modules())),
+                    **PERSON)
+    assert seen and not any(seen)
+    assert pipe.unet.training and pipe.unet.down_blocks[0].training and not pipe.unet.conv_in.training

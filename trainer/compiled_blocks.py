@@ -13,13 +13,15 @@ count and most sizes (a new size costs a recompile once per process):
   blocks: the skip-connection concatenations, the upsamplers, the transformer's projections and
   GroupNorm. What is left outside (the time embedding, the first and last convolutions) is a handful
   of kernels. Compiling the whole UNet instead would clash with the CUDA graph that replaces its
-  `forward`, and gains nothing over its stages;
+  `forward`, for only those few kernels more. Measured end to end on the H200, one picture takes
+  236 ms with compiled stages against 259 ms with compiled blocks;
 - **blocks**: each ResNet and transformer block of the stages, each ResNet block of the decoder. A
   picture made between training steps uses these (below), and the engine compiles them in its
   warm-up for that reason.
 
-Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker
-points into its data folder) and a restart loads it from there instead of compiling again. The
+Compiling both takes a worker's warm-up about 320 s on the H200. Inductor keeps what it compiled in
+its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
+restart loads it from there instead of compiling again: the warm-up then took 80 s. The
 compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
 person's merged LoRA reaches it.
 

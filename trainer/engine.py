@@ -198,9 +198,9 @@ class GenerationEngine:
         # Pictures need neither gradients nor training mode, and a training freezes these modules too
         # and leaves them in eval mode (trainer.dreambooth): set so from the start, the compiled code's
         # guards (which check both) hold before, during and after a training.
-        self._modules = [module for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        self._pipeline_modules = [module for name in ("unet", "vae", "text_encoder", "text_encoder_2")
                          if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)]
-        for module in self._modules:
+        for module in self._pipeline_modules:
             module.requires_grad_(False)
             module.eval()
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
@@ -282,9 +282,12 @@ class GenerationEngine:
             if state is not None:
                 adapters.set_enabled(self._lora_modules[name], False)
         training = any(state is not None for state in states.values())
-        in_training_mode = [module for module in self._modules if module.training]
-        for module in in_training_mode:  # a caller's training loop, say; dropout is off in pictures
-            module.eval()
+        # A caller's training loop may have left a module in training mode; pictures run in eval mode
+        # (what the warm-up compiled for), and every submodule's own mode comes back afterwards.
+        modes = {sub: sub.training for module in self._pipeline_modules if module.training
+                 for sub in module.modules()}
+        for sub in modes:
+            sub.training = False
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(merged_lora.merged(lora))
@@ -299,8 +302,8 @@ class GenerationEngine:
             for name, state in states.items():
                 if state is not None:
                     adapters.set_enabled(self._lora_modules[name], state.enabled)
-            for module in in_training_mode:
-                module.train()
+            for sub, mode in modes.items():
+                sub.training = mode
 
     def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> float:
         """Compile and capture the graphs of square pictures for these counts now, so the first
@@ -314,7 +317,7 @@ class GenerationEngine:
             return 0.0
         if self._compiled is not None:
             log.info("compiling the UNet and VAE decoder for generation: a few minutes the first time, "
-                     "under a minute once inductor's cache holds them")
+                     "one to two once inductor's cache holds them")
         started = time.monotonic()
         for count in counts:
             self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))

@@ -250,19 +250,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{'ours: warm-up (compile, capture graphs)':<46} {ours['warm_up_s']:10.1f} s", flush=True)
         reset_peak(device)
 
+        def request(n: int, i: int) -> GenerateRequest:
+            return GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=n, seed=max(i, 0),
+                                   steps=args.steps, guidance=GUIDANCE)
+
         def ask(n: int, i: int, on: GenerationEngine = engine) -> list[Any]:
-            request = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=n, seed=max(i, 0),
-                                      steps=args.steps, guidance=GUIDANCE)
-            return on.generate(request, adapter_key=user(i), lora_path=loras[user(i)])
+            return on.generate(request(n, i), adapter_key=user(i), lora_path=loras[user(i)])
 
         report(ours, "ours: image (n=1, person switched)", "image_s",
                median_of(lambda i: ask(1, i), args.repeats, device))
         report(ours, "ours: batch of 4 (person switched)", "batch4_s",
                median_of(lambda i: ask(4, i), args.repeats, device))
         report(ours, "ours: image (n=1), base model, no LoRA", "image_base_s",
-               median_of(lambda i: engine.generate(GenerateRequest(
-                   prompt=PROMPT, negative_prompt=NEGATIVE, seed=max(i, 0), steps=args.steps, guidance=GUIDANCE)),
-                   args.repeats, device))
+               median_of(lambda i: engine.generate(request(1, i)), args.repeats, device))
         ours["peak_mib"] = peak_mib(device)
         ours["resident_adapters"] = len(engine.loaded_adapters)
         ours["graph_capture_s"] = engine.graph_capture_s

@@ -19,7 +19,8 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from tests.test_dreambooth import run_train, small
 from tests.test_generate import PERSON, REQUEST, pixels
-from trainer.compiled_blocks import CompiledBlocks, holds_adapters
+from trainer.adapters import holds_adapters
+from trainer.compiled_blocks import CompiledBlocks
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.models import build_random_pipeline
 

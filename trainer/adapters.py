@@ -29,6 +29,11 @@ def tuner_layers(module: torch.nn.Module) -> list[BaseTunerLayer]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def holds_adapters(module: torch.nn.Module) -> bool:
+    """Whether PEFT adapter layers (a training's LoRA) sit anywhere inside `module`."""
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
 def snapshot(module: torch.nn.Module) -> AdapterState | None:
     """The module's adapter state, or None when it holds no adapter layers at all."""
     layers = tuner_layers(module)

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
-from peft.tuners.tuners_utils import BaseTunerLayer
 
+from trainer.adapters import holds_adapters
 from trainer.graphs import Override
 
 UNET_BLOCKS: tuple[type[torch.nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
@@ -60,11 +60,6 @@ Backend = str | Callable[..., Any]
 
 def _compiled(module: torch.nn.Module, backend: Backend) -> Callable[..., Any]:
     return torch.compile(module.forward, dynamic=True, backend=backend)
-
-
-def holds_adapters(module: torch.nn.Module) -> bool:
-    """Whether PEFT adapter layers (a training's LoRA) sit anywhere inside `module`."""
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 @dataclass(frozen=True)
@@ -106,9 +101,6 @@ class CompiledBlocks:
     @property
     def blocks(self) -> list[torch.nn.Module]:
         return [block for region in self.regions for block, _ in region.blocks]
-
-    def __len__(self) -> int:
-        return len(self.regions)
 
     @contextlib.contextmanager
     def installed(self, *, skip_adapters: bool = False, whole_stages: bool | None = None) -> Iterator[None]:

@@ -198,8 +198,7 @@ class GenerationEngine:
         # Pictures need neither gradients nor training mode, and a training freezes these modules too
         # and leaves them in eval mode (trainer.dreambooth): set so from the start, the compiled code's
         # guards (which check both) hold before, during and after a training.
-        self._pipeline_modules = [module for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-                         if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)]
+        self._pipeline_modules = [*self._lora_modules.values(), pipeline.vae]
         for module in self._pipeline_modules:
             module.requires_grad_(False)
             module.eval()

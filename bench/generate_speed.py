@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours["pixel_diff_vs_baseline"] = [float(np.abs(a - b).mean()) for a, b in zip(mine, theirs, strict=True)]
         print(f"mean |ours - baseline| per pixel (0-255), n=1 and n=4: "
               f"{', '.join(f'{d:.2f}' for d in ours['pixel_diff_vs_baseline'])}", flush=True)
-        if engine._compiled is not None:
+        if args.variants and engine._compiled is not None:
             blocks = GenerationEngine(pipe, compile_stages=False)
             report(ours, "ours, graphs of compiled blocks: image (n=1)", "image_compiled_blocks_s",
                    median_of(lambda i: ask(1, i, blocks), args.repeats, device))
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                 - mine[0]).mean())
             print(f"mean |compiled - plain blocks| per pixel: {ours['pixel_diff_compiled_vs_plain']:.3f}", flush=True)
             del plain_blocks
-        if engine.graph_capture_s:
+        if args.variants and engine.graph_capture_s:
             eager = GenerationEngine(pipe, cuda_graphs=False)
             report(ours, "ours without CUDA graphs: image (n=1)", "image_no_graphs_s",
                    median_of(lambda i: ask(1, i, eager), args.repeats, device))
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--switches", type=int, default=20, help="timed LoRA loads and switches")
     parser.add_argument("--rank", type=int, default=16, help="rank of the random LoRAs")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the engine with compiled blocks, plain blocks and without graphs "
+                             "(each compiles or captures again: minutes on a cold GPU cache)")
     args = parser.parse_args(argv)
     result = run(args)
     if args.json:

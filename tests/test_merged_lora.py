@@ -6,6 +6,7 @@ being confined to its block (graph replay itself needs CUDA: tests/test_gpu.py).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,10 @@ def test_a_merged_lora_computes_what_peft_layers_compute(lora_file: Path) -> Non
     base = _outputs(pipe, *inputs)
     before = {k: v.clone() for k, v in {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}.items()}
     lora = merged_lora.read_lora(lora_file, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    assert {u.scale for u in lora.updates} == {2.0}  # alpha 8 over rank 4, as PEFT scales it
+    assert {g.scale for g in lora.groups} == {2.0}  # alpha 8 over rank 4, as PEFT scales it
+    # One group per weight shape, each layer in exactly one group.
+    assert len({tuple(layer.weight.shape) for g in lora.groups for layer in g.layers}) == len(lora.groups)
+    assert lora.layers == len({id(layer) for g in lora.groups for layer in g.layers}) > len(lora.groups)
     with merged_lora.merged(lora):
         merged = _outputs(pipe, *inputs)
     after = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
@@ -68,13 +72,47 @@ def test_merging_again_and_again_drifts_nothing_and_an_error_still_restores(lora
     pipe = build_random_pipeline("tiny", dtype=torch.bfloat16)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     lora = merged_lora.read_lora(lora_file, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    assert all(u.down.dtype == torch.bfloat16 for u in lora.updates)
+    assert all(g.down.dtype == g.up.dtype == torch.bfloat16 for g in lora.groups)
     for _ in range(50):
         with merged_lora.merged(lora):
             pass
     with pytest.raises(RuntimeError, match="mid-generation"), merged_lora.merged(lora):
         raise RuntimeError("mid-generation")
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+
+
+def test_components_with_their_own_alpha_are_merged_each_with_its_own_scale(lora_file: Path,
+                                                                            tmp_path: Path) -> None:
+    """Layers of one shape are merged in one batch, but never across two scales (here the text
+    encoder's and the UNet's 32x32 projections share a shape and differ in alpha)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as f:
+        metadata = dict(f.metadata())
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    adapter["text_encoder.lora_alpha"] = 4  # scale 1 for the text encoder, 2 for the UNet
+    metadata["lora_adapter_metadata"] = json.dumps(adapter)
+    tensors = load_file(lora_file)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(mixed), metadata=metadata)
+
+    pipe = build_random_pipeline("tiny")
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    originals = {name: module.state_dict() for name, module in components.items()}
+    originals = {(name, k): v.clone() for name, sd in originals.items() for k, v in sd.items()}
+    lora = merged_lora.read_lora(mixed, components)
+    assert {g.scale for g in lora.groups} == {1.0, 2.0}
+    with merged_lora.merged(lora):
+        for key, down in tensors.items():
+            if not key.endswith("down.weight"):
+                continue
+            up = tensors[key.replace("down.weight", "up.weight")]
+            component, _, path = key.partition(".")
+            path = path.removeprefix("text_model.").rsplit(".lora", 1)[0]
+            scale = 1.0 if component == "text_encoder" else 2.0
+            weight = components[component].get_submodule(path).weight
+            before = originals[(component, path.replace(".lora_linear_layer", "") + ".weight")]
+            torch.testing.assert_close(weight, before + scale * up @ down, rtol=1e-5, atol=1e-6)
 
 
 def test_a_lora_reaches_layers_wrapped_by_a_training_adapter(lora_file: Path) -> None:

@@ -269,7 +269,7 @@ class GenerationEngine:
         while len(self._adapters) > self.max_loaded_adapters:
             old_key, _ = self._adapters.popitem(last=False)
             log.info("unloaded least recently used adapter %s", old_key)
-        log.info("loaded adapter %s (%d layers, %.1f MB) in %.0f ms (%d resident)", key, len(lora.updates),
+        log.info("loaded adapter %s (%d layers, %.1f MB) in %.0f ms (%d resident)", key, lora.layers,
                  lora.nbytes / 1e6, (time.perf_counter() - started) * 1000, len(self._adapters))
         return lora
 

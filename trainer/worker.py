@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer import events
+from trainer import events, gc_pauses
 from trainer.errors import Cancelled, OutOfMemory, TrainerError
 from trainer.events import Event, EventSink
 from trainer.jobs import WorkItem
@@ -104,8 +104,12 @@ class Worker:
 
     def prepare(self) -> None:
         """Load the base model and, on a GPU, capture the generation graphs of the common picture
-        shapes, so the first jobs do not wait for either (the engine warms up only where it graphs)."""
+        shapes, so the first jobs do not wait for either (the engine warms up only where it graphs).
+        What exists then lives as long as the worker, so it is frozen out of the garbage collector's
+        walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
+        gc_pauses.log_long_collections()
         self.engine.warm_up()
+        gc_pauses.freeze_long_lived()
 
     @property
     def engine(self) -> Any:

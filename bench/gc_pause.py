@@ -11,7 +11,7 @@ after compiling the generation engine is over a million (trainer.gc_pauses). In 
 On a CPU the engine only compiles when told, so this compiles the tiny model's stages with inductor
 (`--backend`); on a GPU it compiles the engine's default way.
 
-    python -m bench.gc_pause                      # tiny model on the CPU, inductor (about 2 minutes)
+    python -m bench.gc_pause                      # tiny model on the CPU, inductor (about a minute)
     python -m bench.gc_pause --model sd15-random  # on a CUDA GPU
 """
 

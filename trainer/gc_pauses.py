@@ -5,7 +5,7 @@ as the process: the models' modules and parameters, dynamo's guards, inductor's 
 A full collection walks all of them, and CPython runs one whenever enough new objects have survived
 since the last, for instance in the middle of a training. Everything on the worker's job thread
 waits, including a picture served between training steps. `python -m bench.gc_pause` measures it:
-after compiling even the tiny test model, a full collection took 0.5-0.7 s on a 2-core CPU.
+after compiling even the tiny test model, a full collection took about half a second on a 2-core CPU.
 
 `gc.freeze()` moves every object alive at that moment to a permanent generation that collections do
 not visit. Done once the worker is warm, later collections only see what jobs create, which goes

@@ -43,10 +43,14 @@ def cache_key(base_model: str, prompt: str, resolution: int) -> str:
 def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, resolution: int, count: int,
                         cache_dir: Path, *, steps: int = 25, batch_size: int = 4,
                         on_event: EventSink = events.ignore,
-                        should_cancel: Callable[[], bool] = lambda: False, graphs: bool = True) -> ClassImages:
+                        should_cancel: Callable[[], bool] = lambda: False, graphs: bool = True,
+                        between_batches: Callable[[], None] | None = None) -> ClassImages:
     """Paths of `count` class images for `prompt`, generating the ones the cache lacks.
 
     `graphs`: on CUDA the UNet and VAE replay graphs captured for the batch's shape (trainer.graphs).
+    `between_batches` is called after each batch (a worker serves waiting generations there, so that
+    a first-time class costs them one batch of waiting, not the whole set); it must leave the
+    pipeline's weights as they were.
     """
     folder = cache_dir / cache_key(base_model, prompt, resolution)
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,4 +78,6 @@ def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, r
                 write_bytes_atomic(paths[i], png, "class images")
             on_event(events.progress(min(start + batch_size, len(missing)), len(missing),
                                      stage_name="class_images"))
+            if between_batches is not None:
+                between_batches()
     return ClassImages(paths, len(missing))

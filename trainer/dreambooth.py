@@ -187,8 +187,9 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
     dtypes and modes as they were); otherwise `base_model` is loaded. `base_model` also names the
     class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
-    `between_steps` is called between training steps with the pipeline usable for inference (a worker
-    serves waiting generations there); adapters and modes are put back before the next step.
+    `between_steps` is called between training steps, and between the job's other phases, with the
+    pipeline usable for inference (a worker serves waiting generations there); adapters and modes
+    are put back before the training goes on (TrainingRun.serve_waiting).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
     if len(photos) < config.min_photos:
@@ -230,6 +231,7 @@ class TrainingRun:
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
         self.between_steps = between_steps
+        self.trained: dict[str, torch.nn.Module] = {}  # the modules that train an adapter, once added
         self._graphed: Callable[..., Any] | None = None
         self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per run
 
@@ -262,9 +264,10 @@ class TrainingRun:
                     pipeline, self.base_model, class_prompt(self.class_word), cfg.resolution,
                     cfg.num_class_images, self.class_cache_dir, steps=cfg.class_image_steps,
                     batch_size=cfg.class_image_batch, on_event=self.on_event,
-                    should_cancel=self.should_cancel).paths
+                    should_cancel=self.should_cancel, between_batches=self.serve_waiting).paths
             self.on_event(events.stage("caching"))
             self._cache(pixels, class_paths)
+            self.serve_waiting()
             self._add_adapters()
             self._build_optimizer()
             if resume is not None:
@@ -493,8 +496,7 @@ class TrainingRun:
         while self.step < total:
             if self.should_cancel():
                 raise Cancelled()
-            if self.between_steps is not None:
-                self._interlude(self.between_steps)
+            self.serve_waiting()
             pending.append(self.train_step())
             now = time.monotonic()
             checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total
@@ -511,17 +513,27 @@ class TrainingRun:
             if cfg.preview_every and self.step % cfg.preview_every == 0:
                 self.on_event(events.preview(self.step, self._preview()))
         self.losses += torch.stack(pending).float().cpu().tolist() if pending else []
+        self.serve_waiting()  # before saving, which (with the sample pictures) takes about a second
+
+    def serve_waiting(self) -> None:
+        """Let `between_steps` serve waiting generations now: between steps, and at the boundaries of
+        the job's other phases (class-image batches, caching, the end of the loop), so that a picture
+        asked for at any time waits for at most one step or one phase."""
+        if self.between_steps is not None:
+            self._interlude(self.between_steps)
 
     def _interlude(self, work: Callable[[], None]) -> None:
         """Run `work` (inference on the same pipeline) between two steps, then restore the training state.
 
         Generation may load other adapters and switch them on, and PEFT's `set_adapter` also decides
         which adapter weights require gradients; so every module's adapter state is put back, which
-        makes the trained adapter the only active and trainable one again. Training draws only from
-        its own generator, so its results do not change (tests/test_dreambooth.py checks this).
+        makes the trained adapter (once added) the only active and trainable one again. Training
+        draws only from its own generator, so its results do not change (tests/test_dreambooth.py
+        checks this).
         """
         modules = {name: getattr(self.pipe, name) for name in ("unet", *self.family.text_encoder_names)}
         states = {name: adapters.snapshot(module) for name, module in modules.items()}
+        training = self.pipe.unet.training
         self.pipe.unet.eval()
         try:
             work()
@@ -530,7 +542,7 @@ class TrainingRun:
                 adapters.restore(module, states[name])
                 if name not in self.trained:
                     module.requires_grad_(False)
-            self.pipe.unet.train()
+            self.pipe.unet.train(training)
 
     def _checkpoint(self) -> None:
         path = self.work_dir / CHECKPOINT_NAME

@@ -122,7 +122,7 @@ class Worker:
 
     def run(self, item: WorkItem, emit: EventSink, should_cancel: Any,
             between_steps: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Run one item; a training calls `between_steps` between its steps (see process_main)."""
+        """Run one item; a training calls `between_steps` between its steps and phases (see process_main)."""
         if item.kind == "train":
             return self._train(item, emit, should_cancel, between_steps)
         if item.kind == "generate":
@@ -176,7 +176,7 @@ class Worker:
                 device=self.config.device, on_event=forward, should_cancel=should_cancel,
                 resume_from=resume_from, between_steps=between_steps,
             )
-            samples = self._samples(item, result.lora_path, emit, should_cancel)
+            samples = self._samples(item, result.lora_path, emit, should_cancel, between_steps)
             return {
                 "lora": result.lora_path.read_bytes(),
                 "kohya": result.kohya_path.read_bytes() if result.kohya_path else None,
@@ -189,8 +189,13 @@ class Worker:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _samples(self, item: WorkItem, lora_path: Path, emit: EventSink, should_cancel: Any) -> list[dict]:
-        """A few images of the person made with the fresh LoRA, to show in the 'done' message."""
+    def _samples(self, item: WorkItem, lora_path: Path, emit: EventSink, should_cancel: Any,
+                 between_steps: Callable[[], None] | None) -> list[dict]:
+        """A few images of the person made with the fresh LoRA, to show in the 'done' message.
+
+        Waiting generations (`between_steps`) are served before each sample: the job's owner waits
+        for their own pictures anyway, someone else's /imagine should not wait for all of them.
+        """
         from trainer.engine import GenerateRequest
 
         params = item.params
@@ -199,6 +204,8 @@ class Worker:
         samples = []
         try:
             for i, template in enumerate(SAMPLE_PROMPTS[: params.get("samples", 2)]):
+                if between_steps is not None:
+                    between_steps()
                 prompt = template.format(handle=params["handle"], cls=params["class_word"])
                 request = GenerateRequest(prompt=prompt, seed=params.get("seed", 0) + i,
                                           steps=params.get("sample_steps", 25))
@@ -290,8 +297,8 @@ class Inbox:
 def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
     """Child-process entry: read commands on a thread, run jobs one at a time on this thread.
 
-    While a training runs, generations sent to this worker are served between its steps (the
-    runner sends at most one such generation per training), on the same loaded model.
+    While a training runs, generations sent to this worker are served between its steps and its
+    phases (the runner sends at most one such generation per training), on the same loaded model.
     """
     setup_logging(config.log_level)
     if config.cpu_threads:

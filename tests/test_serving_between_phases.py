@@ -1,0 +1,99 @@
+"""A training serves waiting generations not only between its steps but at every phase boundary:
+between class-image batches, after caching, after the last step and before each sample picture,
+so an /imagine that arrives in any phase waits for one step or one phase, not the rest of the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_dreambooth import CLASS, HANDLE, make_photos, run_train, small
+from trainer import events
+from trainer.class_images import cache_key
+from trainer.dreambooth import class_prompt
+from trainer.engine import GenerateRequest, GenerationEngine
+from trainer.models import build_random_pipeline
+
+SERVED: events.Event = {"type": "served"}
+
+
+@pytest.fixture(scope="module")
+def other_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Someone else's LoRA, which the generations served during the training use."""
+    tmp = tmp_path_factory.mktemp("other")
+    return run_train(tmp, small(steps=3, learning_rate=1e-2, train_text_encoder=True,
+                                prior_preservation=False)).lora_path
+
+
+def kinds(log: list[events.Event]) -> list[str]:
+    """The log as 'stage:<name>', 'progress:<stage>:<step>' and 'served' entries."""
+    out = []
+    for event in log:
+        if event["type"] == "stage":
+            out.append(f"stage:{event['stage']}")
+        elif event["type"] == "progress":
+            out.append(f"progress:{event['stage']}:{event['step']}")
+        elif event["type"] == "served":
+            out.append("served")
+    return out
+
+
+def test_a_training_serves_at_every_phase_boundary_and_its_results_do_not_change(
+        tmp_path: Path, other_lora: Path) -> None:
+    config = small(steps=3, num_class_images=3, class_image_batch=1, train_text_encoder=True)
+    alone = run_train(tmp_path / "alone", config)
+
+    pipe = build_random_pipeline("tiny")
+    engine = GenerationEngine(pipe)
+    request = GenerateRequest("on a horse", seed=3, steps=2)
+    log: list[events.Event] = []
+
+    def serve() -> None:
+        log.append(SERVED)
+        engine.generate(request, adapter_key="other", lora_path=other_lora, handle=HANDLE, class_word=CLASS)
+
+    shared = run_train(tmp_path / "shared", config, pipe=pipe, on_event=log.append, between_steps=serve)
+
+    seen = kinds(log)
+    phases = seen[seen.index("stage:class_images"):seen.index("stage:saving")]
+    # Reports within a step may be skipped (they are rate-limited), so only the order is checked.
+    class_part = phases[:phases.index("stage:caching")]
+    assert class_part == ["stage:class_images", "progress:class_images:1", "served", "progress:class_images:2",
+                          "served", "progress:class_images:3", "served"]
+    training = phases[phases.index("stage:training"):]
+    assert phases[phases.index("stage:caching"):phases.index("stage:training")] == ["stage:caching", "served"]
+    assert training.count("served") == config.steps + 1  # before each step, and once after the last
+    assert training[-2:] == ["progress:training:3", "served"]  # the last one: before the save
+
+    # Neither the class images nor the training noticed the generations served in between.
+    key = cache_key("tiny", class_prompt(CLASS), config.resolution)
+    for i in range(config.num_class_images):
+        name = f"{i:05d}.png"
+        assert ((tmp_path / "shared" / "class-cache" / key / name).read_bytes()
+                == (tmp_path / "alone" / "class-cache" / key / name).read_bytes())
+    assert shared.losses == alone.losses
+
+
+def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
+    from trainer.jobs import WorkItem
+    from trainer.runner import WorkerConfig
+    from trainer.worker import Worker
+
+    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
+    log: list[events.Event] = []
+    engine_generate = worker.engine.generate
+
+    def generate(request, **kwargs):
+        log.append({"type": "sample" if kwargs.get("adapter_key", "").startswith("train-") else "other"})
+        return engine_generate(request, **kwargs)
+
+    worker.engine.generate = generate
+    config = small(steps=2, prior_preservation=False, resolution=64).to_dict()
+    item = WorkItem(1, "train", {"handle": HANDLE, "class_word": CLASS, "config": config, "samples": 2,
+                                 "sample_steps": 2}, {"photos": make_photos()})
+    result = worker.run(item, log.append, lambda: False, between_steps=lambda: log.append(SERVED))
+
+    assert len(result["samples"]) == 2
+    after_training = [e["type"] for e in log[next(i for i, e in enumerate(log) if e.get("stage") == "saving"):]]
+    assert [t for t in after_training if t in ("served", "sample")] == ["served", "sample", "served", "sample"]

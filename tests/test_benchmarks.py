@@ -49,3 +49,19 @@ def test_the_png_benchmark_times_each_encoder_on_both_kinds_of_picture(tmp_path:
         assert all(row["ms"] > 0 and row["bytes"] > 1000 for row in results[group].values())
     # A smooth picture compresses; noise does not.
     assert all(row["bytes"] < 0.8 * 512 * 512 * 3 for row in results["photograph-like n=1"].values())
+
+
+def test_the_pool_benchmark_traces_each_request_during_a_training_to_its_phase(tmp_path: Path) -> None:
+    from bench import gpu_pool
+
+    out = tmp_path / "pool.json"
+    report = gpu_pool.main(["--model", "tiny", "--device", "cpu", "--workers", "1", "--steps", "40",
+                            "--requests", "2", "--resolution", "64", "--class-images", "2", "--request-gap", "0.05",
+                            "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    during = report["generation_during_trainings_s"]
+    assert during["n"] == len(during["all"]) == len(during["arrived_in"]) >= 2
+    assert all(s > 0 for s in during["all"]) and during["p95"] >= during["p50"]
+    # Phases read "training 12/40", "saving", "generating (sample images)", ... as the job reported them.
+    assert any(p.startswith("training ") and p.endswith("/40") for p in during["arrived_in"])
+    assert report["idle_generation_s"]["p50"] > 0 and report["parallel_trainings"] == 1

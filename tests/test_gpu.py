@@ -87,11 +87,16 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
                   out_dir=tmp_path / "plain", work_dir=tmp_path / "w2", class_cache_dir=tmp_path / "c", device="cuda")
     engine = GenerationEngine(pipe)
     request = GenerateRequest(prompt="on the moon", seed=1, steps=4)
-    served = []
+    pair = GenerateRequest(prompt="on the moon", seed=1, steps=4, num_images=2)
+    served, pairs = [], []
 
     def serve() -> None:
+        # One picture: its graph is captured at the first call, before the adapters are added, and
+        # replayed next to them. Two: captured next to the adapters (blocks holding them plain).
         served.append(engine.generate(request, adapter_key="jane", lora_path=first.lora_path, handle="zqjane",
                                       class_word="woman")[0].png)
+        if len(served) > 1:
+            pairs.append(engine.generate(pair, adapter_key="jane", handle="zqjane", class_word="woman")[1].png)
 
     shared = train(_photos(), "zqbob", "man", config, pipeline=pipe, base_model="sd15-random",
                    out_dir=tmp_path / "shared", work_dir=tmp_path / "w3", class_cache_dir=tmp_path / "c",
@@ -100,10 +105,15 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
         return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
 
     # The same picture every time (within GPU nondeterminism): the adapters were restored each time.
-    assert len(served) == 6 and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
+    # Served after caching, before each step and after the last (tests/test_serving_between_phases.py).
+    assert len(served) == config.steps + 2 and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
     assert torch.allclose(torch.tensor(shared.losses), torch.tensor(plain.losses), rtol=2e-2, atol=1e-3)
     again = engine.generate(request, adapter_key="jane", handle="zqjane", class_word="woman")[0].png
     assert (pixels(again) - pixels(served[0])).abs().mean() < 2
+    # Replaying the graph captured next to the adapters, and capturing afresh outside the training.
+    again = engine.generate(pair, adapter_key="jane", handle="zqjane", class_word="woman")[1].png
+    assert all((pixels(p) - pixels(again)).abs().mean() < 2 for p in pairs)
+    assert engine._graphs.unet.reuse == ()  # back outside the training
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain blocks", "compiled blocks"])

@@ -1,12 +1,14 @@
 """Merged LoRAs (trainer.merged_lora) compute what PEFT's adapter layers compute, and leave no trace.
 
 Also the CPU-side rules of trainer.graphs: which calls can be graphed, and the method replacement
-being confined to its block (graph replay itself needs CUDA: tests/test_gpu.py).
+being confined to its block, which variant's graph a call replays (graph capture and replay
+themselves need CUDA: tests/test_gpu.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,39 @@ def test_graphs_are_dropped_when_weights_move_but_not_when_a_training_adapter_ar
     pipe.unet.to(torch.bfloat16)  # the trainer casting the model moves every weight
     graphed.check_weights()
     assert len(graphed) == 0
+
+
+def test_a_variant_replays_the_graphs_it_may_reuse_and_otherwise_captures_its_own(monkeypatch) -> None:
+    """During a training the engine replays the base model's graphs (variant None) where they exist and
+    captures its own "next to a training" graphs only for shapes without one; outside a training those
+    are never replayed. Capture and replay stand in for CUDA here; the lookup is what is tested."""
+    from trainer import graphs
+
+    monkeypatch.setattr(graphs, "_signature", lambda leaves, spec: "one picture")
+    call = GraphedCall(lambda: None, torch.nn.Linear(1, 1), name="UNet")
+    replayed: list[Hashable] = []
+
+    class Recorded:
+        def __init__(self, key: Hashable) -> None:
+            self.key = key
+
+        def replay(self) -> None:
+            replayed.append(self.key)
+
+    def capture(key, leaves, spec):
+        call._graphs[key] = graphs._Graph(Recorded(key), [], None)
+        return call._graphs[key]
+
+    monkeypatch.setattr(call, "_capture", capture)
+    idle, training = (None, "one picture"), ("next to a training", "one picture")
+
+    def draw(variant: Hashable, reuse: tuple[Hashable, ...] = ()) -> Hashable:
+        call.variant, call.reuse = variant, reuse
+        call()
+        return replayed[-1]
+
+    assert draw("next to a training", (None,)) == training  # nothing to reuse yet: its own capture
+    assert draw(None) == idle  # outside the training the slower kernels are not replayed
+    assert draw("next to a training", (None,)) == idle  # the base model's graph is preferred now
+    assert draw("next to a training") == training  # and without reuse each variant keeps its own
+    assert set(call._graphs) == {training, idle}

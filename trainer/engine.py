@@ -293,9 +293,14 @@ class GenerationEngine:
                 if self._compiled is not None:
                     stack.enter_context(self._compiled.installed(skip_adapters=training))
                 if self._graphs is not None:
-                    # Graphs hold the kernels of the blocks installed at their capture: during a
-                    # training some blocks run plain, so those graphs are kept apart.
-                    stack.enter_context(self._graphs.installed(variant="next to a training" if training else None))
+                    # A graph replays the kernels of the blocks installed at its capture. During a
+                    # training the base model's graphs (stages compiled) are replayed as they are:
+                    # the training's adapters are off and their weights are no input of the graphs.
+                    # A shape without one is captured with the blocks that hold adapters running
+                    # plain (recompiling them would take minutes), and kept apart, so that pictures
+                    # outside trainings never replay those slower kernels.
+                    stack.enter_context(self._graphs.installed(variant="next to a training", reuse=(None,))
+                                        if training else self._graphs.installed())
                 yield
         finally:
             for name, state in states.items():

@@ -58,6 +58,9 @@ class GraphedCall:
         self.capture_s = 0.0  # total time spent capturing, for benchmarks and logs
         # Part of every graph's key: what, besides the inputs, decided the kernels a graph holds.
         self.variant: Hashable = None
+        # Other variants whose graphs compute the same function and may be replayed instead of
+        # capturing one of `variant` (preferred in this order).
+        self.reuse: tuple[Hashable, ...] = ()
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -82,13 +85,14 @@ class GraphedCall:
         key = None if signature is None else (self.variant, signature)
         if key is None or key in self._failed:
             return self._fn(*args, **kwargs)
-        entry = self._graphs.get(key)
-        if entry is None:
+        found = next((k for k in ((v, signature) for v in (*self.reuse, self.variant)) if k in self._graphs), None)
+        if found is None:
             entry = self._capture(key, leaves, spec)
             if entry is None:
                 return self._fn(*args, **kwargs)
         else:
-            self._graphs.move_to_end(key)
+            entry = self._graphs[found]
+            self._graphs.move_to_end(found)
         for static, value in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor)), strict=True):
             static.copy_(value)
         entry.graph.replay()
@@ -182,12 +186,15 @@ class PipelineGraphs:
         return self.unet.capture_s + self.decode.capture_s
 
     @contextlib.contextmanager
-    def installed(self, variant: Hashable = None) -> Iterator[None]:
+    def installed(self, variant: Hashable = None, reuse: tuple[Hashable, ...] = ()) -> Iterator[None]:
         """`variant` names what else shapes the captured kernels (compiled blocks, say): graphs
-        captured under one variant are never replayed under another."""
+        captured under one variant are replayed under another only where that one lists it in `reuse`
+        (which it may when both compute the same function: a graph replays its kernels whatever
+        Python-side modules are installed at the time)."""
         self.unet.check_weights()
         self.decode.check_weights()
         self.unet.variant = self.decode.variant = variant
+        self.unet.reuse = self.decode.reuse = reuse
         with contextlib.ExitStack() as stack:
             for module, method, replacement in self._replacements:
                 stack.enter_context(Override(module, method, replacement))

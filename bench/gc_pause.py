@@ -6,28 +6,35 @@ after compiling the generation engine is over a million (trainer.gc_pauses). In 
 - the engine is built and warmed up (compiled for one square picture) as a worker does;
 - baseline: the median time of a full collection (`gc.collect()`) in that state;
 - ours: the same after `trainer.gc_pauses.freeze_long_lived()`, as the worker now does when warm;
-- then one picture is drawn and a collection timed again: what a job leaves behind stays small.
+- then one picture is drawn and a collection timed again: what a job leaves behind stays small;
+- with `--train-steps`, then one training (prior preservation off, the GPU's default CUDA-graphed
+  step) is run and what it leaves to the collector is counted: the objects only a collection frees,
+  their commonest types, the time to find them and the time to free them, and the GPU memory they held.
 
 On a CPU the engine only compiles when told, so this compiles the tiny model's stages with inductor
 (`--backend`); on a GPU it compiles the engine's default way.
 
     python -m bench.gc_pause                      # tiny model on the CPU, inductor (about a minute)
     python -m bench.gc_pause --model sd15-random  # on a CUDA GPU
+    python -m bench.gc_pause --model sd15-random --no-engine --train-steps 50   # a training's garbage only
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.train_speed import bench_pipeline
+from bench.train_speed import bench_pipeline, synthetic_photos
+from trainer.dreambooth import TrainConfig, train
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.gc_pauses import freeze_long_lived
 
@@ -41,9 +48,45 @@ def full_collection_ms(repeats: int) -> float:
     return statistics.median(times)
 
 
+def reserved_gib(device: torch.device) -> float:
+    return torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def garbage_of_a_training(pipe: Any, model: str, steps: int) -> dict[str, Any]:
+    """Train once, then find (without freeing) and free what only a collection frees."""
+    config = TrainConfig(steps=steps, prior_preservation=False, checkpoint_every=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        gc.collect()
+        gc.disable()  # nothing is collected before it is counted
+        try:
+            train(synthetic_photos(config.resolution, count=5), "zqbench", "person", config, pipeline=pipe,
+                  base_model=model, out_dir=root / "out", work_dir=root / "work", class_cache_dir=root / "classes")
+            before = reserved_gib(pipe.device)
+            gc.set_debug(gc.DEBUG_SAVEALL)  # found objects go to gc.garbage instead of being freed
+            started = time.perf_counter()
+            found = gc.collect()
+            find_ms = (time.perf_counter() - started) * 1000
+            types = collections.Counter(type(o).__name__ for o in gc.garbage).most_common(8)
+            gc.set_debug(0)
+            gc.garbage.clear()  # the cycles are unreachable again: the next collection frees them
+            started = time.perf_counter()
+            gc.collect()
+            free_ms = (time.perf_counter() - started) * 1000
+        finally:
+            gc.set_debug(0)
+            gc.enable()
+    return {"steps": steps, "objects": found, "find_ms": find_ms, "free_ms": free_ms, "types": types,
+            "reserved_gib_before": before, "reserved_gib_after": reserved_gib(pipe.device)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device)
     on_gpu = pipe.device.type == "cuda"
+    if args.no_engine:
+        result = {"device": torch.cuda.get_device_name(pipe.device) if on_gpu else "cpu", "model": args.model,
+                  "frozen": freeze_long_lived()}
+        return {**result, **after_a_training(pipe, args)}
     engine = GenerationEngine(pipe, compile_blocks=True if not on_gpu else None, compile_backend=args.backend)
     warm_up_s = engine.warm_up(counts=(1,))
     device = torch.cuda.get_device_name(pipe.device) if on_gpu else "cpu"
@@ -62,7 +105,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{result['ours_full_collection_ms']:10.3f} ms")
     print(f"ours: full collection after a picture          {result['ours_after_a_picture_ms']:10.3f} ms")
     print(f"ratio (baseline / ours)                        {result['ratio']:10.0f}x", flush=True)
-    return result
+    return {**result, **after_a_training(pipe, args)}
+
+
+def after_a_training(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    if not args.train_steps:
+        return {}
+    trained = garbage_of_a_training(pipe, args.model, args.train_steps)
+    print(f"after a {trained['steps']}-step training: {trained['objects']} objects left to the collector, "
+          f"found in {trained['find_ms']:.1f} ms, freed in {trained['free_ms']:.1f} ms; GPU memory reserved "
+          f"{trained['reserved_gib_before']:.2f} -> {trained['reserved_gib_after']:.2f} GiB", flush=True)
+    print("  commonest: " + ", ".join(f"{name} {n}" for name, n in trained["types"]), flush=True)
+    return {"after_a_training": trained}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -72,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend for the engine's stages")
     parser.add_argument("--repeats", type=int, default=5, help="timed full collections per figure")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps of the picture drawn after freezing")
+    parser.add_argument("--train-steps", type=int, default=0, help="then count what a training this long leaves")
+    parser.add_argument("--no-engine", action="store_true", help="skip the engine's figures (no compiling)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = run(args)

@@ -166,7 +166,8 @@ def test_nothing_compiles_during_a_real_training_served_between_its_steps(tmp_pa
         traced.append(backend.graphs)
 
     run_train(tmp_path, small(steps=3, prior_preservation=False), pipe=pipe, between_steps=serve)
-    assert traced == [warmed] * (3 + 2)  # after caching (no adapter yet), between steps, after the last
+    # Served while caching (no adapter yet), between steps and after the last: nothing compiled.
+    assert len(traced) > 3 and set(traced) == {warmed}
     engine.generate(REQUEST, **PERSON)
     assert backend.graphs == warmed  # and none after it either
     assert pipe.unet.training is False

@@ -341,8 +341,8 @@ def test_generations_served_between_steps_change_neither_the_training_nor_their_
                                       class_word=CLASS)[0].png)
 
     shared = run_train(tmp_path, config, pipe=pipe, tag="shared", between_steps=serve)
-    # After caching, before each step and after the last (tests/test_serving_between_phases.py)
-    assert len(served) == config.steps + 2 and all(png == expected for png in served)
+    # Before each step, and within the other phases (tests/test_serving_between_phases.py)
+    assert len(served) > config.steps and all(png == expected for png in served)
     assert shared.losses == plain.losses
     saved, reference = load_file(shared.lora_path), load_file(plain.lora_path)
     assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)

@@ -77,6 +77,7 @@ def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path, precision):
 
 def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tmp_path):
     """A worker serves /imagine between the (CUDA-graphed) steps of a training on the same pipeline."""
+    from trainer.adapters import holds_adapters
     from trainer.dreambooth import TrainConfig, train
     from trainer.engine import GenerateRequest, GenerationEngine
 
@@ -91,11 +92,12 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
     served, pairs = [], []
 
     def serve() -> None:
-        # One picture: its graph is captured at the first call, before the adapters are added, and
-        # replayed next to them. Two: captured next to the adapters (blocks holding them plain).
+        # One picture: its graph is captured at the first call (while caching, before the adapters
+        # are added) and replayed next to them. Two: captured next to the adapters (blocks holding
+        # them plain).
         served.append(engine.generate(request, adapter_key="jane", lora_path=first.lora_path, handle="zqjane",
                                       class_word="woman")[0].png)
-        if len(served) > 1:
+        if holds_adapters(pipe.unet):
             pairs.append(engine.generate(pair, adapter_key="jane", handle="zqjane", class_word="woman")[1].png)
 
     shared = train(_photos(), "zqbob", "man", config, pipeline=pipe, base_model="sd15-random",
@@ -105,14 +107,14 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
         return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
 
     # The same picture every time (within GPU nondeterminism): the adapters were restored each time.
-    # Served after caching, before each step and after the last (tests/test_serving_between_phases.py).
-    assert len(served) == config.steps + 2 and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
+    # Served while caching, before each step and after the last (tests/test_serving_between_phases.py).
+    assert len(served) > config.steps and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
     assert torch.allclose(torch.tensor(shared.losses), torch.tensor(plain.losses), rtol=2e-2, atol=1e-3)
     again = engine.generate(request, adapter_key="jane", handle="zqjane", class_word="woman")[0].png
     assert (pixels(again) - pixels(served[0])).abs().mean() < 2
     # Replaying the graph captured next to the adapters, and capturing afresh outside the training.
     again = engine.generate(pair, adapter_key="jane", handle="zqjane", class_word="woman")[1].png
-    assert all((pixels(p) - pixels(again)).abs().mean() < 2 for p in pairs)
+    assert len(pairs) == config.steps + 1 and all((pixels(p) - pixels(again)).abs().mean() < 2 for p in pairs)
     assert engine._graphs.unet.reuse == ()  # back outside the training
 
 

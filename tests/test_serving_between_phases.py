@@ -1,6 +1,7 @@
-"""A training serves waiting generations not only between its steps but at every phase boundary:
-between class-image batches, after caching, after the last step and before each sample picture,
-so an /imagine that arrives in any phase waits for one step or one phase, not the rest of the job."""
+"""A training serves waiting generations not only between its steps but within its other phases:
+after each batch of class images and of cached latents, between a preview's denoising steps, after
+the last step and before each sample picture, so an /imagine that arrives at any time waits for one
+step or one batch, not the rest of a phase."""
 
 from __future__ import annotations
 
@@ -34,15 +35,17 @@ def kinds(log: list[events.Event]) -> list[str]:
             out.append(f"stage:{event['stage']}")
         elif event["type"] == "progress":
             out.append(f"progress:{event['stage']}:{event['step']}")
-        elif event["type"] == "served":
-            out.append("served")
+        elif event["type"] in ("served", "preview"):
+            out.append(event["type"])
     return out
 
 
-def test_a_training_serves_at_every_phase_boundary_and_its_results_do_not_change(
+def test_a_training_serves_within_every_phase_and_its_results_do_not_change(
         tmp_path: Path, other_lora: Path) -> None:
-    config = small(steps=3, num_class_images=3, class_image_batch=1, train_text_encoder=True)
-    alone = run_train(tmp_path / "alone", config)
+    config = small(steps=4, num_class_images=3, class_image_batch=1, train_text_encoder=True, preview_every=2,
+                   preview_steps=3)
+    alone_log: list[events.Event] = []
+    alone = run_train(tmp_path / "alone", config, on_event=alone_log.append)
 
     pipe = build_random_pipeline("tiny")
     engine = GenerationEngine(pipe)
@@ -61,10 +64,16 @@ def test_a_training_serves_at_every_phase_boundary_and_its_results_do_not_change
     class_part = phases[:phases.index("stage:caching")]
     assert class_part == ["stage:class_images", "progress:class_images:1", "served", "progress:class_images:2",
                           "served", "progress:class_images:3", "served"]
+    # Latents in batches of 8: the 5 photos and their mirror images make two, the 3 class images one.
+    assert phases[phases.index("stage:caching"):phases.index("stage:training")] == ["stage:caching"] + ["served"] * 3
     training = phases[phases.index("stage:training"):]
-    assert phases[phases.index("stage:caching"):phases.index("stage:training")] == ["stage:caching", "served"]
-    assert training.count("served") == config.steps + 1  # before each step, and once after the last
-    assert training[-2:] == ["progress:training:3", "served"]  # the last one: before the save
+    # Before each step, between the denoising steps of each preview (at steps 2 and 4), after the last.
+    previews = config.steps // config.preview_every
+    assert training.count("preview") == previews
+    per_preview = len(pipe.scheduler.timesteps)  # the preview was the pipeline's last run (PNDM: steps + 1)
+    assert per_preview >= config.preview_steps
+    assert training.count("served") == config.steps + previews * per_preview + 1
+    assert training[-2:] == ["preview", "served"]  # the last one: before the save
 
     # Neither the class images nor the training noticed the generations served in between.
     key = cache_key("tiny", class_prompt(CLASS), config.resolution)
@@ -73,6 +82,8 @@ def test_a_training_serves_at_every_phase_boundary_and_its_results_do_not_change
         assert ((tmp_path / "shared" / "class-cache" / key / name).read_bytes()
                 == (tmp_path / "alone" / "class-cache" / key / name).read_bytes())
     assert shared.losses == alone.losses
+    previews = [e["png"] for e in log if e["type"] == "preview"]
+    assert previews == [e["png"] for e in alone_log if e["type"] == "preview"]
 
 
 def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:

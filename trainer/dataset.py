@@ -9,7 +9,7 @@ still drawing a fresh latent sample each step exactly as `latent_dist.sample()` 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 
 from trainer.models import cast_module
+
+ENCODE_BATCH = 8  # images per VAE encoder call when caching latents
 
 PhotoInput = Path | str | bytes | Image.Image
 
@@ -77,8 +79,13 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8) -> LatentCache:
-    """Encode `pixels` in small batches; fp16 VAEs that need it are upcast to fp32 for the duration."""
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = ENCODE_BATCH,
+                   between_batches: Callable[[], None] | None = None) -> LatentCache:
+    """Encode `pixels` in small batches; fp16 VAEs that need it are upcast to fp32 for the duration.
+
+    `between_batches` is called after each batch (a worker serves waiting generations there), except
+    while the VAE is upcast: its weights are not where a generation's CUDA graphs expect them then.
+    """
     device = vae.device
     original = vae.dtype
     upcast = original == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -90,6 +97,8 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8
             dist = vae.encode(chunk.to(device=device, dtype=vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
+            if between_batches is not None and not upcast:
+                between_batches()
     finally:
         if upcast:
             cast_module(vae, original)

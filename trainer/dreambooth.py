@@ -37,7 +37,14 @@ from PIL import UnidentifiedImageError
 from trainer import adapters, events, lora_io
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainer.class_images import ensure_class_images
-from trainer.dataset import LatentCache, PhotoInput, class_pixels, encode_latents, instance_pixels
+from trainer.dataset import (
+    ENCODE_BATCH,
+    LatentCache,
+    PhotoInput,
+    class_pixels,
+    encode_latents,
+    instance_pixels,
+)
 from trainer.errors import (
     BadCheckpoint,
     BadPhoto,
@@ -267,7 +274,6 @@ class TrainingRun:
                     should_cancel=self.should_cancel, between_batches=self.serve_waiting).paths
             self.on_event(events.stage("caching"))
             self._cache(pixels, class_paths)
-            self.serve_waiting()
             self._add_adapters()
             self._build_optimizer()
             if resume is not None:
@@ -291,12 +297,14 @@ class TrainingRun:
     def _cache(self, pixels: torch.Tensor, class_paths: list[Path]) -> None:
         """Encode every image and both prompts once; the loop only indexes into these tensors."""
         cfg = self.config
-        parts = [encode_latents(self.pipe.vae, pixels)]
-        if class_paths:
-            parts.append(encode_latents(self.pipe.vae, class_pixels(class_paths, cfg.resolution)))
+        # Batch by batch, decoding class images as they are needed, serving generations in between.
+        parts = [encode_latents(self.pipe.vae, pixels, between_batches=self.serve_waiting)]
+        for start in range(0, len(class_paths), ENCODE_BATCH):
+            batch = class_pixels(class_paths[start:start + ENCODE_BATCH], cfg.resolution)
+            parts.append(encode_latents(self.pipe.vae, batch, between_batches=self.serve_waiting))
         self.latents = LatentCache.cat(parts)
         self.n_instance = parts[0].mean.shape[0]
-        self.n_class = parts[1].mean.shape[0] if class_paths else 0
+        self.n_class = len(class_paths)
         self.scaling = self.pipe.vae.config.scaling_factor
         prompts = [instance_prompt(self.handle, self.class_word), class_prompt(self.class_word)]
         self.token_ids = self.family.token_ids(self.pipe, prompts, self.device)
@@ -516,9 +524,10 @@ class TrainingRun:
         self.serve_waiting()  # before saving, which (with the sample pictures) takes about a second
 
     def serve_waiting(self) -> None:
-        """Let `between_steps` serve waiting generations now: between steps, and at the boundaries of
-        the job's other phases (class-image batches, caching, the end of the loop), so that a picture
-        asked for at any time waits for at most one step or one phase."""
+        """Let `between_steps` serve waiting generations now: between steps, and within the job's
+        other phases (after each batch of class images and of cached latents, between a preview's
+        denoising steps, after the last step), so that a picture asked for at any time waits for
+        one step or one batch, not a whole phase."""
         if self.between_steps is not None:
             self._interlude(self.between_steps)
 
@@ -557,8 +566,13 @@ class TrainingRun:
         cfg = self.config
         size = min(cfg.preview_resolution, cfg.resolution)
         gen_device = "cpu" if self.device.type == "mps" else self.device
+
+        def between_steps(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+            self.serve_waiting()  # a preview takes a few tenths of a second: no one waits that long
+            return tensors
+
         image = self.pipe(prompt=instance_prompt(self.handle, self.class_word), height=size, width=size,
-                          num_inference_steps=cfg.preview_steps,
+                          num_inference_steps=cfg.preview_steps, callback_on_step_end=between_steps,
                           generator=torch.Generator(gen_device).manual_seed(cfg.seed)).images[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -11,10 +11,11 @@ stages and the decoder compiled by inductor (trainer.compiled_blocks), whose fus
 replay shorter; the compiling happens once per process, in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
-steps) are switched off for the generation and put back after it. The stages and blocks holding
-them run plain then (tracing the adapters' Python would mean compiling in the middle of a
-training), the other blocks compiled, so pictures between training steps replay their own graphs,
-captured once per shape.
+steps) are switched off for the generation and put back after it. The base model's graphs still
+compute that picture, so they are replayed as they are. A picture shape without one is captured
+with the stages and blocks holding adapters running plain (tracing the adapters' Python would mean
+compiling in the middle of a training) and the other blocks compiled, and that graph is replayed
+only next to a training.
 
 Variations ("more like #N") run img2img from the same modules: the img2img pipeline object shares
 the text-to-image pipeline's components, so nothing is loaded twice and merged LoRAs apply to both.

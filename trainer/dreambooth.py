@@ -194,7 +194,7 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
     dtypes and modes as they were); otherwise `base_model` is loaded. `base_model` also names the
     class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
-    `between_steps` is called between training steps, and between the job's other phases, with the
+    `between_steps` is called between training steps, and within the job's other phases, with the
     pipeline usable for inference (a worker serves waiting generations there); adapters and modes
     are put back before the training goes on (TrainingRun.serve_waiting).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
@@ -521,7 +521,7 @@ class TrainingRun:
             if cfg.preview_every and self.step % cfg.preview_every == 0:
                 self.on_event(events.preview(self.step, self._preview()))
         self.losses += torch.stack(pending).float().cpu().tolist() if pending else []
-        self.serve_waiting()  # before saving, which (with the sample pictures) takes about a second
+        self.serve_waiting()  # before the save
 
     def serve_waiting(self) -> None:
         """Let `between_steps` serve waiting generations now: between steps, and within the job's
@@ -532,7 +532,7 @@ class TrainingRun:
             self._interlude(self.between_steps)
 
     def _interlude(self, work: Callable[[], None]) -> None:
-        """Run `work` (inference on the same pipeline) between two steps, then restore the training state.
+        """Run `work` (inference on the same pipeline) at a pause in the job, then restore the training state.
 
         Generation may load other adapters and switch them on, and PEFT's `set_adapter` also decides
         which adapter weights require gradients; so every module's adapter state is put back, which

@@ -1,4 +1,8 @@
-"""Fixtures shared by the end-to-end tests: the fake Discord, a Redis server, Celery workers."""
+"""Fixtures shared by the end-to-end tests: the fake Discord, a Redis server, Celery workers.
+
+Their libraries are imported where they are used, so that tests needing none of them (the GPU tests
+on a machine with only torch and diffusers, say) collect without them.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
-
-from tests.fakediscord import FakeDiscord
 
 
 @pytest.fixture
 async def fake():
     """A fresh fake Discord server on loopback for one test."""
+    from tests.fakediscord import FakeDiscord
+
     async with FakeDiscord() as server:
         yield server
 
@@ -27,6 +30,8 @@ async def fake():
 @pytest.fixture
 def redis_url(tmp_path):
     """A private Redis server on loopback (Debian's redis-server; `.ci/run` installs it)."""
+    import redis
+
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")

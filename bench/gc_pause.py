@@ -83,15 +83,27 @@ def garbage_of_a_training(pipe: Any, model: str, steps: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device)
     on_gpu = pipe.device.type == "cuda"
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(pipe.device) if on_gpu else "cpu",
+                              "model": args.model}
     if args.no_engine:
-        result = {"device": torch.cuda.get_device_name(pipe.device) if on_gpu else "cpu", "model": args.model,
-                  "frozen": freeze_long_lived()}
-        return {**result, **after_a_training(pipe, args)}
+        result["frozen"] = freeze_long_lived()
+    else:
+        result.update(engine_figures(pipe, args, on_gpu, result["device"]))
+    if args.train_steps:
+        result["after_a_training"] = trained = garbage_of_a_training(pipe, args.model, args.train_steps)
+        print(f"after a {trained['steps']}-step training: {trained['objects']} objects left to the collector, "
+              f"found in {trained['find_ms']:.1f} ms, freed in {trained['free_ms']:.1f} ms; GPU memory reserved "
+              f"{trained['reserved_gib_before']:.2f} -> {trained['reserved_gib_after']:.2f} GiB", flush=True)
+        print("  commonest: " + ", ".join(f"{name} {n}" for name, n in trained["types"]), flush=True)
+    return result
+
+
+def engine_figures(pipe: Any, args: argparse.Namespace, on_gpu: bool, device: str) -> dict[str, Any]:
+    """Full collections in a warm engine's process, before and after freezing, and after a picture."""
     engine = GenerationEngine(pipe, compile_blocks=True if not on_gpu else None, compile_backend=args.backend)
     warm_up_s = engine.warm_up(counts=(1,))
-    device = torch.cuda.get_device_name(pipe.device) if on_gpu else "cpu"
     print(f"device={device} model={args.model} backend={args.backend} warm-up {warm_up_s:.1f} s", flush=True)
-    result: dict[str, Any] = {"device": device, "model": args.model, "backend": args.backend, "warm_up_s": warm_up_s}
+    result: dict[str, Any] = {"backend": args.backend, "warm_up_s": warm_up_s}
     result["objects"] = len(gc.get_objects())
     result["baseline_full_collection_ms"] = full_collection_ms(args.repeats)
     result["frozen"] = freeze_long_lived()
@@ -105,18 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{result['ours_full_collection_ms']:10.3f} ms")
     print(f"ours: full collection after a picture          {result['ours_after_a_picture_ms']:10.3f} ms")
     print(f"ratio (baseline / ours)                        {result['ratio']:10.0f}x", flush=True)
-    return {**result, **after_a_training(pipe, args)}
-
-
-def after_a_training(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    if not args.train_steps:
-        return {}
-    trained = garbage_of_a_training(pipe, args.model, args.train_steps)
-    print(f"after a {trained['steps']}-step training: {trained['objects']} objects left to the collector, "
-          f"found in {trained['find_ms']:.1f} ms, freed in {trained['free_ms']:.1f} ms; GPU memory reserved "
-          f"{trained['reserved_gib_before']:.2f} -> {trained['reserved_gib_after']:.2f} GiB", flush=True)
-    print("  commonest: " + ", ".join(f"{name} {n}" for name, n in trained["types"]), flush=True)
-    return {"after_a_training": trained}
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -85,7 +85,8 @@ class GraphedCall:
         key = None if signature is None else (self.variant, signature)
         if key is None or key in self._failed:
             return self._fn(*args, **kwargs)
-        found = next((k for k in ((v, signature) for v in (*self.reuse, self.variant)) if k in self._graphs), None)
+        candidates = [(variant, signature) for variant in (*self.reuse, self.variant)]
+        found = next((k for k in candidates if k in self._graphs), None)
         if found is None:
             entry = self._capture(key, leaves, spec)
             if entry is None:

@@ -11,7 +11,8 @@ For the training step (the trainer's own `TrainingRun.train_step`) and for the d
 - `--only regional`: the UNet's ResNet and transformer blocks and the VAE decoder's ResNet blocks
   compiled one by one (trainer.compiled_blocks; `--dynamic` for dynamic shapes), under the graphs,
   with the compile time of each first call; `--only regional-train`: the training step with the
-  UNet's ResNet blocks compiled;
+  UNet's ResNet blocks compiled; `--only sdpa-train`: the graphed training step under each of
+  PyTorch's attention kernels (stages not compiled, so no variant waits for a compile);
 - `--only generate`: the engine end to end, with a CPU profile and where one picture's wall time
   goes (before the first kernel, GPU busy, idle gaps, after the last kernel).
 
@@ -25,6 +26,7 @@ baseline. Results also go to `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -239,6 +241,35 @@ def regional_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     uncompile(pipe.unet)
 
 
+def sdpa_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The graphed step with each scaled-dot-product-attention backend; the first, PyTorch's own
+    choice, is the baseline. Inductor calls the same attention kernels, so this holds compiled too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    results = out.setdefault("sdpa train", {})
+    photos = synthetic_photos(512)
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1,
+                       compiled_stages=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, label in ((replace(base, prior_preservation=False), "no prior"), (base, "prior")):
+            for name, backend in backends.items():
+                trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model="sd15-random",
+                                      out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
+                                      class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
+                                      should_cancel=lambda: False, resume_from=None)
+                key = f"train {label}, graphs, attention {name}"
+                try:
+                    with trainer.session(pipe), sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                        results[key] = statistics.median(time_steps(trainer.train_step, 3, args.steps, pipe.device))
+                except RuntimeError as exc:  # a backend may not support these shapes
+                    print(f"{key:<52} failed: {exc}", flush=True)
+                    continue
+                ratio = results[f"train {label}, graphs, attention default"] / results[key]
+                print(f"{key:<52} {results[key]:8.2f} ms/step  ({ratio:.2f}x default)", flush=True)
+
+
 def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The engine end to end: warm-up, then 25-step pictures, and where one picture's time goes."""
     from trainer.engine import GenerateRequest, GenerationEngine
@@ -302,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--rows", type=int, default=18, help="kernels per table")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train"), help="one part only")
+    parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train", "sdpa-train"),
+                        help="one part only")
     parser.add_argument("--dynamic", action="store_true", default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -321,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             regional_variants(pipe, args, out)
         if args.only == "regional-train":
             regional_train(pipe, args, out)
+        if args.only == "sdpa-train":
+            sdpa_train(pipe, args, out)
         if args.only in (None, "train"):
             train_variants(pipe, args, out)
     finally:

@@ -64,7 +64,9 @@ def restore(module: torch.nn.Module, state: AdapterState | None) -> None:
         set_enabled(module, False)
         return
     for layer in tuner_layers(module):
-        layer.set_adapter(state.active)  # PEFT also makes exactly the active adapters trainable
+        # PEFT also makes exactly the active adapters trainable. Each layer gets its own list, as
+        # `add_lora` leaves them: the compiled training step's guards tell shared from separate lists.
+        layer.set_adapter(list(state.active))
         layer.enable_adapters(state.enabled)
 
 

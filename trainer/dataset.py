@@ -75,7 +75,11 @@ class LatentCache:
 
     @staticmethod
     def cat(parts: list[LatentCache]) -> LatentCache:
-        return LatentCache(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
+        """One cache of all parts, in one memory layout (the VAE's convolutions may hand back either):
+        the compiled training step's guards check its input's strides, and a layout that changed with
+        the photos would compile the step again."""
+        return LatentCache(torch.cat([p.mean for p in parts]).contiguous(),
+                           torch.cat([p.std for p in parts]).contiguous())
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ attention projections, as in diffusers' `train_dreambooth_lora.py`, reorganised 
 the photos, their mirror images and the class images are VAE-encoded once and the prompts are encoded
 once, so the loop runs only the UNet; frozen weights sit in bf16/fp16, the optimiser updates fp32
 LoRA weights (under bf16 the LoRA layers compute with a bf16 copy of them); on CUDA the UNet's
-forward and backward replay CUDA graphs; losses stay on the device and are read back only when
-progress is reported.
+forward and backward replay CUDA graphs, captured from its stages compiled by inductor; losses stay
+on the device and are read back only when progress is reported.
 
 Every random draw of the loop comes from one seeded `torch.Generator` on the training device, in a
 fixed order per step (instance rows, class rows, latent sample, noise, offset noise, timesteps), and
@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from trainer import adapters, events, lora_io
+from trainer import adapters, compiled_blocks, events, lora_io
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainer.class_images import ensure_class_images
 from trainer.dataset import (
@@ -108,6 +108,12 @@ class TrainConfig:
       kernels, and launching them one by one from Python costs far more than computing them. Used
       with cached text embeddings and no gradient checkpointing, in any precision (fp16's loss
       scale reaches the graphed backward as its incoming gradient); ignored elsewhere.
+    - compiled_stages=None: the UNet's down, middle and up stages (the trained LoRA layers inside
+      them) are compiled by inductor for the step the graphs capture (trainer.compiled_blocks), which
+      fuses the GroupNorm, SiLU, casts, residual adds and layout copies that eager PyTorch runs one
+      by one. A process compiles once per batch size, in its first training (minutes with a cold
+      inductor cache, well under one with a warm one), and later trainings reuse the code. None
+      turns it on where the step is graphed; True compiles also without graphs; False never.
     """
 
     steps: int = 800
@@ -138,6 +144,7 @@ class TrainConfig:
     preview_resolution: int = 256
     preview_steps: int = 12
     cuda_graphs: bool = True
+    compiled_stages: bool | None = None
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)  # JSON payloads carry lists
@@ -147,6 +154,15 @@ class TrainConfig:
             raise ValueError("resolution must be a multiple of 8, at least 64")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError("mixed_precision must be auto, bf16, fp16 or no")
+
+    def graphs_on(self, device_type: str) -> bool:
+        """Whether a training on this kind of device replays its steps as CUDA graphs."""
+        return (self.cuda_graphs and device_type == "cuda" and not self.train_text_encoder
+                and not self.gradient_checkpointing)
+
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether a training on this kind of device runs the UNet's stages compiled."""
+        return self.graphs_on(device_type) if self.compiled_stages is None else self.compiled_stages
 
     @property
     def lora_alpha(self) -> int:
@@ -188,7 +204,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
           pipeline: DiffusionPipeline | None = None, base_model: str = DEFAULT_BASE_MODEL, out_dir: Path,
           work_dir: Path, class_cache_dir: Path, device: str = "auto", on_event: EventSink = events.ignore,
           should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
-          between_steps: Callable[[], None] | None = None) -> TrainResult:
+          between_steps: Callable[[], None] | None = None,
+          compile_backend: compiled_blocks.Backend = "inductor") -> TrainResult:
     """Train a LoRA of the person in `photos`, called `handle`, a `class_word` ("woman", "man", ...).
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
@@ -196,7 +213,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
     `between_steps` is called between training steps, and within the job's other phases, with the
     pipeline usable for inference (a worker serves waiting generations there); adapters and modes
-    are put back before the training goes on (TrainingRun.serve_waiting).
+    are put back before the training goes on (TrainingRun.serve_waiting). `compile_backend` is
+    torch.compile's for `config.compiled_stages` (tests pass a cheap one).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
     if len(photos) < config.min_photos:
@@ -205,7 +223,7 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
                       out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
                       on_event=on_event, should_cancel=should_cancel, resume_from=resume_from,
-                      between_steps=between_steps)
+                      between_steps=between_steps, compile_backend=compile_backend)
     try:
         with run.session(pipeline, device):
             run.loop()
@@ -221,6 +239,31 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
                       "the LoRA rank, turn on gradient checkpointing, or turn off text-encoder training.")
 
 
+def warm_up(pipeline: DiffusionPipeline, config: TrainConfig, scratch: Path, *,
+            compile_backend: compiled_blocks.Backend = "inductor") -> float:
+    """Compile the training step for `config`'s shapes now (a worker does it before taking jobs), so
+    that no one's training waits minutes for it; returns the seconds spent, 0.0 where nothing compiles.
+
+    One step of a throwaway training on a grey picture, with one quickly drawn class image when the
+    config uses prior preservation (which doubles the batch). `scratch` holds its files;
+    `compile_backend` is torch.compile's.
+    """
+    if not config.compiles_on(pipeline.device.type):
+        return 0.0
+    started = time.monotonic()
+    cfg = replace(config, steps=1, num_class_images=1, class_image_steps=2, class_image_batch=1,
+                  checkpoint_every=0, preview_every=0, min_photos=1)
+    grey = Image.new("RGB", (cfg.resolution, cfg.resolution), (128, 128, 128))
+    run = TrainingRun([grey], "warmup", "person", cfg, base_model="warm-up", out_dir=scratch / "out",
+                      work_dir=scratch / "work", class_cache_dir=scratch / "classes", on_event=events.ignore,
+                      should_cancel=lambda: False, resume_from=None, compile_backend=compile_backend)
+    with run.session(pipeline):
+        run.train_step()
+    elapsed = time.monotonic() - started
+    log.info("compiled the training step in %.1f s", elapsed)
+    return elapsed
+
+
 class TrainingRun:
     """One training and the state its phases share; `train` drives it, benchmarks step it one by one.
 
@@ -232,12 +275,14 @@ class TrainingRun:
     def __init__(self, photos: Sequence[PhotoInput], handle: str, class_word: str, config: TrainConfig, *,
                  base_model: str, out_dir: Path, work_dir: Path, class_cache_dir: Path, on_event: EventSink,
                  should_cancel: Callable[[], bool], resume_from: Path | None,
-                 between_steps: Callable[[], None] | None = None) -> None:
+                 between_steps: Callable[[], None] | None = None,
+                 compile_backend: compiled_blocks.Backend = "inductor") -> None:
         self.photos, self.handle, self.class_word, self.config = photos, handle, class_word, config
         self.base_model, self.out_dir, self.work_dir = base_model, out_dir, work_dir
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
         self.between_steps = between_steps
+        self.compile_backend = compile_backend
         self.trained: dict[str, torch.nn.Module] = {}  # the modules that train an adapter, once added
         self._graphed: Callable[..., Any] | None = None
         self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per run
@@ -412,10 +457,12 @@ class TrainingRun:
         if self._graphable():
             noisy, timesteps, target = self._draw()
             if self._graphed is None:
-                self._graphed = self._capture(noisy, timesteps, target)
+                with self._compiled_stages():
+                    self._graphed = self._capture(noisy, timesteps, target)
             loss = self._graphed(noisy, timesteps, target)
         else:
-            loss = self._loss()
+            with self._compiled_stages():
+                loss = self._loss()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -448,9 +495,22 @@ class TrainingRun:
             torch._foreach_copy_(self._lora_weights, self.param_list)
 
     def _graphable(self) -> bool:
-        cfg = self.config
-        return (cfg.cuda_graphs and self.device.type == "cuda" and not cfg.train_text_encoder
-                and not cfg.gradient_checkpointing)
+        return self.config.graphs_on(self.device.type)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the step runs the UNet's stages compiled."""
+        return self.config.compiles_on(self.device.type)
+
+    def _compiled_stages(self) -> contextlib.AbstractContextManager[None]:
+        """The UNet's stages compiled for the length of the block, if `config.compiled_stages` says so.
+
+        Only the step's forward (and the backward it records) runs inside: the graphs keep the
+        compiled kernels, and generations served between steps never meet the training's variant.
+        """
+        if not self.compiles:
+            return contextlib.nullcontext()
+        return compiled_blocks.shared(self.pipe, self.compile_backend).installed(whole_stages=True)
 
     def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Callable[..., Any]:
         """Graph the step's UNet forward and backward; random draws and the optimiser stay outside."""

@@ -82,6 +82,10 @@ class WorkerConfig:
     # keeping inductor's compiled kernels in `compile_cache_dir` so a restart reads them back.
     compile_generation: bool = True
     compile_cache_dir: str = ""
+    # On a GPU, compile the training step's UNet stages (TrainConfig.compiled_stages), at the worker's
+    # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
+    compile_training: bool = True
+    train_rank: int = 16
 
 
 @dataclass

@@ -19,6 +19,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,13 +104,29 @@ class Worker:
         return self._pipeline
 
     def prepare(self) -> None:
-        """Load the base model and, on a GPU, capture the generation graphs of the common picture
-        shapes, so the first jobs do not wait for either (the engine warms up only where it graphs).
+        """Load the base model and, on a GPU, compile and capture the generation graphs of the common
+        picture shapes and compile the default training step, so the first jobs wait for none of it
+        (the engine warms up only where it graphs, the trainer only where it compiles).
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
         self.engine.warm_up()
+        if self.config.compile_training:
+            self._warm_up_training()
         gc_pauses.freeze_long_lived()
+
+    def _warm_up_training(self) -> None:
+        """Compile the default training step (trainer.dreambooth.warm_up); nothing on a CPU."""
+        from trainer.dreambooth import TrainConfig, warm_up
+
+        scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
+        try:
+            if self.pipeline.device.type == "cuda":
+                log.info("compiling the training step: minutes the first time, far less once inductor's "
+                         "cache holds it")
+            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank), scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     @property
     def engine(self) -> Any:
@@ -152,7 +169,7 @@ class Worker:
 
     def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any,
                between_steps: Callable[[], None] | None) -> dict[str, Any]:
-        from trainer.dreambooth import TrainConfig, train
+        from trainer.dreambooth import train
 
         params = item.params
         emit(events.stage("loading_model"))
@@ -170,7 +187,7 @@ class Worker:
                 emit(event)
 
             result = train(
-                item.blobs["photos"], params["handle"], params["class_word"], TrainConfig(**params["config"]),
+                item.blobs["photos"], params["handle"], params["class_word"], self._train_config(params["config"]),
                 pipeline=pipeline, base_model=self.config.base_model, out_dir=scratch / "out",
                 work_dir=scratch / "checkpoints", class_cache_dir=Path(self.config.class_cache_dir),
                 device=self.config.device, on_event=forward, should_cancel=should_cancel,
@@ -188,6 +205,13 @@ class Worker:
             }
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _train_config(self, settings: dict[str, Any]) -> Any:
+        """The job's training settings, with this worker's choice about compiling."""
+        from trainer.dreambooth import TrainConfig
+
+        config = TrainConfig(**settings)
+        return config if self.config.compile_training else replace(config, compiled_stages=False)
 
     def _samples(self, item: WorkItem, lora_path: Path, emit: EventSink, should_cancel: Any,
                  between_steps: Callable[[], None] | None) -> list[dict]:

@@ -1,0 +1,120 @@
+"""The training step with the UNet's stages compiled (TrainConfig.compiled_stages), on the tiny model.
+
+Inductor pays only on a GPU (tests/test_gpu.py and bench/train_speed.py run it there). Here the
+stages go through AOT autograd with a counting backend, which checks the wiring: the same losses as
+the plain stages, the compiled code in place only for the step, one compile per process rather than
+per training, and a worker that compiles before it takes jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_dreambooth import run_train, small
+from trainer import dreambooth
+from trainer.compiled_blocks import shared
+from trainer.dreambooth import TrainConfig
+from trainer.jobs import WorkItem
+from trainer.models import build_random_pipeline
+from trainer.runner import WorkerConfig
+from trainer.worker import Worker
+
+
+class CountingAot:
+    """AOT autograd (forward and backward graphs, as inductor gets them) run as traced, counting
+    the graphs dynamo hands over."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self._inner = torch._dynamo.lookup_backend("aot_eager")
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.graphs += 1
+        return self._inner(gm, example_inputs)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def stages_overridden(pipe: Any) -> list[bool]:
+    unet = pipe.unet
+    return ["forward" in vars(stage) for stage in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]]
+
+
+def test_compiling_is_on_where_the_step_is_graphed_unless_the_config_says_otherwise() -> None:
+    assert TrainConfig().compiles_on("cuda") and not TrainConfig().compiles_on("cpu")
+    assert not TrainConfig(cuda_graphs=False).compiles_on("cuda")
+    assert not TrainConfig(gradient_checkpointing=True).compiles_on("cuda")
+    assert not TrainConfig(train_text_encoder=True).compiles_on("cuda")
+    assert not TrainConfig(compiled_stages=False).compiles_on("cuda")
+    assert TrainConfig(compiled_stages=True).compiles_on("cpu")
+
+
+def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_nothing(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    plain = run_train(tmp_path, small(steps=3), pipe=pipe, tag="plain")
+    backend = CountingAot()
+    seen: list[list[bool]] = []
+
+    def between_steps() -> None:  # generations served here must meet the plain stages
+        seen.append(stages_overridden(pipe))
+
+    config = small(steps=3, compiled_stages=True)
+    first = run_train(tmp_path, config, pipe=pipe, tag="first", compile_backend=backend,
+                      between_steps=between_steps)
+    compiled = backend.graphs
+    assert compiled >= len(stages_overridden(pipe))  # every stage went through the compiler
+    second = run_train(tmp_path, config, pipe=pipe, tag="second", compile_backend=backend)
+    assert backend.graphs == compiled  # the next training (new adapter layers) reuses the code
+    assert seen and not any(any(step) for step in seen) and not any(stages_overridden(pipe))
+    for losses in (first.losses, second.losses):
+        assert torch.allclose(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
+
+
+def test_the_warm_up_compiles_what_a_training_of_that_config_runs(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    backend = CountingAot()
+    config = small(steps=2, compiled_stages=True)
+    assert dreambooth.warm_up(pipe, replace(config, compiled_stages=False), tmp_path / "off") == 0.0
+    assert backend.graphs == 0
+    assert dreambooth.warm_up(pipe, config, tmp_path / "warm-up", compile_backend=backend) > 0
+    warmed = backend.graphs
+    assert warmed > 0 and not any(stages_overridden(pipe))
+    result = run_train(tmp_path, config, pipe=pipe, compile_backend=backend)
+    assert backend.graphs == warmed and result.steps == 2
+    assert shared(pipe, backend) is shared(pipe, backend)
+
+
+def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    warmed: list[TrainConfig] = []
+    trained: list[TrainConfig] = []
+    monkeypatch.setattr(dreambooth, "warm_up", lambda pipe, config, scratch: warmed.append(config) or 1.0)
+
+    def fake_train(photos: Any, handle: str, class_word: str, config: TrainConfig, **kwargs: Any) -> Any:
+        trained.append(config)
+        raise dreambooth.Cancelled()
+
+    monkeypatch.setattr(dreambooth, "train", fake_train)
+    item = WorkItem(job_id=1, kind="train", params={"handle": "sks", "class_word": "woman",
+                                                     "config": {"steps": 50, "rank": 8}},
+                    blobs={"photos": []})
+    for compile_training in (True, False):
+        worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
+                                     compile_training=compile_training, train_rank=8))
+        worker._engine = type("Engine", (), {"warm_up": lambda self: 0.0})()
+        worker.prepare()
+        worker.execute(item, lambda _event: None, lambda: False)
+    assert [config.rank for config in warmed] == [8]  # the bot's rank, at start, once
+    assert [config.compiled_stages for config in trained] == [None, False]
+    assert not list((tmp_path / "w").glob("warm-up-*"))  # its scratch files are gone

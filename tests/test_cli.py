@@ -106,3 +106,17 @@ def test_a_celery_worker_compiles_for_generation_unless_told_not_to(monkeypatch:
     monkeypatch.setenv("COMPILE_GENERATION", "off")
     assert build_parser().parse_args(["worker"]).compile is False
     assert build_parser().parse_args(["worker", "--compile-cache", "/x"]).compile_cache == Path("/x")
+
+
+def test_a_celery_worker_compiles_the_bots_training_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.cli import build_parser
+
+    for name in ("COMPILE_TRAINING", "TRAIN_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["worker"])
+    assert (args.compile_training, args.train_rank) == (True, 16)
+    assert build_parser().parse_args(["worker", "--no-compile-training"]).compile_training is False
+    monkeypatch.setenv("COMPILE_TRAINING", "0")
+    monkeypatch.setenv("TRAIN_RANK", "32")
+    args = build_parser().parse_args(["worker"])
+    assert (args.compile_training, args.train_rank) == (False, 32)

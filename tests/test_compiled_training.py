@@ -8,7 +8,7 @@ per training, and a worker that compiles before it takes jobs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,12 +70,23 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
         seen.append(stages_overridden(pipe))
 
     config = small(steps=3, compiled_stages=True)
+    told: dict[str, list[str]] = {"first": [], "second": []}
+
+    def training_stages(tag: str) -> Callable[[dict], None]:
+        def sink(event: dict) -> None:
+            if event["type"] == "stage" and event["stage"] == "training":
+                told[tag].append(event["detail"])
+        return sink
+
     first = run_train(tmp_path, config, pipe=pipe, tag="first", compile_backend=backend,
-                      between_steps=between_steps)
+                      between_steps=between_steps, on_event=training_stages("first"))
     compiled = backend.graphs
     assert compiled >= len(stages_overridden(pipe))  # every stage went through the compiler
-    second = run_train(tmp_path, config, pipe=pipe, tag="second", compile_backend=backend)
+    second = run_train(tmp_path, config, pipe=pipe, tag="second", compile_backend=backend,
+                       on_event=training_stages("second"))
     assert backend.graphs == compiled  # the next training (new adapter layers) reuses the code
+    # The person waiting on the compile is told why, and the notice is gone once it is done.
+    assert told == {"first": ["", dreambooth.COMPILING, ""], "second": [""]}
     assert seen and not any(any(step) for step in seen) and not any(stages_overridden(pipe))
     for losses in (first.losses, second.losses):
         assert torch.allclose(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
@@ -118,3 +129,24 @@ def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Pa
     assert [config.rank for config in warmed] == [8]  # the bot's rank, at start, once
     assert [config.compiled_stages for config in trained] == [None, False]
     assert not list((tmp_path / "w").glob("warm-up-*"))  # its scratch files are gone
+
+
+def test_the_estimate_of_time_left_leaves_out_the_first_steps_compiling(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock where the first step's capture takes 100 s and every step 1 s, the first estimate
+    is 1 s per remaining step, not 101."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(dreambooth, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock["now"])}))
+    step = dreambooth.TrainingRun.train_step
+
+    def timed_step(run: dreambooth.TrainingRun) -> torch.Tensor:
+        if run.capture_s is None:
+            run.capture_s = 100.0
+            clock["now"] += 100.0
+        clock["now"] += 1.0
+        return step(run)
+
+    monkeypatch.setattr(dreambooth.TrainingRun, "train_step", timed_step)
+    seen: list[dict] = []
+    run_train(tmp_path, small(steps=4, prior_preservation=False), on_event=seen.append)
+    assert [(e["step"], e["eta_s"]) for e in seen if e["type"] == "progress"] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]

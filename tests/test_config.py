@@ -58,6 +58,14 @@ def test_compiling_for_generation_is_on_unless_switched_off_and_workers_cache_it
     assert {c.compile_cache_dir for c in configs} == {str(tmp_path / "data" / "shared" / "compiled")}
 
 
+def test_compiling_the_training_is_on_unless_switched_off_and_workers_know_the_bots_rank(tmp_path):
+    from bot.app import build_runner
+
+    assert _load(tmp_path).compile_training is True
+    runner = build_runner(_load(tmp_path, COMPILE_TRAINING="off", TRAIN_RANK="8", DEVICE="cpu", WORKERS="2"))
+    assert [(slot.config.compile_training, slot.config.train_rank) for slot in runner._slots] == [(False, 8)] * 2
+
+
 def test_unwritable_data_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

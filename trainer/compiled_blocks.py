@@ -93,6 +93,8 @@ class CompiledBlocks:
                    tuple((m, _compiled(m, backend)) for m in stage.modules() if isinstance(m, classes)))
             for stage, classes in kinds]
         self.whole_stages = whole_stages
+        # Kinds of call compiled so far, as their users name them (the trainer: batch rows, rank...).
+        self.compiled_for: set[Any] = set()
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
         # A region that fails to compile (no C compiler for Triton's launchers, an unsupported GPU)

@@ -69,6 +69,8 @@ RESUME_FIELDS = ("learning_rate", "rank", "alpha", "train_text_encoder", "text_e
                  "prior_preservation", "prior_loss_weight", "num_class_images", "resolution", "batch_size",
                  "snr_gamma", "noise_offset", "seed", "lora_targets", "adam_weight_decay", "max_grad_norm")
 REPORT_EVERY_S = 1.0
+COMPILING = ("compiling the training step for this GPU: the first training of its kind since the "
+             "worker started takes a few minutes longer")
 
 
 @dataclass
@@ -111,9 +113,11 @@ class TrainConfig:
     - compiled_stages=None: the UNet's down, middle and up stages (the trained LoRA layers inside
       them) are compiled by inductor for the step the graphs capture (trainer.compiled_blocks), which
       fuses the GroupNorm, SiLU, casts, residual adds and layout copies that eager PyTorch runs one
-      by one. A process compiles once per batch size, in its first training (minutes with a cold
-      inductor cache, well under one with a warm one), and later trainings reuse the code. None
-      turns it on where the step is graphed; True compiles also without graphs; False never.
+      by one. A process compiles once per kind of step (batch rows, LoRA rank and targets, dtype):
+      a worker at its start for the default (trainer.dreambooth.warm_up), otherwise the first
+      training of that kind, for minutes with a cold inductor cache (6-8 on an H200). Later trainings
+      reuse the code. None turns it on where the step is graphed; True compiles also without graphs
+      (the CPU tests do); False never.
     """
 
     steps: int = 800
@@ -286,6 +290,7 @@ class TrainingRun:
         self.trained: dict[str, torch.nn.Module] = {}  # the modules that train an adapter, once added
         self._graphed: Callable[..., Any] | None = None
         self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per run
+        self._stage_detail = ""  # of the training stage, as the person last saw it
 
     # ---- orchestration -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -510,7 +515,22 @@ class TrainingRun:
         """
         if not self.compiles:
             return contextlib.nullcontext()
-        return compiled_blocks.shared(self.pipe, self.compile_backend).installed(whole_stages=True)
+        return self._installed_and_announced(compiled_blocks.shared(self.pipe, self.compile_backend))
+
+    @contextlib.contextmanager
+    def _installed_and_announced(self, regions: compiled_blocks.CompiledBlocks) -> Iterator[None]:
+        """The stages compiled; the first time in the process for this kind of step, the person is
+        told why their training sits at its first step for minutes."""
+        kind = ("training", self.config.batch_size * (2 if self.n_class else 1), self.config.rank,
+                self.config.lora_targets, self.dtype)
+        first = kind not in regions.compiled_for
+        if first:
+            self.on_event(events.stage("training", COMPILING))
+        with regions.installed(whole_stages=True):
+            yield
+        if first:
+            regions.compiled_for.add(kind)
+            self.on_event(events.stage("training", self._stage_detail))
 
     def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Callable[..., Any]:
         """Graph the step's UNet forward and backward; random draws and the optimiser stay outside."""
@@ -557,7 +577,8 @@ class TrainingRun:
         """Train up to `config.steps`, reporting progress, writing checkpoints and honouring cancel."""
         cfg = self.config
         total = cfg.steps
-        self.on_event(events.stage("training", f"resumed at step {self.step}" if self.step else ""))
+        self._stage_detail = f"resumed at step {self.step}" if self.step else ""
+        self.on_event(events.stage("training", self._stage_detail))
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
         started, start_step = time.monotonic(), self.step
         last_report = 0.0
@@ -571,7 +592,8 @@ class TrainingRun:
             if now - last_report >= REPORT_EVERY_S or self.step == total or checkpoint_due:
                 self.losses += torch.stack(pending).float().cpu().tolist()
                 pending.clear()
-                per_step = (now - started) / (self.step - start_step)
+                # The first step's graph capture (and compiling) says nothing about the steps to come.
+                per_step = (now - started - (self.capture_s or 0.0)) / (self.step - start_step)
                 recent = self.losses[-10:]
                 self.on_event(events.progress(self.step, total, loss=sum(recent) / len(recent),
                                               eta_s=per_step * (total - self.step)))

@@ -4,10 +4,12 @@ With the base model already in GPU memory (as in a worker), at the trainer's def
 (800 steps, prior preservation, 100 class images, 512 px, rank 16):
 
 1. the first-time class images of one class, generated into an empty cache;
-2. a job with those class images cached, from `train()` to the saved LoRA files, with the time of
+2. the training warm-up a worker runs at its start (`trainer.dreambooth.warm_up`: compiling the
+   step's UNet stages, on a GPU), timed on its own;
+3. a job with those class images cached, from `train()` to the saved LoRA files, with the time of
    each stage taken from the trainer's own progress events (the first job of a process also
    captures the CUDA graphs: kernel selection and module loading happen then);
-3. the same job again (graph capture now warm), as every later job of a worker runs.
+4. the same job again (graph capture now warm), as every later job of a worker runs.
 
 The baseline, measured in the same process: diffusers' recipe (bench.train_speed.PlainRecipe) for
 `--recipe-steps` steps and one batch of class images through a plain eager pipeline (NCHW UNet, no
@@ -41,7 +43,7 @@ from bench.train_speed import (
     time_steps,
 )
 from trainer.class_images import ensure_class_images
-from trainer.dreambooth import TrainConfig, class_prompt, train
+from trainer.dreambooth import TrainConfig, class_prompt, train, warm_up
 
 
 def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path, cache: Path,
@@ -91,6 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["class_images_first_time_s"] = time.monotonic() - started
         print(f"{'first-time class images':<34} {out['class_images_first_time_s']:7.1f} s "
               f"({made.generated} images)", flush=True)
+        out["training_warm_up_s"] = warm_up(pipe, config, root / "warm-up")
+        print(f"{'training warm-up (worker start)':<34} {out['training_warm_up_s']:7.1f} s", flush=True)
         out["first_job"] = run_job(pipe, config, photos, args.model, root, cache, "job (first in process)")
         out["job"] = run_job(pipe, config, photos, args.model, root, cache, "job (graphs warm)")
 

@@ -33,6 +33,7 @@ def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> 
         assert set(result[job]["stages_s"]) == {"preparing", "class_images", "caching", "training", "saving"}
         assert math.isclose(sum(result[job]["stages_s"].values()), result[job]["total_s"], rel_tol=0.05, abs_tol=0.05)
     assert result["class_images_first_time_s"] > 0 and result["baseline"]["recipe_step_ms"] > 0
+    assert result["training_warm_up_s"] == 0.0  # nothing compiles on a CPU
     assert set(result["ratios"]) == {"class_images", "job_vs_recipe_steps"}
 
 
@@ -57,7 +58,7 @@ def test_the_pool_benchmark_traces_each_request_during_a_training_to_its_phase(t
     out = tmp_path / "pool.json"
     report = gpu_pool.main(["--model", "tiny", "--device", "cpu", "--workers", "1", "--steps", "40",
                             "--requests", "2", "--resolution", "64", "--class-images", "2", "--request-gap", "0.05",
-                            "--json", str(out)])
+                            "--no-compile-training", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     during = report["generation_during_trainings_s"]
     assert during["n"] == len(during["all"]) == len(during["arrived_in"]) >= 2

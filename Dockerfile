@@ -8,7 +8,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HOME=/hf-cache
 
 # gcc and python3-dev: Triton builds its small kernel launchers with them when the worker compiles
-# the model's blocks for generation (COMPILE_GENERATION).
+# the model for generation and the training step (COMPILE_GENERATION, COMPILE_TRAINING).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*

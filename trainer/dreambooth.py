@@ -254,6 +254,7 @@ def warm_up(pipeline: DiffusionPipeline, config: TrainConfig, scratch: Path, *,
     """
     if not config.compiles_on(pipeline.device.type):
         return 0.0
+    log.info("compiling the training step: minutes the first time, far less once inductor's cache holds it")
     started = time.monotonic()
     cfg = replace(config, steps=1, num_class_images=1, class_image_steps=2, class_image_batch=1,
                   checkpoint_every=0, preview_every=0, min_photos=1)
@@ -507,20 +508,19 @@ class TrainingRun:
         """Whether the step runs the UNet's stages compiled."""
         return self.config.compiles_on(self.device.type)
 
-    def _compiled_stages(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _compiled_stages(self) -> Iterator[None]:
         """The UNet's stages compiled for the length of the block, if `config.compiled_stages` says so.
 
         Only the step's forward (and the backward it records) runs inside: the graphs keep the
         compiled kernels, and generations served between steps never meet the training's variant.
+        The first time in the process for this kind of step, the person is told why their training
+        sits at its first step for minutes.
         """
         if not self.compiles:
-            return contextlib.nullcontext()
-        return self._installed_and_announced(compiled_blocks.shared(self.pipe, self.compile_backend))
-
-    @contextlib.contextmanager
-    def _installed_and_announced(self, regions: compiled_blocks.CompiledBlocks) -> Iterator[None]:
-        """The stages compiled; the first time in the process for this kind of step, the person is
-        told why their training sits at its first step for minutes."""
+            yield
+            return
+        regions = compiled_blocks.shared(self.pipe, self.compile_backend)
         kind = ("training", self.config.batch_size * (2 if self.n_class else 1), self.config.rank,
                 self.config.lora_targets, self.dtype)
         first = kind not in regions.compiled_for

@@ -121,9 +121,6 @@ class Worker:
 
         scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
         try:
-            if self.pipeline.device.type == "cuda":
-                log.info("compiling the training step: minutes the first time, far less once inductor's "
-                         "cache holds it")
             warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank), scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -41,6 +41,7 @@ import torch
 
 from bench.train_speed import CLASS_WORD, HANDLE, synthetic_photos, time_steps
 from trainer.dreambooth import TrainConfig, TrainingRun
+from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import GraphedCall
 from trainer.models import load_pipeline
 
@@ -61,33 +62,40 @@ def kernel_table(call: Callable[[], Any], label: str, rows: int) -> float:
         torch.cuda.synchronize()
     events = prof.key_averages()
     total_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
-    print(f"\n--- {label}: {total_ms:.1f} ms of kernels in one call ---")
+    launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0) > 0)
+    print(f"\n--- {label}: {total_ms:.1f} ms of kernels in one call, {launches} kernels ---")
     key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=90))
     return total_ms
 
 
+def time_training(pipe, tmp: str, config: TrainConfig, name: str, results: dict[str, Any],
+                  args: argparse.Namespace, profile: bool = False) -> None:
+    """Median ms per step of a fresh training with `config` (and its kernel table if `profile`),
+    with its peak memory and how long its first step took (capture, and compile if any)."""
+    trainer = TrainingRun(synthetic_photos(512), HANDLE, CLASS_WORD, config, base_model="sd15-random",
+                          out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
+                          class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
+                          should_cancel=lambda: False, resume_from=None)
+    torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    with trainer.session(pipe):
+        trainer.train_step()
+        first_s = time.monotonic() - started
+        if profile:
+            results[f"{name} kernel ms"] = kernel_table(trainer.train_step, name, args.rows)
+        ms = statistics.median(time_steps(trainer.train_step, 3, args.steps, pipe.device))
+    results[name] = {"ms": ms, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                     "prepare_and_first_step_s": first_s, "capture_s": trainer.capture_s}
+    print(f"{name:<52} {ms:8.2f} ms/step  peak {results[name]['peak_mib']:.0f} MiB  "
+          f"first step after {first_s:.1f} s", flush=True)
+
+
 def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any], only_default: bool = False) -> None:
-    photos = synthetic_photos(512)
     results = out.setdefault("train regional" if only_default else "train", {})
     with tempfile.TemporaryDirectory() as tmp:
         def run(config: TrainConfig, name: str, profile: bool = False) -> None:
-            trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model="sd15-random",
-                                  out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
-                                  class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
-                                  should_cancel=lambda: False, resume_from=None)
-            torch.cuda.reset_peak_memory_stats()
-            started = time.monotonic()
-            with trainer.session(pipe):
-                trainer.train_step()
-                first_s = time.monotonic() - started
-                if profile:
-                    results[f"{name} kernel ms"] = kernel_table(trainer.train_step, name, args.rows)
-                ms = statistics.median(time_steps(trainer.train_step, 3, args.steps, pipe.device))
-            results[name] = {"ms": ms, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
-                             "prepare_and_first_step_s": first_s, "capture_s": trainer.capture_s}
-            print(f"{name:<44} {ms:8.2f} ms/step  peak {results[name]['peak_mib']:.0f} MiB  "
-                  f"first step after {first_s:.1f} s", flush=True)
+            time_training(pipe, tmp, config, name, results, args, profile)
 
         base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
         plain = replace(base, prior_preservation=False)
@@ -114,6 +122,27 @@ def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any], only_def
                 print(f"train with torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
             results["compile + first step s"] = time.monotonic() - started
             pipe.unet._compiled_call_impl = None
+
+
+def train_compiled(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The default training step (stages compiled for static shapes, linears sharing an input
+    fused) against plain stages and against compiled stages without the fused linears; the kernel
+    table of the default step. A variant's first compile is its first step's time."""
+    results = out.setdefault("train compiled", {})
+    base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, label in ((replace(base, prior_preservation=False), "no prior"), (base, "prior")):
+            if args.prior != "both" and (label == "prior") != (args.prior == "yes"):
+                continue
+            time_training(pipe, tmp, replace(config, compiled_stages=False), f"train {label}, plain stages",
+                          results, args)
+            fused_before = FUSE_LINEARS.groups
+            time_training(pipe, tmp, config, f"train {label}, compiled stages, fused linears", results, args,
+                          profile=True)
+            results[f"train {label}: groups of linears fused"] = FUSE_LINEARS.groups - fused_before
+            print(f"{'':<52} groups of linears fused: {FUSE_LINEARS.groups - fused_before}", flush=True)
+            time_training(pipe, tmp, replace(config, fused_linears=False),
+                          f"train {label}, compiled stages, linears apart", results, args)
 
 
 def unet_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -333,9 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--rows", type=int, default=18, help="kernels per table")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train", "sdpa-train"),
+    parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train", "sdpa-train",
+                                           "train-compiled"),
                         help="one part only")
     parser.add_argument("--dynamic", action="store_true", default=None)
+    parser.add_argument("--prior", choices=("both", "yes", "no"), default="both",
+                        help="train-compiled: with prior preservation, without, or both")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -355,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             regional_train(pipe, args, out)
         if args.only == "sdpa-train":
             sdpa_train(pipe, args, out)
+        if args.only == "train-compiled":
+            train_compiled(pipe, args, out)
         if args.only in (None, "train"):
             train_variants(pipe, args, out)
     finally:

@@ -18,8 +18,9 @@ import torch
 
 from tests.test_dreambooth import run_train, small
 from trainer import dreambooth
-from trainer.compiled_blocks import shared
+from trainer.compiled_blocks import for_training
 from trainer.dreambooth import TrainConfig
+from trainer.fused_linears import LINEAR_TARGETS
 from trainer.jobs import WorkItem
 from trainer.models import build_random_pipeline
 from trainer.runner import WorkerConfig
@@ -28,14 +29,16 @@ from trainer.worker import Worker
 
 class CountingAot:
     """AOT autograd (forward and backward graphs, as inductor gets them) run as traced, counting
-    the graphs dynamo hands over."""
+    the graphs dynamo hands over and the linear layers in them."""
 
     def __init__(self) -> None:
         self.graphs = 0
+        self.linears = 0
         self._inner = torch._dynamo.lookup_backend("aot_eager")
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         self.graphs += 1
+        self.linears += sum(node.op == "call_function" and node.target in LINEAR_TARGETS for node in gm.graph.nodes)
         return self._inner(gm, example_inputs)
 
 
@@ -92,6 +95,25 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
         assert torch.allclose(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
 
 
+def test_the_step_fuses_the_projections_that_share_an_input_and_trains_the_same(tmp_path: Path) -> None:
+    pipe = build_random_pipeline("tiny")
+    runs = {}
+    for fused in (True, False):
+        backend = CountingAot()
+        result = run_train(tmp_path, small(steps=3, prior_preservation=False, compiled_stages=True,
+                                           fused_linears=fused), pipe=pipe, tag=str(fused), compile_backend=backend)
+        runs[fused] = (backend.linears, result.losses)
+    # Per self-attention: q, k, v and their three A matrices become two GEMMs instead of six. The
+    # cross-attentions of a stage all read the text: their k and v and A matrices, two GEMMs per stage.
+    unet = pipe.unet
+    saved = 0
+    for stage in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        cross = sum(name.endswith("attn2") for name, _ in stage.named_modules())
+        saved += 4 * cross + (4 * cross - 2 if cross else 0)
+    assert saved and runs[False][0] - runs[True][0] == saved
+    assert torch.allclose(torch.tensor(runs[True][1]), torch.tensor(runs[False][1]), rtol=1e-4, atol=1e-6)
+
+
 def test_the_warm_up_compiles_what_a_training_of_that_config_runs(tmp_path: Path) -> None:
     pipe = build_random_pipeline("tiny")
     backend = CountingAot()
@@ -103,7 +125,7 @@ def test_the_warm_up_compiles_what_a_training_of_that_config_runs(tmp_path: Path
     assert warmed > 0 and not any(stages_overridden(pipe))
     result = run_train(tmp_path, config, pipe=pipe, compile_backend=backend)
     assert backend.graphs == warmed and result.steps == 2
-    assert shared(pipe, backend) is shared(pipe, backend)
+    assert for_training(pipe, backend) is for_training(pipe, backend)
 
 
 def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Path,

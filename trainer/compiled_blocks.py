@@ -5,10 +5,10 @@ GroupNorm statistics, normalisation, SiLU, casts, residual adds and skip-connect
 PyTorch runs one by one (on channels-last tensors through extra strided copies). Inductor fuses them
 into a few Triton kernels. Measured on an H200 (bench/RESULTS.md), with the blocks compiled: the
 UNet call of one picture 10.3 -> 8.1 ms, of four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms;
-with the stages compiled, a training step 27.9 -> 22.6 ms (prior preservation) and 20.1 -> 16.4 ms.
+with the stages compiled, a training step 27.9 -> 22.3 ms (prior preservation) and 20.1 -> 15.0 ms.
 
-Two sizes of region, both compiled with dynamic shapes so that one compile serves every picture
-count and most sizes (a new size costs a recompile once per process):
+Two sizes of region. For generation both are compiled with dynamic shapes, so that one compile
+serves every picture count and most sizes (a new size costs a recompile once per process):
 - **stages**, the default: each of the UNet's down, middle and up stages (diffusers' `down_blocks`,
   `mid_block`, `up_blocks`) and the VAE decoder as a whole. Inductor then also fuses across the
   blocks: the skip-connection concatenations, the upsamplers, the transformer's projections and
@@ -23,15 +23,16 @@ count and most sizes (a new size costs a recompile once per process):
 Compiling both takes a worker's warm-up about 320 s on the H200. Inductor keeps what it compiled in
 its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
 restart loads it from there instead of compiling again: the warm-up then took 80 s. The training
-step's forward and backward take longer to compile: 451 s (batch 2) and 346 s (batch 1) with a
-cold cache, once per process and batch size, after which a new training's first step takes 0.4 s. The
+step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):
+about 166 s for batch 1 with a cold cache and 15 s with a warm one, once per process and kind of
+step, after which a new training's first step takes 0.3 s (with dynamic shapes it took 346 s). The
 compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
 person's merged LoRA reaches it.
 
 The compiled regions are in place only inside `installed()`. The generation engine installs them
 while it captures and replays its graphs. The trainer installs the stages, with its LoRA layers
 inside, while it captures its training step (trainer.dreambooth, `TrainConfig.compiled_stages`),
-through `shared()`, so that a process compiles the step once and not once per training. When a
+through `for_training()`, so that a process compiles the step once and not once per training. When a
 picture is made between training steps the training's PEFT layers sit inside the stages'
 transformer blocks: a region holding them runs plain (`skip_adapters`), because tracing the
 adapters' Python for inference would mean compiling in the middle of a training. Such a stage is
@@ -49,8 +50,10 @@ from typing import Any
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from trainer.adapters import holds_adapters
+from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import Override
 
 UNET_BLOCKS: tuple[type[torch.nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
@@ -63,8 +66,20 @@ RECOMPILE_LIMIT = 64
 Backend = str | Callable[..., Any]
 
 
-def _compiled(module: torch.nn.Module, backend: Backend) -> Callable[..., Any]:
-    return torch.compile(module.forward, dynamic=True, backend=backend)
+def _with_graph_pass(backend: Backend, graph_pass: CustomGraphPass | None) -> tuple[Backend, dict[str, Any] | None]:
+    """torch.compile's backend and options that run `graph_pass` on each graph before compiling it."""
+    if graph_pass is None:
+        return backend, None
+    if backend == "inductor":
+        return backend, {"pre_grad_custom_pass": graph_pass}
+    inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def compile_after_pass(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graph_pass(gm.graph)
+        gm.recompile()
+        return inner(gm, example_inputs)
+
+    return compile_after_pass, None
 
 
 @dataclass(frozen=True)
@@ -84,13 +99,19 @@ class CompiledBlocks:
     cheap one; inductor needs a GPU to pay off).
     """
 
-    def __init__(self, pipe: Any, *, backend: Backend = "inductor", whole_stages: bool = True) -> None:
+    def __init__(self, pipe: Any, *, backend: Backend = "inductor", whole_stages: bool = True,
+                 dynamic: bool = True, graph_pass: CustomGraphPass | None = None) -> None:
         unet = pipe.unet
         stages = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
         kinds = [(stage, UNET_BLOCKS) for stage in stages] + [(pipe.vae.decoder, DECODER_BLOCKS)]
+        backend, options = _with_graph_pass(backend, graph_pass)
+
+        def compiled(module: torch.nn.Module) -> Callable[..., Any]:
+            return torch.compile(module.forward, dynamic=dynamic, backend=backend, options=options)
+
         self.regions = [
-            Region(stage, _compiled(stage, backend),
-                   tuple((m, _compiled(m, backend)) for m in stage.modules() if isinstance(m, classes)))
+            Region(stage, compiled(stage),
+                   tuple((m, compiled(m)) for m in stage.modules() if isinstance(m, classes)))
             for stage, classes in kinds]
         self.whole_stages = whole_stages
         # Kinds of call compiled so far, as their users name them (the trainer: batch rows, rank...).
@@ -130,18 +151,23 @@ class CompiledBlocks:
             yield
 
 
-_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[Backend, CompiledBlocks]] = weakref.WeakKeyDictionary()
+_FOR_TRAINING: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Backend, bool], CompiledBlocks]] = \
+    weakref.WeakKeyDictionary()
 
 
-def shared(pipe: Any, backend: Backend = "inductor") -> CompiledBlocks:
-    """The pipeline's compiled regions for `backend`, one set per UNet for the life of the process.
+def for_training(pipe: Any, backend: Backend = "inductor", *, fuse_linears: bool = True) -> CompiledBlocks:
+    """The regions the training step compiles, one set per UNet and backend for the life of the process.
 
     Dynamo keeps its compiled code with the function it compiled and the backend object it was
     given, and a new `torch.compile` wrapper brings a new backend object: regions made afresh for each
     training would compile again each time. Trainings share this set, so only a process's first
-    training of a batch size compiles.
+    training of a kind compiles. A training's shapes never change (batch rows, resolution, prompt
+    length), so the regions are compiled for static shapes, which took inductor under half the time
+    of dynamic ones and gave faster kernels (bench/RESULTS.md). `fuse_linears`: linears that read
+    the same input become one GEMM (trainer.fused_linears).
     """
-    per_backend = _SHARED.setdefault(pipe.unet, {})
-    if backend not in per_backend:
-        per_backend[backend] = CompiledBlocks(pipe, backend=backend)
-    return per_backend[backend]
+    per_kind = _FOR_TRAINING.setdefault(pipe.unet, {})
+    if (backend, fuse_linears) not in per_kind:
+        per_kind[backend, fuse_linears] = CompiledBlocks(pipe, backend=backend, dynamic=False,
+                                                         graph_pass=FUSE_LINEARS if fuse_linears else None)
+    return per_kind[backend, fuse_linears]

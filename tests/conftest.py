@@ -92,3 +92,13 @@ def celery_workers(redis_url, tmp_path):
         yield workers
     finally:
         workers.stop()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a test, so compile counts start from nothing."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -8,7 +8,6 @@ trainings, and that the warm-up compiles what a picture between training steps n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,7 @@ class CountingBackend:
         return gm.forward
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def overridden(modules: list[torch.nn.Module]) -> list[bool]:

@@ -115,7 +115,7 @@ class TrainConfig:
       fuses the GroupNorm, SiLU, casts, residual adds and layout copies that eager PyTorch runs one
       by one. A process compiles once per kind of step (batch rows, LoRA rank and targets, dtype,
       resolution): a worker at its start for the default (trainer.dreambooth.warm_up), otherwise the
-      first training of that kind, for 2-3 minutes with a cold inductor cache on an H200 and 20 s
+      first training of that kind, for 2-3 minutes with a cold inductor cache on an H200 and 15 s
       with a warm one. Later trainings reuse the code. None turns it on where the step is graphed;
       True compiles also without graphs (the CPU tests do); False never.
     - fused_linears=True: in the compiled step, the attention projections that read the same input

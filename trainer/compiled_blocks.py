@@ -5,7 +5,7 @@ GroupNorm statistics, normalisation, SiLU, casts, residual adds and skip-connect
 PyTorch runs one by one (on channels-last tensors through extra strided copies). Inductor fuses them
 into a few Triton kernels. Measured on an H200 (bench/RESULTS.md), with the blocks compiled: the
 UNet call of one picture 10.3 -> 8.1 ms, of four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms;
-with the stages compiled, a training step 27.9 -> 22.3 ms (prior preservation) and 20.1 -> 15.0 ms.
+with the stages compiled, a training step 28.1 -> 21.5 ms (prior preservation) and 20.1 -> 15.0 ms.
 
 Two sizes of region. For generation both are compiled with dynamic shapes, so that one compile
 serves every picture count and most sizes (a new size costs a recompile once per process):

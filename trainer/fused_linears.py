@@ -2,9 +2,9 @@
 
 At 512 px and batch 1 most of the training step's GEMMs are small, and under CUDA graphs each costs
 a few microseconds however little it computes (bench/RESULTS.md: the compiled step's kernel table
-is led by hundreds of 3-5 us cuBLAS kernels). In an attention block the query, key and value
-projections read the same hidden states (the cross-attention's key and value both read the text
-embeddings), and so do the A matrices of their LoRA layers. Concatenating the weights of each such
+holds hundreds of 3-5 us cuBLAS kernels). In an attention block the query, key and value
+projections read the same hidden states (the key and value of every cross-attention in a stage read
+the text embeddings), and so do the A matrices of their LoRA layers. Concatenating the weights of each such
 group and splitting the product is the same arithmetic in one launch, and autograd then computes
 the input's gradient of the whole group in one GEMM too, and the A matrices' gradients in another.
 

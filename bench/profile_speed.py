@@ -39,13 +39,15 @@ from typing import Any
 
 import torch
 
-from bench.train_speed import CLASS_WORD, HANDLE, synthetic_photos, time_steps
+from bench.train_speed import CLASS_WORD, HANDLE, PRIORS, synthetic_photos, time_steps
 from trainer.dreambooth import TrainConfig, TrainingRun
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import GraphedCall
 from trainer.models import load_pipeline
 
 log = logging.getLogger(__name__)
+# The trainings this profile steps through: never at their end, no checkpoints, few class images.
+STEP_CONFIG = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
 
 
 def gpu_ms(call: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
@@ -69,14 +71,18 @@ def kernel_table(call: Callable[[], Any], label: str, rows: int) -> float:
     return total_ms
 
 
+def new_training(tmp: str, config: TrainConfig) -> TrainingRun:
+    """A training of the benchmark's synthetic photos with `config`, its files under `tmp`."""
+    return TrainingRun(synthetic_photos(512), HANDLE, CLASS_WORD, config, base_model="sd15-random",
+                       out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", class_cache_dir=Path(tmp) / "cache",
+                       on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
+
+
 def time_training(pipe, tmp: str, config: TrainConfig, name: str, results: dict[str, Any],
                   args: argparse.Namespace, profile: bool = False) -> None:
     """Median ms per step of a fresh training with `config` (and its kernel table if `profile`),
     with its peak memory and how long its first step took (capture, and compile if any)."""
-    trainer = TrainingRun(synthetic_photos(512), HANDLE, CLASS_WORD, config, base_model="sd15-random",
-                          out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
-                          class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
-                          should_cancel=lambda: False, resume_from=None)
+    trainer = new_training(tmp, config)
     torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
     with trainer.session(pipe):
@@ -97,7 +103,7 @@ def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any], only_def
         def run(config: TrainConfig, name: str, profile: bool = False) -> None:
             time_training(pipe, tmp, config, name, results, args, profile)
 
-        base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
+        base = STEP_CONFIG
         plain = replace(base, prior_preservation=False)
         if only_default:
             started = time.monotonic()
@@ -129,11 +135,9 @@ def train_compiled(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     fused) against plain stages and against compiled stages without the fused linears; the kernel
     table of the default step. A variant's first compile is its first step's time."""
     results = out.setdefault("train compiled", {})
-    base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1)
     with tempfile.TemporaryDirectory() as tmp:
-        for config, label in ((replace(base, prior_preservation=False), "no prior"), (base, "prior")):
-            if args.prior != "both" and (label == "prior") != (args.prior == "yes"):
-                continue
+        for prior in sorted(PRIORS[args.prior]):  # without prior preservation first
+            config, label = replace(STEP_CONFIG, prior_preservation=prior), "prior" if prior else "no prior"
             time_training(pipe, tmp, replace(config, compiled_stages=False), f"train {label}, plain stages",
                           results, args)
             fused_before = FUSE_LINEARS.groups
@@ -276,18 +280,13 @@ def sdpa_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     results = out.setdefault("sdpa train", {})
-    photos = synthetic_photos(512)
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    base = TrainConfig(steps=10_000, checkpoint_every=0, num_class_images=4, class_image_steps=5, min_photos=1,
-                       compiled_stages=False)
+    base = replace(STEP_CONFIG, compiled_stages=False)
     with tempfile.TemporaryDirectory() as tmp:
         for config, label in ((replace(base, prior_preservation=False), "no prior"), (base, "prior")):
             for name, backend in backends.items():
-                trainer = TrainingRun(photos, HANDLE, CLASS_WORD, config, base_model="sd15-random",
-                                      out_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
-                                      class_cache_dir=Path(tmp) / "cache", on_event=lambda _e: None,
-                                      should_cancel=lambda: False, resume_from=None)
+                trainer = new_training(tmp, config)
                 key = f"train {label}, graphs, attention {name}"
                 try:
                     with trainer.session(pipe), sdpa_kernel(backend) if backend else contextlib.nullcontext():
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "train-compiled"),
                         help="one part only")
     parser.add_argument("--dynamic", action="store_true", default=None)
-    parser.add_argument("--prior", choices=("both", "yes", "no"), default="both",
+    parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="train-compiled: with prior preservation, without, or both")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

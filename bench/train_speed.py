@@ -42,6 +42,8 @@ from trainer.family import family_of, tokenize
 from trainer.models import load_pipeline, pick_device, pick_dtype
 
 HANDLE, CLASS_WORD = "sks", "woman"
+# --prior: which steps to time (with prior preservation or not)
+PRIORS = {"both": (True, False), "yes": (True,), "no": (False,)}
 
 
 class PlainRecipe:
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "class-cache"
-        for prior in {"both": (True, False), "yes": (True,), "no": (False,)}[args.prior]:
+        for prior in PRIORS[args.prior]:
             config = TrainConfig(resolution=resolution, prior_preservation=prior, steps=args.warmup + args.steps,
                                  num_class_images=args.class_images, class_image_steps=args.class_image_steps,
                                  checkpoint_every=0, min_photos=1)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
     parser.add_argument("--resolution", type=int, default=0, help="default: 512, or 64 for tiny models")
-    parser.add_argument("--prior", choices=("both", "yes", "no"), default="both",
+    parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="with prior preservation (batch 2), without (batch 1), or both")
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--class-image-steps", type=int, default=10)

@@ -59,19 +59,17 @@ def fuse_linears(graph: torch.fx.Graph) -> int:
         if key is not None:
             groups.setdefault(key, []).append(node)
     fused = 0
-    for members in groups.values():
+    for (x, *_, no_bias), members in groups.items():
         first = members[0]
         # Every weight and bias must exist where the fused product goes (before the first member).
-        members = [m for m in members if all(order[a] < order[first] for a in m.args[1:] if a is not None)
-                   or m is first]
+        members = [m for m in members if all(order[a] < order[first] for a in m.args[1:] if a is not None)]
         if len(members) < 2:
             continue
-        x, has_bias = first.args[0], len(first.args) > 2 and first.args[2] is not None
         weights = [m.args[1] for m in members]
         sizes = [_value(w).shape[0] for w in weights]
         with graph.inserting_before(first):
             weight = graph.call_function(torch.cat, (weights,), {"dim": 0})
-            bias = graph.call_function(torch.cat, ([m.args[2] for m in members],), {"dim": 0}) if has_bias else None
+            bias = None if no_bias else graph.call_function(torch.cat, ([m.args[2] for m in members],), {"dim": 0})
             product = graph.call_function(torch.nn.functional.linear, (x, weight, bias))
             parts = graph.call_function(torch.split, (product, sizes), {"dim": -1})
             for i, member in enumerate(members):
@@ -101,4 +99,3 @@ class FuseLinearsPass(CustomGraphPass):
 
 
 PASS = FuseLinearsPass()
-

@@ -78,10 +78,41 @@ def new_training(tmp: str, config: TrainConfig) -> TrainingRun:
                        on_event=lambda _e: None, should_cancel=lambda: False, resume_from=None)
 
 
+def aten_launches(call: Callable[[], Any], label: str, rows: int) -> dict[str, Any]:
+    """Print which ATen operators launch kernels in one call of an ungraphed step, by the operator
+    that called them, with input shapes: inductor's own kernels are Triton's, so these are its
+    fallbacks (attention, convolutions, GEMMs) and the copies they make for their layouts."""
+    wrappers = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::empty_like", "aten::to", "aten::_to_copy"}
+    call()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        call()
+        torch.cuda.synchronize()
+    launches: dict[tuple[str, str, str], list[float]] = {}
+    for event in prof.events():
+        kernel_us = sum(k.duration for k in getattr(event, "kernels", ()))
+        if not event.name.startswith("aten::") or not kernel_us:
+            continue
+        caller = event.cpu_parent
+        while caller is not None and caller.name in wrappers:
+            caller = caller.cpu_parent
+        where = f"{caller.name}{caller.input_shapes}"[:110] if caller is not None else "-"
+        row = launches.setdefault((event.name, where, str(event.input_shapes)[:60]), [0, 0.0])
+        row[0] += 1
+        row[1] += kernel_us
+    table = sorted(launches.items(), key=lambda item: -item[1][1])
+    print(f"\n--- {label}: kernels launched by ATen operators, by caller ({sum(n for n, _ in launches.values())} ops) ---")
+    for (name, where, shapes), (count, us) in table[:rows]:
+        print(f"{us / 1000:7.3f} ms {count:4d}x  {name:<34} from {where}  {shapes}")
+    return {f"{name} from {where}": {"count": count, "ms": us / 1000} for (name, where, _), (count, us) in table}
+
+
 def time_training(pipe, tmp: str, config: TrainConfig, name: str, results: dict[str, Any],
-                  args: argparse.Namespace, profile: bool = False) -> None:
-    """Median ms per step of a fresh training with `config` (and its kernel table if `profile`),
-    with its peak memory and how long its first step took (capture, and compile if any)."""
+                  args: argparse.Namespace, profile: bool = False, trace: bool = False) -> None:
+    """Median ms per step of a fresh training with `config` (and its kernel table if `profile`, its
+    ATen launches if `trace`), with its peak memory and how long its first step took (capture, and
+    compile if any)."""
     trainer = new_training(tmp, config)
     torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
@@ -90,6 +121,8 @@ def time_training(pipe, tmp: str, config: TrainConfig, name: str, results: dict[
         first_s = time.monotonic() - started
         if profile:
             results[f"{name} kernel ms"] = kernel_table(trainer.train_step, name, args.rows)
+        if trace:
+            results[f"{name} aten launches"] = aten_launches(trainer.train_step, name, args.rows)
         ms = statistics.median(time_steps(trainer.train_step, 3, args.steps, pipe.device))
     results[name] = {"ms": ms, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
                      "prepare_and_first_step_s": first_s, "capture_s": trainer.capture_s}
@@ -133,20 +166,35 @@ def train_variants(pipe, args: argparse.Namespace, out: dict[str, Any], only_def
 def train_compiled(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The default training step (stages compiled for static shapes, linears sharing an input
     fused) against plain stages and against compiled stages without the fused linears; the kernel
-    table of the default step. A variant's first compile is its first step's time."""
+    table of the default step. A variant's first compile is its first step's time. `--variants`
+    picks among those (`plain`, `default`, `apart`) and adds `trace` (the ATen operators launching
+    kernels in the default step run without graphs) and `nchw` (the default step with the UNet's
+    weights NCHW instead of channels-last)."""
     results = out.setdefault("train compiled", {})
     with tempfile.TemporaryDirectory() as tmp:
         for prior in sorted(PRIORS[args.prior]):  # without prior preservation first
             config, label = replace(STEP_CONFIG, prior_preservation=prior), "prior" if prior else "no prior"
-            time_training(pipe, tmp, replace(config, compiled_stages=False), f"train {label}, plain stages",
-                          results, args)
-            fused_before = FUSE_LINEARS.groups
-            time_training(pipe, tmp, config, f"train {label}, compiled stages, fused linears", results, args,
-                          profile=True)
-            results[f"train {label}: groups of linears fused"] = FUSE_LINEARS.groups - fused_before
-            print(f"{'':<52} groups of linears fused: {FUSE_LINEARS.groups - fused_before}", flush=True)
-            time_training(pipe, tmp, replace(config, fused_linears=False),
-                          f"train {label}, compiled stages, linears apart", results, args)
+
+            def run(config: TrainConfig, variant: str, **kwargs: bool) -> None:
+                time_training(pipe, tmp, config, f"train {label}, {variant}", results, args, **kwargs)
+
+            if "plain" in args.variants:
+                run(replace(config, compiled_stages=False), "plain stages")
+            if "default" in args.variants:
+                fused_before = FUSE_LINEARS.groups
+                run(config, "compiled stages, fused linears", profile=True)
+                results[f"train {label}: groups of linears fused"] = FUSE_LINEARS.groups - fused_before
+                print(f"{'':<52} groups of linears fused: {FUSE_LINEARS.groups - fused_before}", flush=True)
+            if "trace" in args.variants:
+                run(replace(config, cuda_graphs=False, compiled_stages=True), "compiled stages, no graphs", trace=True)
+            if "apart" in args.variants:
+                run(replace(config, fused_linears=False), "compiled stages, linears apart")
+            if "nchw" in args.variants:
+                pipe.unet.to(memory_format=torch.contiguous_format)
+                try:
+                    run(config, "compiled stages, fused linears, NCHW weights", profile=True)
+                finally:
+                    pipe.unet.to(memory_format=torch.channels_last)  # the project's default on CUDA
 
 
 def unet_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -367,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dynamic", action="store_true", default=None)
     parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="train-compiled: with prior preservation, without, or both")
+    parser.add_argument("--variants", type=lambda text: set(text.split(",")), default={"plain", "default", "apart"},
+                        help="train-compiled: comma-separated, of plain, default, apart, trace, nchw")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -99,13 +99,14 @@ def test_the_step_fuses_the_projections_that_share_an_input_and_trains_the_same(
         result = run_train(tmp_path, small(steps=3, prior_preservation=False, compiled_stages=True,
                                            fused_linears=fused), pipe=pipe, tag=str(fused), compile_backend=backend)
         runs[fused] = (backend.linears, result.losses)
-    # Per self-attention: q, k, v and their three A matrices become two GEMMs instead of six. The
-    # cross-attentions of a stage all read the text: their k and v and A matrices, two GEMMs per stage.
+    # Per self-attention: q, k, v, their three A and their three B matrices become three GEMMs
+    # instead of nine. The cross-attentions of a stage all read the text: their k and v, their A
+    # and their B matrices become three GEMMs per stage.
     unet = pipe.unet
     saved = 0
     for stage in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         cross = sum(name.endswith("attn2") for name, _ in stage.named_modules())
-        saved += 4 * cross + (4 * cross - 2 if cross else 0)
+        saved += 6 * cross + (3 * (2 * cross - 1) if cross else 0)
     assert saved and runs[False][0] - runs[True][0] == saved
     assert torch.allclose(torch.tensor(runs[True][1]), torch.tensor(runs[False][1]), rtol=1e-4, atol=1e-6)
 

@@ -67,6 +67,46 @@ def test_linears_sharing_an_input_fuse_by_kind_with_the_same_values_and_gradient
     assert all(p.grad is None for p in (module.q.weight, module.p1.weight, module.other.weight))
 
 
+class LoraProjections(torch.nn.Module):
+    """q, k and v as PEFT's LoRA layers compute them: frozen base + scale * B(A(x)). With `peek`, the
+    output also reads k's piece of the A product directly, so that piece has two readers."""
+
+    def __init__(self, peek: bool = False) -> None:
+        super().__init__()
+        linear = torch.nn.Linear
+        self.base = torch.nn.ModuleList(linear(8, n, bias=False).requires_grad_(False) for n in (8, 6, 4))
+        self.down = torch.nn.ModuleList(linear(8, 2, bias=False) for _ in range(3))
+        self.up = torch.nn.ModuleList(linear(2, n, bias=False) for n in (8, 6, 4))
+        self.peek = peek
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = [down(x) for down in self.down]
+        parts = [base(x) + 0.5 * up(h) for base, up, h in zip(self.base, self.up, hidden, strict=True)]
+        return torch.cat(parts + ([hidden[1]] if self.peek else []), dim=-1).sin()
+
+
+def test_the_b_matrices_reading_the_pieces_of_one_product_run_as_one_block_diagonal_gemm() -> None:
+    torch.manual_seed(0)
+    for peek, groups in ((False, 3), (True, 2)):  # frozen bases, A matrices, and the B matrices unless one piece is shared
+        module = LoraProjections(peek)
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        weights = torch.randn(2, 5, 18 + 2 * peek)
+        trained = [x, *(layer.weight for layer in (*module.down, *module.up))]
+        (module(x) * weights).sum().backward()
+        grads = [t.grad.clone() for t in trained]
+        for t in trained:
+            t.grad = None
+
+        backend = Fusing()
+        got = torch.compile(module, backend=backend, fullgraph=True)(x)
+        (got * weights).sum().backward()
+
+        assert backend.fused == [groups]
+        torch.testing.assert_close(got, module(x))
+        for t, grad in zip(trained, grads, strict=True):
+            torch.testing.assert_close(t.grad, grad)
+
+
 def test_a_linear_whose_output_is_written_in_place_stays_apart() -> None:
     class InPlace(torch.nn.Module):
         def __init__(self) -> None:

@@ -36,12 +36,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from bench.train_speed import CLASS_WORD, HANDLE, PRIORS, synthetic_photos, time_steps
+from trainer import compiled_blocks
 from trainer.dreambooth import TrainConfig, TrainingRun
 from trainer.fused_linears import PASS as FUSE_LINEARS
+from trainer.fused_linears import FuseLinearsPass
 from trainer.graphs import GraphedCall
 from trainer.models import load_pipeline
 
@@ -168,27 +171,33 @@ def train_compiled(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     fused) against plain stages and against compiled stages without the fused linears; the kernel
     table of the default step. A variant's first compile is its first step's time. `--variants`
     picks among those (`plain`, `default`, `apart`) and adds `trace` (the ATen operators launching
-    kernels in the default step run without graphs) and `nchw` (the default step with the UNet's
-    weights NCHW instead of channels-last)."""
+    kernels in the default step run without graphs), `convolutions` (the default pass without its
+    1x1 convolutions made linears) and `nchw` (the default step with the UNet's weights NCHW instead
+    of channels-last)."""
     results = out.setdefault("train compiled", {})
     with tempfile.TemporaryDirectory() as tmp:
         for prior in sorted(PRIORS[args.prior]):  # without prior preservation first
             config, label = replace(STEP_CONFIG, prior_preservation=prior), "prior" if prior else "no prior"
 
-            def run(config: TrainConfig, variant: str, **kwargs: bool) -> None:
+            def run(config: TrainConfig, variant: str, label: str = label, **kwargs: bool) -> None:
                 time_training(pipe, tmp, config, f"train {label}, {variant}", results, args, **kwargs)
 
             if "plain" in args.variants:
                 run(replace(config, compiled_stages=False), "plain stages")
             if "default" in args.variants:
-                fused_before = FUSE_LINEARS.groups
+                fused_before, convs_before = FUSE_LINEARS.groups, FUSE_LINEARS.convolutions_replaced
                 run(config, "compiled stages, fused linears", profile=True)
                 results[f"train {label}: groups of linears fused"] = FUSE_LINEARS.groups - fused_before
-                print(f"{'':<52} groups of linears fused: {FUSE_LINEARS.groups - fused_before}", flush=True)
+                results[f"train {label}: 1x1 convolutions made linears"] = FUSE_LINEARS.convolutions_replaced - convs_before
+                print(f"{'':<52} groups of linears fused: {FUSE_LINEARS.groups - fused_before}, 1x1 convolutions "
+                      f"made linears: {FUSE_LINEARS.convolutions_replaced - convs_before}", flush=True)
             if "trace" in args.variants:
                 run(replace(config, cuda_graphs=False, compiled_stages=True), "compiled stages, no graphs", trace=True)
             if "apart" in args.variants:
                 run(replace(config, fused_linears=False), "compiled stages, linears apart")
+            if "convolutions" in args.variants:
+                with mock.patch.object(compiled_blocks, "FUSE_LINEARS", FuseLinearsPass(convolutions=False)):
+                    run(config, "compiled stages, fused linears, 1x1 convolutions kept")
             if "nchw" in args.variants:
                 pipe.unet.to(memory_format=torch.contiguous_format)
                 try:
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="train-compiled: with prior preservation, without, or both")
     parser.add_argument("--variants", type=lambda text: set(text.split(",")), default={"plain", "default", "apart"},
-                        help="train-compiled: comma-separated, of plain, default, apart, trace, nchw")
+                        help="train-compiled: comma-separated, of plain, default, apart, trace, convolutions, nchw")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

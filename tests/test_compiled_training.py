@@ -29,16 +29,20 @@ from trainer.worker import Worker
 
 class CountingAot:
     """AOT autograd (forward and backward graphs, as inductor gets them) run as traced, counting
-    the graphs dynamo hands over and the linear layers in them."""
+    the graphs dynamo hands over and the GEMMs (linears, batched products, convolutions) and the
+    convolutions in them."""
 
     def __init__(self) -> None:
         self.graphs = 0
-        self.linears = 0
+        self.gemms = 0
+        self.convolutions = 0
         self._inner = torch._dynamo.lookup_backend("aot_eager")
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         self.graphs += 1
-        self.linears += sum(node.op == "call_function" and node.target in LINEAR_TARGETS for node in gm.graph.nodes)
+        calls = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+        self.convolutions += sum(target is torch.conv2d for target in calls)
+        self.gemms += sum(target in LINEAR_TARGETS or target in (torch.bmm, torch.conv2d) for target in calls)
         return self._inner(gm, example_inputs)
 
 
@@ -98,17 +102,20 @@ def test_the_step_fuses_the_projections_that_share_an_input_and_trains_the_same(
         backend = CountingAot()
         result = run_train(tmp_path, small(steps=3, prior_preservation=False, compiled_stages=True,
                                            fused_linears=fused), pipe=pipe, tag=str(fused), compile_backend=backend)
-        runs[fused] = (backend.linears, result.losses)
+        runs[fused] = (backend.gemms, backend.convolutions, result.losses)
     # Per self-attention: q, k, v, their three A and their three B matrices become three GEMMs
     # instead of nine. The cross-attentions of a stage all read the text: their k and v, their A
-    # and their B matrices become three GEMMs per stage.
+    # and their B matrices become three GEMMs per stage. The 1x1 convolutions become linears.
     unet = pipe.unet
-    saved = 0
+    saved = pointwise = 0
     for stage in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         cross = sum(name.endswith("attn2") for name, _ in stage.named_modules())
         saved += 6 * cross + (3 * (2 * cross - 1) if cross else 0)
+        pointwise += sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == m.stride == (1, 1) and m.groups == 1
+                         for m in stage.modules())
     assert saved and runs[False][0] - runs[True][0] == saved
-    assert torch.allclose(torch.tensor(runs[True][1]), torch.tensor(runs[False][1]), rtol=1e-4, atol=1e-6)
+    assert pointwise and runs[False][1] - runs[True][1] == pointwise
+    assert torch.allclose(torch.tensor(runs[True][2]), torch.tensor(runs[False][2]), rtol=1e-4, atol=1e-6)
 
 
 def test_the_warm_up_compiles_what_a_training_of_that_config_runs(tmp_path: Path) -> None:

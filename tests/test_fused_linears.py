@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.fused_linears import PASS, fuse_linears
+from trainer.fused_linears import PASS, FuseLinearsPass, fuse_linears, pointwise_convolutions
 
 
 class Projections(torch.nn.Module):
@@ -68,15 +68,15 @@ def test_linears_sharing_an_input_fuse_by_kind_with_the_same_values_and_gradient
 
 
 class LoraProjections(torch.nn.Module):
-    """q, k and v as PEFT's LoRA layers compute them: frozen base + scale * B(A(x)). With `peek`, the
-    output also reads k's piece of the A product directly, so that piece has two readers."""
+    """q, k and v as PEFT's LoRA layers compute them: frozen base + scale * B(A(x)), with outputs of
+    `sizes`. With `peek`, the output also reads k's piece of the A product directly."""
 
-    def __init__(self, peek: bool = False) -> None:
+    def __init__(self, sizes: tuple[int, ...] = (8, 8, 8), peek: bool = False) -> None:
         super().__init__()
         linear = torch.nn.Linear
-        self.base = torch.nn.ModuleList(linear(8, n, bias=False).requires_grad_(False) for n in (8, 6, 4))
-        self.down = torch.nn.ModuleList(linear(8, 2, bias=False) for _ in range(3))
-        self.up = torch.nn.ModuleList(linear(2, n, bias=False) for n in (8, 6, 4))
+        self.base = torch.nn.ModuleList(linear(8, n, bias=False).requires_grad_(False) for n in sizes)
+        self.down = torch.nn.ModuleList(linear(8, 2, bias=False) for _ in sizes)
+        self.up = torch.nn.ModuleList(linear(2, n, bias=False) for n in sizes)
         self.peek = peek
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,26 +85,30 @@ class LoraProjections(torch.nn.Module):
         return torch.cat(parts + ([hidden[1]] if self.peek else []), dim=-1).sin()
 
 
-def test_the_b_matrices_reading_the_pieces_of_one_product_run_as_one_block_diagonal_gemm() -> None:
+@pytest.mark.parametrize(("sizes", "peek", "groups"), [
+    ((8, 8, 8), False, 3),  # the frozen bases, the A matrices, the B matrices
+    ((8, 8, 8), True, 2),  # one piece of the A product has a second reader: the B matrices stay apart
+    ((8, 6, 4), False, 2),  # B matrices of different shapes stay apart
+])
+def test_the_b_matrices_reading_the_pieces_of_one_product_run_as_one_batched_gemm(
+        sizes: tuple[int, ...], peek: bool, groups: int) -> None:
     torch.manual_seed(0)
-    for peek, groups in ((False, 3), (True, 2)):  # frozen bases, A matrices, and the B matrices unless one piece is shared
-        module = LoraProjections(peek)
-        x = torch.randn(2, 5, 8, requires_grad=True)
-        weights = torch.randn(2, 5, 18 + 2 * peek)
-        trained = [x, *(layer.weight for layer in (*module.down, *module.up))]
-        (module(x) * weights).sum().backward()
-        grads = [t.grad.clone() for t in trained]
-        for t in trained:
-            t.grad = None
+    module = LoraProjections(sizes, peek)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    weights = torch.randn(2, 5, sum(sizes) + 2 * peek)
+    trained = [x, *(layer.weight for layer in (*module.down, *module.up))]
+    expected = torch.autograd.grad((module(x) * weights).sum(), trained)
 
-        backend = Fusing()
-        got = torch.compile(module, backend=backend, fullgraph=True)(x)
-        (got * weights).sum().backward()
+    backend = Fusing()
+    got = torch.compile(module, backend=backend, fullgraph=True)(x)
+    grads = torch.autograd.grad((got * weights).sum(), trained)
 
-        assert backend.fused == [groups]
-        torch.testing.assert_close(got, module(x))
-        for t, grad in zip(trained, grads, strict=True):
-            torch.testing.assert_close(t.grad, grad)
+    assert backend.fused == [groups]
+    torch.testing.assert_close(got, module(x))
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want)
+    # Laid out as the weights are, the gradients reach .grad without a copy each.
+    assert all(grad.is_contiguous() for grad in grads)
 
 
 def test_a_linear_whose_output_is_written_in_place_stays_apart() -> None:
@@ -124,6 +128,47 @@ def test_a_linear_whose_output_is_written_in_place_stays_apart() -> None:
     assert backend.fused == [0]
 
 
-def test_the_pass_has_a_stable_cache_key() -> None:
+class Convolutions(torch.nn.Module):
+    """A transformer's 1x1 projection (replaced), then convolutions that are not pointwise linears:
+    3x3, strided 1x1, grouped 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.project = conv(8, 6, 1)
+        self.others = torch.nn.ModuleList([conv(6, 6, 3, padding=1), conv(6, 6, 1, stride=2), conv(6, 6, 1, groups=2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(x)
+        return sum(other(x).sum() for other in self.others) + x.square().sum()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_1x1_convolutions_become_linears_over_channels_with_the_same_values_and_gradients(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    module = Convolutions()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    trained = [x, *module.parameters()]
+    expected = module(x)
+    want = torch.autograd.grad(expected, trained)
+    replaced: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        replaced.append(pointwise_convolutions(gm.graph))
+        gm.recompile()
+        return gm.forward
+
+    got = torch.compile(module, backend=backend, fullgraph=True)(x)
+    assert replaced == [1]
+    torch.testing.assert_close(got, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(got, trained), want, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_the_pass_has_a_stable_cache_key_that_names_its_settings() -> None:
     # Inductor caches a compile that used a custom pass only when the pass names itself.
-    assert PASS.uuid() == type(PASS)().uuid() and PASS.uuid()
+    assert PASS.uuid() == FuseLinearsPass().uuid() and PASS.uuid()
+    assert FuseLinearsPass(convolutions=False).uuid() != PASS.uuid()

@@ -151,7 +151,7 @@ class CompiledBlocks:
             yield
 
 
-_FOR_TRAINING: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Backend, bool], CompiledBlocks]] = \
+_FOR_TRAINING: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Backend, CustomGraphPass | None], CompiledBlocks]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -167,7 +167,7 @@ def for_training(pipe: Any, backend: Backend = "inductor", *, fuse_linears: bool
     the same input become one GEMM (trainer.fused_linears).
     """
     per_kind = _FOR_TRAINING.setdefault(pipe.unet, {})
-    if (backend, fuse_linears) not in per_kind:
-        per_kind[backend, fuse_linears] = CompiledBlocks(pipe, backend=backend, dynamic=False,
-                                                         graph_pass=FUSE_LINEARS if fuse_linears else None)
-    return per_kind[backend, fuse_linears]
+    graph_pass = FUSE_LINEARS if fuse_linears else None
+    if (backend, graph_pass) not in per_kind:
+        per_kind[backend, graph_pass] = CompiledBlocks(pipe, backend=backend, dynamic=False, graph_pass=graph_pass)
+    return per_kind[backend, graph_pass]

@@ -9,10 +9,13 @@ group and splitting the product is the same arithmetic in one launch, and autogr
 the input's gradient of the whole group in one GEMM too, and the A matrices' gradients in another.
 
 The LoRA B matrices then read the pieces of one product: the B of q reads the part of the fused A
-product that is q's, and so on. Such a set of linears, each reading its own piece of a split, is one
-linear of the whole product by their block-diagonal weight, whose output is the concatenation of
-theirs: three GEMMs become one, in the backward too (one for the weights' gradient, one for the
-input's). The zero blocks add exact zeros; at LoRA ranks they cost a few MFLOP, far less than a launch.
+product that is q's, and so on. Such a set of linears of one shape is one batched GEMM of the product,
+seen as a batch of pieces, with the stacked weights: three GEMMs become one, in the backward too
+(one for the weights' gradients, one for the input's). The batch computes the transposed outputs,
+so that the weights' gradients come out as slices of one stacked gradient laid out as the weights
+are, and autograd hands them on without a copy: a gradient in any other layout (a block-diagonal
+weight's slices, or the transpose the plain batched product gives) costs a copy per weight, launched
+one by one outside the CUDA graph.
 
 Frozen weights and trained ones are grouped apart: a fused GEMM whose weight needs a gradient
 computes it for every row, and the base weights' gradients are not wanted. The pass runs on the
@@ -58,7 +61,7 @@ def _group_key(node: torch.fx.Node) -> tuple[Any, ...] | None:
 def fuse_linears(graph: torch.fx.Graph) -> int:
     """Replace each group of two or more linears sharing an input by one linear over the
     concatenated weights and a split of its output, then each set of linears reading all the pieces
-    of such a split by one block-diagonal linear; returns how many groups were fused (of both kinds)."""
+    of such a split by one batched GEMM; returns how many groups were fused (of both kinds)."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     groups: dict[tuple[Any, ...], list[torch.fx.Node]] = {}
     for node in graph.nodes:
@@ -88,15 +91,15 @@ def fuse_linears(graph: torch.fx.Graph) -> int:
         for member in members:
             graph.erase_node(member)
         fused += 1
-    fused += sum(_block_diagonal(graph, parts, order) for parts in splits)
+    fused += sum(_batched(graph, parts, order) for parts in splits)
     if fused:
         log.debug("fused %d groups of linear layers sharing an input", fused)
     return fused
 
 
-def _block_diagonal(graph: torch.fx.Graph, parts: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
+def _batched(graph: torch.fx.Graph, parts: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
     """If every piece of the split `parts` feeds one bias-free linear, and those linears' weights are
-    of one kind, replace them by one linear of the split's input with their block-diagonal weight."""
+    of one kind and shape, replace them by one batched GEMM of the split's input with the stacked weights."""
     product, sizes = parts.args
     pieces = sorted(parts.users, key=lambda piece: piece.args[1])
     if [piece.args[1] for piece in pieces] != list(range(len(sizes))) or len(pieces) < 2:
@@ -107,17 +110,24 @@ def _block_diagonal(graph: torch.fx.Graph, parts: torch.fx.Node, order: dict[tor
     if len(kinds) != 1 or None in kinds or not next(iter(kinds))[-1]:  # one kind of weight, no biases
         return False
     weights = [reader.args[1] for reader in readers]
-    if any(_value(w).shape[1] != size for w, size in zip(weights, sizes, strict=True)):
-        return False
+    shapes = {tuple(_value(w).shape) for w in weights}
+    lead = tuple(_value(pieces[0]).shape[:-1])
+    if len(shapes) != 1 or next(iter(shapes))[1] != sizes[0] or not all(isinstance(n, int) for n in lead):
+        return False  # the compiled training's shapes are static; dynamic sizes are left alone
     first = min(readers, key=order.__getitem__)
     if any(w in order and order[w] > order[first] for w in weights):
         return False
+    out_features, rank = next(iter(shapes))
+    # out_i^T = W_i @ piece_i^T, batched: the weights' gradient is then grad^T-batch @ pieces, (n, out, rank)
+    # like the stacked weights, and its slices are laid out as the weights are.
     with graph.inserting_before(first):
-        weight = graph.call_function(torch.block_diag, tuple(weights))
-        product = graph.call_function(torch.nn.functional.linear, (product, weight, None))
-        outputs = graph.call_function(torch.split, (product, [_value(w).shape[0] for w in weights]), {"dim": -1})
+        stacked = graph.call_function(torch.stack, (weights,))
+        columns = graph.call_function(torch.reshape, (product, (-1, len(weights), rank)))
+        columns = graph.call_function(torch.permute, (columns, (1, 2, 0)))  # (n, rank, rows)
+        outputs = graph.call_function(torch.bmm, (stacked, columns))  # (n, out, rows)
         for i, reader in enumerate(readers):
             output = graph.call_function(operator.getitem, (outputs, i))
+            output = graph.call_function(torch.reshape, (graph.call_function(torch.t, (output,)), (*lead, out_features)))
             output.meta.update(reader.meta)
             reader.replace_all_uses_with(output)
     for reader, piece in zip(readers, pieces, strict=True):
@@ -127,18 +137,58 @@ def _block_diagonal(graph: torch.fx.Graph, parts: torch.fx.Node, order: dict[tor
     return True
 
 
-class FuseLinearsPass(CustomGraphPass):
-    """`fuse_linears` as inductor's pre-grad pass; its uuid (this file's hash) keys inductor's cache.
-    `groups` counts the groups fused so far in the process, for benchmarks and logs."""
+def pointwise_convolutions(graph: torch.fx.Graph) -> int:
+    """Replace each 1x1 convolution (stride 1, no padding, one group) by the linear over channels that
+    it is, on a channels-last view of its input; returns how many were replaced.
 
-    def __init__(self) -> None:
+    SD1.5's transformers project in and out with 1x1 convolutions (`use_linear_projection=False`),
+    as do the ResNet shortcuts that change the channel count. On channels-last weights cuDNN's
+    backward wants its incoming gradient channels-last, and the one autograd hands it from inductor's
+    kernels is not, so each such convolution's backward copies it first. As a GEMM the layout is
+    inductor's to choose, and the channels-last view of a channels-last input costs nothing.
+    """
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.conv2d or node.kwargs:
+            continue
+        x, weight, bias, stride, padding, dilation, groups = (*node.args, None, 1, 0, 1, 1)[:7]
+        weight_value = _value(weight)
+        if (_value(x) is None or _value(x).dim() != 4 or weight_value is None or weight_value.shape[2:] != (1, 1)
+                or groups != 1 or {*_pair(stride)} != {1} or {*_pair(padding)} != {0}):
+            continue
+        with graph.inserting_before(node):
+            rows = graph.call_function(torch.permute, (x, (0, 2, 3, 1)))
+            product = graph.call_function(torch.nn.functional.linear, (rows, graph.call_function(torch.flatten, (weight, 1)), bias))
+            output = graph.call_function(torch.permute, (product, (0, 3, 1, 2)))
+        output.meta.update(node.meta)
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
+        replaced += 1
+    return replaced
+
+
+def _pair(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+class FuseLinearsPass(CustomGraphPass):
+    """`pointwise_convolutions` then `fuse_linears`, as inductor's pre-grad pass; its uuid (this
+    file's hash and its settings) keys inductor's cache. `convolutions=False` leaves convolutions
+    alone (benchmarks compare). `groups` and `convolutions_replaced` count what it did so far in the
+    process, for benchmarks and logs."""
+
+    def __init__(self, *, convolutions: bool = True) -> None:
+        self.convolutions = convolutions
         self.groups = 0
+        self.convolutions_replaced = 0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.convolutions:
+            self.convolutions_replaced += pointwise_convolutions(graph)
         self.groups += fuse_linears(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return get_hash_for_files((__file__,)) + (b"+conv" if self.convolutions else b"")
 
 
 PASS = FuseLinearsPass()

@@ -5,7 +5,8 @@ GroupNorm statistics, normalisation, SiLU, casts, residual adds and skip-connect
 PyTorch runs one by one (on channels-last tensors through extra strided copies). Inductor fuses them
 into a few Triton kernels. Measured on an H200 (bench/RESULTS.md), with the blocks compiled: the
 UNet call of one picture 10.3 -> 8.1 ms, of four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms;
-with the stages compiled, a training step 28.1 -> 21.5 ms (prior preservation) and 20.1 -> 15.0 ms.
+with the stages compiled (and trainer.fused_linears), a training step 27.9 -> 19.4 ms (prior
+preservation) and 20.1 -> 14.0 ms.
 
 Two sizes of region. For generation both are compiled with dynamic shapes, so that one compile
 serves every picture count and most sizes (a new size costs a recompile once per process):
@@ -24,7 +25,7 @@ Compiling both takes a worker's warm-up about 320 s on the H200. Inductor keeps 
 its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
 restart loads it from there instead of compiling again: the warm-up then took 80 s. The training
 step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):
-about 166 s for batch 1 with a cold cache and 15 s with a warm one, once per process and kind of
+135-160 s with a cold cache and 15-20 s with a warm one, once per process and kind of
 step, after which a new training's first step takes 0.3 s (with dynamic shapes it took 346 s). The
 compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
 person's merged LoRA reaches it.
@@ -164,7 +165,7 @@ def for_training(pipe: Any, backend: Backend = "inductor", *, fuse_linears: bool
     training of a kind compiles. A training's shapes never change (batch rows, resolution, prompt
     length), so the regions are compiled for static shapes, which took inductor under half the time
     of dynamic ones and gave faster kernels (bench/RESULTS.md). `fuse_linears`: linears that read
-    the same input become one GEMM (trainer.fused_linears).
+    the same input become one GEMM, and 1x1 convolutions linears (trainer.fused_linears).
     """
     per_kind = _FOR_TRAINING.setdefault(pipe.unet, {})
     graph_pass = FUSE_LINEARS if fuse_linears else None

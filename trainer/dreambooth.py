@@ -119,8 +119,9 @@ class TrainConfig:
       with a warm one. Later trainings reuse the code. None turns it on where the step is graphed;
       True compiles also without graphs (the CPU tests do); False never.
     - fused_linears=True: in the compiled step, the attention projections that read the same input
-      (and their LoRA A matrices) run as one GEMM (trainer.fused_linears): the same arithmetic in
-      fewer of the small kernels that a batch-1 step is made of.
+      (and their LoRA A matrices) run as one GEMM, their LoRA B matrices as one batched GEMM, and
+      the 1x1 convolutions as linears (trainer.fused_linears): the same arithmetic in fewer of the
+      small kernels that a batch-1 step is made of, and without layout copies.
     """
 
     steps: int = 800

@@ -1,4 +1,5 @@
-"""A graph pass for the compiled training step: linear layers that read the same input become one GEMM.
+"""A graph pass for the compiled training step: linear layers that read the same input become one
+GEMM, and 1x1 convolutions become linears.
 
 At 512 px and batch 1 most of the training step's GEMMs are small, and under CUDA graphs each costs
 a few microseconds however little it computes (bench/RESULTS.md: the compiled step's kernel table
@@ -20,6 +21,10 @@ one by one outside the CUDA graph.
 Frozen weights and trained ones are grouped apart: a fused GEMM whose weight needs a gradient
 computes it for every row, and the base weights' gradients are not wanted. The pass runs on the
 graph dynamo hands to the compiler, before autograd (inductor's `pre_grad_custom_pass`).
+
+On an H200 (bench/RESULTS.md) the SD1.5 step without prior preservation took 15.73 ms with the
+linears apart, 15.03 ms with the projections and A matrices fused, 14.60 ms with the B matrices
+batched too, and 14.07 ms with the 1x1 convolutions as linears.
 """
 
 from __future__ import annotations

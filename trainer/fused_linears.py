@@ -116,15 +116,16 @@ def _batched(graph: torch.fx.Graph, parts: torch.fx.Node, order: dict[torch.fx.N
         return False
     weights = [reader.args[1] for reader in readers]
     shapes = {tuple(_value(w).shape) for w in weights}
-    lead = tuple(_value(pieces[0]).shape[:-1])
+    piece = _value(pieces[0])
+    lead = tuple(piece.shape[:-1]) if piece is not None else (None,)
     if len(shapes) != 1 or next(iter(shapes))[1] != sizes[0] or not all(isinstance(n, int) for n in lead):
         return False  # the compiled training's shapes are static; dynamic sizes are left alone
     first = min(readers, key=order.__getitem__)
     if any(w in order and order[w] > order[first] for w in weights):
         return False
     out_features, rank = next(iter(shapes))
-    # out_i^T = W_i @ piece_i^T, batched: the weights' gradient is then grad^T-batch @ pieces, (n, out, rank)
-    # like the stacked weights, and its slices are laid out as the weights are.
+    # Batched out_i^T = W_i @ piece_i^T: autograd then computes the stacked weights' gradient as
+    # (n, out, rank), laid out as they are, and each weight's gradient is a dense slice of it.
     with graph.inserting_before(first):
         stacked = graph.call_function(torch.stack, (weights,))
         columns = graph.call_function(torch.reshape, (product, (-1, len(weights), rank)))
@@ -156,7 +157,7 @@ def pointwise_convolutions(graph: torch.fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.conv2d or node.kwargs:
             continue
-        x, weight, bias, stride, padding, dilation, groups = (*node.args, None, 1, 0, 1, 1)[:7]
+        x, weight, bias, stride, padding, _dilation, groups = (*node.args, None, 1, 0, 1, 1)[:7]
         weight_value = _value(weight)
         if (_value(x) is None or _value(x).dim() != 4 or weight_value is None or weight_value.shape[2:] != (1, 1)
                 or groups != 1 or {*_pair(stride)} != {1} or {*_pair(padding)} != {0}):

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.nn.modules.utils import _pair
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +172,6 @@ def pointwise_convolutions(graph: torch.fx.Graph) -> int:
         graph.erase_node(node)
         replaced += 1
     return replaced
-
-
-def _pair(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 class FuseLinearsPass(CustomGraphPass):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import statistics
@@ -355,6 +356,114 @@ def sdpa_train(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
                 print(f"{key:<52} {results[key]:8.2f} ms/step  ({ratio:.2f}x default)", flush=True)
 
 
+# First match wins: inductor's Triton kernels are named for the operators they fuse ("convolution").
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+                ("fused (Triton)", ("triton",)),
+                ("convolution", ("fprop", "implicit_gemm", "conv", "nhwc", "nchw", "winograd")),
+                ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "mm_")))
+
+
+def kernel_kinds(call: Callable[[], Any]) -> dict[str, float]:
+    """ms of kernels in one call by kind (attention, convolution, GEMM, inductor's Triton kernels,
+    other), from the kernels' names."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0)
+        if not us:
+            continue
+        name = event.key.lower()
+        kind = next((kind for kind, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1000
+    return kinds
+
+
+def attention_backends(batch: int, g: torch.Generator, results: dict[str, Any]) -> None:
+    """Each of PyTorch's attention kernels on SD1.5's attention shapes at 512 px (8 heads; self- and
+    cross-attention at each resolution), ms per call; the first backend, PyTorch's choice, is the
+    baseline."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for tokens, head_dim in ((4096, 40), (1024, 80), (256, 160), (64, 160)):
+        for keys, kind in ((tokens, "self"), (77, "cross")):
+            q = torch.randn(batch, 8, tokens, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+            k, v = (torch.randn(batch, 8, keys, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+                    for _ in range(2))
+            line = []
+            for name, backend in backends.items():
+                key = f"sdpa b{batch} {kind} {tokens}x{keys} d{head_dim} {name}"
+                try:
+                    with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                        results[key] = gpu_ms(functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v))
+                except RuntimeError:  # a backend may not support these shapes
+                    line.append(f"{name} -")
+                    continue
+                line.append(f"{name} {results[key] * 1000:.0f} us")
+            print(f"sdpa b{batch} {kind:<5} {tokens:>4}x{keys:<4} d{head_dim:<3} " + ", ".join(line), flush=True)
+
+
+# Generation variants of `--only unet-stages`: (graph pass, inductor settings, dynamic shapes).
+STAGE_VARIANTS: dict[str, tuple[Any, dict[str, Any], bool]] = {
+    "static": (None, {}, False),
+    "fused": (FUSE_LINEARS, {}, False),
+    "coordinate": (FUSE_LINEARS, {"coordinate_descent_tuning": True}, False),
+    "autotune": (FUSE_LINEARS, {"max_autotune": True}, False),
+    "dynamic": (None, {}, True),
+    "fused-dynamic": (FUSE_LINEARS, {}, True),
+}
+
+
+def unet_stage_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The denoising call of four pictures (batch 8, 512 px; `--batch`) with the stages compiled,
+    under CUDA graphs: the attention kernels alone, then each of `--variants` (STAGE_VARIANTS, the
+    first is the baseline) with its compile time, ms per call and kernel time by kind."""
+    results = out.setdefault("unet stages", {})
+    unet = pipe.unet
+    unet.eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    batch = args.batch
+    attention_backends(batch, g, results)
+    x = torch.randn(batch, 4, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.tensor(500, device="cuda")
+    ehs = torch.randn(batch, 77, 768, device="cuda", generator=g, dtype=torch.bfloat16)
+    baseline = None
+    for name in [v for v in STAGE_VARIANTS if v in args.variants]:
+        graph_pass, options, dynamic = STAGE_VARIANTS[name]
+        regions = compiled_blocks.CompiledBlocks(pipe, dynamic=dynamic, graph_pass=graph_pass, options=options)
+        label = f"UNet b{batch} stages {name}"
+        with torch.no_grad(), regions.installed():
+            graphed = GraphedCall(unet.forward, unet, name=label)
+
+            def call(graphed: GraphedCall = graphed) -> Any:
+                return graphed(x, t, encoder_hidden_states=ehs, return_dict=False)
+
+            started = time.monotonic()
+            try:
+                reference = call()[0].float()
+            except Exception as exc:  # a variant may fail to compile; the others still report
+                print(f"{label} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            compile_s = time.monotonic() - started
+            ms = gpu_ms(call)
+            kinds = kernel_kinds(call)
+            if args.rows:
+                kernel_table(call, label, args.rows)
+            del graphed  # its graph's memory
+        baseline = baseline or (name, ms, reference)
+        diff = (reference - baseline[2]).abs().mean().item()
+        results[name] = {"ms": ms, "compile_and_capture_s": compile_s, "kernel ms by kind": kinds,
+                         "mean abs diff vs first": diff}
+        print(f"{label:<40} {ms:8.2f} ms ({baseline[1] / ms:.2f}x {baseline[0]})  compile + capture "
+              f"{compile_s:.1f} s  |out - first| {diff:.4f}  kernels: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
+
+
 def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The engine end to end: warm-up, then 25-step pictures, and where one picture's time goes."""
     from trainer.engine import GenerateRequest, GenerationEngine
@@ -419,15 +528,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=18, help="kernels per table")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--only", choices=("train", "unet", "generate", "regional", "regional-train", "sdpa-train",
-                                           "train-compiled"),
+                                           "train-compiled", "unet-stages"),
                         help="one part only")
     parser.add_argument("--dynamic", action="store_true", default=None)
     parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="train-compiled: with prior preservation, without, or both")
-    parser.add_argument("--variants", type=lambda text: set(text.split(",")), default={"plain", "default", "apart"},
-                        help="train-compiled: comma-separated, of plain, default, apart, trace, convolutions, nchw")
+    parser.add_argument("--variants", type=lambda text: set(text.split(",")), default=None,
+                        help="train-compiled: comma-separated, of plain, default, apart, trace, convolutions, nchw "
+                             "(default: plain,default,apart); unet-stages: of " + ",".join(STAGE_VARIANTS)
+                             + " (default: static,fused)")
+    parser.add_argument("--batch", type=int, default=8, help="unet-stages: UNet batch (2 per picture)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = {"static", "fused"} if args.only == "unet-stages" else {"plain", "default", "apart"}
     if not torch.cuda.is_available():
         raise SystemExit("this profile needs a CUDA GPU")
     logging.basicConfig(level=logging.WARNING)
@@ -447,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
             sdpa_train(pipe, args, out)
         if args.only == "train-compiled":
             train_compiled(pipe, args, out)
+        if args.only == "unet-stages":
+            unet_stage_variants(pipe, args, out)
         if args.only in (None, "train"):
             train_variants(pipe, args, out)
     finally:

@@ -67,12 +67,15 @@ RECOMPILE_LIMIT = 64
 Backend = str | Callable[..., Any]
 
 
-def _with_graph_pass(backend: Backend, graph_pass: CustomGraphPass | None) -> tuple[Backend, dict[str, Any] | None]:
-    """torch.compile's backend and options that run `graph_pass` on each graph before compiling it."""
+def _with_graph_pass(backend: Backend, graph_pass: CustomGraphPass | None,
+                     options: dict[str, Any] | None = None) -> tuple[Backend, dict[str, Any] | None]:
+    """torch.compile's backend and options that run `graph_pass` on each graph before compiling it;
+    `options` are inductor's settings (other backends have none)."""
+    if backend == "inductor":
+        options = {**(options or {}), **({"pre_grad_custom_pass": graph_pass} if graph_pass is not None else {})}
+        return backend, options or None
     if graph_pass is None:
         return backend, None
-    if backend == "inductor":
-        return backend, {"pre_grad_custom_pass": graph_pass}
     inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
     def compile_after_pass(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -97,15 +100,17 @@ class CompiledBlocks:
 
     Nothing is compiled until a region first runs inside `installed()`. `whole_stages` is what
     `installed()` uses by default (False: blocks only). `backend` is torch.compile's (tests pass a
-    cheap one; inductor needs a GPU to pay off).
+    cheap one; inductor needs a GPU to pay off), `options` inductor's settings, `graph_pass` a pass
+    run on each graph before inductor compiles it.
     """
 
     def __init__(self, pipe: Any, *, backend: Backend = "inductor", whole_stages: bool = True,
-                 dynamic: bool = True, graph_pass: CustomGraphPass | None = None) -> None:
+                 dynamic: bool = True, graph_pass: CustomGraphPass | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         unet = pipe.unet
         stages = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
         kinds = [(stage, UNET_BLOCKS) for stage in stages] + [(pipe.vae.decoder, DECODER_BLOCKS)]
-        backend, options = _with_graph_pass(backend, graph_pass)
+        backend, options = _with_graph_pass(backend, graph_pass, options)
 
         def compiled(module: torch.nn.Module) -> Callable[..., Any]:
             return torch.compile(module.forward, dynamic=dynamic, backend=backend, options=options)

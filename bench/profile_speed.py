@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import torch
 
 from bench.train_speed import CLASS_WORD, HANDLE, PRIORS, synthetic_photos, time_steps
@@ -487,6 +488,7 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
         name = f"engine n={n} {aspect}"
         results[name] = {"s": statistics.median(times), "first_s": first}
         print(f"{name:<44} {results[name]['s'] * 1000:8.1f} ms (first {first:.2f} s)", flush=True)
+    dynamic_only(engine, results)
     request = GenerateRequest(prompt="a photo of a woman on a beach", seed=1, steps=25)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -501,6 +503,43 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     results["n=1 timeline ms"] = gpu_timeline(prof)
     print("one n=1 picture on the GPU's clock (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                                   results["n=1 timeline ms"].items()))
+
+
+def dynamic_only(engine: Any, results: dict[str, Any]) -> None:
+    """The engine's square pictures with graphs captured from the dynamic-shape code (as before the
+    warm-up compiled static shapes) against those from the static-shape code, in the same process;
+    with the mean pixel difference of the same request's pictures."""
+    from bench.generate_speed import pixels
+    from trainer.engine import GenerateRequest
+
+    def timed(n: int) -> tuple[float, list[Any]]:
+        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25)
+        images = engine.generate(request)
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            engine.generate(request)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times), images
+
+    def recapture() -> None:
+        engine._graphs.unet.clear()
+        engine._graphs.decode.clear()
+
+    for n in (1, 4):
+        static_s, static_images = timed(n)
+        recapture()
+        with mock.patch.object(engine._compiled, "installed", functools.partial(engine._compiled.installed,
+                                                                                 static=False)):
+            dynamic_s, dynamic_images = timed(n)
+        recapture()
+        diff = float(np.mean([np.abs(pixels(a.png) - pixels(b.png)).mean()
+                              for a, b in zip(static_images, dynamic_images, strict=True)]))
+        results[f"engine n={n} square, static vs dynamic"] = {"static s": static_s, "dynamic s": dynamic_s,
+                                                             "mean abs pixel diff": diff}
+        print(f"engine n={n} square: static shapes {static_s * 1000:.1f} ms, dynamic shapes {dynamic_s * 1000:.1f} ms "
+              f"({dynamic_s / static_s:.3f}x), mean |static - dynamic| {diff:.2f} of 255", flush=True)
 
 
 def gpu_timeline(prof: torch.profiler.profile) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -19,7 +20,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from tests.test_dreambooth import run_train, small
 from tests.test_generate import PERSON, REQUEST, pixels
 from trainer.adapters import holds_adapters
-from trainer.compiled_blocks import CompiledBlocks
+from trainer.compiled_blocks import ByShape, CompiledBlocks
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.models import build_random_pipeline
 
@@ -166,6 +167,44 @@ def test_nothing_compiles_during_a_real_training_served_between_its_steps(tmp_pa
     engine.generate(REQUEST, **PERSON)
     assert backend.graphs == warmed  # and none after it either
     assert pipe.unet.training is False
+
+
+def test_the_warm_up_pictures_run_code_compiled_for_their_shapes_and_other_pictures_dynamic_code() -> None:
+    """Static-shape code would compile again for every new shape, so it only ever meets the shapes
+    the warm-up taught it; a shape it has not met runs the dynamic-shape code, compiled then too."""
+    backend = CountingBackend()
+    engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=backend)
+    plain = GenerationEngine(build_random_pipeline("tiny"))
+    regions = engine._compiled
+    engine.warm_up(counts=(1,))
+    ran: list[str] = []
+    for region in regions.regions:
+        by_shape = region.forward
+        assert isinstance(by_shape, ByShape) and by_shape.shapes  # the UNet's and the decoder's stages
+        for kind in ("static", "dynamic"):
+            code = getattr(by_shape, kind)
+            setattr(by_shape, kind, lambda *a, _code=code, _kind=kind, **k: ran.append(_kind) or _code(*a, **k))
+
+    square = engine.generate(REQUEST, **PERSON)[0]
+    unet_calls = REQUEST.steps * (len(regions.stages) - 1)  # every stage but the decoder, each step
+    assert ran == ["static"] * (unet_calls + 1)
+    # The static code runs the linears sharing an input fused (trainer.fused_linears): the same sums
+    # in another order, so a pixel may round the other way.
+    assert np.abs(pixels(square).astype(int) - pixels(plain.generate(REQUEST, **PERSON)[0])).max() <= 1
+    # Without guidance the UNet's batch halves; the decoder still decodes one square picture.
+    for other, decoder in ((GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, aspect="portrait"), "dynamic"),
+                           (GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=2), "dynamic"),
+                           (GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, guidance=1.0), "static")):
+        ran.clear()
+        images = engine.generate(other, **PERSON)
+        assert ran == ["dynamic"] * unet_calls + [decoder]
+        assert [pixels(im).tolist() for im in images] == [pixels(im).tolist() for im in plain.generate(other, **PERSON)]
+    # Those shapes compiled dynamic-shape code (a portrait, a batch of one, two decoded pictures);
+    # the static code still holds the warm-up's and compiles nothing for the square picture.
+    ran.clear()
+    compiled = backend.graphs
+    assert engine.generate(REQUEST, **PERSON)[0].png == square.png
+    assert ran == ["static"] * (unet_calls + 1) and backend.graphs == compiled
 
 
 def test_regions_that_fail_to_compile_run_as_they_are() -> None:

@@ -8,7 +8,8 @@ picture shape (trainer.graphs) for the UNet and the VAE decoder: a step is then 
 by Python launching a thousand kernels. Graphs see every person's weights because merging writes into
 the same storage, so switching person never re-captures. The graphs are captured from the UNet's
 stages and the decoder compiled by inductor (trainer.compiled_blocks), whose fused kernels make a
-replay shorter; the compiling happens once per process, in `warm_up`.
+replay shorter: for the square pictures the warm-up prepares, compiled for their static shapes; for
+any other, for dynamic shapes. The compiling happens once per process, in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
 steps) are switched off for the generation and put back after it. The base model's graphs still
@@ -54,6 +55,7 @@ from trainer import adapters, events, merged_lora, png, prompts
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
 from trainer.events import EventSink
+from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import PipelineGraphs
 from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
 
@@ -206,8 +208,13 @@ class GenerationEngine:
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
         if compile_blocks is None:
             compile_blocks = self._graphs is not None
-        self._compiled = (CompiledBlocks(pipeline, backend=compile_backend, whole_stages=compile_stages)
+        # The stages also get code compiled for the static shapes of the pictures the warm-up prepares
+        # (with their linears that share an input fused, trainer.fused_linears); other shapes run the
+        # dynamic-shape code (trainer.compiled_blocks.ByShape).
+        self._compiled = (CompiledBlocks(pipeline, backend=compile_backend, whole_stages=compile_stages,
+                                         static_shapes=compile_stages, static_graph_pass=FUSE_LINEARS)
                           if compile_blocks else None)
+        self._learning_shapes = False
 
     @property
     def graph_capture_s(self) -> float:
@@ -292,7 +299,8 @@ class GenerationEngine:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(merged_lora.merged(lora))
                 if self._compiled is not None:
-                    stack.enter_context(self._compiled.installed(skip_adapters=training))
+                    stack.enter_context(self._compiled.installed(
+                        skip_adapters=training, learn_shapes=self._learning_shapes and not training))
                 if self._graphs is not None:
                     # A graph replays the kernels of the blocks installed at its capture. During a
                     # training the base model's graphs (stages compiled) are replayed as they are:
@@ -315,8 +323,9 @@ class GenerationEngine:
         requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
         compiling.
 
-        The blocks that pictures between training steps run compiled are compiled here too, rather
-        than in the middle of someone's training.
+        These pictures' stages are compiled for their static shapes. The dynamic-shape code that
+        other pictures run, and the blocks that pictures between training steps run, are compiled
+        here too, rather than in the middle of someone's request or training.
         """
         if self._graphs is None and self._compiled is None:
             return 0.0
@@ -324,13 +333,20 @@ class GenerationEngine:
             log.info("compiling the UNet and VAE decoder for generation: a few minutes the first time, "
                      "one to two once inductor's cache holds them")
         started = time.monotonic()
-        for count in counts:
-            self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+        self._learning_shapes = True
+        try:
+            for count in counts:
+                self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+        finally:
+            self._learning_shapes = False
         if self._compiled is not None and self._compiled.whole_stages:
-            with self._lock, self._compiled.installed(whole_stages=False):
-                for count in counts:  # eager, no graphs: only the compiling is wanted
-                    self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
-                               output_type="latent")
+            # Eager, no graphs: only the compiling is wanted.
+            for regions, output in ((self._compiled.installed(static=False), "pt"),
+                                    (self._compiled.installed(whole_stages=False), "latent")):
+                with self._lock, regions:
+                    for count in counts:
+                        self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
+                                   output_type=output)
         elapsed = time.monotonic() - started
         log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
         return elapsed

@@ -473,7 +473,7 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     engine = GenerationEngine(pipe)
     results["warm-up s"] = engine.warm_up()
     print(f"{'engine warm-up':<44} {results['warm-up s']:8.1f} s", flush=True)
-    for n, aspect in ((1, "square"), (4, "square"), (1, "portrait")):
+    for n, aspect in ((1, "square"), (4, "square"), *([(1, "portrait")] if args.portrait else [])):
         request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25,
                                   aspect=aspect)
         started = time.monotonic()
@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: plain,default,apart); unet-stages: of " + ",".join(STAGE_VARIANTS)
                              + " (default: static,fused)")
     parser.add_argument("--batch", type=int, default=8, help="unet-stages: UNet batch (2 per picture)")
+    parser.add_argument("--portrait", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate: also a portrait picture (its first request compiles its shape)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.variants is None:

@@ -121,13 +121,17 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain blocks", "compiled blocks"])
 def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pipe, tmp_path, compiled):
     """The engine's CUDA graphs (captured once, then replayed with anyone's merged LoRA) change nothing,
-    and neither do the inductor-compiled blocks they are captured from (the default), beyond bf16 rounding."""
+    and neither do the inductor-compiled stages they are captured from (the default), beyond bf16
+    rounding: those of the warm-up's square picture compiled for static shapes, with fused linears."""
     from bench.generate_speed import make_random_lora
     from trainer.engine import GenerateRequest, GenerationEngine
 
     loras = {name: make_random_lora(pipe, tmp_path / name, seed, rank=16) for seed, name in enumerate("ab")}
     graphed, eager = GenerationEngine(pipe, compile_blocks=compiled), GenerationEngine(pipe, cuda_graphs=False)
     assert (graphed._compiled is not None) is compiled and eager._compiled is None
+    if compiled:
+        graphed.warm_up(counts=(1,))
+        assert all(region.forward.shapes for region in graphed._compiled.regions[:-1])  # the UNet's stages
     request = GenerateRequest(prompt="on the moon", seed=5, steps=8)
 
     def pixels(png: bytes) -> torch.Tensor:

@@ -142,8 +142,9 @@ class CompiledBlocks:
     Nothing is compiled until a region first runs inside `installed()`. `whole_stages` is what
     `installed()` uses by default (False: blocks only). `backend` is torch.compile's (tests pass a
     cheap one; inductor needs a GPU to pay off), `options` inductor's settings, `graph_pass` a pass
-    run on each graph before inductor compiles it. `static_shapes`: each stage also gets code
-    compiled for static shapes (with `static_graph_pass`), used for the shapes it learns (`ByShape`).
+    run on each graph before inductor compiles it. `static_shapes`: each of the UNet's stages also
+    gets code compiled for static shapes (with `static_graph_pass`), used for the shapes it learns
+    (`ByShape`). The decoder keeps dynamic shapes: static ones were measured for the UNet only.
     """
 
     def __init__(self, pipe: Any, *, backend: Backend = "inductor", whole_stages: bool = True,
@@ -161,7 +162,7 @@ class CompiledBlocks:
             return torch.compile(module.forward, dynamic=dynamic, backend=how[0], options=how[1])
 
         def stage_forward(stage: torch.nn.Module) -> Callable[..., Any]:
-            if not static_shapes:
+            if not static_shapes or stage is pipe.vae.decoder:
                 return compiled(stage)
             return ByShape(compiled(stage, dynamic=False, how=static_with), compiled(stage))
 

@@ -479,14 +479,8 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
         started = time.monotonic()
         engine.generate(request)
         first = time.monotonic() - started
-        times = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            engine.generate(request)
-            times.append(time.perf_counter() - started)
         name = f"engine n={n} {aspect}"
-        results[name] = {"s": statistics.median(times), "first_s": first}
+        results[name] = {"s": median_request_s(engine, request), "first_s": first}
         print(f"{name:<44} {results[name]['s'] * 1000:8.1f} ms (first {first:.2f} s)", flush=True)
     dynamic_only(engine, results)
     request = GenerateRequest(prompt="a photo of a woman on a beach", seed=1, steps=25)
@@ -505,6 +499,17 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
                                                                   results["n=1 timeline ms"].items()))
 
 
+def median_request_s(engine: Any, request: Any, repeats: int = 3) -> float:
+    """Median seconds of `repeats` requests to the engine, each after a device sync."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        engine.generate(request)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def dynamic_only(engine: Any, results: dict[str, Any]) -> None:
     """The engine's square pictures with graphs captured from the dynamic-shape code (as before the
     warm-up compiled static shapes) against those from the static-shape code, in the same process;
@@ -515,13 +520,7 @@ def dynamic_only(engine: Any, results: dict[str, Any]) -> None:
     def timed(n: int) -> tuple[float, list[Any]]:
         request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25)
         images = engine.generate(request)
-        times = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            engine.generate(request)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times), images
+        return median_request_s(engine, request), images
 
     def recapture() -> None:
         engine._graphs.unet.clear()

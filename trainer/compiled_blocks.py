@@ -9,7 +9,12 @@ with the stages compiled (and trainer.fused_linears), a training step 27.9 -> 19
 preservation) and 20.1 -> 14.0 ms.
 
 Two sizes of region. For generation both are compiled with dynamic shapes, so that one compile
-serves every picture count and most sizes (a new size costs a recompile once per process):
+serves every picture count and most sizes (a new size costs a recompile once per process). The
+UNet's stages are also compiled for the static shapes of the pictures the engine's warm-up prepares
+(one and four square pictures), with the linears that read one input fused (trainer.fused_linears),
+and `ByShape` runs that code for those shapes only: on an H200 the UNet call of four pictures took
+18.5 ms with static shapes against 19.7 ms with dynamic ones, the difference all in inductor's own
+kernels (bench/RESULTS.md). The two sizes of region:
 - **stages**, the default: each of the UNet's down, middle and up stages (diffusers' `down_blocks`,
   `mid_block`, `up_blocks`) and the VAE decoder as a whole. Inductor then also fuses across the
   blocks: the skip-connection concatenations, the upsamplers, the transformer's projections and
@@ -21,7 +26,8 @@ serves every picture count and most sizes (a new size costs a recompile once per
   picture made between training steps uses these (below), and the engine compiles them in its
   warm-up for that reason.
 
-Compiling both takes a worker's warm-up about 320 s on the H200. Inductor keeps what it compiled in
+Compiling both took a worker's warm-up about 320 s on the H200, and the static shapes add about a
+minute per picture count (60 s measured for four pictures). Inductor keeps what it compiled in
 its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
 restart loads it from there instead of compiling again: the warm-up then took 80 s. The training
 step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):

@@ -176,7 +176,7 @@ def test_the_warm_up_pictures_run_code_compiled_for_their_shapes_and_other_pictu
     engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=backend)
     plain = GenerationEngine(build_random_pipeline("tiny"))
     regions = engine._compiled
-    engine.warm_up(counts=(1,))
+    engine.warm_up(counts=(1, 2))  # as the default (1, 4): one picture, and a batch
     ran: list[str] = []
     *unet_stages, decoder = regions.regions
     assert not isinstance(decoder.forward, ByShape)  # the decoder keeps dynamic shapes
@@ -193,16 +193,21 @@ def test_the_warm_up_pictures_run_code_compiled_for_their_shapes_and_other_pictu
     # The static code runs the linears sharing an input fused (trainer.fused_linears): the same sums
     # in another order, so a pixel may round the other way.
     assert np.abs(pixels(square).astype(int) - pixels(plain.generate(REQUEST, **PERSON)[0])).max() <= 1
-    # Without guidance the UNet's batch halves.
+    # Other shapes run the dynamic-shape code. The warm-up compiled it, on a portrait, and the
+    # sizes it saw then stay symbolic: neither the other aspects nor a square of another count
+    # compile again.
+    warmed = backend.graphs
     for other in (GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, aspect="portrait"),
-                  GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=2),
+                  GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, aspect="landscape"),
+                  GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=3),
                   GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, guidance=1.0)):
         ran.clear()
         images = engine.generate(other, **PERSON)
         assert ran == ["dynamic"] * unet_calls
+        if other.guidance > 1:
+            assert backend.graphs == warmed, other
         assert [pixels(im).tolist() for im in images] == [pixels(im).tolist() for im in plain.generate(other, **PERSON)]
-    # Those shapes compiled dynamic-shape code (a portrait, a batch of one, two decoded pictures);
-    # the static code still holds the warm-up's and compiles nothing for the square picture.
+    # The static code still holds the warm-up's shapes and compiles nothing for the square picture.
     ran.clear()
     compiled = backend.graphs
     assert engine.generate(REQUEST, **PERSON)[0].png == square.png

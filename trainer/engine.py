@@ -340,13 +340,15 @@ class GenerationEngine:
         finally:
             self._learning_shapes = False
         if self._compiled is not None and self._compiled.whole_stages:
-            # Eager, no graphs: only the compiling is wanted.
+            # Eager, no graphs: only the compiling is wanted. Not square: dynamo gives equal sizes one
+            # symbol, and code traced on a square would compile again for the first portrait.
+            width, height = self.image_size("portrait")
             for regions, output in ((self._compiled.installed(static=False), "pt"),
                                     (self._compiled.installed(whole_stages=False), "latent")):
                 with self._lock, regions:
                     for count in counts:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
-                                   output_type=output)
+                                   width=width, height=height, output_type=output)
         elapsed = time.monotonic() - started
         log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
         return elapsed

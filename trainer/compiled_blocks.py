@@ -114,23 +114,26 @@ class ByShape:
 
     Static shapes are faster (on an H200 the UNet call of four pictures took 18.5 ms against 19.7 ms,
     bench/RESULTS.md), but each new shape would compile again, for a minute, in the middle of a
-    request. So the static code only ever meets the shapes it learned while `learning` is on (the
-    engine's warm-up: the square pictures it prepares), and the dynamic code serves the rest.
+    request. So the static code only ever meets the shapes it learned through a `runner(learn=True)`
+    (the engine's warm-up: the square pictures it prepares), and the dynamic code serves the rest.
     """
 
     def __init__(self, static: Callable[..., Any], dynamic: Callable[..., Any]) -> None:
         self.static, self.dynamic = static, dynamic
         self.shapes: set[Hashable] = set()
-        self.learning = False
-        self.use_static = True
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = _shape_key(args, kwargs)
-        if self.learning:
-            self.shapes.add(key)
-        if self.use_static and key in self.shapes:
-            return self.static(*args, **kwargs)
-        return self.dynamic(*args, **kwargs)
+    def runner(self, *, learn: bool = False, static: bool = True) -> Callable[..., Any]:
+        """The stage's `forward`: `learn` adds the shapes it meets to those of the static code;
+        `static=False` runs the dynamic-shape code whatever the shape."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            key = _shape_key(args, kwargs)
+            if learn:
+                self.shapes.add(key)
+            code = self.static if static and key in self.shapes else self.dynamic
+            return code(*args, **kwargs)
+
+        return forward
 
 
 @dataclass(frozen=True)
@@ -208,28 +211,16 @@ class CompiledBlocks:
         whole = self.whole_stages if whole_stages is None else whole_stages
         with contextlib.ExitStack() as stack:
             for region in self.regions:
-                if isinstance(region.forward, ByShape):
-                    stack.enter_context(_settings(region.forward, learning=learn_shapes, use_static=static))
-            for region in self.regions:
                 if whole and not (skip_adapters and holds_adapters(region.module)):
-                    stack.enter_context(Override(region.module, "forward", region.forward))
+                    forward = region.forward
+                    if isinstance(forward, ByShape):
+                        forward = forward.runner(learn=learn_shapes, static=static)
+                    stack.enter_context(Override(region.module, "forward", forward))
                     continue
                 for block, forward in region.blocks:
                     if not (skip_adapters and holds_adapters(block)):
                         stack.enter_context(Override(block, "forward", forward))
             yield
-
-
-@contextlib.contextmanager
-def _settings(forward: ByShape, **values: bool) -> Iterator[None]:
-    saved = {name: getattr(forward, name) for name in values}
-    for name, value in values.items():
-        setattr(forward, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(forward, name, value)
 
 
 _FOR_TRAINING: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Backend, CustomGraphPass | None], CompiledBlocks]] = \

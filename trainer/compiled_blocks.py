@@ -26,10 +26,10 @@ kernels (bench/RESULTS.md). The two sizes of region:
   picture made between training steps uses these (below), and the engine compiles them in its
   warm-up for that reason.
 
-Compiling both took a worker's warm-up about 320 s on the H200, and the static shapes add about a
-minute per picture count (60 s measured for four pictures). Inductor keeps what it compiled in
-its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
-restart loads it from there instead of compiling again: the warm-up then took 80 s. The training
+Compiling both, with the static shapes of one and four pictures, takes a worker's warm-up about
+nine minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
+on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
+restart loads it from there instead of compiling again: the warm-up then took 116 s. The training
 step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):
 135-160 s with a cold cache and 15-20 s with a warm one, once per process and kind of
 step, after which a new training's first step takes 0.3 s (with dynamic shapes it took 346 s). The

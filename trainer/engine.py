@@ -330,8 +330,8 @@ class GenerationEngine:
         if self._graphs is None and self._compiled is None:
             return 0.0
         if self._compiled is not None:
-            log.info("compiling the UNet and VAE decoder for generation: a few minutes the first time, "
-                     "one to two once inductor's cache holds them")
+            log.info("compiling the UNet and VAE decoder for generation: up to ten minutes the first time, "
+                     "about two once inductor's cache holds them")
         started = time.monotonic()
         self._learning_shapes = True
         try:

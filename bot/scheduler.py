@@ -127,14 +127,19 @@ class Scheduler:
             except Refused as exc:  # e.g. the photos or the model vanished after queueing
                 await self._fail(job, exc.message)
                 continue
+            # Shown before the hand-over: the worker's first events may arrive before `submit` returns,
+            # and a later update would put this older state back over them.
+            handing_over = {"stage": "loading_model", "detail": ""}
+            await jobs_db.update_progress(self.store.db, job.id, handing_over)
+            await self.observer.job_updated(jobs_db.with_progress(job, handing_over), {"type": "stage", **handing_over})
             try:
                 await self.runner.submit(item)
             except (OSError, RuntimeError):  # the worker died as the job was handed over
                 log.warning("could not hand job %d to a worker; it waits for the next one", job.id)
+                await jobs_db.update_progress(self.store.db, job.id, job.progress)
                 await jobs_db.requeue(self.store.db, job.id, refund_attempt=True)
                 asyncio.get_running_loop().call_later(SUBMIT_RETRY_S, self._wake.set)
                 return
-            await self.observer.job_updated(job, {"type": "stage", "stage": "loading_model", "detail": ""})
 
     async def _work_item(self, job: Job) -> WorkItem:
         blobs: dict[str, Any] = {}

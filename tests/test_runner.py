@@ -1,9 +1,12 @@
-"""How the local runner lays workers out over the devices of one host."""
+"""How the local runner lays workers out over the devices of one host, and what a worker process
+tells the jobs it is sent."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import threading
 
 import pytest
 
@@ -110,3 +113,42 @@ def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_comp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/operators/choice")
     Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"), compile_cache_dir="/elsewhere"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/operators/choice"
+
+
+def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_worker_is_ready(
+        monkeypatch, tmp_path):
+    from trainer import events
+    from trainer import worker as worker_module
+
+    ready = threading.Event()
+    monkeypatch.setattr(worker_module, "setup_logging", lambda level: None)  # keep the test's logging
+    monkeypatch.setattr(worker_module.Worker, "prepare", lambda self: ready.wait(30))  # compiling
+
+    def execute(self, work, emit, should_cancel, between_steps=None, *, stopping=lambda: False):
+        emit(events.done({"ran": work.job_id}))
+        return True
+
+    monkeypatch.setattr(worker_module.Worker, "execute", execute)
+    bot_commands, worker_commands = multiprocessing.Pipe()
+    bot_events, worker_events = multiprocessing.Pipe()
+    config = WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"))
+    process = threading.Thread(target=worker_module.process_main, args=(worker_commands, worker_events, config))
+    process.start()
+
+    def next_event() -> tuple[int, dict]:
+        assert bot_events.poll(30), "the worker sent nothing"
+        return bot_events.recv()
+
+    try:
+        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        assert next_event() == (1, events.stage("loading_model", worker_module.STARTING_DETAIL))
+        assert not bot_events.poll(0.2)  # it waits for the start to finish
+        ready.set()
+        assert next_event() == (1, events.done({"ran": 1}))
+        bot_commands.send({"op": "run", "item": item(2, "generate")})
+        assert next_event() == (2, events.done({"ran": 2}))  # started: nothing more to explain
+    finally:
+        ready.set()
+        bot_commands.send({"op": "stop"})
+        process.join(30)
+    assert not process.is_alive()

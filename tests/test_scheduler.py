@@ -60,10 +60,12 @@ class FakeRunner(JobRunner):
 class Recorder:
     def __init__(self) -> None:
         self.updates: list[tuple[int, str]] = []
+        self.shown: list[tuple[int, dict]] = []  # the progress each update would show
         self.finished: list[tuple[int, str, dict]] = []
 
     async def job_updated(self, job, event):
         self.updates.append((job.id, event["type"]))
+        self.shown.append((job.id, job.progress))
 
     async def job_finished(self, job, outcome):
         self.finished.append((job.id, job.state, outcome))
@@ -265,3 +267,25 @@ async def test_a_job_whose_hand_over_fails_waits_for_the_next_worker_without_los
     assert failures == [job.id] and [i.job_id for i in runner.submitted] == [job.id]
     again = await jobs_db.get_job(store.db, job.id)
     assert (again.state, again.attempts) == ("running", 1)
+
+
+async def test_what_a_worker_says_first_about_a_job_is_what_its_owner_sees_and_is_kept(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    starting = {"stage": "loading_model", "detail": "the GPU worker is still starting up"}
+    original_submit = runner.submit
+
+    async def quick_worker(item: WorkItem) -> None:  # its first event arrives before submit returns
+        await original_submit(item)
+        await runner.on_event(item.job_id, {"type": "stage", **starting})
+
+    runner.submit = quick_worker
+    job, _ = await scheduler.enqueue_train(ALICE)
+    for _ in range(100):
+        if (job.id, starting) in observer.shown:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    shown = [progress for job_id, progress in observer.shown if job_id == job.id]
+    assert shown == [{"stage": "loading_model", "detail": ""}, starting]  # handed over, then the worker's word
+    assert (await jobs_db.get_job(store.db, job.id)).progress == starting

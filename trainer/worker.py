@@ -39,6 +39,11 @@ SAMPLE_PROMPTS = (
     "a portrait photo of {handle} {cls}, soft studio lighting, 85mm",
     "{handle} {cls} as an astronaut on the moon, digital art",
 )
+# What a job that reaches a worker still starting up shows in its progress message, instead of a
+# bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
+# (about 9 minutes on an H200 with an empty compile cache, 2 with a warm one) and the training step.
+STARTING_DETAIL = ("the GPU worker is still starting up: up to about 15 minutes the first time on a new "
+                   "install, a few minutes after that")
 PROMPT_HINTS = (
     "a photo of {handle} {cls} hiking in the Alps at sunrise",
     "an oil painting of {handle} {cls} in the style of Rembrandt",
@@ -333,6 +338,9 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
     # nothing, so it stays `running` in the database and is re-queued (from its last checkpoint)
     # when the bot starts again.
     stopping = threading.Event()
+    # Set until `worker.prepare()` returns: jobs sent meanwhile wait in the inbox, and are told why.
+    starting = threading.Event()
+    starting.set()
     send_lock = threading.Lock()
 
     def send(job_id: int, event: Event) -> None:
@@ -349,7 +357,10 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
                 return
             op = message["op"]
             if op == "run":
-                inbox.put(message["item"])
+                item = message["item"]
+                if starting.is_set():  # sent before the item is queued, so the job's own events follow it
+                    send(item.job_id, events.stage("loading_model", STARTING_DETAIL))
+                inbox.put(item)
             elif op == "cancel":
                 cancelled.add(message["job_id"])
             elif op == "evict":
@@ -388,6 +399,8 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         worker.prepare()
     except Exception as exc:  # the first job reports it to its owner
         log.error("could not load the base model or warm up yet: %s", exc)
+    finally:
+        starting.clear()
     while (entry := inbox.get()) is not None and not stopping.is_set():
         if isinstance(entry, str):
             worker.evict(entry)

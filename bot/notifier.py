@@ -77,7 +77,8 @@ class Notifier:
         if editor is None:
             return
         position = await jobs_db.queue_position(self.bot.store.db, job.id) if job.state == "queued" else None
-        text = render_progress(title_of(job), job.progress, position)
+        text = render_progress(title_of(job), job.progress, position,
+                               no_worker=self.bot.scheduler.waiting_for_a_worker())
         if event["type"] == "requeued":
             text += "\nThe worker restarted; your job continues from its last checkpoint."
         editor.update(text, event.get("png") if event["type"] == "preview" else None)

@@ -48,14 +48,21 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds} s"
 
 
-def render_progress(title: str, progress: dict[str, Any], queue_position: int | None = None) -> str:
-    """The text of a progress message from a job's stored progress."""
+NO_WORKER_ONLINE = "No GPU worker is online right now; your job starts as soon as one is."
+
+
+def render_progress(title: str, progress: dict[str, Any], queue_position: int | None = None, *,
+                    no_worker: bool = False) -> str:
+    """The text of a progress message from a job's stored progress; `no_worker` adds, to a queued
+    job's, that no worker is online to take it."""
     stage = progress.get("stage", "queued")
     label = STAGE_LABELS.get(stage, stage)
     detail = progress.get("detail")
     lines = [f"**{title}**", f"Stage: {label} ({detail})" if detail else f"Stage: {label}"]
     if queue_position:
         lines.append(f"Position in the queue: {queue_position}")
+        if no_worker:
+            lines.append(NO_WORKER_ONLINE)
     total = progress.get("total")
     if total:
         step = progress.get("step", 0)

@@ -76,6 +76,10 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._last_progress_write: dict[int, float] = {}
 
+    def waiting_for_a_worker(self) -> bool:
+        """No worker is online: queued jobs wait for one to join, which the people waiting should know."""
+        return self.runner.workers_online() == 0
+
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> list[int]:
         """Re-queue jobs that were running when the bot stopped, start workers and the loop."""

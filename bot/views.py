@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.progress import NO_WORKER_ONLINE
 from bot.scheduler import Refused
 
 if TYPE_CHECKING:
@@ -51,11 +52,14 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
         await interaction.followup.send(exc.message, ephemeral=True)
         return
     bot.notifier.attach_interaction(job.id, interaction)
-    await interaction.edit_original_response(content=queued_text(position))
+    await interaction.edit_original_response(content=queued_text(position, bot.scheduler.waiting_for_a_worker()))
 
 
-def queued_text(position: int | None) -> str:
-    return f"Queued (position {position})." if position else "Starting…"
+def queued_text(position: int | None, no_worker: bool = False) -> str:
+    """The first answer to a picture request; `no_worker`: none is online to take it."""
+    if not position:
+        return "Starting…"
+    return f"Queued (position {position}). {NO_WORKER_ONLINE}" if no_worker else f"Queued (position {position})."
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(?P<gen>\d+):reroll"):

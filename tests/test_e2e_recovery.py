@@ -1,7 +1,7 @@
 """End to end: the bot and its workers survive what goes wrong during a training.
 
 A worker killed mid-training, the bot itself stopped mid-training, Discord answering 429, a second
-person training at the same time on a second worker, and cancelling.
+person training at the same time on a second worker, cancelling, and no worker online at all.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import signal
 
 import pytest
 
+from bot.progress import NO_WORKER_ONLINE
 from storage import jobs as jobs_db
 from storage import models as models_db
 from tests.e2e import (
@@ -155,3 +156,30 @@ async def _checkpointed_again(run: BotProcess, owner: int, attempt: int, previou
     [job] = await jobs_db.jobs_for_user(run.store.db, owner, kind="train")
     fresh = job.checkpoint_path is not None and job.checkpoint_path != previous
     return job if job.state == "running" and job.attempts == attempt and fresh else None
+
+
+async def test_with_no_worker_online_a_person_is_told_and_their_training_starts_when_one_joins(
+        fake, tmp_path, redis_url, celery_workers):
+    alice = fake.add_user("alice")
+    settings = e2e_settings(fake, tmp_path / "bot", job_backend="celery", redis_url=redis_url)
+    async with running_bot(fake, settings) as run:  # every GPU machine is off
+        await ready_to_train(fake, alice, "zqalice")
+        train = await fake.invoke_command(alice, "train")
+        await fake.wait_for(lambda: "Training queued" in last_text(train), timeout=30)
+        assert NO_WORKER_ONLINE in last_text(train)
+        progress = await fake.wait_for_message(fake.dm_channel_of(alice),
+                                               lambda m: m.from_bot and "Training your model" in m.content)
+        assert "Position in the queue: 1" in progress.content and NO_WORKER_ONLINE in progress.content
+        status = await fake.invoke_command(alice, "status")
+        await fake.wait_for(lambda: "queued, position 1" in last_text(status), timeout=10)
+        assert NO_WORKER_ONLINE in last_text(status)
+
+        celery_workers.start("w1")
+        await fake.wait_for(lambda: samples_message(fake, alice), timeout=300)
+        texts = [v.content for v in progress.history]
+        assert any("Stage: Training your model" in text for text in texts)
+        assert texts[-1].endswith("Done! Your model is ready.")
+        assert run.runner.workers_online() == 1
+        status = await fake.invoke_command(alice, "status")
+        await fake.wait_for(lambda: "Model: trained as" in last_text(status), timeout=10)
+        assert NO_WORKER_ONLINE not in last_text(status)

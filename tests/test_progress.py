@@ -76,3 +76,16 @@ async def test_a_preview_waiting_to_be_sent_survives_newer_text_without_one():
     editor.update("step 9")  # arrives before the interval allows another edit
     await editor.flush()
     assert sent == [("step 0", None), ("step 9", b"preview-png")]
+
+
+def test_a_queued_job_says_when_no_worker_is_online_to_take_it():
+    from bot.progress import NO_WORKER_ONLINE
+    from bot.views import queued_text
+
+    assert NO_WORKER_ONLINE in render_progress("Training", {}, 2, no_worker=True)
+    assert NO_WORKER_ONLINE not in render_progress("Training", {}, 2)
+    # Once running, a worker has it: the note would be wrong.
+    assert NO_WORKER_ONLINE not in render_progress("Training", {"stage": "training"}, None, no_worker=True)
+    assert queued_text(3, no_worker=True) == f"Queued (position 3). {NO_WORKER_ONLINE}"
+    assert queued_text(3) == "Queued (position 3)."
+    assert queued_text(None, no_worker=True) == "Starting…"

@@ -86,6 +86,12 @@ async def test_generations_ride_along_trainings_spread_over_them_and_trainings_n
     assert runner.idle_capacity("train") == 1 and runner.slot_of(5) == 0
 
 
+def test_workers_are_online_once_started():
+    runner = LocalProcessRunner([WorkerConfig("tiny", "cpu", f"/tmp/w{i}", "/tmp/c") for i in range(2)])
+    assert runner.workers_online() == 0
+    assert pool(2).workers_online() == 2
+
+
 async def test_a_free_worker_is_preferred_to_riding_along_a_training():
     runner = pool(2)
     await place(runner, item(1, "train"))

@@ -37,6 +37,9 @@ class FakeRunner(JobRunner):
     async def stop(self):
         pass
 
+    def workers_online(self) -> int:
+        return 1 if self.capacity else 0
+
     def idle_capacity(self, kind: str | None = None) -> int:
         return self.capacity - len(self.running)
 

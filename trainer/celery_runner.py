@@ -183,6 +183,10 @@ class CeleryRunner(JobRunner):
                 if name in self._workers and self._kinds.get(job_id) == "train" and job_id in self._claimed
                 and name not in self._riders]
 
+    def workers_online(self) -> int:
+        """Workers whose heartbeat is fresh (a worker starts beating once it has warmed up)."""
+        return len(self._workers)
+
     def idle_capacity(self, kind: str | None = None) -> int:
         free = self._free()
         return free if kind == "train" else free + len(self._trainings_without_rider())

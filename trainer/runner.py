@@ -45,6 +45,11 @@ class JobRunner(ABC):
         """How many more items (of `kind`, "train" or "generate", or of any kind) `submit` accepts now."""
 
     @abstractmethod
+    def workers_online(self) -> int:
+        """How many workers are up now. With none (every GPU machine of a Celery set-up is off),
+        queued jobs wait until one joins, and the bot tells the people waiting."""
+
+    @abstractmethod
     async def submit(self, item: WorkItem) -> None: ...
 
     @abstractmethod
@@ -226,6 +231,9 @@ class LocalProcessRunner(JobRunner):
 
     def _training_without_rider(self) -> list[_Slot]:
         return [s for s in self._slots if s.kind == "train" and s.rider_id is None and s.process is not None]
+
+    def workers_online(self) -> int:
+        return sum(1 for s in self._slots if s.process is not None)
 
     def idle_capacity(self, kind: str | None = None) -> int:
         """Free workers take anything; a training worker also takes one generation between its steps."""

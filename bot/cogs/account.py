@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import reply
-from bot.progress import STAGE_LABELS
+from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
 from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import users as users_db
@@ -85,6 +85,8 @@ class AccountCog(commands.Cog):
                 step = f", step {p['step']}/{p['total']}" if p.get("total") else ""
                 stage = STAGE_LABELS.get(p.get("stage", ""), "starting").lower()
                 lines.append(f"• {what} #{job.id}: running ({stage}{step})")
+        if any(job.state == "queued" for job in jobs) and self.bot.scheduler.waiting_for_a_worker():
+            lines.append(NO_WORKER_ONLINE)
         model = await models_db.get_active_model(db, interaction.user.id)
         lines.append(f"Model: trained as `{model.metadata.get('handle')}`." if model else "Model: none yet.")
         await reply(interaction, "\n".join(lines) if jobs else "Nothing running or queued.\n" + lines[-1])

@@ -42,7 +42,8 @@ class ImagineCog(commands.Cog):
             await reply(interaction, exc.message)
             return
         self.bot.notifier.attach_interaction(job.id, interaction)
-        await interaction.edit_original_response(content=queued_text(position))
+        await interaction.edit_original_response(
+            content=queued_text(position, self.bot.scheduler.waiting_for_a_worker()))
 
 
 async def setup(bot: AvatarBot) -> None:

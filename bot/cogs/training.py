@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import reply
-from bot.progress import render_progress
+from bot.progress import NO_WORKER_ONLINE, render_progress
 from bot.scheduler import Refused
 from storage import jobs as jobs_db
 
@@ -33,11 +33,13 @@ class TrainingCog(commands.Cog):
             return
         # Progress goes to a DM message edited with the bot token: it outlives the interaction.
         dm = interaction.user.dm_channel or await interaction.user.create_dm()
-        message = await dm.send(render_progress(f"Training your model (job #{job.id})", {}, position))
+        no_worker = self.bot.scheduler.waiting_for_a_worker()
+        message = await dm.send(render_progress(f"Training your model (job #{job.id})", {}, position,
+                                                no_worker=no_worker))
         await jobs_db.set_job_message(self.bot.store.db, job.id, dm.id, message.id)
         where = "in our DMs" if interaction.guild else "below"
         await reply(interaction, f"Training queued (position {position or 1}). I'll keep a progress "
-                                 f"message up to date {where}.")
+                                 f"message up to date {where}." + (f"\n{NO_WORKER_ONLINE}" if no_worker else ""))
 
 
 async def setup(bot: AvatarBot) -> None:

@@ -2,7 +2,7 @@
 
 `LocalProcessRunner` is the default backend: one child process per device (each visible GPU, or
 one CPU worker), so nothing slow or crash-prone runs in the bot's process and its event loop
-never blocks. Another backend (a distributed task queue) implements the same four methods.
+never blocks. Another backend (a distributed task queue) implements the same `JobRunner` methods.
 This module imports no torch; the child processes do.
 """
 

@@ -23,7 +23,7 @@ Figures: seconds per image (one request, n=1), seconds per batch of 4 (one reque
 switch time (ours: merging a resident LoRA and restoring the weights; baseline: load + unload), the
 time to load a LoRA the first time, the one-off graph capture time, and peak GPU memory. Each time is
 the median of timed runs after one untimed warm-up, with `torch.cuda.synchronize` around each, and is
-printed with the ratio baseline / ours.
+printed with its fastest and slowest run and with the ratio baseline / ours.
 
     python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
     python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test
@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffusers
 import numpy as np
@@ -129,14 +129,28 @@ def peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def median_of(call: Callable[[int], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of `call(i)` over `repeats` timed runs, after one untimed warm-up run."""
+class Timing(NamedTuple):
+    """Seconds of repeated runs: their median, and the fastest and slowest run. The plain pipeline's
+    runs can spread widely on one host (it waits on the CPU that launches its kernels), so the
+    spread is printed beside each median."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        return cls(statistics.median(times), min(times), max(times))
+
+
+def median_of(call: Callable[[int], Any], repeats: int, device: torch.device) -> Timing:
+    """`call(i)` timed over `repeats` runs, after one untimed warm-up run."""
     call(-1)
-    return statistics.median(timed(lambda i=i: call(i), device) for i in range(repeats))
+    return Timing.of([timed(lambda i=i: call(i), device) for i in range(repeats)])
 
 
 def median_then(call: Callable[[int], Any], cleanup: Callable[[int], Any], repeats: int,
-                device: torch.device) -> float:
+                device: torch.device) -> Timing:
     """Like `median_of`, with an untimed `cleanup(i)` after each `call(i)`."""
     times = []
     for i in range(-1, repeats):
@@ -144,7 +158,7 @@ def median_then(call: Callable[[int], Any], cleanup: Callable[[int], Any], repea
         cleanup(i)
         if i >= 0:
             times.append(seconds)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 class Baseline:
@@ -186,9 +200,11 @@ class Baseline:
             self.unload()
 
 
-def report(figures: dict[str, Any], name: str, key: str, seconds: float) -> None:
-    figures[key] = seconds
-    print(f"{name:<46} {seconds * 1000:10.1f} ms", flush=True)
+def report(figures: dict[str, Any], name: str, key: str, timing: Timing) -> None:
+    """Keep the median under `key` and the fastest and slowest runs under `key`_range; print them."""
+    figures[key], figures[f"{key}_range"] = timing.median, [timing.low, timing.high]
+    print(f"{name:<46} {timing.median * 1000:10.1f} ms  (runs {timing.low * 1000:.1f}-{timing.high * 1000:.1f})",
+          flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,7 +318,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ratios = {key: baseline[key] / ours[key] for key in ("image_s", "batch4_s", "switch_s", "first_load_s")}
     for key, ratio in ratios.items():
-        print(f"{key:<14} {ratio:8.2f}x faster (baseline / ours)", flush=True)
+        (base_low, base_high), (ours_low, ours_high) = baseline[f"{key}_range"], ours[f"{key}_range"]
+        print(f"{key:<14} {ratio:8.2f}x faster (baseline / ours; {base_low / ours_high:.2f}x-"
+              f"{base_high / ours_low:.2f}x between the runs' extremes)", flush=True)
     if baseline["peak_mib"] is not None:
         print(f"peak GPU memory: baseline {baseline['peak_mib']:.0f} MiB, ours {ours['peak_mib']:.0f} MiB "
               f"({len(USERS)} adapters resident)", flush=True)

@@ -454,6 +454,7 @@ def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None
     assert set(saved["ratios"]) == keys
     for side in ("baseline", "ours"):
         assert all(saved[side][k] > 0 and math.isfinite(saved[side][k]) for k in keys)
+        assert all(saved[side][f"{k}_range"][0] <= saved[side][k] <= saved[side][f"{k}_range"][1] for k in keys)
     assert all(r > 0 and math.isfinite(r) for r in saved["ratios"].values())
     assert saved["ours"]["resident_adapters"] == 2 and saved["steps"] == 2 and saved["width"] == 64
 

@@ -500,14 +500,11 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
 
 
 def median_request_s(engine: Any, request: Any, repeats: int = 3) -> float:
-    """Median seconds of `repeats` requests to the engine, each after a device sync."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        engine.generate(request)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """Median seconds of `repeats` requests to the engine, timed as `bench.generate_speed` times them."""
+    from bench.generate_speed import Timing, timed
+
+    device = torch.device("cuda")
+    return Timing.of([timed(lambda: engine.generate(request), device) for _ in range(repeats)]).median
 
 
 def dynamic_only(engine: Any, results: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ LoRA weights in fp32 with the UNet forward under autocast, torch's default (non-
     python -m bench.train_speed                          # full-size random SD1.5 at 512 px on the GPU
     python -m bench.train_speed --model tiny --steps 5   # CPU smoke test
     python -m bench.train_speed --json results.json
+    python -m bench.train_speed --dtype fp16             # as on a GPU without bf16 (T4): fp16 + loss scaling
 
 `PlainRecipe` draws its random numbers in the same order as the trainer, so in fp32 both produce the
 same losses step by step (tests/test_dreambooth.py checks this); only where the work is done differs.
@@ -44,6 +45,10 @@ from trainer.models import load_pipeline, pick_device, pick_dtype
 HANDLE, CLASS_WORD = "sks", "woman"
 # --prior: which steps to time (with prior preservation or not)
 PRIORS = {"both": (True, False), "yes": (True,), "no": (False,)}
+# --dtype: the frozen weights' dtype. The trainer's default precision ("auto") follows it, so fp16
+# weights train as on a GPU without bf16 (fp16 with a gradient scaler); the recipe runs under autocast
+# to the same dtype.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PlainRecipe:
@@ -125,10 +130,12 @@ class PlainRecipe:
         self.pipe.unet.eval()
 
 
-def bench_pipeline(model: str, device: str) -> DiffusionPipeline:
-    """The base model as a worker loads it (trainer.models.load_pipeline), without progress bars."""
+def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPipeline:
+    """The base model as a worker loads it (trainer.models.load_pipeline), without progress bars.
+    `dtype` other than "auto" loads it as a GPU without bf16 would ("fp16"), whatever this one has."""
     device_name = pick_device(device)
-    pipe = load_pipeline(model, device=device_name, dtype=pick_dtype(device_name))
+    pipe = load_pipeline(model, device=device_name,
+                         dtype=DTYPES[dtype] if dtype != "auto" else pick_dtype(device_name))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -211,7 +218,7 @@ def measure(name: str, device: torch.device, body: Callable[[], list[float]]) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = bench_pipeline(args.model, args.device)
+    pipe = bench_pipeline(args.model, args.device, args.dtype)
     device = pipe.device
     resolution = args.resolution or (64 if pipe.unet.config.sample_size <= 16 else 512)
     photos = synthetic_photos(resolution)
@@ -281,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=0, help="default: 512, or 64 for tiny models")
     parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="with prior preservation (batch 2), without (batch 1), or both")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="the frozen weights' dtype (auto: bf16 where the GPU has it); fp16 trains with loss scaling")
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--class-image-steps", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -23,6 +23,18 @@ def test_the_training_benchmark_reports_both_sides_and_their_ratio(tmp_path: Pat
         assert curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
 
 
+def test_the_training_benchmark_trains_in_fp16_as_a_gpu_without_bf16_would(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--prior", "no",
+                      "--dtype", "fp16", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "torch.float16"
+    results = {r["variant"]: r for r in report["results"]}
+    assert results["ours (no prior)"]["ms_per_step"] > 0 and results["diffusers recipe (no prior)"]["ms_per_step"] > 0
+    curves = results["loss curves (no prior)"]
+    assert curves["mean_abs_diff"] < 0.01 * curves["ours_mean"]  # the same training, up to fp16 rounding
+
+
 def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> None:
     out = tmp_path / "job.json"
     result = job_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "6", "--class-images", "3",

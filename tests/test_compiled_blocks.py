@@ -8,6 +8,7 @@ trainings, and that the warm-up compiles what a picture between training steps n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +133,18 @@ def test_between_training_steps_regions_holding_adapters_run_plain_and_the_other
     assert not any(sum(installed_now(regions), []))
 
 
-def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs() -> None:
+def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs(caplog: pytest.LogCaptureFixture) -> None:
     pipe = build_random_pipeline("tiny")
     backend = CountingBackend()
     engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
-    assert engine.warm_up(counts=(1,)) > 0
+    with caplog.at_level(logging.INFO, logger="trainer.engine"):
+        assert engine.warm_up(counts=(1,)) > 0
+    # Each part's time is in the log, for the operator waiting on a start-up.
+    parts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up: ")]
+    assert [p.split(" in ")[0] for p in parts] == [
+        "warm-up: 1 square picture(s) compiled and captured",
+        "warm-up: stages and decoder compiled for dynamic shapes",
+        "warm-up: blocks compiled for pictures during trainings"]
     assert backend.graphs > len(engine._compiled.stages)  # the stages, then the blocks on their own
     warmed = backend.graphs
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"]), pipe.unet, adapter_name="learning")

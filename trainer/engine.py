@@ -332,23 +332,34 @@ class GenerationEngine:
         if self._compiled is not None:
             log.info("compiling the UNet and VAE decoder for generation: up to ten minutes the first time, "
                      "about two once inductor's cache holds them")
-        started = time.monotonic()
+        started = part_started = time.monotonic()
+
+        def part_done(what: str) -> None:
+            # Each part's share of the start-up, for whoever waits on it or wants to shorten it.
+            nonlocal part_started
+            log.info("warm-up: %s in %.1f s", what, time.monotonic() - part_started)
+            part_started = time.monotonic()
+
         self._learning_shapes = True
         try:
             for count in counts:
                 self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+                part_done(f"{count} square picture(s) compiled and captured")
         finally:
             self._learning_shapes = False
         if self._compiled is not None and self._compiled.whole_stages:
             # Eager, no graphs: only the compiling is wanted. Not square: dynamo gives equal sizes one
             # symbol, and code traced on a square would compile again for the first portrait.
             width, height = self.image_size("portrait")
-            for regions, output in ((self._compiled.installed(static=False), "pt"),
-                                    (self._compiled.installed(whole_stages=False), "latent")):
+            for regions, output, what in ((self._compiled.installed(static=False), "pt",
+                                           "stages and decoder compiled for dynamic shapes"),
+                                          (self._compiled.installed(whole_stages=False), "latent",
+                                           "blocks compiled for pictures during trainings")):
                 with self._lock, regions:
                     for count in counts:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
                                    width=width, height=height, output_type=output)
+                part_done(what)
         elapsed = time.monotonic() - started
         log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
         return elapsed

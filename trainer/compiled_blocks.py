@@ -27,7 +27,7 @@ kernels (bench/RESULTS.md). The two sizes of region:
   warm-up for that reason.
 
 Compiling both, with the static shapes of one and four pictures, takes a worker's warm-up about
-nine minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
+ten minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
 on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
 restart loads it from there instead of compiling again: the warm-up then took 116 s. The training
 step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):

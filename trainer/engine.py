@@ -330,7 +330,7 @@ class GenerationEngine:
         if self._graphs is None and self._compiled is None:
             return 0.0
         if self._compiled is not None:
-            log.info("compiling the UNet and VAE decoder for generation: up to ten minutes the first time, "
+            log.info("compiling the UNet and VAE decoder for generation: about ten minutes the first time, "
                      "about two once inductor's cache holds them")
         started = part_started = time.monotonic()
 

@@ -41,7 +41,7 @@ SAMPLE_PROMPTS = (
 )
 # What a job that reaches a worker still starting up shows in its progress message, instead of a
 # bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
-# (about 9 minutes on an H200 with an empty compile cache, 2 with a warm one) and the training step.
+# (about 10 minutes on an H200 with an empty compile cache, 2 with a warm one) and the training step.
 STARTING_DETAIL = ("the GPU worker is still starting up: up to about 15 minutes the first time on a new "
                    "install, a few minutes after that")
 PROMPT_HINTS = (

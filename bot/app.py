@@ -41,6 +41,7 @@ def build_runner(settings: Settings) -> JobRunner:
         WorkerConfig(base_model=settings.base_model, device=device, work_dir=str(work / f"worker-{i}"),
                      class_cache_dir=str(shared / "class_images"), log_level=settings.log_level,
                      cpu_threads=cpu_threads_per_worker(devices), compile_generation=settings.compile_generation,
+                     compile_static_shapes=settings.compile_static_shapes,
                      compile_cache_dir=str(shared / "compiled"), compile_training=settings.compile_training,
                      train_rank=settings.train_rank)
         for i, device in enumerate(devices)

@@ -59,6 +59,8 @@ class Settings:
     train_preview_every: int = 200  # steps between preview pictures in the progress message; 0: none
     progress_interval_s: float = 3.0
     compile_generation: bool = True  # on a GPU: compile the model for generation at worker start
+    # ... and also for the static shapes of one and four square pictures: faster, longer first start
+    compile_static_shapes: bool = True
     compile_training: bool = True  # on a GPU: compile the training step at worker start
 
     @property

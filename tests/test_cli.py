@@ -105,6 +105,11 @@ def test_a_celery_worker_compiles_for_generation_unless_told_not_to(monkeypatch:
     assert build_parser().parse_args(["worker", "--no-compile"]).compile is False
     monkeypatch.setenv("COMPILE_GENERATION", "off")
     assert build_parser().parse_args(["worker"]).compile is False
+    monkeypatch.delenv("COMPILE_STATIC_SHAPES", raising=False)
+    assert build_parser().parse_args(["worker"]).static_shapes is True
+    assert build_parser().parse_args(["worker", "--no-static-shapes"]).static_shapes is False
+    monkeypatch.setenv("COMPILE_STATIC_SHAPES", "0")
+    assert build_parser().parse_args(["worker"]).static_shapes is False
     assert build_parser().parse_args(["worker", "--compile-cache", "/x"]).compile_cache == Path("/x")
 
 

@@ -222,6 +222,25 @@ def test_the_warm_up_pictures_run_code_compiled_for_their_shapes_and_other_pictu
     assert ran == ["static"] * unet_calls and backend.graphs == compiled
 
 
+def test_without_static_shapes_the_warm_up_compiles_less_and_every_picture_runs_the_dynamic_code() -> None:
+    """COMPILE_STATIC_SHAPES=0: a shorter first start; the pictures are the plain engine's."""
+    with_static, without = CountingBackend(), CountingBackend()
+    GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True,
+                     compile_backend=with_static).warm_up(counts=(1, 2))
+    engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=without,
+                              static_shapes=False)
+    engine.warm_up(counts=(1, 2))
+    assert 0 < without.graphs < with_static.graphs
+    assert not any(isinstance(region.forward, ByShape) for region in engine._compiled.regions)
+    warmed = without.graphs
+    plain = GenerationEngine(build_random_pipeline("tiny"))
+    for request in (REQUEST, GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=2),
+                    GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, aspect="portrait")):
+        images = engine.generate(request, **PERSON)
+        assert [pixels(im).tolist() for im in images] == [pixels(im).tolist() for im in plain.generate(request, **PERSON)]
+    assert without.graphs == warmed  # the warm-up compiled all of it
+
+
 def test_regions_that_fail_to_compile_run_as_they_are() -> None:
     def broken(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
         raise RuntimeError("no C compiler")

@@ -55,6 +55,10 @@ def test_compiling_for_generation_is_on_unless_switched_off_and_workers_cache_it
     runner = build_runner(_load(tmp_path, COMPILE_GENERATION="0", DEVICE="cpu", WORKERS="2"))
     configs = [slot.config for slot in runner._slots]
     assert [c.compile_generation for c in configs] == [False, False]
+    assert [c.compile_static_shapes for c in configs] == [True, True]
+    static_off = build_runner(_load(tmp_path, COMPILE_STATIC_SHAPES="off", DEVICE="cpu", WORKERS="2"))
+    assert [(s.config.compile_generation, s.config.compile_static_shapes) for s in static_off._slots] == \
+        [(True, False), (True, False)]
     assert {c.compile_cache_dir for c in configs} == {str(tmp_path / "data" / "shared" / "compiled")}
 
 

@@ -108,13 +108,15 @@ def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_comp
     made: list[dict] = []
     monkeypatch.setattr(engine, "GenerationEngine", lambda pipe, **options: made.append(options) or pipe)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    for compile_generation, expected in ((True, None), (False, False)):
+    for compile_generation, static_shapes, expected in ((True, True, None), (False, True, False),
+                                                        (True, False, None)):
         worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
-                                     compile_generation=compile_generation,
+                                     compile_generation=compile_generation, compile_static_shapes=static_shapes,
                                      compile_cache_dir=str(tmp_path / "compiled")))
         worker._pipeline = "pipe"
         assert worker.engine == "pipe"
         assert made[-1]["compile_blocks"] is expected  # None: wherever it pays (a GPU with graphs)
+        assert made[-1]["static_shapes"] is static_shapes
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/operators/choice")
     Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"), compile_cache_dir="/elsewhere"))

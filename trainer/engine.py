@@ -8,8 +8,8 @@ picture shape (trainer.graphs) for the UNet and the VAE decoder: a step is then 
 by Python launching a thousand kernels. Graphs see every person's weights because merging writes into
 the same storage, so switching person never re-captures. The graphs are captured from the UNet's
 stages and the decoder compiled by inductor (trainer.compiled_blocks), whose fused kernels make a
-replay shorter: for the square pictures the warm-up prepares, compiled for their static shapes; for
-any other, for dynamic shapes. The compiling happens once per process, in `warm_up`.
+replay shorter: for the square pictures the warm-up prepares, compiled for their static shapes (an
+option, on by default); for any other, for dynamic shapes. The compiling happens once per process, in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
 steps) are switched off for the generation and put back after it. The base model's graphs still
@@ -168,11 +168,13 @@ class GenerationEngine:
 
     def __init__(self, pipeline: DiffusionPipeline, *, max_loaded_adapters: int = 8,
                  base_resolution: int | None = None, cuda_graphs: bool = True,
-                 compile_blocks: bool | None = None, compile_stages: bool = True,
+                 compile_blocks: bool | None = None, compile_stages: bool = True, static_shapes: bool = True,
                  compile_backend: str | Callable[..., Any] = "inductor") -> None:
         """`compile_blocks`: compile the UNet and the VAE decoder (trainer.compiled_blocks); None means
         where it pays, with CUDA graphs on a GPU. `compile_stages`: compile whole stages (False: their
-        blocks only, for comparison). `compile_backend` is torch.compile's."""
+        blocks only, for comparison). `static_shapes`: the stages also get code compiled for the static
+        shapes of the warm-up's pictures (False: a shorter warm-up, every picture runs the dynamic-shape
+        code). `compile_backend` is torch.compile's."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -212,7 +214,8 @@ class GenerationEngine:
         # (with their linears that share an input fused, trainer.fused_linears); other shapes run the
         # dynamic-shape code (trainer.compiled_blocks.ByShape).
         self._compiled = (CompiledBlocks(pipeline, backend=compile_backend, whole_stages=compile_stages,
-                                         static_shapes=compile_stages, static_graph_pass=FUSE_LINEARS)
+                                         static_shapes=compile_stages and static_shapes,
+                                         static_graph_pass=FUSE_LINEARS)
                           if compile_blocks else None)
         self._learning_shapes = False
 
@@ -323,7 +326,8 @@ class GenerationEngine:
         requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
         compiling.
 
-        These pictures' stages are compiled for their static shapes. The dynamic-shape code that
+        These pictures' stages are compiled for their static shapes (unless `static_shapes` is off,
+        which saves minutes of a first start). The dynamic-shape code that
         other pictures run, and the blocks that pictures between training steps run, are compiled
         here too, rather than in the middle of someone's request or training.
         """

@@ -136,7 +136,8 @@ class Worker:
             from trainer.engine import GenerationEngine
 
             self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters,
-                                            compile_blocks=None if self.config.compile_generation else False)
+                                            compile_blocks=None if self.config.compile_generation else False,
+                                            static_shapes=self.config.compile_static_shapes)
         return self._engine
 
     def run(self, item: WorkItem, emit: EventSink, should_cancel: Any,

@@ -27,13 +27,16 @@ from trainer.models import build_random_pipeline
 
 
 class CountingBackend:
-    """A torch.compile backend that runs the traced graph as is and counts the graphs it was given."""
+    """A torch.compile backend that runs the traced graph as is and counts the graphs it was given
+    (`inputs`: each graph's input names, which say what it was traced from)."""
 
     def __init__(self) -> None:
         self.graphs = 0
+        self.inputs: list[list[str]] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
         self.graphs += 1
+        self.inputs.append([node.name for node in gm.graph.nodes if node.op == "placeholder"])
         return gm.forward
 
 
@@ -142,9 +145,9 @@ def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs(caplog:
     # Each part's time is in the log, for the operator waiting on a start-up.
     parts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up: ")]
     assert [p.split(" in ")[0] for p in parts] == [
-        "warm-up: 1 square picture(s) compiled and captured",
         "warm-up: stages and decoder compiled for dynamic shapes",
-        "warm-up: blocks compiled for pictures during trainings"]
+        "warm-up: blocks compiled for pictures during trainings",
+        "warm-up: 1 square picture(s) compiled and captured"]
     assert backend.graphs > len(engine._compiled.stages)  # the stages, then the blocks on their own
     warmed = backend.graphs
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"]), pipe.unet, adapter_name="learning")
@@ -229,9 +232,24 @@ def test_without_static_shapes_the_warm_up_compiles_less_and_every_picture_runs_
                      compile_backend=with_static).warm_up(counts=(1, 2))
     engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=without,
                               static_shapes=False)
+    squares_compiled: list[int] = []  # graphs compiled so far, as each square picture of the warm-up starts
+    original = engine.generate
+
+    def generate(request: GenerateRequest, **kwargs):
+        squares_compiled.append(without.graphs)
+        return original(request, **kwargs)
+
+    engine.generate = generate
     engine.warm_up(counts=(1, 2))
+    del engine.generate
     assert 0 < without.graphs < with_static.graphs
     assert not any(isinstance(region.forward, ByShape) for region in engine._compiled.regions)
+    # The UNet's code compiled on the portrait, first, serves the warm-up's squares: they compile
+    # nothing more for it. The decoder's may compile again here: on a CPU, PyTorch picks a
+    # convolution's backend by the input's size, and dynamo guards the code on that choice.
+    assert squares_compiled
+    by_squares = without.inputs[squares_compiled[0]:]
+    assert all("l_sample_" in names for names in by_squares), by_squares
     warmed = without.graphs
     plain = GenerationEngine(build_random_pipeline("tiny"))
     for request in (REQUEST, GenerateRequest(prompt=REQUEST.prompt, seed=3, steps=2, num_images=2),

@@ -344,16 +344,10 @@ class GenerationEngine:
             log.info("warm-up: %s in %.1f s", what, time.monotonic() - part_started)
             part_started = time.monotonic()
 
-        self._learning_shapes = True
-        try:
-            for count in counts:
-                self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
-                part_done(f"{count} square picture(s) compiled and captured")
-        finally:
-            self._learning_shapes = False
         if self._compiled is not None and self._compiled.whole_stages:
-            # Eager, no graphs: only the compiling is wanted. Not square: dynamo gives equal sizes one
-            # symbol, and code traced on a square would compile again for the first portrait.
+            # Eager, no graphs: only the compiling is wanted. Not square, and first: dynamo gives equal
+            # sizes one symbol, so code traced on a square first would compile again for the first
+            # portrait, while code traced on a portrait also serves the squares below.
             width, height = self.image_size("portrait")
             for regions, output, what in ((self._compiled.installed(static=False), "pt",
                                            "stages and decoder compiled for dynamic shapes"),
@@ -364,6 +358,13 @@ class GenerationEngine:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
                                    width=width, height=height, output_type=output)
                 part_done(what)
+        self._learning_shapes = True
+        try:
+            for count in counts:
+                self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
+                part_done(f"{count} square picture(s) compiled and captured")
+        finally:
+            self._learning_shapes = False
         elapsed = time.monotonic() - started
         log.info("warmed up generation for %s picture(s) in %.1f s", counts, elapsed)
         return elapsed

@@ -9,7 +9,8 @@ by Python launching a thousand kernels. Graphs see every person's weights becaus
 the same storage, so switching person never re-captures. The graphs are captured from the UNet's
 stages and the decoder compiled by inductor (trainer.compiled_blocks), whose fused kernels make a
 replay shorter: for the square pictures the warm-up prepares, compiled for their static shapes (an
-option, on by default); for any other, for dynamic shapes. The compiling happens once per process, in `warm_up`.
+option, on by default); for any other, for dynamic shapes. The compiling happens once per process,
+in `warm_up`.
 
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
 steps) are switched off for the generation and put back after it. The base model's graphs still
@@ -327,9 +328,9 @@ class GenerationEngine:
         compiling.
 
         These pictures' stages are compiled for their static shapes (unless `static_shapes` is off,
-        which saves minutes of a first start). The dynamic-shape code that
-        other pictures run, and the blocks that pictures between training steps run, are compiled
-        here too, rather than in the middle of someone's request or training.
+        which saves minutes of a first start). The dynamic-shape code that other pictures run, and
+        the blocks that pictures between training steps run, are compiled here too, first, rather
+        than in the middle of someone's request or training.
         """
         if self._graphs is None and self._compiled is None:
             return 0.0

@@ -501,10 +501,10 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
 
 def median_request_s(engine: Any, request: Any, repeats: int = 3) -> float:
     """Median seconds of `repeats` requests to the engine, timed as `bench.generate_speed` times them."""
-    from bench.generate_speed import Timing, timed
+    from bench.generate_speed import timed
 
     device = torch.device("cuda")
-    return Timing.of([timed(lambda: engine.generate(request), device) for _ in range(repeats)]).median
+    return statistics.median(timed(lambda: engine.generate(request), device) for _ in range(repeats))
 
 
 def dynamic_only(engine: Any, results: dict[str, Any]) -> None:

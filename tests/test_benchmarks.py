@@ -78,3 +78,49 @@ def test_the_pool_benchmark_traces_each_request_during_a_training_to_its_phase(t
     # Phases read "training 12/40", "saving", "generating (sample images)", ... as the job reported them.
     assert any(p.startswith("training ") and p.endswith("/40") for p in during["arrived_in"])
     assert report["idle_generation_s"]["p50"] > 0 and report["parallel_trainings"] == 1
+
+
+def test_the_worker_start_benchmark_reports_each_start_and_stops_one_out_of_budget(tmp_path: Path) -> None:
+    from bench import worker_start
+
+    out = tmp_path / "starts.json"
+    results = worker_start.main(["--model", "tiny", "--device", "cpu", "--starts", "default:cold,dynamic:warm",
+                                 "--cache-root", str(tmp_path / "caches"), "--json", str(out)])
+    assert [r["start"] for r in results] == ["default:cold", "dynamic:warm"] == [r["start"] for r in json.loads(out.read_text())]
+    for result in results:
+        # On a CPU the worker compiles nothing: its start is the model's loading, as the worker logs it.
+        assert result["finished"] and result["returncode"] == 0 and result["device"] == "cpu"
+        assert [part for part, _ in result["parts"]] == ["model loaded"]
+        assert 0 < result["parts"][0][1] <= result["seconds"]
+    assert {p.name for p in (tmp_path / "caches").iterdir()} == {"default", "dynamic"}
+
+    stopped = worker_start.main(["--model", "tiny", "--device", "cpu", "--starts", "default:cold,default:warm",
+                                 "--budget", "0.5"])
+    assert len(stopped) == 1 and not stopped[0]["finished"] and stopped[0]["returncode"] is None
+
+
+def test_the_worker_start_benchmark_reads_the_parts_the_training_warm_up_logs(tmp_path: Path) -> None:
+    """The parts a GPU start logs, as its code logs them: here the training step, which the CPU
+    compiles when told to (the engine's parts are checked in tests/test_compiled_blocks.py)."""
+    import logging
+
+    from bench import worker_start
+    from trainer.dreambooth import TrainConfig, warm_up
+    from trainer.models import build_random_pipeline
+
+    recorder = worker_start.PartRecorder(tmp_path / "parts.jsonl")
+    logger = logging.getLogger("trainer")
+    level = logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.INFO)
+    try:
+        pipe = build_random_pipeline("tiny")
+        config = TrainConfig(resolution=64, prior_preservation=False, compiled_stages=True)
+        seconds = warm_up(pipe, config, tmp_path / "scratch", compile_backend="eager")
+        logging.getLogger("trainer.gc_pauses").warning("garbage collection of generation 2 paused this process "
+                                                       "for 250 ms (10 objects collected)")
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
+    entries = [json.loads(line) for line in (tmp_path / "parts.jsonl").read_text().splitlines()]
+    assert entries == [{"part": "training step compiled", "s": round(seconds, 1)}, {"pause_s": 0.25}]

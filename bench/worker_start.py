@@ -1,0 +1,194 @@
+"""A GPU worker's start: loading the model and compiling what its first jobs would otherwise wait for.
+
+A worker compiles generation and the training step before it takes jobs
+(`trainer.worker.Worker.prepare`), and inductor keeps what it compiled in an on-disk cache, so a new
+install's first start is long and later ones are short. Each start here runs in a fresh process, as
+a worker's does, with one cache folder per variant under `--cache-root`:
+
+- `VARIANT:cold`: the variant's cache folder emptied first, as on a new install;
+- `VARIANT:warm`: the folder kept from the starts before it, as on every restart.
+
+Variants: `default` (the worker's defaults) and `dynamic` (`COMPILE_STATIC_SHAPES=0`: generation
+compiled for dynamic shapes only, which a first start compiles in less time).
+
+For each start it prints the parts the worker logs as it goes (model loaded, each part of the
+generation warm-up, the training step compiled), the whole start, and the time garbage collections
+paused it, with the ratio of the first start's time to each start's. A start still running when the
+run's `--budget` seconds are spent is interrupted, and the parts it finished are reported.
+
+    python -m bench.worker_start                                       # sd15-random on CUDA: cold, then warm
+    python -m bench.worker_start --starts dynamic:cold,dynamic:warm --no-training
+    python -m bench.worker_start --model tiny --device cpu             # CPU smoke test: nothing compiles there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("default", "dynamic")
+KINDS = ("cold", "warm")
+# What the worker logs when a part of its start ends, by logger: (pattern, the part's name or None to
+# take it from the message). The engine's "warm-up: <part> in <s> s" is checked by
+# tests/test_compiled_blocks.py; the others are asserted by tests/test_benchmarks.py on the CPU.
+PARTS = {
+    "trainer.worker": (re.compile(r"^loaded .+ in (?P<s>[\d.]+) s$"), "model loaded"),
+    "trainer.engine": (re.compile(r"^warm-up: (?P<part>.+) in (?P<s>[\d.]+) s$"), None),
+    "trainer.dreambooth": (re.compile(r"^compiled the training step in (?P<s>[\d.]+) s$"), "training step compiled"),
+}
+PAUSE = re.compile(r"paused this process for (?P<ms>\d+) ms")
+
+
+class PartRecorder(logging.Handler):
+    """Appends each finished part, and each long garbage collection, to a JSON-lines file as it
+    happens, so a start interrupted by the budget still reports what it finished."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(entry) + "\n")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.name == "trainer.gc_pauses" and (pause := PAUSE.search(message)):
+            self.write({"pause_s": int(pause["ms"]) / 1000})
+        elif record.name in PARTS and (match := PARTS[record.name][0].match(message)):
+            self.write({"part": PARTS[record.name][1] or match["part"], "s": float(match["s"])})
+
+
+def start_one(variant: str, model: str, device: str, training: bool, record: Path) -> None:
+    """One worker's start in this process, as `trainer.worker` runs it, its parts written to `record`."""
+    import torch
+
+    from trainer.runner import WorkerConfig
+    from trainer.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    recorder = PartRecorder(record)
+    logging.getLogger().addHandler(recorder)
+    work = Path(tempfile.mkdtemp(prefix="worker-start-"))
+    try:
+        config = WorkerConfig(base_model=model, device=device, work_dir=str(work / "work"),
+                              class_cache_dir=str(work / "classes"), compile_static_shapes=variant == "default",
+                              compile_training=training)
+        started = time.monotonic()
+        worker = Worker(config)
+        worker.prepare()
+        device_name = (torch.cuda.get_device_name() if worker.pipeline.device.type == "cuda"
+                       else worker.pipeline.device.type)
+        recorder.write({"total_s": time.monotonic() - started, "device": device_name, "torch": torch.__version__})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[str, Any]:
+    """Run one start (`variant:kind`) in a child process, stopping it after `seconds_left`."""
+    variant, kind = spec.split(":")
+    cache = args.cache_root / variant
+    if kind == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "parts.jsonl"
+        record.touch()
+        command = [sys.executable, "-m", "bench.worker_start", "--child", variant, "--record", str(record),
+                   "--model", args.model, "--device", args.device, *(() if args.training else ("--no-training",))]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache.resolve())}
+        started = time.monotonic()
+        child = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            returncode: int | None = child.wait(timeout=None if seconds_left == float("inf") else max(seconds_left, 0.0))
+        except subprocess.TimeoutExpired:
+            returncode = None
+            stop(child)
+        elapsed = time.monotonic() - started
+        entries = [json.loads(line) for line in record.read_text().splitlines()]
+    ended = next((e for e in entries if "total_s" in e), None)
+    return {"start": spec, "finished": ended is not None, "returncode": returncode,
+            "seconds": ended["total_s"] if ended else elapsed,
+            "parts": [(e["part"], e["s"]) for e in entries if "part" in e],
+            "pauses": len([e for e in entries if "pause_s" in e]),
+            "paused_s": sum(e["pause_s"] for e in entries if "pause_s" in e),
+            **({"device": ended["device"], "torch": ended["torch"]} if ended else {})}
+
+
+def stop(child: subprocess.Popen[bytes]) -> None:
+    """Interrupt a start (and inductor's compile workers, in its session); kill it if it lingers."""
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    first = results[0]
+    device = next((r["device"] for r in results if "device" in r), "unknown")
+    print(f"device={device} starts={','.join(r['start'] for r in results)}", flush=True)
+    for result in results:
+        what = ("" if result["finished"] else
+                "  (interrupted: the budget ran out; the parts it finished)" if result["returncode"] is None else
+                f"  (failed with exit code {result['returncode']}; the parts it finished)")
+        print(f"{result['start']}{what}")
+        for part, seconds in result["parts"]:
+            print(f"  {part:<62} {seconds:8.1f} s")
+        total = f"{result['seconds']:8.1f} s" if result["finished"] else f"> {result['seconds']:6.1f} s"
+        ratio = (f"{first['seconds'] / result['seconds']:.2f}x the first start's speed"
+                 if first["finished"] and result["finished"] else "no ratio (a start did not finish)")
+        print(f"  {'whole start':<62} {total}  {ratio}")
+        print(f"  garbage collections over 0.1 s: {result['pauses']}, {result['paused_s']:.1f} s in all", flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, a hub id or a folder")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--starts", default="default:cold,default:warm",
+                        help=f"comma-separated VARIANT:KIND, run in order; variants {VARIANTS}, kinds {KINDS}")
+    parser.add_argument("--no-training", dest="training", action="store_false",
+                        help="leave out compiling the training step (the same for every variant)")
+    parser.add_argument("--cache-root", type=Path, help="one inductor cache folder per variant here (default: a new temporary folder)")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds for all the starts together")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        start_one(args.child, args.model, args.device, args.training, args.record)
+        return []
+    starts = args.starts.split(",")
+    for spec in starts:
+        variant, _, kind = spec.partition(":")
+        if variant not in VARIANTS or kind not in KINDS:
+            parser.error(f"a start is VARIANT:KIND with a variant of {VARIANTS} and a kind of {KINDS}, not {spec!r}")
+    with tempfile.TemporaryDirectory() as default_root:
+        args.cache_root = args.cache_root or Path(default_root)
+        deadline = time.monotonic() + args.budget
+        results = []
+        for spec in starts:
+            results.append(run_start(spec, args, deadline - time.monotonic()))
+            if not results[-1]["finished"]:
+                break
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -110,11 +110,14 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache.resolve())}
         started = time.monotonic()
         child = subprocess.Popen(command, env=env, start_new_session=True)
+        returncode: int | None = None
         try:
-            returncode: int | None = child.wait(timeout=None if seconds_left == float("inf") else max(seconds_left, 0.0))
+            returncode = child.wait(timeout=None if seconds_left == float("inf") else max(seconds_left, 0.0))
         except subprocess.TimeoutExpired:
-            returncode = None
-            stop(child)
+            pass
+        finally:  # also when this process is interrupted: the start runs in a session of its own
+            if returncode is None:
+                stop(child)
         elapsed = time.monotonic() - started
         entries = [json.loads(line) for line in record.read_text().splitlines()]
     ended = next((e for e in entries if "total_s" in e), None)
@@ -130,7 +133,7 @@ def stop(child: subprocess.Popen[bytes]) -> None:
     """Interrupt a start (and inductor's compile workers, in its session); kill it if it lingers."""
     os.killpg(child.pid, signal.SIGINT)
     try:
-        child.wait(timeout=10)
+        child.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()

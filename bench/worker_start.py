@@ -71,26 +71,28 @@ class PartRecorder(logging.Handler):
 
 
 def start_one(variant: str, model: str, device: str, training: bool, record: Path) -> None:
-    """One worker's start in this process, as `trainer.worker` runs it, its parts written to `record`."""
+    """One worker's start in this process, as `trainer.worker` runs it, its parts written to `record`.
+    Timed from before torch is imported, as a worker process's start is."""
+    started = time.monotonic()
     import torch
 
+    from trainer.models import pick_device
     from trainer.runner import WorkerConfig
     from trainer.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     recorder = PartRecorder(record)
     logging.getLogger().addHandler(recorder)
+    device = pick_device(device)
+    recorder.write({"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+                    "torch": torch.__version__})
     work = Path(tempfile.mkdtemp(prefix="worker-start-"))
     try:
         config = WorkerConfig(base_model=model, device=device, work_dir=str(work / "work"),
                               class_cache_dir=str(work / "classes"), compile_static_shapes=variant == "default",
                               compile_training=training)
-        started = time.monotonic()
-        worker = Worker(config)
-        worker.prepare()
-        device_name = (torch.cuda.get_device_name() if worker.pipeline.device.type == "cuda"
-                       else worker.pipeline.device.type)
-        recorder.write({"total_s": time.monotonic() - started, "device": device_name, "torch": torch.__version__})
+        Worker(config).prepare()
+        recorder.write({"total_s": time.monotonic() - started})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -121,12 +123,13 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
         elapsed = time.monotonic() - started
         entries = [json.loads(line) for line in record.read_text().splitlines()]
     ended = next((e for e in entries if "total_s" in e), None)
+    known = next((e for e in entries if "device" in e), {"device": "unknown", "torch": "unknown"})
     return {"start": spec, "finished": ended is not None, "returncode": returncode,
             "seconds": ended["total_s"] if ended else elapsed,
             "parts": [(e["part"], e["s"]) for e in entries if "part" in e],
             "pauses": len([e for e in entries if "pause_s" in e]),
             "paused_s": sum(e["pause_s"] for e in entries if "pause_s" in e),
-            **({"device": ended["device"], "torch": ended["torch"]} if ended else {})}
+            "device": known["device"], "torch": known["torch"]}
 
 
 def stop(child: subprocess.Popen[bytes]) -> None:
@@ -141,8 +144,8 @@ def stop(child: subprocess.Popen[bytes]) -> None:
 
 def report(results: list[dict[str, Any]]) -> None:
     first = results[0]
-    device = next((r["device"] for r in results if "device" in r), "unknown")
-    print(f"device={device} starts={','.join(r['start'] for r in results)}", flush=True)
+    print(f"device={first['device']} torch={first['torch']} starts={','.join(r['start'] for r in results)}",
+          flush=True)
     for result in results:
         what = ("" if result["finished"] else
                 "  (interrupted: the budget ran out; the parts it finished)" if result["returncode"] is None else

@@ -89,14 +89,16 @@ def test_the_worker_start_benchmark_reports_each_start_and_stops_one_out_of_budg
     assert [r["start"] for r in results] == ["default:cold", "dynamic:warm"] == [r["start"] for r in json.loads(out.read_text())]
     for result in results:
         # On a CPU the worker compiles nothing: its start is the model's loading, as the worker logs it.
-        assert result["finished"] and result["returncode"] == 0 and result["device"] == "cpu"
+        assert result["finished"] and result["returncode"] == 0 and result["device"] == "cpu" and result["torch"]
         assert [part for part, _ in result["parts"]] == ["model loaded"]
         assert 0 < result["parts"][0][1] <= result["seconds"]
     assert {p.name for p in (tmp_path / "caches").iterdir()} == {"default", "dynamic"}
 
     stopped = worker_start.main(["--model", "tiny", "--device", "cpu", "--starts", "default:cold,default:warm",
                                  "--budget", "0.5"])
+    # Stopped while importing: the one start is reported unfinished, with nothing it did not do.
     assert len(stopped) == 1 and not stopped[0]["finished"] and stopped[0]["returncode"] is None
+    assert stopped[0]["parts"] == [] and stopped[0]["device"] == "unknown"
 
 
 def test_the_worker_start_benchmark_reads_the_parts_the_training_warm_up_logs(tmp_path: Path) -> None:

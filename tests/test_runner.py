@@ -7,11 +7,13 @@ import asyncio
 import multiprocessing
 import os
 import threading
+import time
 
 import pytest
 
 from trainer.jobs import WorkItem
 from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
+from trainer.worker import STARTING_DETAIL
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -131,6 +133,7 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
     ready = threading.Event()
     monkeypatch.setattr(worker_module, "setup_logging", lambda level: None)  # keep the test's logging
     monkeypatch.setattr(worker_module.Worker, "prepare", lambda self: ready.wait(30))  # compiling
+    monkeypatch.setattr(worker_module, "end_process", lambda: None)  # this worker is a thread of the tests
 
     def execute(self, work, emit, should_cancel, between_steps=None, *, stopping=lambda: False):
         emit(events.done({"ran": work.job_id}))
@@ -160,3 +163,40 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
         bot_commands.send({"op": "stop"})
         process.join(30)
     assert not process.is_alive()
+
+
+def _worker_with_a_long_start(commands, events, config) -> None:
+    """A worker process whose start compiles for two minutes (run in a spawned process)."""
+    from trainer import worker as worker_module
+
+    worker_module.Worker.prepare = lambda self: time.sleep(120)
+    worker_module.process_main(commands, events, config)
+
+
+@pytest.mark.parametrize("how", ["stop", "gone"])
+def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tmp_path, how):
+    """No job has run before the start ends, so nothing is lost, and a restarted bot's new worker does
+    not compile beside an old one for minutes."""
+    from trainer import events
+
+    ctx = multiprocessing.get_context("spawn")
+    worker_commands, bot_commands = ctx.Pipe(duplex=False)
+    bot_events, worker_events = ctx.Pipe(duplex=False)
+    config = WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"))
+    process = ctx.Process(target=_worker_with_a_long_start, args=(worker_commands, worker_events, config))
+    process.start()
+    worker_commands.close()
+    worker_events.close()
+    try:
+        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        assert bot_events.poll(60), "the worker sent nothing"
+        assert bot_events.recv() == (1, events.stage("loading_model", STARTING_DETAIL))  # still starting
+        if how == "stop":
+            bot_commands.send({"op": "stop"})
+        else:
+            bot_commands.close()  # the bot's process ended
+        process.join(30)
+        assert not process.is_alive() and process.exitcode == 0
+    finally:
+        process.kill()
+        process.join()

@@ -321,6 +321,11 @@ class Inbox:
         return None
 
 
+def end_process() -> None:
+    """End this worker process at once, from any thread, skipping the interpreter's clean-up."""
+    os._exit(0)
+
+
 def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
     """Child-process entry: read commands on a thread, run jobs one at a time on this thread.
 
@@ -348,11 +353,20 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         with send_lock:
             event_pipe.send((job_id, event))
 
+    def leave_if_starting() -> None:
+        # Before `prepare()` returns no job has run, so there is nothing to finish or report: end at
+        # once rather than compile for up to ten more minutes beside the worker a restarted bot starts
+        # (inductor writes its cache files whole, so what was compiled so far is kept).
+        if starting.is_set():
+            log.info("worker stopping during its start")
+            end_process()
+
     def read_commands() -> None:
         while True:
             try:
                 message = commands.recv()
             except (EOFError, OSError):
+                leave_if_starting()
                 stopping.set()
                 inbox.put(None)
                 return
@@ -370,6 +384,7 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
                 worker.adapter_file(message["key"]).unlink(missing_ok=True)
                 inbox.put(message["key"])
             elif op == "stop":
+                leave_if_starting()
                 stopping.set()
                 inbox.put(None)
                 return

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.gc_pauses import LONG_COLLECTION_S
+
 VARIANTS = ("default", "dynamic")
 KINDS = ("cold", "warm")
 # What the worker logs when a part of its start ends, by logger: (pattern, the part's name or None to
@@ -157,7 +159,8 @@ def report(results: list[dict[str, Any]]) -> None:
         ratio = (f"{first['seconds'] / result['seconds']:.2f}x the first start's speed"
                  if first["finished"] and result["finished"] else "no ratio (a start did not finish)")
         print(f"  {'whole start':<62} {total}  {ratio}")
-        print(f"  garbage collections over 0.1 s: {result['pauses']}, {result['paused_s']:.1f} s in all", flush=True)
+        print(f"  garbage collections over {LONG_COLLECTION_S} s: {result['pauses']}, "
+              f"{result['paused_s']:.1f} s in all", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

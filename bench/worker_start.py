@@ -9,7 +9,7 @@ a worker's does, with one cache folder per variant under `--cache-root`:
 - `VARIANT:warm`: the folder kept from the starts before it, as on every restart.
 
 Variants: `default` (the worker's defaults) and `dynamic` (`COMPILE_STATIC_SHAPES=0`: generation
-compiled for dynamic shapes only, which a first start compiles in less time).
+compiled for dynamic shapes only, the option meant to shorten a first start).
 
 For each start it prints the parts the worker logs as it goes (model loaded, each part of the
 generation warm-up, the training step compiled), the whole start, and the time garbage collections

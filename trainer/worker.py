@@ -353,22 +353,23 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         with send_lock:
             event_pipe.send((job_id, event))
 
-    def leave_if_starting() -> None:
-        # Before `prepare()` returns no job has run, so there is nothing to finish or report: end at
-        # once rather than compile for up to ten more minutes beside the worker a restarted bot starts
-        # (inductor writes its cache files whole, so what was compiled so far is kept).
+    def stop() -> None:
+        """The bot asked this worker to stop, or went away."""
         if starting.is_set():
+            # Before `prepare()` returns no job has run, so there is nothing to finish or report: end
+            # at once rather than compile for up to ten more minutes beside the worker a restarted bot
+            # starts (inductor writes its cache files whole, so what was compiled so far is kept).
             log.info("worker stopping during its start")
             end_process()
+        stopping.set()
+        inbox.put(None)
 
     def read_commands() -> None:
         while True:
             try:
                 message = commands.recv()
             except (EOFError, OSError):
-                leave_if_starting()
-                stopping.set()
-                inbox.put(None)
+                stop()
                 return
             op = message["op"]
             if op == "run":
@@ -384,9 +385,7 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
                 worker.adapter_file(message["key"]).unlink(missing_ok=True)
                 inbox.put(message["key"])
             elif op == "stop":
-                leave_if_starting()
-                stopping.set()
-                inbox.put(None)
+                stop()
                 return
 
     def serve_waiting() -> None:

@@ -18,6 +18,23 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+    """Code under test may set up logging (`trainer.logs.setup_logging`, called by the CLI's and the
+    worker's entry points), which points the root handler at this test's captured stderr. Pytest
+    closes that stream after the test, and every later test's log line would fail to write."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture
 async def fake():
     """A fresh fake Discord server on loopback for one test."""

@@ -2,22 +2,7 @@
 
 import logging
 
-import pytest
-
 from trainer.logs import REDACTED, setup_logging
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    """setup_logging replaces the root handlers; later tests must not log into this test's stderr."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def test_secret_and_token_shapes_are_redacted(capsys):

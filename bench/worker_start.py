@@ -78,11 +78,12 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
     started = time.monotonic()
     import torch
 
+    from trainer.logs import setup_logging
     from trainer.models import pick_device
     from trainer.runner import WorkerConfig
     from trainer.worker import Worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    setup_logging("INFO")  # as the worker's process sets it up
     recorder = PartRecorder(record)
     logging.getLogger().addHandler(recorder)
     device = pick_device(device)

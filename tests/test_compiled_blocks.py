@@ -140,14 +140,18 @@ def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs(caplog:
     pipe = build_random_pipeline("tiny")
     backend = CountingBackend()
     engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
+    heard: list[str] = []
     with caplog.at_level(logging.INFO, logger="trainer.engine"):
-        assert engine.warm_up(counts=(1,)) > 0
-    # Each part's time is in the log, for the operator waiting on a start-up.
+        assert engine.warm_up(counts=(1,), on_part=heard.append) > 0
+    # Each part's time is in the log, for the operator waiting on a start-up ...
     parts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up: ")]
     assert [p.split(" in ")[0] for p in parts] == [
         "warm-up: stages and decoder compiled for dynamic shapes",
         "warm-up: blocks compiled for pictures during trainings",
         "warm-up: 1 square picture(s) compiled and captured"]
+    # ... and each part is announced as it begins, for the people whose jobs wait on it.
+    assert heard == ["compiling the model for pictures of any shape",
+                     "compiling the model for pictures drawn during trainings", "getting one square picture ready"]
     assert backend.graphs > len(engine._compiled.stages)  # the stages, then the blocks on their own
     warmed = backend.graphs
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"]), pipe.unet, adapter_name="learning")

@@ -146,13 +146,17 @@ def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Pa
     item = WorkItem(job_id=1, kind="train", params={"handle": "sks", "class_word": "woman",
                                                      "config": {"steps": 50, "rank": 8}},
                     blobs={"photos": []})
+    heard: list[list[str]] = []
     for compile_training in (True, False):
         worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
                                      compile_training=compile_training, train_rank=8))
-        worker._engine = type("Engine", (), {"warm_up": lambda self: 0.0})()
-        worker.prepare()
+        worker._engine = type("Engine", (), {"warm_up": lambda self, on_part: on_part("the engine's part") or 0.0})()
+        heard.append([])
+        worker.prepare(on_part=heard[-1].append)
         worker.execute(item, lambda _event: None, lambda: False)
     assert [config.rank for config in warmed] == [8]  # the bot's rank, at start, once
+    assert heard == [["loading the base model", "the engine's part", "compiling the training step"],
+                     ["loading the base model", "the engine's part"]]  # what those waiting are told
     assert [config.compiled_stages for config in trained] == [None, False]
     assert not list((tmp_path / "w").glob("warm-up-*"))  # its scratch files are gone
 

@@ -13,7 +13,7 @@ import pytest
 
 from trainer.jobs import WorkItem
 from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
-from trainer.worker import STARTING_DETAIL
+from trainer.worker import STARTING_DETAIL, starting_detail
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -130,9 +130,17 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
     from trainer import events
     from trainer import worker as worker_module
 
-    ready = threading.Event()
+    compiling, next_part, ready = threading.Event(), threading.Event(), threading.Event()
+
+    def prepare(self, on_part):  # a start of two parts, each going on until the test moves it along
+        on_part("compiling the first part")
+        compiling.set()
+        next_part.wait(30)
+        on_part("compiling the second part")
+        ready.wait(30)
+
     monkeypatch.setattr(worker_module, "setup_logging", lambda level: None)  # keep the test's logging
-    monkeypatch.setattr(worker_module.Worker, "prepare", lambda self: ready.wait(30))  # compiling
+    monkeypatch.setattr(worker_module.Worker, "prepare", prepare)
     monkeypatch.setattr(worker_module, "end_process", lambda: None)  # this worker is a thread of the tests
 
     def execute(self, work, emit, should_cancel, between_steps=None, *, stopping=lambda: False):
@@ -150,14 +158,67 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
         assert bot_events.poll(30), "the worker sent nothing"
         return bot_events.recv()
 
+    def starting(part: str) -> dict:
+        return events.stage("loading_model", worker_module.starting_detail(part, 0.0))
+
     try:
+        assert compiling.wait(30)
         bot_commands.send({"op": "run", "item": item(1, "generate")})
-        assert next_event() == (1, events.stage("loading_model", worker_module.STARTING_DETAIL))
+        assert next_event() == (1, starting("compiling the first part"))
         assert not bot_events.poll(0.2)  # it waits for the start to finish
+        next_part.set()
+        assert next_event() == (1, starting("compiling the second part"))  # the waiting job hears the news
+        assert not bot_events.poll(0.2)
         ready.set()
         assert next_event() == (1, events.done({"ran": 1}))
         bot_commands.send({"op": "run", "item": item(2, "generate")})
         assert next_event() == (2, events.done({"ran": 2}))  # started: nothing more to explain
+    finally:
+        next_part.set()
+        ready.set()
+        bot_commands.send({"op": "stop"})
+        process.join(30)
+    assert not process.is_alive()
+
+
+def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, tmp_path):
+    """A part can take minutes: its news is retold every START_NEWS_EVERY_S, so the minutes shown
+    move, and stops with the start, before the job's own events."""
+    from trainer import events
+    from trainer import worker as worker_module
+
+    compiling, ready = threading.Event(), threading.Event()
+
+    def prepare(self, on_part):
+        on_part("compiling the only part")
+        compiling.set()
+        ready.wait(30)
+
+    monkeypatch.setattr(worker_module, "setup_logging", lambda level: None)
+    monkeypatch.setattr(worker_module, "START_NEWS_EVERY_S", 0.05)
+    monkeypatch.setattr(worker_module.Worker, "prepare", prepare)
+    monkeypatch.setattr(worker_module, "end_process", lambda: None)
+    monkeypatch.setattr(worker_module.Worker, "execute",
+                        lambda self, work, emit, *args, **kwargs: emit(events.done({"ran": work.job_id})) or True)
+    bot_commands, worker_commands = multiprocessing.Pipe()
+    bot_events, worker_events = multiprocessing.Pipe()
+    config = WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"))
+    process = threading.Thread(target=worker_module.process_main, args=(worker_commands, worker_events, config))
+    process.start()
+    news = events.stage("loading_model", worker_module.starting_detail("compiling the only part", 0.0))
+    try:
+        assert compiling.wait(30)
+        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        heard = []
+        while len(heard) < 4:
+            assert bot_events.poll(30), "the worker sent nothing"
+            heard.append(bot_events.recv())
+        assert heard == [(1, news)] * 4  # told on arrival, then again and again
+        ready.set()
+        while (event := bot_events.recv()) == (1, news):
+            pass  # retold before the start ended
+        assert event == (1, events.done({"ran": 1}))
+        assert not bot_events.poll(0.3)  # nothing about the start once it has ended
     finally:
         ready.set()
         bot_commands.send({"op": "stop"})
@@ -165,11 +226,21 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
     assert not process.is_alive()
 
 
+def test_a_start_says_what_it_is_doing_and_for_how_long():
+    from trainer.worker import START_TAKES, starting_detail
+
+    assert starting_detail("compiling the training step", 59.0) == (
+        f"{STARTING_DETAIL}: compiling the training step, just begun; {START_TAKES}")
+    assert starting_detail("compiling the training step", 61.0).endswith(f"step, 1 min in; {START_TAKES}")
+    assert starting_detail("loading the base model", 17 * 60 + 5).startswith(
+        f"{STARTING_DETAIL}: loading the base model, 17 min in;")
+
+
 def _worker_with_a_long_start(commands, events, config) -> None:
     """A worker process whose start compiles for two minutes (run in a spawned process)."""
     from trainer import worker as worker_module
 
-    worker_module.Worker.prepare = lambda self: time.sleep(120)
+    worker_module.Worker.prepare = lambda self, on_part: time.sleep(120)
     worker_module.process_main(commands, events, config)
 
 
@@ -190,7 +261,8 @@ def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tm
     try:
         bot_commands.send({"op": "run", "item": item(1, "generate")})
         assert bot_events.poll(60), "the worker sent nothing"
-        assert bot_events.recv() == (1, events.stage("loading_model", STARTING_DETAIL))  # still starting
+        assert bot_events.recv() == (1, events.stage(  # still starting, as it says
+            "loading_model", starting_detail("loading the base model", 0.0)))
         if how == "stop":
             bot_commands.send({"op": "stop"})
         else:

@@ -26,12 +26,13 @@ kernels (bench/RESULTS.md). The two sizes of region:
   picture made between training steps uses these (below), and the engine compiles them in its
   warm-up for that reason.
 
-Compiling both, with the static shapes of one and four pictures, takes a worker's warm-up about
-ten minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
+Compiling both, with the static shapes of one and four pictures, takes a worker's warm-up 11-12
+minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
 on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
-restart loads it from there instead of compiling again: the warm-up then took 116 s. The training
+restart loads it from there instead of compiling again: the warm-up then took 116-150 s. The training
 step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):
-135-160 s with a cold cache and 15-20 s with a warm one, once per process and kind of
+135-180 s with a cold cache in a process of their own (more than 262 s in a worker's start, after
+generation's) and 15-20 s with a warm one, once per process and kind of
 step, after which a new training's first step takes 0.3 s (with dynamic shapes it took 346 s). The
 compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
 person's merged LoRA reaches it.

@@ -322,10 +322,12 @@ class GenerationEngine:
             for sub, mode in modes.items():
                 sub.training = mode
 
-    def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> float:
+    def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES), *,
+                on_part: Callable[[str], None] = lambda part: None) -> float:
         """Compile and capture the graphs of square pictures for these counts now, so the first
         requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
-        compiling.
+        compiling. `on_part` hears, in words for whoever waits on the start, each part as it begins:
+        a first start takes many minutes, and knowing it moves matters to those waiting.
 
         These pictures' stages are compiled for their static shapes (unless `static_shapes` is off,
         which saves minutes of a first start). The dynamic-shape code that other pictures run, and
@@ -335,8 +337,8 @@ class GenerationEngine:
         if self._graphs is None and self._compiled is None:
             return 0.0
         if self._compiled is not None:
-            log.info("compiling the UNet and VAE decoder for generation: about ten minutes the first time, "
-                     "about two once inductor's cache holds them")
+            log.info("compiling the UNet and VAE decoder for generation: 11-12 minutes the first time on an "
+                     "H200, 2-2.5 once inductor's cache holds them")
         started = part_started = time.monotonic()
 
         def part_done(what: str) -> None:
@@ -350,10 +352,13 @@ class GenerationEngine:
             # sizes one symbol, so code traced on a square first would compile again for the first
             # portrait, while code traced on a portrait also serves the squares below.
             width, height = self.image_size("portrait")
-            for regions, output, what in ((self._compiled.installed(static=False), "pt",
-                                           "stages and decoder compiled for dynamic shapes"),
-                                          (self._compiled.installed(whole_stages=False), "latent",
-                                           "blocks compiled for pictures during trainings")):
+            for regions, output, what, news in (
+                    (self._compiled.installed(static=False), "pt", "stages and decoder compiled for dynamic shapes",
+                     "compiling the model for pictures of any shape"),
+                    (self._compiled.installed(whole_stages=False), "latent",
+                     "blocks compiled for pictures during trainings",
+                     "compiling the model for pictures drawn during trainings")):
+                on_part(news)
                 with self._lock, regions:
                     for count in counts:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
@@ -362,6 +367,7 @@ class GenerationEngine:
         self._learning_shapes = True
         try:
             for count in counts:
+                on_part(f"getting {'one square picture' if count == 1 else f'{count} square pictures'} ready")
                 self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
                 part_done(f"{count} square picture(s) compiled and captured")
         finally:

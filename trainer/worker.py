@@ -41,9 +41,19 @@ SAMPLE_PROMPTS = (
 )
 # What a job that reaches a worker still starting up shows in its progress message, instead of a
 # bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
-# (about 10 minutes on an H200 with an empty compile cache, 2 with a warm one) and the training step.
-STARTING_DETAIL = ("the GPU worker is still starting up: up to about 15 minutes the first time on a new "
-                   "install, a few minutes after that")
+# (11-12 minutes on an H200 with an empty compile cache, about 2 with a warm one) and the training
+# step (more than 4 minutes cold), so the message says what the start is doing and for how long.
+STARTING_DETAIL = "the GPU worker is still starting up"
+START_TAKES = "a new install's first start takes about 20 minutes, later ones 2-3"
+# Seconds between two retellings of a start's news to the jobs waiting on it, so the minutes shown move.
+START_NEWS_EVERY_S = 60.0
+
+
+def starting_detail(part: str, elapsed_s: float) -> str:
+    """A waiting job's progress detail while its worker starts: the part under way and the time so far."""
+    minutes = int(elapsed_s // 60)
+    so_far = "just begun" if minutes == 0 else f"{minutes} min in"
+    return f"{STARTING_DETAIL}: {part}, {so_far}; {START_TAKES}"
 PROMPT_HINTS = (
     "a photo of {handle} {cls} hiking in the Alps at sunrise",
     "an oil painting of {handle} {cls} in the style of Rembrandt",
@@ -108,15 +118,18 @@ class Worker:
                      time.perf_counter() - started)
         return self._pipeline
 
-    def prepare(self) -> None:
+    def prepare(self, on_part: Callable[[str], None] = lambda part: None) -> None:
         """Load the base model and, on a GPU, compile and capture the generation graphs of the common
         picture shapes and compile the default training step, so the first jobs wait for none of it
-        (the engine warms up only where it graphs, the trainer only where it compiles).
+        (the engine warms up only where it graphs, the trainer only where it compiles). `on_part`
+        hears each part as it begins, in words for the people whose jobs wait on it.
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
-        self.engine.warm_up()
+        on_part("loading the base model")
+        self.engine.warm_up(on_part=on_part)
         if self.config.compile_training:
+            on_part("compiling the training step")
             self._warm_up_training()
         gc_pauses.freeze_long_lived()
 
@@ -311,6 +324,11 @@ class Inbox:
             self._ready.wait_for(lambda: self._entries)
             return self._entries.popleft()
 
+    def waiting_jobs(self) -> list[int]:
+        """The ids of the jobs waiting here, oldest first."""
+        with self._ready:
+            return [entry.job_id for entry in self._entries if isinstance(entry, WorkItem)]
+
     def take_between_steps(self) -> WorkItem | str | None:
         """The oldest waiting generation or eviction, or None when there is none."""
         with self._ready:
@@ -344,20 +362,44 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
     # nothing, so it stays `running` in the database and is re-queued (from its last checkpoint)
     # when the bot starts again.
     stopping = threading.Event()
-    # Set until `worker.prepare()` returns: jobs sent meanwhile wait in the inbox, and are told why.
+    # Set until `worker.prepare()` returns: jobs sent meanwhile wait in the inbox, and are told why,
+    # with the start's news (`start_part`) as each part begins and every START_NEWS_EVERY_S. The
+    # lock keeps that news and a job's arrival in order, and none of it after the start ends.
     starting = threading.Event()
     starting.set()
+    start_lock = threading.Lock()
+    start_began = time.monotonic()
+    start_part = "loading the base model"
     send_lock = threading.Lock()
 
     def send(job_id: int, event: Event) -> None:
         with send_lock:
             event_pipe.send((job_id, event))
 
+    def tell_start(job_ids: list[int]) -> None:
+        """Under `start_lock`: what the start is doing, to these waiting jobs."""
+        if starting.is_set():
+            news = events.stage("loading_model", starting_detail(start_part, time.monotonic() - start_began))
+            for job_id in job_ids:
+                send(job_id, news)
+
+    def start_moved_on(part: str) -> None:
+        nonlocal start_part
+        with start_lock:
+            start_part = part
+            tell_start(inbox.waiting_jobs())
+
+    def retell_start() -> None:
+        while starting.is_set():
+            time.sleep(START_NEWS_EVERY_S)
+            with start_lock:
+                tell_start(inbox.waiting_jobs())
+
     def stop() -> None:
         """The bot asked this worker to stop, or went away."""
         if starting.is_set():
             # Before `prepare()` returns no job has run, so there is nothing to finish or report: end
-            # at once rather than compile for up to ten more minutes beside the worker a restarted bot
+            # at once rather than compile for up to 15 more minutes beside the worker a restarted bot
             # starts (inductor writes its cache files whole, so what was compiled so far is kept).
             log.info("worker stopping during its start")
             end_process()
@@ -374,9 +416,9 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             op = message["op"]
             if op == "run":
                 item = message["item"]
-                if starting.is_set():  # sent before the item is queued, so the job's own events follow it
-                    send(item.job_id, events.stage("loading_model", STARTING_DETAIL))
-                inbox.put(item)
+                with start_lock:  # told before the item is queued, so the job's own events follow it
+                    tell_start([item.job_id])
+                    inbox.put(item)
             elif op == "cancel":
                 cancelled.add(message["job_id"])
             elif op == "evict":
@@ -410,12 +452,14 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
             cancelled.discard(job_id)
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    threading.Thread(target=retell_start, name="start-news", daemon=True).start()
     try:
-        worker.prepare()
+        worker.prepare(on_part=start_moved_on)
     except Exception as exc:  # the first job reports it to its owner
         log.error("could not load the base model or warm up yet: %s", exc)
     finally:
-        starting.clear()
+        with start_lock:
+            starting.clear()
     while (entry := inbox.get()) is not None and not stopping.is_set():
         if isinstance(entry, str):
             worker.evict(entry)

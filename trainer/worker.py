@@ -44,7 +44,7 @@ SAMPLE_PROMPTS = (
 # (11-12 minutes on an H200 with an empty compile cache, about 2 with a warm one) and the training
 # step (more than 4 minutes cold), so the message says what the start is doing and for how long.
 STARTING_DETAIL = "the GPU worker is still starting up"
-START_TAKES = "a new install's first start takes about 20 minutes, later ones 2-3"
+START_TAKES = "on a GPU, a new install's first start takes about 20 minutes, later ones 2-3"
 # Seconds between two retellings of a start's news to the jobs waiting on it, so the minutes shown move.
 START_NEWS_EVERY_S = 60.0
 

@@ -13,7 +13,7 @@ import pytest
 
 from trainer.jobs import WorkItem
 from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
-from trainer.worker import STARTING_DETAIL, starting_detail
+from trainer.worker import FIRST_PART, STARTING_DETAIL, starting_detail
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -262,7 +262,7 @@ def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tm
         bot_commands.send({"op": "run", "item": item(1, "generate")})
         assert bot_events.poll(60), "the worker sent nothing"
         assert bot_events.recv() == (1, events.stage(  # still starting, as it says
-            "loading_model", starting_detail("loading the base model", 0.0)))
+            "loading_model", starting_detail(FIRST_PART, 0.0)))
         if how == "stop":
             bot_commands.send({"op": "stop"})
         else:

@@ -39,12 +39,19 @@ SAMPLE_PROMPTS = (
     "a portrait photo of {handle} {cls}, soft studio lighting, 85mm",
     "{handle} {cls} as an astronaut on the moon, digital art",
 )
+PROMPT_HINTS = (
+    "a photo of {handle} {cls} hiking in the Alps at sunrise",
+    "an oil painting of {handle} {cls} in the style of Rembrandt",
+    "{handle} {cls} as a knight in shining armour, cinematic lighting",
+)
 # What a job that reaches a worker still starting up shows in its progress message, instead of a
 # bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
-# (11-12 minutes on an H200 with an empty compile cache, about 2 with a warm one) and the training
+# (11-12 minutes on an H200 with an empty compile cache, 2-2.5 with a warm one) and the training
 # step (more than 4 minutes cold), so the message says what the start is doing and for how long.
 STARTING_DETAIL = "the GPU worker is still starting up"
 START_TAKES = "on a GPU, a new install's first start takes about 20 minutes, later ones 2-3"
+# A start's first part, announced by `Worker.prepare` and told to jobs that arrive before it does.
+FIRST_PART = "loading the base model"
 # Seconds between two retellings of a start's news to the jobs waiting on it, so the minutes shown move.
 START_NEWS_EVERY_S = 60.0
 
@@ -54,11 +61,6 @@ def starting_detail(part: str, elapsed_s: float) -> str:
     minutes = int(elapsed_s // 60)
     so_far = "just begun" if minutes == 0 else f"{minutes} min in"
     return f"{STARTING_DETAIL}: {part}, {so_far}; {START_TAKES}"
-PROMPT_HINTS = (
-    "a photo of {handle} {cls} hiking in the Alps at sunrise",
-    "an oil painting of {handle} {cls} in the style of Rembrandt",
-    "{handle} {cls} as a knight in shining armour, cinematic lighting",
-)
 
 
 def pack_path(path: Path) -> bytes:
@@ -126,7 +128,7 @@ class Worker:
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
-        on_part("loading the base model")
+        on_part(FIRST_PART)
         self.engine.warm_up(on_part=on_part)
         if self.config.compile_training:
             on_part("compiling the training step")
@@ -369,7 +371,7 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
     starting.set()
     start_lock = threading.Lock()
     start_began = time.monotonic()
-    start_part = "loading the base model"
+    start_part = FIRST_PART
     send_lock = threading.Lock()
 
     def send(job_id: int, event: Event) -> None:

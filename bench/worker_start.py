@@ -8,8 +8,10 @@ a worker's does, with one cache folder per variant under `--cache-root`:
 - `VARIANT:cold`: the variant's cache folder emptied first, as on a new install;
 - `VARIANT:warm`: the folder kept from the starts before it, as on every restart.
 
-Variants: `default` (the worker's defaults) and `dynamic` (`COMPILE_STATIC_SHAPES=0`: generation
-compiled for dynamic shapes only, the option meant to shorten a first start).
+Variants: `default` (the worker's defaults: start helpers compile parts of the start in processes of
+their own beside it, as many as fit, trainer.start_helpers), `serial` (`START_HELPERS=0`: the worker
+compiles every part itself, one after the other) and `dynamic` (`COMPILE_STATIC_SHAPES=0`: generation
+compiled for dynamic shapes only, another way to shorten a first start). The variants share no cache.
 
 For each start it prints the parts the worker logs as it goes (model loaded, each part of the
 generation warm-up, the training step compiled), the whole start, and the time garbage collections
@@ -39,7 +41,7 @@ from typing import Any
 
 from trainer.gc_pauses import LONG_COLLECTION_S
 
-VARIANTS = ("default", "dynamic")
+VARIANTS = ("default", "serial", "dynamic")
 KINDS = ("cold", "warm")
 # What the worker logs when a part of its start ends, by logger: (pattern, the part's name or None to
 # take it from the message). The engine's "warm-up: <part> in <s> s" is checked by
@@ -48,6 +50,7 @@ PARTS = {
     "trainer.worker": (re.compile(r"^loaded .+ in (?P<s>[\d.]+) s$"), "model loaded"),
     "trainer.engine": (re.compile(r"^warm-up: (?P<part>.+) in (?P<s>[\d.]+) s$"), None),
     "trainer.dreambooth": (re.compile(r"^compiled the training step in (?P<s>[\d.]+) s$"), "training step compiled"),
+    "trainer.start_helpers": (re.compile(r"^(?P<part>waited for a start helper's .+) in (?P<s>[\d.]+) s$"), None),
 }
 PAUSE = re.compile(r"paused this process for (?P<ms>\d+) ms")
 
@@ -92,7 +95,8 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
     work = Path(tempfile.mkdtemp(prefix="worker-start-"))
     try:
         config = WorkerConfig(base_model=model, device=device, work_dir=str(work / "work"),
-                              class_cache_dir=str(work / "classes"), compile_static_shapes=variant == "default",
+                              class_cache_dir=str(work / "classes"), compile_static_shapes=variant != "dynamic",
+                              start_helpers=0 if variant == "serial" else -1,
                               compile_training=training)
         Worker(config).prepare()
         recorder.write({"total_s": time.monotonic() - started})

@@ -43,7 +43,8 @@ def build_runner(settings: Settings) -> JobRunner:
                      cpu_threads=cpu_threads_per_worker(devices), compile_generation=settings.compile_generation,
                      compile_static_shapes=settings.compile_static_shapes,
                      compile_cache_dir=str(shared / "compiled"), compile_training=settings.compile_training,
-                     train_rank=settings.train_rank)
+                     train_rank=settings.train_rank, start_helpers=settings.start_helpers,
+                     workers_on_host=len(devices))
         for i, device in enumerate(devices)
     ])
 

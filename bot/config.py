@@ -62,6 +62,8 @@ class Settings:
     # ... and also for the static shapes of one and four square pictures: faster, longer first start
     compile_static_shapes: bool = True
     compile_training: bool = True  # on a GPU: compile the training step at worker start
+    # on a GPU: processes compiling parts of a worker's start beside it; -1: as many as fit, 0: none
+    start_helpers: int = -1
 
     @property
     def max_photo_bytes(self) -> int:

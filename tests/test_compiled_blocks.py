@@ -161,6 +161,41 @@ def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs(caplog:
     assert GenerationEngine(build_random_pipeline("tiny")).warm_up() == 0.0  # nothing to prepare on a CPU
 
 
+class GraphKeys:
+    """A torch.compile backend that runs the traced graph as is and records what inductor's cache
+    would key it on: its code and its inputs' (symbolic) shapes and dtypes."""
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, tuple[str, ...]]] = set()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        self.keys.add((gm.code, tuple(f"{getattr(v, 'shape', v)} {getattr(v, 'dtype', '')}" for v in values)))
+        return gm.forward
+
+
+def test_the_warm_up_parts_run_apart_compile_what_the_whole_warm_up_compiles() -> None:
+    """A worker's start helpers (trainer.start_helpers) each run some parts in a process of their
+    own, and the worker reads their code back from inductor's cache: that holds only if a part run
+    alone traces the graphs it traces in the whole warm-up."""
+    whole = GraphKeys()
+    engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=whole)
+    assert engine.warm_up_parts(counts=(1, 2)) == ["any-shape", "during-training", "square-1", "square-2"]
+    engine.warm_up(counts=(1, 2))
+    apart: set[tuple[str, tuple[str, ...]]] = set()
+    for parts in (["any-shape"], ["during-training"], ["square-1", "square-2"]):  # the worker's, each helper's
+        torch._dynamo.reset()  # as in a process of its own
+        backend = GraphKeys()
+        began: list[str] = []
+        helper = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=backend)
+        helper.warm_up(counts=(1, 2), parts=parts, before_part=began.append)
+        assert began == parts
+        apart |= backend.keys
+    assert len(whole.keys) > len(engine._compiled.stages)
+    assert whole.keys <= apart
+    assert GenerationEngine(build_random_pipeline("tiny")).warm_up_parts() == []  # nothing compiles on a CPU
+
+
 def test_nothing_compiles_during_a_real_training_served_between_its_steps(tmp_path: Path) -> None:
     """A training leaves the modules frozen and in eval mode, and puts the UNet in training mode
     between steps: the warm-up must compile what every one of those states runs."""

@@ -150,7 +150,9 @@ def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Pa
     for compile_training in (True, False):
         worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
                                      compile_training=compile_training, train_rank=8))
-        worker._engine = type("Engine", (), {"warm_up": lambda self, on_part: on_part("the engine's part") or 0.0})()
+        worker._engine = type("Engine", (), {
+            "warm_up": lambda self, on_part, before_part: on_part("the engine's part") or 0.0,
+            "warm_up_parts": lambda self: []})()
         heard.append([])
         worker.prepare(on_part=heard[-1].append)
         worker.execute(item, lambda _event: None, lambda: False)

@@ -213,7 +213,8 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
                        class_cache_dir=str(args.class_cache), log_level=args.log_level.upper(),
                        compile_generation=args.compile, compile_static_shapes=args.static_shapes,
                        compile_cache_dir=str(args.compile_cache),
-                       compile_training=args.compile_training, train_rank=args.train_rank),
+                       compile_training=args.compile_training, train_rank=args.train_rank,
+                       start_helpers=args.start_helpers),
           args.redis_url, name)
     return [f"worker {name} stopped"]
 
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not compile the training step (COMPILE_TRAINING=0 does the same)")
     wk.add_argument("--train-rank", type=int, default=int(os.environ.get("TRAIN_RANK", "16")),
                     help="the bot's TRAIN_RANK: the LoRA rank whose training is compiled at start")
+    wk.add_argument("--start-helpers", type=int, default=int(os.environ.get("START_HELPERS", "-1")),
+                    help="processes compiling parts of the worker's first start beside it: -1 as many as "
+                         "the GPU and the CPUs allow, 0 none (START_HELPERS does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
                     help="where compiled kernels are kept between starts")
     wk.set_defaults(func=cmd_worker)

@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +70,15 @@ MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**53  # seeds travel through JSON; above this they stop being exact
 DEFAULT_VARIATION_STRENGTH = 0.55
+# Names of the warm-up's parts (`GenerationEngine.warm_up_parts`): the stages and decoder compiled for
+# pictures of any shape, the blocks for pictures drawn during trainings, and square pictures by count.
+ANY_SHAPE = "any-shape"
+DURING_TRAINING = "during-training"
+
+
+def square_part(count: int) -> str:
+    """The name of the warm-up's part that prepares `count` square pictures."""
+    return f"square-{count}"
 
 
 def _bad_request(message: str) -> TrainerError:
@@ -322,8 +331,18 @@ class GenerationEngine:
             for sub, mode in modes.items():
                 sub.training = mode
 
+    def warm_up_parts(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> list[str]:
+        """The parts of `warm_up(counts)` that compile, in order (none where nothing compiles): a
+        worker's start helpers (trainer.start_helpers) compile all but the first in processes of
+        their own, at the same time as it."""
+        if self._compiled is None:
+            return []
+        stages = [ANY_SHAPE, DURING_TRAINING] if self._compiled.whole_stages else []
+        return stages + [square_part(count) for count in counts]
+
     def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES), *,
-                on_part: Callable[[str], None] = lambda part: None) -> float:
+                on_part: Callable[[str], None] = lambda part: None, parts: Collection[str] | None = None,
+                before_part: Callable[[str], None] = lambda part: None) -> float:
         """Compile and capture the graphs of square pictures for these counts now, so the first
         requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
         compiling. `on_part` hears, in words for whoever waits on the start, each part as it begins:
@@ -333,6 +352,10 @@ class GenerationEngine:
         which saves minutes of a first start). The dynamic-shape code that other pictures run, and
         the blocks that pictures between training steps run, are compiled here too, first, rather
         than in the middle of someone's request or training.
+
+        `parts` (names from `warm_up_parts`; None: all) are the parts to run, for a start helper
+        that compiles only its own. `before_part(name)` is called as each begins, after `on_part`:
+        the worker waits there for the helper compiling that part, then reads its code back.
         """
         if self._graphs is None and self._compiled is None:
             return 0.0
@@ -341,24 +364,34 @@ class GenerationEngine:
                      "H200, 2-2.5 once inductor's cache holds them")
         started = part_started = time.monotonic()
 
+        def part_begins(name: str, news: str) -> bool:
+            """Whether to run the part `name`; if so, `on_part` and `before_part` hear of it and its
+            clock starts."""
+            nonlocal part_started
+            if parts is not None and name not in parts:
+                return False
+            on_part(news)
+            before_part(name)
+            part_started = time.monotonic()
+            return True
+
         def part_done(what: str) -> None:
             # Each part's share of the start-up, for whoever waits on it or wants to shorten it.
-            nonlocal part_started
             log.info("warm-up: %s in %.1f s", what, time.monotonic() - part_started)
-            part_started = time.monotonic()
 
         if self._compiled is not None and self._compiled.whole_stages:
             # Eager, no graphs: only the compiling is wanted. Not square, and first: dynamo gives equal
             # sizes one symbol, so code traced on a square first would compile again for the first
             # portrait, while code traced on a portrait also serves the squares below.
             width, height = self.image_size("portrait")
-            for regions, output, what, news in (
-                    (self._compiled.installed(static=False), "pt", "stages and decoder compiled for dynamic shapes",
-                     "compiling the model for pictures of any shape"),
-                    (self._compiled.installed(whole_stages=False), "latent",
+            for name, regions, output, what, news in (
+                    (ANY_SHAPE, self._compiled.installed(static=False), "pt",
+                     "stages and decoder compiled for dynamic shapes", "compiling the model for pictures of any shape"),
+                    (DURING_TRAINING, self._compiled.installed(whole_stages=False), "latent",
                      "blocks compiled for pictures during trainings",
                      "compiling the model for pictures drawn during trainings")):
-                on_part(news)
+                if not part_begins(name, news):
+                    continue
                 with self._lock, regions:
                     for count in counts:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
@@ -367,7 +400,9 @@ class GenerationEngine:
         self._learning_shapes = True
         try:
             for count in counts:
-                on_part(f"getting {'one square picture' if count == 1 else f'{count} square pictures'} ready")
+                pictures = "one square picture" if count == 1 else f"{count} square pictures"
+                if not part_begins(square_part(count), f"getting {pictures} ready"):
+                    continue
                 self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
                 part_done(f"{count} square picture(s) compiled and captured")
         finally:

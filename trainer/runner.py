@@ -94,6 +94,11 @@ class WorkerConfig:
     # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
     compile_training: bool = True
     train_rank: int = 16
+    # On a GPU, processes that compile parts of the start beside the worker (trainer.start_helpers):
+    # below 0, as many as the GPU's free memory and this worker's share of the host's CPUs allow
+    # (the host's CPUs split between `workers_on_host` workers); 0, none.
+    start_helpers: int = -1
+    workers_on_host: int = 1
 
 
 @dataclass

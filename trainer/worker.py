@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer import events, gc_pauses
+from trainer import events, gc_pauses, start_helpers
 from trainer.errors import Cancelled, OutOfMemory, TrainerError
 from trainer.events import Event, EventSink
 from trainer.jobs import WorkItem
@@ -125,15 +125,42 @@ class Worker:
         picture shapes and compile the default training step, so the first jobs wait for none of it
         (the engine warms up only where it graphs, the trainer only where it compiles). `on_part`
         hears each part as it begins, in words for the people whose jobs wait on it.
+        Start helpers (trainer.start_helpers) compile the parts after the first in processes of their
+        own meanwhile, where the GPU and the host have room for them; this process then reads those
+        parts back from the compile cache.
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
         on_part(FIRST_PART)
-        self.engine.warm_up(on_part=on_part)
-        if self.config.compile_training:
-            on_part("compiling the training step")
-            self._warm_up_training()
+        engine = self.engine
+        helped = self.helped_parts()
+        with start_helpers.started(self.config, helped, str(self.pipeline.device)) as helpers:
+            engine.warm_up(on_part=on_part, before_part=helpers.wait_for)
+            if self.config.compile_training:
+                on_part("compiling the training step")
+                helpers.wait_for(start_helpers.TRAINING)
+                self._warm_up_training()
         gc_pauses.freeze_long_lived()
+
+    def helped_parts(self) -> list[str]:
+        """The parts of this worker's start that compile, but the first: those a start helper may take."""
+        from trainer.dreambooth import TrainConfig
+
+        parts = self.engine.warm_up_parts()[1:]
+        if self.config.compile_training and TrainConfig().compiles_on(self.pipeline.device.type):
+            parts.append(start_helpers.TRAINING)
+        return parts
+
+    def compile_part(self, part: str) -> None:
+        """Compile one part of the start (a start helper's work): the training step, or one of the
+        engine's warm-up parts."""
+        if part == start_helpers.TRAINING:
+            _ = self.engine  # as in a worker's start, the engine sets the modules up first
+            self._warm_up_training()
+        elif part in self.engine.warm_up_parts():
+            self.engine.warm_up(parts=[part])
+        else:
+            raise ValueError(f"no part of this worker's start is called {part!r}")
 
     def _warm_up_training(self) -> None:
         """Compile the default training step (trainer.dreambooth.warm_up); nothing on a CPU."""

@@ -1,0 +1,159 @@
+"""Start helpers (trainer.start_helpers): how many start, which parts each takes, how the worker
+waits for them, and that they end with it. Nothing compiles on a CPU, so fake helpers stand in for
+the protocol's tests; a real helper runs on the tiny model to check its entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer import start_helpers
+from trainer.runner import WorkerConfig
+from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
+from trainer.worker import Worker
+
+# A helper in a few lines: reports each part as the real one does ("broken" fails, at "vanishes" it
+# dies), then, unlike the real one, stays until the worker closes its stdin.
+FAKE_HELPER = """
+import sys
+for part in sys.argv[1:]:
+    if part == "vanishes":
+        sys.exit(3)
+    print(("failed " if part == "broken" else "done ") + part, flush=True)
+sys.stdin.read()
+"""
+
+
+def config(tmp_path: Path, helpers: int) -> WorkerConfig:
+    return WorkerConfig("tiny", "cpu", str(tmp_path / "work"), str(tmp_path / "classes"), start_helpers=helpers)
+
+
+@pytest.fixture()
+def fake_helpers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[WorkerConfig, list[str]]]:
+    """Helpers started run FAKE_HELPER; each one's configuration and parts are listed here."""
+    launched: list[tuple[WorkerConfig, list[str]]] = []
+
+    def command(own: WorkerConfig, parts: Sequence[str]) -> list[str]:
+        launched.append((own, list(parts)))
+        assert Path(own.work_dir).is_dir()
+        return [sys.executable, "-c", FAKE_HELPER, *parts]
+
+    monkeypatch.setattr(start_helpers, "helper_command", command)
+    return launched
+
+
+def test_helpers_start_only_where_the_gpu_and_the_cpus_have_room() -> None:
+    assert helper_count(-1, 3, cpus=16, free_gpu_gib=130) == 3  # the H200 host: one per group
+    assert helper_count(-1, 3, cpus=8, free_gpu_gib=130) == 1  # 4 CPUs for each process
+    assert helper_count(-1, 3, cpus=16, free_gpu_gib=12.5) == 1  # 6 GiB each, the worker's share kept
+    assert helper_count(-1, 3, cpus=16, free_gpu_gib=11.9) == 0
+    assert helper_count(-1, 3, cpus=2, free_gpu_gib=130) == 0  # this project's CI machine
+    assert helper_count(-1, 2, cpus=64, free_gpu_gib=500) == 2  # never more than there are groups
+    assert helper_count(0, 3, cpus=16, free_gpu_gib=130) == 0  # START_HELPERS=0
+    assert helper_count(2, 3, cpus=2, free_gpu_gib=0) == 2  # asked for: as many, whatever fits
+    assert helper_count(5, 1, cpus=2, free_gpu_gib=0) == 1
+
+
+def test_the_longest_parts_go_to_helpers_first_and_the_squares_stay_together() -> None:
+    parts = ["during-training", "square-1", "square-4", TRAINING]
+    assert groups(parts) == [[TRAINING], ["square-1", "square-4"], ["during-training"]]
+    assert groups(["during-training", "square-1"]) == [["square-1"], ["during-training"]]
+    assert groups([]) == []
+
+
+def test_the_worker_waits_for_each_helper_and_hears_which_parts_failed(
+        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]], caplog: pytest.LogCaptureFixture) -> None:
+    parts = ["vanishes", "broken", TRAINING, "left-to-the-worker"]
+    with caplog.at_level(logging.INFO, logger="trainer.start_helpers"), \
+            start_helpers.started(config(tmp_path, 3), parts, "cpu") as helpers:
+        assert [owned for _own, owned in fake_helpers] == [[TRAINING], ["vanishes"], ["broken"]]
+        # Each helper has a folder of its own under the worker's, and starts no helpers itself.
+        folders = {own.work_dir for own, _parts in fake_helpers}
+        assert len(folders) == 3 and all(Path(f).parent == tmp_path / "work" for f in folders)
+        assert {own.start_helpers for own, _parts in fake_helpers} == {0}
+        assert not helpers.owns("left-to-the-worker")
+        for part in (TRAINING, "broken", "vanishes", "left-to-the-worker"):
+            helpers.wait_for(part)  # returns, whether the helper finished it, failed or died
+        processes = list(helpers._processes)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"waited for a start helper's {TRAINING} in ") for m in messages)
+    assert sum("did not compile broken" in m for m in messages) == 1
+    assert sum("did not compile vanishes" in m for m in messages) == 1
+    assert not any("left-to-the-worker" in m for m in messages)
+    # The block's end ended the helpers still waiting on their stdin, and removed their folders.
+    assert [p.returncode for p in processes] == [0, 3, 0]
+    assert not any(Path(f).exists() for f in folders)
+
+
+def test_no_helper_starts_where_none_is_asked_for_or_nothing_compiles(
+        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
+    with start_helpers.started(config(tmp_path, 0), [TRAINING, "square-1"], "cpu") as helpers:
+        helpers.wait_for(TRAINING)
+    with start_helpers.started(config(tmp_path, -1), [TRAINING, "square-1"], "cpu"):
+        pass  # a CPU has no GPU memory to spare
+    with start_helpers.started(config(tmp_path, 2), [], "cpu"):
+        pass
+    assert fake_helpers == []
+
+
+def test_a_worker_hands_its_later_parts_to_helpers_and_waits_for_each_before_it(
+        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]], caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[str] = []
+
+    class Engine:
+        def warm_up_parts(self) -> list[str]:
+            return ["any-shape", "during-training", "square-1", "square-4"]
+
+        def warm_up(self, on_part: Any, before_part: Any) -> float:
+            for part in self.warm_up_parts():
+                before_part(part)
+                ran.append(part)
+            return 1.0
+
+    worker = Worker(config(tmp_path, 1))
+    worker._engine = Engine()
+    with caplog.at_level(logging.INFO, logger="trainer.start_helpers"):
+        worker.prepare()
+    # On a CPU no training step compiles, so the parts after the first are the engine's; with one
+    # helper, it takes the squares and the worker does the rest.
+    assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4"]]
+    assert ran == ["any-shape", "during-training", "square-1", "square-4"]
+    waited = [r.getMessage().split(" in ")[0] for r in caplog.records if r.getMessage().startswith("waited")]
+    assert waited == ["waited for a start helper's square-1", "waited for a start helper's square-4"]
+
+
+def test_a_helper_ends_when_the_worker_closes_its_stdin_or_goes_away() -> None:
+    read_end, write_end = os.pipe()
+    ended = threading.Event()
+    watcher = threading.Thread(target=exit_when_closed, args=(read_end, ended.set))
+    watcher.start()
+    os.write(write_end, b"anything the worker might send is not an end")
+    assert not ended.wait(0.2)
+    os.close(write_end)
+    watcher.join(10)
+    os.close(read_end)
+    assert ended.is_set()
+
+
+def test_a_real_helper_reports_each_part_and_refuses_parts_it_does_not_know(tmp_path: Path) -> None:
+    """The entry point end to end on the tiny model: on a CPU the training step compiles nothing,
+    and the engine has no part that compiles."""
+    log_file = tmp_path / "helper.log"
+    with log_file.open("wb") as log_out:
+        # stdin stays open, as the worker holds it: the helper ends on its own once its parts are done.
+        helper = subprocess.Popen(helper_command(config(tmp_path, 0), [TRAINING, "square-1"]),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_out)
+        assert helper.stdout is not None and helper.stdin is not None
+        reported = helper.stdout.read().decode().splitlines()
+        assert helper.wait(timeout=60) == 0
+        helper.stdin.close()
+    assert reported == [f"done {TRAINING}", "failed square-1"]
+    assert "no part of this worker's start is called 'square-1'" in log_file.read_text()

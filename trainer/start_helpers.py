@@ -1,0 +1,229 @@
+"""Start helpers: processes that compile parts of a GPU worker's first start while the worker compiles
+another.
+
+A worker compiles generation's stages, their blocks, the square pictures' static-shape code and the
+training step before it takes jobs (`trainer.worker.Worker.prepare`), one part after the other in
+one process: more than 15 minutes on an H200 with an empty compile cache (bench/RESULTS.md), most
+of it single-threaded Python (dynamo's tracing, inductor's lowering) while the host's other cores
+sit idle. Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
+worker shares (`TORCHINDUCTOR_CACHE_DIR`), and reports each part on its stdout as it ends. The
+worker compiles the first part itself; before each part a helper owns, it waits for that helper and
+then reads the part's code back from the cache, as a restart does, instead of compiling it.
+
+Helpers start only on a GPU, where something compiles, and only as many as the GPU's free memory
+and the host's CPUs leave room for (`helper_count`). A helper that fails costs nothing but its time:
+the worker compiles that part itself. Helpers end with the worker: each one exits when its stdin,
+held by the worker, closes.
+
+    python -m trainer.start_helpers --config '<WorkerConfig as JSON>' --part training   # one helper
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.logs import setup_logging
+
+if TYPE_CHECKING:
+    from trainer.runner import WorkerConfig
+
+# Named, not __name__: a helper runs this module as __main__.
+log = logging.getLogger("trainer.start_helpers")
+
+# The worker's part that is not the engine's (whose parts are named in trainer.engine).
+TRAINING = "training"
+# What one process compiling a part may take: the model (2-3 GiB in bf16 for SD1.5), the warm-up's
+# pictures or one training step, CUDA's context and inductor's benchmarking; and CPUs enough that the
+# processes do not slow each other down (inductor compiles Triton kernels in a pool of its own).
+GPU_GIB_PER_PROCESS = 6.0
+CPUS_PER_PROCESS = 4
+DONE, FAILED = "done", "failed"
+
+
+def helper_count(wanted: int, parts: int, cpus: int, free_gpu_gib: float) -> int:
+    """How many helpers to start for `parts` groups of parts: `wanted` (below 0: as many as fit
+    beside the worker in `free_gpu_gib` of GPU memory and `cpus` CPUs), never more than there are
+    groups."""
+    fit = min(cpus // CPUS_PER_PROCESS, int(free_gpu_gib // GPU_GIB_PER_PROCESS)) - 1
+    return max(0, min(fit if wanted < 0 else wanted, parts))
+
+
+def groups(parts: Sequence[str]) -> list[list[str]]:
+    """The parts each helper would take, the longest first: the training step (more than 4 minutes
+    on an H200), the square pictures together (they share the decoder's compiling), then each other
+    part on its own."""
+    squares = [part for part in parts if part.startswith("square-")]
+    ordered = [[TRAINING]] if TRAINING in parts else []
+    ordered += [squares] if squares else []
+    return ordered + [[part] for part in parts if part != TRAINING and part not in squares]
+
+
+class Helpers:
+    """The helpers of one start: which parts each compiles, and what they have reported so far."""
+
+    def __init__(self, processes: dict[subprocess.Popen[bytes], list[str]], scratch: list[Path]) -> None:
+        self._processes = processes
+        self._scratch = scratch
+        self._ended: dict[str, threading.Event] = {
+            part: threading.Event() for parts in processes.values() for part in parts}
+        self._failed: set[str] = set()
+        for process, parts in processes.items():
+            threading.Thread(target=self._read, args=(process, parts), name="start-helper", daemon=True).start()
+
+    def _read(self, process: subprocess.Popen[bytes], parts: list[str]) -> None:
+        """Each part's end as the helper reports it; all of its parts end when it does."""
+        assert process.stdout is not None
+        for line in process.stdout:
+            outcome, _, part = line.decode(errors="replace").strip().partition(" ")
+            if outcome in (DONE, FAILED) and part in self._ended:
+                if outcome == FAILED:
+                    self._failed.add(part)
+                self._ended[part].set()
+        for part in parts:
+            if not self._ended[part].is_set():
+                self._failed.add(part)
+                self._ended[part].set()
+
+    def owns(self, part: str) -> bool:
+        return part in self._ended
+
+    def wait_for(self, part: str) -> None:
+        """Return once the helper compiling `part` has finished it (at once for a part no helper has)."""
+        if part not in self._ended:
+            return
+        started = time.monotonic()
+        self._ended[part].wait()
+        if part in self._failed:
+            log.warning("a start helper did not compile %s (its log says why); compiling it here", part)
+        else:
+            log.info("waited for a start helper's %s in %.1f s", part, time.monotonic() - started)
+
+    def close(self) -> None:
+        """End the helpers (at once if still compiling: their stdin closes) and remove their files."""
+        for process in self._processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for process in self._processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for folder in self._scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def free_gpu_gib(device: str) -> float:
+    """GPU memory free on `device` now, in GiB; 0 for a CPU or MPS device."""
+    if not device.startswith("cuda"):
+        return 0.0
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return free / 2**30
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def helper_command(config: WorkerConfig, parts: Sequence[str]) -> list[str]:
+    """The command line of a helper compiling `parts` with `config`."""
+    command = [sys.executable, "-m", "trainer.start_helpers", "--config", json.dumps(dataclasses.asdict(config))]
+    for part in parts:
+        command += ["--part", part]
+    return command
+
+
+@contextlib.contextmanager
+def started(config: WorkerConfig, parts: Sequence[str], device: str) -> Iterator[Helpers]:
+    """Helpers compiling `parts` (the worker's start's parts after its first) while the block runs,
+    as many as `config.start_helpers` asks and `device` and the worker's share of the host's CPUs
+    leave room for (each helper's command line is `helper_command`'s); ended when the block ends."""
+    by_helper = groups(parts)
+    count = 0
+    if by_helper and config.start_helpers != 0:
+        cpus = usable_cpus() // max(1, config.workers_on_host)
+        count = helper_count(config.start_helpers, len(by_helper), cpus, free_gpu_gib(device))
+    processes: dict[subprocess.Popen[bytes], list[str]] = {}
+    scratch: list[Path] = []
+    try:
+        for owned in by_helper[:count]:
+            # A folder of its own: a worker clears its folder's files as it starts (trainer.worker).
+            Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+            scratch.append(Path(tempfile.mkdtemp(prefix="start-helper-", dir=config.work_dir)))
+            own = dataclasses.replace(config, work_dir=str(scratch[-1]), start_helpers=0)
+            process = subprocess.Popen(helper_command(own, owned), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            processes[process] = owned
+            log.info("started a helper compiling %s", ", ".join(owned))
+        helpers = Helpers(processes, scratch)
+    except BaseException:
+        Helpers(processes, scratch).close()
+        raise
+    try:
+        yield helpers
+    finally:
+        helpers.close()
+
+
+def exit_when_closed(fd: int, end: Callable[[], None]) -> None:
+    """Call `end` once the file descriptor `fd` (the helper's stdin, which the worker holds) closes:
+    the worker has ended, or no longer needs this helper. Unbuffered reads: a buffered stream's lock,
+    held by this thread, would stop the interpreter's own exit."""
+    while os.read(fd, 4096):
+        pass
+    end()
+
+
+def report(outcome: str, part: str) -> None:
+    """Tell the worker that `part` has ended (the protocol is this process's stdout; logs go to stderr)."""
+    sys.stdout.write(f"{outcome} {part}\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A helper: compile the parts named on the command line, reporting each as it ends."""
+    from trainer.runner import WorkerConfig
+    from trainer.worker import Worker
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.start_helpers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the worker's configuration, as JSON")
+    parser.add_argument("--part", action="append", required=True, help="a part to compile (repeatable)")
+    args = parser.parse_args(argv)
+    config = WorkerConfig(**json.loads(args.config))
+    setup_logging(config.log_level)
+    multiprocessing.current_process().name = f"start-helper({','.join(args.part)})"
+    threading.Thread(target=exit_when_closed, args=(sys.stdin.fileno(), lambda: os._exit(0)),
+                     name="watch-worker", daemon=True).start()
+    worker = Worker(config)
+    for part in args.part:
+        try:
+            worker.compile_part(part)
+        except Exception:  # noqa: BLE001 - the worker compiles the part itself
+            log.exception("could not compile %s", part)
+            report(FAILED, part)
+        else:
+            report(DONE, part)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

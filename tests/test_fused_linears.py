@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -172,3 +173,24 @@ def test_the_pass_has_a_stable_cache_key_that_names_its_settings() -> None:
     # Inductor caches a compile that used a custom pass only when the pass names itself.
     assert PASS.uuid() == FuseLinearsPass().uuid() and PASS.uuid()
     assert FuseLinearsPass(convolutions=False).uuid() != PASS.uuid()
+
+
+def test_the_pass_keys_inductors_cache_by_its_settings_not_by_what_it_did_so_far() -> None:
+    """Torch 2.11's inductor pickles its settings, the pass object among them, into each graph's
+    cache key (later versions hash the pass's uuid() instead). A pickle that moved with the pass's
+    counts made a worker miss the training step a start helper had compiled: on an H200 each of the
+    step's 27 keys differed in this alone (bench/RESULTS.md)."""
+    graph_pass = FuseLinearsPass()
+    before = pickle.dumps(graph_pass)
+
+    def run_pass(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graph_pass(gm.graph)
+        gm.recompile()
+        return gm.forward
+
+    torch.compile(Projections(), backend=run_pass, fullgraph=True)(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    assert graph_pass.groups > 0  # it fused something, and counted it
+    assert pickle.dumps(graph_pass) == before == pickle.dumps(FuseLinearsPass())
+    assert pickle.dumps(FuseLinearsPass(convolutions=False)) != before  # its settings do key the cache
+    copy = pickle.loads(before)
+    assert (copy.convolutions, copy.groups) == (True, 0)

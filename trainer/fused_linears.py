@@ -193,5 +193,15 @@ class FuseLinearsPass(CustomGraphPass):
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,)) + (b"+conv" if self.convolutions else b"")
 
+    def __getstate__(self) -> dict[str, bool]:
+        # Inductor pickles its settings, this pass among them, into each graph's cache key. With the
+        # counts in it, a graph's key would depend on how many graphs the process compiled before it,
+        # and a worker would miss the code a start helper (trainer.start_helpers) or its own previous
+        # start compiled in another order. Only the settings key the cache.
+        return {"convolutions": self.convolutions}
+
+    def __setstate__(self, state: dict[str, bool]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
 
 PASS = FuseLinearsPass()

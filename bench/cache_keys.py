@@ -89,8 +89,8 @@ def blocks(path: Path, training_only: bool) -> dict[str, dict[str, str]]:
 
 
 def compare(out: Path) -> list[str]:
-    """The report's lines: times, cache counters, and in which components `after`'s keys differ
-    from `alone`'s (keys paired in the order they were computed)."""
+    """The report's lines: times, cache counters, and, where `after`'s step missed `alone`'s keys, in
+    which components they differ."""
     lines = []
     for role in ("alone", "after"):
         path = out / f"{role}.json"
@@ -108,7 +108,9 @@ def compare(out: Path) -> list[str]:
                  f"{len(missing)}")
     differing: collections.Counter[str] = collections.Counter()
     example: dict[str, tuple[str, str]] = {}
-    for mine, theirs in zip((after[k] for k in after), (alone[k] for k in alone), strict=False):
+    # Keys paired in the order they were computed: `after`'s missing keys with `alone`'s, when any.
+    pairs = zip((after[k] for k in missing), (alone[k] for k in alone), strict=False) if missing else ()
+    for mine, theirs in pairs:
         for name in set(mine) | set(theirs):
             if mine.get(name, "").partition("]")[0] != theirs.get(name, "").partition("]")[0]:  # its hash
                 differing[name] += 1

@@ -46,10 +46,12 @@ PROMPT_HINTS = (
 )
 # What a job that reaches a worker still starting up shows in its progress message, instead of a
 # bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
-# (11-12 minutes on an H200 with an empty compile cache, 2-2.5 with a warm one) and the training
-# step (more than 4 minutes cold), so the message says what the start is doing and for how long.
+# and the training step. With an empty compile cache that took an H200 about 7 minutes with start
+# helpers (trainer.start_helpers) and more than 15 without (a GPU with less memory or a host with
+# fewer CPUs has fewer helpers); a restart reads the code back in 2.5-3 minutes. So the message says
+# what the start is doing and for how long.
 STARTING_DETAIL = "the GPU worker is still starting up"
-START_TAKES = "on a GPU, a new install's first start takes about 20 minutes, later ones 2-3"
+START_TAKES = "on a GPU, a new install's first start takes 7 to 20 minutes, later ones 2-3"
 # A start's first part, announced by `Worker.prepare` and told to jobs that arrive before it does.
 FIRST_PART = "loading the base model"
 # Seconds between two retellings of a start's news to the jobs waiting on it, so the minutes shown move.
@@ -428,7 +430,7 @@ def process_main(commands: Connection, event_pipe: Connection, config: WorkerCon
         """The bot asked this worker to stop, or went away."""
         if starting.is_set():
             # Before `prepare()` returns no job has run, so there is nothing to finish or report: end
-            # at once rather than compile for up to 15 more minutes beside the worker a restarted bot
+            # at once rather than compile for many more minutes beside the worker a restarted bot
             # starts (inductor writes its cache files whole, so what was compiled so far is kept).
             log.info("worker stopping during its start")
             end_process()

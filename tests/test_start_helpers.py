@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench.worker_start import PARTS
 from trainer import start_helpers
 from trainer.runner import WorkerConfig
 from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
@@ -126,7 +127,9 @@ def test_a_worker_hands_its_later_parts_to_helpers_and_waits_for_each_before_it(
     # helper, it takes the squares and the worker does the rest.
     assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4"]]
     assert ran == ["any-shape", "during-training", "square-1", "square-4"]
-    waited = [r.getMessage().split(" in ")[0] for r in caplog.records if r.getMessage().startswith("waited")]
+    # The log says how long the worker waited for each, in the words bench.worker_start reads.
+    pattern = PARTS["trainer.start_helpers"][0]
+    waited = [match["part"] for r in caplog.records if (match := pattern.match(r.getMessage()))]
     assert waited == ["waited for a start helper's square-1", "waited for a start helper's square-4"]
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_com
 from trainer.worker import Worker
 
 # A helper in a few lines: reports each part as the real one does ("broken" fails, at "vanishes" it
-# dies), then, unlike the real one, stays until the worker closes its stdin.
+# dies, leaving behind a process that holds its stdout, as inductor's compile workers may), then,
+# unlike the real one, stays until the worker closes its stdin.
 FAKE_HELPER = """
-import sys
+import subprocess, sys
 for part in sys.argv[1:]:
     if part == "vanishes":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         sys.exit(3)
     print(("failed " if part == "broken" else "done ") + part, flush=True)
 sys.stdin.read()
@@ -81,8 +84,10 @@ def test_the_worker_waits_for_each_helper_and_hears_which_parts_failed(
         assert len(folders) == 3 and all(Path(f).parent == tmp_path / "work" for f in folders)
         assert {own.start_helpers for own, _parts in fake_helpers} == {0}
         assert not helpers.owns("left-to-the-worker")
+        started = time.monotonic()
         for part in (TRAINING, "broken", "vanishes", "left-to-the-worker"):
             helpers.wait_for(part)  # returns, whether the helper finished it, failed or died
+        assert time.monotonic() - started < 30  # not when the dead helper's leftover process ends
         processes = list(helpers._processes)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"waited for a start helper's {TRAINING} in ") for m in messages)

@@ -54,6 +54,8 @@ TRAINING = "training"
 GPU_GIB_PER_PROCESS = 6.0
 CPUS_PER_PROCESS = 4
 DONE, FAILED = "done", "failed"
+# Seconds for the lines a helper wrote before it exited to be read, before its unreported parts fail.
+EXIT_GRACE_S = 2.0
 
 
 def helper_count(wanted: int, parts: int, cpus: int, free_gpu_gib: float) -> int:
@@ -85,6 +87,8 @@ class Helpers:
         self._failed: set[str] = set()
         for process, parts in processes.items():
             threading.Thread(target=self._read, args=(process, parts), name="start-helper", daemon=True).start()
+            threading.Thread(target=self._watch, args=(process, parts), name="start-helper-exit",
+                             daemon=True).start()
 
     def _read(self, process: subprocess.Popen[bytes], parts: list[str]) -> None:
         """Each part's end as the helper reports it; all of its parts end when it does."""
@@ -95,6 +99,17 @@ class Helpers:
                 if outcome == FAILED:
                     self._failed.add(part)
                 self._ended[part].set()
+        self._unreported_failed(parts)
+
+    def _watch(self, process: subprocess.Popen[bytes], parts: list[str]) -> None:
+        """A helper's parts end when it does, even while its stdout stays open: processes it started
+        (inductor's compile workers) may hold that pipe after it died. What it reported before
+        exiting is read within the grace time."""
+        process.wait()
+        time.sleep(EXIT_GRACE_S)
+        self._unreported_failed(parts)
+
+    def _unreported_failed(self, parts: list[str]) -> None:
         for part in parts:
             if not self._ended[part].is_set():
                 self._failed.add(part)

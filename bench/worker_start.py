@@ -3,7 +3,7 @@
 A worker compiles generation and the training step before it takes jobs
 (`trainer.worker.Worker.prepare`), and inductor keeps what it compiled in an on-disk cache, so a new
 install's first start is long and later ones are short. Each start here runs in a fresh process, as
-a worker's does, with one cache folder per variant under `--cache-root`:
+a worker's does, with one cache folder per kind of compiled code under `--cache-root`:
 
 - `VARIANT:cold`: the variant's cache folder emptied first, as on a new install;
 - `VARIANT:warm`: the folder kept from the starts before it, as on every restart.
@@ -11,7 +11,9 @@ a worker's does, with one cache folder per variant under `--cache-root`:
 Variants: `default` (the worker's defaults: start helpers compile parts of the start in processes of
 their own beside it, as many as fit, trainer.start_helpers), `serial` (`START_HELPERS=0`: the worker
 compiles every part itself, one after the other) and `dynamic` (`COMPILE_STATIC_SHAPES=0`: generation
-compiled for dynamic shapes only, another way to shorten a first start). The variants share no cache.
+compiled for dynamic shapes only, another way to shorten a first start). `default` and `serial`
+compile the same code, so they share a cache folder (`static`): `default:cold,serial:warm` compares
+a restart without helpers with the one a helped first start leaves. `dynamic` has its own.
 
 For each start it prints the parts the worker logs as it goes (model loaded, each part of the
 generation warm-up, the training step compiled), the whole start, and the time garbage collections
@@ -42,6 +44,8 @@ from typing import Any
 from trainer.gc_pauses import LONG_COLLECTION_S
 
 VARIANTS = ("default", "serial", "dynamic")
+# The cache folder of each variant, named for the code it holds: helpers change who compiles, not what.
+CACHES = {"default": "static", "serial": "static", "dynamic": "dynamic"}
 KINDS = ("cold", "warm")
 # What the worker logs when a part of its start ends, by logger: (pattern, the part's name or None to
 # take it from the message). The engine's "warm-up: <part> in <s> s" is checked by
@@ -107,7 +111,7 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
 def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[str, Any]:
     """Run one start (`variant:kind`) in a child process, stopping it after `seconds_left`."""
     variant, kind = spec.split(":")
-    cache = args.cache_root / variant
+    cache = args.cache_root / CACHES[variant]
     if kind == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help=f"comma-separated VARIANT:KIND, run in order; variants {VARIANTS}, kinds {KINDS}")
     parser.add_argument("--no-training", dest="training", action="store_false",
                         help="leave out compiling the training step (the same for every variant)")
-    parser.add_argument("--cache-root", type=Path, help="one inductor cache folder per variant here (default: a new temporary folder)")
+    parser.add_argument("--cache-root", type=Path, help="the inductor cache folders of the variants here (default: a new temporary folder)")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds for all the starts together")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -361,7 +361,7 @@ class GenerationEngine:
             return 0.0
         if self._compiled is not None:
             log.info("compiling the UNet and VAE decoder for generation: 11-12 minutes the first time on an "
-                     "H200 (under 7 with start helpers), 2-2.5 once inductor's cache holds them")
+                     "H200 (about 5.5 with start helpers), 2 once inductor's cache holds them")
         started = part_started = time.monotonic()
 
         def part_begins(name: str, news: str) -> bool:

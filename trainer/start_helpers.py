@@ -5,8 +5,9 @@ A worker compiles generation's stages, their blocks, the square pictures' static
 training step before it takes jobs (`trainer.worker.Worker.prepare`), one part after the other in
 one process: more than 15 minutes on an H200 with an empty compile cache, most of it
 single-threaded Python (dynamo's tracing, inductor's lowering) while the host's other cores sit
-idle. With three helpers the same start took about 7 minutes (bench/RESULTS.md): the worker's own
-first part, 349 s, then about 70 s reading back what the helpers had compiled meanwhile. Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
+idle. With three helpers the same start took about 6 minutes (374 s, bench/RESULTS.md): the
+worker's own first part, 283 s, then 59 s reading back what the helpers had compiled meanwhile.
+Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
 worker shares (`TORCHINDUCTOR_CACHE_DIR`), and reports each part on its stdout as it ends. The
 worker compiles the first part itself; before each part a helper owns, it waits for that helper and
 then reads the part's code back from the cache, as a restart does, instead of compiling it.

@@ -46,12 +46,12 @@ PROMPT_HINTS = (
 )
 # What a job that reaches a worker still starting up shows in its progress message, instead of a
 # bare "Loading the model" for many minutes: on a GPU the start compiles and captures generation
-# and the training step. With an empty compile cache that took an H200 about 7 minutes with start
+# and the training step. With an empty compile cache that took an H200 about 6 minutes with start
 # helpers (trainer.start_helpers) and more than 15 without (a GPU with less memory or a host with
-# fewer CPUs has fewer helpers); a restart reads the code back in 2.5-3 minutes. So the message says
+# fewer CPUs has fewer helpers); a restart reads the code back in about 2.5 minutes. So the message says
 # what the start is doing and for how long.
 STARTING_DETAIL = "the GPU worker is still starting up"
-START_TAKES = "on a GPU, a new install's first start takes 7 to 20 minutes, later ones 2-3"
+START_TAKES = "on a GPU, a new install's first start takes 6 to 20 minutes, later ones 2-3"
 # A start's first part, announced by `Worker.prepare` and told to jobs that arrive before it does.
 FIRST_PART = "loading the base model"
 # Seconds between two retellings of a start's news to the jobs waiting on it, so the minutes shown move.

@@ -17,11 +17,20 @@ from trainer.worker import FIRST_PART, STARTING_DETAIL, starting_detail
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert cpu_threads_per_worker(["cpu", "cpu"]) == 8
     assert cpu_threads_per_worker(["cpu"] * 32) == 1
     assert cpu_threads_per_worker(["cpu"]) == 0
     assert cpu_threads_per_worker(["cuda:0", "cuda:1"]) == 0
+
+
+def test_cpu_workers_share_only_the_cores_the_process_is_pinned_to(monkeypatch):
+    """A container given 4 of a 64-core host's cores: two CPU workers get 2 threads each, not 32."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11})
+    assert cpu_threads_per_worker(["cpu", "cpu"]) == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have no affinity call
+    assert cpu_threads_per_worker(["cpu", "cpu"]) == 32
 
 
 def test_one_worker_per_visible_gpu_or_the_requested_number_of_cpu_workers(monkeypatch):

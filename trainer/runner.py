@@ -130,10 +130,20 @@ def visible_devices(requested: str, workers: int) -> list[str]:
     return [requested] * max(workers, 1)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container pinned to a few of the host's cores
+    (`docker run --cpuset-cpus`) sees all of them in `os.cpu_count()`, but may use only these."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_threads_per_worker(devices: list[str]) -> int:
-    """Torch threads for each worker: CPU workers split the cores between them, GPU workers keep the default."""
+    """Torch threads for each worker: CPU workers split the usable cores between them, GPU workers
+    keep the default."""
     cpu_workers = sum(1 for d in devices if d == "cpu")
-    return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
+    return max(1, usable_cpus() // cpu_workers) if cpu_workers > 1 else 0
 
 
 def _cuda_device_count() -> int:

@@ -37,12 +37,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from trainer.logs import setup_logging
-
-if TYPE_CHECKING:
-    from trainer.runner import WorkerConfig
+from trainer.runner import WorkerConfig, usable_cpus
 
 # Named, not __name__: a helper runs this module as __main__.
 log = logging.getLogger("trainer.start_helpers")
@@ -155,13 +152,6 @@ def free_gpu_gib(device: str) -> float:
     return free / 2**30
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def helper_command(config: WorkerConfig, parts: Sequence[str]) -> list[str]:
     """The command line of a helper compiling `parts` with `config`."""
     command = [sys.executable, "-m", "trainer.start_helpers", "--config", json.dumps(dataclasses.asdict(config))]
@@ -218,7 +208,6 @@ def report(outcome: str, part: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """A helper: compile the parts named on the command line, reporting each as it ends."""
-    from trainer.runner import WorkerConfig
     from trainer.worker import Worker
 
     parser = argparse.ArgumentParser(prog="python -m trainer.start_helpers", description=__doc__.split("\n\n")[0])

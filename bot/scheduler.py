@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any, Protocol
 
 from bot.config import Settings
@@ -75,6 +76,13 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_progress_write: dict[int, float] = {}
+        self._user_locks: dict[int, asyncio.Lock] = {}
+
+    def user_lock(self, user_id: int) -> asyncio.Lock:
+        """One person's changes, one at a time: a check and the write it allows (one training, a
+        queue limit) happen together, and `forget` waits for a photo being stored rather than leave
+        its file behind. Held by the photo intake too (bot.cogs.photos)."""
+        return self._user_locks.setdefault(user_id, asyncio.Lock())
 
     def waiting_for_a_worker(self) -> bool:
         """No worker is online: queued jobs wait for one to join, which the people waiting should know."""
@@ -83,14 +91,17 @@ class Scheduler:
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> list[int]:
         """Re-queue jobs that were running when the bot stopped, start workers and the loop."""
+        running = await jobs_db.jobs_in_states(self.store.db, ("running",))
         requeued = await jobs_db.requeue_interrupted(self.store.db, all_running=True)
         if requeued:
             log.info("re-queued %d interrupted job(s): %s", len(requeued), requeued)
+        for job in running:  # those it cancelled (their owners had asked) are told so, as at any cancel
+            if job.id not in requeued and (ended := await jobs_db.get_job(self.store.db, job.id)) is not None:
+                await self._finished(ended, {})
         for job_id in requeued:
             job = await jobs_db.get_job(self.store.db, job_id)
-            if job is not None and job.attempts >= MAX_RESTARTS:
-                await jobs_db.finish_job(self.store.db, job_id, "failed",
-                                         error="This job was interrupted too many times; please start it again.")
+            if job is not None and job.restarts >= MAX_RESTARTS:
+                await self._fail(job, "This job was interrupted too many times; please start it again.")
         await self.runner.start(self._on_event)
         self._task = asyncio.create_task(self._dispatch_loop(), name="scheduler")
         self._wake.set()
@@ -131,6 +142,9 @@ class Scheduler:
             except Refused as exc:  # e.g. the photos or the model vanished after queueing
                 await self._fail(job, exc.message)
                 continue
+            except Exception:  # e.g. a stored file that cannot be read: the job ends, it does not hang
+                await self._fail(job, self._internal_error(f"preparing job {job.id}"))
+                continue
             # Shown before the hand-over: the worker's first events may arrive before `submit` returns,
             # and a later update would put this older state back over them.
             handing_over = {"stage": "loading_model", "detail": ""}
@@ -144,6 +158,22 @@ class Scheduler:
                 await jobs_db.requeue(self.store.db, job.id, refund_attempt=True)
                 asyncio.get_running_loop().call_later(SUBMIT_RETRY_S, self._wake.set)
                 return
+            except Exception:
+                await self._fail(job, self._internal_error(f"handing job {job.id} to a worker"))
+                continue
+            # A cancel (or /forget) that came between the claim and now found no worker holding the
+            # job to tell; tell it now, or the job would run to its end.
+            current = await jobs_db.get_job(self.store.db, job.id)
+            if current is None or current.cancel_requested:
+                await self.runner.cancel(job.id)
+
+    @staticmethod
+    def _internal_error(doing: str) -> str:
+        """Log the exception being handled under a reference, and say so kindly to the job's owner."""
+        reference = uuid.uuid4().hex[:8]
+        log.exception("%s failed (reference %s)", doing, reference)
+        return (f"Sorry, something went wrong on my side (reference `{reference}`). "
+                "Please try again; if it keeps happening, tell the server's operator.")
 
     async def _work_item(self, job: Job) -> WorkItem:
         blobs: dict[str, Any] = {}
@@ -173,6 +203,13 @@ class Scheduler:
     async def enqueue_train(self, user_id: int, steps: int | None = None, *, channel_id: int | None = None,
                             message_id: int | None = None) -> tuple[Job, int | None]:
         """Queue a training after checking handle, photos and that none is already queued or running."""
+        async with self.user_lock(user_id):
+            job_id = await self._create_training(user_id, steps, channel_id, message_id)
+        self.wake()
+        return await self._with_position(job_id)
+
+    async def _create_training(self, user_id: int, steps: int | None, channel_id: int | None,
+                               message_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         if user is None or not user.handle:
             raise Refused("Pick your handle first with `/handle`, e.g. `/handle name:zqjane class:woman`.")
@@ -202,15 +239,20 @@ class Scheduler:
             "samples": 2,
             "seed": 0,
         }
-        job_id = await jobs_db.create_job(self.store.db, "train", user_id, params,
-                                          channel_id=channel_id, message_id=message_id)
-        self.wake()
-        return await self._with_position(job_id)
+        return await jobs_db.create_job(self.store.db, "train", user_id, params,
+                                        channel_id=channel_id, message_id=message_id)
 
     async def enqueue_generate(self, user_id: int, request: dict[str, Any], *,
                                variation_of: dict[str, int] | None = None, channel_id: int | None = None,
                                message_id: int | None = None) -> tuple[Job, int | None]:
         """Queue an /imagine request with the person's own active model."""
+        async with self.user_lock(user_id):
+            job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id)
+        self.wake()
+        return await self._with_position(job_id)
+
+    async def _create_generation(self, user_id: int, request: dict[str, Any], variation_of: dict[str, int] | None,
+                                 channel_id: int | None, message_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
         if model is None or user is None:
@@ -225,10 +267,8 @@ class Scheduler:
         class_word = model.metadata.get("class_word", user.class_word)
         params = {"request": request, "model_id": model.id, "adapter_key": adapter_key(model.id),
                   "handle": handle, "class_word": class_word, "variation_of": variation_of}
-        job_id = await jobs_db.create_job(self.store.db, "generate", user_id, params,
-                                          channel_id=channel_id, message_id=message_id)
-        self.wake()
-        return await self._with_position(job_id)
+        return await jobs_db.create_job(self.store.db, "generate", user_id, params,
+                                        channel_id=channel_id, message_id=message_id)
 
     async def _with_position(self, job_id: int) -> tuple[Job, int | None]:
         job = await jobs_db.get_job(self.store.db, job_id)
@@ -251,11 +291,13 @@ class Scheduler:
         return cancelled
 
     async def forget(self, user_id: int) -> dict[str, int]:
-        """Stop the person's jobs, drop their LoRAs from the workers, then delete all their data."""
-        await self.cancel_user_jobs(user_id)
-        for model in await models_db.list_models(self.store.db, user_id):
-            await self.runner.forget_adapter(adapter_key(model.id))
-        return await forget_user(self.store, user_id)
+        """Stop the person's jobs, drop their LoRAs from the workers, then delete all their data
+        (after any photo being stored or job being queued for them right now)."""
+        async with self.user_lock(user_id):
+            await self.cancel_user_jobs(user_id)
+            for model in await models_db.list_models(self.store.db, user_id):
+                await self.runner.forget_adapter(adapter_key(model.id))
+            return await forget_user(self.store, user_id)
 
     # ----- events from workers -----------------------------------------------------------------
     async def _on_event(self, job_id: int, event: Event) -> None:
@@ -285,6 +327,9 @@ class Scheduler:
             await self.observer.job_updated(job, event)
         elif kind == "checkpoint":
             await self._store_checkpoint(job, event)
+        elif kind == "done" and job.cancel_requested:  # it ended before it heard of the cancel
+            await jobs_db.finish_job(self.store.db, job_id, "cancelled", error="The job was cancelled.")
+            await self._finished(job, {})
         elif kind == "done":
             outcome = await self._store_result(job, event["result"])
             self._last_progress_write.pop(job_id, None)
@@ -293,8 +338,7 @@ class Scheduler:
         elif kind == "error":
             if event.get("code") == "cancelled":
                 await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=event["message"])
-                finished = await jobs_db.get_job(self.store.db, job_id)
-                await self.observer.job_finished(finished or job, {})
+                await self._finished(job, {})
             else:
                 await self._fail(job, event["message"])
         elif kind == "worker_lost":
@@ -309,8 +353,15 @@ class Scheduler:
 
     async def _fail(self, job: Job, message: str) -> None:
         await jobs_db.finish_job(self.store.db, job.id, "failed", error=message)
-        finished = await jobs_db.get_job(self.store.db, job.id)
-        await self.observer.job_finished(finished or job, {})
+        await self._finished(job, {})
+
+    async def _finished(self, job: Job, outcome: dict[str, Any]) -> None:
+        """Tell the owner that a job which made no model has ended, and remove its checkpoint: a
+        failed or cancelled training is not resumed (a new /train starts afresh)."""
+        finished = await jobs_db.get_job(self.store.db, job.id) or job
+        if finished.checkpoint_path:
+            self.store.files.delete(finished.checkpoint_path, finished.owner)
+        await self.observer.job_finished(finished, outcome)
 
     async def _store_checkpoint(self, job: Job, event: Event) -> None:
         path = self.store.files.write(job.owner, "checkpoints", event["data"], ".zip")

@@ -49,6 +49,9 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
     try:
         job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)
     except Refused as exc:
+        # The first followup would take over the public "thinking" message, whatever its own flags
+        # say: remove that first, so the refusal reaches only the person who pressed (as /imagine).
+        await interaction.delete_original_response()
         await interaction.followup.send(exc.message, ephemeral=True)
         return
     bot.notifier.attach_interaction(job.id, interaction)

@@ -42,8 +42,12 @@ async def accept_photo(store: Storage, owner: int, data: bytes, filename: str, l
     except IntakeError as exc:
         return IntakeOutcome(filename, error=exc.message)
     path = store.files.write(owner, "photos", photo.png, ".png")
-    photo_id = await photos_db.add_photo(
-        store.db, owner, sha256=photo.sha256, phash=photo.phash, path=path, byte_size=len(photo.png),
-        width=photo.width, height=photo.height, face_box=photo.face_box, quality_flags=list(photo.flags))
+    try:
+        photo_id = await photos_db.add_photo(
+            store.db, owner, sha256=photo.sha256, phash=photo.phash, path=path, byte_size=len(photo.png),
+            width=photo.width, height=photo.height, face_box=photo.face_box, quality_flags=list(photo.flags))
+    except BaseException:  # e.g. the person was deleted meanwhile: no photo file without its row
+        store.files.delete(path, owner)
+        raise
     log.info("user photo %d stored (%d flags)", photo_id, len(photo.flags))
     return IntakeOutcome(filename, photo_id=photo_id, warnings=photo.warnings)

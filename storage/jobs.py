@@ -46,6 +46,7 @@ class Job:
     attempts: int
     checkpoint_path: str | None
     cancel_requested: bool
+    restarts: int  # bot restarts that interrupted it (apart from `attempts`, which count workers lost)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -208,12 +209,14 @@ async def requeue_interrupted(db: Database, now: float | None = None, all_runnin
     """Put running jobs whose lease has expired back in the queue; return their ids in id order.
 
     At bot start, with ``all_running=True``, every running job is interrupted by definition (no
-    worker survives the bot), whatever its lease says. Params, attempts and checkpoint are kept,
+    worker survives the bot), whatever its lease says: its claim is not counted as an attempt (its
+    worker did not fail it), its ``restarts`` go up by one instead. Params and checkpoint are kept,
     so training resumes from its last checkpoint. An interrupted job whose owner had asked to
     cancel it is cancelled instead of queued again.
     """
     now = time.time() if now is None else now
     interrupted = "state = 'running' AND (? OR lease_expires_at IS NULL OR lease_expires_at < ?)"
+    restarted = int(all_running)
     async with db.transaction() as tx:
         await tx.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, worker_id = NULL, "
@@ -221,9 +224,9 @@ async def requeue_interrupted(db: Database, now: float | None = None, all_runnin
             (now, now, int(all_running), now),
         )
         rows = await tx.fetchall(
-            "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ? "
-            f"WHERE {interrupted} RETURNING id",
-            (now, int(all_running), now),
+            "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ?, "
+            f"attempts = max(attempts - ?, 0), restarts = restarts + ? WHERE {interrupted} RETURNING id",
+            (now, restarted, restarted, int(all_running), now),
         )
     return sorted(row["id"] for row in rows)
 

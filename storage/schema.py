@@ -94,7 +94,13 @@ _V2 = [
     "CREATE INDEX generations_by_message ON generations (message_id)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+# Step 3: bot restarts counted apart from attempts, so a restart does not use up the one retry a
+# job gets when its worker dies.
+_V3 = [
+    "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 LATEST_VERSION = len(MIGRATIONS)
 
 

@@ -174,3 +174,27 @@ async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_tok
     assert payload["job_id"] == 2 and queue == worker_queue("w1") and "lora" not in payload["blobs"]
     assert new_token != old_token and runner.redis.get(token_key(2)).decode() == new_token
     assert runner._riders == {} and runner.idle_capacity("train") == 0
+
+
+async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_reported_lost(redis_url):
+    """Bookkeeping of CeleryRunner alone: a generation goes to the own queue of the idle worker that
+    holds the person's LoRA; that worker stops before taking it. Nobody else reads that queue, so
+    the job must be reported lost (the scheduler sends it again), and the worker's place freed."""
+    from trainer.celery_runner import _Known
+    from trainer.jobs import WorkItem
+
+    runner, seen, sent = CeleryRunner(redis_url), [], []
+
+    async def on_event(job_id, event):
+        seen.append((job_id, event["type"]))
+    runner._on_event = on_event
+    runner._workers = {"w1": _Known(), "w2": _Known(adapters={"alice"})}
+    runner._live_names = lambda: {"w1"}  # w2's heartbeat has expired
+    runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs["queue"])
+    await runner.submit(WorkItem(5, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    assert sent == [worker_queue("w2")]
+    await runner.submit(WorkItem(6, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    assert sent[1] != worker_queue("w2")  # w2 has a job waiting for it already
+    await runner._refresh_workers()
+    assert seen == [(5, "worker_lost")]
+    assert 5 not in runner._tokens and runner.workers == ["w1"]

@@ -191,6 +191,9 @@ def test_class_images_are_cached_per_model_class_and_resolution(tmp_path: Path) 
     assert cache_key("tiny", "a photo of a woman", 64) != cache_key("other", "a photo of a woman", 64)
     assert Image.open(first.paths[0]).size == (64, 64)
     assert not list(cache.rglob("*.tmp"))
+    first.paths[1].write_bytes(b"")  # left empty by a crash
+    mended = ensure_class_images(pipe, "tiny", "a photo of a woman", 64, 3, cache, steps=2)
+    assert mended.generated == 1 and Image.open(first.paths[1]).size == (64, 64)
 
 
 def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""End to end: /photos with its contact sheet, removing one photo, clearing all, /help and /handle rules."""
+"""End to end: /photos with its contact sheet, removing one photo, clearing all, /help and /handle rules,
+and a /train whose progress DM cannot be sent."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import re
 import pytest
 from PIL import Image
 
+from storage import jobs as jobs_db
 from storage import photos as photos_db
-from tests.e2e import e2e_settings, last_text, running_bot, selfie
+from tests.e2e import e2e_settings, last_text, ready_to_train, running_bot, selfie
+from tests.test_scheduler import FakeRunner
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +49,23 @@ async def test_photos_sheet_remove_one_and_clear_all(fake, tmp_path):
         assert [p.id for p in left] == [kept[0].id, kept[2].id]
         assert not (tmp_path / kept[1].path).exists()
 
+        async def remove(number: str) -> str:  # by the number the (unchanged) contact sheet shows
+            opened = await fake.press_button(alice, sheet_message, labels["Remove a photo"])
+            await fake.wait_for(lambda: opened.callback_type == 9, timeout=10)
+            submitted = await fake.submit_modal(alice, opened, {"Photo number (from the contact sheet)": number})
+            return await fake.wait_for(lambda: last_text(submitted), timeout=10)
+
+        assert await remove("3") == "Removed photo #3. You have 1 left."
+        assert [p.id for p in await photos_db.list_photos(run.store.db, alice.id)] == [kept[0].id]
+        assert await remove("2") == "Photo #2 was already removed. You have 1 left."
+        assert [p.id for p in await photos_db.list_photos(run.store.db, alice.id)] == [kept[0].id]
+
         clear = await fake.press_button(alice, sheet_message, labels["Clear all"])
         question = await fake.wait_for(lambda: clear.original, timeout=10)
         assert "Delete **all** your photos?" in question.content
         yes = next(b["custom_id"] for b in question.buttons if b["label"] == "Yes, delete them")
         await fake.press_button(alice, question, yes)
-        await fake.wait_for(lambda: clear.original.content == "Deleted 2 photos.", timeout=10)
+        await fake.wait_for(lambda: clear.original.content == "Deleted 1 photo.", timeout=10)
         assert await photos_db.count_photos(run.store.db, alice.id) == 0
         assert list((tmp_path / "users").rglob("*.png")) == []
     assert fake.unknown_routes == []
@@ -95,3 +109,20 @@ async def test_help_handle_rules_failures_and_a_message_without_photos(fake, tmp
             fake.dm_channel_of(alice),
             lambda m: m.from_bot and not m.ephemeral and "Send me your selfies as attachments" in m.content)
     assert fake.unknown_routes == []
+
+
+async def test_a_training_whose_progress_dm_cannot_be_sent_is_not_started(fake, tmp_path):
+    """Someone who closed their DMs to the bot after sending photos: the training would run unseen
+    and its results go nowhere, so it is not started, and they are told what to change."""
+    alice = fake.add_user("alice")
+    async with running_bot(fake, e2e_settings(fake, tmp_path), runner=FakeRunner(capacity=0)) as run:
+        await ready_to_train(fake, alice, "zqalice")
+        alice.accepts_dms = False
+        train = await fake.invoke_command(alice, "train", in_guild=True)
+        await fake.wait_for(lambda: "couldn't send you a direct message" in last_text(train), timeout=30)
+        assert "Sorry, something went wrong" not in last_text(train)
+        assert [j.state for j in await jobs_db.jobs_for_user(run.store.db, alice.id)] == ["cancelled"]
+
+        alice.accepts_dms = True
+        again = await fake.invoke_command(alice, "train", in_guild=True)  # not "already training"
+        await fake.wait_for(lambda: "Training queued" in last_text(again), timeout=30)

@@ -89,3 +89,30 @@ def test_a_queued_job_says_when_no_worker_is_online_to_take_it():
     assert queued_text(3, no_worker=True) == f"Queued (position 3). {NO_WORKER_ONLINE}"
     assert queued_text(3) == "Queued (position 3)."
     assert queued_text(None, no_worker=True) == "Starting…"
+
+
+async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypatch):
+    """After a public "thinking" deferral Discord turns the first followup into that public message,
+    whatever its flags say: the refusal must come after the deferral is deleted."""
+    from types import SimpleNamespace
+    from unittest.mock import AsyncMock, MagicMock
+
+    from bot.scheduler import Refused
+    from bot.views import _queue_generation
+    from storage import generations as generations_db
+
+    generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}})
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
+    calls = MagicMock()  # one parent records the order of the calls below
+    for name in ("defer", "delete_original_response", "send"):
+        setattr(calls, name, AsyncMock())
+    interaction = SimpleNamespace(
+        user=SimpleNamespace(id=7),
+        client=SimpleNamespace(store=SimpleNamespace(db=None), scheduler=SimpleNamespace(
+            enqueue_generate=AsyncMock(side_effect=Refused("You already have 3 pictures waiting.")))),
+        response=SimpleNamespace(defer=calls.defer), delete_original_response=calls.delete_original_response,
+        followup=SimpleNamespace(send=calls.send))
+    await _queue_generation(interaction, 1, None)
+    assert [c[0] for c in calls.mock_calls] == ["defer", "delete_original_response", "send"]
+    assert calls.send.await_args.kwargs == {"ephemeral": True}
+    assert calls.send.await_args.args == ("You already have 3 pictures waiting.",)

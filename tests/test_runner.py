@@ -134,6 +134,24 @@ def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_comp
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/operators/choice"
 
 
+def test_a_new_worker_removes_what_a_killed_one_left_in_its_folder(tmp_path):
+    """A worker killed mid-training (OOM killer, power cut) leaves the person's checkpoint and LoRA in
+    its scratch folder; the next worker on that folder removes them, and leaves other folders alone."""
+    from trainer.worker import Worker
+
+    work = tmp_path / "w"
+    (work / "job7-abc" / "out").mkdir(parents=True)
+    (work / "job7-abc" / "out" / "zqalice_kohya.safetensors").write_bytes(b"lora")
+    (work / "adapters").mkdir()
+    (work / "adapters" / "model-3.safetensors").write_bytes(b"lora")
+    (work / "stray.tmp").write_bytes(b"x")
+    (tmp_path / "classes").mkdir()
+    (tmp_path / "classes" / "woman-0.png").write_bytes(b"png")
+    worker = Worker(WorkerConfig("tiny", "cpu", str(work), str(tmp_path / "classes")))
+    assert [p.relative_to(work).as_posix() for p in work.rglob("*")] == ["adapters"]
+    assert worker._adapter_files.is_dir() and (tmp_path / "classes" / "woman-0.png").exists()
+
+
 def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_worker_is_ready(
         monkeypatch, tmp_path):
     from trainer import events

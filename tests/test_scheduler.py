@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import load_settings
-from bot.scheduler import Refused, Scheduler
+from bot.scheduler import MAX_RESTARTS, Refused, Scheduler
 from storage import generations as generations_db
 from storage import jobs as jobs_db
 from storage import models as models_db
@@ -235,6 +235,143 @@ async def test_restart_requeues_running_jobs(tmp_path):
     assert runner.submitted[0].job_id == job.id
     await second.stop()
     await store.close()
+
+
+async def test_a_restart_does_not_use_up_the_retry_a_lost_worker_gets(tmp_path):
+    settings = load_settings({"DISCORD_TOKEN": "t" * 30, "DATA_DIR": str(tmp_path), "MIN_PHOTOS": "2"}, env_file=None)
+    store = await Storage.open(tmp_path)
+    await _ready_to_train(store, ALICE, "zqalice")
+    first = Scheduler(store, FakeRunner(), settings, Recorder())
+    await first.start()
+    job, _ = await first.enqueue_train(ALICE)
+    await asyncio.sleep(0.05)
+    await first.stop()  # the bot restarts while the job runs
+    runner = FakeRunner()
+    second = Scheduler(store, runner, settings, Recorder())
+    await second.start()
+    await asyncio.sleep(0.05)
+    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    await asyncio.sleep(0.05)
+    again = await jobs_db.get_job(store.db, job.id)
+    assert (again.state, again.attempts, again.restarts) == ("running", 2, 1)  # re-queued and running again
+    await second.stop()
+    await store.close()
+
+
+async def test_jobs_ended_at_a_restart_are_told_to_their_owners(tmp_path):
+    settings = load_settings({"DISCORD_TOKEN": "t" * 30, "DATA_DIR": str(tmp_path), "MIN_PHOTOS": "2"}, env_file=None)
+    store = await Storage.open(tmp_path)
+    await _ready_to_train(store, ALICE, "zqalice")
+    await _ready_to_train(store, BOB, "zqbob")
+    first = Scheduler(store, FakeRunner(capacity=2), settings, Recorder())
+    await first.start()
+    worn, _ = await first.enqueue_train(ALICE)
+    dropped, _ = await first.enqueue_train(BOB)
+    await asyncio.sleep(0.05)
+    await first.runner.on_event(worn.id, {"type": "checkpoint", "step": 3, "data": b"ckpt"})
+    await first.stop()
+    await store.db.execute("UPDATE jobs SET restarts = ? WHERE id = ?", (MAX_RESTARTS - 1, worn.id))
+    await jobs_db.request_cancel(store.db, dropped.id)  # asked to cancel while the bot was down
+    observer = Recorder()
+    second = Scheduler(store, FakeRunner(capacity=0), settings, observer)
+    await second.start()
+    assert sorted(observer.finished) == [(worn.id, "failed", {}), (dropped.id, "cancelled", {})]
+    assert "interrupted too many times" in (await jobs_db.get_job(store.db, worn.id)).error
+    assert list((tmp_path / "users").rglob("*.zip")) == []  # an ended training's checkpoint goes
+    await second.stop()
+    await store.close()
+
+
+async def test_two_requests_at_once_cannot_pass_one_check(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    runner.capacity = 0
+    trains = await asyncio.gather(scheduler.enqueue_train(ALICE), scheduler.enqueue_train(ALICE),
+                                  return_exceptions=True)
+    assert sorted(type(r).__name__ for r in trains) == ["Refused", "tuple"]
+    await _give_model(store, ALICE, "zqalice")
+    pictures = await asyncio.gather(*(scheduler.enqueue_generate(ALICE, {"prompt": "x"}) for _ in range(5)),
+                                    return_exceptions=True)
+    assert [type(r).__name__ for r in pictures].count("tuple") == 2  # MAX_QUEUED_GENERATIONS
+    assert await jobs_db.count_jobs(store.db, ALICE, "generate", ("queued",)) == 2
+
+
+async def test_a_cancel_between_claim_and_hand_over_reaches_the_worker(env):
+    """The cancel finds no worker holding the job yet; the scheduler passes it on once one does."""
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    original_submit = runner.submit
+
+    async def slow_hand_over(item: WorkItem) -> None:
+        await scheduler.cancel_user_jobs(ALICE)  # arrives while the job is claimed, not yet submitted
+        runner.cancelled.clear()  # as a runner with no worker holding the job: the cancel is lost
+        await original_submit(item)
+
+    runner.submit = slow_hand_over
+    job, _ = await scheduler.enqueue_train(ALICE)
+    for _ in range(100):
+        if runner.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert runner.cancelled == [job.id]
+    # A worker that finishes before it hears of the cancel: the job ends cancelled, no model is kept.
+    await runner.emit(job.id, {"type": "done", "result": {"lora": b"L", "metadata": {}, "steps": 1,
+                                                          "final_loss": 0.1, "samples": []}})
+    assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled"
+    assert await models_db.list_models(store.db, ALICE) == []
+
+
+async def test_a_job_that_cannot_be_prepared_fails_kindly_instead_of_hanging(env, caplog):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    photo = (await photos_db.list_photos(store.db, ALICE))[0]
+    (store.data_dir / photo.path).unlink()  # a stored file gone from the disk
+    job, _ = await scheduler.enqueue_train(ALICE)
+    for _ in range(100):
+        if observer.finished:
+            break
+        await asyncio.sleep(0.02)
+    failed = await jobs_db.get_job(store.db, job.id)
+    assert failed.state == "failed" and failed.error.startswith("Sorry, something went wrong on my side (reference")
+    assert "Traceback" not in failed.error and runner.submitted == []
+    reference = failed.error.split("`")[1]
+    assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)
+    await scheduler.enqueue_train(ALICE)  # nothing is left blocking a new training
+
+
+async def test_forget_waits_for_photos_being_stored_and_then_removes_them_too(env):
+    from types import SimpleNamespace
+    from unittest.mock import AsyncMock
+
+    from bot.cogs.photos import PhotosCog
+
+    store, runner, observer, scheduler = env
+    held: list[bool] = []
+
+    async def take_photos(user_id, attachments):  # as the cog stores a DM's photos
+        held.append(scheduler.user_lock(user_id).locked())
+        await _ready_to_train(store, ALICE, "zqalice")
+        return "Kept 2 photos"
+
+    cog = PhotosCog(SimpleNamespace(scheduler=scheduler))
+    cog.take_photos = take_photos
+    message = SimpleNamespace(author=SimpleNamespace(id=ALICE, bot=False), guild=None, attachments=["a", "b"],
+                              reply=AsyncMock(), channel=SimpleNamespace(send=AsyncMock()))
+    await cog.on_message(message)
+    assert held == [True]  # the intake holds the person's lock
+    message.reply.assert_awaited_once_with("Kept 2 photos", mention_author=False)
+
+    lock = scheduler.user_lock(ALICE)
+    await lock.acquire()  # a DM's photos being stored
+    forgetting = asyncio.create_task(scheduler.forget(ALICE))
+    await asyncio.sleep(0.05)
+    assert not forgetting.done()
+    path = store.files.write(ALICE, "photos", b"late", ".png")
+    await photos_db.add_photo(store.db, ALICE, sha256="late", phash=9, path=path, byte_size=4, width=1, height=1)
+    lock.release()
+    await forgetting
+    assert await users_db.get_user(store.db, ALICE) is None
+    assert not (store.data_dir / "users" / str(ALICE)).exists()
 
 
 async def test_forget_cancels_and_drops_adapters(env):

@@ -83,3 +83,17 @@ async def test_a_late_result_for_a_forgotten_person_is_refused(store):
     await forget_user(store, ALICE)
     with pytest.raises(aiosqlite.IntegrityError, match="FOREIGN KEY"):
         await generations_db.add_generation(store.db, ALICE, None, None, "p", "", [1], {}, [])
+
+
+async def test_a_photo_that_arrives_as_its_owner_is_forgotten_leaves_no_file(store):
+    """The photo was checked before /forget and is stored after it: its row cannot be added any more
+    (the person is gone), and the file written just before must not stay behind."""
+    from storage.accept import accept_photo
+    from storage.intake import IntakeLimits
+    from tests.e2e import selfie
+
+    await users_db.ensure_user(store.db, ALICE)
+    await forget_user(store, ALICE)
+    with pytest.raises(aiosqlite.IntegrityError):
+        await accept_photo(store, ALICE, selfie(1), "late.jpg", IntakeLimits(), max_photos=30)
+    assert [p for p in (store.data_dir / "users").rglob("*") if p.is_file()] == []

@@ -175,6 +175,11 @@ async def test_at_start_every_running_job_is_requeued_and_cancelled_ones_end(db)
     await jobs_db.request_cancel(db, c)
     assert await jobs_db.requeue_interrupted(db, now=1.0, all_running=True) == [a, b]
     assert [(await jobs_db.get_job(db, j)).state for j in (a, b, c)] == ["queued", "queued", "cancelled"]
+    # A restart is not the worker's failure: the claim it interrupted is given back, and counted apart.
+    assert [((job := await jobs_db.get_job(db, j)).attempts, job.restarts) for j in (a, b)] == [(0, 1), (0, 1)]
+    assert (await jobs_db.claim_next_job(db, "w", 3600, now=2.0)).id == b  # pictures go first
+    assert await jobs_db.requeue_interrupted(db, now=3.0, all_running=True) == [b]
+    assert [((job := await jobs_db.get_job(db, j)).attempts, job.restarts) for j in (a, b)] == [(0, 1), (0, 2)]
 
 
 async def test_requeue_one_lost_job(db):

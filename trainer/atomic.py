@@ -27,8 +27,21 @@ def disk_errors(what: str) -> Iterator[None]:
         raise
 
 
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], what: str = "file") -> Path:
-    """Call `write(tmp)` for a temporary file next to `path`, then rename it into place."""
+    """Call `write(tmp)` for a temporary file next to `path`, then rename it into place.
+
+    The data reach the disk before the rename, and the rename before this returns: after a power
+    cut the file is whole or absent, never a name with nothing behind it (an empty class picture
+    in the shared cache would break every later training of that class).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -36,7 +49,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], what: str = "file") 
     try:
         with disk_errors(what):
             write(tmp)
+            _fsync(tmp)
             os.replace(tmp, path)
+            if os.name == "posix":  # a folder cannot be opened for fsync on Windows
+                _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

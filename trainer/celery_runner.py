@@ -191,14 +191,15 @@ class CeleryRunner(JobRunner):
         free = self._free()
         return free if kind == "train" else free + len(self._trainings_without_rider())
 
-    def _queue_for(self, item: WorkItem) -> str:
+    def _queue_for(self, item: WorkItem) -> tuple[str, str | None]:
+        """The queue to send `item` to, and the one worker that reads it (None: any worker)."""
         key = item.params.get("adapter_key")
         busy = {w for w in self._running_on.values() if w}
         for name, known in self._workers.items():
             if key and key in known.adapters and name not in busy:
                 item.blobs.pop("lora", None)  # that worker holds it already
-                return worker_queue(name)
-        return SHARED_QUEUE
+                return worker_queue(name), name
+        return SHARED_QUEUE, None
 
     async def submit(self, item: WorkItem) -> None:
         riding = self._trainings_without_rider() if item.kind == "generate" and not self._free() else []
@@ -206,10 +207,13 @@ class CeleryRunner(JobRunner):
             await self._send_rider(item, riding)
             return
         token = uuid.uuid4().hex
-        queue = self._queue_for(item)
+        queue, reader = self._queue_for(item)
         payload = wire.dumps(wire.item_to_dict(item))
         await asyncio.to_thread(self.redis.set, token_key(item.job_id), token, ex=TOKEN_TTL_S)
-        self._tokens[item.job_id], self._running_on[item.job_id] = token, None
+        # A job sent to one worker's own queue is that worker's from now on: should it go away before
+        # taking the job, nobody else reads that queue, and the job is reported lost (and sent again
+        # with a new token, which voids the entry left in the queue).
+        self._tokens[item.job_id], self._running_on[item.job_id] = token, reader
         self._kinds[item.job_id] = item.kind
         await asyncio.to_thread(self.app.send_task, TASK, args=[payload, token], queue=queue)
         log.info("job %d (%s) sent to %s", item.job_id, item.kind, queue)
@@ -234,6 +238,6 @@ class CeleryRunner(JobRunner):
         await asyncio.to_thread(self.redis.set, cancel_key(job_id), 1, ex=TOKEN_TTL_S)
 
     async def forget_adapter(self, key: str) -> None:
-        for name, known in self._workers.items():
+        for name, known in list(self._workers.items()):  # workers may join or leave during the awaits
             known.adapters.discard(key)
             await asyncio.to_thread(self.redis.rpush, evict_key(name), key)

@@ -59,7 +59,8 @@ def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, r
         write_bytes_atomic(info, json.dumps({"base_model": base_model, "prompt": prompt,
                                              "resolution": resolution}).encode(), "class image cache")
     paths = [folder / f"{i:05d}.png" for i in range(count)]
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    # An empty file is what a crash of a system without atomic renames can leave: made again.
+    missing = [i for i, p in enumerate(paths) if not p.exists() or p.stat().st_size == 0]
     if missing:
         log.info("generating %d class images for %r", len(missing), prompt)
         pipe.set_progress_bar_config(disable=True)

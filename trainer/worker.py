@@ -65,6 +65,16 @@ def starting_detail(part: str, elapsed_s: float) -> str:
     return f"{STARTING_DETAIL}: {part}, {so_far}; {START_TAKES}"
 
 
+def clear_folder(folder: Path) -> None:
+    """Make `folder` exist and hold nothing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def pack_path(path: Path) -> bytes:
     """A checkpoint (file or folder) as bytes, so it can travel to the bot and back."""
     buffer = io.BytesIO()
@@ -97,14 +107,15 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.work_dir = Path(config.work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._pipeline: Any = None
         self._engine: Any = None
-        # A cache of LoRA files for the engine. A new worker process holds no adapter, and the bot
-        # sends the file again to a worker that does not hold it, so files of an earlier run (which
-        # may belong to people who have since asked to be forgotten) are removed.
+        # The folder is this worker's scratch space alone. What an earlier run left there (a killed
+        # training's checkpoint and LoRA, cached LoRA files) may belong to people who have since
+        # asked to be forgotten, and nothing in it outlives a run: the bot sends every job's files
+        # again, so all of it goes.
+        clear_folder(self.work_dir)
+        # A cache of LoRA files for the engine; a new worker process holds no adapter.
         self._adapter_files = self.work_dir / "adapters"
-        shutil.rmtree(self._adapter_files, ignore_errors=True)
         self._adapter_files.mkdir()
         if config.compile_cache_dir:
             # Read by inductor when it first compiles; an operator's own setting wins.

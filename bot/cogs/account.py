@@ -139,8 +139,10 @@ class ConfirmForget(discord.ui.View):
 
     @discord.ui.button(label="Delete everything", style=discord.ButtonStyle.danger)
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        # Deferred first: forgetting waits for any photo of theirs being stored right now.
+        await interaction.response.defer()
         await self.bot.scheduler.forget(self.owner)
-        await interaction.response.edit_message(content="Done. I no longer have anything of yours.", view=None)
+        await interaction.edit_original_response(content="Done. I no longer have anything of yours.", view=None)
 
     @discord.ui.button(label="Keep my data", style=discord.ButtonStyle.secondary)
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import discord
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MESSAGE_LIMIT = 2000  # characters Discord accepts in one message
+
+
+def _grouped(outcomes: list[IntakeOutcome], reason: Callable[[IntakeOutcome], str]) -> list[str]:
+    """One line per distinct reason, naming every file it applies to, in the order they came: ten
+    photos refused for one reason read as one reason, not ten copies of it."""
+    names: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        names.setdefault(reason(outcome), []).append(f"`{outcome.filename}`")
+    return [f"• {', '.join(files)}" + (f": {why}" if why else "") for why, files in names.items()]
+
 
 def summarise(outcomes: list[IntakeOutcome], total: int, cap: int, needed: int) -> str:
     """One reply per DM: what was kept (with warnings), what was refused and why, and what's next."""
@@ -30,11 +43,10 @@ def summarise(outcomes: list[IntakeOutcome], total: int, cap: int, needed: int) 
     lines: list[str] = []
     if kept:
         lines.append(f"**Kept {len(kept)} photo{'s' if len(kept) != 1 else ''}:**")
-        for o in kept:
-            lines.append(f"• `{o.filename}`" + (f": {' '.join(o.warnings)}" if o.warnings else ""))
+        lines += _grouped(kept, lambda o: " ".join(o.warnings))
     if refused:
         lines.append(f"**Refused {len(refused)}:**")
-        lines += [f"• `{o.filename}`: {o.error}" for o in refused]
+        lines += _grouped(refused, lambda o: o.error or "")
     lines.append(f"You have **{total} of {cap}** photos.")
     if total >= needed:
         lines.append("You're ready to `/train`!" if total < cap else
@@ -44,10 +56,24 @@ def summarise(outcomes: list[IntakeOutcome], total: int, cap: int, needed: int) 
     return "\n".join(lines)
 
 
+def message_chunks(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """`text` in messages Discord accepts, split between lines (inside a line only if it alone is
+    longer than `limit`), so a long summary arrives whole instead of being rejected."""
+    chunks: list[str] = []
+    for line in text.split("\n"):
+        while len(line) > limit:
+            chunks.append(line[:limit])
+            line = line[limit:]
+        if chunks and len(chunks[-1]) + 1 + len(line) <= limit:
+            chunks[-1] += "\n" + line
+        else:
+            chunks.append(line)
+    return chunks
+
+
 class PhotosCog(commands.Cog):
     def __init__(self, bot: AvatarBot) -> None:
         self.bot = bot
-        self._locks: dict[int, asyncio.Lock] = {}
 
     @property
     def limits(self) -> IntakeLimits:
@@ -61,11 +87,23 @@ class PhotosCog(commands.Cog):
             await message.channel.send("Send me your selfies as attachments here (up to 10 per message). "
                                        "`/help` explains the rest.")
             return
-        # One person's messages are handled in order, so counts and duplicate checks stay exact.
-        lock = self._locks.setdefault(message.author.id, asyncio.Lock())
-        async with lock:
-            reply = await self.take_photos(message.author.id, message.attachments)
-        await message.reply(reply, mention_author=False)
+        # One person's messages are handled in order, so counts and duplicate checks stay exact, and
+        # /forget waits for the photos being stored (the scheduler's lock for this person).
+        try:
+            async with self.bot.scheduler.user_lock(message.author.id):
+                reply = await self.take_photos(message.author.id, message.attachments)
+        except Exception:
+            reference = uuid.uuid4().hex[:8]
+            log.exception("taking photos failed (reference %s)", reference)
+            reply = (f"Sorry, something went wrong on my side while storing these photos (reference "
+                     f"`{reference}`). `/photos` shows the ones I kept; please send the others again later.")
+        try:
+            first, *rest = message_chunks(reply)
+            await message.reply(first, mention_author=False)
+            for chunk in rest:
+                await message.channel.send(chunk)
+        except discord.HTTPException:
+            log.warning("could not send the photo summary", exc_info=True)
 
     async def take_photos(self, user_id: int, attachments: list[discord.Attachment]) -> str:
         settings = self.bot.settings
@@ -102,40 +140,41 @@ class PhotosCog(commands.Cog):
         if flagged:
             text += "\nFlagged: " + "; ".join(flagged)
         await interaction.followup.send(text, file=discord.File(io.BytesIO(sheet), "photos.png"),
-                                        view=PhotosView(self.bot, interaction.user.id), ephemeral=True)
+                                        view=PhotosView(self.bot, interaction.user.id, [p.id for p in photos]),
+                                        ephemeral=True)
 
 
 class RemoveModal(discord.ui.Modal, title="Remove a photo"):
     number: discord.ui.TextInput = discord.ui.TextInput(label="Photo number (from the contact sheet)",
                                                         max_length=3)
 
-    def __init__(self, bot: AvatarBot, owner: int) -> None:
+    def __init__(self, bot: AvatarBot, owner: int, sheet: list[int]) -> None:
         super().__init__()
-        self.bot, self.owner = bot, owner
+        self.bot, self.owner, self.sheet = bot, owner, sheet
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        photos = await photos_db.list_photos(self.bot.store.db, self.owner)
-        try:
-            photo = photos[int(self.number.value) - 1]
-            if int(self.number.value) < 1:
-                raise IndexError
-        except (ValueError, IndexError):
+        """Remove the photo the contact sheet shows under that number: the sheet is not redrawn
+        after a removal, so its numbers, not the current order, say which photo is meant."""
+        number = self.number.value.strip()
+        if not number.isdigit() or not 1 <= int(number) <= len(self.sheet):
             await interaction.response.send_message(
-                f"There is no photo number {self.number.value!r}; pick 1 to {len(photos)}.", ephemeral=True)
+                f"There is no photo number {self.number.value!r}; pick 1 to {len(self.sheet)}.", ephemeral=True)
             return
-        await photos_db.delete_photo(self.bot.store, self.owner, photo.id)
-        await interaction.response.send_message(
-            f"Removed photo #{self.number.value}. You have {len(photos) - 1} left.", ephemeral=True)
+        removed = await photos_db.delete_photo(self.bot.store, self.owner, self.sheet[int(number) - 1])
+        left = await photos_db.count_photos(self.bot.store.db, self.owner)
+        done = f"Removed photo #{number}." if removed else f"Photo #{number} was already removed."
+        await interaction.response.send_message(f"{done} You have {left} left.", ephemeral=True)
 
 
 class PhotosView(discord.ui.View):
-    def __init__(self, bot: AvatarBot, owner: int) -> None:
+    def __init__(self, bot: AvatarBot, owner: int, sheet: list[int]) -> None:
+        """`sheet`: the ids of the photos on the contact sheet, in its numbering."""
         super().__init__(timeout=600)
-        self.bot, self.owner = bot, owner
+        self.bot, self.owner, self.sheet = bot, owner, sheet
 
     @discord.ui.button(label="Remove a photo", style=discord.ButtonStyle.secondary)
     async def remove(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        await interaction.response.send_modal(RemoveModal(self.bot, self.owner))
+        await interaction.response.send_modal(RemoveModal(self.bot, self.owner, self.sheet))
 
     @discord.ui.button(label="Clear all", style=discord.ButtonStyle.danger)
     async def clear(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
@@ -153,7 +192,8 @@ class ConfirmClear(discord.ui.View):
         removed = 0
         for photo in await photos_db.list_photos(self.bot.store.db, self.owner):
             removed += await photos_db.delete_photo(self.bot.store, self.owner, photo.id)
-        await interaction.response.edit_message(content=f"Deleted {removed} photos.", view=None)
+        await interaction.response.edit_message(content=f"Deleted {removed} photo{'s' if removed != 1 else ''}.",
+                                                view=None)
 
     @discord.ui.button(label="Keep them", style=discord.ButtonStyle.secondary)
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:

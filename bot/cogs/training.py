@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import discord
@@ -15,6 +16,12 @@ from storage import jobs as jobs_db
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
+
+log = logging.getLogger(__name__)
+
+DMS_NEEDED = ("I couldn't send you a direct message, and that is where I show a training's progress and "
+              "its results, so I didn't start it. Please allow direct messages from me (this server's "
+              "Privacy Settings, or Discord's), then run `/train` again. Your photos are kept.")
 
 
 class TrainingCog(commands.Cog):
@@ -32,10 +39,16 @@ class TrainingCog(commands.Cog):
             await reply(interaction, exc.message)
             return
         # Progress goes to a DM message edited with the bot token: it outlives the interaction.
-        dm = interaction.user.dm_channel or await interaction.user.create_dm()
         no_worker = self.bot.scheduler.waiting_for_a_worker()
-        message = await dm.send(render_progress(f"Training your model (job #{job.id})", {}, position,
-                                                no_worker=no_worker))
+        try:
+            dm = interaction.user.dm_channel or await interaction.user.create_dm()
+            message = await dm.send(render_progress(f"Training your model (job #{job.id})", {}, position,
+                                                    no_worker=no_worker))
+        except discord.HTTPException:  # DMs closed to the bot, or Discord failing: no training unseen
+            log.warning("could not open the progress DM of job %d; cancelling it", job.id, exc_info=True)
+            await self.bot.scheduler.cancel_user_jobs(interaction.user.id, kind="train")
+            await reply(interaction, DMS_NEEDED)
+            return
         await jobs_db.set_job_message(self.bot.store.db, job.id, dm.id, message.id)
         where = "in our DMs" if interaction.guild else "below"
         await reply(interaction, f"Training queued (position {position or 1}). I'll keep a progress "

@@ -198,3 +198,27 @@ async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_rep
     await runner._refresh_workers()
     assert seen == [(5, "worker_lost")]
     assert 5 not in runner._tokens and runner.workers == ["w1"]
+
+
+def test_an_idle_worker_unloads_a_forgotten_persons_lora_at_its_next_heartbeat(redis_url, tmp_path):
+    """After /forget, a worker with no task to run must not keep the person's weights loaded until its
+    next task; a worker in a task unloads them once the task ends (the engine is busy meanwhile)."""
+    from trainer.celery_worker import CeleryWorker, evict_key
+    from trainer.runner import WorkerConfig
+
+    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    unloaded: list[str] = []
+    worker.worker.evict = unloaded.append
+    worker.worker.adapter_file("model-7").write_bytes(b"lora")
+    worker.redis.rpush(evict_key("w9"), "model-7")
+    worker.beat_once()
+    assert unloaded == ["model-7"] and not worker.worker.adapter_file("model-7").exists()
+
+    with worker._busy:  # a task is running
+        worker.worker.adapter_file("model-8").write_bytes(b"lora")
+        worker.redis.rpush(evict_key("w9"), "model-8")
+        worker.beat_once()
+        assert unloaded == ["model-7"] and not worker.worker.adapter_file("model-8").exists()
+    worker.beat_once()
+    assert unloaded == ["model-7", "model-8"]
+    worker.stop()

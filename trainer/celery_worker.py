@@ -109,6 +109,7 @@ class CeleryWorker:
         self.current: int | None = None
         self._evicted: list[str] = []
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while a task runs: one thread at a time uses the engine
         self._stop = threading.Event()
         self._last_rider_poll = 0.0
 
@@ -118,23 +119,33 @@ class CeleryWorker:
 
     def _beat(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.redis.set(worker_key(self.name), wire.dumps({"busy": self.current}), ex=WORKER_TTL_S)
-                while (key := self.redis.lpop(evict_key(self.name))) is not None:
-                    key = key.decode()
-                    self.worker.adapter_file(key).unlink(missing_ok=True)  # the file goes at once
-                    with self._lock:
-                        self._evicted.append(key)
-            except redis.RedisError as exc:
-                log.warning("heartbeat to Redis failed: %s", exc)
+            self.beat_once()
             self._stop.wait(HEARTBEAT_S)
+
+    def beat_once(self) -> None:
+        """Say this worker is alive, and take the adapters to forget: their files go at once, their
+        weights when no task uses the engine (now, if the worker is idle, else after the task)."""
+        try:
+            self.redis.set(worker_key(self.name), wire.dumps({"busy": self.current}), ex=WORKER_TTL_S)
+            while (key := self.redis.lpop(evict_key(self.name))) is not None:
+                key = key.decode()
+                self.worker.adapter_file(key).unlink(missing_ok=True)
+                with self._lock:
+                    self._evicted.append(key)
+        except redis.RedisError as exc:
+            log.warning("heartbeat to Redis failed: %s", exc)
+        if self._busy.acquire(blocking=False):
+            try:
+                self._apply_evictions()
+            finally:
+                self._busy.release()
 
     def stop(self) -> None:
         self._stop.set()
         self.redis.delete(worker_key(self.name))
 
     def _apply_evictions(self) -> None:
-        """Unload forgotten adapters from the engine; only between jobs, when nothing uses them."""
+        """Unload forgotten adapters from the engine; only with `_busy` held, when nothing uses them."""
         with self._lock:
             keys, self._evicted = self._evicted, []
         for key in keys:
@@ -143,15 +154,16 @@ class CeleryWorker:
     # ---- the task ----------------------------------------------------------------------------
     def run(self, payload: str, token: str) -> None:
         """The Celery task: one job, then any generation left waiting for this worker's training."""
-        self._apply_evictions()
-        item = wire.item_from_dict(wire.loads(payload))
-        self.current = item.job_id
-        try:
-            self._run_one(item, token, between_steps=self._serve_riders_now_and_then)
-        finally:
-            self.current = None
-            self._serve_riders()
+        with self._busy:
             self._apply_evictions()
+            item = wire.item_from_dict(wire.loads(payload))
+            self.current = item.job_id
+            try:
+                self._run_one(item, token, between_steps=self._serve_riders_now_and_then)
+            finally:
+                self.current = None
+                self._serve_riders()
+                self._apply_evictions()
 
     def _run_one(self, item: WorkItem, token: str, between_steps: Callable[[], None] | None = None) -> None:
         job_id = item.job_id

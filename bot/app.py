@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import discord
+import redis
 from discord import app_commands
 from discord.ext import commands
 
@@ -139,4 +140,19 @@ def run_bot(settings: Settings) -> int:
         return 2
     except KeyboardInterrupt:
         log.info("stopped")
+    except discord.Forbidden as exc:
+        log.error("Discord refused a request (%s). If DEV_GUILD_ID is set, it must be a server the bot "
+                  "has joined; invite the bot there or leave DEV_GUILD_ID empty.", exc.text or exc.status)
+        return 1
+    except redis.RedisError as exc:
+        log.error("Could not use Redis (%s). With JOB_BACKEND=celery the bot needs the Redis server of "
+                  "REDIS_URL: start it, or fix REDIS_URL.", exc)
+        return 1
+    except (discord.HTTPException, OSError) as exc:  # aiohttp's connection errors are OSErrors
+        log.error("Could not reach Discord (%s). Check this machine's network (and DISCORD_API_BASE if "
+                  "set), then start the bot again.", exc)
+        return 1
+    except Exception:  # logged here, through the filter that keeps secrets out of the log
+        log.exception("the bot stopped on an unexpected error")
+        return 1
     return 0

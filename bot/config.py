@@ -6,6 +6,7 @@ them are reported together, so that a person fixes their configuration in one pa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -20,6 +21,7 @@ from trainer.runner import parse_switch
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BACKENDS = ("local", "celery")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class ConfigError(Exception):
@@ -137,9 +139,16 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
     if settings.job_backend not in _BACKENDS:
         problems.append(f"JOB_BACKEND={settings.job_backend!r} is unknown; use one of {', '.join(_BACKENDS)}.")
     for name in ("max_photos", "min_photos", "max_photo_mb", "train_steps", "train_rank",
-                 "train_resolution", "class_images"):
+                 "class_images", "max_queued_generations", "max_prompt_chars"):
         if getattr(settings, name) < 1:
             problems.append(f"{ENV_NAMES[name]} must be at least 1.")
+    if not (math.isfinite(settings.train_learning_rate) and settings.train_learning_rate > 0):
+        problems.append("TRAIN_LEARNING_RATE must be a positive number (1e-4 suits LoRA DreamBooth).")
+    if not (math.isfinite(settings.progress_interval_s) and settings.progress_interval_s >= 0):
+        problems.append("PROGRESS_INTERVAL_S must be 0 or a positive number of seconds.")
+    if settings.job_backend == "celery" and not settings.redis_url.startswith(_REDIS_SCHEMES):
+        problems.append(f"REDIS_URL must start with {', '.join(_REDIS_SCHEMES)} "
+                        "(e.g. redis://localhost:6379/0).")
     if settings.train_checkpoint_every < 0:
         problems.append("TRAIN_CHECKPOINT_EVERY must be 0 (no checkpoints) or a positive number of steps.")
     if settings.train_preview_every < 0:
@@ -148,8 +157,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
     if settings.min_photos > settings.max_photos:
         problems.append("MIN_PHOTOS is larger than MAX_PHOTOS; nobody could ever train.")
-    if settings.train_resolution % 8:
-        problems.append("TRAIN_RESOLUTION must be a multiple of 8 (512 for SD1.5).")
+    if settings.train_resolution % 8 or settings.train_resolution < 64:
+        problems.append("TRAIN_RESOLUTION must be a multiple of 8, at least 64 (512 for SD1.5).")
     for name in ("discord_api_base", "discord_gateway_url"):
         url = getattr(settings, name)
         scheme = ("http://", "https://") if name == "discord_api_base" else ("ws://", "wss://")

@@ -234,6 +234,7 @@ class Scheduler:
                 "num_class_images": self.settings.class_images,
                 "checkpoint_every": self.settings.train_checkpoint_every,
                 "preview_every": self.settings.train_preview_every,
+                "min_photos": self.settings.min_photos,  # the worker checks it again
             },
             "sample_steps": 25,
             "samples": 2,

@@ -113,7 +113,8 @@ def test_a_celery_worker_compiles_for_generation_unless_told_not_to(monkeypatch:
     assert build_parser().parse_args(["worker", "--compile-cache", "/x"]).compile_cache == Path("/x")
 
 
-def test_a_celery_worker_compiles_the_bots_training_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_celery_worker_compiles_the_bots_training_unless_told_not_to(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.cli import build_parser
 
     for name in ("COMPILE_TRAINING", "TRAIN_RANK"):
@@ -125,3 +126,11 @@ def test_a_celery_worker_compiles_the_bots_training_unless_told_not_to(monkeypat
     monkeypatch.setenv("TRAIN_RANK", "32")
     args = build_parser().parse_args(["worker"])
     assert (args.compile_training, args.train_rank) == (False, 32)
+    # A blank value (a .env shared with the bot) means the default; a wrong one fails only `worker`, kindly.
+    monkeypatch.setenv("TRAIN_RANK", " ")
+    monkeypatch.setenv("START_HELPERS", "auto")
+    assert build_parser().parse_args(["worker", "--start-helpers", "1"]).train_rank == 16
+    assert build_parser().parse_args(["make-model", "tiny", "out"]).kind == "tiny"
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["worker"])
+    assert refused.value.code == 2 and "invalid int value: 'auto'" in capsys.readouterr().err

@@ -36,6 +36,14 @@ def test_defaults_and_types(tmp_path):
         ({"MIN_PHOTOS": "40"}, "MIN_PHOTOS is larger than MAX_PHOTOS"),
         ({"DISCORD_API_BASE": "ftp://x"}, "DISCORD_API_BASE='ftp://x' must start with http:// or https://."),
         ({"COMPILE_GENERATION": "maybe"}, "COMPILE_GENERATION='maybe' is not on or off; use 1 or 0."),
+        # Values the trainer or the rules would refuse later, on every job: refused at start instead.
+        ({"TRAIN_RESOLUTION": "56"}, "TRAIN_RESOLUTION must be a multiple of 8, at least 64"),
+        ({"TRAIN_LEARNING_RATE": "-1"}, "TRAIN_LEARNING_RATE must be a positive number"),
+        ({"TRAIN_LEARNING_RATE": "nan"}, "TRAIN_LEARNING_RATE must be a positive number"),
+        ({"MAX_QUEUED_GENERATIONS": "0"}, "MAX_QUEUED_GENERATIONS must be at least 1."),
+        ({"MAX_PROMPT_CHARS": "0"}, "MAX_PROMPT_CHARS must be at least 1."),
+        ({"PROGRESS_INTERVAL_S": "-2"}, "PROGRESS_INTERVAL_S must be 0 or a positive number"),
+        ({"JOB_BACKEND": "celery", "REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
     ],
 )
 def test_each_problem_has_one_clear_line(tmp_path, env, expected):

@@ -1,9 +1,12 @@
-"""The Dockerfile cannot be built here (no Docker engine), so it is at least linted."""
+"""The Dockerfile cannot be built here (no Docker engine), so it is at least linted; the compose file
+and the Makefile's set-up are checked too."""
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,3 +22,23 @@ def test_compose_reserves_one_gpu_and_mounts_volumes():
     text = (ROOT / "docker-compose.yml").read_text()
     assert "driver: nvidia" in text and "count: 1" in text
     assert "/data" in text and "/hf-cache" in text
+
+
+def test_compose_takes_redis_url_from_env_and_falls_back_to_its_own_service():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert text.count("REDIS_URL: ${REDIS_URL:-redis://redis:6379/0}") == 2  # the bot and the worker
+
+
+def test_make_removes_a_half_made_environment_and_says_what_to_install(tmp_path):
+    """Where python3-venv is missing, `python3 -m venv` leaves a folder with a python and no pip;
+    the next `make run` must not take that folder for a finished environment."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/sh\nmkdir -p "$3/bin" && touch "$3/bin/python"\nexit 1\n')  # -m venv DIR
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-C", str(ROOT), "run", f"VENV={venv}", f"PYTHON={fake}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and not venv.exists()
+    assert "sudo apt install python3-venv" in done.stderr

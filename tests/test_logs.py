@@ -19,3 +19,45 @@ def test_secret_and_token_shapes_are_redacted(capsys):
     assert secret not in err and "plain-secret-value" not in err
     assert err.count(REDACTED) == 3
     assert "connecting with" in err and "RuntimeError" in err
+
+
+def test_interaction_tokens_are_redacted_and_discord_py_never_logs_at_debug(capsys):
+    token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDEyMzQ1Njc4OTpSb0h0ZUhYdA"
+    setup_logging("DEBUG")
+    logging.getLogger("discord.webhook.async_").info(
+        "Webhook ID 42 with POST https://discord.com/api/v10/interactions/123456789/%s/callback", token)
+    logging.getLogger("discord.gateway").debug("For Shard ID None: WebSocket Event: {'token': '%s'}", token)
+    logging.getLogger("bot.app").debug("the bot's own debug line")
+    err = capsys.readouterr().err
+    assert token not in err and f"/interactions/123456789/{REDACTED}/callback" in err
+    assert "WebSocket Event" not in err and "the bot's own debug line" in err
+    setup_logging("WARNING")
+    assert logging.getLogger("discord").getEffectiveLevel() == logging.WARNING
+
+
+def test_a_bot_that_cannot_start_says_why_in_one_line(monkeypatch, caplog):
+    """Settings that only fail once the bot talks to Discord or Redis end with a kind line, not a
+    traceback written past the log's redaction."""
+    import discord
+    import redis
+
+    from bot import app
+    from bot.config import Settings
+
+    settings = Settings(discord_token="t" * 30)
+    failures = {
+        discord.Forbidden(type("R", (), {"status": 403, "reason": "Forbidden"})(), "Missing Access"): "DEV_GUILD_ID",
+        redis.ConnectionError("Error 111 connecting to localhost:6379"): "REDIS_URL",
+        ConnectionRefusedError(111, "Connect call failed"): "Could not reach Discord",
+        ValueError("something nobody foresaw"): "unexpected error",
+    }
+    for error, says in failures.items():
+        async def serve(_settings, error=error):
+            raise error
+        monkeypatch.setattr(app, "serve", serve)
+        monkeypatch.setattr(app, "setup_logging", lambda *args, **kwargs: None)
+        caplog.clear()
+        assert app.run_bot(settings) == 1
+        [record] = [r for r in caplog.records if r.name == "bot.app"]
+        assert says in record.getMessage() and record.levelno == logging.ERROR
+        assert (record.exc_info is not None) == isinstance(error, ValueError)  # a traceback only when unforeseen

@@ -137,6 +137,10 @@ async def test_training_runs_with_photo_bytes_and_stores_model(env):
     item = runner.submitted[-1]
     assert item.kind == "train" and sorted(item.blobs["photos"]) == [b"png-1001-0", b"png-1001-1"]
     assert item.blobs["checkpoint"] is None
+    # The worker trains with the bot's rules: two photos are enough here (MIN_PHOTOS=2), not its own 5.
+    from trainer.dreambooth import TrainConfig
+
+    assert TrainConfig(**item.params["config"]).min_photos == 2
     await runner.emit(job.id, {"type": "progress", "stage": "training", "step": 5, "total": 10, "loss": 0.1,
                                "eta_s": 3})
     assert (await jobs_db.get_job(store.db, job.id)).progress["step"] == 5

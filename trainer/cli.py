@@ -285,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--no-compile-training", dest="compile_training", action="store_false",
                     default=parse_switch(os.environ.get("COMPILE_TRAINING", "1")) is not False,
                     help="do not compile the training step (COMPILE_TRAINING=0 does the same)")
-    wk.add_argument("--train-rank", type=int, default=int(os.environ.get("TRAIN_RANK", "16")),
+    # String defaults: argparse converts them only when `worker` runs, and says so kindly if they are
+    # not numbers; a blank value (as a shared .env may hold) means the default, as for the bot.
+    wk.add_argument("--train-rank", type=int, default=os.environ.get("TRAIN_RANK", "").strip() or "16",
                     help="the bot's TRAIN_RANK: the LoRA rank whose training is compiled at start")
-    wk.add_argument("--start-helpers", type=int, default=int(os.environ.get("START_HELPERS", "-1")),
+    wk.add_argument("--start-helpers", type=int, default=os.environ.get("START_HELPERS", "").strip() or "-1",
                     help="processes compiling parts of the worker's first start beside it: -1 as many as "
                          "the GPU and the CPUs allow, 0 none (START_HELPERS does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",

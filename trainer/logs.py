@@ -1,7 +1,10 @@
 """One logging set-up for every entry point (bot, worker processes, command line).
 
-Secrets must never reach a log line: a filter on the handler replaces the configured secrets and
-anything shaped like a Discord bot token before a record is written.
+Secrets must never reach a log line: a filter on the handler replaces the configured secrets,
+anything shaped like a Discord bot token, and the token part of interaction and webhook URLs
+before a record is written. discord.py's own loggers stay at INFO even when LOG_LEVEL=DEBUG: its
+debug lines carry every gateway event whole, interaction tokens and the signed links of the
+selfies people send included.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 # Discord bot tokens: base64 user id, a dot, a timestamp part, a dot, an HMAC part.
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9_-]{27,}")
+# Interaction and webhook tokens travel in URL paths (/interactions/<id>/<token>/callback).
+_URL_TOKEN = re.compile(r"(/(?:interactions|webhooks)/\d+/)[A-Za-z0-9_.-]{20,}")
 REDACTED = "[redacted]"
 
 
@@ -26,19 +31,20 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = _TOKEN_SHAPE.sub(REDACTED, message)
-        for secret in self._secrets:
-            cleaned = cleaned.replace(secret, REDACTED)
+        cleaned = self._clean(message)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            exc_text = _TOKEN_SHAPE.sub(REDACTED, record.exc_text)
-            for secret in self._secrets:
-                exc_text = exc_text.replace(secret, REDACTED)
-            record.exc_text = exc_text
+            record.exc_text = self._clean(record.exc_text)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+    def _clean(self, text: str) -> str:
+        text = _URL_TOKEN.sub(lambda m: m.group(1) + REDACTED, _TOKEN_SHAPE.sub(REDACTED, text))
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
 
 
 def setup_logging(level: str | int = "INFO", secrets: Iterable[str] = ()) -> None:
@@ -51,3 +57,4 @@ def setup_logging(level: str | int = "INFO", secrets: Iterable[str] = ()) -> Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
+    logging.getLogger("discord").setLevel(max(root.level, logging.INFO))

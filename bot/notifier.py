@@ -111,9 +111,10 @@ class Notifier:
             handle = job.params["handle"]
             hints = "\n".join(f"• `/imagine prompt:{hint}`" for hint in outcome.get("hints", []))
             files = [png_file(s["png"], f"sample-{i + 1}.png") for i, s in enumerate(outcome.get("samples", []))]
+            seen = (f"Here is **{handle}** as the model sees you." if files else
+                    f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**.")
             channel = await self._dm(job.owner)
-            await channel.send(f"Your model is trained. Here is **{handle}** as the model sees you.\n"
-                               f"Try these:\n{hints}", files=files)
+            await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
         elif job.state == "cancelled":
             await self._edit_progress_message(job, f"**{title_of(job)}**\nCancelled. Your photos are kept.")
         else:

@@ -182,3 +182,37 @@ def test_the_estimate_of_time_left_leaves_out_the_first_steps_compiling(tmp_path
     seen: list[dict] = []
     run_train(tmp_path, small(steps=4, prior_preservation=False), on_event=seen.append)
     assert [(e["step"], e["eta_s"]) for e in seen if e["type"] == "progress"] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]
+
+
+def test_a_model_whose_sample_pictures_fail_is_kept_without_them(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training is done and its LoRA saved when the samples are drawn: running out of memory
+    there (or any other failure) must not throw the model away."""
+    def fake_train(photos: Any, handle: str, class_word: str, config: TrainConfig, *, out_dir: Path,
+                   **kwargs: Any) -> Any:
+        out_dir.mkdir(parents=True)
+        (out_dir / "lora.safetensors").write_bytes(b"the person's LoRA")
+        return type("Result", (), {"lora_path": out_dir / "lora.safetensors", "kohya_path": None,
+                                   "metadata": {}, "steps": 50, "final_loss": 0.1})()
+
+    monkeypatch.setattr(dreambooth, "train", fake_train)
+    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
+    worker._pipeline = "pipe"
+
+    def out_of_memory(*args: Any) -> list[dict]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    def cancelled(*args: Any) -> list[dict]:
+        raise dreambooth.Cancelled()
+
+    item = WorkItem(job_id=1, kind="train", params={"handle": "sks", "class_word": "woman", "config": {}},
+                    blobs={"photos": []})
+    outcomes = []
+    for failure in (out_of_memory, cancelled):
+        seen: list[dict] = []
+        monkeypatch.setattr(worker, "_samples", failure)
+        worker.execute(item, seen.append, lambda: False)
+        outcomes.append(seen[-1])
+    assert outcomes[0]["type"] == "done" and outcomes[0]["result"]["lora"] == b"the person's LoRA"
+    assert outcomes[0]["result"]["samples"] == []
+    assert (outcomes[1]["type"], outcomes[1]["code"]) == ("error", "cancelled")  # a cancel still cancels

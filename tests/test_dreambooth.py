@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from bench.train_speed import PlainRecipe
@@ -293,6 +294,17 @@ def test_out_of_memory_is_explained_and_the_pipeline_restored(tmp_path: Path,
     assert not any("lora" in name for name, _ in pipe.unet.named_modules())
 
 
+def test_a_failed_preview_is_skipped_and_the_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(self: TrainingRun) -> bytes:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    monkeypatch.setattr(TrainingRun, "_preview", exhausted)
+    seen: list[events.Event] = []
+    result = run_train(tmp_path, small(steps=4, prior_preservation=False, preview_every=2), on_event=seen.append)
+    assert result.steps == 4 and result.lora_path.is_file()
+    assert not [e for e in seen if e["type"] in ("preview", "error")]
+
+
 def test_a_full_disk_is_reported_as_disk_full(tmp_path: Path) -> None:
     def no_space(path: Path) -> None:
         path.write_bytes(b"partial")
@@ -301,6 +313,18 @@ def test_a_full_disk_is_reported_as_disk_full(tmp_path: Path) -> None:
     with pytest.raises(DiskFull, match="disk is full"):
         write_atomic(tmp_path / "lora.safetensors", no_space, "trained model")
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file is left
+
+    def no_space_in_rust(path: Path) -> None:  # what safetensors' writer raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(DiskFull, match="disk is full"):
+        write_atomic(tmp_path / "checkpoint.safetensors", no_space_in_rust, "training checkpoint")
+
+    def unsupported(path: Path) -> None:
+        raise SafetensorError("Error while serializing: unsupported dtype")
+
+    with pytest.raises(SafetensorError):  # any other serializing error stays what it is
+        write_atomic(tmp_path / "x.safetensors", unsupported)
 
 
 def test_training_beside_loaded_adapters_is_isolated_and_leaves_them_as_they_were(tmp_path: Path) -> None:

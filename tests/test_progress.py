@@ -116,3 +116,20 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     assert [c[0] for c in calls.mock_calls] == ["defer", "delete_original_response", "send"]
     assert calls.send.await_args.kwargs == {"ephemeral": True}
     assert calls.send.await_args.args == ("You already have 3 pictures waiting.",)
+
+
+async def test_a_model_trained_without_sample_pictures_is_announced_without_them():
+    from types import SimpleNamespace
+    from unittest.mock import AsyncMock
+
+    from bot.notifier import Notifier
+
+    notifier, channel = Notifier(SimpleNamespace()), SimpleNamespace(send=AsyncMock())
+    notifier._dm = AsyncMock(return_value=channel)
+    job = SimpleNamespace(id=4, kind="train", state="succeeded", owner=5, params={"handle": "zqjane"},
+                          channel_id=None, message_id=None)
+    await notifier.job_finished(job, {"samples": [], "hints": ["zqjane person on the moon"]})
+    text, files = channel.send.await_args.args[0], channel.send.await_args.kwargs["files"]
+    assert files == [] and "Here is" not in text
+    assert "I couldn't draw its sample pictures this time; `/imagine` shows you **zqjane**." in text
+    assert "`/imagine prompt:zqjane person on the moon`" in text

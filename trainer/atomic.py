@@ -12,7 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from trainer.errors import DiskFull
+
+# How safetensors' Rust writer reports a full disk or quota: not as an OSError, only in its message.
+_FULL_IN_WORDS = (f"(os error {errno.ENOSPC})", f"(os error {errno.EDQUOT})")
 
 
 @contextmanager
@@ -20,8 +25,10 @@ def disk_errors(what: str) -> Iterator[None]:
     """Turn "no space left on device" into DiskFull with a message saying what could not be saved."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, SafetensorError) as exc:
+        full = (exc.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(exc, OSError)
+                else any(words in str(exc) for words in _FULL_IN_WORDS))
+        if full:
             raise DiskFull(f"The disk is full, so the {what} could not be saved. Free some space on the "
                            "server and try again.") from exc
         raise

@@ -606,7 +606,7 @@ class TrainingRun:
             if checkpoint_due:
                 self._checkpoint()
             if cfg.preview_every and self.step % cfg.preview_every == 0:
-                self.on_event(events.preview(self.step, self._preview()))
+                self._send_preview()
         self.losses += torch.stack(pending).float().cpu().tolist() if pending else []
         self.serve_waiting()  # before the save
 
@@ -649,6 +649,21 @@ class TrainingRun:
         self.on_event(events.checkpoint(self.step, str(path)))
 
     @torch.no_grad()
+    def _send_preview(self) -> None:
+        """A preview is a courtesy: one that fails (out of memory on a small card, say) is skipped,
+        and the training goes on."""
+        try:
+            image = self._preview()
+        except Cancelled:
+            raise
+        except Exception:
+            log.warning("the preview at step %d failed; the training goes on without it", self.step,
+                        exc_info=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return
+        self.on_event(events.preview(self.step, image))
+
     def _preview(self) -> bytes:
         cfg = self.config
         size = min(cfg.preview_resolution, cfg.resolution)

@@ -17,7 +17,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import write_atomic
+from trainer.atomic import disk_errors, write_atomic
 from trainer.family import Family
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -59,7 +59,8 @@ def save_diffusers(out_dir: Path, family: Family, states: dict[str, dict[str, to
     target = out_dir / DIFFUSERS_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
-        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        with disk_errors("trained model"):
+            family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         written = Path(tmp) / DIFFUSERS_NAME
         tensors = load_file(written)
         header = {**read_metadata(written), **metadata}

@@ -251,7 +251,14 @@ class Worker:
                 device=self.config.device, on_event=forward, should_cancel=should_cancel,
                 resume_from=resume_from, between_steps=between_steps,
             )
-            samples = self._samples(item, result.lora_path, emit, should_cancel, between_steps)
+            try:
+                samples = self._samples(item, result.lora_path, emit, should_cancel, between_steps)
+            except Cancelled:
+                raise
+            except Exception:  # the model is whole: it is kept, without its sample pictures
+                log.warning("job %d: drawing the sample pictures failed; the model is kept without them",
+                            item.job_id, exc_info=True)
+                samples = []
             return {
                 "lora": result.lora_path.read_bytes(),
                 "kohya": result.kohya_path.read_bytes() if result.kohya_path else None,

@@ -216,3 +216,39 @@ def test_a_model_whose_sample_pictures_fail_is_kept_without_them(tmp_path: Path,
     assert outcomes[0]["type"] == "done" and outcomes[0]["result"]["lora"] == b"the person's LoRA"
     assert outcomes[0]["result"]["samples"] == []
     assert (outcomes[1]["type"], outcomes[1]["code"]) == ("error", "cancelled")  # a cancel still cancels
+
+
+def test_a_checkpoint_that_cannot_be_used_costs_its_progress_not_the_job(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged archive, or one the trainer refuses (made for another base model, say): the worker
+    trains from the first step instead of failing the person's job."""
+    import io
+    import zipfile
+
+    resumed_from: list[Any] = []
+
+    def fake_train(photos: Any, handle: str, class_word: str, config: TrainConfig, *, out_dir: Path,
+                   resume_from: Path | None, **kwargs: Any) -> Any:
+        resumed_from.append(resume_from)
+        if resume_from is not None:
+            raise dreambooth.BadCheckpoint("The checkpoint was made with different settings (base_model).")
+        out_dir.mkdir(parents=True)
+        (out_dir / "lora.safetensors").write_bytes(b"LoRA")
+        return type("Result", (), {"lora_path": out_dir / "lora.safetensors", "kohya_path": None,
+                                   "metadata": {}, "steps": 50, "final_loss": 0.1})()
+
+    monkeypatch.setattr(dreambooth, "train", fake_train)
+    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
+    worker._pipeline = "pipe"
+    monkeypatch.setattr(worker, "_samples", lambda *args: [])
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as archive:
+        archive.writestr("checkpoint.safetensors", b"from the old base model")
+    for blob in (b"PK\x03\x04 cut short", packed.getvalue()):
+        resumed_from.clear()
+        seen: list[dict] = []
+        worker.execute(WorkItem(job_id=3, kind="train", params={"handle": "sks", "class_word": "woman",
+                                                               "config": {}}, blobs={"photos": [], "checkpoint": blob}),
+                       seen.append, lambda: False)
+        assert seen[-1]["type"] == "done" and seen[-1]["result"]["lora"] == b"LoRA"
+        assert resumed_from[-1] is None and len(resumed_from) == (1 if blob.startswith(b"PK\x03\x04 ") else 2)

@@ -157,6 +157,12 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path: Path) -> None
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(BadCheckpoint):
         run_train(tmp_path, small(), tag="third", resume_from=tmp_path / "junk.safetensors")
+    # The operator changed BASE_MODEL while the training waited: its LoRA belongs to the old one.
+    with pytest.raises(BadCheckpoint, match="base_model"):
+        train(make_photos(), HANDLE, CLASS, small(steps=4, checkpoint_every=2), pipeline=build_random_pipeline("tiny"),
+              base_model="another-sd15-finetune", out_dir=tmp_path / "fourth" / "out",
+              work_dir=tmp_path / "fourth" / "work", class_cache_dir=tmp_path / "class-cache", device="cpu",
+              resume_from=tmp_path / "first" / "work" / CHECKPOINT_NAME)
 
 
 def test_cancel_stops_within_one_step_and_restores_the_pipeline(tmp_path: Path) -> None:

@@ -134,6 +134,21 @@ def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_comp
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/operators/choice"
 
 
+def test_failures_a_person_cannot_mend_are_told_plainly_and_detailed_in_the_log(caplog):
+    import torch
+
+    from trainer.errors import ModelUnavailable
+    from trainer.worker import describe_failure
+
+    unavailable = describe_failure(ModelUnavailable("The model folder /srv/models/sd15 does not exist."))
+    assert unavailable["code"] == "model_unavailable" and "/srv/models" not in unavailable["message"]
+    assert "operator" in unavailable["message"] and "/srv/models/sd15" in caplog.text
+    oom = describe_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert oom["code"] == "out_of_memory" and "TRAIN_RESOLUTION" not in oom["message"]
+    unexpected = describe_failure(KeyError("unet"))
+    assert unexpected["code"] == "internal" and "KeyError" not in unexpected["message"]
+
+
 def test_a_new_worker_removes_what_a_killed_one_left_in_its_folder(tmp_path):
     """A worker killed mid-training (OOM killer, power cut) leaves the person's checkpoint and LoRA in
     its scratch folder; the next worker on that folder removes them, and leaves other folders alone."""

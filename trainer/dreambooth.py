@@ -342,8 +342,10 @@ class TrainingRun:
         if self.resume_from is None:
             return None
         state = load_checkpoint(Path(self.resume_from))
-        mine = self.config.to_dict()
-        different = [k for k in RESUME_FIELDS if state.config.get(k) != mine.get(k)]
+        mine = {**self.config.to_dict(), "base_model": self.base_model}
+        # Checkpoints from before the base model was recorded have none: those are taken as they were.
+        different = [k for k in (*RESUME_FIELDS, "base_model")
+                     if (k != "base_model" or "base_model" in state.config) and state.config.get(k) != mine.get(k)]
         if different:
             raise BadCheckpoint("The checkpoint was made with different settings "
                                 f"({', '.join(different)}), so the training cannot continue from it.")
@@ -447,15 +449,19 @@ class TrainingRun:
 
     def _restore(self, state: TrainState) -> None:
         missing = set(self.params) ^ set(state.params)
-        if missing:
+        if missing or any(param.shape != state.params[key].shape for key, param in self.params.items()):
             raise BadCheckpoint("The checkpoint does not match this model's LoRA layers, so the training "
                                 "cannot continue from it.")
+        try:
+            self.generator.set_state(state.rng)
+        except (RuntimeError, ValueError) as exc:  # a CPU generator's state on a GPU, or the reverse
+            raise BadCheckpoint("The checkpoint was made on another kind of device, so the training cannot "
+                                "continue from it.") from exc
         with torch.no_grad():
             for key, param in self.params.items():
                 param.copy_(state.params[key])
         self._copy_masters_to_lora()
         self.optimizer.load_state_dict(state.optimizer)
-        self.generator.set_state(state.rng)
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         self.step, self.losses = state.step, list(state.losses)
@@ -645,7 +651,8 @@ class TrainingRun:
         save_checkpoint(path, TrainState(
             step=self.step, params={k: p.detach() for k, p in self.params.items()},
             optimizer=self.optimizer.state_dict(), rng=self.generator.get_state(), losses=list(self.losses),
-            config=self.config.to_dict(), scaler=self.scaler.state_dict() if self.scaler else None))
+            config={**self.config.to_dict(), "base_model": self.base_model},
+            scaler=self.scaler.state_dict() if self.scaler else None))
         self.on_event(events.checkpoint(self.step, str(path)))
 
     @torch.no_grad()

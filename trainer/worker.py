@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer import events, gc_pauses, start_helpers
-from trainer.errors import Cancelled, OutOfMemory, TrainerError
+from trainer.errors import BadCheckpoint, Cancelled, ModelUnavailable, OutOfMemory, TrainerError
 from trainer.events import Event, EventSink
 from trainer.jobs import WorkItem
 from trainer.logs import setup_logging
@@ -89,15 +89,21 @@ def pack_path(path: Path) -> bytes:
 
 
 def unpack_to(data: bytes, folder: Path) -> Path:
-    """Undo `pack_path` into `folder`; returns the checkpoint path the trainer resumes from."""
+    """Undo `pack_path` into `folder`; returns the checkpoint path the trainer resumes from.
+    A damaged or empty archive raises BadCheckpoint."""
     folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for name in archive.namelist():
-            target = (folder / name).resolve()
-            if not target.is_relative_to(folder.resolve()):
-                raise ValueError("checkpoint archive escapes its folder")
-        archive.extractall(folder)
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            for name in names:
+                target = (folder / name).resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    raise ValueError("checkpoint archive escapes its folder")
+            if not names:
+                raise ValueError("empty checkpoint archive")
+            archive.extractall(folder)
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise BadCheckpoint(f"The stored checkpoint cannot be unpacked ({exc}).") from exc
     return folder / names[0] if len(names) == 1 else folder
 
 
@@ -236,7 +242,10 @@ class Worker:
         try:
             resume_from = None
             if item.blobs.get("checkpoint"):
-                resume_from = unpack_to(item.blobs["checkpoint"], scratch / "resume")
+                try:
+                    resume_from = unpack_to(item.blobs["checkpoint"], scratch / "resume")
+                except BadCheckpoint as exc:
+                    log.warning("job %d: %s Training from the first step.", item.job_id, exc.message)
 
             def forward(event: Event) -> None:
                 if event["type"] == "checkpoint":  # the bot keeps checkpoints: send the bytes
@@ -244,13 +253,30 @@ class Worker:
                     event.pop("path")
                 emit(event)
 
-            result = train(
-                item.blobs["photos"], params["handle"], params["class_word"], self._train_config(params["config"]),
-                pipeline=pipeline, base_model=self.config.base_model, out_dir=scratch / "out",
-                work_dir=scratch / "checkpoints", class_cache_dir=Path(self.config.class_cache_dir),
-                device=self.config.device, on_event=forward, should_cancel=should_cancel,
-                resume_from=resume_from, between_steps=between_steps,
-            )
+            def run(resume: Path | None) -> Any:
+                return train(
+                    item.blobs["photos"], params["handle"], params["class_word"],
+                    self._train_config(params["config"]), pipeline=pipeline, base_model=self.config.base_model,
+                    out_dir=scratch / "out", work_dir=scratch / "checkpoints",
+                    class_cache_dir=Path(self.config.class_cache_dir), device=self.config.device,
+                    on_event=forward, should_cancel=should_cancel, resume_from=resume, between_steps=between_steps,
+                )
+
+            try:
+                result = run(resume_from)
+            except OutOfMemory as exc:  # the trainer's advice is for whoever sets the training up
+                raise OutOfMemory("The GPU ran out of memory while training your model. Please try again "
+                                  "later; if it keeps happening, the server's operator can lower "
+                                  "TRAIN_RESOLUTION or TRAIN_RANK.") from exc
+            except BadCheckpoint as exc:
+                if resume_from is None:
+                    raise
+                # Damaged, or made for another base model (the operator changed BASE_MODEL) or another
+                # kind of device: its progress is lost, the job is not.
+                log.warning("job %d: its checkpoint cannot be used (%s); training from the first step",
+                            item.job_id, exc.message)
+                emit(events.stage("preparing", "the saved progress could not be used; starting again"))
+                result = run(None)
             try:
                 samples = self._samples(item, result.lora_path, emit, should_cancel, between_steps)
             except Cancelled:
@@ -339,11 +365,15 @@ class Worker:
 
 def describe_failure(exc: BaseException) -> Event:
     """Turn any exception from a job into an error event a person can read."""
+    if isinstance(exc, ModelUnavailable):  # the operator's to mend: the details (paths, hints) go to the log
+        log.error("the base model is unavailable: %s", exc.message)
+        return events.error("The GPU worker could not load its base model, so it cannot run jobs until the "
+                            "server's operator fixes that (the details are in the worker's log).", exc.code)
     if isinstance(exc, TrainerError):
         return events.error(exc.message, exc.code)
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
-        oom = OutOfMemory("The GPU ran out of memory. Try fewer images at once, a smaller size, or ask the "
-                          "operator to lower TRAIN_RESOLUTION / TRAIN_RANK.")
+        oom = OutOfMemory("The GPU ran out of memory. Try fewer or smaller pictures at once; if it keeps "
+                          "happening, tell the server's operator.")
         return events.error(oom.message, oom.code)
     if isinstance(exc, OSError) and exc.errno == 28:
         return events.error("The server's disk is full; the operator has to free some space.", "disk_full")

@@ -184,20 +184,27 @@ def test_the_estimate_of_time_left_leaves_out_the_first_steps_compiling(tmp_path
     assert [(e["step"], e["eta_s"]) for e in seen if e["type"] == "progress"] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]
 
 
+def _trained(out_dir: Path, lora: bytes) -> Any:
+    """What `dreambooth.train` returns, its LoRA file written, for a worker around a faked training."""
+    out_dir.mkdir(parents=True)
+    (out_dir / "lora.safetensors").write_bytes(lora)
+    return type("Result", (), {"lora_path": out_dir / "lora.safetensors", "kohya_path": None,
+                               "metadata": {}, "steps": 50, "final_loss": 0.1})()
+
+
+def _worker_around(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_train: Any) -> Worker:
+    monkeypatch.setattr(dreambooth, "train", fake_train)
+    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
+    worker._pipeline = "pipe"
+    return worker
+
+
 def test_a_model_whose_sample_pictures_fail_is_kept_without_them(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The training is done and its LoRA saved when the samples are drawn: running out of memory
     there (or any other failure) must not throw the model away."""
-    def fake_train(photos: Any, handle: str, class_word: str, config: TrainConfig, *, out_dir: Path,
-                   **kwargs: Any) -> Any:
-        out_dir.mkdir(parents=True)
-        (out_dir / "lora.safetensors").write_bytes(b"the person's LoRA")
-        return type("Result", (), {"lora_path": out_dir / "lora.safetensors", "kohya_path": None,
-                                   "metadata": {}, "steps": 50, "final_loss": 0.1})()
-
-    monkeypatch.setattr(dreambooth, "train", fake_train)
-    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
-    worker._pipeline = "pipe"
+    worker = _worker_around(tmp_path, monkeypatch,
+                            lambda *args, out_dir, **kwargs: _trained(out_dir, b"the person's LoRA"))
 
     def out_of_memory(*args: Any) -> list[dict]:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
@@ -232,14 +239,9 @@ def test_a_checkpoint_that_cannot_be_used_costs_its_progress_not_the_job(tmp_pat
         resumed_from.append(resume_from)
         if resume_from is not None:
             raise dreambooth.BadCheckpoint("The checkpoint was made with different settings (base_model).")
-        out_dir.mkdir(parents=True)
-        (out_dir / "lora.safetensors").write_bytes(b"LoRA")
-        return type("Result", (), {"lora_path": out_dir / "lora.safetensors", "kohya_path": None,
-                                   "metadata": {}, "steps": 50, "final_loss": 0.1})()
+        return _trained(out_dir, b"LoRA")
 
-    monkeypatch.setattr(dreambooth, "train", fake_train)
-    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
-    worker._pipeline = "pipe"
+    worker = _worker_around(tmp_path, monkeypatch, fake_train)
     monkeypatch.setattr(worker, "_samples", lambda *args: [])
     packed = io.BytesIO()
     with zipfile.ZipFile(packed, "w") as archive:

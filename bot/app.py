@@ -21,6 +21,7 @@ from trainer.logs import setup_logging
 from trainer.runner import (
     JobRunner,
     LocalProcessRunner,
+    NoSuchDevice,
     WorkerConfig,
     cpu_threads_per_worker,
     visible_devices,
@@ -140,6 +141,9 @@ def run_bot(settings: Settings) -> int:
         return 2
     except KeyboardInterrupt:
         log.info("stopped")
+    except NoSuchDevice as exc:
+        log.error("%s", exc)
+        return 2
     except discord.Forbidden as exc:
         log.error("Discord refused a request (%s). If DEV_GUILD_ID is set, it must be a server the bot "
                   "has joined; invite the bot there or leave DEV_GUILD_ID empty.", exc.text or exc.status)

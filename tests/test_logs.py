@@ -43,12 +43,14 @@ def test_a_bot_that_cannot_start_says_why_in_one_line(monkeypatch, caplog):
 
     from bot import app
     from bot.config import Settings
+    from trainer.runner import NoSuchDevice
 
     settings = Settings(discord_token="t" * 30)
     failures = {
         discord.Forbidden(type("R", (), {"status": 403, "reason": "Forbidden"})(), "Missing Access"): "DEV_GUILD_ID",
         redis.ConnectionError("Error 111 connecting to localhost:6379"): "REDIS_URL",
         ConnectionRefusedError(111, "Connect call failed"): "Could not reach Discord",
+        NoSuchDevice("DEVICE=cuda:3, but this machine shows 1 GPU, numbered from 0."): "DEVICE=cuda:3",
         ValueError("something nobody foresaw"): "unexpected error",
     }
     for error, says in failures.items():
@@ -57,7 +59,7 @@ def test_a_bot_that_cannot_start_says_why_in_one_line(monkeypatch, caplog):
         monkeypatch.setattr(app, "serve", serve)
         monkeypatch.setattr(app, "setup_logging", lambda *args, **kwargs: None)
         caplog.clear()
-        assert app.run_bot(settings) == 1
+        assert app.run_bot(settings) == (2 if isinstance(error, NoSuchDevice) else 1)  # 2: fix the settings
         [record] = [r for r in caplog.records if r.name == "bot.app"]
         assert says in record.getMessage() and record.levelno == logging.ERROR
         assert (record.exc_info is not None) == isinstance(error, ValueError)  # a traceback only when unforeseen

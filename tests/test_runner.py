@@ -12,7 +12,13 @@ import time
 import pytest
 
 from trainer.jobs import WorkItem
-from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
+from trainer.runner import (
+    LocalProcessRunner,
+    NoSuchDevice,
+    WorkerConfig,
+    cpu_threads_per_worker,
+    visible_devices,
+)
 from trainer.worker import FIRST_PART, STARTING_DETAIL, starting_detail
 
 
@@ -38,9 +44,13 @@ def test_one_worker_per_visible_gpu_or_the_requested_number_of_cpu_workers(monke
     assert visible_devices("auto", 0) == ["cuda:0", "cuda:1"]
     assert visible_devices("cuda", 1) == ["cuda:0"]
     assert visible_devices("cpu", 2) == ["cpu", "cpu"]
+    assert visible_devices("cuda:1", 0) == ["cuda:1"]
+    with pytest.raises(NoSuchDevice, match=r"DEVICE=cuda:2, but this machine shows 2 GPUs, numbered from 0"):
+        visible_devices("cuda:2", 0)  # every job on it would fail
     monkeypatch.setattr("trainer.runner._cuda_device_count", lambda: 0)
     assert visible_devices("auto", 0) == ["cpu"]
-    assert visible_devices("cuda:1", 0) == ["cuda:1"]
+    with pytest.raises(NoSuchDevice, match="shows no GPU"):
+        visible_devices("cuda:0", 0)
 
 
 class Pipe:

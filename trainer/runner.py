@@ -117,8 +117,18 @@ class _Slot:
     generation: int = 0
 
 
+class NoSuchDevice(Exception):
+    """DEVICE names a GPU this machine does not show; the message says what it shows."""
+
+
 def visible_devices(requested: str, workers: int) -> list[str]:
     """The device of each worker: one per visible GPU for 'auto'/'cuda', else `workers` copies."""
+    if requested.startswith("cuda:"):  # checked here, not at every job: a worker would fail them all
+        count = _cuda_device_count()
+        if int(requested.split(":", 1)[1]) >= count:
+            shows = f"{count} GPU{'s' if count != 1 else ''}, numbered from 0" if count else "no GPU"
+            raise NoSuchDevice(f"DEVICE={requested}, but this machine shows {shows}. Use DEVICE=auto, "
+                               "or a GPU it shows (CUDA_VISIBLE_DEVICES renumbers them from 0).")
     if requested in ("auto", "cuda"):
         count = _cuda_device_count()
         if count:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from pathlib import Path
 
 import discord
@@ -14,6 +13,7 @@ from discord.ext import commands
 
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
+from bot.error_reference import log_with_reference
 from bot.notifier import Notifier
 from bot.scheduler import Refused, Scheduler
 from storage.store import Storage
@@ -100,9 +100,7 @@ class AvatarBot(commands.Bot):
         elif isinstance(error, app_commands.CommandOnCooldown):
             message = f"Slow down a little; try again in {error.retry_after:.0f} s."
         else:
-            reference = uuid.uuid4().hex[:8]
-            log.error("command %s failed (reference %s)", getattr(interaction.command, "name", "?"), reference,
-                      exc_info=original)
+            reference = log_with_reference(log, f"command {getattr(interaction.command, 'name', '?')}", original)
             message = f"Sorry, something went wrong on my side (reference `{reference}`). Please try again later."
         await reply(interaction, message)
 

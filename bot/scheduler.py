@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any, Protocol
 
 from bot.config import Settings
+from bot.error_reference import log_with_reference
 from storage import generations as generations_db
 from storage import jobs as jobs_db
 from storage import models as models_db
@@ -170,8 +170,7 @@ class Scheduler:
     @staticmethod
     def _internal_error(doing: str) -> str:
         """Log the exception being handled under a reference, and say so kindly to the job's owner."""
-        reference = uuid.uuid4().hex[:8]
-        log.exception("%s failed (reference %s)", doing, reference)
+        reference = log_with_reference(log, doing)
         return (f"Sorry, something went wrong on my side (reference `{reference}`). "
                 "Please try again; if it keeps happening, tell the server's operator.")
 

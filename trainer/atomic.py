@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from storage.files import fsync_dir
 from trainer.errors import DiskFull
 
 # How safetensors' Rust writer reports a full disk or quota: not as an OSError, only in its message.
@@ -34,8 +35,8 @@ def disk_errors(what: str) -> Iterator[None]:
         raise
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -56,10 +57,9 @@ def write_atomic(path: Path, write: Callable[[Path], None], what: str = "file") 
     try:
         with disk_errors(what):
             write(tmp)
-            _fsync(tmp)
+            _fsync_file(tmp)
             os.replace(tmp, path)
-            if os.name == "posix":  # a folder cannot be opened for fsync on Windows
-                _fsync(path.parent)
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

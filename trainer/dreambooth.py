@@ -344,8 +344,8 @@ class TrainingRun:
         state = load_checkpoint(Path(self.resume_from))
         mine = {**self.config.to_dict(), "base_model": self.base_model}
         # Checkpoints from before the base model was recorded have none: those are taken as they were.
-        different = [k for k in (*RESUME_FIELDS, "base_model")
-                     if (k != "base_model" or "base_model" in state.config) and state.config.get(k) != mine.get(k)]
+        fields = RESUME_FIELDS + (("base_model",) if "base_model" in state.config else ())
+        different = [k for k in fields if state.config.get(k) != mine.get(k)]
         if different:
             raise BadCheckpoint("The checkpoint was made with different settings "
                                 f"({', '.join(different)}), so the training cannot continue from it.")

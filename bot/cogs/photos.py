@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.contact_sheet import contact_sheet
+from bot.error_reference import log_with_reference
 from storage import photos as photos_db
 from storage import users as users_db
 from storage.accept import IntakeOutcome, accept_photo
@@ -93,8 +93,7 @@ class PhotosCog(commands.Cog):
             async with self.bot.scheduler.user_lock(message.author.id):
                 reply = await self.take_photos(message.author.id, message.attachments)
         except Exception:
-            reference = uuid.uuid4().hex[:8]
-            log.exception("taking photos failed (reference %s)", reference)
+            reference = log_with_reference(log, "taking photos")
             reply = (f"Sorry, something went wrong on my side while storing these photos (reference "
                      f"`{reference}`). `/photos` shows the ones I kept; please send the others again later.")
         try:

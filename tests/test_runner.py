@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import sys
 import threading
 import time
 
 import pytest
 
+import trainer.runner as runner_module
 from trainer.jobs import WorkItem
 from trainer.runner import (
     LocalProcessRunner,
@@ -51,6 +53,16 @@ def test_one_worker_per_visible_gpu_or_the_requested_number_of_cpu_workers(monke
     assert visible_devices("auto", 0) == ["cpu"]
     with pytest.raises(NoSuchDevice, match="shows no GPU"):
         visible_devices("cuda:0", 0)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="an Apple machine may well have MPS")
+def test_mps_is_refused_at_start_on_a_machine_without_it(monkeypatch):
+    """Asked in a child process, as the bot's own process never imports torch; every job on a
+    missing device would fail."""
+    with pytest.raises(NoSuchDevice, match="DEVICE=mps, but this machine shows no Apple GPU"):
+        visible_devices("mps", 0)
+    monkeypatch.setattr("trainer.runner._ask_torch", lambda question: question is runner_module._has_mps)
+    assert visible_devices("mps", 2) == ["mps", "mps"]
 
 
 class Pipe:

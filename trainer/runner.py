@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 from trainer.events import Event
 from trainer.jobs import WorkItem
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EventHandler = Callable[[int, Event], Awaitable[None]]
 
@@ -118,12 +119,17 @@ class _Slot:
 
 
 class NoSuchDevice(Exception):
-    """DEVICE names a GPU this machine does not show; the message says what it shows."""
+    """DEVICE names a device this machine does not show; the message says what it shows."""
 
 
 def visible_devices(requested: str, workers: int) -> list[str]:
-    """The device of each worker: one per visible GPU for 'auto'/'cuda', else `workers` copies."""
-    if requested.startswith("cuda:"):  # checked here, not at every job: a worker would fail them all
+    """The device of each worker: one per visible GPU for 'auto'/'cuda', else `workers` copies.
+
+    A named device the machine lacks is refused here, at start: a worker on it would fail every job."""
+    if requested == "mps" and not _ask_torch(_has_mps):
+        raise NoSuchDevice("DEVICE=mps, but this machine shows no Apple GPU (MPS needs macOS 12.3 or later "
+                           "on Apple silicon, and a torch built with it). Use DEVICE=auto or DEVICE=cpu.")
+    if requested.startswith("cuda:"):
         count = _cuda_device_count()
         if int(requested.split(":", 1)[1]) >= count:
             shows = f"{count} GPU{'s' if count != 1 else ''}, numbered from 0" if count else "no GPU"
@@ -157,16 +163,26 @@ def cpu_threads_per_worker(devices: list[str]) -> int:
 
 
 def _cuda_device_count() -> int:
+    return _ask_torch(_count_gpus)
+
+
+def _ask_torch(question: Callable[[], T]) -> T:
     """Ask a throwaway child so that the bot's own process never initialises CUDA or imports torch."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_count_gpus)
+        return pool.apply(question)
 
 
 def _count_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _has_mps() -> bool:
+    import torch
+
+    return torch.backends.mps.is_available()
 
 
 class LocalProcessRunner(JobRunner):

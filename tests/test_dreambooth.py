@@ -106,18 +106,28 @@ def test_lora_files_carry_metadata_and_kohya_keys(tmp_path: Path) -> None:
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     config = small(steps=6, checkpoint_every=3, train_text_encoder=True, noise_offset=0.05)
-    straight = run_train(tmp_path, config, tag="straight")
-    checkpoint = tmp_path / "straight" / "work" / CHECKPOINT_NAME
-    assert load_checkpoint(checkpoint).step == 3
+    carried: dict[int, Path] = {}  # a new process gets only the checkpoint file the bot kept
 
-    # A new process: fresh pipeline, only the checkpoint file carried over.
-    moved = tmp_path / "carried.safetensors"
-    moved.write_bytes(checkpoint.read_bytes())
-    resumed = run_train(tmp_path, config, tag="resumed", resume_from=moved)
+    def keep(event: events.Event) -> None:
+        if event["type"] == "checkpoint":
+            carried[event["step"]] = tmp_path / f"carried-{event['step']}.safetensors"
+            carried[event["step"]].write_bytes(Path(event["path"]).read_bytes())
+
+    straight = run_train(tmp_path, config, tag="straight", on_event=keep)
+    assert sorted(carried) == [3, 6] and load_checkpoint(carried[3]).step == 3
+    resumed = run_train(tmp_path, config, tag="resumed", resume_from=carried[3])
     assert resumed.losses == straight.losses and resumed.steps == 6
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    # Stopped after its last step (saving, or drawing the sample pictures): nothing is trained again.
+    seen: list[events.Event] = []
+    finished = run_train(tmp_path, config, tag="finished", resume_from=carried[6], on_event=seen.append)
+    assert finished.losses == straight.losses and finished.steps == 6
+    assert not [e for e in seen if e["type"] == "progress" and e["stage"] == "training"]
+    c = load_file(finished.lora_path)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_bf16_training_keeps_fp32_masters_resumes_exactly_and_tracks_fp32(tmp_path: Path) -> None:
@@ -211,7 +221,7 @@ def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:
     progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "training"]
     assert progress[-1]["step"] == progress[-1]["total"] == 4 and progress[-1]["eta_s"] == 0
     assert all(e["loss"] > 0 and e["eta_s"] is not None for e in progress)
-    assert [e["step"] for e in seen if e["type"] == "checkpoint"] == [2]
+    assert [e["step"] for e in seen if e["type"] == "checkpoint"] == [2, 4]  # the last step's too
     class_progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "class_images"]
     assert class_progress[-1]["step"] == class_progress[-1]["total"] == 2
 

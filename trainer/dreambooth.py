@@ -96,7 +96,8 @@ class TrainConfig:
     - snr_gamma=5.0: Min-SNR weighting (Hang et al., 2023; gamma=5 is the paper's recommendation)
       evens out the loss across timesteps and converges faster; None turns it off.
     - noise_offset=0.0: off; it helps very dark or bright images but shifts skin tones in portraits.
-    - checkpoint_every=200: four resumable points in a default run; a LoRA checkpoint is a few MB.
+    - checkpoint_every=200: resumable points every 200 steps and after the last (stopped while saving
+      or drawing its samples, a job trains nothing again); a LoRA checkpoint is a few MB.
     - preview_every=0: previews cost a short generation each; callers turn them on.
     - lora_targets: the attention projections, as in diffusers' LoRA DreamBooth example.
     - adam_weight_decay=1e-2, max_grad_norm=1.0: diffusers' example defaults.
@@ -599,7 +600,9 @@ class TrainingRun:
             self.serve_waiting()
             pending.append(self.train_step())
             now = time.monotonic()
-            checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total
+            # The last step too: a job stopped while saving or drawing its sample pictures then
+            # resumes with nothing left to train.
+            checkpoint_due = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == total)
             if now - last_report >= REPORT_EVERY_S or self.step == total or checkpoint_due:
                 self.losses += torch.stack(pending).float().cpu().tolist()
                 pending.clear()

@@ -7,9 +7,11 @@ DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: run test lint venv clean-venv
 
-# A half-made environment (python3-venv missing: the folder exists, pip does not) is removed, so the
+# Python 3.11 or later (asyncio.timeout, datetime.UTC). A half-made environment (python3-venv missing: the folder exists, pip does not) is removed, so the
 # next `make` starts afresh instead of skipping this step.
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "This project needs Python 3.11 or later; $(PYTHON) is older. Install a newer one and run make again with PYTHON=python3.11 (or newer)." >&2; exit 1; }
 	@$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip || { rm -rf $(VENV); \
 	  echo "Could not set up a Python virtual environment in $(VENV). On Debian or Ubuntu: sudo apt install python3-venv, then run make again." >&2; exit 1; }
 

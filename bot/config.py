@@ -133,7 +133,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
     if require_token and not settings.discord_token:
         problems.append("DISCORD_TOKEN is not set.")
     if not _DEVICE.match(settings.device):
-        problems.append(f"DEVICE={settings.device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+        problems.append(f"DEVICE={settings.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
     if settings.log_level.upper() not in _LOG_LEVELS:
         problems.append(f"LOG_LEVEL={settings.log_level!r} is unknown; use one of {', '.join(_LOG_LEVELS)}.")
     if settings.job_backend not in _BACKENDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,19 @@ def test_a_celery_worker_compiles_the_bots_training_unless_told_not_to(monkeypat
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["worker"])
     assert refused.value.code == 2 and "invalid int value: 'auto'" in capsys.readouterr().err
+
+
+def test_a_celery_worker_reads_the_env_file_the_bot_shares_under_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trainer.cli import build_parser, worker_environment
+
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=secret\nTRAIN_RANK=7\nCOMPILE_GENERATION=0\n"
+                                   "REDIS_URL=redis://gpu-hub:6379/2\nDEVICE=cuda:1\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("DISCORD_TOKEN", "TRAIN_RANK", "COMPILE_GENERATION", "REDIS_URL", "DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DEVICE", "cuda:0")  # the environment wins, as for the bot
+    args = build_parser(worker_environment()).parse_args(["worker"])
+    assert (args.train_rank, args.compile, args.redis_url, args.device) == (7, False, "redis://gpu-hub:6379/2",
+                                                                            "cuda:0")
+    assert "DISCORD_TOKEN" not in os.environ  # the bot's token does not reach the worker's children

@@ -31,7 +31,7 @@ def test_defaults_and_types(tmp_path):
         ({"DISCORD_TOKEN": ""}, "DISCORD_TOKEN is not set."),
         ({"MAX_PHOTOS": "many"}, "MAX_PHOTOS='many' is not a whole number."),
         ({"TRAIN_LEARNING_RATE": "fast"}, "TRAIN_LEARNING_RATE='fast' is not a number."),
-        ({"DEVICE": "tpu"}, "DEVICE='tpu' is not a device; use auto, cpu, cuda or cuda:N."),
+        ({"DEVICE": "tpu"}, "DEVICE='tpu' is not a device; use auto, cpu, cuda, cuda:N or mps."),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD' is unknown"),
         ({"MIN_PHOTOS": "40"}, "MIN_PHOTOS is larger than MAX_PHOTOS"),
         ({"DISCORD_API_BASE": "ftp://x"}, "DISCORD_API_BASE='ftp://x' must start with http:// or https://."),

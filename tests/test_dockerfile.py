@@ -35,10 +35,39 @@ def test_make_removes_a_half_made_environment_and_says_what_to_install(tmp_path)
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
     fake = tmp_path / "python3"
-    fake.write_text('#!/bin/sh\nmkdir -p "$3/bin" && touch "$3/bin/python"\nexit 1\n')  # -m venv DIR
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nmkdir -p "$3/bin" && touch "$3/bin/python"\nexit 1\n')  # -m venv DIR
     fake.chmod(0o755)
     venv = tmp_path / "venv"
     done = subprocess.run(["make", "-C", str(ROOT), "run", f"VENV={venv}", f"PYTHON={fake}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and not venv.exists()
     assert "sudo apt install python3-venv" in done.stderr
+
+
+def test_make_refuses_a_python_older_than_3_11_before_setting_anything_up(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\nmkdir -p "$3/bin" && touch "$3/bin/python"\n')  # 3.10
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-C", str(ROOT), "run", f"VENV={venv}", f"PYTHON={fake}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and not venv.exists()
+    assert "needs Python 3.11 or later" in done.stderr
+
+
+def test_the_build_context_holds_only_what_the_image_copies():
+    """Secrets (.env) and people's data (data/, worker-data/) never reach the Docker builder, and
+    everything the Dockerfile copies does."""
+    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert rules[0] == "*"  # everything out, then only what the image needs back in
+    included = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = {line.split()[2].rstrip("/") for line in (ROOT / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY")}
+    assert included == copied == {"requirements.txt", "bot", "trainer", "storage"}
+
+
+def test_compose_publishes_redis_on_loopback_unless_told_a_private_address():
+    """Workers on other machines need Redis reachable; by default nothing outside this host reaches it."""
+    assert '"${REDIS_BIND:-127.0.0.1}:6379:6379"' in (ROOT / "docker-compose.yml").read_text()

@@ -15,12 +15,13 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dotenv import dotenv_values
 from tqdm import tqdm
 
 from trainer import events
@@ -219,7 +220,9 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
     return [f"worker {name} stopped"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; the worker's defaults come from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,28 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=cmd_imagine)
 
     wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis")
-    wk.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
-    wk.add_argument("--model", default=os.environ.get("BASE_MODEL", DEFAULT_MODEL),
+    wk.add_argument("--redis-url", default=env.get("REDIS_URL", "redis://localhost:6379/0"))
+    wk.add_argument("--model", default=env.get("BASE_MODEL", DEFAULT_MODEL),
                     help="the same base model as the bot's BASE_MODEL")
-    wk.add_argument("--device", default=os.environ.get("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    wk.add_argument("--device", default=env.get("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N or mps")
     wk.add_argument("--name", help="unique worker name (default: host name and process id)")
     wk.add_argument("--work-dir", type=Path, help="scratch space (default: worker-data/NAME)")
     wk.add_argument("--class-cache", type=Path, default=default_class_cache())
     wk.add_argument("--no-compile", dest="compile", action="store_false",
-                    default=parse_switch(os.environ.get("COMPILE_GENERATION", "1")) is not False,
+                    default=parse_switch(env.get("COMPILE_GENERATION", "1")) is not False,
                     help="do not compile the model for generation (COMPILE_GENERATION=0 does the same)")
     wk.add_argument("--no-static-shapes", dest="static_shapes", action="store_false",
-                    default=parse_switch(os.environ.get("COMPILE_STATIC_SHAPES", "1")) is not False,
+                    default=parse_switch(env.get("COMPILE_STATIC_SHAPES", "1")) is not False,
                     help="compile generation for dynamic shapes only: a shorter first start, square pictures "
                          "1.08x slower (COMPILE_STATIC_SHAPES=0 does the same)")
     wk.add_argument("--no-compile-training", dest="compile_training", action="store_false",
-                    default=parse_switch(os.environ.get("COMPILE_TRAINING", "1")) is not False,
+                    default=parse_switch(env.get("COMPILE_TRAINING", "1")) is not False,
                     help="do not compile the training step (COMPILE_TRAINING=0 does the same)")
     # String defaults: argparse converts them only when `worker` runs, and says so kindly if they are
     # not numbers; a blank value (as a shared .env may hold) means the default, as for the bot.
-    wk.add_argument("--train-rank", type=int, default=os.environ.get("TRAIN_RANK", "").strip() or "16",
+    wk.add_argument("--train-rank", type=int, default=env.get("TRAIN_RANK", "").strip() or "16",
                     help="the bot's TRAIN_RANK: the LoRA rank whose training is compiled at start")
-    wk.add_argument("--start-helpers", type=int, default=os.environ.get("START_HELPERS", "").strip() or "-1",
+    wk.add_argument("--start-helpers", type=int, default=env.get("START_HELPERS", "").strip() or "-1",
                     help="processes compiling parts of the worker's first start beside it: -1 as many as "
                          "the GPU and the CPUs allow, 0 none (START_HELPERS does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
@@ -298,8 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worker_environment(env_file: Path = Path(".env")) -> dict[str, str]:
+    """The process environment over the `.env` file in the working directory, read as the bot reads
+    its settings: a GPU machine that shares the bot's `.env` gets the same values. Nothing is added
+    to `os.environ`, so the bot's token in that file does not reach the worker's child processes."""
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    return {**values, **os.environ}
+
+
 def run(argv: list[str] | None = None) -> list[str]:
     """Parse `argv`, run the command and return its result lines; TrainerError says what went wrong."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(worker_environment()).parse_args(argv)
     logging.getLogger().setLevel(args.log_level.upper())
     return args.func(args)

@@ -114,7 +114,8 @@ class Notifier:
             seen = (f"Here is **{handle}** as the model sees you." if files else
                     f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**.")
             channel = await self._dm(job.owner)
-            await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
+            sent = await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
+            await jobs_db.set_result_message(self.bot.store.db, job.id, sent.channel.id, sent.id)
         elif job.state == "cancelled":
             await self._edit_progress_message(job, f"**{title_of(job)}**\nCancelled. Your photos are kept.")
         else:

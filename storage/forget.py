@@ -21,6 +21,18 @@ _TABLES = (
 )
 
 
+async def posted_messages(storage: Storage, user_id: int) -> list[tuple[int, int]]:
+    """(channel id, message id) of the Discord messages the bot posted with the person's pictures:
+    their jobs' messages (progress with previews, then the finished training's sample pictures)
+    and their /imagine answers. Read before `forget_user`, which deletes the rows that hold them."""
+    rows = await storage.db.fetchall(
+        "SELECT channel_id, message_id FROM jobs WHERE owner = ? AND message_id IS NOT NULL "
+        "UNION SELECT result_channel_id, result_message_id FROM jobs WHERE owner = ? AND result_message_id IS NOT NULL "
+        "UNION SELECT channel_id, message_id FROM generations WHERE owner = ? AND message_id IS NOT NULL",
+        (user_id, user_id, user_id))
+    return [(row["channel_id"], row["message_id"]) for row in rows if row["channel_id"]]
+
+
 async def forget_user(storage: Storage, user_id: int) -> dict[str, int]:
     """Delete the person's rows in every table, then their whole folder; return what was removed.
 

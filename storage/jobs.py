@@ -47,6 +47,8 @@ class Job:
     checkpoint_path: str | None
     cancel_requested: bool
     restarts: int  # bot restarts that interrupted it (apart from `attempts`, which count workers lost)
+    result_channel_id: int | None  # the message that showed its result with pictures, if one was sent
+    result_message_id: int | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -144,6 +146,13 @@ async def set_job_message(db: Database, job_id: int, channel_id: int, message_id
         "UPDATE jobs SET channel_id = ?, message_id = ?, updated_at = ? WHERE id = ?",
         (channel_id, message_id, time.time(), job_id),
     )
+
+
+async def set_result_message(db: Database, job_id: int, channel_id: int, message_id: int) -> None:
+    """Remember the message that brought the job's result with pictures (a training's samples), so
+    that forgetting the person deletes it too."""
+    await db.execute("UPDATE jobs SET result_channel_id = ?, result_message_id = ?, updated_at = ? WHERE id = ?",
+                     (channel_id, message_id, time.time(), job_id))
 
 
 async def set_checkpoint(db: Database, job_id: int, relpath: str) -> None:

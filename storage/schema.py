@@ -100,7 +100,13 @@ _V3 = [
     "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+# Step 4: the message with a finished training's sample pictures, so /forget can delete it too.
+_V4 = [
+    "ALTER TABLE jobs ADD COLUMN result_channel_id INTEGER",
+    "ALTER TABLE jobs ADD COLUMN result_message_id INTEGER",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 LATEST_VERSION = len(MIGRATIONS)
 
 

@@ -161,6 +161,11 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         confirm = next(b["custom_id"] for b in prompt.buttons if b["label"] == "Delete everything")
         await fake.press_button(alice, prompt, confirm)
         await fake.wait_for(lambda: "no longer have anything" in forget.original.content, timeout=30)
+        assert "could not be deleted" not in forget.original.content
+        # The messages with her pictures are gone too: the /imagine answers, and the training's.
+        assert result.deleted and reroll.original.deleted and more.original.deleted
+        assert progress.deleted and done.deleted
+        assert not [m for m in fake.bot_messages_to(alice) if m.attachments and not m.ephemeral]  # /export: ephemeral
         db = second.store.db
         assert await photos_db.count_photos(db, alice.id) == 0
         assert await models_db.list_models(db, alice.id) == []

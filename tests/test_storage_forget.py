@@ -10,7 +10,7 @@ from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import photos as photos_db
 from storage import users as users_db
-from storage.forget import forget_user
+from storage.forget import forget_user, posted_messages
 from storage.store import Storage
 
 ALICE, BOB = 101, 202
@@ -23,15 +23,17 @@ async def _give_everything(store: Storage, user: int) -> None:
     await photos_db.add_photo(
         store.db, user, sha256=f"{user:064x}", phash=1, path=photo, byte_size=6, width=1, height=1
     )
-    job = await jobs_db.create_job(store.db, "train", user, {})
+    job = await jobs_db.create_job(store.db, "train", user, {}, channel_id=user + 1, message_id=user + 2)
     await jobs_db.claim_next_job(store.db, "w", 60)
+    await jobs_db.set_result_message(store.db, job, user + 1, user + 3)
     await jobs_db.set_checkpoint(store.db, job, store.files.write(user, "checkpoints", b"ckpt", ".zip"))
     lora = store.files.write(user, "models", b"lora", ".safetensors")
     model = await models_db.add_model(store.db, user, job, lora, "sd15", {"handle": f"zorbq{user}"})
     await jobs_db.finish_job(store.db, job, "succeeded", result={"model_id": model})
     gen_job = await jobs_db.create_job(store.db, "generate", user, {})
     image = store.files.write(user, "generations", b"img", ".png")
-    await generations_db.add_generation(store.db, user, model, gen_job, "p", "", [1], {}, [image])
+    generation = await generations_db.add_generation(store.db, user, model, gen_job, "p", "", [1], {}, [image])
+    await generations_db.set_generation_message(store.db, generation, user + 4, user + 5)
 
 
 async def _rows(store: Storage, user: int) -> dict[str, int]:
@@ -97,3 +99,14 @@ async def test_a_photo_that_arrives_as_its_owner_is_forgotten_leaves_no_file(sto
     with pytest.raises(aiosqlite.IntegrityError):
         await accept_photo(store, ALICE, selfie(1), "late.jpg", IntakeLimits(), max_photos=30)
     assert [p for p in (store.data_dir / "users").rglob("*") if p.is_file()] == []
+
+
+async def test_the_messages_posted_with_a_persons_pictures_are_theirs_alone(store):
+    """What /forget deletes on Discord: the training's progress and samples messages, the pictures."""
+    await _give_everything(store, ALICE)
+    await _give_everything(store, BOB)
+    assert sorted(await posted_messages(store, ALICE)) == [(ALICE + 1, ALICE + 2), (ALICE + 1, ALICE + 3),
+                                                           (ALICE + 4, ALICE + 5)]
+    await forget_user(store, ALICE)
+    assert await posted_messages(store, ALICE) == []
+    assert len(await posted_messages(store, BOB)) == 3

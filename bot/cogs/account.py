@@ -15,6 +15,7 @@ from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
 from storage import jobs as jobs_db
 from storage import models as models_db
 from storage import users as users_db
+from storage.forget import posted_messages
 from storage.handles import NameRuleError, normalize_class_word, suggest_handle, validate_handle
 
 if TYPE_CHECKING:
@@ -141,12 +142,35 @@ class ConfirmForget(discord.ui.View):
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         # Deferred first: forgetting waits for any photo of theirs being stored right now.
         await interaction.response.defer()
+        posted = await posted_messages(self.bot.store, self.owner)
         await self.bot.scheduler.forget(self.owner)
-        await interaction.edit_original_response(content="Done. I no longer have anything of yours.", view=None)
+        left = await delete_messages(self.bot, posted)
+        text = "Done. I no longer have anything of yours."
+        if left:
+            text += (f"\n{left} of the messages I sent you with pictures could not be deleted (I can no "
+                     "longer reach where they were posted).")
+        await interaction.edit_original_response(content=text, view=None)
 
     @discord.ui.button(label="Keep my data", style=discord.ButtonStyle.secondary)
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+
+
+async def delete_messages(bot: AvatarBot, posted: list[tuple[int, int]]) -> int:
+    """Delete the bot's own messages (channel id, message id); return how many could not be.
+
+    One already gone counts as deleted; one in a channel the bot cannot reach any more (it left
+    the server, or answered there only as a user-installed app) cannot be deleted by it."""
+    left = 0
+    for channel_id, message_id in posted:
+        try:
+            await bot.get_partial_messageable(channel_id).get_partial_message(message_id).delete()
+        except discord.NotFound:
+            pass
+        except discord.HTTPException:
+            log.info("could not delete message %d of a forgotten user", message_id, exc_info=True)
+            left += 1
+    return left
 
 
 async def setup(bot: AvatarBot) -> None:

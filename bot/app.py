@@ -63,6 +63,8 @@ class AvatarBot(commands.Bot):
         super().__init__(
             command_prefix=commands.when_mentioned, intents=intents, help_command=None,
             guild_ready_timeout=guild_ready_timeout,
+            # Messages repeat what people typed (prompts); nothing the bot sends may ping anyone.
+            allowed_mentions=discord.AllowedMentions.none(),
             # Commands work on servers and in DMs with the bot, for a server install and for people
             # who installed the app for themselves (README: "User Install").
             allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),

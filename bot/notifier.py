@@ -35,6 +35,12 @@ def title_of(job: Job) -> str:
     return f"Training your model (job #{job.id})" if job.kind == "train" else f"Drawing (job #{job.id})"
 
 
+def quoted_prompt(prompt: str) -> str:
+    """A person's prompt as it can be shown in a public message: its Markdown cannot break the
+    message's formatting, and a mention in it pings nobody (the client allows no mentions either)."""
+    return discord.utils.escape_markdown(discord.utils.escape_mentions(prompt))
+
+
 class Notifier:
     """The scheduler's observer: progress edits and final messages for each job."""
 
@@ -128,7 +134,7 @@ class Notifier:
         if job.state == "succeeded":
             images = outcome["images"]
             seeds = ", ".join(f"#{i + 1}: {im['seed']}" for i, im in enumerate(images))
-            text = f"**{job.params['request']['prompt']}**\nSeeds {seeds}"
+            text = f"**{quoted_prompt(job.params['request']['prompt'])}**\nSeeds {seeds}"
             files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(images)]
             view = imagine_view(outcome["generation_id"], len(images))
         else:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.error_reference import log_with_reference
 from bot.progress import NO_WORKER_ONLINE
 from bot.scheduler import Refused
 
@@ -21,23 +22,46 @@ log = logging.getLogger(__name__)
 VARIATION_STRENGTH = 0.6  # how far "more like #N" may move away from the chosen image
 
 
-async def _refuse(interaction: discord.Interaction, message: str) -> None:
-    await interaction.response.send_message(message, ephemeral=True)
+async def _answer_privately(interaction: discord.Interaction, message: str) -> None:
+    """Tell only the person who pressed, before or after the press was deferred."""
+    if not interaction.response.is_done():
+        await interaction.response.send_message(message, ephemeral=True)
+        return
+    # The first followup would take over the public "thinking" message, whatever its own flags
+    # say: remove that first, so the answer reaches only the person who pressed (as /imagine).
+    await interaction.delete_original_response()
+    await interaction.followup.send(message, ephemeral=True)
 
 
 async def _queue_generation(interaction: discord.Interaction, generation_id: int,
                             index: int | None) -> None:
+    """Reroll (index None) or vary image `index`. discord.py only logs a failing button callback and
+    leaves the person on "thinking…", so an unexpected failure is answered here, with a reference."""
+    try:
+        await _enqueue_from_button(interaction, generation_id, index)
+    except Exception:
+        button = "Reroll" if index is None else f"More like #{index + 1}"
+        reference = log_with_reference(log, f"button {button} of generation {generation_id}")
+        try:
+            await _answer_privately(interaction, f"Sorry, something went wrong on my side (reference "
+                                                 f"`{reference}`). Please try again later.")
+        except discord.HTTPException:
+            log.warning("could not answer a button press (reference %s)", reference, exc_info=True)
+
+
+async def _enqueue_from_button(interaction: discord.Interaction, generation_id: int,
+                               index: int | None) -> None:
     """Reroll (index None: same request, new seeds) or vary image `index` with img2img."""
     from storage import generations as generations_db
 
     bot: AvatarBot = interaction.client  # type: ignore[assignment]
     generation = await generations_db.get_generation(bot.store.db, generation_id)
     if generation is None:
-        await _refuse(interaction, "Those pictures were deleted, so I can't make more like them.")
+        await _answer_privately(interaction, "Those pictures were deleted, so I can't make more like them.")
         return
     if generation.owner != interaction.user.id:
-        await _refuse(interaction, "These buttons belong to the person who made these pictures. "
-                                   "Use `/imagine` to make your own.")
+        await _answer_privately(interaction, "These buttons belong to the person who made these pictures. "
+                                               "Use `/imagine` to make your own.")
         return
     request: dict[str, Any] = dict(generation.params["request"])
     request["seed"] = random.randrange(2**31)
@@ -49,10 +73,7 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
     try:
         job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)
     except Refused as exc:
-        # The first followup would take over the public "thinking" message, whatever its own flags
-        # say: remove that first, so the refusal reaches only the person who pressed (as /imagine).
-        await interaction.delete_original_response()
-        await interaction.followup.send(exc.message, ephemeral=True)
+        await _answer_privately(interaction, exc.message)
         return
     bot.notifier.attach_interaction(job.id, interaction)
     await interaction.edit_original_response(content=queued_text(position, bot.scheduler.waiting_for_a_worker()))

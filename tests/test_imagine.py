@@ -38,3 +38,57 @@ async def test_a_prompt_is_echoed_with_its_markdown_and_mentions_made_harmless(m
         assert mention not in first_line
     assert first_line.startswith("**<@\u200b123456789012345678>")
     assert first_line.endswith(r"in \*\*paris\*\***")  # only the outer pair makes it bold
+
+
+class Press:
+    """A button press as the views see it: records what the person is shown, in order."""
+
+    def __init__(self, user_id: int, client: object) -> None:
+        self.user, self.client, self.shown = SimpleNamespace(id=user_id), client, []
+        self._deferred = False
+
+        async def defer(**kwargs):
+            self._deferred = True
+            self.shown.append(("thinking", kwargs))
+
+        async def send_message(content, **kwargs):
+            self.shown.append(("response", content, kwargs))
+
+        async def followup_send(content, **kwargs):
+            self.shown.append(("followup", content, kwargs))
+
+        self.response = SimpleNamespace(defer=defer, send_message=send_message, is_done=lambda: self._deferred)
+        self.followup = SimpleNamespace(send=followup_send)
+
+    async def delete_original_response(self) -> None:
+        self.shown.append(("deleted",))
+
+
+async def test_a_button_that_fails_after_thinking_answers_privately_with_a_reference(monkeypatch, caplog):
+    from bot.views import _queue_generation
+
+    generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(side_effect=RuntimeError("database is locked")))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler))
+    await _queue_generation(press, 1, None)
+    assert [entry[0] for entry in press.shown] == ["thinking", "deleted", "followup"]
+    _, text, kwargs = press.shown[-1]
+    assert kwargs == {"ephemeral": True} and text.startswith("Sorry, something went wrong on my side")
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    reference = record.getMessage().split("reference ")[1].rstrip(")")
+    assert f"`{reference}`" in text and "Reroll" in record.getMessage()
+    assert record.exc_info[1].args == ("database is locked",)
+
+
+async def test_a_button_that_fails_before_thinking_answers_privately_with_a_reference(monkeypatch, caplog):
+    from bot.views import _queue_generation
+
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(side_effect=OSError("disk gone")))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None)))
+    await _queue_generation(press, 1, 2)
+    [(where, text, kwargs)] = press.shown
+    assert where == "response" and kwargs == {"ephemeral": True}
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "More like #3" in record.getMessage()
+    assert record.getMessage().split("reference ")[1].rstrip(")") in text

@@ -110,7 +110,8 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
         user=SimpleNamespace(id=7),
         client=SimpleNamespace(store=SimpleNamespace(db=None), scheduler=SimpleNamespace(
             enqueue_generate=AsyncMock(side_effect=Refused("You already have 3 pictures waiting.")))),
-        response=SimpleNamespace(defer=calls.defer), delete_original_response=calls.delete_original_response,
+        response=SimpleNamespace(defer=calls.defer, is_done=lambda: calls.defer.await_count > 0),
+        delete_original_response=calls.delete_original_response,
         followup=SimpleNamespace(send=calls.send))
     await _queue_generation(interaction, 1, None)
     assert [c[0] for c in calls.mock_calls] == ["defer", "delete_original_response", "send"]

@@ -35,6 +35,14 @@ def title_of(job: Job) -> str:
     return f"Training your model (job #{job.id})" if job.kind == "train" else f"Drawing (job #{job.id})"
 
 
+def requeued_note(job: Job) -> str:
+    """Why a job waits again: a training resumes from its last checkpoint; a generation keeps none,
+    so its pictures are drawn again from the start."""
+    if job.kind == "train":
+        return "The worker restarted; your job continues from its last checkpoint."
+    return "The worker restarted; your pictures are back in the queue and will be drawn again."
+
+
 def quoted_prompt(prompt: str) -> str:
     """A person's prompt as it can be shown in a public message: its Markdown cannot break the
     message's formatting, and a mention in it pings nobody (the client allows no mentions either)."""
@@ -86,7 +94,7 @@ class Notifier:
         text = render_progress(title_of(job), job.progress, position,
                                no_worker=self.bot.scheduler.waiting_for_a_worker())
         if event["type"] == "requeued":
-            text += "\nThe worker restarted; your job continues from its last checkpoint."
+            text += "\n" + requeued_note(job)
         editor.update(text, event.get("png") if event["type"] == "preview" else None)
 
     async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None:

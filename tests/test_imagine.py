@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import AsyncMock
 
+import pytest
+
 from bot.config import load_settings
 from storage import generations as generations_db
 
@@ -92,3 +94,24 @@ async def test_a_button_that_fails_before_thinking_answers_privately_with_a_refe
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "More like #3" in record.getMessage()
     assert record.getMessage().split("reference ")[1].rstrip(")") in text
+
+
+@pytest.mark.parametrize(("kind", "note"), [
+    ("generate", "your pictures are back in the queue and will be drawn again"),
+    ("train", "your job continues from its last checkpoint"),
+])
+async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
+    """Only a training has checkpoints to continue from."""
+    from bot.notifier import Notifier
+    from storage import jobs as jobs_db
+
+    monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=1))
+    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None), settings=SimpleNamespace(progress_interval_s=0),
+                                        scheduler=SimpleNamespace(waiting_for_a_worker=lambda: False)))
+    interaction = SimpleNamespace(edit_original_response=AsyncMock())
+    notifier.attach_interaction(3, interaction)
+    job = SimpleNamespace(id=3, kind=kind, state="queued", progress={})
+    await notifier.job_updated(job, {"type": "requeued"})
+    await notifier._editors[3].flush()
+    text = interaction.edit_original_response.await_args.kwargs["content"]
+    assert note in text and ("checkpoint" in text) == (kind == "train")

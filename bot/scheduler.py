@@ -256,6 +256,9 @@ class Scheduler:
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
         if model is None or user is None:
+            if await jobs_db.count_jobs(self.store.db, user_id, "train", ("queued", "running")):
+                raise Refused("Your model is still being trained; `/status` shows how far it is. "
+                              "Try `/imagine` again once it is ready.")
             raise Refused("You don't have a model yet. Send me your selfies in a DM, then run `/train`.")
         if len(request.get("prompt", "")) > self.settings.max_prompt_chars:
             raise Refused(f"That prompt is {len(request['prompt'])} characters; the limit is "

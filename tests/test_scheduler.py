@@ -203,6 +203,24 @@ async def test_nobody_generates_with_another_persons_model(env):
     assert all(item.job_id != bob_job for item in runner.submitted)
 
 
+async def test_imagine_before_the_first_model_is_trained_points_to_status(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    runner.capacity = 0
+    job, _ = await scheduler.enqueue_train(ALICE)
+    with pytest.raises(Refused, match=r"still being trained; `/status`"):  # queued
+        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    runner.capacity = 1
+    scheduler.wake()
+    await _until(lambda: runner.submitted)
+    assert (await jobs_db.get_job(store.db, job.id)).state == "running"
+    with pytest.raises(Refused, match=r"still being trained; `/status`"):
+        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    await runner.emit(job.id, {"type": "error", "code": "out_of_memory", "message": "The GPU ran out of memory."})
+    with pytest.raises(Refused, match="don't have a model yet"):  # nothing trains any more
+        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+
+
 async def test_lost_worker_requeues_once_then_fails(env):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")

@@ -51,7 +51,8 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
 
 async def _enqueue_from_button(interaction: discord.Interaction, generation_id: int,
                                index: int | None) -> None:
-    """Reroll (index None: same request, new seeds) or vary image `index` with img2img."""
+    """Reroll (index None: same request, new seeds; under a variation, new variations of the same
+    picture) or vary image `index` with img2img."""
     from storage import generations as generations_db
 
     bot: AvatarBot = interaction.client  # type: ignore[assignment]
@@ -65,7 +66,7 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         return
     request: dict[str, Any] = dict(generation.params["request"])
     request["seed"] = random.randrange(2**31)
-    variation = None
+    variation = generation.params.get("variation_of")  # a Reroll varies the same picture again
     if index is not None:
         request.update(num_images=1, strength=VARIATION_STRENGTH)
         variation = {"generation_id": generation_id, "index": index}
@@ -87,7 +88,7 @@ def queued_text(position: int | None, no_worker: bool = False) -> str:
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(?P<gen>\d+):reroll"):
-    """Same prompt and settings, new seeds."""
+    """Same prompt and settings, new seeds (for a variation: of the same picture)."""
 
     def __init__(self, generation_id: int) -> None:
         super().__init__(discord.ui.Button(label="Reroll", emoji="🎲", style=discord.ButtonStyle.primary,

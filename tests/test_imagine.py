@@ -115,3 +115,24 @@ async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     await notifier._editors[3].flush()
     text = interaction.edit_original_response.await_args.kwargs["content"]
     assert note in text and ("checkpoint" in text) == (kind == "train")
+
+
+@pytest.mark.parametrize("variation_of", [None, {"generation_id": 4, "index": 1}])
+async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
+    from bot.views import VARIATION_STRENGTH, _queue_generation
+
+    request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3}
+    if variation_of:
+        request["strength"] = VARIATION_STRENGTH
+    generation = SimpleNamespace(owner=7, params={"request": request, "variation_of": variation_of})
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)),
+                                waiting_for_a_worker=lambda: False)
+    notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None)
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, notifier=notifier))
+    press.edit_original_response = AsyncMock()
+    await _queue_generation(press, 9, None)
+    (user_id, queued), kwargs = scheduler.enqueue_generate.await_args
+    assert user_id == 7 and kwargs == {"variation_of": variation_of}
+    assert queued["seed"] != 11 and {k: v for k, v in queued.items() if k != "seed"} == \
+        {k: v for k, v in request.items() if k != "seed"}

@@ -28,7 +28,7 @@ HELP_TEXT = """\
 1. **Send me 5–30 selfies in this DM** (just attach them). Clear, different angles and light, one person, face visible. I tell you what I kept and why I refused anything.
 2. **Pick your handle**: `/handle name:<rare word> class:<woman|man|person>`. The handle is the word that will mean *you* in prompts (use a made-up word like `zqjane`).
 3. **`/train`**: I train your own model on the GPU and keep one message here up to date with its progress. You get sample pictures when it's done.
-4. **`/imagine prompt:...`**: pictures of you, from your model only. Under each result: 🎲 **Reroll** (same prompt, new seeds) and **More like #N** (a variation of that picture: same prompt, drawn again starting from it).
+4. **`/imagine prompt:...`**: pictures of you, from your model only. Under each result: 🎲 **Reroll** (same prompt, new seeds; under a variation, another variation of the same picture) and **More like #N** (a variation of that picture: same prompt, drawn again starting from it).
 
 Also: `/photos` (see/remove photos), `/status`, `/cancel`, `/export` (your LoRA file), `/forget` (delete everything of yours).
 Changing your handle after training keeps the old handle for the model you have; retrain to use the new one."""

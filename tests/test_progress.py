@@ -119,13 +119,17 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     assert calls.send.await_args.args == ("You already have 3 pictures waiting.",)
 
 
-async def test_a_model_trained_without_sample_pictures_is_announced_without_them():
+async def test_a_model_trained_without_sample_pictures_is_announced_without_them(monkeypatch):
     from types import SimpleNamespace
     from unittest.mock import AsyncMock
 
     from bot.notifier import Notifier
 
-    notifier, channel = Notifier(SimpleNamespace()), SimpleNamespace(send=AsyncMock())
+    recorded = AsyncMock()
+    monkeypatch.setattr("bot.notifier.jobs_db.set_result_message", recorded)
+    sent = SimpleNamespace(id=9, channel=SimpleNamespace(id=8))
+    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db="db")))
+    channel = SimpleNamespace(send=AsyncMock(return_value=sent))
     notifier._dm = AsyncMock(return_value=channel)
     job = SimpleNamespace(id=4, kind="train", state="succeeded", owner=5, params={"handle": "zqjane"},
                           channel_id=None, message_id=None)
@@ -134,3 +138,4 @@ async def test_a_model_trained_without_sample_pictures_is_announced_without_them
     assert files == [] and "Here is" not in text
     assert "I couldn't draw its sample pictures this time; `/imagine` shows you **zqjane**." in text
     assert "`/imagine prompt:zqjane person on the moon`" in text
+    recorded.assert_awaited_once_with("db", 4, 8, 9)  # /forget deletes that message too

@@ -166,6 +166,10 @@ class Scheduler:
             current = await jobs_db.get_job(self.store.db, job.id)
             if current is None or current.cancel_requested:
                 await self.runner.cancel(job.id)
+            if current is None and "adapter_key" in item.params:
+                # Forgotten meanwhile: /forget's eviction went out before this hand-over brought the
+                # person's LoRA to a worker again.
+                await self.runner.forget_adapter(item.params["adapter_key"])
 
     @staticmethod
     def _internal_error(doing: str) -> str:

@@ -336,6 +336,28 @@ async def test_a_cancel_between_claim_and_hand_over_reaches_the_worker(env):
     assert await models_db.list_models(store.db, ALICE) == []
 
 
+async def test_a_forget_between_claim_and_hand_over_evicts_the_lora_the_hand_over_brought(env):
+    """/forget's eviction reached no worker holding the person's LoRA yet; the hand-over then sent
+    it to one. The scheduler evicts it again once the hand-over is done."""
+    from bot.scheduler import adapter_key
+
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    model = await _give_model(store, ALICE, "zqalice")
+    original_submit = runner.submit
+
+    async def slow_hand_over(item: WorkItem) -> None:
+        await scheduler.forget(ALICE)
+        runner.cancelled.clear()  # as a runner with no worker holding the job or the LoRA yet
+        runner.forgotten.clear()
+        await original_submit(item)
+
+    runner.submit = slow_hand_over
+    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    await _until(lambda: runner.forgotten)
+    assert runner.cancelled == [job.id] and runner.forgotten == [adapter_key(model)]
+
+
 async def test_a_job_that_cannot_be_prepared_fails_kindly_instead_of_hanging(env, caplog):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")

@@ -146,8 +146,10 @@ class Notifier:
             files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(images)]
             view = imagine_view(outcome["generation_id"], len(images))
         else:
+            # The prompt is repeated: the answer replaces the message that showed it.
             text = ("Your pictures were cancelled." if job.state == "cancelled"
-                    else f"Sorry, no pictures this time: {job.error}")
+                    else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
+                         f"**{quoted_prompt(job.params['request']['prompt'])}**")
             files, view = [], None
         if interaction is not None:
             kwargs: dict[str, Any] = {"content": text, "attachments": files}

@@ -139,3 +139,18 @@ async def test_a_model_trained_without_sample_pictures_is_announced_without_them
     assert "I couldn't draw its sample pictures this time; `/imagine` shows you **zqjane**." in text
     assert "`/imagine prompt:zqjane person on the moon`" in text
     recorded.assert_awaited_once_with("db", 4, 8, 9)  # /forget deletes that message too
+
+
+async def test_a_failed_picture_request_repeats_the_prompt_it_replaces():
+    from types import SimpleNamespace
+    from unittest.mock import AsyncMock
+
+    from bot.notifier import Notifier
+
+    notifier, channel = Notifier(SimpleNamespace()), SimpleNamespace(send=AsyncMock())
+    notifier._dm = AsyncMock(return_value=channel)
+    job = SimpleNamespace(id=6, kind="generate", state="failed", owner=5, error="The GPU ran out of memory.",
+                          params={"request": {"prompt": "zqjane on a *tiny* horse"}})
+    await notifier.job_finished(job, {})
+    assert channel.send.await_args.args[0] == ("Sorry, no pictures this time: The GPU ran out of memory.\n"
+                                               "Your prompt was: **zqjane on a \\*tiny\\* horse**")

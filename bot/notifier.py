@@ -56,32 +56,50 @@ class Notifier:
         self.bot = bot
         self._editors: dict[int, ThrottledEditor] = {}
         self._interactions: dict[int, discord.Interaction] = {}
+        self._messages: dict[int, tuple[int, int]] = {}  # job id -> (channel id, message id)
 
     def attach_interaction(self, job_id: int, interaction: discord.Interaction) -> None:
         """Generation results go back through this (already deferred) interaction."""
         self._interactions[job_id] = interaction
 
+    async def remember_answer(self, job_id: int, message: discord.Message) -> None:
+        """Keep where a picture request is answered: once the interaction's token has expired (15
+        minutes, a long queue or a worker's first start) or the bot has restarted, the bot edits that
+        message with its own token, instead of leaving it on "Drawing…" and answering by DM."""
+        self._messages[job_id] = (message.channel.id, message.id)
+        await jobs_db.set_job_message(self.bot.store.db, job_id, message.channel.id, message.id)
+
     async def resume(self) -> None:
-        """After a restart, show that queued trainings are waiting again in their old messages."""
+        """After a restart, show that queued jobs are waiting again in their old messages."""
         for job in await jobs_db.jobs_in_states(self.bot.store.db, ("queued",)):
-            if job.kind == "train" and job.message_id:
+            if job.message_id:
                 await self.job_updated(job, {"type": "requeued"})
+
+    def _message(self, job: Job) -> discord.PartialMessage | None:
+        """The job's own message, edited with the bot's token."""
+        ids = self._messages.get(job.id) or (job.channel_id, job.message_id)
+        if not (ids[0] and ids[1]):
+            return None
+        return self.bot.get_partial_messageable(ids[0]).get_partial_message(ids[1])
+
+    def _interaction(self, job_id: int) -> discord.Interaction | None:
+        """The job's interaction while its token still works."""
+        interaction = self._interactions.get(job_id)
+        return interaction if interaction is not None and not interaction.is_expired() else None
 
     def _editor(self, job: Job) -> ThrottledEditor | None:
         if job.id in self._editors:
             return self._editors[job.id]
-        interaction = self._interactions.get(job.id)
-        if interaction is not None:
-            async def edit(text: str, image: bytes | None) -> None:
-                await interaction.edit_original_response(content=text)
-        elif job.channel_id and job.message_id:
-            message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+        if job.id not in self._interactions and self._message(job) is None:
+            return None
 
-            async def edit(text: str, image: bytes | None) -> None:
+        async def edit(text: str, image: bytes | None) -> None:
+            interaction = self._interaction(job.id)
+            if interaction is not None:
+                await interaction.edit_original_response(content=text)
+            elif (message := self._message(job)) is not None:
                 attachments = [png_file(image, "preview.png")] if image else discord.utils.MISSING
                 await message.edit(content=text, attachments=attachments)
-        else:
-            return None
         editor = ThrottledEditor(edit, self.bot.settings.progress_interval_s)
         self._editors[job.id] = editor
         return editor
@@ -109,6 +127,8 @@ class Notifier:
                 await self._generation_finished(job, outcome, interaction)
         except discord.HTTPException:
             log.warning("could not tell user about job %d", job.id, exc_info=True)
+        finally:
+            self._messages.pop(job.id, None)
 
     async def _dm(self, user_id: int) -> discord.abc.Messageable:
         user = self.bot.get_user(user_id) or await self.bot.fetch_user(user_id)
@@ -143,27 +163,38 @@ class Notifier:
             images = outcome["images"]
             seeds = ", ".join(f"#{i + 1}: {im['seed']}" for i, im in enumerate(images))
             text = f"**{quoted_prompt(job.params['request']['prompt'])}**\nSeeds {seeds}"
-            files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(images)]
             view = imagine_view(outcome["generation_id"], len(images))
         else:
             # The prompt is repeated: the answer replaces the message that showed it.
             text = ("Your pictures were cancelled." if job.state == "cancelled"
                     else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
                          f"**{quoted_prompt(job.params['request']['prompt'])}**")
-            files, view = [], None
-        if interaction is not None:
-            kwargs: dict[str, Any] = {"content": text, "attachments": files}
-            if view is not None:
-                kwargs["view"] = view
+            view = None
+
+        def pictures() -> list[discord.File]:  # fresh files for each try: a sent File is consumed
+            return [png_file(im["png"], f"image-{n + 1}.png") for n, im in enumerate(outcome.get("images", []))]
+
+        # Where the request was answered, through its interaction while the token works, else with
+        # the bot's token; by DM when neither can (a channel the bot cannot reach, as a user-installed app).
+        answer: dict[str, Any] = {"content": text}
+        if view is not None:
+            answer["view"] = view
+        if interaction is not None and not interaction.is_expired():
             try:
-                message = await interaction.edit_original_response(**kwargs)
+                message = await interaction.edit_original_response(**answer, attachments=pictures())
                 await self._remember_message(outcome, message)
                 return
-            except discord.HTTPException:  # the interaction token expired: fall back to a DM
-                log.info("interaction for job %d expired; sending the result by DM", job.id)
-                files = [png_file(im["png"], f"image-{i + 1}.png") for i, im in enumerate(outcome.get("images", []))]
+            except discord.HTTPException:
+                log.info("could not answer job %d through its interaction", job.id, exc_info=True)
+        if (stored := self._message(job)) is not None:
+            try:
+                message = await stored.edit(**answer, attachments=pictures())
+                await self._remember_message(outcome, message)
+                return
+            except discord.HTTPException:
+                log.info("could not edit the message of job %d; sending the result by DM", job.id, exc_info=True)
         channel = await self._dm(job.owner)
-        message = await channel.send(text, files=files, view=view or discord.utils.MISSING)
+        message = await channel.send(text, files=pictures(), view=view or discord.utils.MISSING)
         await self._remember_message(outcome, message)
 
     async def _remember_message(self, outcome: dict[str, Any], message: discord.Message) -> None:

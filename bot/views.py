@@ -77,7 +77,9 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         await _answer_privately(interaction, exc.message)
         return
     bot.notifier.attach_interaction(job.id, interaction)
-    await interaction.edit_original_response(content=queued_text(position, bot.scheduler.waiting_for_a_worker()))
+    message = await interaction.edit_original_response(
+        content=queued_text(position, bot.scheduler.waiting_for_a_worker()))
+    await bot.notifier.remember_answer(job.id, message)
 
 
 def queued_text(position: int | None, no_worker: bool = False) -> str:

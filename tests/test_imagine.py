@@ -31,7 +31,7 @@ async def test_a_prompt_is_echoed_with_its_markdown_and_mentions_made_harmless(m
     monkeypatch.setattr(generations_db, "set_generation_message", AsyncMock())
     notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None)))
     message = SimpleNamespace(channel=SimpleNamespace(id=1), id=2)
-    interaction = SimpleNamespace(edit_original_response=AsyncMock(return_value=message))
+    interaction = SimpleNamespace(edit_original_response=AsyncMock(return_value=message), is_expired=lambda: False)
     notifier.attach_interaction(3, interaction)
     job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, params={"request": {"prompt": PROMPT}})
     await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
@@ -108,9 +108,9 @@ async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=1))
     notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None), settings=SimpleNamespace(progress_interval_s=0),
                                         scheduler=SimpleNamespace(waiting_for_a_worker=lambda: False)))
-    interaction = SimpleNamespace(edit_original_response=AsyncMock())
+    interaction = SimpleNamespace(edit_original_response=AsyncMock(), is_expired=lambda: False)
     notifier.attach_interaction(3, interaction)
-    job = SimpleNamespace(id=3, kind=kind, state="queued", progress={})
+    job = SimpleNamespace(id=3, kind=kind, state="queued", progress={}, channel_id=None, message_id=None)
     await notifier.job_updated(job, {"type": "requeued"})
     await notifier._editors[3].flush()
     text = interaction.edit_original_response.await_args.kwargs["content"]
@@ -136,3 +136,82 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
     assert user_id == 7 and kwargs == {"variation_of": variation_of}
     assert queued["seed"] != 11 and {k: v for k, v in queued.items() if k != "seed"} == \
         {k: v for k, v in request.items() if k != "seed"}
+
+
+class Posted:
+    """The bot's own message, as get_partial_messageable(...).get_partial_message(...) gives it."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.edits: list[dict] = []
+        self.fails = fails
+
+    async def edit(self, **kwargs):
+        if self.fails:
+            import discord
+
+            raise discord.Forbidden(SimpleNamespace(status=403, reason="Forbidden"), "Missing Access")
+        self.edits.append(kwargs)
+        return SimpleNamespace(channel=SimpleNamespace(id=70), id=71)
+
+
+def _bot_with(posted: Posted):
+    channels: dict[int, SimpleNamespace] = {}
+
+    def messageable(channel_id: int):
+        return channels.setdefault(channel_id, SimpleNamespace(
+            get_partial_message=lambda message_id: posted if (channel_id, message_id) == (70, 71) else None))
+
+    return SimpleNamespace(store=SimpleNamespace(db=None), get_partial_messageable=messageable,
+                           settings=SimpleNamespace(progress_interval_s=0),
+                           scheduler=SimpleNamespace(waiting_for_a_worker=lambda: False))
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["token expired", "bot restarted"])
+async def test_a_picture_answer_outliving_its_interaction_edits_the_same_message(monkeypatch, restarted):
+    """A long queue (or a worker's first start) outlasts the 15-minute token, or the bot restarts: the
+    progress and the pictures still land in the message that said "Queued", not in a DM beside it."""
+    from bot.notifier import Notifier
+    from storage import jobs as jobs_db
+
+    monkeypatch.setattr(jobs_db, "set_job_message", AsyncMock())
+    monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=2))
+    monkeypatch.setattr(generations_db, "set_generation_message", AsyncMock())
+    posted = Posted()
+    notifier = Notifier(_bot_with(posted))
+    notifier._dm = AsyncMock()
+    interaction = SimpleNamespace(edit_original_response=AsyncMock(), is_expired=lambda: True)
+    job = SimpleNamespace(id=3, kind="generate", state="queued", owner=5, progress={},
+                          channel_id=70 if restarted else None, message_id=71 if restarted else None,
+                          params={"request": {"prompt": "on the moon"}})
+    if not restarted:
+        notifier.attach_interaction(3, interaction)
+        await notifier.remember_answer(3, SimpleNamespace(channel=SimpleNamespace(id=70), id=71))
+        jobs_db.set_job_message.assert_awaited_once_with(None, 3, 70, 71)
+
+    await notifier.job_updated(job, {"type": "stage", "stage": "loading_model"})
+    await notifier._editors[3].flush()
+    assert posted.edits[-1]["content"].startswith("**Drawing (job #3)**\nStage: Waiting in the queue")
+    job.state = "succeeded"
+    await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
+    assert posted.edits[-1]["content"].startswith("**on the moon**\nSeeds #1: 42")
+    assert [f.filename for f in posted.edits[-1]["attachments"]] == ["image-1.png"]
+    assert "view" in posted.edits[-1]
+    interaction.edit_original_response.assert_not_awaited()  # its token no longer works
+    notifier._dm.assert_not_awaited()
+    generations_db.set_generation_message.assert_awaited_once_with(None, 9, 70, 71)
+
+
+async def test_a_picture_answer_the_bot_cannot_post_in_place_goes_by_dm(monkeypatch):
+    """Where the bot cannot edit the message itself (a channel it is not in, as a user-installed
+    app), the pictures arrive by DM."""
+    from bot.notifier import Notifier
+
+    monkeypatch.setattr(generations_db, "set_generation_message", AsyncMock())
+    notifier = Notifier(_bot_with(Posted(fails=True)))
+    dm = SimpleNamespace(send=AsyncMock(return_value=SimpleNamespace(channel=SimpleNamespace(id=5), id=6)))
+    notifier._dm = AsyncMock(return_value=dm)
+    job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, channel_id=70, message_id=71,
+                          params={"request": {"prompt": "on the moon"}})
+    await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
+    assert dm.send.await_args.args[0].startswith("**on the moon**")
+    assert [f.filename for f in dm.send.await_args.kwargs["files"]] == ["image-1.png"]

@@ -149,8 +149,8 @@ async def test_a_failed_picture_request_repeats_the_prompt_it_replaces():
 
     notifier, channel = Notifier(SimpleNamespace()), SimpleNamespace(send=AsyncMock())
     notifier._dm = AsyncMock(return_value=channel)
-    job = SimpleNamespace(id=6, kind="generate", state="failed", owner=5, error="The GPU ran out of memory.",
-                          params={"request": {"prompt": "zqjane on a *tiny* horse"}})
+    job = SimpleNamespace(id=6, kind="generate", state="failed", owner=5, channel_id=None, message_id=None,
+                          error="The GPU ran out of memory.", params={"request": {"prompt": "zqjane on a *tiny* horse"}})
     await notifier.job_finished(job, {})
     assert channel.send.await_args.args[0] == ("Sorry, no pictures this time: The GPU ran out of memory.\n"
                                                "Your prompt was: **zqjane on a \\*tiny\\* horse**")

@@ -42,8 +42,9 @@ class ImagineCog(commands.Cog):
             await reply(interaction, exc.message)
             return
         self.bot.notifier.attach_interaction(job.id, interaction)
-        await interaction.edit_original_response(
+        message = await interaction.edit_original_response(
             content=queued_text(position, self.bot.scheduler.waiting_for_a_worker()))
+        await self.bot.notifier.remember_answer(job.id, message)
 
 
 async def setup(bot: AvatarBot) -> None:

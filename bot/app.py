@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from pathlib import Path
 
 import discord
@@ -39,6 +40,7 @@ def build_runner(settings: Settings) -> JobRunner:
         return CeleryRunner(settings.redis_url)
     devices = visible_devices(settings.device, settings.workers)
     work, shared = Path(settings.data_dir) / "work", Path(settings.data_dir) / "shared"
+    remove_unused_work_dirs(work, len(devices))
     return LocalProcessRunner([
         WorkerConfig(base_model=settings.base_model, device=device, work_dir=str(work / f"worker-{i}"),
                      class_cache_dir=str(shared / "class_images"), log_level=settings.log_level,
@@ -49,6 +51,17 @@ def build_runner(settings: Settings) -> JobRunner:
                      workers_on_host=len(devices))
         for i, device in enumerate(devices)
     ])
+
+
+def remove_unused_work_dirs(work: Path, workers: int) -> None:
+    """Remove the scratch folders of workers this start does not have (fewer GPUs or a lower
+    WORKERS than before): they may hold people's LoRAs and checkpoints, which no worker would
+    clear or evict again. Each remaining worker clears its own folder when it starts."""
+    for folder in work.glob("worker-*"):
+        suffix = folder.name.removeprefix("worker-")
+        if folder.is_dir() and suffix.isdigit() and int(suffix) >= workers:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s: no worker uses it now", folder.name)
 
 
 class AvatarBot(commands.Bot):

@@ -109,3 +109,16 @@ def test_every_setting_is_documented_in_the_readme():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert [env for env in ENV_NAMES.values() if f"| `{env}` |" not in readme] == []
+
+
+def test_a_start_with_fewer_workers_removes_the_folders_of_those_it_no_longer_has(tmp_path):
+    """They may hold people's LoRAs and checkpoints that no worker would clear or evict again."""
+    from bot.app import build_runner
+
+    work = tmp_path / "data" / "work"
+    for i in range(4):
+        (work / f"worker-{i}" / "adapters").mkdir(parents=True)
+        (work / f"worker-{i}" / "adapters" / "model-7.safetensors").write_bytes(b"lora")
+    (work / "worker-notes").mkdir()  # not a worker's folder: left alone
+    build_runner(_load(tmp_path, DEVICE="cpu", WORKERS="2"))
+    assert sorted(p.name for p in work.iterdir()) == ["worker-0", "worker-1", "worker-notes"]

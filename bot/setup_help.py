@@ -17,6 +17,6 @@ The bot needs a Discord bot token before it can start.
    (<APPLICATION_ID> is on the "General Information" page.) People who share that server with the
    bot can then DM it. To let people use it without a shared server, enable "User Install" on the
    "Installation" page and share the install link shown there.
-5. Run `make run` again. For a CPU-only demo without downloading a model, also set
+5. Run `make run` again (with Docker: `docker compose up -d`; the .env goes next to docker-compose.yml). For a CPU-only demo without downloading a model, also set
    BASE_MODEL=tiny DEVICE=cpu TRAIN_RESOLUTION=64 CLASS_IMAGES=8 (pictures are noise; every step runs).
 """

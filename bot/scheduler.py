@@ -102,6 +102,7 @@ class Scheduler:
             job = await jobs_db.get_job(self.store.db, job_id)
             if job is not None and job.restarts >= MAX_RESTARTS:
                 await self._fail(job, "This job was interrupted too many times; please start it again.")
+                await self.runner.cancel(job_id)  # its last attempt may still run on a remote worker
         await self.runner.start(self._on_event)
         self._task = asyncio.create_task(self._dispatch_loop(), name="scheduler")
         self._wake.set()
@@ -291,7 +292,10 @@ class Scheduler:
             state = await jobs_db.request_cancel(self.store.db, job.id)
             if state == "running":
                 await self.runner.cancel(job.id)  # its worker reports `cancelled` at the next step
-            elif state == "cancelled":  # it never started: tell the person now
+            elif state == "cancelled":  # it was queued: tell the person now
+                # An attempt from before a restart may still be out there (a worker running it, or its
+                # message waiting in a queue): the runner is told too, so none of it runs on.
+                await self.runner.cancel(job.id)
                 finished = await jobs_db.get_job(self.store.db, job.id)
                 await self.observer.job_finished(finished or job, {})
             cancelled.append(job)

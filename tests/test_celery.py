@@ -222,3 +222,46 @@ def test_an_idle_worker_unloads_a_forgotten_persons_lora_at_its_next_heartbeat(r
     worker.beat_once()
     assert unloaded == ["model-7", "model-8"]
     worker.stop()
+
+
+async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_later(redis_url, tmp_path):
+    """Redis re-delivers an unacknowledged message hours later (its worker died, even after reporting):
+    whether the job was done, failed, cancelled or lost its worker, the bot has voided the attempt's
+    token by then, so the worker that gets the message drops it without running it. So is a job
+    cancelled while queued (no attempt in flight here: one from before a restart, say)."""
+    from trainer.celery_runner import _Known
+    from trainer.celery_worker import EVENTS, CeleryWorker, token_key
+    from trainer.jobs import WorkItem
+    from trainer.runner import WorkerConfig
+
+    runner, sent = CeleryRunner(redis_url), []
+
+    async def on_event(job_id, event):
+        pass
+    runner._on_event = on_event
+    runner._workers = {"w1": _Known()}
+    runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs["args"])
+    endings = {1: {"type": "done", "result": {}}, 2: {"type": "error", "code": "internal", "message": "x"},
+               3: {"type": "error", "code": "cancelled", "message": "The job was cancelled."}}
+    for job_id, ending in endings.items():
+        await runner.submit(WorkItem(job_id, "generate", {"request": {"prompt": "on the moon"}}, {}))
+        token = runner._tokens[job_id]
+        await runner._deliver({"job_id": job_id, "token": token, "worker": "w1", "event": {"type": "claimed"}})
+        await runner._deliver({"job_id": job_id, "token": token, "worker": "w1", "event": ending})
+    await runner.submit(WorkItem(4, "train", {}, {"photos": []}))
+    await runner._deliver({"job_id": 4, "token": runner._tokens[4], "worker": "w1", "event": {"type": "claimed"}})
+    runner._live_names = lambda: set()  # w1's heartbeat expired
+    await runner._refresh_workers()
+    runner.redis.set(token_key(5), "from-before-a-restart")
+    sent.append([wire.dumps(wire.item_to_dict(WorkItem(5, "train", {}, {"photos": []}))), "from-before-a-restart"])
+    await runner.cancel(5)  # the scheduler cancels a queued job
+    assert [runner.redis.get(token_key(j)) for j in (1, 2, 3, 4)] == [None] * 4
+
+    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    ran: list[int] = []
+    worker.worker.run = lambda item, *args, **kwargs: ran.append(item.job_id)
+    for payload, token in sent:
+        worker.run(payload, token)
+    assert ran == []
+    assert [wire.loads(e)["event"]["type"] for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
+    worker.stop()

@@ -252,6 +252,16 @@ async def test_errors_and_cancel(env):
     assert (await jobs_db.get_job(store.db, job2.id)).state == "cancelled"
 
 
+async def test_a_job_cancelled_while_queued_is_cancelled_for_the_runner_too(env):
+    """An attempt of it from before a restart may still be out there (a remote worker's queue)."""
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    runner.capacity = 0
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await scheduler.cancel_user_jobs(ALICE)
+    assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled" and runner.cancelled == [job.id]
+
+
 async def test_restart_requeues_running_jobs(tmp_path):
     settings = _settings(tmp_path)
     store = await Storage.open(tmp_path)
@@ -295,6 +305,7 @@ async def test_jobs_ended_at_a_restart_are_told_to_their_owners(tmp_path):
     await second.start()
     assert sorted(observer.finished) == [(worn.id, "failed", {}), (dropped.id, "cancelled", {})]
     assert "interrupted too many times" in (await jobs_db.get_job(store.db, worn.id)).error
+    assert second.runner.cancelled == [worn.id]  # its last attempt may still run on a remote worker
     assert list((tmp_path / "users").rglob("*.zip")) == []  # an ended training's checkpoint goes
     await second.stop()
     await store.close()

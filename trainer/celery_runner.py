@@ -45,6 +45,8 @@ from trainer.runner import EventHandler, JobRunner
 log = logging.getLogger(__name__)
 
 LIVENESS_POLL_S = 1.0
+# Deletes a job's token only while it is still the given attempt's: a newer attempt's token stays.
+VOID_TOKEN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -58,6 +60,7 @@ class CeleryRunner(JobRunner):
     def __init__(self, redis_url: str) -> None:
         self.app = make_app(redis_url)
         self.redis = redis.Redis.from_url(redis_url)
+        self._void_token = self.redis.register_script(VOID_TOKEN)
         self._workers: dict[str, _Known] = {}
         self._tokens: dict[int, str] = {}  # job id -> token of the attempt in flight
         self._running_on: dict[int, str | None] = {}  # job id -> worker name once it reported
@@ -99,7 +102,7 @@ class CeleryRunner(JobRunner):
             log.warning("worker %s is gone", name)
             del self._workers[name]
             for job_id in [j for j, w in self._running_on.items() if w == name]:
-                self._forget_job(job_id)
+                await self._forget_job(job_id)
                 if self._on_event is not None:
                     await self._on_event(job_id, {"type": "worker_lost",
                                                   "message": "The GPU worker stopped unexpectedly while "
@@ -145,20 +148,29 @@ class CeleryRunner(JobRunner):
             return
         if event["type"] in ("done", "error"):
             training = self._kinds.get(job_id) == "train"
-            self._forget_job(job_id)
+            await self._forget_job(job_id)
             if training:
                 await self._resend_unserved_rider(name)
         assert self._on_event is not None
         await self._on_event(job_id, event)
 
-    def _forget_job(self, job_id: int) -> None:
-        self._tokens.pop(job_id, None)
+    async def _forget_job(self, job_id: int) -> None:
+        """The bot waits for this attempt no more (it ended, or its worker is gone): its token is voided
+        too, so a worker that gets its message later (Redis re-delivers an unacknowledged one hours
+        on, when the job may be long cancelled or forgotten) drops it instead of running it."""
+        token = self._tokens.pop(job_id, None)
         self._running_on.pop(job_id, None)
         self._kinds.pop(job_id, None)
         self._claimed.discard(job_id)
         for name, rider in list(self._riders.items()):
             if rider.job_id == job_id:
                 del self._riders[name]
+        if token is None:
+            return
+        try:
+            await asyncio.to_thread(self._void_token, keys=[token_key(job_id)], args=[token])
+        except redis.RedisError as exc:  # the token expires on its own after TOKEN_TTL_S
+            log.warning("job %d: could not void its token in Redis: %s", job_id, exc)
 
     async def _resend_unserved_rider(self, name: str) -> None:
         """A training ended before it picked up its rider: send the rider through the queues instead.
@@ -168,7 +180,7 @@ class CeleryRunner(JobRunner):
         self._riders_served.pop(name, None)
         if rider is None or rider.job_id in self._claimed:
             return
-        self._forget_job(rider.job_id)
+        await self._forget_job(rider.job_id)
         log.info("job %d: the training it waited on ended first; sending it again", rider.job_id)
         await self.submit(rider)
 

@@ -11,7 +11,9 @@ Redis keys (all under `avatar:`):
   the bot sees a worker die by its key expiring;
 - `avatar:job:<id>:token` — the bot's token for the current attempt of a job. A worker runs a job
   only while its message carries that token, so a message that Redis re-delivers after its worker
-  died, or an attempt the bot has since replaced, stops without running to completion twice;
+  died, or an attempt the bot has since replaced, stops without running to completion twice. The bot
+  deletes the token once the attempt ended (done, failed, cancelled, its worker lost), so a message
+  re-delivered after that is dropped without running;
 - `avatar:cancel:<id>` — set by the bot to cancel a job between steps;
 - `avatar:evict:<name>` — LoRA keys this worker must forget (a person asked to be forgotten);
 - `avatar:riders:<name>` — generations the bot gave this worker while it trains: the training task

@@ -265,3 +265,29 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     assert ran == []
     assert [wire.loads(e)["event"]["type"] for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
     worker.stop()
+
+
+def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(redis_url, tmp_path):
+    """A training may last an hour: the LoRA of a person who asks to be forgotten meanwhile must not stay
+    loaded on the GPU until it ends."""
+    from trainer.celery_worker import CeleryWorker, evict_key, token_key
+    from trainer.jobs import WorkItem
+    from trainer.runner import WorkerConfig
+
+    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    unloaded: list[str] = []
+    worker.worker.evict = unloaded.append
+    loaded_during_training: list[list[str]] = []
+
+    def training(item, emit, should_cancel, between_steps=None, **kwargs):
+        worker.redis.rpush(evict_key("w9"), "model-7")  # the person asks to be forgotten
+        worker.beat_once()  # the heartbeat takes the eviction; the engine is busy with the training
+        between_steps()
+        loaded_during_training.append(list(unloaded))
+        return True
+
+    worker.worker.execute = training
+    worker.redis.set(token_key(1), "t1")
+    worker.run(wire.dumps(wire.item_to_dict(WorkItem(1, "train", {}, {"photos": []}))), "t1")
+    assert loaded_during_training == [["model-7"]] and unloaded == ["model-7"]
+    worker.stop()

@@ -192,10 +192,13 @@ class CeleryWorker:
                             between_steps=between_steps if item.kind == "train" else None)
 
     def _serve_riders_now_and_then(self) -> None:
-        """Between training steps: serve waiting generations, looking at most every RIDER_POLL_S."""
+        """Between training steps: unload forgotten adapters (a long training must not keep a forgotten
+        person's weights loaded until it ends; its own LoRA is not one of the engine's adapters) and
+        serve waiting generations, looking at most every RIDER_POLL_S."""
         now = time.monotonic()
         if now - self._last_rider_poll >= RIDER_POLL_S:
             self._last_rider_poll = now
+            self._apply_evictions()
             self._serve_riders()
 
     def _serve_riders(self) -> None:

@@ -291,3 +291,37 @@ def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(re
     worker.run(wire.dumps(wire.item_to_dict(WorkItem(1, "train", {}, {"photos": []}))), "t1")
     assert loaded_during_training == [["model-7"]] and unloaded == ["model-7"]
     worker.stop()
+
+
+def test_a_worker_leaves_no_ones_files_behind_when_it_stops(redis_url, tmp_path, monkeypatch):
+    """A worker without --work-dir gets a folder of its own name (host and process id by default), which
+    no later run clears: when it stops, the folder goes with the cached LoRA files in it. With
+    --work-dir, the work folder is emptied. The class image cache (no one's data) stays."""
+    from celery import Celery
+
+    from trainer import cli
+    from trainer.celery_worker import default_name
+    from trainer.worker import Worker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    monkeypatch.setattr(Worker, "prepare", lambda self, on_part=None: None)
+
+    def serve_until_stopped(app, argv):  # instead of Celery's loop: a job caches a person's LoRA
+        [adapters] = [p for p in tmp_path.rglob("adapters") if p.is_dir()]
+        (adapters / "alice.safetensors").write_bytes(b"lora")
+        (adapters.parent / "job9-scratch").mkdir()
+    monkeypatch.setattr(Celery, "worker_main", serve_until_stopped)
+    class_cache = tmp_path / "class-cache"
+    class_cache.mkdir()
+    (class_cache / "class-0.png").write_bytes(b"png")
+    common = ["worker", "--redis-url", redis_url, "--model", "tiny", "--device", "cpu",
+              "--class-cache", str(class_cache), "--compile-cache", str(tmp_path / "compiled")]
+
+    assert cli.run(common) == [f"worker {default_name()} stopped"]
+    assert list((tmp_path / "worker-data").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the operator's")
+    cli.run([*common, "--name", "gpu1", "--work-dir", str(tmp_path / "mine")])
+    assert list((tmp_path / "mine" / "work").iterdir()) == [] and (tmp_path / "mine" / "notes.txt").exists()
+    assert list(class_cache.iterdir()) == [class_cache / "class-0.png"]

@@ -142,9 +142,13 @@ class CeleryWorker:
             finally:
                 self._busy.release()
 
-    def stop(self) -> None:
+    def stop(self, *, remove_work_dir: bool = False) -> None:
+        """Stop beating and leave no one's files behind (see `Worker.remove_files`)."""
         self._stop.set()
-        self.redis.delete(worker_key(self.name))
+        try:
+            self.worker.remove_files(folder_too=remove_work_dir)
+        finally:
+            self.redis.delete(worker_key(self.name))
 
     def _apply_evictions(self) -> None:
         """Unload forgotten adapters from the engine; only with `_busy` held, when nothing uses them."""
@@ -214,8 +218,9 @@ class CeleryWorker:
         return stored is not None and stored.decode() == token
 
 
-def serve(config: WorkerConfig, redis_url: str, name: str | None = None) -> None:
-    """Run a Celery worker for the bot's jobs in this process until it is stopped."""
+def serve(config: WorkerConfig, redis_url: str, name: str | None = None, *, remove_work_dir: bool = False) -> None:
+    """Run a Celery worker for the bot's jobs in this process until it is stopped; then empty its work
+    folder, and remove the folder too with `remove_work_dir` (one made for this worker's name alone)."""
     name = name or default_name()
     app = make_app(redis_url)
     body = CeleryWorker(config, name, redis_url)
@@ -233,5 +238,5 @@ def serve(config: WorkerConfig, redis_url: str, name: str | None = None) -> None
                          "--without-gossip", "--without-mingle", "--without-heartbeat",
                          f"--loglevel={config.log_level}"])
     finally:
-        body.stop()
+        body.stop(remove_work_dir=remove_work_dir)
 

@@ -11,6 +11,7 @@ the same events the bot turns into Discord messages, and other messages go throu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -216,7 +217,10 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
                        compile_cache_dir=str(args.compile_cache),
                        compile_training=args.compile_training, train_rank=args.train_rank,
                        start_helpers=args.start_helpers),
-          args.redis_url, name)
+          args.redis_url, name, remove_work_dir=args.work_dir is None)
+    if args.work_dir is None:  # worker-data/NAME held only the work folder, now removed
+        with contextlib.suppress(OSError):
+            work.rmdir()
     return [f"worker {name} stopped"]
 
 

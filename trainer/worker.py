@@ -353,6 +353,18 @@ class Worker:
         )
         return {"images": [{"png": im.png, "seed": im.seed} for im in images]}
 
+    def remove_files(self, *, folder_too: bool = False) -> None:
+        """Delete everything this worker keeps in its work folder (scratch space, cached LoRA files) as
+        it stops: a worker whose next run uses another folder never clears this one, and the people
+        whose files are here may ask to be forgotten meanwhile. The class image cache is elsewhere and
+        holds no one's data. `folder_too`: the folder was made for this run alone and goes as well."""
+        clear_folder(self.work_dir)
+        if folder_too:
+            try:
+                self.work_dir.rmdir()
+            except OSError as exc:  # something in it could not be deleted: the log says so, the stop goes on
+                log.warning("could not remove the work folder %s: %s", self.work_dir, exc)
+
     def adapter_file(self, key: str) -> Path:
         return self._adapter_files / f"{uuid.uuid5(uuid.NAMESPACE_OID, key).hex}.safetensors"
 

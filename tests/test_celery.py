@@ -5,6 +5,7 @@ The bot's scheduler and storage drive a `CeleryRunner`, as with JOB_BACKEND=cele
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -325,3 +326,70 @@ def test_a_worker_leaves_no_ones_files_behind_when_it_stops(redis_url, tmp_path,
     cli.run([*common, "--name", "gpu1", "--work-dir", str(tmp_path / "mine")])
     assert list((tmp_path / "mine" / "work").iterdir()) == [] and (tmp_path / "mine" / "notes.txt").exists()
     assert list(class_cache.iterdir()) == [class_cache / "class-0.png"]
+
+
+async def test_a_jobs_message_names_the_job_not_its_prompt(redis_url):
+    """The message's headers (`argsrepr`, which Celery's log lines and monitoring tools show) say which
+    job it is; the prompt, handle and token travel only in its body."""
+    import base64
+    import json
+
+    from trainer.celery_worker import SHARED_QUEUE
+    from trainer.jobs import WorkItem
+
+    runner = CeleryRunner(redis_url)
+    await runner.submit(WorkItem(7, "generate", {"request": {"prompt": "zqalice on the moon"}, "handle": "zqalice"},
+                                 {}))
+    message = json.loads(runner.redis.lpop(SHARED_QUEUE))
+    headers = json.dumps(message["headers"])
+    assert message["headers"]["argsrepr"] == "<job 7>"
+    assert "zqalice" not in headers and runner._tokens[7] not in headers
+    assert b"zqalice" in base64.b64decode(message["body"])  # the worker still gets the job whole
+
+
+async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_when_stopped(redis_url, tmp_path):
+    """`python -m trainer --log-level DEBUG worker`, run as an operator does (no name, no work folder
+    given), the GPU work left out: Celery's debug lines would show each job's message; the worker's log
+    must not. Stopped (SIGTERM), it leaves no folder of its own behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainer.celery_worker import EVENTS, worker_key
+    from trainer.jobs import WorkItem
+
+    script = ("import sys\n"
+              "from trainer.worker import Worker\n"
+              "Worker.prepare = lambda self, on_part=None: None\n"
+              "Worker.run = lambda self, item, *args, **kwargs: {'images': []}\n"
+              "from trainer.__main__ import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
+    log_file = tmp_path / "worker.log"
+    with log_file.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, "--log-level", "DEBUG", "worker", "--redis-url", redis_url,
+             "--model", "tiny", "--device", "cpu", "--class-cache", str(tmp_path / "class-cache"),
+             "--compile-cache", str(tmp_path / "compiled")], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    runner = CeleryRunner(redis_url)
+    try:
+        async def up():
+            return list(runner.redis.scan_iter(match=worker_key("*")))
+        assert await eventually(up, timeout=60), log_file.read_text()
+        await runner.submit(WorkItem(7, "generate", {"request": {"prompt": "zqalice on the moon"},
+                                                     "handle": "zqalice"}, {}))
+
+        async def done():
+            return any(wire.loads(e)["event"]["type"] == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
+        assert await eventually(done, timeout=60), log_file.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    written = log_file.read_text()
+    assert "Task avatar.run_job[" in written and "zqalice" not in written and runner._tokens[7] not in written
+    # Nor any debug line of Celery's or kombu's: one shows the job's message whole, cut at 1,024 characters.
+    assert not re.search(r"DEBUG +\S+ (celery|kombu)\b", written)
+    assert process.returncode == 0 and list((tmp_path / "worker-data").iterdir()) == []

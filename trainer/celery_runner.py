@@ -227,7 +227,10 @@ class CeleryRunner(JobRunner):
         # with a new token, which voids the entry left in the queue).
         self._tokens[item.job_id], self._running_on[item.job_id] = token, reader
         self._kinds[item.job_id] = item.kind
-        await asyncio.to_thread(self.app.send_task, TASK, args=[payload, token], queue=queue)
+        # The message's headers (and Celery's log lines) show `argsrepr` instead of the arguments: the
+        # job's id, not its prompt, handle or token.
+        await asyncio.to_thread(self.app.send_task, TASK, args=[payload, token], queue=queue,
+                                argsrepr=f"<job {item.job_id}>", kwargsrepr="{}")
         log.info("job %d (%s) sent to %s", item.job_id, item.kind, queue)
 
     async def _send_rider(self, item: WorkItem, trainings: list[str]) -> None:

@@ -4,7 +4,8 @@ Secrets must never reach a log line: a filter on the handler replaces the config
 anything shaped like a Discord bot token, and the token part of interaction and webhook URLs
 before a record is written. discord.py's own loggers stay at INFO even when LOG_LEVEL=DEBUG: its
 debug lines carry every gateway event whole, interaction tokens and the signed links of the
-selfies people send included.
+selfies people send included. So do Celery's and kombu's: theirs carry a job's message (prompt,
+handle, photos and the attempt's token).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9
 # Interaction and webhook tokens travel in URL paths (/interactions/<id>/<token>/callback).
 _URL_TOKEN = re.compile(r"(/(?:interactions|webhooks)/\d+/)[A-Za-z0-9_.-]{20,}")
 REDACTED = "[redacted]"
+# Libraries whose debug lines carry personal data or secrets: never below INFO.
+QUIET_LIBRARIES = ("discord", "celery", "kombu")
 
 
 class RedactSecrets(logging.Filter):
@@ -57,4 +60,5 @@ def setup_logging(level: str | int = "INFO", secrets: Iterable[str] = ()) -> Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
-    logging.getLogger("discord").setLevel(max(root.level, logging.INFO))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))

@@ -2,14 +2,16 @@
 
 Training progress lives in an ordinary DM message edited with the bot token (it outlives the
 15-minute interaction token and a restart: its ids are stored on the job). Generation answers the
-interaction that asked for it while the bot holds it in memory; after a restart the result goes
-to the person's DMs instead, so nothing is lost.
+interaction that asked for it while its token works; after that, or after a restart, the bot edits
+the same message with its own token (its ids are stored on the job too), and only where it cannot
+reach that channel does the result go to the person's DMs, so nothing is lost.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -179,20 +181,18 @@ class Notifier:
         answer: dict[str, Any] = {"content": text}
         if view is not None:
             answer["view"] = view
+        routes: list[tuple[str, Callable[..., Awaitable[discord.Message]]]] = []
         if interaction is not None and not interaction.is_expired():
-            try:
-                message = await interaction.edit_original_response(**answer, attachments=pictures())
-                await self._remember_message(outcome, message)
-                return
-            except discord.HTTPException:
-                log.info("could not answer job %d through its interaction", job.id, exc_info=True)
+            routes.append(("its interaction", interaction.edit_original_response))
         if (stored := self._message(job)) is not None:
+            routes.append(("its message", stored.edit))
+        for route, edit in routes:
             try:
-                message = await stored.edit(**answer, attachments=pictures())
+                message = await edit(**answer, attachments=pictures())
                 await self._remember_message(outcome, message)
                 return
             except discord.HTTPException:
-                log.info("could not edit the message of job %d; sending the result by DM", job.id, exc_info=True)
+                log.info("could not answer job %d through %s", job.id, route, exc_info=True)
         channel = await self._dm(job.owner)
         message = await channel.send(text, files=pictures(), view=view or discord.utils.MISSING)
         await self._remember_message(outcome, message)

@@ -29,30 +29,31 @@ def test_compose_takes_redis_url_from_env_and_falls_back_to_its_own_service():
     assert text.count("REDIS_URL: ${REDIS_URL:-redis://redis:6379/0}") == 2  # the bot and the worker
 
 
-def test_make_removes_a_half_made_environment_and_says_what_to_install(tmp_path):
-    """Where python3-venv is missing, `python3 -m venv` leaves a folder with a python and no pip;
-    the next `make run` must not take that folder for a finished environment."""
+def _make_run_with_a_python(tmp_path, version_ok: bool, venv_fails: bool):
+    """`make run` with a stand-in python3: it answers the version check (`-c ...`) with `version_ok`,
+    and `-m venv DIR` makes DIR/bin/python, then fails if `venv_fails` (no pip: python3-venv missing)."""
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
     fake = tmp_path / "python3"
-    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nmkdir -p "$3/bin" && touch "$3/bin/python"\nexit 1\n')  # -m venv DIR
+    fake.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit {0 if version_ok else 1}\n'
+                    f'mkdir -p "$3/bin" && touch "$3/bin/python"\nexit {1 if venv_fails else 0}\n')
     fake.chmod(0o755)
     venv = tmp_path / "venv"
     done = subprocess.run(["make", "-C", str(ROOT), "run", f"VENV={venv}", f"PYTHON={fake}"],
                           capture_output=True, text=True, timeout=60)
+    return done, venv
+
+
+def test_make_removes_a_half_made_environment_and_says_what_to_install(tmp_path):
+    """Where python3-venv is missing, `python3 -m venv` leaves a folder with a python and no pip;
+    the next `make run` must not take that folder for a finished environment."""
+    done, venv = _make_run_with_a_python(tmp_path, version_ok=True, venv_fails=True)
     assert done.returncode != 0 and not venv.exists()
     assert "sudo apt install python3-venv" in done.stderr
 
 
 def test_make_refuses_a_python_older_than_3_11_before_setting_anything_up(tmp_path):
-    if shutil.which("make") is None:
-        pytest.skip("no make on this machine")
-    fake = tmp_path / "python3"
-    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\nmkdir -p "$3/bin" && touch "$3/bin/python"\n')  # 3.10
-    fake.chmod(0o755)
-    venv = tmp_path / "venv"
-    done = subprocess.run(["make", "-C", str(ROOT), "run", f"VENV={venv}", f"PYTHON={fake}"],
-                          capture_output=True, text=True, timeout=60)
+    done, venv = _make_run_with_a_python(tmp_path, version_ok=False, venv_fails=False)  # a Python 3.10
     assert done.returncode != 0 and not venv.exists()
     assert "needs Python 3.11 or later" in done.stderr
 

@@ -33,7 +33,8 @@ async def test_a_prompt_is_echoed_with_its_markdown_and_mentions_made_harmless(m
     message = SimpleNamespace(channel=SimpleNamespace(id=1), id=2)
     interaction = SimpleNamespace(edit_original_response=AsyncMock(return_value=message), is_expired=lambda: False)
     notifier.attach_interaction(3, interaction)
-    job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, params={"request": {"prompt": PROMPT}})
+    job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, channel_id=None, message_id=None,
+                          params={"request": {"prompt": PROMPT}})
     await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
     first_line = interaction.edit_original_response.await_args.kwargs["content"].split("\n")[0]
     for mention in ("<@123456789012345678>", "<@&223456789012345678>", "@everyone"):

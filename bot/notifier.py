@@ -121,7 +121,8 @@ class Notifier:
         editor = self._editors.pop(job.id, None)
         if editor is not None:
             await editor.flush()
-        interaction = self._interactions.pop(job.id, None)
+        interaction = self._interaction(job.id)
+        self._interactions.pop(job.id, None)
         try:
             if job.kind == "train":
                 await self._training_finished(job, outcome)
@@ -137,8 +138,7 @@ class Notifier:
         return user.dm_channel or await user.create_dm()
 
     async def _edit_progress_message(self, job: Job, text: str) -> None:
-        if job.channel_id and job.message_id:
-            message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+        if (message := self._message(job)) is not None:
             await message.edit(content=text, attachments=[])
 
     async def _training_finished(self, job: Job, outcome: dict[str, Any]) -> None:
@@ -161,6 +161,7 @@ class Notifier:
 
     async def _generation_finished(self, job: Job, outcome: dict[str, Any],
                                    interaction: discord.Interaction | None) -> None:
+        """`interaction`: the request's, while its token still works."""
         if job.state == "succeeded":
             images = outcome["images"]
             seeds = ", ".join(f"#{i + 1}: {im['seed']}" for i, im in enumerate(images))
@@ -182,7 +183,7 @@ class Notifier:
         if view is not None:
             answer["view"] = view
         routes: list[tuple[str, Callable[..., Awaitable[discord.Message]]]] = []
-        if interaction is not None and not interaction.is_expired():
+        if interaction is not None:
             routes.append(("its interaction", interaction.edit_original_response))
         if (stored := self._message(job)) is not None:
             routes.append(("its message", stored.edit))

@@ -14,9 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dotenv import dotenv_values
-
-from trainer.runner import parse_switch
+from trainer.runner import env_file_values, parse_switch
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -108,10 +106,7 @@ def _check_data_dir(path: Path, problems: list[str]) -> None:
 def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env"),
                   require_token: bool = True) -> Settings:
     """Read settings from `environ` (default: the process environment) over the `.env` file."""
-    values: dict[str, str] = {}
-    if env_file is not None and env_file.is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    values.update(os.environ if environ is None else environ)
+    values = {**env_file_values(env_file), **(os.environ if environ is None else environ)}
 
     problems: list[str] = []
     kwargs: dict[str, object] = {}

@@ -22,12 +22,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dotenv import dotenv_values
 from tqdm import tqdm
 
 from trainer import events
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
-from trainer.runner import parse_switch
+from trainer.runner import env_file_values, parse_switch
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +308,7 @@ def worker_environment(env_file: Path = Path(".env")) -> dict[str, str]:
     """The process environment over the `.env` file in the working directory, read as the bot reads
     its settings: a GPU machine that shares the bot's `.env` gets the same values. Nothing is added
     to `os.environ`, so the bot's token in that file does not reach the worker's child processes."""
-    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
-    return {**values, **os.environ}
+    return {**env_file_values(env_file), **os.environ}
 
 
 def run(argv: list[str] | None = None) -> list[str]:

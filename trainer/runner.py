@@ -17,7 +17,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, TypeVar
+
+from dotenv import dotenv_values
 
 from trainer.events import Event
 from trainer.jobs import WorkItem
@@ -63,6 +66,14 @@ class JobRunner(ABC):
 
 
 SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_file_values(env_file: Path | None) -> dict[str, str]:
+    """The settings a `.env` file sets (none if there is no such file), for the bot and for Celery
+    workers to read the same way: under the environment, which wins."""
+    if env_file is None or not env_file.is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
 
 
 def parse_switch(raw: str) -> bool | None:

@@ -26,8 +26,11 @@ RUN python3 -m venv /app/.venv \
     && /app/.venv/bin/pip install -r requirements.txt
 
 COPY --chown=avatar:avatar bot ./bot
+COPY --chown=avatar:avatar jobs ./jobs
 COPY --chown=avatar:avatar trainer ./trainer
+COPY --chown=avatar:avatar photos ./photos
 COPY --chown=avatar:avatar storage ./storage
+COPY --chown=avatar:avatar common ./common
 
 VOLUME ["/data", "/hf-cache"]
 ENTRYPOINT ["/app/.venv/bin/python", "-m", "bot"]

@@ -36,8 +36,8 @@ TRAINING_BEGINS = "==== the training step begins"
 
 def child(role: str, out: Path, model: str, before: str) -> None:
     """One process: `alone` compiles the training step; `after` runs the part `before` first."""
-    from trainer.logs import setup_logging
-    from trainer.runner import WorkerConfig
+    from common.logs import setup_logging
+    from jobs.worker_config import WorkerConfig
     from trainer.worker import Worker
 
     setup_logging("INFO")

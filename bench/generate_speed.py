@@ -55,7 +55,7 @@ from trainer.dreambooth import TrainConfig
 from trainer.engine import GenerateRequest, GenerationEngine
 from trainer.family import family_of
 from trainer.lora_io import save_diffusers
-from trainer.schedulers import DEFAULT_SCHEDULER, SchedulerCache
+from trainer.noise_schedulers import DEFAULT_SCHEDULER, SchedulerCache
 
 PROMPT = "a photo of sks woman on a beach at sunset"
 

@@ -37,12 +37,13 @@ from PIL import Image
 
 from bot.config import Settings
 from bot.scheduler import Scheduler
-from storage import photos as photos_db
-from storage import users as users_db
-from storage.jobs import Job
+from jobs.devices import cpu_threads_per_worker, visible_devices
+from jobs.events import Event
+from jobs.local_runner import LocalProcessRunner
+from jobs.worker_config import WorkerConfig
+from storage import photos_db, users_db
+from storage.jobs_db import Job
 from storage.store import Storage
-from trainer.events import Event
-from trainer.runner import LocalProcessRunner, WorkerConfig, cpu_threads_per_worker, visible_devices
 
 CLASS_WORD = "person"
 

@@ -48,7 +48,7 @@ from trainer.dreambooth import TrainConfig, TrainingRun
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.fused_linears import FuseLinearsPass
 from trainer.graphs import GraphedCall
-from trainer.models import load_pipeline
+from trainer.pipelines import load_pipeline
 
 log = logging.getLogger(__name__)
 # The trainings this profile steps through: never at their end, no checkpoints, few class images.

@@ -40,7 +40,7 @@ from trainer.class_images import ensure_class_images
 from trainer.dataset import PhotoInput, class_pixels, instance_pixels
 from trainer.dreambooth import TrainConfig, TrainingRun, class_prompt, instance_prompt
 from trainer.family import family_of, tokenize
-from trainer.models import load_pipeline, pick_device, pick_dtype
+from trainer.pipelines import load_pipeline, pick_device, pick_dtype
 
 HANDLE, CLASS_WORD = "sks", "woman"
 # --prior: which steps to time (with prior preservation or not)
@@ -131,7 +131,7 @@ class PlainRecipe:
 
 
 def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPipeline:
-    """The base model as a worker loads it (trainer.models.load_pipeline), without progress bars.
+    """The base model as a worker loads it (trainer.pipelines.load_pipeline), without progress bars.
     `dtype` other than "auto" loads it as a GPU without bf16 would ("fp16"), whatever this one has."""
     device_name = pick_device(device)
     pipe = load_pipeline(model, device=device_name,
@@ -143,7 +143,7 @@ def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPip
 @contextlib.contextmanager
 def plain_layout(pipe: DiffusionPipeline) -> Iterator[None]:
     """The UNet in PyTorch's default NCHW layout for the block, as a baseline runs it (the project's
-    loader makes it channels-last on CUDA, see trainer.models.prepare_for_device)."""
+    loader makes it channels-last on CUDA, see trainer.pipelines.prepare_for_device)."""
     weight = pipe.unet.conv_in.weight
     channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     pipe.unet.to(memory_format=torch.contiguous_format)

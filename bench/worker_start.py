@@ -85,9 +85,9 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
     started = time.monotonic()
     import torch
 
-    from trainer.logs import setup_logging
-    from trainer.models import pick_device
-    from trainer.runner import WorkerConfig
+    from common.logs import setup_logging
+    from jobs.worker_config import WorkerConfig
+    from trainer.pipelines import pick_device
     from trainer.worker import Worker
 
     setup_logging("INFO")  # as the worker's process sets it up

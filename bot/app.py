@@ -14,19 +14,14 @@ from discord.ext import commands
 
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
-from bot.error_reference import log_with_reference
 from bot.notifier import Notifier
 from bot.scheduler import Refused, Scheduler
+from common.logs import log_with_reference, setup_logging
+from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
+from jobs.local_runner import LocalProcessRunner
+from jobs.runner import JobRunner
+from jobs.worker_config import WorkerConfig
 from storage.store import Storage
-from trainer.logs import setup_logging
-from trainer.runner import (
-    JobRunner,
-    LocalProcessRunner,
-    NoSuchDevice,
-    WorkerConfig,
-    cpu_threads_per_worker,
-    visible_devices,
-)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +30,7 @@ def build_runner(settings: Settings) -> JobRunner:
     """The job backend named by JOB_BACKEND: `local` runs one worker process per device; `celery`
     sends jobs through Redis to `python -m trainer worker` processes on any machine."""
     if settings.job_backend == "celery":
-        from trainer.celery_runner import CeleryRunner
+        from jobs.celery_runner import CeleryRunner
 
         return CeleryRunner(settings.redis_url)
     devices = visible_devices(settings.device, settings.workers)
@@ -88,9 +83,9 @@ class AvatarBot(commands.Bot):
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
 
     async def setup_hook(self) -> None:
-        from bot.cogs import account, imagine, photos, training
+        from bot.cogs import account, imagine, selfies, training
 
-        for module in (photos, account, training, imagine):
+        for module in (selfies, account, training, imagine):
             await module.setup(self)
         self.tree.on_error = self.on_app_command_error
         if self.settings.dev_guild_id:

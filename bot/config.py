@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from trainer.runner import env_file_values, parse_switch
+from common.envfile import env_file_values, parse_switch
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -18,10 +18,9 @@ import discord
 
 from bot.progress import ThrottledEditor, render_progress
 from bot.views import imagine_view
-from storage import generations as generations_db
-from storage import jobs as jobs_db
-from storage.jobs import Job
-from trainer.events import Event
+from jobs.events import Event
+from storage import generations_db, jobs_db
+from storage.jobs_db import Job
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot

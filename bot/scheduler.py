@@ -19,18 +19,14 @@ import time
 from typing import Any, Protocol
 
 from bot.config import Settings
-from bot.error_reference import log_with_reference
-from storage import generations as generations_db
-from storage import jobs as jobs_db
-from storage import models as models_db
-from storage import photos as photos_db
-from storage import users as users_db
+from common.logs import log_with_reference
+from jobs.events import Event
+from jobs.payloads import WorkItem
+from jobs.runner import JobRunner
+from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.forget import forget_user
-from storage.jobs import Job
+from storage.jobs_db import Job
 from storage.store import Storage
-from trainer.events import Event
-from trainer.jobs import WorkItem
-from trainer.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +77,7 @@ class Scheduler:
     def user_lock(self, user_id: int) -> asyncio.Lock:
         """One person's changes, one at a time: a check and the write it allows (one training, a
         queue limit) happen together, and `forget` waits for a photo being stored rather than leave
-        its file behind. Held by the photo intake too (bot.cogs.photos)."""
+        its file behind. Held by the photo intake too (bot.cogs.selfies)."""
         return self._user_locks.setdefault(user_id, asyncio.Lock())
 
     def waiting_for_a_worker(self) -> bool:

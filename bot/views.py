@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.error_reference import log_with_reference
 from bot.progress import NO_WORKER_ONLINE
 from bot.scheduler import Refused
+from common.logs import log_with_reference
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
@@ -53,7 +53,7 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
                                index: int | None) -> None:
     """Reroll (index None: same request, new seeds; under a variation, new variations of the same
     picture) or vary image `index` with img2img."""
-    from storage import generations as generations_db
+    from storage import generations_db
 
     bot: AvatarBot = interaction.client  # type: ignore[assignment]
     generation = await generations_db.get_generation(bot.store.db, generation_id)

@@ -10,15 +10,15 @@ These calls block on disk I/O; from the event loop, run them through ``asyncio.t
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+from common.atomic import atomic_file, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,44 +28,6 @@ _SUFFIX_RE = re.compile(r"(\.[a-z0-9]{1,12}){0,2}")
 
 class UnsafePathError(ValueError):
     """A stored path points outside the folder it belongs to."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk, so a rename inside it survives a power cut (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write ``path`` all at once: yield a temp file beside it, then flush, fsync and rename.
-
-    If the block raises, the temp file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically."""
-    with atomic_file(path) as handle:
-        handle.write(data)
 
 
 def _user_key(user_id: int) -> str:

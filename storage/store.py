@@ -15,7 +15,7 @@ DB_NAME = "avatar.db"
 
 
 class Storage:
-    """``db`` for the query modules (storage.users, .photos, .jobs, .models, .generations) and
+    """``db`` for the query modules (storage.users_db, .photos_db, .jobs_db, .models_db, .generations_db) and
     ``files`` for what lives on disk."""
 
     def __init__(self, data_dir: Path, db: Database, files: FileStore) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def restore_root_logger():
-    """Code under test may set up logging (`trainer.logs.setup_logging`, called by the CLI's and the
+    """Code under test may set up logging (`common.logs.setup_logging`, called by the CLI's and the
     worker's entry points), which points the root handler at this test's captured stderr. Pytest
     closes that stream after the test, and every later test's log line would fail to write."""
     import logging

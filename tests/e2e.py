@@ -21,10 +21,10 @@ from PIL import Image
 from bot.app import AvatarBot, build_runner
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
+from jobs.runner import JobRunner
 from storage.store import Storage
 from tests.fakediscord import FakeDiscord
 from tests.intake_corpus import encode, portrait
-from trainer.runner import JobRunner
 
 # Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
 TRAIN_STEPS = 24
@@ -190,7 +190,7 @@ def samples_message(fake: FakeDiscord, user):
 
 async def finished_job(store: Storage, job_id: int):
     """The job once it has ended, else None."""
-    from storage import jobs as jobs_db
+    from storage import jobs_db
 
     job = await jobs_db.get_job(store.db, job_id)
     return job if job.state in ("succeeded", "failed", "cancelled") else None

@@ -18,7 +18,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageDraw, ImageFilter
 
-from storage.intake import IntakeLimits
+from photos.intake import IntakeLimits
 
 SKY = (118, 150, 182)
 

@@ -110,7 +110,7 @@ def test_the_worker_start_benchmark_reads_the_parts_the_training_warm_up_logs(tm
 
     from bench import worker_start
     from trainer.dreambooth import TrainConfig, warm_up
-    from trainer.models import build_random_pipeline
+    from trainer.pipelines import build_random_pipeline
 
     recorder = worker_start.PartRecorder(tmp_path / "parts.jsonl")
     logger = logging.getLogger("trainer")

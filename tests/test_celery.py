@@ -12,12 +12,12 @@ import pytest
 
 from bot.config import Settings
 from bot.scheduler import Scheduler, adapter_key
-from storage import jobs as jobs_db
+from jobs import wire
+from jobs.celery_protocol import worker_queue
+from jobs.celery_runner import CeleryRunner
+from storage import jobs_db
 from storage.store import Storage
 from tests.e2e import eventually, finished_job, selfie
-from trainer import wire
-from trainer.celery_runner import CeleryRunner
-from trainer.celery_worker import worker_queue
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,9 @@ class Observed:
 
 
 async def add_person(store: Storage, user_id: int, handle: str) -> None:
-    from storage import users as users_db
-    from storage.accept import accept_photo
-    from storage.intake import IntakeLimits
+    from bot.photo_intake import accept_photo
+    from photos.intake import IntakeLimits
+    from storage import users_db
 
     await users_db.set_handle(store.db, user_id, handle, "person")
     for i in range(5):
@@ -81,7 +81,7 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
             for user in (1, 2)]
     done = [await eventually(lambda j=j: finished_job(store, j.id), timeout=120) for j in jobs]
     assert [j.state for j in done] == ["succeeded", "succeeded"]
-    from storage import generations as generations_db
+    from storage import generations_db
 
     pictures = [await generations_db.get_generation(store.db, j.result["generation_id"]) for j in done]
     assert [p.owner for p in pictures] == [1, 2]
@@ -144,9 +144,9 @@ async def test_a_picture_rides_on_a_training_when_every_worker_trains(pool):
 
 async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_token(redis_url):
     """Bookkeeping of CeleryRunner alone: a training ends before it served the generation given to it."""
-    from trainer.celery_runner import _Known
-    from trainer.celery_worker import rider_key, token_key
-    from trainer.jobs import WorkItem
+    from jobs.celery_protocol import rider_key, token_key
+    from jobs.celery_runner import _Known
+    from jobs.payloads import WorkItem
 
     runner, seen, sent = CeleryRunner(redis_url), [], []
 
@@ -181,8 +181,8 @@ async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_rep
     """Bookkeeping of CeleryRunner alone: a generation goes to the own queue of the idle worker that
     holds the person's LoRA; that worker stops before taking it. Nobody else reads that queue, so
     the job must be reported lost (the scheduler sends it again), and the worker's place freed."""
-    from trainer.celery_runner import _Known
-    from trainer.jobs import WorkItem
+    from jobs.celery_runner import _Known
+    from jobs.payloads import WorkItem
 
     runner, seen, sent = CeleryRunner(redis_url), [], []
 
@@ -204,8 +204,9 @@ async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_rep
 def test_an_idle_worker_unloads_a_forgotten_persons_lora_at_its_next_heartbeat(redis_url, tmp_path):
     """After /forget, a worker with no task to run must not keep the person's weights loaded until its
     next task; a worker in a task unloads them once the task ends (the engine is busy meanwhile)."""
-    from trainer.celery_worker import CeleryWorker, evict_key
-    from trainer.runner import WorkerConfig
+    from jobs.celery_protocol import evict_key
+    from jobs.worker_config import WorkerConfig
+    from trainer.celery_worker import CeleryWorker
 
     worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
     unloaded: list[str] = []
@@ -230,10 +231,11 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     whether the job was done, failed, cancelled or lost its worker, the bot has voided the attempt's
     token by then, so the worker that gets the message drops it without running it. So is a job
     cancelled while queued (no attempt in flight here: one from before a restart, say)."""
-    from trainer.celery_runner import _Known
-    from trainer.celery_worker import EVENTS, CeleryWorker, token_key
-    from trainer.jobs import WorkItem
-    from trainer.runner import WorkerConfig
+    from jobs.celery_protocol import EVENTS, token_key
+    from jobs.celery_runner import _Known
+    from jobs.payloads import WorkItem
+    from jobs.worker_config import WorkerConfig
+    from trainer.celery_worker import CeleryWorker
 
     runner, sent = CeleryRunner(redis_url), []
 
@@ -271,19 +273,20 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
 def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(redis_url, tmp_path):
     """A training may last an hour: the LoRA of a person who asks to be forgotten meanwhile must not stay
     loaded on the GPU until it ends."""
-    from trainer.celery_worker import CeleryWorker, evict_key, token_key
-    from trainer.jobs import WorkItem
-    from trainer.runner import WorkerConfig
+    from jobs.celery_protocol import evict_key, token_key
+    from jobs.payloads import WorkItem
+    from jobs.worker_config import WorkerConfig
+    from trainer.celery_worker import CeleryWorker
 
     worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
     unloaded: list[str] = []
     worker.worker.evict = unloaded.append
     loaded_during_training: list[list[str]] = []
 
-    def training(item, emit, should_cancel, between_steps=None, **kwargs):
+    def training(item, emit, should_cancel, serve_riders=None, **kwargs):
         worker.redis.rpush(evict_key("w9"), "model-7")  # the person asks to be forgotten
         worker.beat_once()  # the heartbeat takes the eviction; the engine is busy with the training
-        between_steps()
+        serve_riders()
         loaded_during_training.append(list(unloaded))
         return True
 
@@ -334,8 +337,8 @@ async def test_a_jobs_message_names_the_job_not_its_prompt(redis_url):
     import base64
     import json
 
-    from trainer.celery_worker import SHARED_QUEUE
-    from trainer.jobs import WorkItem
+    from jobs.celery_protocol import SHARED_QUEUE
+    from jobs.payloads import WorkItem
 
     runner = CeleryRunner(redis_url)
     await runner.submit(WorkItem(7, "generate", {"request": {"prompt": "zqalice on the moon"}, "handle": "zqalice"},
@@ -357,8 +360,8 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     import sys
     from pathlib import Path
 
-    from trainer.celery_worker import EVENTS, worker_key
-    from trainer.jobs import WorkItem
+    from jobs.celery_protocol import EVENTS, worker_key
+    from jobs.payloads import WorkItem
 
     script = ("import sys\n"
               "from trainer.worker import Worker\n"

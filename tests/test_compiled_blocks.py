@@ -23,7 +23,7 @@ from tests.test_generate import PERSON, REQUEST, pixels
 from trainer.adapters import holds_adapters
 from trainer.compiled_blocks import ByShape, CompiledBlocks
 from trainer.engine import GenerateRequest, GenerationEngine
-from trainer.models import build_random_pipeline
+from trainer.pipelines import build_random_pipeline
 
 
 class CountingBackend:
@@ -211,7 +211,7 @@ def test_nothing_compiles_during_a_real_training_served_between_its_steps(tmp_pa
         engine.generate(GenerateRequest(prompt=REQUEST.prompt, seed=1, steps=2))
         traced.append(backend.graphs)
 
-    run_train(tmp_path, small(steps=3, prior_preservation=False), pipe=pipe, between_steps=serve)
+    run_train(tmp_path, small(steps=3, prior_preservation=False), pipe=pipe, serve_riders=serve)
     # Served while caching (no adapter yet), between steps and after the last: nothing compiled.
     assert len(traced) > 3 and set(traced) == {warmed}
     engine.generate(REQUEST, **PERSON)

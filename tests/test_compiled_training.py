@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import torch
 
+from jobs.payloads import WorkItem
+from jobs.worker_config import WorkerConfig
 from tests.test_dreambooth import run_train, small
 from trainer import dreambooth
 from trainer.compiled_blocks import for_training
 from trainer.dreambooth import TrainConfig
 from trainer.fused_linears import LINEAR_TARGETS
-from trainer.jobs import WorkItem
-from trainer.models import build_random_pipeline
-from trainer.runner import WorkerConfig
+from trainer.pipelines import build_random_pipeline
 from trainer.worker import Worker
 
 
@@ -69,7 +69,7 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
     backend = CountingAot()
     seen: list[list[bool]] = []
 
-    def between_steps() -> None:  # generations served here must meet the plain stages
+    def serve_riders() -> None:  # generations served here must meet the plain stages
         seen.append(stages_overridden(pipe))
 
     config = small(steps=3, compiled_stages=True)
@@ -82,7 +82,7 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
         return sink
 
     first = run_train(tmp_path, config, pipe=pipe, tag="first", compile_backend=backend,
-                      between_steps=between_steps, on_event=training_stages("first"))
+                      serve_riders=serve_riders, on_event=training_stages("first"))
     compiled = backend.graphs
     assert compiled >= len(stages_overridden(pipe))  # every stage went through the compiler
     second = run_train(tmp_path, config, pipe=pipe, tag="second", compile_backend=backend,

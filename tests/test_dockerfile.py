@@ -66,7 +66,9 @@ def test_the_build_context_holds_only_what_the_image_copies():
     included = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     copied = {line.split()[2].rstrip("/") for line in (ROOT / "Dockerfile").read_text().splitlines()
               if line.startswith("COPY")}
-    assert included == copied == {"requirements.txt", "bot", "trainer", "storage"}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert included == copied == {"requirements.txt", *packages}
+    assert {"bot", "jobs", "trainer", "photos", "storage", "common"} <= packages
 
 
 def test_compose_publishes_redis_on_loopback_unless_told_a_private_address():

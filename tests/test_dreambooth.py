@@ -16,14 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from bench.train_speed import PlainRecipe
-from trainer import events
+from jobs import events
 from trainer.atomic import write_atomic
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
 from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, TrainingRun, instance_prompt, train
 from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, DiskFull, OutOfMemory, TooFewPhotos
 from trainer.lora_io import read_metadata
-from trainer.models import build_random_pipeline
+from trainer.pipelines import build_random_pipeline
 
 HANDLE, CLASS = "sks", "woman"
 
@@ -140,7 +140,7 @@ def test_bf16_training_keeps_fp32_masters_resumes_exactly_and_tracks_fp32(tmp_pa
         if hasattr(to_q, "lora_A"):
             seen.append(to_q.lora_A["dreambooth"].weight.dtype)
 
-    bf16 = run_train(tmp_path, replace(config, mixed_precision="bf16"), pipe=pipe, tag="bf16", between_steps=look)
+    bf16 = run_train(tmp_path, replace(config, mixed_precision="bf16"), pipe=pipe, tag="bf16", serve_riders=look)
     assert len(seen) == config.steps + 1 and set(seen) == {torch.bfloat16}
     saved = load_file(bf16.lora_path)
     assert {t.dtype for t in saved.values()} == {torch.float32}  # the masters, not their bf16 rounding
@@ -207,7 +207,7 @@ def test_class_images_are_cached_per_model_class_and_resolution(tmp_path: Path) 
     assert men.generated == 2 and men.paths[0].parent != first.paths[0].parent
     assert cache_key("tiny", "a photo of a woman", 64) != cache_key("other", "a photo of a woman", 64)
     assert Image.open(first.paths[0]).size == (64, 64)
-    assert not list(cache.rglob("*.tmp"))
+    assert not list(cache.rglob(".tmp-*"))
     first.paths[1].write_bytes(b"")  # left empty by a crash
     mended = ensure_class_images(pipe, "tiny", "a photo of a woman", 64, 3, cache, steps=2)
     assert mended.generated == 1 and Image.open(first.paths[1]).size == (64, 64)
@@ -383,7 +383,7 @@ def test_generations_served_between_steps_change_neither_the_training_nor_their_
         served.append(engine.generate(request, adapter_key="other", lora_path=other.lora_path, handle=HANDLE,
                                       class_word=CLASS)[0].png)
 
-    shared = run_train(tmp_path, config, pipe=pipe, tag="shared", between_steps=serve)
+    shared = run_train(tmp_path, config, pipe=pipe, tag="shared", serve_riders=serve)
     # Before each step, and within the other phases (tests/test_serving_between_phases.py)
     assert len(served) > config.steps and all(png == expected for png in served)
     assert shared.losses == plain.losses

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import jobs as jobs_db
+from storage import jobs_db
 from tests.e2e import (
     e2e_settings,
     eventually,

@@ -11,11 +11,7 @@ import time
 
 import pytest
 
-from storage import generations as generations_db
-from storage import jobs as jobs_db
-from storage import models as models_db
-from storage import photos as photos_db
-from storage import users as users_db
+from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from tests.e2e import BotProcess, LoopLag, e2e_settings, eventually, last_text, running_bot, selfie
 from tests.fakediscord import FakeDiscord
 

@@ -10,8 +10,7 @@ import re
 import pytest
 from PIL import Image
 
-from storage import jobs as jobs_db
-from storage import photos as photos_db
+from storage import jobs_db, photos_db
 from tests.e2e import e2e_settings, last_text, ready_to_train, running_bot, selfie
 from tests.test_scheduler import FakeRunner
 

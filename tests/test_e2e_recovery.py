@@ -13,8 +13,7 @@ import signal
 import pytest
 
 from bot.progress import NO_WORKER_ONLINE
-from storage import jobs as jobs_db
-from storage import models as models_db
+from storage import jobs_db, models_db
 from tests.e2e import (
     BotProcess,
     e2e_settings,

@@ -48,7 +48,7 @@ def test_collections_slower_than_the_threshold_are_logged_once(clean_gc: None,
 
 
 def test_a_warm_worker_has_frozen_its_model(clean_gc: None, tmp_path: Path) -> None:
-    from trainer.runner import WorkerConfig
+    from jobs.worker_config import WorkerConfig
     from trainer.worker import Worker
 
     gc.unfreeze()

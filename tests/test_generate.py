@@ -24,8 +24,8 @@ from trainer import prompts
 from trainer.dreambooth import train
 from trainer.engine import GeneratedImage, GenerateRequest, GenerationEngine, image_size
 from trainer.errors import Cancelled, PromptTooLong, TrainerError
-from trainer.models import build_random_pipeline
-from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
+from trainer.noise_schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
+from trainer.pipelines import build_random_pipeline
 
 PROMPT = "riding a horse on the beach"
 REQUEST = GenerateRequest(prompt=PROMPT, seed=7, steps=2)

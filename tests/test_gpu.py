@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def pipe():
-    from trainer.models import build_random_pipeline
+    from trainer.pipelines import build_random_pipeline
 
     return build_random_pipeline("sd15-random", device="cuda", dtype=torch.bfloat16)
 
@@ -102,7 +102,7 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
 
     shared = train(_photos(), "zqbob", "man", config, pipeline=pipe, base_model="sd15-random",
                    out_dir=tmp_path / "shared", work_dir=tmp_path / "w3", class_cache_dir=tmp_path / "c",
-                   device="cuda", between_steps=serve)
+                   device="cuda", serve_riders=serve)
     def pixels(png: bytes) -> torch.Tensor:
         return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
 

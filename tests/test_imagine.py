@@ -9,7 +9,7 @@ from unittest.mock import AsyncMock
 import pytest
 
 from bot.config import load_settings
-from storage import generations as generations_db
+from storage import generations_db
 
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
 
@@ -104,7 +104,7 @@ async def test_a_button_that_fails_before_thinking_answers_privately_with_a_refe
 async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     """Only a training has checkpoints to continue from."""
     from bot.notifier import Notifier
-    from storage import jobs as jobs_db
+    from storage import jobs_db
 
     monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=1))
     notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None), settings=SimpleNamespace(progress_interval_s=0),
@@ -172,7 +172,7 @@ async def test_a_picture_answer_outliving_its_interaction_edits_the_same_message
     """A long queue (or a worker's first start) outlasts the 15-minute token, or the bot restarts: the
     progress and the pictures still land in the message that said "Queued", not in a DM beside it."""
     from bot.notifier import Notifier
-    from storage import jobs as jobs_db
+    from storage import jobs_db
 
     monkeypatch.setattr(jobs_db, "set_job_message", AsyncMock())
     monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=2))

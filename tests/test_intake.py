@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageFilter
 
-from storage import faces, imagehash
-from storage.intake import (
+from photos import faces, imagehash
+from photos.intake import (
     WARNINGS,
     IntakeCode,
     IntakeError,

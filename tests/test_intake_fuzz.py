@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from storage.intake import IntakeError, IntakeLimits, normalise_photo
+from photos.intake import IntakeError, IntakeLimits, normalise_photo
 from tests import intake_corpus as corpus
 
 LIMITS = IntakeLimits(max_pixels=2_000_000)

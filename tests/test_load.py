@@ -16,9 +16,7 @@ import time
 
 import pytest
 
-from storage import generations as generations_db
-from storage import models as models_db
-from storage import users as users_db
+from storage import generations_db, models_db, users_db
 from tests.e2e import (
     e2e_settings,
     eventually,

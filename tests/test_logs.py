@@ -2,7 +2,7 @@
 
 import logging
 
-from trainer.logs import REDACTED, setup_logging
+from common.logs import REDACTED, setup_logging
 
 
 def test_secret_and_token_shapes_are_redacted(capsys):
@@ -43,7 +43,7 @@ def test_a_bot_that_cannot_start_says_why_in_one_line(monkeypatch, caplog):
 
     from bot import app
     from bot.config import Settings
-    from trainer.runner import NoSuchDevice
+    from jobs.devices import NoSuchDevice
 
     settings = Settings(discord_token="t" * 30)
     failures = {

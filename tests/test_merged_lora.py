@@ -21,7 +21,7 @@ from tests.test_dreambooth import make_photos, small
 from trainer import merged_lora
 from trainer.dreambooth import train
 from trainer.graphs import GraphedCall, Override, _signature
-from trainer.models import build_random_pipeline
+from trainer.pipelines import build_random_pipeline
 
 
 @pytest.fixture(scope="module")

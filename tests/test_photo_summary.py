@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bot.cogs.photos import MESSAGE_LIMIT, message_chunks, summarise
-from storage.accept import IntakeOutcome
-from storage.intake import WARNINGS
+from bot.cogs.selfies import MESSAGE_LIMIT, message_chunks, summarise
+from bot.photo_intake import IntakeOutcome
+from photos.intake import WARNINGS
 
 
 def test_summary_lists_kept_with_warnings_refused_with_reasons_and_what_is_next():
@@ -63,7 +63,7 @@ async def test_a_dm_whose_photos_cannot_be_stored_gets_a_kind_answer_with_a_refe
     from types import SimpleNamespace
     from unittest.mock import AsyncMock
 
-    from bot.cogs.photos import PhotosCog
+    from bot.cogs.selfies import PhotosCog
 
     cog = PhotosCog(SimpleNamespace(scheduler=SimpleNamespace(user_lock=lambda user_id: asyncio.Lock())))
     cog.take_photos = AsyncMock(side_effect=OSError("database is locked"))

@@ -99,7 +99,7 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
 
     from bot.scheduler import Refused
     from bot.views import _queue_generation
-    from storage import generations as generations_db
+    from storage import generations_db
 
     generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}})
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))

@@ -12,16 +12,11 @@ import time
 
 import pytest
 
-import trainer.runner as runner_module
-from trainer.jobs import WorkItem
-from trainer.runner import (
-    LocalProcessRunner,
-    NoSuchDevice,
-    WorkerConfig,
-    cpu_threads_per_worker,
-    visible_devices,
-)
-from trainer.worker import FIRST_PART, STARTING_DETAIL, starting_detail
+from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
+from jobs.local_runner import LocalProcessRunner
+from jobs.payloads import WorkItem
+from jobs.worker_config import WorkerConfig
+from trainer.start_news import FIRST_PART, STARTING_DETAIL, starting_detail
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -42,14 +37,14 @@ def test_cpu_workers_share_only_the_cores_the_process_is_pinned_to(monkeypatch):
 
 
 def test_one_worker_per_visible_gpu_or_the_requested_number_of_cpu_workers(monkeypatch):
-    monkeypatch.setattr("trainer.runner._cuda_device_count", lambda: 2)
+    monkeypatch.setattr("jobs.devices._cuda_device_count", lambda: 2)
     assert visible_devices("auto", 0) == ["cuda:0", "cuda:1"]
     assert visible_devices("cuda", 1) == ["cuda:0"]
     assert visible_devices("cpu", 2) == ["cpu", "cpu"]
     assert visible_devices("cuda:1", 0) == ["cuda:1"]
     with pytest.raises(NoSuchDevice, match=r"DEVICE=cuda:2, but this machine shows 2 GPUs, numbered from 0"):
         visible_devices("cuda:2", 0)  # every job on it would fail
-    monkeypatch.setattr("trainer.runner._cuda_device_count", lambda: 0)
+    monkeypatch.setattr("jobs.devices._cuda_device_count", lambda: 0)
     assert visible_devices("auto", 0) == ["cpu"]
     with pytest.raises(NoSuchDevice, match="shows no GPU"):
         visible_devices("cuda:0", 0)
@@ -61,7 +56,7 @@ def test_mps_is_refused_at_start_on_a_machine_without_it(monkeypatch):
     missing device would fail."""
     with pytest.raises(NoSuchDevice, match="DEVICE=mps, but this machine shows no Apple GPU"):
         visible_devices("mps", 0)
-    monkeypatch.setattr("trainer.runner._ask_torch", lambda question: question is runner_module._has_mps)
+    monkeypatch.setattr("jobs.devices._ask_torch", lambda question: question == "has_mps")
     assert visible_devices("mps", 2) == ["mps", "mps"]
 
 
@@ -160,7 +155,7 @@ def test_failures_a_person_cannot_mend_are_told_plainly_and_detailed_in_the_log(
     import torch
 
     from trainer.errors import ModelUnavailable
-    from trainer.worker import describe_failure
+    from trainer.failures import describe_failure
 
     unavailable = describe_failure(ModelUnavailable("The model folder /srv/models/sd15 does not exist."))
     assert unavailable["code"] == "model_unavailable" and "/srv/models" not in unavailable["message"]
@@ -191,8 +186,8 @@ def test_a_new_worker_removes_what_a_killed_one_left_in_its_folder(tmp_path):
 
 def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_worker_is_ready(
         monkeypatch, tmp_path):
-    from trainer import events
-    from trainer import worker as worker_module
+    from jobs import events
+    from trainer import worker_process as worker_module
 
     compiling, next_part, ready = threading.Event(), threading.Event(), threading.Event()
 
@@ -207,7 +202,7 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
     monkeypatch.setattr(worker_module.Worker, "prepare", prepare)
     monkeypatch.setattr(worker_module, "end_process", lambda: None)  # this worker is a thread of the tests
 
-    def execute(self, work, emit, should_cancel, between_steps=None, *, stopping=lambda: False):
+    def execute(self, work, emit, should_cancel, serve_riders=None, *, stopping=lambda: False):
         emit(events.done({"ran": work.job_id}))
         return True
 
@@ -248,8 +243,8 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
 def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, tmp_path):
     """A part can take minutes: its news is retold every START_NEWS_EVERY_S, so the minutes shown
     move, and stops with the start, before the job's own events."""
-    from trainer import events
-    from trainer import worker as worker_module
+    from jobs import events
+    from trainer import worker_process as worker_module
 
     compiling, ready = threading.Event(), threading.Event()
 
@@ -291,7 +286,7 @@ def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, 
 
 
 def test_a_start_says_what_it_is_doing_and_for_how_long():
-    from trainer.worker import START_TAKES, starting_detail
+    from trainer.start_news import START_TAKES, starting_detail
 
     assert starting_detail("compiling the training step", 59.0) == (
         f"{STARTING_DETAIL}: compiling the training step, just begun; {START_TAKES}")
@@ -302,7 +297,7 @@ def test_a_start_says_what_it_is_doing_and_for_how_long():
 
 def _worker_with_a_long_start(commands, events, config) -> None:
     """A worker process whose start compiles for two minutes (run in a spawned process)."""
-    from trainer import worker as worker_module
+    from trainer import worker_process as worker_module
 
     worker_module.Worker.prepare = lambda self, on_part: time.sleep(120)
     worker_module.process_main(commands, events, config)
@@ -312,7 +307,7 @@ def _worker_with_a_long_start(commands, events, config) -> None:
 def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tmp_path, how):
     """No job has run before the start ends, so nothing is lost, and a restarted bot's new worker does
     not compile beside an old one for minutes."""
-    from trainer import events
+    from jobs import events
 
     ctx = multiprocessing.get_context("spawn")
     worker_commands, bot_commands = ctx.Pipe(duplex=False)

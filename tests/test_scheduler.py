@@ -9,14 +9,10 @@ import pytest
 
 from bot.config import load_settings
 from bot.scheduler import MAX_RESTARTS, Refused, Scheduler
-from storage import generations as generations_db
-from storage import jobs as jobs_db
-from storage import models as models_db
-from storage import photos as photos_db
-from storage import users as users_db
+from jobs.payloads import WorkItem
+from jobs.runner import JobRunner
+from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.store import Storage
-from trainer.jobs import WorkItem
-from trainer.runner import JobRunner
 
 ALICE, BOB = 1001, 1002
 
@@ -388,7 +384,7 @@ async def test_forget_waits_for_photos_being_stored_and_then_removes_them_too(en
     from types import SimpleNamespace
     from unittest.mock import AsyncMock
 
-    from bot.cogs.photos import PhotosCog
+    from bot.cogs.selfies import PhotosCog
 
     store, runner, observer, scheduler = env
     held: list[bool] = []

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from jobs import events
 from tests.test_dreambooth import CLASS, HANDLE, make_photos, run_train, small
-from trainer import events
 from trainer.class_images import cache_key
 from trainer.dreambooth import class_prompt
 from trainer.engine import GenerateRequest, GenerationEngine
-from trainer.models import build_random_pipeline
+from trainer.pipelines import build_random_pipeline
 
 SERVED: events.Event = {"type": "served"}
 
@@ -56,7 +56,7 @@ def test_a_training_serves_within_every_phase_and_its_results_do_not_change(
         log.append(SERVED)
         engine.generate(request, adapter_key="other", lora_path=other_lora, handle=HANDLE, class_word=CLASS)
 
-    shared = run_train(tmp_path / "shared", config, pipe=pipe, on_event=log.append, between_steps=serve)
+    shared = run_train(tmp_path / "shared", config, pipe=pipe, on_event=log.append, serve_riders=serve)
 
     seen = kinds(log)
     phases = seen[seen.index("stage:class_images"):seen.index("stage:saving")]
@@ -87,8 +87,8 @@ def test_a_training_serves_within_every_phase_and_its_results_do_not_change(
 
 
 def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
-    from trainer.jobs import WorkItem
-    from trainer.runner import WorkerConfig
+    from jobs.payloads import WorkItem
+    from jobs.worker_config import WorkerConfig
     from trainer.worker import Worker
 
     worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")))
@@ -103,7 +103,7 @@ def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
     config = small(steps=2, prior_preservation=False, resolution=64).to_dict()
     item = WorkItem(1, "train", {"handle": HANDLE, "class_word": CLASS, "config": config, "samples": 2,
                                  "sample_steps": 2}, {"photos": make_photos()})
-    result = worker.run(item, log.append, lambda: False, between_steps=lambda: log.append(SERVED))
+    result = worker.run(item, log.append, lambda: False, serve_riders=lambda: log.append(SERVED))
 
     assert len(result["samples"]) == 2
     after_training = [e["type"] for e in log[next(i for i, e in enumerate(log) if e.get("stage") == "saving"):]]

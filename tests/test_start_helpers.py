@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from bench.worker_start import PARTS
+from jobs.worker_config import WorkerConfig
 from trainer import start_helpers
-from trainer.runner import WorkerConfig
 from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
 from trainer.worker import Worker
 

@@ -7,7 +7,7 @@ import time
 import aiosqlite
 import pytest
 
-from storage import jobs as jobs_db
+from storage import jobs_db
 from storage.db import Database
 from storage.schema import LATEST_VERSION, SchemaTooNewError, migrate, schema_version
 from storage.store import DB_NAME, Storage

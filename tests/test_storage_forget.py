@@ -5,11 +5,7 @@ from __future__ import annotations
 import aiosqlite
 import pytest
 
-from storage import generations as generations_db
-from storage import jobs as jobs_db
-from storage import models as models_db
-from storage import photos as photos_db
-from storage import users as users_db
+from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.forget import forget_user, posted_messages
 from storage.store import Storage
 
@@ -90,8 +86,8 @@ async def test_a_late_result_for_a_forgotten_person_is_refused(store):
 async def test_a_photo_that_arrives_as_its_owner_is_forgotten_leaves_no_file(store):
     """The photo was checked before /forget and is stored after it: its row cannot be added any more
     (the person is gone), and the file written just before must not stay behind."""
-    from storage.accept import accept_photo
-    from storage.intake import IntakeLimits
+    from bot.photo_intake import accept_photo
+    from photos.intake import IntakeLimits
     from tests.e2e import selfie
 
     await users_db.ensure_user(store.db, ALICE)

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.handles import (
-    ClassWordError,
-    HandleError,
-    normalize_class_word,
-    suggest_handle,
-    validate_handle,
-)
+from jobs.handles import ClassWordError, HandleError, normalize_class_word, suggest_handle, validate_handle
 
 
 @pytest.mark.parametrize("handle", ["zorbq", "qx7", "vexlyn2024", "a" * 3 + "zq" * 10 + "b"])

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from storage import jobs as jobs_db
-from storage import users as users_db
+from storage import jobs_db, users_db
 from storage.db import Database
 from storage.store import DB_NAME, Storage
 

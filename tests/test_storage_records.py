@@ -7,12 +7,9 @@ import hashlib
 import aiosqlite
 import pytest
 
-from storage import generations as generations_db
-from storage import models as models_db
-from storage import photos as photos_db
-from storage import users as users_db
-from storage.handles import HandleError, HandleTakenError
-from storage.photos import DuplicatePhotoError
+from jobs.handles import HandleError, HandleTakenError
+from storage import generations_db, models_db, photos_db, users_db
+from storage.photos_db import DuplicatePhotoError
 from storage.store import Storage
 
 ALICE, BOB = 101, 202

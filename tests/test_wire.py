@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainer import wire
-from trainer.jobs import WorkItem
+from jobs import wire
+from jobs.payloads import WorkItem
 
 
 def test_bytes_anywhere_in_a_payload_come_back_as_bytes():

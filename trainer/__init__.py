@@ -1,5 +1,5 @@
-"""GPU work: models, LoRA DreamBooth training, generation and the worker.
+"""GPU work: models, LoRA DreamBooth training, generation and the worker loop that serves jobs.
 
-This package's top level stays free of torch imports so that the bot can use the light modules
-(`trainer.events`, `trainer.errors`, `trainer.runner`) without loading torch on its event loop.
+Everything that imports torch lives here. The bot never imports this package: it talks to the
+workers through the torch-free protocol in `jobs`, and a local worker process is started by name.
 """

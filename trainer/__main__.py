@@ -6,9 +6,9 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from common.logs import setup_logging
 from trainer.cli import run
 from trainer.errors import TrainerError
-from trainer.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,16 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one.
-
-A full disk is turned into `DiskFull` here, so every writer in the trainer reports it the same way.
-"""
+"""Atomic file writes for the trainer (`common.atomic`), with a full disk reported as `DiskFull`, so
+every writer in the trainer reports it the same way."""
 
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-from storage.files import fsync_dir
+from common import atomic as common_atomic
 from trainer.errors import DiskFull
 
 # How safetensors' Rust writer reports a full disk or quota: not as an OSError, only in its message.
@@ -35,34 +31,12 @@ def disk_errors(what: str) -> Iterator[None]:
         raise
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, write: Callable[[Path], None], what: str = "file") -> Path:
-    """Call `write(tmp)` for a temporary file next to `path`, then rename it into place.
-
-    The data reach the disk before the rename, and the rename before this returns: after a power
-    cut the file is whole or absent, never a name with nothing behind it (an empty class picture
-    in the shared cache would break every later training of that class).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with disk_errors(what):
-            write(tmp)
-            _fsync_file(tmp)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """`common.atomic.write_atomic`, with a full disk reported as DiskFull naming `what`: after a
+    power cut the file is whole or absent (an empty class picture in the shared cache would break
+    every later training of that class)."""
+    with disk_errors(what):
+        return common_atomic.write_atomic(path, write)
 
 
 def write_bytes_atomic(path: Path, data: bytes, what: str = "file") -> Path:

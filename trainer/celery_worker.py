@@ -2,23 +2,9 @@
 
 Each worker process owns one device, keeps the base model loaded and runs one job at a time (Celery's
 solo pool, prefetch 1), with the same `trainer.worker.Worker` code as the local runner. Jobs arrive
-self-contained (photo and LoRA bytes inside, JSON with base64 bytes, see `trainer.wire`); events and
+self-contained (photo and LoRA bytes inside, JSON with base64 bytes, see `jobs.wire`); events and
 results go back on a Redis list the bot reads, so a worker needs no shared disk and no database.
-
-Redis keys (all under `avatar:`):
-- `avatar:events` — a list of `{"job_id", "token", "worker", "event"}` the bot pops;
-- `avatar:worker:<name>` — this worker's heartbeat, refreshed every second, expiring after a few:
-  the bot sees a worker die by its key expiring;
-- `avatar:job:<id>:token` — the bot's token for the current attempt of a job. A worker runs a job
-  only while its message carries that token, so a message that Redis re-delivers after its worker
-  died, or an attempt the bot has since replaced, stops without running to completion twice. The bot
-  deletes the token once the attempt ended (done, failed, cancelled, its worker lost), so a message
-  re-delivered after that is dropped without running;
-- `avatar:cancel:<id>` — set by the bot to cancel a job between steps;
-- `avatar:evict:<name>` — LoRA keys this worker must forget (a person asked to be forgotten);
-- `avatar:riders:<name>` — generations the bot gave this worker while it trains: the training task
-  pops and serves them between its steps (as the local runner's workers do), and serves any left
-  when the training ends. Each carries its own token like any job.
+The queue and key names are `jobs.celery_protocol`'s.
 """
 
 from __future__ import annotations
@@ -32,67 +18,31 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
-from celery import Celery
 
-from trainer import wire
-from trainer.events import Event
+from jobs import wire
+from jobs.celery_protocol import (
+    CANCEL_POLL_S,
+    EVENTS,
+    HEARTBEAT_S,
+    RIDER_POLL_S,
+    SHARED_QUEUE,
+    TASK,
+    WORKER_TTL_S,
+    cancel_key,
+    evict_key,
+    make_app,
+    rider_key,
+    token_key,
+    worker_key,
+    worker_queue,
+)
+from jobs.events import Event
 
 if TYPE_CHECKING:
-    from trainer.jobs import WorkItem
-    from trainer.runner import WorkerConfig
+    from jobs.payloads import WorkItem
+    from jobs.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
-
-TASK = "avatar.run_job"
-SHARED_QUEUE = "avatar.jobs"
-EVENTS = "avatar:events"
-HEARTBEAT_S = 1.0
-WORKER_TTL_S = 5  # a worker silent this long is taken for dead
-TOKEN_TTL_S = 7 * 24 * 3600
-# Redis re-delivers an unacknowledged job after this long; longer than the longest training, so a
-# job is re-delivered only when its worker died (the bot has usually re-queued it long before).
-VISIBILITY_TIMEOUT_S = 6 * 3600
-CANCEL_POLL_S = 0.5
-RIDER_POLL_S = 0.2  # how often a training looks for generations to serve between its steps
-
-
-def worker_queue(name: str) -> str:
-    return f"avatar.worker.{name}"
-
-
-def worker_key(name: str) -> str:
-    return f"avatar:worker:{name}"
-
-
-def token_key(job_id: int) -> str:
-    return f"avatar:job:{job_id}:token"
-
-
-def cancel_key(job_id: int) -> str:
-    return f"avatar:cancel:{job_id}"
-
-
-def evict_key(name: str) -> str:
-    return f"avatar:evict:{name}"
-
-
-def rider_key(name: str) -> str:
-    return f"avatar:riders:{name}"
-
-
-def make_app(redis_url: str) -> Celery:
-    """The Celery app both sides use, with the settings long GPU jobs need."""
-    app = Celery("avatar", broker=redis_url)
-    app.conf.update(
-        task_serializer="json", accept_content=["json"], task_default_queue=SHARED_QUEUE,
-        task_acks_late=True,  # acknowledged when done: a worker that dies leaves its job in Redis
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,  # a busy worker holds no other job hostage
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-        task_ignore_result=True,
-    )
-    return app
 
 
 def default_name() -> str:
@@ -165,13 +115,13 @@ class CeleryWorker:
             item = wire.item_from_dict(wire.loads(payload))
             self.current = item.job_id
             try:
-                self._run_one(item, token, between_steps=self._serve_riders_now_and_then)
+                self._run_one(item, token, serve_riders=self.serve_riders)
             finally:
                 self.current = None
-                self._serve_riders()
+                self._drain_riders()
                 self._apply_evictions()
 
-    def _run_one(self, item: WorkItem, token: str, between_steps: Callable[[], None] | None = None) -> None:
+    def _run_one(self, item: WorkItem, token: str, serve_riders: Callable[[], None] | None = None) -> None:
         job_id = item.job_id
         if not self._current_attempt(job_id, token):
             log.info("job %d: this message is an old attempt; dropped", job_id)
@@ -193,9 +143,9 @@ class CeleryWorker:
 
         emit({"type": "claimed"})  # tells the bot which worker runs it, so it notices if this one dies
         self.worker.execute(item, emit, should_cancel,
-                            between_steps=between_steps if item.kind == "train" else None)
+                            serve_riders=serve_riders if item.kind == "train" else None)
 
-    def _serve_riders_now_and_then(self) -> None:
+    def serve_riders(self) -> None:
         """Between training steps: unload forgotten adapters (a long training must not keep a forgotten
         person's weights loaded until it ends; its own LoRA is not one of the engine's adapters) and
         serve waiting generations, looking at most every RIDER_POLL_S."""
@@ -203,9 +153,9 @@ class CeleryWorker:
         if now - self._last_rider_poll >= RIDER_POLL_S:
             self._last_rider_poll = now
             self._apply_evictions()
-            self._serve_riders()
+            self._drain_riders()
 
-    def _serve_riders(self) -> None:
+    def _drain_riders(self) -> None:
         try:
             while (raw := self.redis.lpop(rider_key(self.name))) is not None:
                 envelope = wire.loads(raw)

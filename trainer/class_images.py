@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from trainer import events
+from jobs import events
+from jobs.events import EventSink
 from trainer.atomic import write_bytes_atomic
 from trainer.engine import encode_pngs
 from trainer.errors import Cancelled
-from trainer.events import EventSink
 from trainer.graphs import PipelineGraphs
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, r
                         cache_dir: Path, *, steps: int = 25, batch_size: int = 4,
                         on_event: EventSink = events.ignore,
                         should_cancel: Callable[[], bool] = lambda: False, graphs: bool = True,
-                        between_batches: Callable[[], None] | None = None) -> ClassImages:
+                        serve_riders: Callable[[], None] | None = None) -> ClassImages:
     """Paths of `count` class images for `prompt`, generating the ones the cache lacks.
 
     `graphs`: on CUDA the UNet and VAE replay graphs captured for the batch's shape (trainer.graphs).
-    `between_batches` is called after each batch (a worker serves waiting generations there, so that
+    `serve_riders` is called after each batch (a worker serves waiting generations there, so that
     a first-time class costs them one batch of waiting, not the whole set); it must leave the
     pipeline's weights as they were.
     """
@@ -79,6 +79,6 @@ def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, r
                 write_bytes_atomic(paths[i], png, "class images")
             on_event(events.progress(min(start + batch_size, len(missing)), len(missing),
                                      stage_name="class_images"))
-            if between_batches is not None:
-                between_batches()
+            if serve_riders is not None:
+                serve_riders()
     return ClassImages(paths, len(missing))

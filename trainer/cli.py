@@ -24,9 +24,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from trainer import events
+from common.envfile import env_file_values, parse_switch
+from jobs import events
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
-from trainer.runner import env_file_values, parse_switch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def cancel_on_interrupt() -> Iterator[list[bool]]:
 def read_photos(folder: Path) -> list[bytes]:
     """Normalise every photo in `folder` as the bot does; refused or repeated photos are skipped with a
     warning saying why."""
-    from storage.intake import IntakeError, check_duplicates, normalise_photo
+    from photos.intake import IntakeError, check_duplicates, normalise_photo
 
     if not folder.is_dir():
         raise BadPhoto(f"The photo folder {folder} does not exist.")
@@ -118,7 +118,7 @@ def read_photos(folder: Path) -> list[bytes]:
 
 
 def cmd_make_model(args: argparse.Namespace) -> list[str]:
-    from trainer.models import save_random_model
+    from trainer.pipelines import save_random_model
 
     out = save_random_model(args.kind, args.out, seed=args.seed)
     return [f"model: {out}"]
@@ -175,7 +175,7 @@ def lora_file(path: Path) -> Path:
 def cmd_imagine(args: argparse.Namespace) -> list[str]:
     from trainer.engine import GenerateRequest, GenerationEngine
     from trainer.lora_io import read_metadata, safe_file_stem
-    from trainer.models import load_pipeline, pick_device
+    from trainer.pipelines import load_pipeline, pick_device
 
     lora = lora_file(args.lora) if args.lora else None
     meta = read_metadata(lora) if lora else {}
@@ -205,8 +205,8 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> list[str]:
+    from jobs.worker_config import WorkerConfig
     from trainer.celery_worker import default_name, serve
-    from trainer.runner import WorkerConfig
 
     name = args.name or default_name()
     work = args.work_dir or Path("worker-data") / name

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 
-from trainer.models import cast_module
+from trainer.pipelines import cast_module
 
 ENCODE_BATCH = 8  # images per VAE encoder call when caching latents
 
@@ -84,10 +84,10 @@ class LatentCache:
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = ENCODE_BATCH,
-                   between_batches: Callable[[], None] | None = None) -> LatentCache:
+                   serve_riders: Callable[[], None] | None = None) -> LatentCache:
     """Encode `pixels` in small batches; fp16 VAEs that need it are upcast to fp32 for the duration.
 
-    `between_batches` is called after each batch (a worker serves waiting generations there), except
+    `serve_riders` is called after each batch (a worker serves waiting generations there), except
     while the VAE is upcast: its weights are not where a generation's CUDA graphs expect them then.
     """
     device = vae.device
@@ -101,8 +101,8 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = E
             dist = vae.encode(chunk.to(device=device, dtype=vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
-            if between_batches is not None and not upcast:
-                between_batches()
+            if serve_riders is not None and not upcast:
+                serve_riders()
     finally:
         if upcast:
             cast_module(vae, original)

@@ -34,7 +34,9 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from PIL import Image, UnidentifiedImageError
 
-from trainer import adapters, compiled_blocks, events, lora_io
+from jobs import events
+from jobs.events import EventSink
+from trainer import adapters, compiled_blocks, lora_io
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainer.class_images import ensure_class_images
 from trainer.dataset import (
@@ -45,17 +47,9 @@ from trainer.dataset import (
     encode_latents,
     instance_pixels,
 )
-from trainer.errors import (
-    BadCheckpoint,
-    BadPhoto,
-    Cancelled,
-    MissingDependency,
-    OutOfMemory,
-    TooFewPhotos,
-)
-from trainer.events import EventSink
+from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, MissingDependency, OutOfMemory, TooFewPhotos
 from trainer.family import Conditioning, Family, family_of
-from trainer.models import cast_module, load_pipeline, pick_device, pick_dtype
+from trainer.pipelines import cast_module, load_pipeline, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +208,16 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
           pipeline: DiffusionPipeline | None = None, base_model: str = DEFAULT_BASE_MODEL, out_dir: Path,
           work_dir: Path, class_cache_dir: Path, device: str = "auto", on_event: EventSink = events.ignore,
           should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
-          between_steps: Callable[[], None] | None = None,
+          serve_riders: Callable[[], None] | None = None,
           compile_backend: compiled_blocks.Backend = "inductor") -> TrainResult:
     """Train a LoRA of the person in `photos`, called `handle`, a `class_word` ("woman", "man", ...).
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
     dtypes and modes as they were); otherwise `base_model` is loaded. `base_model` also names the
     class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
-    `between_steps` is called between training steps, and within the job's other phases, with the
+    `serve_riders` is called between training steps, and within the job's other phases, with the
     pipeline usable for inference (a worker serves waiting generations there); adapters and modes
-    are put back before the training goes on (TrainingRun.serve_waiting). `compile_backend` is
+    are put back before the training goes on (TrainingRun.serve_riders). `compile_backend` is
     torch.compile's for `config.compiled_stages` (tests pass a cheap one).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
@@ -233,7 +227,7 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
                       out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
                       on_event=on_event, should_cancel=should_cancel, resume_from=resume_from,
-                      between_steps=between_steps, compile_backend=compile_backend)
+                      serve_riders=serve_riders, compile_backend=compile_backend)
     try:
         with run.session(pipeline, device):
             run.loop()
@@ -286,13 +280,13 @@ class TrainingRun:
     def __init__(self, photos: Sequence[PhotoInput], handle: str, class_word: str, config: TrainConfig, *,
                  base_model: str, out_dir: Path, work_dir: Path, class_cache_dir: Path, on_event: EventSink,
                  should_cancel: Callable[[], bool], resume_from: Path | None,
-                 between_steps: Callable[[], None] | None = None,
+                 serve_riders: Callable[[], None] | None = None,
                  compile_backend: compiled_blocks.Backend = "inductor") -> None:
         self.photos, self.handle, self.class_word, self.config = photos, handle, class_word, config
         self.base_model, self.out_dir, self.work_dir = base_model, out_dir, work_dir
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
-        self.between_steps = between_steps
+        self._serve_riders = serve_riders
         self.compile_backend = compile_backend
         self.trained: dict[str, torch.nn.Module] = {}  # the modules that train an adapter, once added
         self._graphed: Callable[..., Any] | None = None
@@ -328,7 +322,7 @@ class TrainingRun:
                     pipeline, self.base_model, class_prompt(self.class_word), cfg.resolution,
                     cfg.num_class_images, self.class_cache_dir, steps=cfg.class_image_steps,
                     batch_size=cfg.class_image_batch, on_event=self.on_event,
-                    should_cancel=self.should_cancel, between_batches=self.serve_waiting).paths
+                    should_cancel=self.should_cancel, serve_riders=self.serve_riders).paths
             self.on_event(events.stage("caching"))
             self._cache(pixels, class_paths)
             self._add_adapters()
@@ -357,10 +351,10 @@ class TrainingRun:
         """Encode every image and both prompts once; the loop only indexes into these tensors."""
         cfg = self.config
         # Batch by batch, decoding class images as they are needed, serving generations in between.
-        parts = [encode_latents(self.pipe.vae, pixels, between_batches=self.serve_waiting)]
+        parts = [encode_latents(self.pipe.vae, pixels, serve_riders=self.serve_riders)]
         for start in range(0, len(class_paths), ENCODE_BATCH):
             batch = class_pixels(class_paths[start:start + ENCODE_BATCH], cfg.resolution)
-            parts.append(encode_latents(self.pipe.vae, batch, between_batches=self.serve_waiting))
+            parts.append(encode_latents(self.pipe.vae, batch, serve_riders=self.serve_riders))
         self.latents = LatentCache.cat(parts)
         self.n_instance = parts[0].mean.shape[0]
         self.n_class = len(class_paths)
@@ -597,7 +591,7 @@ class TrainingRun:
         while self.step < total:
             if self.should_cancel():
                 raise Cancelled()
-            self.serve_waiting()
+            self.serve_riders()
             pending.append(self.train_step())
             now = time.monotonic()
             # The last step too: a job stopped while saving or drawing its sample pictures then
@@ -617,18 +611,13 @@ class TrainingRun:
             if cfg.preview_every and self.step % cfg.preview_every == 0:
                 self._send_preview()
         self.losses += torch.stack(pending).float().cpu().tolist() if pending else []
-        self.serve_waiting()  # before the save
+        self.serve_riders()  # before the save
 
-    def serve_waiting(self) -> None:
-        """Let `between_steps` serve waiting generations now: between steps, and within the job's
-        other phases (after each batch of class images and of cached latents, between a preview's
-        denoising steps, after the last step), so that a picture asked for at any time waits for
-        one step or one batch, not a whole phase."""
-        if self.between_steps is not None:
-            self._interlude(self.between_steps)
-
-    def _interlude(self, work: Callable[[], None]) -> None:
-        """Run `work` (inference on the same pipeline) at a pause in the job, then restore the training state.
+    def serve_riders(self) -> None:
+        """Let the worker serve the generations riding on this training now: between steps, and within
+        the job's other phases (after each batch of class images and of cached latents, between a
+        preview's denoising steps, after the last step), so that a picture asked for at any time waits
+        for one step or one batch, not a whole phase. Then the training state is restored.
 
         Generation may load other adapters and switch them on, and PEFT's `set_adapter` also decides
         which adapter weights require gradients; so every module's adapter state is put back, which
@@ -636,12 +625,14 @@ class TrainingRun:
         draws only from its own generator, so its results do not change (tests/test_dreambooth.py
         checks this).
         """
+        if self._serve_riders is None:
+            return
         modules = {name: getattr(self.pipe, name) for name in ("unet", *self.family.text_encoder_names)}
         states = {name: adapters.snapshot(module) for name, module in modules.items()}
         training = self.pipe.unet.training
         self.pipe.unet.eval()
         try:
-            work()
+            self._serve_riders()
         finally:
             for name, module in modules.items():
                 adapters.restore(module, states[name])
@@ -679,12 +670,12 @@ class TrainingRun:
         size = min(cfg.preview_resolution, cfg.resolution)
         gen_device = "cpu" if self.device.type == "mps" else self.device
 
-        def between_steps(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
-            self.serve_waiting()  # a preview takes a few tenths of a second: no one waits that long
+        def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+            self.serve_riders()  # a preview takes a few tenths of a second: no one waits that long
             return tensors
 
         image = self.pipe(prompt=instance_prompt(self.handle, self.class_word), height=size, width=size,
-                          num_inference_steps=cfg.preview_steps, callback_on_step_end=between_steps,
+                          num_inference_steps=cfg.preview_steps, callback_on_step_end=on_step_end,
                           generator=torch.Generator(gen_device).manual_seed(cfg.seed)).images[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

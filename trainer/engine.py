@@ -52,13 +52,14 @@ from diffusers import (
 )
 from PIL import Image, UnidentifiedImageError
 
-from trainer import adapters, events, merged_lora, png, prompts
+from jobs import events
+from jobs.events import EventSink
+from trainer import adapters, merged_lora, png, prompts
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
-from trainer.events import EventSink
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import PipelineGraphs
-from trainer.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
+from trainer.noise_schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from trainer.logs import setup_logging
-from trainer.runner import WorkerConfig, usable_cpus
+from common.logs import setup_logging
+from jobs.devices import usable_cpus
+from jobs.worker_config import WorkerConfig
 
 # Named, not __name__: a helper runs this module as __main__.
 log = logging.getLogger("trainer.start_helpers")

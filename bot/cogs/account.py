@@ -12,11 +12,9 @@ from discord.ext import commands
 
 from bot.app import reply
 from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
-from storage import jobs as jobs_db
-from storage import models as models_db
-from storage import users as users_db
+from jobs.handles import NameRuleError, normalize_class_word, suggest_handle, validate_handle
+from storage import jobs_db, models_db, users_db
 from storage.forget import posted_messages
-from storage.handles import NameRuleError, normalize_class_word, suggest_handle, validate_handle
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot

@@ -12,7 +12,7 @@ from discord.ext import commands
 from bot.app import reply
 from bot.progress import NO_WORKER_ONLINE, render_progress
 from bot.scheduler import Refused
-from storage import jobs as jobs_db
+from storage import jobs_db
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot

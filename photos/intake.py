@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from storage import faces, imagehash
+from photos import faces, imagehash
 
 logger = logging.getLogger(__name__)
 

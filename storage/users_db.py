@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.handles import HandleTakenError, normalize_class_word, suggest_handle, validate_handle
 from storage.db import Database, from_json, to_json
-from storage.handles import HandleTakenError, normalize_class_word, suggest_handle, validate_handle
 
 
 @dataclass(frozen=True)

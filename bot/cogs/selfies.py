@@ -13,11 +13,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.contact_sheet import contact_sheet
-from bot.error_reference import log_with_reference
-from storage import photos as photos_db
-from storage import users as users_db
-from storage.accept import IntakeOutcome, accept_photo
-from storage.intake import IntakeLimits
+from bot.photo_intake import IntakeOutcome, accept_photo
+from common.logs import log_with_reference
+from photos.intake import IntakeLimits
+from storage import photos_db, users_db
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot

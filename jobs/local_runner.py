@@ -1,116 +1,36 @@
-"""The seam between the bot and the GPU: a `JobRunner` executes work items and reports events.
+"""`LocalProcessRunner`, the default `JobRunner`: one worker child process per device on this host.
 
-`LocalProcessRunner` is the default backend: one child process per device (each visible GPU, or
-one CPU worker), so nothing slow or crash-prone runs in the bot's process and its event loop
-never blocks. Another backend (a distributed task queue) implements the same `JobRunner` methods.
-This module imports no torch; the child processes do.
+Each visible GPU (or one CPU worker) gets a spawned process, so nothing slow or crash-prone runs in
+the bot's process and its event loop never blocks. The child runs `WORKER_ENTRY`, named rather than
+imported: this package imports no torch and nothing of the trainer; the child does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing as mp
-import os
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from dotenv import dotenv_values
-
-from trainer.events import Event
-from trainer.jobs import WorkItem
+from jobs.events import Event
+from jobs.payloads import WorkItem
+from jobs.runner import EventHandler, JobRunner
+from jobs.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-EventHandler = Callable[[int, Event], Awaitable[None]]
-
-
-class JobRunner(ABC):
-    """Runs work items on workers and reports each event as `(job_id, event)`.
-
-    Besides the trainer's events, a runner reports `{"type": "worker_lost", "message": ...}` when
-    the worker running a job died; the job's owner decides whether to retry it.
-    """
-
-    @abstractmethod
-    async def start(self, on_event: EventHandler) -> None: ...
-
-    @abstractmethod
-    async def stop(self) -> None: ...
-
-    @abstractmethod
-    def idle_capacity(self, kind: str | None = None) -> int:
-        """How many more items (of `kind`, "train" or "generate", or of any kind) `submit` accepts now."""
-
-    @abstractmethod
-    def workers_online(self) -> int:
-        """How many workers are up now. With none (every GPU machine of a Celery set-up is off),
-        queued jobs wait until one joins, and the bot tells the people waiting."""
-
-    @abstractmethod
-    async def submit(self, item: WorkItem) -> None: ...
-
-    @abstractmethod
-    async def cancel(self, job_id: int) -> None:
-        """Ask the worker running `job_id` to stop between steps; it then reports a `cancelled` error."""
-
-    @abstractmethod
-    async def forget_adapter(self, key: str) -> None:
-        """Drop a user's LoRA from every worker (the user retrained or asked to be forgotten)."""
+# The worker process's entry point, `module:function(commands, events, config)`.
+WORKER_ENTRY = "trainer.worker_process:process_main"
 
 
-SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def env_file_values(env_file: Path | None) -> dict[str, str]:
-    """The settings a `.env` file sets (none if there is no such file), for the bot and for Celery
-    workers to read the same way: under the environment, which wins."""
-    if env_file is None or not env_file.is_file():
-        return {}
-    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-
-
-def parse_switch(raw: str) -> bool | None:
-    """An on/off setting as written in the environment (any case, spaces around); None if it is neither."""
-    word = raw.strip().lower()
-    return True if word in SWITCH_ON else False if word in SWITCH_OFF else None
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker process needs to start: the model, its device and where it may keep files."""
-
-    base_model: str
-    device: str
-    work_dir: str
-    class_cache_dir: str
-    log_level: str = "INFO"
-    max_adapters: int = 8
-    # CPU threads for torch in this worker; 0 keeps torch's default (all cores). Several CPU workers
-    # on one host must share the cores, or their thread pools fight and each runs many times slower.
-    cpu_threads: int = 0
-    # On a GPU, compile the UNet's stages and the VAE decoder for generation (trainer.compiled_blocks),
-    # keeping inductor's compiled kernels in `compile_cache_dir` so a restart reads them back.
-    compile_generation: bool = True
-    compile_cache_dir: str = ""
-    # With compile_generation: the warm-up's square pictures also get code compiled for their static
-    # shapes (trainer.compiled_blocks.ByShape), 1.08-1.09x faster for minutes more at the first start.
-    compile_static_shapes: bool = True
-    # On a GPU, compile the training step's UNet stages (TrainConfig.compiled_stages), at the worker's
-    # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
-    compile_training: bool = True
-    train_rank: int = 16
-    # On a GPU, processes that compile parts of the start beside the worker (trainer.start_helpers):
-    # below 0, as many as the GPU's free memory and this worker's share of the host's CPUs allow
-    # (the host's CPUs split between `workers_on_host` workers); 0, none.
-    start_helpers: int = -1
-    workers_on_host: int = 1
+def _run_worker(entry: str, commands: Connection, events: Connection, config: WorkerConfig) -> None:
+    """In the child: import the worker by name and run it."""
+    module, function = entry.split(":")
+    getattr(importlib.import_module(module), function)(commands, events, config)
 
 
 @dataclass
@@ -128,72 +48,6 @@ class _Slot:
     adapters: set[str] = field(default_factory=set)
     generation: int = 0
 
-
-class NoSuchDevice(Exception):
-    """DEVICE names a device this machine does not show; the message says what it shows."""
-
-
-def visible_devices(requested: str, workers: int) -> list[str]:
-    """The device of each worker: one per visible GPU for 'auto'/'cuda', else `workers` copies.
-
-    A named device the machine lacks is refused here, at start: a worker on it would fail every job."""
-    if requested == "mps" and not _ask_torch(_has_mps):
-        raise NoSuchDevice("DEVICE=mps, but this machine shows no Apple GPU (MPS needs macOS 12.3 or later "
-                           "on Apple silicon, and a torch built with it). Use DEVICE=auto or DEVICE=cpu.")
-    if requested.startswith("cuda:"):
-        count = _cuda_device_count()
-        if int(requested.split(":", 1)[1]) >= count:
-            shows = f"{count} GPU{'s' if count != 1 else ''}, numbered from 0" if count else "no GPU"
-            raise NoSuchDevice(f"DEVICE={requested}, but this machine shows {shows}. Use DEVICE=auto, "
-                               "or a GPU it shows (CUDA_VISIBLE_DEVICES renumbers them from 0).")
-    if requested in ("auto", "cuda"):
-        count = _cuda_device_count()
-        if count:
-            devices = [f"cuda:{i}" for i in range(count)]
-            return devices[:workers] if workers else devices
-        if requested == "cuda":
-            log.warning("DEVICE=cuda but no GPU is visible; running on the CPU")
-        requested = "cpu"
-    return [requested] * max(workers, 1)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: a container pinned to a few of the host's cores
-    (`docker run --cpuset-cpus`) sees all of them in `os.cpu_count()`, but may use only these."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cpu_threads_per_worker(devices: list[str]) -> int:
-    """Torch threads for each worker: CPU workers split the usable cores between them, GPU workers
-    keep the default."""
-    cpu_workers = sum(1 for d in devices if d == "cpu")
-    return max(1, usable_cpus() // cpu_workers) if cpu_workers > 1 else 0
-
-
-def _cuda_device_count() -> int:
-    return _ask_torch(_count_gpus)
-
-
-def _ask_torch(question: Callable[[], T]) -> T:
-    """Ask a throwaway child so that the bot's own process never initialises CUDA or imports torch."""
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(question)
-
-
-def _count_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _has_mps() -> bool:
-    import torch
-
-    return torch.backends.mps.is_available()
 
 
 class LocalProcessRunner(JobRunner):
@@ -220,12 +74,10 @@ class LocalProcessRunner(JobRunner):
             self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
-        from trainer import worker  # light module at import; torch loads in the child only
-
         commands_read, commands_write = self._ctx.Pipe(duplex=False)
         events_read, events_write = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=worker.process_main, name=f"worker-{slot.index}",
-                                    args=(commands_read, events_write, slot.config), daemon=True)
+        process = self._ctx.Process(target=_run_worker, name=f"worker-{slot.index}",
+                                    args=(WORKER_ENTRY, commands_read, events_write, slot.config), daemon=True)
         process.start()
         commands_read.close()
         events_write.close()

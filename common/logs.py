@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterable
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
@@ -62,3 +63,11 @@ def setup_logging(level: str | int = "INFO", secrets: Iterable[str] = ()) -> Non
     root.setLevel(level if isinstance(level, int) else level.upper())
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(root.level, logging.INFO))
+
+
+def log_with_reference(log: logging.Logger, doing: str, exc_info: BaseException | bool = True) -> str:
+    """Log that `doing` failed, with the exception (by default the one being handled), under a new
+    short reference; return the reference, the only detail the person who asked is shown."""
+    reference = uuid.uuid4().hex[:8]
+    log.error("%s failed (reference %s)", doing, reference, exc_info=exc_info)
+    return reference

@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any
 
-from trainer.jobs import WorkItem
+from jobs.payloads import WorkItem
 
 _BYTES = "__bytes__"
 

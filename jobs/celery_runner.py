@@ -1,7 +1,7 @@
 """`JobRunner` over Celery and Redis: the bot stays one process, workers run on any GPU machine.
 
 The bot's database stays the system of record. A job goes out as a self-contained Celery message
-with a fresh token (see `trainer.celery_worker`); events come back on a Redis list and are passed on
+with a fresh token (see `jobs.celery_protocol`); events come back on a Redis list and are passed on
 only if they carry the job's current token, so a stale attempt can never finish a job. Workers are
 known by their heartbeat keys: capacity is the live workers minus the jobs in flight, and a worker
 whose key expires while it runs a job is reported as `worker_lost`, which the scheduler re-queues
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 
 import redis
 
-from trainer import wire
-from trainer.celery_worker import (
+from jobs import wire
+from jobs.celery_protocol import (
     EVENTS,
     SHARED_QUEUE,
     TASK,
@@ -39,8 +39,8 @@ from trainer.celery_worker import (
     worker_key,
     worker_queue,
 )
-from trainer.jobs import WorkItem
-from trainer.runner import EventHandler, JobRunner
+from jobs.payloads import WorkItem
+from jobs.runner import EventHandler, JobRunner
 
 log = logging.getLogger(__name__)
 

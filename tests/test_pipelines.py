@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from trainer import models
+from trainer import pipelines
 from trainer.errors import DeviceUnavailable, ModelUnavailable
 from trainer.tokenizer.build_vocab import build
 
@@ -17,12 +17,12 @@ from trainer.tokenizer.build_vocab import build
 def test_tokenizer_files_match_their_generator(tmp_path: Path) -> None:
     build(tmp_path)
     for name in ("vocab.json", "merges.txt"):
-        assert (tmp_path / name).read_text(encoding="utf-8") == (models.TOKENIZER_DIR / name).read_text(
+        assert (tmp_path / name).read_text(encoding="utf-8") == (pipelines.TOKENIZER_DIR / name).read_text(
             encoding="utf-8"), f"{name} is stale: run python -m trainer.tokenizer.build_vocab"
 
 
 def test_tokenizer_round_trips_prompts_in_77_tokens() -> None:
-    tok = models.load_tokenizer()
+    tok = pipelines.load_tokenizer()
     ids = tok("A photo of sks woman, highly detailed portrait", padding="max_length", max_length=77,
               truncation=True).input_ids
     assert len(ids) == 77
@@ -31,11 +31,11 @@ def test_tokenizer_round_trips_prompts_in_77_tokens() -> None:
         "a photo of sks woman, highly detailed portrait")
     # Learned merges make common words single tokens, as the real CLIP vocabulary does.
     assert tok.tokenize("portrait photo") == ["portrait</w>", "photo</w>"]
-    json.loads((models.TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+    json.loads((pipelines.TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
 
 
 def test_tiny_pipeline_generates_64px_with_sd_latent_shapes() -> None:
-    pipe = models.build_random_pipeline("tiny")
+    pipe = pipelines.build_random_pipeline("tiny")
     assert isinstance(pipe, StableDiffusionPipeline)
     assert pipe.vae_scale_factor == 8 and pipe.safety_checker is None
     out = pipe("a photo of a woman", num_inference_steps=2, height=64, width=64, output_type="latent",
@@ -44,15 +44,15 @@ def test_tiny_pipeline_generates_64px_with_sd_latent_shapes() -> None:
 
 
 def test_random_builds_are_reproducible_from_the_seed() -> None:
-    a = models.build_random_pipeline("tiny", seed=3).unet.state_dict()
-    b = models.build_random_pipeline("tiny", seed=3).unet.state_dict()
-    c = models.build_random_pipeline("tiny", seed=4).unet.state_dict()
+    a = pipelines.build_random_pipeline("tiny", seed=3).unet.state_dict()
+    b = pipelines.build_random_pipeline("tiny", seed=3).unet.state_dict()
+    c = pipelines.build_random_pipeline("tiny", seed=4).unet.state_dict()
     key = "conv_in.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
 
 
 def test_tiny_sdxl_has_two_encoders_and_runs() -> None:
-    pipe = models.build_random_pipeline("tiny-sdxl")
+    pipe = pipelines.build_random_pipeline("tiny-sdxl")
     assert isinstance(pipe, StableDiffusionXLPipeline)
     assert pipe.unet.config.addition_embed_type == "text_time"
     out = pipe("a photo of a man", num_inference_steps=2, height=64, width=64, output_type="latent").images
@@ -60,7 +60,7 @@ def test_tiny_sdxl_has_two_encoders_and_runs() -> None:
 
 
 def test_sd15_random_has_the_real_architecture() -> None:
-    pipe = models.build_random_pipeline("sd15-random", device="meta")
+    pipe = pipelines.build_random_pipeline("sd15-random", device="meta")
     unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
     assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
     assert unet.config.cross_attention_dim == 768 and unet.config.sample_size == 64
@@ -72,9 +72,9 @@ def test_sd15_random_has_the_real_architecture() -> None:
 
 
 def test_saved_tiny_model_loads_back_identically(tmp_path: Path) -> None:
-    original = models.save_random_model("tiny", tmp_path / "tiny")
-    loaded = models.load_pipeline(str(original))
-    fresh = models.build_random_pipeline("tiny")
+    original = pipelines.save_random_model("tiny", tmp_path / "tiny")
+    loaded = pipelines.load_pipeline(str(original))
+    fresh = pipelines.build_random_pipeline("tiny")
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(fresh, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys()
@@ -84,10 +84,10 @@ def test_saved_tiny_model_loads_back_identically(tmp_path: Path) -> None:
 
 def test_missing_folder_is_model_unavailable(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="does not exist"):
-        models.load_pipeline(str(tmp_path / "no-such-model"))
+        pipelines.load_pipeline(str(tmp_path / "no-such-model"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelUnavailable, match="model_index.json"):
-        models.load_pipeline(str(tmp_path / "empty"))
+        pipelines.load_pipeline(str(tmp_path / "empty"))
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
@@ -95,24 +95,24 @@ def test_unknown_hub_id_offline_is_model_unavailable(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelUnavailable, match="offline"):
-        models.load_pipeline("nobody-here/no-such-model")
+        pipelines.load_pipeline("nobody-here/no-such-model")
 
 
 def test_missing_single_file_is_model_unavailable(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="does not exist"):
-        models.load_pipeline(str(tmp_path / "model.safetensors"))
+        pipelines.load_pipeline(str(tmp_path / "model.safetensors"))
 
 
 def test_device_and_dtype_choice() -> None:
-    assert models.pick_device("cpu") == "cpu"
-    assert models.pick_dtype("cpu") == torch.float32
-    assert models.pick_device("auto") == ("cuda" if torch.cuda.is_available() else
+    assert pipelines.pick_device("cpu") == "cpu"
+    assert pipelines.pick_dtype("cpu") == torch.float32
+    assert pipelines.pick_device("auto") == ("cuda" if torch.cuda.is_available() else
                                           "mps" if torch.backends.mps.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailable, match="CUDA"):
-            models.pick_device("cuda")
+            pipelines.pick_device("cuda")
     with pytest.raises(DeviceUnavailable):
-        models.pick_device("tpu")
+        pipelines.pick_device("tpu")
 
 
 def test_single_file_family_is_read_from_the_keys(tmp_path: Path) -> None:
@@ -120,8 +120,8 @@ def test_single_file_family_is_read_from_the_keys(tmp_path: Path) -> None:
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "v1.safetensors")
-    assert models._is_sdxl_single_file(tmp_path / "xl.safetensors")
-    assert not models._is_sdxl_single_file(tmp_path / "v1.safetensors")
+    assert pipelines._is_sdxl_single_file(tmp_path / "xl.safetensors")
+    assert not pipelines._is_sdxl_single_file(tmp_path / "v1.safetensors")
 
 
 def test_unusable_single_files_are_model_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -131,9 +131,9 @@ def test_unusable_single_files_are_model_unavailable(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ModelUnavailable, match="junk.safetensors"):
-        models.load_pipeline(str(tmp_path / "junk.safetensors"))
+        pipelines.load_pipeline(str(tmp_path / "junk.safetensors"))
     # A plausible SD1 checkpoint still needs its configuration, which offline mode cannot fetch.
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)},
               tmp_path / "v1.safetensors")
     with pytest.raises(ModelUnavailable, match="configuration"):
-        models.load_pipeline(str(tmp_path / "v1.safetensors"))
+        pipelines.load_pipeline(str(tmp_path / "v1.safetensors"))

@@ -12,8 +12,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from storage import photos as photos_db
-from storage.intake import IntakeError, IntakeLimits, check_duplicates, normalise_photo
+from photos.intake import IntakeError, IntakeLimits, check_duplicates, normalise_photo
+from storage import photos_db
 from storage.store import Storage
 
 log = logging.getLogger(__name__)

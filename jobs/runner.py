@@ -1,0 +1,50 @@
+"""The seam between the bot and the workers: a `JobRunner` executes work items and reports events.
+
+Two backends implement it: `jobs.local_runner.LocalProcessRunner` (one child process per device on
+this host) and `jobs.celery_runner.CeleryRunner` (workers on any machine, through Celery and Redis).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from jobs.events import Event
+from jobs.payloads import WorkItem
+
+EventHandler = Callable[[int, Event], Awaitable[None]]
+
+
+class JobRunner(ABC):
+    """Runs work items on workers and reports each event as `(job_id, event)`.
+
+    Besides the trainer's events, a runner reports `{"type": "worker_lost", "message": ...}` when
+    the worker running a job died; the job's owner decides whether to retry it.
+    """
+
+    @abstractmethod
+    async def start(self, on_event: EventHandler) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def idle_capacity(self, kind: str | None = None) -> int:
+        """How many more items (of `kind`, "train" or "generate", or of any kind) `submit` accepts now."""
+
+    @abstractmethod
+    def workers_online(self) -> int:
+        """How many workers are up now. With none (every GPU machine of a Celery set-up is off),
+        queued jobs wait until one joins, and the bot tells the people waiting."""
+
+    @abstractmethod
+    async def submit(self, item: WorkItem) -> None: ...
+
+    @abstractmethod
+    async def cancel(self, job_id: int) -> None:
+        """Ask the worker running `job_id` to stop between steps; it then reports a `cancelled` error."""
+
+    @abstractmethod
+    async def forget_adapter(self, key: str) -> None:
+        """Drop a user's LoRA from every worker (the user retrained or asked to be forgotten)."""
+

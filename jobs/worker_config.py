@@ -1,0 +1,37 @@
+"""What a worker process needs to start, the same for a local child process and a Celery worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker process needs to start: the model, its device and where it may keep files."""
+
+    base_model: str
+    device: str
+    work_dir: str
+    class_cache_dir: str
+    log_level: str = "INFO"
+    max_adapters: int = 8
+    # CPU threads for torch in this worker; 0 keeps torch's default (all cores). Several CPU workers
+    # on one host must share the cores, or their thread pools fight and each runs many times slower.
+    cpu_threads: int = 0
+    # On a GPU, compile the UNet's stages and the VAE decoder for generation (trainer.compiled_blocks),
+    # keeping inductor's compiled kernels in `compile_cache_dir` so a restart reads them back.
+    compile_generation: bool = True
+    compile_cache_dir: str = ""
+    # With compile_generation: the warm-up's square pictures also get code compiled for their static
+    # shapes (trainer.compiled_blocks.ByShape), 1.08-1.09x faster for minutes more at the first start.
+    compile_static_shapes: bool = True
+    # On a GPU, compile the training step's UNet stages (TrainConfig.compiled_stages), at the worker's
+    # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
+    compile_training: bool = True
+    train_rank: int = 16
+    # On a GPU, processes that compile parts of the start beside the worker (trainer.start_helpers):
+    # below 0, as many as the GPU's free memory and this worker's share of the host's CPUs allow
+    # (the host's CPUs split between `workers_on_host` workers); 0, none.
+    start_helpers: int = -1
+    workers_on_host: int = 1
+

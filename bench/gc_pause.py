@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from bench.train_speed import bench_pipeline, synthetic_photos
-from trainer.dreambooth import TrainConfig, train
-from trainer.engine import GenerateRequest, GenerationEngine
+from jobs.requests import GenerateRequest, TrainConfig
+from trainer.dreambooth import train
+from trainer.engine import GenerationEngine
 from trainer.gc_pauses import freeze_long_lived
 
 

@@ -51,11 +51,11 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
 from bench.train_speed import bench_pipeline, plain_layout
-from trainer.dreambooth import TrainConfig
-from trainer.engine import GenerateRequest, GenerationEngine
+from jobs.requests import DEFAULT_SCHEDULER, GenerateRequest, TrainConfig
+from trainer.engine import GenerationEngine
 from trainer.family import family_of
 from trainer.lora_io import save_diffusers
-from trainer.noise_schedulers import DEFAULT_SCHEDULER, SchedulerCache
+from trainer.noise_schedulers import SchedulerCache
 
 PROMPT = "a photo of sks woman on a beach at sunset"
 

@@ -38,8 +38,9 @@ from PIL import Image
 from bot.config import Settings
 from bot.scheduler import Scheduler
 from jobs.devices import cpu_threads_per_worker, visible_devices
-from jobs.events import Event
+from jobs.events import Event, Progress, Stage
 from jobs.local_runner import LocalProcessRunner
+from jobs.requests import GenerateRequest
 from jobs.worker_config import WorkerConfig
 from storage import photos_db, users_db
 from storage.jobs_db import Job
@@ -65,12 +66,12 @@ class Waiter:
         return "+".join(self.phase[j] for j in sorted(self.phase)) or "not started"
 
     async def job_updated(self, job: Job, event: Event) -> None:
-        if job.id not in self.trainings or event["type"] not in ("stage", "progress"):
+        if job.id not in self.trainings:
             return
-        if event["type"] == "stage":
-            self.phase[job.id] = event["stage"] + (f" ({event['detail']})" if event.get("detail") else "")
-        else:
-            self.phase[job.id] = f"{event['stage']} {event['step']}/{event['total']}"
+        if isinstance(event, Stage):
+            self.phase[job.id] = event.stage + (f" ({event.detail})" if event.detail else "")
+        elif isinstance(event, Progress):
+            self.phase[job.id] = f"{event.stage} {event.step}/{event.total}"
 
     async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None:
         self.phase.pop(job.id, None)
@@ -163,8 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = GpuSampler()
     await sampler.start()
     await scheduler.start()
-    request = {"prompt": "portrait, studio light", "negative_prompt": "", "num_images": 1, "seed": 1,
-               "aspect": "square", "style": None, "steps": 25}
+    request = GenerateRequest("portrait, studio light", num_images=1, seed=1, steps=25)
     people = list(range(1, len(devices) + 2))  # one per worker, plus one who only generates
     report: dict[str, Any] = {"devices": devices, "model": args.model, "steps": args.steps,
                               "class_images": args.class_images, "resolution": args.resolution}
@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def imagine(person: int, seed: int) -> float:
             started = time.monotonic()
-            job, _ = await scheduler.enqueue_generate(person, {**request, "seed": seed})
+            job, _ = await scheduler.enqueue_generate(person, replace(request, seed=seed))
             finished = await waiter.future(job.id)
             if finished.state != "succeeded":
                 raise RuntimeError(f"generation {job.id} ended {finished.state}: {finished.error}")

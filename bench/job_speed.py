@@ -42,8 +42,10 @@ from bench.train_speed import (
     synthetic_photos,
     time_steps,
 )
+from jobs.events import Stage
+from jobs.requests import TrainConfig
 from trainer.class_images import ensure_class_images
-from trainer.dreambooth import TrainConfig, class_prompt, train, warm_up
+from trainer.dreambooth import class_prompt, train, warm_up
 
 
 def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path, cache: Path,
@@ -51,9 +53,9 @@ def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path
     """One `train()` call; seconds in total and per stage (from the trainer's stage events)."""
     marks: list[tuple[str, float]] = []
 
-    def on_event(event: dict[str, Any]) -> None:
-        if event["type"] == "stage":
-            marks.append((event["stage"], time.monotonic()))
+    def on_event(event: Any) -> None:
+        if isinstance(event, Stage):
+            marks.append((event.stage, time.monotonic()))
 
     sync(pipe.device)
     started = time.monotonic()

@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from bench.train_speed import CLASS_WORD, HANDLE, PRIORS, synthetic_photos, time_steps
+from jobs.requests import TrainConfig
 from trainer import compiled_blocks
-from trainer.dreambooth import TrainConfig, TrainingRun
+from trainer.dreambooth import TrainingRun
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.fused_linears import FuseLinearsPass
 from trainer.graphs import GraphedCall
@@ -467,7 +468,8 @@ def unet_stage_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> 
 
 def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The engine end to end: warm-up, then 25-step pictures, and where one picture's time goes."""
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from jobs.requests import GenerateRequest
+    from trainer.engine import GenerationEngine
 
     results = out.setdefault("generate", {})
     engine = GenerationEngine(pipe)
@@ -512,7 +514,7 @@ def dynamic_only(engine: Any, results: dict[str, Any]) -> None:
     warm-up compiled static shapes) against those from the static-shape code, in the same process;
     with the mean pixel difference of the same request's pictures."""
     from bench.generate_speed import pixels
-    from trainer.engine import GenerateRequest
+    from jobs.requests import GenerateRequest
 
     def timed(n: int) -> tuple[float, list[Any]]:
         request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25)

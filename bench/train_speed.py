@@ -36,9 +36,10 @@ from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig
 from PIL import Image
 
+from jobs.requests import TrainConfig
 from trainer.class_images import ensure_class_images
 from trainer.dataset import PhotoInput, class_pixels, instance_pixels
-from trainer.dreambooth import TrainConfig, TrainingRun, class_prompt, instance_prompt
+from trainer.dreambooth import TrainingRun, class_prompt, instance_prompt
 from trainer.family import family_of, tokenize
 from trainer.pipelines import load_pipeline, pick_device, pick_dtype
 

@@ -11,10 +11,11 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from common.envfile import env_file_values, parse_switch
+from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -36,7 +37,7 @@ class Settings:
 
     discord_token: str = field(default="", repr=False)
     data_dir: Path = Path("data")
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base_model: str = DEFAULT_BASE_MODEL
     device: str = "auto"
     workers: int = 0  # 0: one worker per visible GPU, or one CPU worker when there is none
     job_backend: str = "local"
@@ -46,16 +47,16 @@ class Settings:
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
     max_photos: int = 30
-    min_photos: int = 5
+    min_photos: int = TRAIN_DEFAULTS.min_photos
     max_photo_mb: int = 20
     max_queued_generations: int = 3
     max_prompt_chars: int = 600
-    train_steps: int = 800
-    train_rank: int = 16
-    train_resolution: int = 512
-    train_learning_rate: float = 1e-4
-    class_images: int = 100
-    train_checkpoint_every: int = 200  # steps between resumable checkpoints; 0 turns them off
+    train_steps: int = TRAIN_DEFAULTS.steps
+    train_rank: int = TRAIN_DEFAULTS.rank
+    train_resolution: int = TRAIN_DEFAULTS.resolution
+    train_learning_rate: float = TRAIN_DEFAULTS.learning_rate
+    class_images: int = TRAIN_DEFAULTS.num_class_images
+    train_checkpoint_every: int = TRAIN_DEFAULTS.checkpoint_every  # 0 turns them off
     train_preview_every: int = 200  # steps between preview pictures in the progress message; 0: none
     progress_interval_s: float = 3.0
     compile_generation: bool = True  # on a GPU: compile the model for generation at worker start
@@ -68,6 +69,13 @@ class Settings:
     @property
     def max_photo_bytes(self) -> int:
         return self.max_photo_mb * 1024 * 1024
+
+    def train_config(self, steps: int | None = None) -> TrainConfig:
+        """A training's settings as the operator set them (`steps`: a person's own number of steps)."""
+        return replace(TRAIN_DEFAULTS, steps=steps or self.train_steps, rank=self.train_rank,
+                       resolution=self.train_resolution, learning_rate=self.train_learning_rate,
+                       num_class_images=self.class_images, checkpoint_every=self.train_checkpoint_every,
+                       preview_every=self.train_preview_every, min_photos=self.min_photos)
 
 
 # Environment variable for each field; the same names appear in README.md.

@@ -18,7 +18,8 @@ import discord
 
 from bot.progress import ThrottledEditor, render_progress
 from bot.views import imagine_view
-from jobs.events import Event
+from jobs.events import Event, Preview, Requeued
+from jobs.payloads import GenerateParams, from_stored
 from storage import generations_db, jobs_db
 from storage.jobs_db import Job
 
@@ -42,6 +43,13 @@ def requeued_note(job: Job) -> str:
     if job.kind == "train":
         return "The worker restarted; your job continues from its last checkpoint."
     return "The worker restarted; your pictures are back in the queue and will be drawn again."
+
+
+def prompt_of(job: Job) -> str:
+    """The prompt a picture request was made with, as the person typed it."""
+    params = from_stored("generate", job.params)
+    assert isinstance(params, GenerateParams)
+    return params.request.prompt
 
 
 def quoted_prompt(prompt: str) -> str:
@@ -112,9 +120,9 @@ class Notifier:
         position = await jobs_db.queue_position(self.bot.store.db, job.id) if job.state == "queued" else None
         text = render_progress(title_of(job), job.progress, position,
                                no_worker=self.bot.scheduler.waiting_for_a_worker())
-        if event["type"] == "requeued":
+        if isinstance(event, Requeued):
             text += "\n" + requeued_note(job)
-        editor.update(text, event.get("png") if event["type"] == "preview" else None)
+        editor.update(text, event.png if isinstance(event, Preview) else None)
 
     async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None:
         editor = self._editors.pop(job.id, None)
@@ -145,7 +153,7 @@ class Notifier:
             await self._edit_progress_message(job, f"**{title_of(job)}**\nDone! Your model is ready.")
             handle = job.params["handle"]
             hints = "\n".join(f"• `/imagine prompt:{hint}`" for hint in outcome.get("hints", []))
-            files = [png_file(s["png"], f"sample-{i + 1}.png") for i, s in enumerate(outcome.get("samples", []))]
+            files = [png_file(s.png, f"sample-{i + 1}.png") for i, s in enumerate(outcome.get("samples", []))]
             seen = (f"Here is **{handle}** as the model sees you." if files else
                     f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**.")
             channel = await self._dm(job.owner)
@@ -163,18 +171,18 @@ class Notifier:
         """`interaction`: the request's, while its token still works."""
         if job.state == "succeeded":
             images = outcome["images"]
-            seeds = ", ".join(f"#{i + 1}: {im['seed']}" for i, im in enumerate(images))
-            text = f"**{quoted_prompt(job.params['request']['prompt'])}**\nSeeds {seeds}"
+            seeds = ", ".join(f"#{i + 1}: {im.seed}" for i, im in enumerate(images))
+            text = f"**{quoted_prompt(prompt_of(job))}**\nSeeds {seeds}"
             view = imagine_view(outcome["generation_id"], len(images))
         else:
             # The prompt is repeated: the answer replaces the message that showed it.
             text = ("Your pictures were cancelled." if job.state == "cancelled"
                     else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
-                         f"**{quoted_prompt(job.params['request']['prompt'])}**")
+                         f"**{quoted_prompt(prompt_of(job))}**")
             view = None
 
         def pictures() -> list[discord.File]:  # fresh files for each try: a sent File is consumed
-            return [png_file(im["png"], f"image-{n + 1}.png") for n, im in enumerate(outcome.get("images", []))]
+            return [png_file(im.png, f"image-{n + 1}.png") for n, im in enumerate(outcome.get("images", []))]
 
         # Where the request was answered, through its interaction while the token works, else with
         # the bot's token; by DM when neither can (a channel the bot cannot reach, as a user-installed app).

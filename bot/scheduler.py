@@ -16,12 +16,25 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from bot.config import Settings
 from common.logs import log_with_reference
-from jobs.events import Event
-from jobs.payloads import WorkItem
+from jobs.events import FINAL, Checkpoint, Done, Error, Event, Preview, Progress, Requeued, Stage, WorkerLost
+from jobs.payloads import (
+    GenerateInputs,
+    GenerateOutput,
+    GenerateParams,
+    TrainInputs,
+    TrainOutput,
+    TrainParams,
+    VariationOf,
+    WorkItem,
+    from_stored,
+    to_stored,
+)
+from jobs.requests import BadRequest, GenerateRequest, check_train_steps
 from jobs.runner import JobRunner
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.forget import forget_user
@@ -44,6 +57,14 @@ class Refused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def refuse_bad(check: Callable[..., object], *args: Any) -> None:
+    """Run a request's check; what it refuses is refused here, with its message."""
+    try:
+        check(*args)
+    except BadRequest as exc:
+        raise Refused(exc.message) from exc
 
 
 class JobObserver(Protocol):
@@ -146,7 +167,7 @@ class Scheduler:
             # and a later update would put this older state back over them.
             handing_over = {"stage": "loading_model", "detail": ""}
             await jobs_db.update_progress(self.store.db, job.id, handing_over)
-            await self.observer.job_updated(jobs_db.with_progress(job, handing_over), {"type": "stage", **handing_over})
+            await self.observer.job_updated(jobs_db.with_progress(job, handing_over), Stage("loading_model"))
             try:
                 await self.runner.submit(item)
             except (OSError, RuntimeError):  # the worker died as the job was handed over
@@ -163,10 +184,10 @@ class Scheduler:
             current = await jobs_db.get_job(self.store.db, job.id)
             if current is None or current.cancel_requested:
                 await self.runner.cancel(job.id)
-            if current is None and "adapter_key" in item.params:
+            if current is None and item.adapter_key:
                 # Forgotten meanwhile: /forget's eviction went out before this hand-over brought the
                 # person's LoRA to a worker again.
-                await self.runner.forget_adapter(item.params["adapter_key"])
+                await self.runner.forget_adapter(item.adapter_key)
 
     @staticmethod
     def _internal_error(doing: str) -> str:
@@ -176,28 +197,27 @@ class Scheduler:
                 "Please try again; if it keeps happening, tell the server's operator.")
 
     async def _work_item(self, job: Job) -> WorkItem:
-        blobs: dict[str, Any] = {}
-        if job.kind == "train":
+        params = from_stored(job.kind, job.params)
+        if isinstance(params, TrainParams):
             photos = await photos_db.list_photos(self.store.db, job.owner)
-            blobs["photos"] = [self.store.files.read(p.path, job.owner) for p in photos]
-            if len(blobs["photos"]) < self.settings.min_photos:
+            data = [self.store.files.read(p.path, job.owner) for p in photos]
+            if len(data) < self.settings.min_photos:
                 raise Refused("Some photos were removed after this training was queued; "
                               f"please send at least {self.settings.min_photos} and train again.")
-            blobs["checkpoint"] = self.store.files.read(job.checkpoint_path, job.owner) if job.checkpoint_path else None
-        else:
-            model_id = job.params.get("model_id")
-            if model_id is not None:
-                model = await models_db.get_model(self.store.db, model_id)
-                if model is None or model.owner != job.owner:
-                    raise Refused("That model no longer exists; train a new one with /train.")
-                blobs["lora"] = self.store.files.read(model.lora_path, job.owner)
-            parent = job.params.get("variation_of")
-            if parent:
-                generation = await generations_db.get_generation(self.store.db, parent["generation_id"])
-                if generation is None or generation.owner != job.owner:
-                    raise Refused("The image to vary no longer exists.")
-                blobs["init_image"] = self.store.files.read(generation.paths[parent["index"]], job.owner)
-        return WorkItem(job.id, job.kind, job.params, blobs)
+            checkpoint = self.store.files.read(job.checkpoint_path, job.owner) if job.checkpoint_path else None
+            return WorkItem(job.id, params, TrainInputs(data, checkpoint))
+        lora = init_image = None
+        if params.model_id is not None:
+            model = await models_db.get_model(self.store.db, params.model_id)
+            if model is None or model.owner != job.owner:
+                raise Refused("That model no longer exists; train a new one with /train.")
+            lora = self.store.files.read(model.lora_path, job.owner)
+        if (parent := params.variation_of) is not None:
+            generation = await generations_db.get_generation(self.store.db, parent.generation_id)
+            if generation is None or generation.owner != job.owner:
+                raise Refused("The image to vary no longer exists.")
+            init_image = self.store.files.read(generation.paths[parent.index], job.owner)
+        return WorkItem(job.id, params, GenerateInputs(lora, init_image))
 
     # ----- requests from people -----------------------------------------------------------------
     async def enqueue_train(self, user_id: int, steps: int | None = None, *, channel_id: int | None = None,
@@ -221,38 +241,23 @@ class Scheduler:
         if active:
             raise Refused("Your model is already training or waiting to train. `/status` shows where it is, "
                           "`/cancel` stops it.")
-        if steps is not None and not 50 <= steps <= 5000:
-            raise Refused("Steps must be between 50 and 5000.")
-        params = {
-            "handle": user.handle,
-            "class_word": user.class_word,
-            "config": {
-                "steps": steps or self.settings.train_steps,
-                "rank": self.settings.train_rank,
-                "resolution": self.settings.train_resolution,
-                "learning_rate": self.settings.train_learning_rate,
-                "num_class_images": self.settings.class_images,
-                "checkpoint_every": self.settings.train_checkpoint_every,
-                "preview_every": self.settings.train_preview_every,
-                "min_photos": self.settings.min_photos,  # the worker checks it again
-            },
-            "sample_steps": 25,
-            "samples": 2,
-            "seed": 0,
-        }
-        return await jobs_db.create_job(self.store.db, "train", user_id, params,
+        if steps is not None:
+            refuse_bad(check_train_steps, steps)
+        params = TrainParams(user.handle, user.class_word, self.settings.train_config(steps))
+        return await jobs_db.create_job(self.store.db, "train", user_id, to_stored(params),
                                         channel_id=channel_id, message_id=message_id)
 
-    async def enqueue_generate(self, user_id: int, request: dict[str, Any], *,
-                               variation_of: dict[str, int] | None = None, channel_id: int | None = None,
+    async def enqueue_generate(self, user_id: int, request: GenerateRequest, *,
+                               variation_of: VariationOf | None = None, channel_id: int | None = None,
                                message_id: int | None = None) -> tuple[Job, int | None]:
-        """Queue an /imagine request with the person's own active model."""
+        """Queue an /imagine request with the person's own active model, once it passes the checks a
+        worker would make (GenerateRequest's own) and the operator's limits."""
         async with self.user_lock(user_id):
             job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id)
         self.wake()
         return await self._with_position(job_id)
 
-    async def _create_generation(self, user_id: int, request: dict[str, Any], variation_of: dict[str, int] | None,
+    async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
                                  channel_id: int | None, message_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
@@ -261,17 +266,14 @@ class Scheduler:
                 raise Refused("Your model is still being trained; `/status` shows how far it is. "
                               "Try `/imagine` again once it is ready.")
             raise Refused("You don't have a model yet. Send me your selfies in a DM, then run `/train`.")
-        if len(request.get("prompt", "")) > self.settings.max_prompt_chars:
-            raise Refused(f"That prompt is {len(request['prompt'])} characters; the limit is "
-                          f"{self.settings.max_prompt_chars}. Please shorten it.")
+        refuse_bad(request.check_length, self.settings.max_prompt_chars)
         waiting = await jobs_db.count_jobs(self.store.db, user_id, "generate", ("queued",))
         if waiting >= self.settings.max_queued_generations:
             raise Refused(f"You already have {waiting} pictures waiting; please let them finish first.")
         handle = model.metadata.get("handle", user.handle)
         class_word = model.metadata.get("class_word", user.class_word)
-        params = {"request": request, "model_id": model.id, "adapter_key": adapter_key(model.id),
-                  "handle": handle, "class_word": class_word, "variation_of": variation_of}
-        return await jobs_db.create_job(self.store.db, "generate", user_id, params,
+        params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of)
+        return await jobs_db.create_job(self.store.db, "generate", user_id, to_stored(params),
                                         channel_id=channel_id, message_id=message_id)
 
     async def _with_position(self, job_id: int) -> tuple[Job, int | None]:
@@ -311,51 +313,50 @@ class Scheduler:
         try:
             await self._handle_event(job_id, event)
         except Exception:
-            log.exception("handling a %s event of job %d failed", event.get("type"), job_id)
-        if event["type"] in ("done", "error", "worker_lost"):
+            log.exception("handling a %s event of job %d failed", event.type, job_id)
+        if isinstance(event, FINAL):
             self.wake()
 
     async def _handle_event(self, job_id: int, event: Event) -> None:
         job = await jobs_db.get_job(self.store.db, job_id)
         if job is None or job.state != "running":
             return  # forgotten or already finished: drop late events (and their bytes)
-        kind = event["type"]
-        if kind in ("stage", "progress"):
-            progress = {**job.progress, **{k: v for k, v in event.items() if k != "type"}}
-            if kind == "stage":
-                progress = {"stage": event["stage"], "detail": event.get("detail", "")}
+        if isinstance(event, Stage | Progress):
+            progress = {"stage": event.stage, "detail": event.detail} if isinstance(event, Stage) else {
+                **job.progress, "stage": event.stage, "step": event.step, "total": event.total,
+                "loss": event.loss, "eta_s": event.eta_s}
             now = time.monotonic()
-            if kind == "stage" or now - self._last_progress_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
+            if isinstance(event, Stage) or now - self._last_progress_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
                 self._last_progress_write[job_id] = now
                 await jobs_db.update_progress(self.store.db, job_id, progress)
                 await jobs_db.renew_lease(self.store.db, job_id, self.worker_id, LEASE_SECONDS)
             await self.observer.job_updated(jobs_db.with_progress(job, progress), event)
-        elif kind == "preview":
+        elif isinstance(event, Preview):
             await self.observer.job_updated(job, event)
-        elif kind == "checkpoint":
+        elif isinstance(event, Checkpoint):
             await self._store_checkpoint(job, event)
-        elif kind == "done" and job.cancel_requested:  # it ended before it heard of the cancel
+        elif isinstance(event, Done) and job.cancel_requested:  # it ended before it heard of the cancel
             await jobs_db.finish_job(self.store.db, job_id, "cancelled", error="The job was cancelled.")
             await self._finished(job, {})
-        elif kind == "done":
-            outcome = await self._store_result(job, event["result"])
+        elif isinstance(event, Done):
+            outcome = await self._store_result(job, event.result)
             self._last_progress_write.pop(job_id, None)
             finished = await jobs_db.get_job(self.store.db, job_id)
             await self.observer.job_finished(finished or job, outcome)
-        elif kind == "error":
-            if event.get("code") == "cancelled":
-                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=event["message"])
+        elif isinstance(event, Error):
+            if event.code == "cancelled":
+                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=event.message)
                 await self._finished(job, {})
             else:
-                await self._fail(job, event["message"])
-        elif kind == "worker_lost":
+                await self._fail(job, event.message)
+        elif isinstance(event, WorkerLost):
             if job.attempts < MAX_ATTEMPTS and not job.cancel_requested:
                 await jobs_db.requeue(self.store.db, job_id)
                 log.warning("job %d lost its worker; re-queued (attempt %d)", job_id, job.attempts)
                 requeued = await jobs_db.get_job(self.store.db, job_id)
-                await self.observer.job_updated(requeued or job, {"type": "requeued"})
+                await self.observer.job_updated(requeued or job, Requeued())
             else:
-                await self._fail(job, f"{event['message']} It happened {job.attempts} times, so I stopped "
+                await self._fail(job, f"{event.message} It happened {job.attempts} times, so I stopped "
                                       "trying. The operator can see the details in the logs.")
 
     async def _fail(self, job: Job, message: str) -> None:
@@ -370,35 +371,35 @@ class Scheduler:
             self.store.files.delete(finished.checkpoint_path, finished.owner)
         await self.observer.job_finished(finished, outcome)
 
-    async def _store_checkpoint(self, job: Job, event: Event) -> None:
-        path = self.store.files.write(job.owner, "checkpoints", event["data"], ".zip")
+    async def _store_checkpoint(self, job: Job, event: Checkpoint) -> None:
+        path = self.store.files.write(job.owner, "checkpoints", event.data, ".zip")
         old = job.checkpoint_path
         await jobs_db.set_checkpoint(self.store.db, job.id, path)
         if old:
             self.store.files.delete(old, job.owner)
-        log.info("job %d checkpointed at step %d", job.id, event["step"])
+        log.info("job %d checkpointed at step %d", job.id, event.step)
 
-    async def _store_result(self, job: Job, result: dict[str, Any]) -> dict[str, Any]:
-        if job.kind == "train":
-            lora_path = self.store.files.write(job.owner, "models", result["lora"], ".safetensors")
-            metadata = dict(result["metadata"])
-            if result.get("kohya"):
-                metadata["kohya_path"] = self.store.files.write(job.owner, "models", result["kohya"],
-                                                                ".safetensors")
+    async def _store_result(self, job: Job, result: TrainOutput | GenerateOutput) -> dict[str, Any]:
+        if isinstance(result, TrainOutput):
+            lora_path = self.store.files.write(job.owner, "models", result.lora, ".safetensors")
+            metadata = dict(result.metadata)
+            if result.kohya:
+                metadata["kohya_path"] = self.store.files.write(job.owner, "models", result.kohya, ".safetensors")
             model_id = await models_db.add_model(self.store.db, job.owner, job.id, lora_path,
                                                  metadata.get("base_model", self.settings.base_model), metadata)
             await jobs_db.finish_job(self.store.db, job.id, "succeeded",
-                                     result={"model_id": model_id, "steps": result["steps"],
-                                             "final_loss": result["final_loss"]})
+                                     result={"model_id": model_id, "steps": result.steps,
+                                             "final_loss": result.final_loss})
             if job.checkpoint_path:
                 self.store.files.delete(job.checkpoint_path, job.owner)
-            return {"model_id": model_id, "samples": result["samples"], "hints": result.get("hints", [])}
-        images = result["images"]
-        paths = [self.store.files.write(job.owner, "generations", im["png"], ".png") for im in images]
-        request = job.params["request"]
+            return {"model_id": model_id, "samples": result.samples, "hints": result.hints}
+        images = result.images
+        paths = [self.store.files.write(job.owner, "generations", im.png, ".png") for im in images]
+        params = from_stored("generate", job.params)
+        assert isinstance(params, GenerateParams)
         generation_id = await generations_db.add_generation(
-            self.store.db, job.owner, job.params.get("model_id"), job.id, request["prompt"],
-            request.get("negative_prompt", ""), [im["seed"] for im in images], job.params, paths,
+            self.store.db, job.owner, params.model_id, job.id, params.request.prompt,
+            params.request.negative_prompt, [im.seed for im in images], job.params, paths,
             channel_id=job.channel_id, message_id=job.message_id)
         await jobs_db.finish_job(self.store.db, job.id, "succeeded", result={"generation_id": generation_id})
         return {"generation_id": generation_id, "images": images}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -13,6 +14,7 @@ import discord
 from bot.progress import NO_WORKER_ONLINE
 from bot.scheduler import Refused
 from common.logs import log_with_reference
+from jobs.payloads import GenerateParams, VariationOf, from_stored
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
@@ -64,12 +66,13 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         await _answer_privately(interaction, "These buttons belong to the person who made these pictures. "
                                                "Use `/imagine` to make your own.")
         return
-    request: dict[str, Any] = dict(generation.params["request"])
-    request["seed"] = random.randrange(2**31)
-    variation = generation.params.get("variation_of")  # a Reroll varies the same picture again
+    stored = from_stored("generate", generation.params)
+    assert isinstance(stored, GenerateParams)
+    request = replace(stored.request, seed=random.randrange(2**31))
+    variation = stored.variation_of  # a Reroll varies the same picture again
     if index is not None:
-        request.update(num_images=1, strength=VARIATION_STRENGTH)
-        variation = {"generation_id": generation_id, "index": index}
+        request = replace(request, num_images=1, strength=VARIATION_STRENGTH)
+        variation = VariationOf(generation_id, index)
     await interaction.response.defer(thinking=True)
     try:
         job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)

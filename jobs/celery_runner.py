@@ -21,7 +21,7 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import redis
 
@@ -39,6 +39,7 @@ from jobs.celery_protocol import (
     worker_key,
     worker_queue,
 )
+from jobs.events import AdapterLoaded, Claimed, Done, Error, WorkerLost
 from jobs.payloads import WorkItem
 from jobs.runner import EventHandler, JobRunner
 
@@ -104,9 +105,8 @@ class CeleryRunner(JobRunner):
             for job_id in [j for j, w in self._running_on.items() if w == name]:
                 await self._forget_job(job_id)
                 if self._on_event is not None:
-                    await self._on_event(job_id, {"type": "worker_lost",
-                                                  "message": "The GPU worker stopped unexpectedly while "
-                                                             "working on this."})
+                    await self._on_event(job_id, WorkerLost("The GPU worker stopped unexpectedly while "
+                                                            "working on this."))
 
     async def _watch_workers(self) -> None:
         while True:
@@ -130,23 +130,23 @@ class CeleryRunner(JobRunner):
             if popped is None or self._stop.is_set():
                 continue
             try:
-                asyncio.run_coroutine_threadsafe(self._deliver(wire.loads(popped[1])), self._loop)
+                asyncio.run_coroutine_threadsafe(self._deliver(wire.envelope_from_text(popped[1])), self._loop)
             except RuntimeError:  # the bot's loop closed while this event was on its way
                 return
 
-    async def _deliver(self, envelope: dict) -> None:
-        job_id, event, name = envelope["job_id"], envelope["event"], envelope["worker"]
-        if self._tokens.get(job_id) != envelope["token"]:
+    async def _deliver(self, envelope: wire.Envelope) -> None:
+        job_id, event, name = envelope.job_id, envelope.event, envelope.worker
+        if self._tokens.get(job_id) != envelope.token:
             return  # an attempt the bot no longer waits for
         self._running_on[job_id] = name
         known = self._workers.setdefault(name, _Known())
-        if event["type"] == "claimed":
+        if isinstance(event, Claimed):
             self._claimed.add(job_id)
             return
-        if event["type"] == "adapter_loaded":
-            known.adapters.add(event["key"])
+        if isinstance(event, AdapterLoaded):
+            known.adapters.add(event.key)
             return
-        if event["type"] in ("done", "error"):
+        if isinstance(event, Done | Error):
             training = self._kinds.get(job_id) == "train"
             await self._forget_job(job_id)
             if training:
@@ -203,15 +203,15 @@ class CeleryRunner(JobRunner):
         free = self._free()
         return free if kind == "train" else free + len(self._trainings_without_rider())
 
-    def _queue_for(self, item: WorkItem) -> tuple[str, str | None]:
-        """The queue to send `item` to, and the one worker that reads it (None: any worker)."""
-        key = item.params.get("adapter_key")
+    def _queue_for(self, item: WorkItem) -> tuple[str, str | None, WorkItem]:
+        """The queue to send `item` to, the one worker that reads it (None: any worker), and the item
+        as it goes there."""
+        key = item.adapter_key
         busy = {w for w in self._running_on.values() if w}
         for name, known in self._workers.items():
             if key and key in known.adapters and name not in busy:
-                item.blobs.pop("lora", None)  # that worker holds it already
-                return worker_queue(name), name
-        return SHARED_QUEUE, None
+                return worker_queue(name), name, item.without_lora()  # that worker holds it already
+        return SHARED_QUEUE, None, item
 
     async def submit(self, item: WorkItem) -> None:
         riding = self._trainings_without_rider() if item.kind == "generate" and not self._free() else []
@@ -219,8 +219,8 @@ class CeleryRunner(JobRunner):
             await self._send_rider(item, riding)
             return
         token = uuid.uuid4().hex
-        queue, reader = self._queue_for(item)
-        payload = wire.dumps(wire.item_to_dict(item))
+        queue, reader, sent = self._queue_for(item)
+        payload = wire.dumps(wire.item_to_dict(sent))
         await asyncio.to_thread(self.redis.set, token_key(item.job_id), token, ex=TOKEN_TTL_S)
         # A job sent to one worker's own queue is that worker's from now on: should it go away before
         # taking the job, nobody else reads that queue, and the job is reported lost (and sent again
@@ -234,19 +234,16 @@ class CeleryRunner(JobRunner):
         log.info("job %d (%s) sent to %s", item.job_id, item.kind, queue)
 
     async def _send_rider(self, item: WorkItem, trainings: list[str]) -> None:
-        key = item.params.get("adapter_key")
+        key = item.adapter_key
         name = min(trainings, key=lambda n: (self._riders_served[n], not (key and key in self._workers[n].adapters)))
-        sent = item
-        if key and key in self._workers[name].adapters:
-            sent = replace(item, blobs={k: v for k, v in item.blobs.items() if k != "lora"})  # held there
+        sent = item.without_lora() if key in self._workers[name].adapters else item  # held there
         token = uuid.uuid4().hex
         await asyncio.to_thread(self.redis.set, token_key(item.job_id), token, ex=TOKEN_TTL_S)
         self._tokens[item.job_id], self._running_on[item.job_id] = token, name
         self._kinds[item.job_id] = item.kind
         self._riders[name] = item  # kept whole: it may have to go elsewhere, LoRA file included
         self._riders_served[name] += 1
-        envelope = wire.dumps({"item": wire.item_to_dict(sent), "token": token})
-        await asyncio.to_thread(self.redis.rpush, rider_key(name), envelope)
+        await asyncio.to_thread(self.redis.rpush, rider_key(name), wire.rider_to_text(sent, token))
         log.info("job %d (generate) rides on the training of worker %s", item.job_id, name)
 
     async def cancel(self, job_id: int) -> None:

@@ -1,16 +1,18 @@
-"""Events the trainer reports while it works.
+"""Events a worker reports while it works, and those the runners add, as typed records.
 
-Events are plain dicts of JSON-friendly values (bytes allowed for images) so that they cross a
-process pipe or a distributed task queue unchanged. Helper constructors keep the keys in one place.
+Each event is a small frozen dataclass whose `type` names it on the wire (`jobs.wire`); pictures
+and files travel as bytes, so an event crosses a process pipe or a distributed queue unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-Event = dict[str, Any]
-EventSink = Callable[[Event], None]
+from pydantic import Field
+
+from jobs.payloads import GenerateOutput, TrainOutput
 
 # Stages a person sees, in the order a training goes through them.
 STAGES = (
@@ -24,39 +26,102 @@ STAGES = (
 )
 
 
-def stage(name: str, detail: str = "") -> Event:
+@dataclass(frozen=True)
+class Stage:
     """A new phase of work started."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}")
-    return {"type": "stage", "stage": name, "detail": detail}
+
+    stage: str
+    detail: str = ""
+    type: Literal["stage"] = "stage"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}")
 
 
-def progress(step: int, total: int, *, loss: float | None = None, eta_s: float | None = None,
-             stage_name: str = "training") -> Event:
+@dataclass(frozen=True)
+class Progress:
     """Step `step` of `total` is done; `eta_s` is the estimated seconds left."""
-    return {"type": "progress", "stage": stage_name, "step": step, "total": total,
-            "loss": loss, "eta_s": eta_s}
+
+    step: int
+    total: int
+    loss: float | None = None
+    eta_s: float | None = None
+    stage: str = "training"
+    type: Literal["progress"] = "progress"
 
 
-def preview(step: int, png: bytes) -> Event:
-    """A small preview image (PNG bytes) made at `step`."""
-    return {"type": "preview", "step": step, "png": png}
+@dataclass(frozen=True)
+class Preview:
+    """A small preview picture (PNG bytes) made at `step`."""
+
+    step: int
+    png: bytes = field(repr=False)
+    type: Literal["preview"] = "preview"
 
 
-def checkpoint(step: int, path: str) -> Event:
-    """A resumable checkpoint was written at `path` after `step` steps."""
-    return {"type": "checkpoint", "step": step, "path": path}
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resumable checkpoint after `step` steps, as the bytes the bot keeps (a zip of its files)."""
+
+    step: int
+    data: bytes = field(repr=False)
+    type: Literal["checkpoint"] = "checkpoint"
 
 
-def done(result: dict[str, Any]) -> Event:
-    """The work finished; `result` holds file paths or bytes, depending on the caller."""
-    return {"type": "done", "result": result}
+@dataclass(frozen=True)
+class Done:
+    """The work finished with `result`."""
+
+    result: TrainOutput | GenerateOutput = field(repr=False)
+    type: Literal["done"] = "done"
 
 
-def error(message: str, code: str = "error") -> Event:
-    """The work failed; `message` is written for the person who asked for it."""
-    return {"type": "error", "code": code, "message": message}
+@dataclass(frozen=True)
+class Error:
+    """The work failed; `message` is written for the person who asked for it, `code` for programs."""
+
+    message: str
+    code: str = "error"
+    type: Literal["error"] = "error"
 
 
-def ignore(_event: Event) -> None:
+@dataclass(frozen=True)
+class AdapterLoaded:
+    """The worker now holds the LoRA kept under `key`, so later jobs need not send its file."""
+
+    key: str
+    type: Literal["adapter_loaded"] = "adapter_loaded"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A Celery worker took the job: the bot now knows whose death would lose it."""
+
+    type: Literal["claimed"] = "claimed"
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """Reported by a runner: the worker running the job died."""
+
+    message: str
+    type: Literal["worker_lost"] = "worker_lost"
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """Reported by the bot's scheduler to its observer: the job waits for a worker again."""
+
+    type: Literal["requeued"] = "requeued"
+
+
+Event = Annotated[Stage | Progress | Preview | Checkpoint | Done | Error | AdapterLoaded | Claimed | WorkerLost
+                  | Requeued, Field(discriminator="type")]
+EventSink = Callable[[Event], None]
+# Events that end a job's attempt.
+FINAL = (Done, Error, WorkerLost)
+
+
+def ignore(_event: object) -> None:
     """An event sink that drops everything (for callers that do not watch progress)."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from jobs.events import Event
+from jobs.commands import Cancel, Evict, Run, Stop
+from jobs.events import AdapterLoaded, Done, Error, Event, WorkerLost
 from jobs.payloads import WorkItem
 from jobs.runner import EventHandler, JobRunner
 from jobs.worker_config import WorkerConfig
@@ -103,16 +104,13 @@ class LocalProcessRunner(JobRunner):
     async def _deliver(self, slot: _Slot, job_id: int, event: Event) -> None:
         if self._stopping:  # a job cut short by the shutdown stays running in the database
             return
-        if event["type"] in ("done", "error"):
+        if isinstance(event, Done | Error):
             if slot.job_id == job_id:
                 slot.job_id = slot.kind = None
             elif slot.rider_id == job_id:
                 slot.rider_id = None
-        if event["type"] == "adapter_loaded":
-            slot.adapters.add(event["key"])
-            return
-        if event["type"] == "adapter_evicted":
-            slot.adapters.discard(event["key"])
+        if isinstance(event, AdapterLoaded):
+            slot.adapters.add(event.key)
             return
         assert self._on_event is not None
         await self._on_event(job_id, event)
@@ -130,8 +128,7 @@ class LocalProcessRunner(JobRunner):
         self._spawn(slot)
         for job_id in lost:
             if self._on_event is not None:
-                await self._on_event(job_id, {"type": "worker_lost",
-                                              "message": "The GPU worker stopped unexpectedly while working on this."})
+                await self._on_event(job_id, WorkerLost("The GPU worker stopped unexpectedly while working on this."))
 
     def _free(self) -> list[_Slot]:
         return [s for s in self._slots if s.job_id is None and s.process is not None]
@@ -149,7 +146,7 @@ class LocalProcessRunner(JobRunner):
 
     def _pick_slot(self, item: WorkItem) -> tuple[_Slot, bool]:
         """The slot for `item`, and whether it rides along a training there."""
-        key = item.params.get("adapter_key")
+        key = item.adapter_key
         free = self._free()
         if free:  # a worker that already holds the person's LoRA skips reading it again
             return next((s for s in free if key and key in s.adapters), free[0]), False
@@ -162,9 +159,8 @@ class LocalProcessRunner(JobRunner):
 
     async def submit(self, item: WorkItem) -> None:
         slot, rides = self._pick_slot(item)
-        key = item.params.get("adapter_key")
-        if key and key in slot.adapters:
-            item.blobs.pop("lora", None)  # the worker holds it already
+        if item.adapter_key in slot.adapters:
+            item = item.without_lora()  # the worker holds it already
         if rides:
             slot.rider_id = item.job_id
             slot.riders_served += 1
@@ -172,7 +168,7 @@ class LocalProcessRunner(JobRunner):
             slot.job_id, slot.kind, slot.riders_served = item.job_id, item.kind, 0
         assert slot.commands is not None
         try:
-            await asyncio.to_thread(slot.commands.send, {"op": "run", "item": item})
+            await asyncio.to_thread(slot.commands.send, Run(item))
         except (BrokenPipeError, OSError):
             if rides:
                 slot.rider_id = None
@@ -185,7 +181,7 @@ class LocalProcessRunner(JobRunner):
     async def cancel(self, job_id: int) -> None:
         for slot in self._slots:
             if job_id in (slot.job_id, slot.rider_id) and slot.commands is not None:
-                await asyncio.to_thread(slot.commands.send, {"op": "cancel", "job_id": job_id})
+                await asyncio.to_thread(slot.commands.send, Cancel(job_id))
 
     async def forget_adapter(self, key: str) -> None:
         # Every worker is told, not only those known to hold it: a cheap message buys certainty.
@@ -194,7 +190,7 @@ class LocalProcessRunner(JobRunner):
             if slot.commands is None:
                 continue
             try:
-                await asyncio.to_thread(slot.commands.send, {"op": "evict", "key": key})
+                await asyncio.to_thread(slot.commands.send, Evict(key))
             except (BrokenPipeError, OSError):  # a dead worker's replacement starts with no adapters
                 log.info("worker %d is gone; nothing to evict there", slot.index)
 
@@ -205,7 +201,7 @@ class LocalProcessRunner(JobRunner):
         for slot in live:
             try:
                 assert slot.commands is not None
-                slot.commands.send({"op": "stop"})
+                slot.commands.send(Stop())
             except (BrokenPipeError, OSError):
                 pass
         await asyncio.gather(*(self._join(slot) for slot in live))

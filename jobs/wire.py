@@ -1,17 +1,23 @@
-"""JSON for job payloads and events that carry bytes (photos, LoRA files, pictures).
+"""JSON for work items and events, which carry bytes (photos, LoRA files, pictures).
 
-Work items and events hold raw bytes; a distributed queue carries text. Bytes become
-`{"__bytes__": "<base64>"}` on the way out and bytes again on the way in, so the queue can use
-JSON (never pickle: a message from the broker must not be able to run code in the bot or a worker).
+A distributed queue carries text. Bytes become `{"__bytes__": "<base64>"}` on the way out and bytes
+again on the way in, so the queue can use JSON (never pickle: a message from the broker must not be
+able to run code in the bot or a worker). Items and events are checked against their types on the
+way in (pydantic), so a malformed message raises `ValueError` instead of reaching the code.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from jobs.payloads import WorkItem
+from pydantic import TypeAdapter
+
+from jobs.events import Event
+from jobs.payloads import GenerateInputs, GenerateParams, JobKind, TrainInputs, TrainParams, WorkItem
 
 _BYTES = "__bytes__"
 
@@ -44,9 +50,71 @@ def loads(text: str | bytes) -> Any:
     return _decode(json.loads(text))
 
 
+@cache
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(kind)
+
+
 def item_to_dict(item: WorkItem) -> dict[str, Any]:
-    return {"job_id": item.job_id, "kind": item.kind, "params": item.params, "blobs": item.blobs}
+    return {"job_id": item.job_id, "kind": item.kind,
+            "params": _adapter(type(item.params)).dump_python(item.params),
+            "inputs": _adapter(type(item.inputs)).dump_python(item.inputs)}
 
 
-def item_from_dict(data: dict[str, Any]) -> WorkItem:
-    return WorkItem(data["job_id"], data["kind"], data["params"], data["blobs"])
+@dataclass(frozen=True)
+class _ItemFields:
+    job_id: int
+    kind: JobKind
+    params: dict[str, Any]
+    inputs: dict[str, Any]
+
+
+def item_from_dict(data: Any) -> WorkItem:
+    fields = _adapter(_ItemFields).validate_python(data)
+    train = fields.kind == "train"
+    return WorkItem(fields.job_id,
+                    _adapter(TrainParams if train else GenerateParams).validate_python(fields.params),
+                    _adapter(TrainInputs if train else GenerateInputs).validate_python(fields.inputs))
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    return _adapter(type(event)).dump_python(event)
+
+
+def event_from_dict(data: Any) -> Event:
+    return _adapter(Event).validate_python(data)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An event of one attempt of a job, as a Celery worker sends it to the bot."""
+
+    job_id: int
+    token: str
+    worker: str
+    event: Event = field(repr=False)
+
+
+def envelope_to_text(envelope: Envelope) -> str:
+    return dumps({"job_id": envelope.job_id, "token": envelope.token, "worker": envelope.worker,
+                  "event": event_to_dict(envelope.event)})
+
+
+def envelope_from_text(text: str | bytes) -> Envelope:
+    return _adapter(Envelope).validate_python(loads(text))
+
+
+@dataclass(frozen=True)
+class _RiderFields:
+    item: dict[str, Any]
+    token: str
+
+
+def rider_to_text(item: WorkItem, token: str) -> str:
+    """A generation riding on a worker's training, with its attempt's token (a rider list's entry)."""
+    return dumps({"item": item_to_dict(item), "token": token})
+
+
+def rider_from_text(text: str | bytes) -> tuple[WorkItem, str]:
+    fields = _adapter(_RiderFields).validate_python(loads(text))
+    return item_from_dict(fields.item), fields.token

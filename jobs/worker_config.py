@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobs.requests import TRAIN_DEFAULTS
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -28,7 +30,7 @@ class WorkerConfig:
     # On a GPU, compile the training step's UNet stages (TrainConfig.compiled_stages), at the worker's
     # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
     compile_training: bool = True
-    train_rank: int = 16
+    train_rank: int = TRAIN_DEFAULTS.rank
     # On a GPU, processes that compile parts of the start beside the worker (trainer.start_helpers):
     # below 0, as many as the GPU's free memory and this worker's share of the host's CPUs allow
     # (the host's CPUs split between `workers_on_host` workers); 0, none.

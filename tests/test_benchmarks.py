@@ -109,7 +109,8 @@ def test_the_worker_start_benchmark_reads_the_parts_the_training_warm_up_logs(tm
     import logging
 
     from bench import worker_start
-    from trainer.dreambooth import TrainConfig, warm_up
+    from jobs.requests import TrainConfig
+    from trainer.dreambooth import warm_up
     from trainer.pipelines import build_random_pipeline
 
     recorder = worker_start.PartRecorder(tmp_path / "parts.jsonl")

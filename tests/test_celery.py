@@ -6,18 +6,21 @@ The bot's scheduler and storage drive a `CeleryRunner`, as with JOB_BACKEND=cele
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
 from bot.config import Settings
 from bot.scheduler import Scheduler, adapter_key
-from jobs import wire
+from jobs import events, wire
 from jobs.celery_protocol import worker_queue
 from jobs.celery_runner import CeleryRunner
+from jobs.payloads import GenerateOutput, TrainOutput
+from jobs.requests import GenerateRequest
 from storage import jobs_db
 from storage.store import Storage
 from tests.e2e import eventually, finished_job, selfie
+from tests.work_items import generate_item, train_item
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +32,7 @@ class Observed:
         self.events: dict[int, list[dict]] = {}
 
     async def job_updated(self, job, event) -> None:
-        self.events.setdefault(job.id, []).append({**event, "progress": dict(job.progress)})
+        self.events.setdefault(job.id, []).append({**asdict(event), "progress": dict(job.progress)})
 
     async def job_finished(self, job, outcome) -> None:
         self.events.setdefault(job.id, []).append({"type": "finished", "state": job.state})
@@ -77,7 +80,7 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
     assert (a.state, b.state) == ("succeeded", "succeeded"), (a.error, b.error)
     assert a.started_at < b.finished_at and b.started_at < a.finished_at  # side by side on two workers
 
-    jobs = [(await scheduler.enqueue_generate(user, {"prompt": "on the moon", "num_images": 1, "seed": 5}))[0]
+    jobs = [(await scheduler.enqueue_generate(user, GenerateRequest("on the moon", num_images=1, seed=5)))[0]
             for user in (1, 2)]
     done = [await eventually(lambda j=j: finished_job(store, j.id), timeout=120) for j in jobs]
     assert [j.state for j in done] == ["succeeded", "succeeded"]
@@ -94,13 +97,13 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
     sent, send_task = [], runner.app.send_task
 
     def recording(*args, **kwargs):
-        sent.append((kwargs["queue"], wire.loads(kwargs["args"][0])["blobs"]))
+        sent.append((kwargs["queue"], wire.item_from_dict(wire.loads(kwargs["args"][0])).inputs))
         return send_task(*args, **kwargs)
 
     runner.app.send_task = recording
-    again, _ = await scheduler.enqueue_generate(1, {"prompt": "on the moon", "num_images": 1, "seed": 6})
+    again, _ = await scheduler.enqueue_generate(1, GenerateRequest("on the moon", num_images=1, seed=6))
     assert (await eventually(lambda: finished_job(store, again.id), timeout=120)).state == "succeeded"
-    assert sent[0][0] == worker_queue(holder) and "lora" not in sent[0][1]
+    assert sent[0][0] == worker_queue(holder) and sent[0][1].lora is None
 
 
 async def test_a_worker_killed_mid_training_hands_the_job_to_the_other_from_its_checkpoint(pool):
@@ -134,7 +137,7 @@ async def test_a_picture_rides_on_a_training_when_every_worker_trains(pool):
     async def both_training():
         return len(runner._trainings_without_rider()) == 2
     assert await eventually(both_training, timeout=120), "the two trainings never started"
-    picture, _ = await scheduler.enqueue_generate(1, {"prompt": "on the moon", "num_images": 1, "seed": 5})
+    picture, _ = await scheduler.enqueue_generate(1, GenerateRequest("on the moon", num_images=1, seed=5))
     done = await eventually(lambda: finished_job(store, picture.id), timeout=120)
     assert done.state == "succeeded", done.error
     assert [(await jobs_db.get_job(store.db, j.id)).state for j in long] == ["running", "running"]
@@ -146,33 +149,31 @@ async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_tok
     """Bookkeeping of CeleryRunner alone: a training ends before it served the generation given to it."""
     from jobs.celery_protocol import rider_key, token_key
     from jobs.celery_runner import _Known
-    from jobs.payloads import WorkItem
 
     runner, seen, sent = CeleryRunner(redis_url), [], []
 
     async def on_event(job_id, event):
-        seen.append((job_id, event["type"]))
+        seen.append((job_id, event.type))
     runner._on_event = on_event
     runner._workers = {"w1": _Known(adapters={"alice"})}
     runner.app.send_task = lambda *args, **kwargs: sent.append((kwargs["queue"], wire.loads(kwargs["args"][0]),
                                                                  kwargs["args"][1]))
     assert runner.idle_capacity("train") == 1
-    await runner.submit(WorkItem(1, "train", {}, {"photos": []}))
+    await runner.submit(train_item(1))
     token = runner._tokens[1]
-    await runner._deliver({"job_id": 1, "token": token, "worker": "w1", "event": {"type": "claimed"}})
+    await runner._deliver(wire.Envelope(1, token, "w1", events.Claimed()))
     assert (runner.idle_capacity("train"), runner.idle_capacity("generate")) == (0, 1)
 
-    await runner.submit(WorkItem(2, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    await runner.submit(generate_item(2, key="alice", lora=b"file"))
     assert len(sent) == 1 and runner.idle_capacity("generate") == 0  # one rider per training
-    envelope = wire.loads(runner.redis.lpop(rider_key("w1")))
-    assert "lora" not in envelope["item"]["blobs"]  # w1 holds Alice's LoRA already
-    old_token = envelope["token"]
+    rider, old_token = wire.rider_from_text(runner.redis.lpop(rider_key("w1")))
+    assert rider.inputs.lora is None  # w1 holds Alice's LoRA already
 
-    await runner._deliver({"job_id": 1, "token": token, "worker": "w1", "event": {"type": "done", "result": {}}})
+    await runner._deliver(wire.Envelope(1, token, "w1", events.Done(TrainOutput(b"L", None, {}, 1, 0.0))))
     assert seen == [(1, "done")]
     [(queue, payload, new_token)] = sent[1:]
     # Now through the queues, to the idle worker that holds Alice's LoRA; the old entry's token is void.
-    assert payload["job_id"] == 2 and queue == worker_queue("w1") and "lora" not in payload["blobs"]
+    assert payload["job_id"] == 2 and queue == worker_queue("w1") and wire.item_from_dict(payload).inputs.lora is None
     assert new_token != old_token and runner.redis.get(token_key(2)).decode() == new_token
     assert runner._riders == {} and runner.idle_capacity("train") == 0
 
@@ -182,19 +183,18 @@ async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_rep
     holds the person's LoRA; that worker stops before taking it. Nobody else reads that queue, so
     the job must be reported lost (the scheduler sends it again), and the worker's place freed."""
     from jobs.celery_runner import _Known
-    from jobs.payloads import WorkItem
 
     runner, seen, sent = CeleryRunner(redis_url), [], []
 
     async def on_event(job_id, event):
-        seen.append((job_id, event["type"]))
+        seen.append((job_id, event.type))
     runner._on_event = on_event
     runner._workers = {"w1": _Known(), "w2": _Known(adapters={"alice"})}
     runner._live_names = lambda: {"w1"}  # w2's heartbeat has expired
     runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs["queue"])
-    await runner.submit(WorkItem(5, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    await runner.submit(generate_item(5, key="alice", lora=b"file"))
     assert sent == [worker_queue("w2")]
-    await runner.submit(WorkItem(6, "generate", {"adapter_key": "alice"}, {"lora": b"file"}))
+    await runner.submit(generate_item(6, key="alice", lora=b"file"))
     assert sent[1] != worker_queue("w2")  # w2 has a job waiting for it already
     await runner._refresh_workers()
     assert seen == [(5, "worker_lost")]
@@ -233,7 +233,6 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     cancelled while queued (no attempt in flight here: one from before a restart, say)."""
     from jobs.celery_protocol import EVENTS, token_key
     from jobs.celery_runner import _Known
-    from jobs.payloads import WorkItem
     from jobs.worker_config import WorkerConfig
     from trainer.celery_worker import CeleryWorker
 
@@ -244,19 +243,19 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     runner._on_event = on_event
     runner._workers = {"w1": _Known()}
     runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs["args"])
-    endings = {1: {"type": "done", "result": {}}, 2: {"type": "error", "code": "internal", "message": "x"},
-               3: {"type": "error", "code": "cancelled", "message": "The job was cancelled."}}
+    endings = {1: events.Done(GenerateOutput([])), 2: events.Error("x", "internal"),
+               3: events.Error("The job was cancelled.", "cancelled")}
     for job_id, ending in endings.items():
-        await runner.submit(WorkItem(job_id, "generate", {"request": {"prompt": "on the moon"}}, {}))
+        await runner.submit(generate_item(job_id))
         token = runner._tokens[job_id]
-        await runner._deliver({"job_id": job_id, "token": token, "worker": "w1", "event": {"type": "claimed"}})
-        await runner._deliver({"job_id": job_id, "token": token, "worker": "w1", "event": ending})
-    await runner.submit(WorkItem(4, "train", {}, {"photos": []}))
-    await runner._deliver({"job_id": 4, "token": runner._tokens[4], "worker": "w1", "event": {"type": "claimed"}})
+        await runner._deliver(wire.Envelope(job_id, token, "w1", events.Claimed()))
+        await runner._deliver(wire.Envelope(job_id, token, "w1", ending))
+    await runner.submit(train_item(4))
+    await runner._deliver(wire.Envelope(4, runner._tokens[4], "w1", events.Claimed()))
     runner._live_names = lambda: set()  # w1's heartbeat expired
     await runner._refresh_workers()
     runner.redis.set(token_key(5), "from-before-a-restart")
-    sent.append([wire.dumps(wire.item_to_dict(WorkItem(5, "train", {}, {"photos": []}))), "from-before-a-restart"])
+    sent.append([wire.dumps(wire.item_to_dict(train_item(5))), "from-before-a-restart"])
     await runner.cancel(5)  # the scheduler cancels a queued job
     assert [runner.redis.get(token_key(j)) for j in (1, 2, 3, 4)] == [None] * 4
 
@@ -266,7 +265,7 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     for payload, token in sent:
         worker.run(payload, token)
     assert ran == []
-    assert [wire.loads(e)["event"]["type"] for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
+    assert [wire.envelope_from_text(e).event.type for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
     worker.stop()
 
 
@@ -274,7 +273,6 @@ def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(re
     """A training may last an hour: the LoRA of a person who asks to be forgotten meanwhile must not stay
     loaded on the GPU until it ends."""
     from jobs.celery_protocol import evict_key, token_key
-    from jobs.payloads import WorkItem
     from jobs.worker_config import WorkerConfig
     from trainer.celery_worker import CeleryWorker
 
@@ -292,7 +290,7 @@ def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(re
 
     worker.worker.execute = training
     worker.redis.set(token_key(1), "t1")
-    worker.run(wire.dumps(wire.item_to_dict(WorkItem(1, "train", {}, {"photos": []}))), "t1")
+    worker.run(wire.dumps(wire.item_to_dict(train_item(1))), "t1")
     assert loaded_during_training == [["model-7"]] and unloaded == ["model-7"]
     worker.stop()
 
@@ -338,11 +336,9 @@ async def test_a_jobs_message_names_the_job_not_its_prompt(redis_url):
     import json
 
     from jobs.celery_protocol import SHARED_QUEUE
-    from jobs.payloads import WorkItem
 
     runner = CeleryRunner(redis_url)
-    await runner.submit(WorkItem(7, "generate", {"request": {"prompt": "zqalice on the moon"}, "handle": "zqalice"},
-                                 {}))
+    await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
     message = json.loads(runner.redis.lpop(SHARED_QUEUE))
     headers = json.dumps(message["headers"])
     assert message["headers"]["argsrepr"] == "<job 7>"
@@ -361,12 +357,12 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     from pathlib import Path
 
     from jobs.celery_protocol import EVENTS, worker_key
-    from jobs.payloads import WorkItem
 
     script = ("import sys\n"
               "from trainer.worker import Worker\n"
               "Worker.prepare = lambda self, on_part=None: None\n"
-              "Worker.run = lambda self, item, *args, **kwargs: {'images': []}\n"
+              "from jobs.payloads import GenerateOutput\n"
+              "Worker.run = lambda self, item, *args, **kwargs: GenerateOutput([])\n"
               "from trainer.__main__ import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
@@ -382,11 +378,10 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
         async def up():
             return list(runner.redis.scan_iter(match=worker_key("*")))
         assert await eventually(up, timeout=60), log_file.read_text()
-        await runner.submit(WorkItem(7, "generate", {"request": {"prompt": "zqalice on the moon"},
-                                                     "handle": "zqalice"}, {}))
+        await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
 
         async def done():
-            return any(wire.loads(e)["event"]["type"] == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
+            return any(wire.envelope_from_text(e).event.type == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
         assert await eventually(done, timeout=60), log_file.read_text()
     finally:
         process.send_signal(signal.SIGTERM)

@@ -18,11 +18,12 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from peft import LoraConfig, inject_adapter_in_model
 
+from jobs.requests import GenerateRequest
 from tests.test_dreambooth import run_train, small
 from tests.test_generate import PERSON, REQUEST, pixels
 from trainer.adapters import holds_adapters
 from trainer.compiled_blocks import ByShape, CompiledBlocks
-from trainer.engine import GenerateRequest, GenerationEngine
+from trainer.engine import GenerationEngine
 from trainer.pipelines import build_random_pipeline
 
 

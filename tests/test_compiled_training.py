@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.payloads import WorkItem
+from jobs.requests import TrainConfig
 from jobs.worker_config import WorkerConfig
 from tests.test_dreambooth import run_train, small
+from tests.work_items import train_item
 from trainer import dreambooth
 from trainer.compiled_blocks import for_training
-from trainer.dreambooth import TrainConfig
 from trainer.fused_linears import LINEAR_TARGETS
 from trainer.pipelines import build_random_pipeline
 from trainer.worker import Worker
@@ -77,8 +77,8 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
 
     def training_stages(tag: str) -> Callable[[dict], None]:
         def sink(event: dict) -> None:
-            if event["type"] == "stage" and event["stage"] == "training":
-                told[tag].append(event["detail"])
+            if event.type == "stage" and event.stage == "training":
+                told[tag].append(event.detail)
         return sink
 
     first = run_train(tmp_path, config, pipe=pipe, tag="first", compile_backend=backend,
@@ -143,9 +143,7 @@ def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Pa
         raise dreambooth.Cancelled()
 
     monkeypatch.setattr(dreambooth, "train", fake_train)
-    item = WorkItem(job_id=1, kind="train", params={"handle": "sks", "class_word": "woman",
-                                                     "config": {"steps": 50, "rank": 8}},
-                    blobs={"photos": []})
+    item = train_item(1, config=TrainConfig(steps=50, rank=8))
     heard: list[list[str]] = []
     for compile_training in (True, False):
         worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
@@ -181,7 +179,7 @@ def test_the_estimate_of_time_left_leaves_out_the_first_steps_compiling(tmp_path
     monkeypatch.setattr(dreambooth.TrainingRun, "train_step", timed_step)
     seen: list[dict] = []
     run_train(tmp_path, small(steps=4, prior_preservation=False), on_event=seen.append)
-    assert [(e["step"], e["eta_s"]) for e in seen if e["type"] == "progress"] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]
+    assert [(e.step, e.eta_s) for e in seen if e.type == "progress"] == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]
 
 
 def _trained(out_dir: Path, lora: bytes) -> Any:
@@ -212,17 +210,16 @@ def test_a_model_whose_sample_pictures_fail_is_kept_without_them(tmp_path: Path,
     def cancelled(*args: Any) -> list[dict]:
         raise dreambooth.Cancelled()
 
-    item = WorkItem(job_id=1, kind="train", params={"handle": "sks", "class_word": "woman", "config": {}},
-                    blobs={"photos": []})
+    item = train_item(1)
     outcomes = []
     for failure in (out_of_memory, cancelled):
         seen: list[dict] = []
         monkeypatch.setattr(worker, "_samples", failure)
         worker.execute(item, seen.append, lambda: False)
         outcomes.append(seen[-1])
-    assert outcomes[0]["type"] == "done" and outcomes[0]["result"]["lora"] == b"the person's LoRA"
-    assert outcomes[0]["result"]["samples"] == []
-    assert (outcomes[1]["type"], outcomes[1]["code"]) == ("error", "cancelled")  # a cancel still cancels
+    assert outcomes[0].type == "done" and outcomes[0].result.lora == b"the person's LoRA"
+    assert outcomes[0].result.samples == []
+    assert (outcomes[1].type, outcomes[1].code) == ("error", "cancelled")  # a cancel still cancels
 
 
 def test_a_checkpoint_that_cannot_be_used_costs_its_progress_not_the_job(tmp_path: Path,
@@ -249,8 +246,6 @@ def test_a_checkpoint_that_cannot_be_used_costs_its_progress_not_the_job(tmp_pat
     for blob in (b"PK\x03\x04 cut short", packed.getvalue()):
         resumed_from.clear()
         seen: list[dict] = []
-        worker.execute(WorkItem(job_id=3, kind="train", params={"handle": "sks", "class_word": "woman",
-                                                               "config": {}}, blobs={"photos": [], "checkpoint": blob}),
-                       seen.append, lambda: False)
-        assert seen[-1]["type"] == "done" and seen[-1]["result"]["lora"] == b"LoRA"
+        worker.execute(train_item(3, checkpoint=blob), seen.append, lambda: False)
+        assert seen[-1].type == "done" and seen[-1].result.lora == b"LoRA"
         assert resumed_from[-1] is None and len(resumed_from) == (1 if blob.startswith(b"PK\x03\x04 ") else 2)

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from bench.train_speed import PlainRecipe
 from jobs import events
+from jobs.requests import TrainConfig
 from trainer.atomic import write_atomic
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
-from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, TrainingRun, instance_prompt, train
+from trainer.dreambooth import CHECKPOINT_NAME, TrainingRun, instance_prompt, train
 from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, DiskFull, OutOfMemory, TooFewPhotos
 from trainer.lora_io import read_metadata
 from trainer.pipelines import build_random_pipeline
@@ -72,7 +73,7 @@ def test_lora_changes_the_image_and_loads_back_as_trained(tmp_path: Path) -> Non
                    prior_preservation=False, preview_every=20, preview_steps=3)
     result = run_train(tmp_path, config, on_event=seen.append)
     # The preview at the last step was made with the LoRA still in memory.
-    trained = np.asarray(Image.open(io.BytesIO(next(e["png"] for e in seen if e["type"] == "preview"))),
+    trained = np.asarray(Image.open(io.BytesIO(next(e.png for e in seen if e.type == "preview"))),
                          dtype=np.int16)
 
     pipe = build_random_pipeline("tiny")
@@ -109,9 +110,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     carried: dict[int, Path] = {}  # a new process gets only the checkpoint file the bot kept
 
     def keep(event: events.Event) -> None:
-        if event["type"] == "checkpoint":
-            carried[event["step"]] = tmp_path / f"carried-{event['step']}.safetensors"
-            carried[event["step"]].write_bytes(Path(event["path"]).read_bytes())
+        if event.type == "checkpoint_saved":
+            carried[event.step] = tmp_path / f"carried-{event.step}.safetensors"
+            carried[event.step].write_bytes(Path(event.path).read_bytes())
 
     straight = run_train(tmp_path, config, tag="straight", on_event=keep)
     assert sorted(carried) == [3, 6] and load_checkpoint(carried[3]).step == 3
@@ -125,7 +126,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     seen: list[events.Event] = []
     finished = run_train(tmp_path, config, tag="finished", resume_from=carried[6], on_event=seen.append)
     assert finished.losses == straight.losses and finished.steps == 6
-    assert not [e for e in seen if e["type"] == "progress" and e["stage"] == "training"]
+    assert not [e for e in seen if e.type == "progress" and e.stage == "training"]
     c = load_file(finished.lora_path)
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
 
@@ -216,19 +217,19 @@ def test_class_images_are_cached_per_model_class_and_resolution(tmp_path: Path) 
 def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:
     seen: list[events.Event] = []
     run_train(tmp_path, small(steps=4, checkpoint_every=2), on_event=seen.append)
-    stages = [e["stage"] for e in seen if e["type"] == "stage"]
+    stages = [e.stage for e in seen if e.type == "stage"]
     assert stages == ["preparing", "class_images", "caching", "training", "saving"]
-    progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "training"]
-    assert progress[-1]["step"] == progress[-1]["total"] == 4 and progress[-1]["eta_s"] == 0
-    assert all(e["loss"] > 0 and e["eta_s"] is not None for e in progress)
-    assert [e["step"] for e in seen if e["type"] == "checkpoint"] == [2, 4]  # the last step's too
-    class_progress = [e for e in seen if e["type"] == "progress" and e["stage"] == "class_images"]
-    assert class_progress[-1]["step"] == class_progress[-1]["total"] == 2
+    progress = [e for e in seen if e.type == "progress" and e.stage == "training"]
+    assert progress[-1].step == progress[-1].total == 4 and progress[-1].eta_s == 0
+    assert all(e.loss > 0 and e.eta_s is not None for e in progress)
+    assert [e.step for e in seen if e.type == "checkpoint_saved"] == [2, 4]  # the last step's too
+    class_progress = [e for e in seen if e.type == "progress" and e.stage == "class_images"]
+    assert class_progress[-1].step == class_progress[-1].total == 2
 
     # A second training of the same class reuses the cached class images.
     seen.clear()
     run_train(tmp_path, small(steps=1), tag="second", on_event=seen.append)
-    assert not [e for e in seen if e["type"] == "progress" and e["stage"] == "class_images"]
+    assert not [e for e in seen if e.type == "progress" and e.stage == "class_images"]
 
 
 @pytest.mark.parametrize("prior", [True, False])
@@ -318,7 +319,7 @@ def test_a_failed_preview_is_skipped_and_the_training_goes_on(tmp_path: Path, mo
     seen: list[events.Event] = []
     result = run_train(tmp_path, small(steps=4, prior_preservation=False, preview_every=2), on_event=seen.append)
     assert result.steps == 4 and result.lora_path.is_file()
-    assert not [e for e in seen if e["type"] in ("preview", "error")]
+    assert not [e for e in seen if e.type in ("preview", "error")]
 
 
 def test_a_full_disk_is_reported_as_disk_full(tmp_path: Path) -> None:
@@ -362,7 +363,8 @@ def test_training_beside_loaded_adapters_is_isolated_and_leaves_them_as_they_wer
 
 def test_generations_served_between_steps_change_neither_the_training_nor_their_own_pictures(tmp_path: Path) -> None:
     """A worker serves /imagine between training steps on the same pipeline (see TrainingRun._interlude)."""
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from jobs.requests import GenerateRequest
+    from trainer.engine import GenerationEngine
 
     other = run_train(tmp_path, small(steps=3, learning_rate=1e-2, train_text_encoder=True,
                                       prior_preservation=False), tag="other")

@@ -33,8 +33,9 @@ def _photos(n: int = 5) -> list[bytes]:
 
 
 def test_train_then_generate_on_gpu(pipe, tmp_path):
-    from trainer.dreambooth import TrainConfig, train
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from jobs.requests import GenerateRequest, TrainConfig
+    from trainer.dreambooth import train
+    from trainer.engine import GenerationEngine
 
     config = TrainConfig(steps=20, num_class_images=2, class_image_steps=5, checkpoint_every=10)
     seen: list[dict] = []
@@ -62,7 +63,8 @@ def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path, precision):
     also in fp16, where the loss scale enters the graphed backward."""
     from dataclasses import replace
 
-    from trainer.dreambooth import TrainConfig, train
+    from jobs.requests import TrainConfig
+    from trainer.dreambooth import train
 
     config = TrainConfig(steps=12, prior_preservation=False, checkpoint_every=0, mixed_precision=precision)
     losses = {}
@@ -77,9 +79,10 @@ def test_cuda_graph_steps_train_like_eager_steps(pipe, tmp_path, precision):
 
 def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tmp_path):
     """A worker serves /imagine between the (CUDA-graphed) steps of a training on the same pipeline."""
+    from jobs.requests import GenerateRequest, TrainConfig
     from trainer.adapters import holds_adapters
-    from trainer.dreambooth import TrainConfig, train
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from trainer.dreambooth import train
+    from trainer.engine import GenerationEngine
 
     config = TrainConfig(steps=6, prior_preservation=False, checkpoint_every=0)
     first = train(_photos(), "zqjane", "woman", config, pipeline=pipe, base_model="sd15-random",
@@ -124,7 +127,8 @@ def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pi
     and neither do the inductor-compiled stages they are captured from (the default), beyond bf16
     rounding: those of the warm-up's square picture compiled for static shapes, with fused linears."""
     from bench.generate_speed import make_random_lora
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from jobs.requests import GenerateRequest
+    from trainer.engine import GenerationEngine
 
     loras = {name: make_random_lora(pipe, tmp_path / name, seed, rank=16) for seed, name in enumerate("ab")}
     graphed, eager = GenerationEngine(pipe, compile_blocks=compiled), GenerationEngine(pipe, cuda_graphs=False)

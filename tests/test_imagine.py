@@ -9,6 +9,7 @@ from unittest.mock import AsyncMock
 import pytest
 
 from bot.config import load_settings
+from jobs.payloads import Picture
 from storage import generations_db
 
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
@@ -35,7 +36,7 @@ async def test_a_prompt_is_echoed_with_its_markdown_and_mentions_made_harmless(m
     notifier.attach_interaction(3, interaction)
     job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, channel_id=None, message_id=None,
                           params={"request": {"prompt": PROMPT}})
-    await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
+    await notifier.job_finished(job, {"generation_id": 9, "images": [Picture(b"I", 42)]})
     first_line = interaction.edit_original_response.await_args.kwargs["content"].split("\n")[0]
     for mention in ("<@123456789012345678>", "<@&223456789012345678>", "@everyone"):
         assert mention not in first_line
@@ -193,7 +194,7 @@ async def test_a_picture_answer_outliving_its_interaction_edits_the_same_message
     await notifier._editors[3].flush()
     assert posted.edits[-1]["content"].startswith("**Drawing (job #3)**\nStage: Waiting in the queue")
     job.state = "succeeded"
-    await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
+    await notifier.job_finished(job, {"generation_id": 9, "images": [Picture(b"I", 42)]})
     assert posted.edits[-1]["content"].startswith("**on the moon**\nSeeds #1: 42")
     assert [f.filename for f in posted.edits[-1]["attachments"]] == ["image-1.png"]
     assert "view" in posted.edits[-1]
@@ -213,6 +214,6 @@ async def test_a_picture_answer_the_bot_cannot_post_in_place_goes_by_dm(monkeypa
     notifier._dm = AsyncMock(return_value=dm)
     job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, channel_id=70, message_id=71,
                           params={"request": {"prompt": "on the moon"}})
-    await notifier.job_finished(job, {"generation_id": 9, "images": [{"png": b"I", "seed": 42}]})
+    await notifier.job_finished(job, {"generation_id": 9, "images": [Picture(b"I", 42)]})
     assert dm.send.await_args.args[0].startswith("**on the moon**")
     assert [f.filename for f in dm.send.await_args.kwargs["files"]] == ["image-1.png"]

@@ -12,10 +12,13 @@ import time
 
 import pytest
 
+from jobs import events
+from jobs.commands import Command, Run, Stop
 from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
 from jobs.local_runner import LocalProcessRunner
-from jobs.payloads import WorkItem
+from jobs.payloads import GenerateOutput, WorkItem
 from jobs.worker_config import WorkerConfig
+from tests.work_items import generate_item, train_item
 from trainer.start_news import FIRST_PART, STARTING_DETAIL, starting_detail
 
 
@@ -64,9 +67,9 @@ class Pipe:
     """Stands in for a worker's command pipe."""
 
     def __init__(self) -> None:
-        self.sent: list[dict] = []
+        self.sent: list[Command] = []
 
-    def send(self, message: dict) -> None:
+    def send(self, message: Command) -> None:
         self.sent.append(message)
 
 
@@ -79,7 +82,7 @@ def pool(n: int) -> LocalProcessRunner:
 
 
 def item(job_id: int, kind: str, key: str | None = None) -> WorkItem:
-    return WorkItem(job_id, kind, {"adapter_key": key} if key else {}, {"lora": b"L"} if key else {})
+    return train_item(job_id) if kind == "train" else generate_item(job_id, key=key, lora=b"L" if key else None)
 
 
 async def place(runner: LocalProcessRunner, work: WorkItem) -> int:
@@ -90,7 +93,7 @@ async def place(runner: LocalProcessRunner, work: WorkItem) -> int:
 async def finish(runner: LocalProcessRunner, job_id: int) -> None:
     slot = runner._slots[runner.slot_of(job_id)]
     runner._on_event = lambda *args: asyncio.sleep(0)
-    await runner._deliver(slot, job_id, {"type": "done", "result": {}})
+    await runner._deliver(slot, job_id, events.Done(GenerateOutput([])))
 
 
 async def test_generations_ride_along_trainings_spread_over_them_and_trainings_need_a_free_worker():
@@ -104,7 +107,7 @@ async def test_generations_ride_along_trainings_spread_over_them_and_trainings_n
     runner._slots[1].adapters.add("model-7")
     held = item(4, "generate", "model-7")
     assert await place(runner, held) == 1  # the worker that holds the LoRA, which is not sent again
-    assert "lora" not in held.blobs
+    assert runner._slots[1].commands.sent[-1] == Run(held.without_lora())
     assert runner.idle_capacity("generate") == 1  # one generation per training at a time
     await finish(runner, 4)
     assert runner.idle_capacity("generate") == 2
@@ -125,7 +128,7 @@ async def test_a_free_worker_is_preferred_to_riding_along_a_training():
     await place(runner, item(1, "train"))
     assert await place(runner, item(2, "generate")) == 1
     assert await place(runner, item(3, "generate")) == 0
-    assert [m["item"].job_id for m in runner._slots[0].commands.sent] == [1, 3]
+    assert [m.item.job_id for m in runner._slots[0].commands.sent] == [1, 3]
 
 
 def test_a_worker_keeps_compiled_kernels_in_its_cache_folder_and_passes_the_compile_setting_on(
@@ -158,12 +161,12 @@ def test_failures_a_person_cannot_mend_are_told_plainly_and_detailed_in_the_log(
     from trainer.failures import describe_failure
 
     unavailable = describe_failure(ModelUnavailable("The model folder /srv/models/sd15 does not exist."))
-    assert unavailable["code"] == "model_unavailable" and "/srv/models" not in unavailable["message"]
-    assert "operator" in unavailable["message"] and "/srv/models/sd15" in caplog.text
+    assert unavailable.code == "model_unavailable" and "/srv/models" not in unavailable.message
+    assert "operator" in unavailable.message and "/srv/models/sd15" in caplog.text
     oom = describe_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert oom["code"] == "out_of_memory" and "TRAIN_RESOLUTION" not in oom["message"]
+    assert oom.code == "out_of_memory" and "TRAIN_RESOLUTION" not in oom.message
     unexpected = describe_failure(KeyError("unet"))
-    assert unexpected["code"] == "internal" and "KeyError" not in unexpected["message"]
+    assert unexpected.code == "internal" and "KeyError" not in unexpected.message
 
 
 def test_a_new_worker_removes_what_a_killed_one_left_in_its_folder(tmp_path):
@@ -203,7 +206,7 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
     monkeypatch.setattr(worker_module, "end_process", lambda: None)  # this worker is a thread of the tests
 
     def execute(self, work, emit, should_cancel, serve_riders=None, *, stopping=lambda: False):
-        emit(events.done({"ran": work.job_id}))
+        emit(events.Done({"ran": work.job_id}))
         return True
 
     monkeypatch.setattr(worker_module.Worker, "execute", execute)
@@ -218,24 +221,24 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
         return bot_events.recv()
 
     def starting(part: str) -> dict:
-        return events.stage("loading_model", worker_module.starting_detail(part, 0.0))
+        return events.Stage("loading_model", worker_module.starting_detail(part, 0.0))
 
     try:
         assert compiling.wait(30)
-        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        bot_commands.send(Run(item(1, "generate")))
         assert next_event() == (1, starting("compiling the first part"))
         assert not bot_events.poll(0.2)  # it waits for the start to finish
         next_part.set()
         assert next_event() == (1, starting("compiling the second part"))  # the waiting job hears the news
         assert not bot_events.poll(0.2)
         ready.set()
-        assert next_event() == (1, events.done({"ran": 1}))
-        bot_commands.send({"op": "run", "item": item(2, "generate")})
-        assert next_event() == (2, events.done({"ran": 2}))  # started: nothing more to explain
+        assert next_event() == (1, events.Done({"ran": 1}))
+        bot_commands.send(Run(item(2, "generate")))
+        assert next_event() == (2, events.Done({"ran": 2}))  # started: nothing more to explain
     finally:
         next_part.set()
         ready.set()
-        bot_commands.send({"op": "stop"})
+        bot_commands.send(Stop())
         process.join(30)
     assert not process.is_alive()
 
@@ -258,16 +261,16 @@ def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, 
     monkeypatch.setattr(worker_module.Worker, "prepare", prepare)
     monkeypatch.setattr(worker_module, "end_process", lambda: None)
     monkeypatch.setattr(worker_module.Worker, "execute",
-                        lambda self, work, emit, *args, **kwargs: emit(events.done({"ran": work.job_id})) or True)
+                        lambda self, work, emit, *args, **kwargs: emit(events.Done({"ran": work.job_id})) or True)
     bot_commands, worker_commands = multiprocessing.Pipe()
     bot_events, worker_events = multiprocessing.Pipe()
     config = WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"))
     process = threading.Thread(target=worker_module.process_main, args=(worker_commands, worker_events, config))
     process.start()
-    news = events.stage("loading_model", worker_module.starting_detail("compiling the only part", 0.0))
+    news = events.Stage("loading_model", worker_module.starting_detail("compiling the only part", 0.0))
     try:
         assert compiling.wait(30)
-        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        bot_commands.send(Run(item(1, "generate")))
         heard = []
         while len(heard) < 4:
             assert bot_events.poll(30), "the worker sent nothing"
@@ -276,11 +279,11 @@ def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, 
         ready.set()
         while (event := bot_events.recv()) == (1, news):
             pass  # retold before the start ended
-        assert event == (1, events.done({"ran": 1}))
+        assert event == (1, events.Done({"ran": 1}))
         assert not bot_events.poll(0.3)  # nothing about the start once it has ended
     finally:
         ready.set()
-        bot_commands.send({"op": "stop"})
+        bot_commands.send(Stop())
         process.join(30)
     assert not process.is_alive()
 
@@ -318,12 +321,12 @@ def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tm
     worker_commands.close()
     worker_events.close()
     try:
-        bot_commands.send({"op": "run", "item": item(1, "generate")})
+        bot_commands.send(Run(item(1, "generate")))
         assert bot_events.poll(60), "the worker sent nothing"
-        assert bot_events.recv() == (1, events.stage(  # still starting, as it says
+        assert bot_events.recv() == (1, events.Stage(  # still starting, as it says
             "loading_model", starting_detail(FIRST_PART, 0.0)))
         if how == "stop":
-            bot_commands.send({"op": "stop"})
+            bot_commands.send(Stop())
         else:
             bot_commands.close()  # the bot's process ended
         process.join(30)

@@ -9,7 +9,9 @@ import pytest
 
 from bot.config import load_settings
 from bot.scheduler import MAX_RESTARTS, Refused, Scheduler
-from jobs.payloads import WorkItem
+from jobs import events
+from jobs.payloads import GenerateOutput, Picture, TrainOutput, WorkItem
+from jobs.requests import GenerateRequest
 from jobs.runner import JobRunner
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.store import Storage
@@ -49,8 +51,8 @@ class FakeRunner(JobRunner):
     async def forget_adapter(self, key: str) -> None:
         self.forgotten.append(key)
 
-    async def emit(self, job_id: int, event: dict) -> None:
-        if event["type"] in ("done", "error", "worker_lost"):
+    async def emit(self, job_id: int, event: events.Event) -> None:
+        if isinstance(event, events.FINAL):
             self.running.pop(job_id, None)
         await self.on_event(job_id, event)
         await asyncio.sleep(0.01)  # let the dispatch loop run
@@ -63,7 +65,7 @@ class Recorder:
         self.finished: list[tuple[int, str, dict]] = []
 
     async def job_updated(self, job, event):
-        self.updates.append((job.id, event["type"]))
+        self.updates.append((job.id, event.type))
         self.shown.append((job.id, job.progress))
 
     async def job_finished(self, job, outcome):
@@ -131,28 +133,25 @@ async def test_training_runs_with_photo_bytes_and_stores_model(env):
     job, _ = await scheduler.enqueue_train(ALICE)
     await asyncio.sleep(0.05)
     item = runner.submitted[-1]
-    assert item.kind == "train" and sorted(item.blobs["photos"]) == [b"png-1001-0", b"png-1001-1"]
-    assert item.blobs["checkpoint"] is None
+    assert item.kind == "train" and sorted(item.inputs.photos) == [b"png-1001-0", b"png-1001-1"]
+    assert item.inputs.checkpoint is None
     # The worker trains with the bot's rules: two photos are enough here (MIN_PHOTOS=2), not its own 5.
-    from trainer.dreambooth import TrainConfig
-
-    assert TrainConfig(**item.params["config"]).min_photos == 2
-    await runner.emit(job.id, {"type": "progress", "stage": "training", "step": 5, "total": 10, "loss": 0.1,
-                               "eta_s": 3})
+    assert item.params.config.min_photos == 2
+    await runner.emit(job.id, events.Progress(5, 10, loss=0.1, eta_s=3))
     assert (await jobs_db.get_job(store.db, job.id)).progress["step"] == 5
-    await runner.emit(job.id, {"type": "checkpoint", "step": 5, "data": b"ckpt"})
+    await runner.emit(job.id, events.Checkpoint(5, b"ckpt"))
     stored = await jobs_db.get_job(store.db, job.id)
     assert store.files.read(stored.checkpoint_path, ALICE) == b"ckpt"
-    await runner.emit(job.id, {"type": "done", "result": {
-        "lora": b"L", "kohya": b"K", "metadata": {"handle": "zqalice", "class_word": "woman", "base_model": "tiny"},
-        "steps": 10, "final_loss": 0.05, "samples": [{"png": b"S", "seed": 0}], "hints": ["h"]}})
+    await runner.emit(job.id, events.Done(TrainOutput(
+        b"L", b"K", {"handle": "zqalice", "class_word": "woman", "base_model": "tiny"}, 10, 0.05,
+        [Picture(b"S", 0)], ["h"])))
     finished = await jobs_db.get_job(store.db, job.id)
     assert finished.state == "succeeded"
     model = await models_db.get_active_model(store.db, ALICE)
     assert store.files.read(model.lora_path, ALICE) == b"L"
     assert store.files.read(model.metadata["kohya_path"], ALICE) == b"K"
     assert not store.files.resolve(stored.checkpoint_path).exists()  # checkpoint removed once done
-    assert observer.finished[-1][1] == "succeeded" and observer.finished[-1][2]["samples"][0]["png"] == b"S"
+    assert observer.finished[-1][1] == "succeeded" and observer.finished[-1][2]["samples"][0].png == b"S"
 
 
 async def test_generation_goes_before_training_and_limits_apply(env):
@@ -162,20 +161,23 @@ async def test_generation_goes_before_training_and_limits_apply(env):
     await _give_model(store, BOB, "zqbob")
     runner.capacity = 0  # hold everything in the queue
     train_job, _ = await scheduler.enqueue_train(ALICE)
-    gen1, pos1 = await scheduler.enqueue_generate(BOB, {"prompt": "on the moon"})
-    gen2, pos2 = await scheduler.enqueue_generate(BOB, {"prompt": "in paris"})
+    gen1, pos1 = await scheduler.enqueue_generate(BOB, GenerateRequest("on the moon"))
+    gen2, pos2 = await scheduler.enqueue_generate(BOB, GenerateRequest("in paris"))
     assert (pos1, pos2) == (1, 2)
     assert await jobs_db.queue_position(store.db, train_job.id) == 3
     with pytest.raises(Refused, match="already have 2 pictures waiting"):
-        await scheduler.enqueue_generate(BOB, {"prompt": "third"})
+        await scheduler.enqueue_generate(BOB, GenerateRequest("third"))
     with pytest.raises(Refused, match="limit is 600"):
-        await scheduler.enqueue_generate(BOB, {"prompt": "x" * 601})
+        await scheduler.enqueue_generate(BOB, GenerateRequest("x" * 601))
+    with pytest.raises(Refused, match="^That negative prompt is 6000 characters; the limit is 600"):
+        await scheduler.enqueue_generate(BOB, GenerateRequest("x", negative_prompt="y" * 6000))
+    assert await jobs_db.count_jobs(store.db, BOB, "generate", ("queued",)) == 2  # neither was queued
     runner.capacity = 3
     scheduler.wake()
     await asyncio.sleep(0.05)
     assert [i.job_id for i in runner.submitted] == [gen1.id, gen2.id, train_job.id]
-    assert runner.submitted[0].blobs["lora"] == b"lora-bytes"
-    assert runner.submitted[0].params["adapter_key"].startswith("model-")
+    assert runner.submitted[0].inputs.lora == b"lora-bytes"
+    assert runner.submitted[0].adapter_key.startswith("model-")
 
 
 async def test_nobody_generates_with_another_persons_model(env):
@@ -184,10 +186,10 @@ async def test_nobody_generates_with_another_persons_model(env):
     await _give_model(store, ALICE, "zqalice")
     await users_db.ensure_user(store.db, BOB)
     with pytest.raises(Refused, match="don't have a model yet"):
-        await scheduler.enqueue_generate(BOB, {"prompt": "a photo of zqalice woman"})
-    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+        await scheduler.enqueue_generate(BOB, GenerateRequest("a photo of zqalice woman"))
+    job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     await asyncio.sleep(0.05)
-    await runner.emit(job.id, {"type": "done", "result": {"images": [{"png": b"I", "seed": 7}]}})
+    await runner.emit(job.id, events.Done(GenerateOutput([Picture(b"I", 7)])))
     generation = await generations_db.get_generation(store.db, (await jobs_db.get_job(store.db, job.id)).result["generation_id"])
     # a variation request by Bob of Alice's image is refused before any byte is read
     bob_job = await jobs_db.create_job(store.db, "generate", BOB, {"request": {"prompt": "x"}, "variation_of":
@@ -205,16 +207,16 @@ async def test_imagine_before_the_first_model_is_trained_points_to_status(env):
     runner.capacity = 0
     job, _ = await scheduler.enqueue_train(ALICE)
     with pytest.raises(Refused, match=r"still being trained; `/status`"):  # queued
-        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+        await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     runner.capacity = 1
     scheduler.wake()
     await _until(lambda: runner.submitted)
     assert (await jobs_db.get_job(store.db, job.id)).state == "running"
     with pytest.raises(Refused, match=r"still being trained; `/status`"):
-        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
-    await runner.emit(job.id, {"type": "error", "code": "out_of_memory", "message": "The GPU ran out of memory."})
+        await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
+    await runner.emit(job.id, events.Error("The GPU ran out of memory.", "out_of_memory"))
     with pytest.raises(Refused, match="don't have a model yet"):  # nothing trains any more
-        await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+        await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
 
 
 async def test_lost_worker_requeues_once_then_fails(env):
@@ -222,13 +224,13 @@ async def test_lost_worker_requeues_once_then_fails(env):
     await _ready_to_train(store, ALICE, "zqalice")
     job, _ = await scheduler.enqueue_train(ALICE)
     await asyncio.sleep(0.05)
-    await runner.emit(job.id, {"type": "checkpoint", "step": 3, "data": b"ckpt-3"})
-    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    await runner.emit(job.id, events.Checkpoint(3, b"ckpt-3"))
+    await runner.emit(job.id, events.WorkerLost("The GPU worker stopped."))
     await asyncio.sleep(0.05)
     again = runner.submitted[-1]
-    assert again.job_id == job.id and again.blobs["checkpoint"] == b"ckpt-3"
+    assert again.job_id == job.id and again.inputs.checkpoint == b"ckpt-3"
     assert (await jobs_db.get_job(store.db, job.id)).attempts == 2
-    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    await runner.emit(job.id, events.WorkerLost("The GPU worker stopped."))
     failed = await jobs_db.get_job(store.db, job.id)
     assert failed.state == "failed" and "2 times" in failed.error
 
@@ -238,13 +240,13 @@ async def test_errors_and_cancel(env):
     await _ready_to_train(store, ALICE, "zqalice")
     job, _ = await scheduler.enqueue_train(ALICE)
     await asyncio.sleep(0.05)
-    await runner.emit(job.id, {"type": "error", "code": "out_of_memory", "message": "The GPU ran out of memory."})
+    await runner.emit(job.id, events.Error("The GPU ran out of memory.", "out_of_memory"))
     assert (await jobs_db.get_job(store.db, job.id)).error == "The GPU ran out of memory."
     job2, _ = await scheduler.enqueue_train(ALICE)  # a failed job does not block a new one
     await asyncio.sleep(0.05)
     cancelled = await scheduler.cancel_user_jobs(ALICE)
     assert [j.id for j in cancelled] == [job2.id] and runner.cancelled == [job2.id]
-    await runner.emit(job2.id, {"type": "error", "code": "cancelled", "message": "The job was cancelled."})
+    await runner.emit(job2.id, events.Error("The job was cancelled.", "cancelled"))
     assert (await jobs_db.get_job(store.db, job2.id)).state == "cancelled"
 
 
@@ -274,7 +276,7 @@ async def test_restart_requeues_running_jobs(tmp_path):
     await asyncio.sleep(0.05)
     assert runner.submitted[0].job_id == job.id
     # The restart was not the worker's failure: a worker lost now still gets the job its one retry.
-    await runner.emit(job.id, {"type": "worker_lost", "message": "The GPU worker stopped."})
+    await runner.emit(job.id, events.WorkerLost("The GPU worker stopped."))
     await asyncio.sleep(0.05)
     again = await jobs_db.get_job(store.db, job.id)
     assert (again.state, again.attempts, again.restarts) == ("running", 2, 1)
@@ -292,7 +294,7 @@ async def test_jobs_ended_at_a_restart_are_told_to_their_owners(tmp_path):
     worn, _ = await first.enqueue_train(ALICE)
     dropped, _ = await first.enqueue_train(BOB)
     await asyncio.sleep(0.05)
-    await first.runner.on_event(worn.id, {"type": "checkpoint", "step": 3, "data": b"ckpt"})
+    await first.runner.on_event(worn.id, events.Checkpoint(3, b"ckpt"))
     await first.stop()
     await store.db.execute("UPDATE jobs SET restarts = ? WHERE id = ?", (MAX_RESTARTS - 1, worn.id))
     await jobs_db.request_cancel(store.db, dropped.id)  # asked to cancel while the bot was down
@@ -315,7 +317,7 @@ async def test_two_requests_at_once_cannot_pass_one_check(env):
                                   return_exceptions=True)
     assert sorted(type(r).__name__ for r in trains) == ["Refused", "tuple"]
     await _give_model(store, ALICE, "zqalice")
-    pictures = await asyncio.gather(*(scheduler.enqueue_generate(ALICE, {"prompt": "x"}) for _ in range(5)),
+    pictures = await asyncio.gather(*(scheduler.enqueue_generate(ALICE, GenerateRequest("x")) for _ in range(5)),
                                     return_exceptions=True)
     assert [type(r).__name__ for r in pictures].count("tuple") == 2  # MAX_QUEUED_GENERATIONS
     assert await jobs_db.count_jobs(store.db, ALICE, "generate", ("queued",)) == 2
@@ -337,8 +339,7 @@ async def test_a_cancel_between_claim_and_hand_over_reaches_the_worker(env):
     await _until(lambda: runner.cancelled)
     assert runner.cancelled == [job.id]
     # A worker that finishes before it hears of the cancel: the job ends cancelled, no model is kept.
-    await runner.emit(job.id, {"type": "done", "result": {"lora": b"L", "metadata": {}, "steps": 1,
-                                                          "final_loss": 0.1, "samples": []}})
+    await runner.emit(job.id, events.Done(TrainOutput(b"L", None, {}, 1, 0.1)))
     assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled"
     assert await models_db.list_models(store.db, ALICE) == []
 
@@ -360,7 +361,7 @@ async def test_a_forget_between_claim_and_hand_over_evicts_the_lora_the_hand_ove
         await original_submit(item)
 
     runner.submit = slow_hand_over
-    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     await _until(lambda: runner.forgotten)
     assert runner.cancelled == [job.id] and runner.forgotten == [adapter_key(model)]
 
@@ -419,12 +420,12 @@ async def test_forget_cancels_and_drops_adapters(env):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")
     model_id = await _give_model(store, ALICE, "zqalice")
-    job, _ = await scheduler.enqueue_generate(ALICE, {"prompt": "x"})
+    job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     await asyncio.sleep(0.05)
     await scheduler.forget(ALICE)
     assert runner.cancelled == [job.id] and runner.forgotten == [f"model-{model_id}"]
     assert await jobs_db.get_job(store.db, job.id) is None
-    await runner.emit(job.id, {"type": "done", "result": {"images": [{"png": b"I", "seed": 1}]}})
+    await runner.emit(job.id, events.Done(GenerateOutput([Picture(b"I", 1)])))
     assert not (store.data_dir / "users" / str(ALICE)).exists()  # the late result wrote nothing
 
 
@@ -455,7 +456,7 @@ async def test_what_a_worker_says_first_about_a_job_is_what_its_owner_sees_and_i
 
     async def quick_worker(item: WorkItem) -> None:  # its first event arrives before submit returns
         await original_submit(item)
-        await runner.on_event(item.job_id, {"type": "stage", **starting})
+        await runner.on_event(item.job_id, events.Stage(**starting))
 
     runner.submit = quick_worker
     job, _ = await scheduler.enqueue_train(ALICE)

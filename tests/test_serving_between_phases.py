@@ -6,17 +6,20 @@ step or one batch, not the rest of a phase."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from jobs import events
+from jobs.payloads import TrainInputs, TrainParams, WorkItem
+from jobs.requests import GenerateRequest
 from tests.test_dreambooth import CLASS, HANDLE, make_photos, run_train, small
 from trainer.class_images import cache_key
 from trainer.dreambooth import class_prompt
-from trainer.engine import GenerateRequest, GenerationEngine
+from trainer.engine import GenerationEngine
 from trainer.pipelines import build_random_pipeline
 
-SERVED: events.Event = {"type": "served"}
+SERVED = SimpleNamespace(type="served")  # a mark in the log of events
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +34,12 @@ def kinds(log: list[events.Event]) -> list[str]:
     """The log as 'stage:<name>', 'progress:<stage>:<step>' and 'served' entries."""
     out = []
     for event in log:
-        if event["type"] == "stage":
-            out.append(f"stage:{event['stage']}")
-        elif event["type"] == "progress":
-            out.append(f"progress:{event['stage']}:{event['step']}")
-        elif event["type"] in ("served", "preview"):
-            out.append(event["type"])
+        if event.type == "stage":
+            out.append(f"stage:{event.stage}")
+        elif event.type == "progress":
+            out.append(f"progress:{event.stage}:{event.step}")
+        elif event.type in ("served", "preview"):
+            out.append(event.type)
     return out
 
 
@@ -82,12 +85,11 @@ def test_a_training_serves_within_every_phase_and_its_results_do_not_change(
         assert ((tmp_path / "shared" / "class-cache" / key / name).read_bytes()
                 == (tmp_path / "alone" / "class-cache" / key / name).read_bytes())
     assert shared.losses == alone.losses
-    previews = [e["png"] for e in log if e["type"] == "preview"]
-    assert previews == [e["png"] for e in alone_log if e["type"] == "preview"]
+    previews = [e.png for e in log if e.type == "preview"]
+    assert previews == [e.png for e in alone_log if e.type == "preview"]
 
 
 def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
-    from jobs.payloads import WorkItem
     from jobs.worker_config import WorkerConfig
     from trainer.worker import Worker
 
@@ -96,15 +98,14 @@ def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
     engine_generate = worker.engine.generate
 
     def generate(request, **kwargs):
-        log.append({"type": "sample" if kwargs.get("adapter_key", "").startswith("train-") else "other"})
+        log.append(SimpleNamespace(type="sample" if kwargs.get("adapter_key", "").startswith("train-") else "other"))
         return engine_generate(request, **kwargs)
 
     worker.engine.generate = generate
-    config = small(steps=2, prior_preservation=False, resolution=64).to_dict()
-    item = WorkItem(1, "train", {"handle": HANDLE, "class_word": CLASS, "config": config, "samples": 2,
-                                 "sample_steps": 2}, {"photos": make_photos()})
+    config = small(steps=2, prior_preservation=False, resolution=64)
+    item = WorkItem(1, TrainParams(HANDLE, CLASS, config, samples=2, sample_steps=2), TrainInputs(make_photos()))
     result = worker.run(item, log.append, lambda: False, serve_riders=lambda: log.append(SERVED))
 
-    assert len(result["samples"]) == 2
-    after_training = [e["type"] for e in log[next(i for i, e in enumerate(log) if e.get("stage") == "saving"):]]
+    assert len(result.samples) == 2
+    after_training = [e.type for e in log[next(i for i, e in enumerate(log) if getattr(e, "stage", "") == "saving"):]]
     assert [t for t in after_training if t in ("served", "sample")] == ["served", "sample", "served", "sample"]

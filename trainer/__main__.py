@@ -7,6 +7,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.logs import setup_logging
+from jobs.requests import BadRequest
 from trainer.cli import run
 from trainer.errors import TrainerError
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             lines = run(argv)
-    except TrainerError as exc:
+    except (TrainerError, BadRequest) as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from jobs.celery_protocol import (
     worker_key,
     worker_queue,
 )
-from jobs.events import Event
+from jobs.events import Claimed, Event
 
 if TYPE_CHECKING:
     from jobs.payloads import WorkItem
@@ -128,8 +128,7 @@ class CeleryWorker:
             return
 
         def emit(event: Event) -> None:
-            self.redis.rpush(EVENTS, wire.dumps({"job_id": job_id, "token": token, "worker": self.name,
-                                                 "event": event}))
+            self.redis.rpush(EVENTS, wire.envelope_to_text(wire.Envelope(job_id, token, self.name, event)))
 
         last_poll, cancelled = 0.0, False
 
@@ -141,7 +140,7 @@ class CeleryWorker:
                 cancelled = bool(self.redis.exists(cancel_key(job_id))) or not self._current_attempt(job_id, token)
             return cancelled
 
-        emit({"type": "claimed"})  # tells the bot which worker runs it, so it notices if this one dies
+        emit(Claimed())  # tells the bot which worker runs it, so it notices if this one dies
         self.worker.execute(item, emit, should_cancel,
                             serve_riders=serve_riders if item.kind == "train" else None)
 
@@ -158,8 +157,7 @@ class CeleryWorker:
     def _drain_riders(self) -> None:
         try:
             while (raw := self.redis.lpop(rider_key(self.name))) is not None:
-                envelope = wire.loads(raw)
-                self._run_one(wire.item_from_dict(envelope["item"]), envelope["token"])
+                self._run_one(*wire.rider_from_text(raw))
         except redis.RedisError as exc:  # the training goes on; the bot re-sends what it misses
             log.warning("could not read waiting generations from Redis: %s", exc)
 

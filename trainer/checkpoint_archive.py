@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from trainer.errors import BadCheckpoint
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    """The trainer's event: a resumable checkpoint was written at `path` after `step` steps. A worker
+    sends the bot its bytes instead (`jobs.events.Checkpoint`)."""
+
+    step: int
+    path: str
+    type: Literal["checkpoint_saved"] = "checkpoint_saved"
 
 
 def pack_path(path: Path) -> bytes:

@@ -77,8 +77,8 @@ def ensure_class_images(pipe: DiffusionPipeline, base_model: str, prompt: str, r
                               width=resolution, generator=generators).images
             for i, png in zip(batch, encode_pngs(images), strict=True):
                 write_bytes_atomic(paths[i], png, "class images")
-            on_event(events.progress(min(start + batch_size, len(missing)), len(missing),
-                                     stage_name="class_images"))
+            on_event(events.Progress(min(start + batch_size, len(missing)), len(missing),
+                                     stage="class_images"))
             if serve_riders is not None:
                 serve_riders()
     return ClassImages(paths, len(missing))

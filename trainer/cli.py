@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from common.envfile import env_file_values, parse_switch
 from jobs import events
+from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
+from trainer.checkpoint_archive import CheckpointSaved
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
 
 
@@ -48,24 +49,23 @@ class ProgressBars:
         self.bar: tqdm | None = None
         self.bar_stage: str | None = None
 
-    def __call__(self, event: events.Event) -> None:
-        kind = event["type"]
-        if kind == "stage":
+    def __call__(self, event: object) -> None:
+        if isinstance(event, events.Stage):
             self.close()
-            log.info("%s%s", event["stage"].replace("_", " "), f": {event['detail']}" if event["detail"] else "")
-        elif kind == "progress":
-            if self.bar is None or self.bar_stage != event["stage"]:
+            log.info("%s%s", event.stage.replace("_", " "), f": {event.detail}" if event.detail else "")
+        elif isinstance(event, events.Progress):
+            if self.bar is None or self.bar_stage != event.stage:
                 self.close()
-                self.bar = tqdm(total=event["total"], desc=event["stage"].replace("_", " "), unit="step")
-                self.bar_stage = event["stage"]
-            self.bar.update(event["step"] - self.bar.n)
-            if event.get("loss") is not None:
-                self.bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
-        elif kind == "checkpoint":
-            log.debug("checkpoint at step %d: %s", event["step"], event["path"])
-        elif kind == "preview" and self.preview_dir is not None:
+                self.bar = tqdm(total=event.total, desc=event.stage.replace("_", " "), unit="step")
+                self.bar_stage = event.stage
+            self.bar.update(event.step - self.bar.n)
+            if event.loss is not None:
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+        elif isinstance(event, CheckpointSaved):
+            log.debug("checkpoint at step %d: %s", event.step, event.path)
+        elif isinstance(event, events.Preview) and self.preview_dir is not None:
             self.preview_dir.mkdir(parents=True, exist_ok=True)
-            (self.preview_dir / f"step-{event['step']:05d}.png").write_bytes(event["png"])
+            (self.preview_dir / f"step-{event.step:05d}.png").write_bytes(event.png)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -125,7 +125,7 @@ def cmd_make_model(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> list[str]:
-    from trainer.dreambooth import CHECKPOINT_NAME, TrainConfig, train
+    from trainer.dreambooth import CHECKPOINT_NAME, train
 
     photos = read_photos(args.photos)
     if not photos:
@@ -173,13 +173,14 @@ def lora_file(path: Path) -> Path:
 
 
 def cmd_imagine(args: argparse.Namespace) -> list[str]:
-    from trainer.engine import GenerateRequest, GenerationEngine
+    from jobs.requests import GenerateRequest
+    from trainer.engine import GenerationEngine
     from trainer.lora_io import read_metadata, safe_file_stem
     from trainer.pipelines import load_pipeline, pick_device
 
     lora = lora_file(args.lora) if args.lora else None
     meta = read_metadata(lora) if lora else {}
-    model = args.model or meta.get("base_model") or DEFAULT_MODEL
+    model = args.model or meta.get("base_model") or DEFAULT_BASE_MODEL
     pipe = load_pipeline(model, device=pick_device(args.device))
     engine = GenerationEngine(pipe)
     fields: dict[str, Any] = {"prompt": args.prompt, "num_images": args.n}
@@ -241,7 +242,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     tr.add_argument("--handle", required=True, help="the word that will mean this person in prompts")
     tr.add_argument("--class", dest="class_word", required=True, help="woman, man, person, ...")
     tr.add_argument("--out", type=Path, required=True, help="folder for the LoRA files")
-    tr.add_argument("--model", default=DEFAULT_MODEL, help="tiny, a Hugging Face id, a folder or a .safetensors")
+    tr.add_argument("--model", default=DEFAULT_BASE_MODEL, help="tiny, a Hugging Face id, a folder or a .safetensors")
     tr.add_argument("--steps", type=int)
     tr.add_argument("--rank", type=int)
     tr.add_argument("--resolution", type=int)
@@ -275,7 +276,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
     wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis")
     wk.add_argument("--redis-url", default=env.get("REDIS_URL", "redis://localhost:6379/0"))
-    wk.add_argument("--model", default=env.get("BASE_MODEL", DEFAULT_MODEL),
+    wk.add_argument("--model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL),
                     help="the same base model as the bot's BASE_MODEL")
     wk.add_argument("--device", default=env.get("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N or mps")
     wk.add_argument("--name", help="unique worker name (default: host name and process id)")
@@ -293,7 +294,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                     help="do not compile the training step (COMPILE_TRAINING=0 does the same)")
     # String defaults: argparse converts them only when `worker` runs, and says so kindly if they are
     # not numbers; a blank value (as a shared .env may hold) means the default, as for the bot.
-    wk.add_argument("--train-rank", type=int, default=env.get("TRAIN_RANK", "").strip() or "16",
+    wk.add_argument("--train-rank", type=int, default=env.get("TRAIN_RANK", "").strip() or str(TRAIN_DEFAULTS.rank),
                     help="the bot's TRAIN_RANK: the LoRA rank whose training is compiled at start")
     wk.add_argument("--start-helpers", type=int, default=env.get("START_HELPERS", "").strip() or "-1",
                     help="processes compiling parts of the worker's first start beside it: -1 as many as "

@@ -22,10 +22,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,10 @@ from PIL import Image, UnidentifiedImageError
 
 from jobs import events
 from jobs.events import EventSink
+from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from trainer import adapters, compiled_blocks, lora_io
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
 from trainer.dataset import (
     ENCODE_BATCH,
@@ -53,7 +55,6 @@ from trainer.pipelines import cast_module, load_pipeline, pick_device, pick_dtyp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ADAPTER = "dreambooth"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -65,117 +66,6 @@ RESUME_FIELDS = ("learning_rate", "rank", "alpha", "train_text_encoder", "text_e
 REPORT_EVERY_S = 1.0
 COMPILING = ("compiling the training step for this GPU: the first training of its kind since the "
              "worker started takes a few minutes longer")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults are for faces on SD1.5 at 512 px on one GPU.
-
-    - steps=800: diffusers' LoRA DreamBooth example trains objects for 500 steps at 1e-4; faces need
-      more (the HF DreamBooth study found 800-1200 steps best for faces), 800 keeps it under ~5 min.
-    - learning_rate=1e-4, constant: the rate of diffusers' train_dreambooth_lora.py example.
-    - rank=16, alpha=rank: rank 4 (diffusers' default) misses fine facial detail; 16 is the common
-      kohya choice for people and makes a ~6 MB file. alpha=rank gives LoRA scale 1, so the learning
-      rate means what it does in the diffusers examples.
-    - train_text_encoder=False, text_encoder_lr=5e-5: text-encoder LoRA helps likeness a little but
-      overfits quickly; when on, half the UNet rate (kohya's usual text-encoder rate).
-    - prior_preservation=True, prior_loss_weight=1.0, num_class_images=100: the DreamBooth paper uses
-      lambda=1 to keep "a woman" from collapsing onto one person; 100 images (cached and shared per
-      class) is the diffusers example's order of magnitude at a fraction of its generation time.
-    - resolution=512, batch_size=1: SD1.5's native size; the diffusers examples' batch size.
-    - gradient_checkpointing=False: ~30 % slower; turn on for GPUs under 12 GB.
-    - mixed_precision='auto': bf16 where supported (no loss scaling), fp16 with a GradScaler on older
-      GPUs, fp32 on CPU; a given pipeline's own dtype is kept under 'auto'.
-    - use_8bit_adam=False: bitsandbytes saves little for LoRA-sized optimiser state.
-    - snr_gamma=5.0: Min-SNR weighting (Hang et al., 2023; gamma=5 is the paper's recommendation)
-      evens out the loss across timesteps and converges faster; None turns it off.
-    - noise_offset=0.0: off; it helps very dark or bright images but shifts skin tones in portraits.
-    - checkpoint_every=200: resumable points every 200 steps and after the last (stopped while saving
-      or drawing its samples, a job trains nothing again); a LoRA checkpoint is a few MB.
-    - preview_every=0: previews cost a short generation each; callers turn them on.
-    - lora_targets: the attention projections, as in diffusers' LoRA DreamBooth example.
-    - adam_weight_decay=1e-2, max_grad_norm=1.0: diffusers' example defaults.
-    - min_photos=5: below that, likeness is unreliable (DreamBooth uses 3-5 of an object; faces vary more).
-    - class_image_steps=25, class_image_batch=8: class images only need to be plausible members of
-      the class; 25 steps of the default scheduler are enough, and a batch of 8 (16 UNet rows with
-      guidance) keeps a large GPU busy in about 3 GB of activations.
-    - preview_resolution=256, preview_steps=12: a small, quick picture for progress messages.
-    - cuda_graphs=True: on a CUDA GPU the UNet's forward and backward of a step are captured once as
-      CUDA graphs and replayed (`torch.cuda.make_graphed_callables`): a step is thousands of small
-      kernels, and launching them one by one from Python costs far more than computing them. Used
-      with cached text embeddings and no gradient checkpointing, in any precision (fp16's loss
-      scale reaches the graphed backward as its incoming gradient); ignored elsewhere.
-    - compiled_stages=None: the UNet's down, middle and up stages (the trained LoRA layers inside
-      them) are compiled by inductor for the step the graphs capture (trainer.compiled_blocks), which
-      fuses the GroupNorm, SiLU, casts, residual adds and layout copies that eager PyTorch runs one
-      by one. A process compiles once per kind of step (batch rows, LoRA rank and targets, dtype,
-      resolution): a worker at its start for the default (trainer.dreambooth.warm_up), otherwise the
-      first training of that kind, for 2-3 minutes with a cold inductor cache on an H200 and 15 s
-      with a warm one. Later trainings reuse the code. None turns it on where the step is graphed;
-      True compiles also without graphs (the CPU tests do); False never.
-    - fused_linears=True: in the compiled step, the attention projections that read the same input
-      (and their LoRA A matrices) run as one GEMM, their LoRA B matrices as one batched GEMM, and
-      the 1x1 convolutions as linears (trainer.fused_linears): the same arithmetic in fewer of the
-      small kernels that a batch-1 step is made of, and without layout copies.
-    """
-
-    steps: int = 800
-    learning_rate: float = 1e-4
-    rank: int = 16
-    alpha: int | None = None
-    train_text_encoder: bool = False
-    text_encoder_lr: float = 5e-5
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    resolution: int = 512
-    batch_size: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    use_8bit_adam: bool = False
-    snr_gamma: float | None = 5.0
-    noise_offset: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 200
-    preview_every: int = 0
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    min_photos: int = 5
-    class_image_steps: int = 25
-    class_image_batch: int = 8
-    preview_resolution: int = 256
-    preview_steps: int = 12
-    cuda_graphs: bool = True
-    compiled_stages: bool | None = None
-    fused_linears: bool = True
-
-    def __post_init__(self) -> None:
-        self.lora_targets = tuple(self.lora_targets)  # JSON payloads carry lists
-        if self.steps < 1 or self.rank < 1 or self.batch_size < 1:
-            raise ValueError("steps, rank and batch_size must be at least 1")
-        if self.resolution % 8 or self.resolution < 64:
-            raise ValueError("resolution must be a multiple of 8, at least 64")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise ValueError("mixed_precision must be auto, bf16, fp16 or no")
-
-    def graphs_on(self, device_type: str) -> bool:
-        """Whether a training on this kind of device replays its steps as CUDA graphs."""
-        return (self.cuda_graphs and device_type == "cuda" and not self.train_text_encoder
-                and not self.gradient_checkpointing)
-
-    def compiles_on(self, device_type: str) -> bool:
-        """Whether a training on this kind of device runs the UNet's stages compiled."""
-        return self.graphs_on(device_type) if self.compiled_stages is None else self.compiled_stages
-
-    @property
-    def lora_alpha(self) -> int:
-        return self.alpha if self.alpha is not None else self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["lora_targets"] = list(self.lora_targets)
-        return data
 
 
 @dataclass
@@ -299,7 +189,7 @@ class TrainingRun:
         """Prepare everything the loop needs; on exit the pipeline is restored. `device` is used only
         when no pipeline is given (a given pipeline trains where it is)."""
         cfg = self.config
-        self.on_event(events.stage("preparing"))
+        self.on_event(events.Stage("preparing"))
         resume = self._load_resume()
         try:
             pixels = instance_pixels(self.photos, cfg.resolution)
@@ -307,7 +197,7 @@ class TrainingRun:
             raise BadPhoto("One of the photos could not be read as an image. Remove it and try again.") from exc
         if pipeline is None:
             dev = pick_device(device)
-            self.on_event(events.stage("loading_model"))
+            self.on_event(events.Stage("loading_model"))
             pipeline = load_pipeline(self.base_model, device=dev,
                                      dtype=resolve_dtype(cfg.mixed_precision, dev, None))
         self.pipe = pipeline
@@ -317,13 +207,13 @@ class TrainingRun:
         with _prepared_pipeline(pipeline, self.family, self.dtype, cfg.gradient_checkpointing):
             class_paths = []
             if cfg.prior_preservation:
-                self.on_event(events.stage("class_images"))
+                self.on_event(events.Stage("class_images"))
                 class_paths = ensure_class_images(
                     pipeline, self.base_model, class_prompt(self.class_word), cfg.resolution,
                     cfg.num_class_images, self.class_cache_dir, steps=cfg.class_image_steps,
                     batch_size=cfg.class_image_batch, on_event=self.on_event,
                     should_cancel=self.should_cancel, serve_riders=self.serve_riders).paths
-            self.on_event(events.stage("caching"))
+            self.on_event(events.Stage("caching"))
             self._cache(pixels, class_paths)
             self._add_adapters()
             self._build_optimizer()
@@ -531,12 +421,12 @@ class TrainingRun:
                 self.config.lora_targets, self.dtype, self.config.resolution)
         first = kind not in regions.compiled_for
         if first:
-            self.on_event(events.stage("training", COMPILING))
+            self.on_event(events.Stage("training", COMPILING))
         with regions.installed(whole_stages=True):
             yield
         if first:
             regions.compiled_for.add(kind)
-            self.on_event(events.stage("training", self._stage_detail))
+            self.on_event(events.Stage("training", self._stage_detail))
 
     def _capture(self, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Callable[..., Any]:
         """Graph the step's UNet forward and backward; random draws and the optimiser stay outside."""
@@ -584,7 +474,7 @@ class TrainingRun:
         cfg = self.config
         total = cfg.steps
         self._stage_detail = f"resumed at step {self.step}" if self.step else ""
-        self.on_event(events.stage("training", self._stage_detail))
+        self.on_event(events.Stage("training", self._stage_detail))
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
         started, start_step = time.monotonic(), self.step
         last_report = 0.0
@@ -603,7 +493,7 @@ class TrainingRun:
                 # The first step's graph capture (and compiling) says nothing about the steps to come.
                 per_step = (now - started - (self.capture_s or 0.0)) / (self.step - start_step)
                 recent = self.losses[-10:]
-                self.on_event(events.progress(self.step, total, loss=sum(recent) / len(recent),
+                self.on_event(events.Progress(self.step, total, loss=sum(recent) / len(recent),
                                               eta_s=per_step * (total - self.step)))
                 last_report = now
             if checkpoint_due:
@@ -647,7 +537,7 @@ class TrainingRun:
             optimizer=self.optimizer.state_dict(), rng=self.generator.get_state(), losses=list(self.losses),
             config={**self.config.to_dict(), "base_model": self.base_model},
             scaler=self.scaler.state_dict() if self.scaler else None))
-        self.on_event(events.checkpoint(self.step, str(path)))
+        self.on_event(CheckpointSaved(self.step, str(path)))
 
     @torch.no_grad()
     def _send_preview(self) -> None:
@@ -663,7 +553,7 @@ class TrainingRun:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return
-        self.on_event(events.preview(self.step, image))
+        self.on_event(events.Preview(self.step, image))
 
     def _preview(self) -> bytes:
         cfg = self.config
@@ -685,7 +575,7 @@ class TrainingRun:
     def save(self) -> TrainResult:
         """Write the diffusers and kohya LoRA files into `out_dir`."""
         cfg = self.config
-        self.on_event(events.stage("saving"))
+        self.on_event(events.Stage("saving"))
         if self._lora_weights is not None:  # the file gets the fp32 masters, not their bf16 rounding
             for weight, master in zip(self._lora_weights, self.param_list, strict=True):
                 weight.data = master.detach().clone()

@@ -37,9 +37,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,22 +53,18 @@ from PIL import Image, UnidentifiedImageError
 
 from jobs import events
 from jobs.events import EventSink
+from jobs.payloads import Picture
+from jobs.requests import MAX_IMAGES, GenerateRequest
 from trainer import adapters, merged_lora, png, prompts
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import PipelineGraphs
-from trainer.noise_schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SchedulerCache
+from trainer.noise_schedulers import SchedulerCache
 
 log = logging.getLogger(__name__)
 
 
-Aspect = Literal["square", "portrait", "landscape"]
-ASPECTS: tuple[str, ...] = ("square", "portrait", "landscape")
-MAX_IMAGES = 4
-MAX_STEPS = 100
-MAX_GUIDANCE = 30.0
-MAX_SEED = 2**53  # seeds travel through JSON; above this they stop being exact
 DEFAULT_VARIATION_STRENGTH = 0.55
 # Names of the warm-up's parts (`GenerationEngine.warm_up_parts`): the stages and decoder compiled for
 # pictures of any shape, the blocks for pictures drawn during trainings, and square pictures by count.
@@ -80,56 +75,6 @@ DURING_TRAINING = "during-training"
 def square_part(count: int) -> str:
     """The name of the warm-up's part that prepares `count` square pictures."""
     return f"square-{count}"
-
-
-def _bad_request(message: str) -> TrainerError:
-    return TrainerError(message, "bad_request")
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """What a person asked for. Image `i` of a request uses seed `seed + i`.
-
-    `strength` (0-1, how far a variation may move from its starting picture) applies only when the
-    engine is given an `init_image`; without one the request is an ordinary generation.
-    """
-
-    prompt: str
-    negative_prompt: str = ""
-    num_images: int = 1
-    seed: int | None = None
-    steps: int = 25
-    guidance: float = 7.0
-    aspect: Aspect = "square"
-    scheduler: str = DEFAULT_SCHEDULER
-    style: str | None = None
-    strength: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_images <= MAX_IMAGES:
-            raise _bad_request(f"You can ask for 1 to {MAX_IMAGES} pictures at a time.")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED - MAX_IMAGES:
-            raise _bad_request(f"A seed is a whole number from 0 to {MAX_SEED - MAX_IMAGES}.")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise _bad_request(f"Steps must be between 1 and {MAX_STEPS}.")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:
-            raise _bad_request(f"Guidance must be between 0 and {MAX_GUIDANCE:g}.")
-        if self.aspect not in ASPECTS:
-            raise _bad_request(f"Unknown shape {self.aspect!r}; choose one of {', '.join(ASPECTS)}.")
-        if self.scheduler not in SCHEDULER_NAMES:
-            raise _bad_request(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}.")
-        if self.style and self.style not in prompts.STYLES:
-            raise _bad_request(f"Unknown style {self.style!r}; choose one of {', '.join(prompts.STYLES)}.")
-        if self.strength is not None and not 0 < self.strength <= 1:
-            raise _bad_request("Variation strength must be above 0 and at most 1.")
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """One picture as PNG bytes, with the seed that makes it again."""
-
-    png: bytes
-    seed: int
 
 
 def image_size(aspect: str, base: int, multiple: int) -> tuple[int, int]:
@@ -432,7 +377,7 @@ class GenerationEngine:
     def generate(self, request: GenerateRequest, *, adapter_key: str | None = None,
                  lora_path: Path | None = None, handle: str | None = None, class_word: str | None = None,
                  on_event: EventSink = events.ignore, should_cancel: Callable[[], bool] = lambda: False,
-                 init_image: bytes | None = None) -> list[GeneratedImage]:
+                 init_image: bytes | None = None) -> list[Picture]:
         """Make `request.num_images` pictures, with `adapter_key`'s LoRA or (key None) the base model.
 
         `lora_path` is read only when the adapter is not resident. `handle` and `class_word` name the
@@ -469,8 +414,8 @@ class GenerationEngine:
                             ) -> dict[str, Any]:
                 done, total = step + 1, p.num_timesteps
                 elapsed = time.monotonic() - started
-                on_event(events.progress(done, total, eta_s=elapsed / done * (total - done),
-                                         stage_name="generating"))
+                on_event(events.Progress(done, total, eta_s=elapsed / done * (total - done),
+                                         stage="generating"))
                 if should_cancel():
                     raise Cancelled()
                 return tensors
@@ -478,7 +423,7 @@ class GenerationEngine:
             with self._applied(lora):
                 pixels = to_pixels(pipe(**kwargs, callback_on_step_end=on_step_end).images)
             files = png.encode_rgb(list(pixels))
-            result = [GeneratedImage(data, seed) for data, seed in zip(files, seeds, strict=True)]
+            result = [Picture(data, seed) for data, seed in zip(files, seeds, strict=True)]
             log.info("made %d %dx%d picture(s), %s, %d steps, %s, in %.2f s", len(result), width, height,
                      "variation" if init_image is not None else "text to image", request.steps,
                      "with a LoRA" if adapter_key else "base model", time.monotonic() - started)

@@ -24,9 +24,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-log = logging.getLogger(__name__)
+from jobs.requests import SCHEDULER_NAMES
 
-DEFAULT_SCHEDULER = "dpmpp_2m"
+log = logging.getLogger(__name__)
 
 _FACTORIES: dict[str, Callable[[Mapping[str, Any]], SchedulerMixin]] = {
     "dpmpp_2m": lambda config: DPMSolverMultistepScheduler.from_config(
@@ -36,7 +36,6 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], SchedulerMixin]] = {
     "ddim": DDIMScheduler.from_config,
     "unipc": UniPCMultistepScheduler.from_config,
 }
-SCHEDULER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
 class SchedulerCache:

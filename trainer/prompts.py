@@ -19,34 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jobs.requests import STYLES
 from trainer.errors import PromptTooLong
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-@dataclass(frozen=True)
-class Style:
-    """A named look: how the subject is introduced, and words appended to the prompt."""
-
-    subject: str
-    words: str
-
-
 DEFAULT_SUBJECT = "a photo of"
-STYLES: dict[str, Style] = {
-    "photo": Style("a photo of", "photograph, natural light, sharp focus, detailed"),
-    "portrait": Style("a portrait photo of", "close up portrait, soft studio lighting, bokeh, 85mm lens"),
-    "cinematic": Style("a cinematic film still of", "cinematic lighting, dramatic, film grain, wide angle"),
-    "oil painting": Style("an oil painting of", "oil painting on canvas, visible brush strokes, classical"),
-    "anime": Style("an anime drawing of", "anime style, cel shading, vibrant colors, clean line art"),
-    "watercolor": Style("a watercolor painting of", "watercolor painting, soft washes, paper texture"),
-    "3d render": Style("a 3d render of", "3d render, octane render, soft global illumination"),
-    "pixar": Style("a 3d animated character of", "pixar style 3d animation, cute, expressive eyes"),
-}
 
 
 def _mentions(prompt: str, word: str) -> re.Match[str] | None:

@@ -18,11 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from jobs import events
-from jobs.events import Event, EventSink
-from jobs.payloads import WorkItem
+from jobs.events import EventSink
+from jobs.payloads import (
+    GenerateInputs,
+    GenerateOutput,
+    GenerateParams,
+    Picture,
+    TrainInputs,
+    TrainOutput,
+    TrainParams,
+    WorkItem,
+)
+from jobs.requests import GenerateRequest, TrainConfig
 from jobs.worker_config import WorkerConfig
 from trainer import gc_pauses, start_helpers
-from trainer.checkpoint_archive import pack_path, unpack_to
+from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
 from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
@@ -104,8 +114,6 @@ class Worker:
 
     def helped_parts(self) -> list[str]:
         """The parts of this worker's start that compile, but the first: those a start helper may take."""
-        from trainer.dreambooth import TrainConfig
-
         parts = self.engine.warm_up_parts()[1:]
         if self.config.compile_training and TrainConfig().compiles_on(self.pipeline.device.type):
             parts.append(start_helpers.TRAINING)
@@ -124,7 +132,7 @@ class Worker:
 
     def _warm_up_training(self) -> None:
         """Compile the default training step (trainer.dreambooth.warm_up); nothing on a CPU."""
-        from trainer.dreambooth import TrainConfig, warm_up
+        from trainer.dreambooth import warm_up
 
         scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
         try:
@@ -142,13 +150,13 @@ class Worker:
                                             static_shapes=self.config.compile_static_shapes)
         return self._engine
 
-    def run(self, item: WorkItem, emit: EventSink, should_cancel: Any,
-            serve_riders: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Run one item; a training calls `serve_riders` between its steps and phases (see process_main)."""
-        if item.kind == "train":
-            return self._train(item, emit, should_cancel, serve_riders)
-        if item.kind == "generate":
-            return self._generate(item, emit, should_cancel)
+    def run(self, item: WorkItem, emit: EventSink, should_cancel: Callable[[], bool],
+            serve_riders: Callable[[], None] | None = None) -> TrainOutput | GenerateOutput:
+        """Run one item; a training calls `serve_riders` between its steps and phases."""
+        if isinstance(item.params, TrainParams) and isinstance(item.inputs, TrainInputs):
+            return self._train(item.job_id, item.params, item.inputs, emit, should_cancel, serve_riders)
+        if isinstance(item.params, GenerateParams) and isinstance(item.inputs, GenerateInputs):
+            return self._generate(item.params, item.inputs, emit, should_cancel)
         raise TrainerError(f"Unknown job kind {item.kind!r}.", "bad_job")
 
     def execute(self, item: WorkItem, emit: EventSink, should_cancel: Callable[[], bool],
@@ -162,7 +170,7 @@ class Worker:
         try:
             if should_cancel():
                 raise Cancelled()
-            emit(events.done(self.run(item, emit, should_cancel, serve_riders)))
+            emit(events.Done(self.run(item, emit, should_cancel, serve_riders)))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -172,32 +180,30 @@ class Worker:
             emit(describe_failure(exc))
         return True
 
-    def _train(self, item: WorkItem, emit: EventSink, should_cancel: Any,
-               serve_riders: Callable[[], None] | None) -> dict[str, Any]:
+    def _train(self, job_id: int, params: TrainParams, inputs: TrainInputs, emit: EventSink,
+               should_cancel: Callable[[], bool], serve_riders: Callable[[], None] | None) -> TrainOutput:
         from trainer.dreambooth import train
 
-        params = item.params
-        emit(events.stage("loading_model"))
+        emit(events.Stage("loading_model"))
         pipeline = self.pipeline
-        scratch = Path(tempfile.mkdtemp(prefix=f"job{item.job_id}-", dir=self.work_dir))
+        scratch = Path(tempfile.mkdtemp(prefix=f"job{job_id}-", dir=self.work_dir))
         try:
             resume_from = None
-            if item.blobs.get("checkpoint"):
+            if inputs.checkpoint:
                 try:
-                    resume_from = unpack_to(item.blobs["checkpoint"], scratch / "resume")
+                    resume_from = unpack_to(inputs.checkpoint, scratch / "resume")
                 except BadCheckpoint as exc:
-                    log.warning("job %d: %s Training from the first step.", item.job_id, exc.message)
+                    log.warning("job %d: %s Training from the first step.", job_id, exc.message)
 
-            def forward(event: Event) -> None:
-                if event["type"] == "checkpoint":  # the bot keeps checkpoints: send the bytes
-                    event = {**event, "data": pack_path(Path(event["path"]))}
-                    event.pop("path")
+            def forward(event: Any) -> None:
+                if isinstance(event, CheckpointSaved):  # the bot keeps checkpoints: send the bytes
+                    event = events.Checkpoint(event.step, pack_path(Path(event.path)))
                 emit(event)
 
             def run(resume: Path | None) -> Any:
                 return train(
-                    item.blobs["photos"], params["handle"], params["class_word"],
-                    self._train_config(params["config"]), pipeline=pipeline, base_model=self.config.base_model,
+                    inputs.photos, params.handle, params.class_word, self._train_config(params.config),
+                    pipeline=pipeline, base_model=self.config.base_model,
                     out_dir=scratch / "out", work_dir=scratch / "checkpoints",
                     class_cache_dir=Path(self.config.class_cache_dir), device=self.config.device,
                     on_event=forward, should_cancel=should_cancel, resume_from=resume, serve_riders=serve_riders,
@@ -215,84 +221,72 @@ class Worker:
                 # Damaged, or made for another base model (the operator changed BASE_MODEL) or another
                 # kind of device: its progress is lost, the job is not.
                 log.warning("job %d: its checkpoint cannot be used (%s); training from the first step",
-                            item.job_id, exc.message)
-                emit(events.stage("preparing", "the saved progress could not be used; starting again"))
+                            job_id, exc.message)
+                emit(events.Stage("preparing", "the saved progress could not be used; starting again"))
                 result = run(None)
             try:
-                samples = self._samples(item, result.lora_path, emit, should_cancel, serve_riders)
+                samples = self._samples(job_id, params, result.lora_path, emit, should_cancel, serve_riders)
             except Cancelled:
                 raise
             except Exception:  # the model is whole: it is kept, without its sample pictures
                 log.warning("job %d: drawing the sample pictures failed; the model is kept without them",
-                            item.job_id, exc_info=True)
+                            job_id, exc_info=True)
                 samples = []
-            return {
-                "lora": result.lora_path.read_bytes(),
-                "kohya": result.kohya_path.read_bytes() if result.kohya_path else None,
-                "metadata": result.metadata,
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "samples": samples,
-                "hints": [h.format(handle=params["handle"], cls=params["class_word"]) for h in PROMPT_HINTS],
-            }
+            return TrainOutput(
+                lora=result.lora_path.read_bytes(),
+                kohya=result.kohya_path.read_bytes() if result.kohya_path else None,
+                metadata=result.metadata, steps=result.steps, final_loss=result.final_loss, samples=samples,
+                hints=[h.format(handle=params.handle, cls=params.class_word) for h in PROMPT_HINTS],
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _train_config(self, settings: dict[str, Any]) -> Any:
+    def _train_config(self, config: TrainConfig) -> TrainConfig:
         """The job's training settings, with this worker's choice about compiling."""
-        from trainer.dreambooth import TrainConfig
-
-        config = TrainConfig(**settings)
         return config if self.config.compile_training else replace(config, compiled_stages=False)
 
-    def _samples(self, item: WorkItem, lora_path: Path, emit: EventSink, should_cancel: Any,
-                 serve_riders: Callable[[], None] | None) -> list[dict]:
+    def _samples(self, job_id: int, params: TrainParams, lora_path: Path, emit: EventSink,
+                 should_cancel: Callable[[], bool], serve_riders: Callable[[], None] | None) -> list[Picture]:
         """A few images of the person made with the fresh LoRA, to show in the 'done' message.
 
-        Waiting generations (`serve_riders`) are served before each sample: the job's owner waits
-        for their own pictures anyway, someone else's /imagine should not wait for all of them.
+        Riders are served before each sample: the job's owner waits for their own pictures anyway,
+        someone else's /imagine should not wait for all of them.
         """
-        from trainer.engine import GenerateRequest
-
-        params = item.params
-        key = f"train-{item.job_id}"
-        emit(events.stage("generating", "sample images"))
+        key = f"train-{job_id}"
+        emit(events.Stage("generating", "sample images"))
         samples = []
         try:
-            for i, template in enumerate(SAMPLE_PROMPTS[: params.get("samples", 2)]):
+            for i, template in enumerate(SAMPLE_PROMPTS[: params.samples]):
                 if serve_riders is not None:
                     serve_riders()
-                prompt = template.format(handle=params["handle"], cls=params["class_word"])
-                request = GenerateRequest(prompt=prompt, seed=params.get("seed", 0) + i,
-                                          steps=params.get("sample_steps", 25))
+                prompt = template.format(handle=params.handle, cls=params.class_word)
+                request = GenerateRequest(prompt=prompt, seed=params.seed + i, steps=params.sample_steps)
                 images = self.engine.generate(request, adapter_key=key, lora_path=lora_path,
-                                              handle=params["handle"], class_word=params["class_word"],
+                                              handle=params.handle, class_word=params.class_word,
                                               should_cancel=should_cancel)
-                samples += [{"png": im.png, "seed": im.seed, "prompt": prompt} for im in images]
+                samples += [replace(im, prompt=prompt) for im in images]
         finally:
             self.engine.evict(key)
         return samples
 
-    def _generate(self, item: WorkItem, emit: EventSink, should_cancel: Any) -> dict[str, Any]:
-        from trainer.engine import GenerateRequest
-
-        params = item.params
-        key = params.get("adapter_key")
+    def _generate(self, params: GenerateParams, inputs: GenerateInputs, emit: EventSink,
+                  should_cancel: Callable[[], bool]) -> GenerateOutput:
+        key = params.adapter_key
         lora_path = None
         if key:
             lora_path = self.adapter_file(key)
-            if item.blobs.get("lora"):
-                lora_path.write_bytes(item.blobs["lora"])
-                emit({"type": "adapter_loaded", "key": key})
+            if inputs.lora:
+                lora_path.write_bytes(inputs.lora)
+                emit(events.AdapterLoaded(key))
             elif not lora_path.exists():
                 raise TrainerError("The worker lost this model's file; please try again.", "missing_lora")
-        emit(events.stage("generating"))
+        emit(events.Stage("generating"))
         images = self.engine.generate(
-            GenerateRequest(**params["request"]), adapter_key=key, lora_path=lora_path,
-            handle=params.get("handle"), class_word=params.get("class_word"), on_event=emit,
-            should_cancel=should_cancel, init_image=item.blobs.get("init_image"),
+            params.request, adapter_key=key, lora_path=lora_path, handle=params.handle,
+            class_word=params.class_word, on_event=emit, should_cancel=should_cancel,
+            init_image=inputs.init_image,
         )
-        return {"images": [{"png": im.png, "seed": im.seed} for im in images]}
+        return GenerateOutput(images)
 
     def remove_files(self, *, folder_too: bool = False) -> None:
         """Delete everything this worker keeps in its work folder (scratch space, cached LoRA files) as

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 
 from common.logs import setup_logging
 from jobs import events
+from jobs.commands import Cancel, Command, Evict, Run, Stop
 from jobs.events import Event
 from jobs.payloads import WorkItem
 from jobs.worker_config import WorkerConfig
@@ -83,7 +84,7 @@ class StartNews:
     def _tell(self, job_ids: list[int]) -> None:
         """Under the lock: what the start is doing, to these waiting jobs."""
         if self.starting.is_set():
-            news = events.stage("loading_model", starting_detail(self._part, time.monotonic() - self._began))
+            news = events.Stage("loading_model", starting_detail(self._part, time.monotonic() - self._began))
             for job_id in job_ids:
                 self._send(job_id, news)
 
@@ -148,21 +149,20 @@ class WorkerProcess:
         """A thread: the runner's commands, until it says stop or goes away."""
         while True:
             try:
-                message = self.commands.recv()
+                message: Command = self.commands.recv()
             except (EOFError, OSError):
                 self.stop()
                 return
-            op = message["op"]
-            if op == "run":
-                self.news.arrived(message["item"])
-            elif op == "cancel":
-                self.cancelled.add(message["job_id"])
-            elif op == "evict":
+            if isinstance(message, Run):
+                self.news.arrived(message.item)
+            elif isinstance(message, Cancel):
+                self.cancelled.add(message.job_id)
+            elif isinstance(message, Evict):
                 # The file goes at once (the person may be waiting on /forget); the loaded weights go
                 # as soon as no job may be using them.
-                self.worker.adapter_file(message["key"]).unlink(missing_ok=True)
-                self.inbox.put(message["key"])
-            elif op == "stop":
+                self.worker.adapter_file(message.key).unlink(missing_ok=True)
+                self.inbox.put(message.key)
+            elif isinstance(message, Stop):
                 self.stop()
                 return
 

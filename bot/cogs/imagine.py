@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -11,11 +11,10 @@ from discord.ext import commands
 from bot.app import reply
 from bot.scheduler import Refused
 from bot.views import queued_text
+from jobs.requests import MAX_IMAGES, STYLES, Aspect, BadRequest, GenerateRequest
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
-
-STYLES = Literal["photo", "portrait", "cinematic", "oil painting", "anime", "watercolor", "3d render"]
 
 
 class ImagineCog(commands.Cog):
@@ -27,14 +26,19 @@ class ImagineCog(commands.Cog):
                            negative="What to avoid", count="How many pictures (1-4)",
                            seed="Repeat a picture with its seed", aspect="Shape of the pictures",
                            style="A look to add to the prompt")
+    @app_commands.choices(style=[app_commands.Choice(name=name, value=name) for name in STYLES])
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str = "",
-                      count: app_commands.Range[int, 1, 4] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
-                      aspect: Literal["square", "portrait", "landscape"] = "square",
-                      style: STYLES | None = None) -> None:
+                      count: app_commands.Range[int, 1, MAX_IMAGES] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
+                      aspect: Aspect = "square", style: str | None = None) -> None:
+        try:
+            request = GenerateRequest(prompt=prompt, negative_prompt=negative, num_images=count, seed=seed,
+                                      aspect=aspect, style=style)
+            request.check_length(self.bot.settings.max_prompt_chars)
+        except BadRequest as exc:  # refused before anything public is shown
+            await reply(interaction, exc.message)
+            return
         # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.
         await interaction.response.defer(thinking=True)
-        request = {"prompt": prompt, "negative_prompt": negative, "num_images": count, "seed": seed,
-                   "aspect": aspect, "style": style}
         try:
             job, position = await self.bot.scheduler.enqueue_generate(interaction.user.id, request)
         except Refused as exc:

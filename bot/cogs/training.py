@@ -12,6 +12,7 @@ from discord.ext import commands
 from bot.app import reply
 from bot.progress import NO_WORKER_ONLINE, render_progress
 from bot.scheduler import Refused
+from jobs.requests import MAX_TRAIN_STEPS, MIN_TRAIN_STEPS
 from storage import jobs_db
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class TrainingCog(commands.Cog):
     @app_commands.command(name="train", description="Train your personal model on the photos you sent")
     @app_commands.describe(steps="Training steps (default set by the server; more is slower, not always better)")
     async def train(self, interaction: discord.Interaction,
-                    steps: app_commands.Range[int, 50, 5000] | None = None) -> None:
+                    steps: app_commands.Range[int, MIN_TRAIN_STEPS, MAX_TRAIN_STEPS] | None = None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             job, position = await self.bot.scheduler.enqueue_train(interaction.user.id, steps)

@@ -5,7 +5,8 @@ after compiling the generation engine is over a million (trainer.gc_pauses). In 
 
 - the engine is built and warmed up (compiled for one square picture) as a worker does;
 - baseline: the median time of a full collection (`gc.collect()`) in that state;
-- ours: the same after `trainer.gc_pauses.freeze_long_lived()`, as the worker now does when warm;
+- ours: the same after `trainer.gc_pauses.freeze_long_lived()`, as the worker now does when warm,
+  with the count of objects a collection still walks then (`objects_after_freezing`);
 - then one picture is drawn and a collection timed again: what a job leaves behind stays small;
 - with `--train-steps`, then one training (prior preservation off, the GPU's default CUDA-graphed
   step) is run and what it leaves to the collector is counted: the objects only a collection frees,
@@ -108,11 +109,14 @@ def engine_figures(pipe: Any, args: argparse.Namespace, on_gpu: bool, device: st
     result["objects"] = len(gc.get_objects())
     result["baseline_full_collection_ms"] = full_collection_ms(args.repeats)
     result["frozen"] = freeze_long_lived()
+    # What a full collection still walks: the objects made since the freeze, not the frozen ones.
+    result["objects_after_freezing"] = len(gc.get_objects())
     result["ours_full_collection_ms"] = full_collection_ms(args.repeats)
     engine.generate(GenerateRequest(prompt="a photo of a person", steps=args.steps))
     result["ours_after_a_picture_ms"] = full_collection_ms(args.repeats)
     result["ratio"] = result["baseline_full_collection_ms"] / max(result["ours_full_collection_ms"], 1e-3)
     print(f"objects alive after the warm-up                {result['objects']:>10}", flush=True)
+    print(f"objects a collection walks after freezing      {result['objects_after_freezing']:>10}")
     print(f"baseline: full collection                      {result['baseline_full_collection_ms']:10.1f} ms")
     print(f"ours: full collection, {result['frozen']} objects frozen   "
           f"{result['ours_full_collection_ms']:10.3f} ms")

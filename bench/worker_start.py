@@ -15,10 +15,11 @@ compiled for dynamic shapes only, another way to shorten a first start). `defaul
 compile the same code, so they share a cache folder (`static`): `default:cold,serial:warm` compares
 a restart without helpers with the one a helped first start leaves. `dynamic` has its own.
 
-For each start it prints the parts the worker logs as it goes (model loaded, each part of the
-generation warm-up, the training step compiled), the whole start, and the time garbage collections
-paused it, with the ratio of the first start's time to each start's. A start still running when the
-run's `--budget` seconds are spent is interrupted, and the parts it finished are reported.
+For each start it prints the parts the worker reports as each ends (`Worker.prepare`'s
+trainer.start_report: the model loaded, each part of the generation warm-up, each wait for a start
+helper, the training step compiled), the whole start, and the time garbage collections paused it,
+with the ratio of the first start's time to each start's. A start still running when the run's
+`--budget` seconds are spent is interrupted, and the parts it finished are reported.
 
     python -m bench.worker_start                                       # sd15-random on CUDA: cold, then warm
     python -m bench.worker_start --starts dynamic:cold,dynamic:warm --no-training
@@ -29,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,42 +40,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.gc_pauses import LONG_COLLECTION_S
+from trainer import gc_pauses
+from trainer.start_report import PartTime
 
 VARIANTS = ("default", "serial", "dynamic")
 # The cache folder of each variant, named for the code it holds: helpers change who compiles, not what.
 CACHES = {"default": "static", "serial": "static", "dynamic": "dynamic"}
 KINDS = ("cold", "warm")
-# What the worker logs when a part of its start ends, by logger: (pattern, the part's name or None to
-# take it from the message). The engine's "warm-up: <part> in <s> s" is checked by
-# tests/test_compiled_blocks.py; the others are asserted by tests/test_benchmarks.py on the CPU.
-PARTS = {
-    "trainer.worker": (re.compile(r"^loaded .+ in (?P<s>[\d.]+) s$"), "model loaded"),
-    "trainer.engine": (re.compile(r"^warm-up: (?P<part>.+) in (?P<s>[\d.]+) s$"), None),
-    "trainer.dreambooth": (re.compile(r"^compiled the training step in (?P<s>[\d.]+) s$"), "training step compiled"),
-    "trainer.start_helpers": (re.compile(r"^(?P<part>waited for a start helper's .+) in (?P<s>[\d.]+) s$"), None),
-}
-PAUSE = re.compile(r"paused this process for (?P<ms>\d+) ms")
 
 
-class PartRecorder(logging.Handler):
-    """Appends each finished part, and each long garbage collection, to a JSON-lines file as it
-    happens, so a start interrupted by the budget still reports what it finished."""
+class Recorder:
+    """Appends each part the worker reports as ended, and each long garbage collection, to a
+    JSON-lines file as it happens, so a start interrupted by the budget still reports what it
+    finished. The figures are the worker's own, unrounded: none is read back from its log."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(logging.INFO)
         self.path = path
 
     def write(self, entry: dict[str, Any]) -> None:
         with self.path.open("a") as out:
             out.write(json.dumps(entry) + "\n")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if record.name == "trainer.gc_pauses" and (pause := PAUSE.search(message)):
-            self.write({"pause_s": int(pause["ms"]) / 1000})
-        elif record.name in PARTS and (match := PARTS[record.name][0].match(message)):
-            self.write({"part": PARTS[record.name][1] or match["part"], "s": float(match["s"])})
+    def part(self, timed: PartTime) -> None:
+        self.write({"part": timed.part, "seconds": timed.seconds})
+
+    def pause(self, seconds: float) -> None:
+        self.write({"pause_s": seconds})
 
 
 def start_one(variant: str, model: str, device: str, training: bool, record: Path) -> None:
@@ -91,8 +80,9 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
     from trainer.worker import Worker
 
     setup_logging("INFO")  # as the worker's process sets it up
-    recorder = PartRecorder(record)
-    logging.getLogger().addHandler(recorder)
+    recorder = Recorder(record)
+    # The timer the worker's start installs is this one (it installs one per process).
+    gc_pauses.log_long_collections().on_long = recorder.pause
     device = pick_device(device)
     recorder.write({"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
                     "torch": torch.__version__})
@@ -102,7 +92,7 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
                               class_cache_dir=str(work / "classes"), compile_static_shapes=variant != "dynamic",
                               start_helpers=0 if variant == "serial" else -1,
                               compile_training=training)
-        Worker(config).prepare()
+        Worker(config).prepare(on_timed=recorder.part)
         recorder.write({"total_s": time.monotonic() - started})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -137,7 +127,7 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
     known = next((e for e in entries if "device" in e), {"device": "unknown", "torch": "unknown"})
     return {"start": spec, "finished": ended is not None, "returncode": returncode,
             "seconds": ended["total_s"] if ended else elapsed,
-            "parts": [(e["part"], e["s"]) for e in entries if "part" in e],
+            "parts": [{"part": e["part"], "seconds": e["seconds"]} for e in entries if "part" in e],
             "pauses": len([e for e in entries if "pause_s" in e]),
             "paused_s": sum(e["pause_s"] for e in entries if "pause_s" in e),
             "device": known["device"], "torch": known["torch"]}
@@ -162,13 +152,13 @@ def report(results: list[dict[str, Any]]) -> None:
                 "  (interrupted: the budget ran out; the parts it finished)" if result["returncode"] is None else
                 f"  (failed with exit code {result['returncode']}; the parts it finished)")
         print(f"{result['start']}{what}")
-        for part, seconds in result["parts"]:
-            print(f"  {part:<62} {seconds:8.1f} s")
+        for part in result["parts"]:
+            print(f"  {part['part']:<62} {part['seconds']:8.1f} s")
         total = f"{result['seconds']:8.1f} s" if result["finished"] else f"> {result['seconds']:6.1f} s"
         ratio = (f"{first['seconds'] / result['seconds']:.2f}x the first start's speed"
                  if first["finished"] and result["finished"] else "no ratio (a start did not finish)")
         print(f"  {'whole start':<62} {total}  {ratio}")
-        print(f"  garbage collections over {LONG_COLLECTION_S} s: {result['pauses']}, "
+        print(f"  garbage collections over {gc_pauses.LONG_COLLECTION_S} s: {result['pauses']}, "
               f"{result['paused_s']:.1f} s in all", flush=True)
 
 

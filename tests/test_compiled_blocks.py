@@ -23,7 +23,7 @@ from tests.test_dreambooth import run_train, small
 from tests.test_generate import PERSON, REQUEST, pixels
 from trainer.adapters import holds_adapters
 from trainer.compiled_blocks import ByShape, CompiledBlocks
-from trainer.engine import GenerationEngine
+from trainer.engine import ANY_SHAPE, DURING_TRAINING, GenerationEngine, square_part
 from trainer.pipelines import build_random_pipeline
 
 
@@ -142,9 +142,13 @@ def test_the_warm_up_compiles_what_a_picture_between_training_steps_runs(caplog:
     backend = CountingBackend()
     engine = GenerationEngine(pipe, compile_blocks=True, compile_backend=backend)
     heard: list[str] = []
+    timed: list[tuple[str, float]] = []
     with caplog.at_level(logging.INFO, logger="trainer.engine"):
-        assert engine.warm_up(counts=(1,), on_part=heard.append) > 0
-    # Each part's time is in the log, for the operator waiting on a start-up ...
+        total = engine.warm_up(counts=(1,), on_part=heard.append, on_done=lambda *part: timed.append(part))
+    # Each part's time is told as it ends, unrounded (the worker's start report), within the whole ...
+    assert [name for name, _ in timed] == [ANY_SHAPE, DURING_TRAINING, square_part(1)]
+    assert all(seconds >= 0 for _, seconds in timed) and sum(seconds for _, seconds in timed) <= total
+    # ... and is in the log, for the operator waiting on a start-up ...
     parts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up: ")]
     assert [p.split(" in ")[0] for p in parts] == [
         "warm-up: stages and decoder compiled for dynamic shapes",

@@ -145,18 +145,21 @@ def test_a_worker_compiles_the_training_at_start_unless_told_not_to(tmp_path: Pa
     monkeypatch.setattr(dreambooth, "train", fake_train)
     item = train_item(1, config=TrainConfig(steps=50, rank=8))
     heard: list[list[str]] = []
+    reported: list[list[str]] = []
     for compile_training in (True, False):
         worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"),
                                      compile_training=compile_training, train_rank=8))
         worker._engine = type("Engine", (), {
-            "warm_up": lambda self, on_part, before_part: on_part("the engine's part") or 0.0,
+            "warm_up": lambda self, on_part, before_part, on_done: (
+                on_part("the engine's part") or on_done("any-shape", 0.5) or 0.5),
             "warm_up_parts": lambda self: []})()
         heard.append([])
-        worker.prepare(on_part=heard[-1].append)
+        reported.append(worker.prepare(on_part=heard[-1].append).names())
         worker.execute(item, lambda _event: None, lambda: False)
     assert [config.rank for config in warmed] == [8]  # the bot's rank, at start, once
     assert heard == [["loading the base model", "the engine's part", "compiling the training step"],
                      ["loading the base model", "the engine's part"]]  # what those waiting are told
+    assert reported == [["model", "any-shape", "training"], ["model", "any-shape"]]  # and each part's time
     assert [config.compiled_stages for config in trained] == [None, False]
     assert not list((tmp_path / "w").glob("warm-up-*"))  # its scratch files are gone
 

@@ -46,6 +46,34 @@ async def test_throttle_coalesces_to_first_and_latest():
     assert sent == ["step 0", "step 9"]
 
 
+async def test_edits_are_an_interval_apart_on_the_editors_clock(monkeypatch):
+    """On a clock that only the editor's own waiting moves, so nothing else running changes it."""
+    now = [0.0]
+    sent: list[tuple[float, str]] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        now[0] += seconds
+        await real_sleep(0)
+
+    async def edit(text, image):
+        sent.append((now[0], text))
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    editor = ThrottledEditor(edit, interval=3.0, clock=lambda: now[0])
+    editor.update("step 0")
+    await editor.flush()  # the first edit goes out at once
+    editor.update("step 1")
+    await editor.flush()  # the next waits out the interval
+    now[0] += 1.0
+    editor.update("step 2")
+    await editor.flush()  # what is left of it
+    now[0] += 5.0
+    editor.update("step 3")
+    await editor.flush()  # nothing is left: at once
+    assert sent == [(0.0, "step 0"), (3.0, "step 1"), (6.0, "step 2"), (11.0, "step 3")]
+
+
 async def test_failed_edit_does_not_stop_later_edits():
     sent: list[str] = []
 

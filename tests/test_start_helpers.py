@@ -4,32 +4,35 @@ the protocol's tests; a real helper runs on the tiny model to check its entry po
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.worker_start import PARTS
 from jobs.worker_config import WorkerConfig
 from trainer import start_helpers
 from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
+from trainer.start_report import MODEL, PartTime, helper_wait
 from trainer.worker import Worker
 
 # A helper in a few lines: reports each part as the real one does ("broken" fails, at "vanishes" it
-# dies, leaving behind a process that holds its stdout, as inductor's compile workers may), then,
-# unlike the real one, stays until the worker closes its stdin.
+# dies, leaving behind a process that holds its stdout, as inductor's compile workers may, its id
+# written to the file $LEFTOVER_PID names), then, unlike the real one, stays until the worker closes
+# its stdin.
 FAKE_HELPER = """
-import subprocess, sys
+import os, pathlib, subprocess, sys
 for part in sys.argv[1:]:
     if part == "vanishes":
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pathlib.Path(os.environ["LEFTOVER_PID"]).write_text(str(leftover.pid))
         sys.exit(3)
     print(("failed " if part == "broken" else "done ") + part, flush=True)
 sys.stdin.read()
@@ -41,9 +44,12 @@ def config(tmp_path: Path, helpers: int) -> WorkerConfig:
 
 
 @pytest.fixture()
-def fake_helpers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[WorkerConfig, list[str]]]:
-    """Helpers started run FAKE_HELPER; each one's configuration and parts are listed here."""
+def fake_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[tuple[WorkerConfig, list[str]]]]:
+    """Helpers started run FAKE_HELPER; each one's configuration and parts are listed here. A
+    leftover process that one of them left behind is ended afterwards."""
     launched: list[tuple[WorkerConfig, list[str]]] = []
+    leftover = tmp_path / "leftover.pid"
+    monkeypatch.setenv("LEFTOVER_PID", str(leftover))
 
     def command(own: WorkerConfig, parts: Sequence[str]) -> list[str]:
         launched.append((own, list(parts)))
@@ -51,7 +57,10 @@ def fake_helpers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[WorkerConfig, li
         return [sys.executable, "-c", FAKE_HELPER, *parts]
 
     monkeypatch.setattr(start_helpers, "helper_command", command)
-    return launched
+    yield launched
+    if leftover.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(leftover.read_text()), signal.SIGKILL)
 
 
 def test_helpers_start_only_where_the_gpu_and_the_cpus_have_room() -> None:
@@ -84,11 +93,14 @@ def test_the_worker_waits_for_each_helper_and_hears_which_parts_failed(
         assert len(folders) == 3 and all(Path(f).parent == tmp_path / "work" for f in folders)
         assert {own.start_helpers for own, _parts in fake_helpers} == {0}
         assert not helpers.owns("left-to-the-worker")
-        started = time.monotonic()
-        for part in (TRAINING, "broken", "vanishes", "left-to-the-worker"):
-            helpers.wait_for(part)  # returns, whether the helper finished it, failed or died
-        assert time.monotonic() - started < 30  # not when the dead helper's leftover process ends
+        # Each returns, whether the helper finished it, failed or died, with the seconds it waited.
+        waited = {part: helpers.wait_for(part) for part in (TRAINING, "broken", "vanishes", "left-to-the-worker")}
+        # ... and the dead helper's part did not wait for its leftover process, which holds its stdout.
+        leftover = int((tmp_path / "leftover.pid").read_text())
+        os.kill(leftover, 0)  # still running: raises ProcessLookupError once it has ended
         processes = list(helpers._processes)
+    assert waited.pop("left-to-the-worker") is None  # no helper had it: nothing to wait for
+    assert all(seconds is not None and seconds >= 0 for seconds in waited.values())
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"waited for a start helper's {TRAINING} in ") for m in messages)
     assert sum("did not compile broken" in m for m in messages) == 1
@@ -111,31 +123,35 @@ def test_no_helper_starts_where_none_is_asked_for_or_nothing_compiles(
 
 
 def test_a_worker_hands_its_later_parts_to_helpers_and_waits_for_each_before_it(
-        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
     ran: list[str] = []
 
     class Engine:
         def warm_up_parts(self) -> list[str]:
             return ["any-shape", "during-training", "square-1", "square-4"]
 
-        def warm_up(self, on_part: Any, before_part: Any) -> float:
+        def warm_up(self, on_part: Any, before_part: Any, on_done: Any) -> float:
             for part in self.warm_up_parts():
                 before_part(part)
                 ran.append(part)
+                on_done(part, 0.25)
             return 1.0
 
     worker = Worker(config(tmp_path, 1))
     worker._engine = Engine()
-    with caplog.at_level(logging.INFO, logger="trainer.start_helpers"):
-        worker.prepare()
+    heard: list[PartTime] = []
+    report = worker.prepare(on_timed=heard.append)
     # On a CPU no training step compiles, so the parts after the first are the engine's; with one
     # helper, it takes the squares and the worker does the rest.
     assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4"]]
     assert ran == ["any-shape", "during-training", "square-1", "square-4"]
-    # The log says how long the worker waited for each, in the words bench.worker_start reads.
-    pattern = PARTS["trainer.start_helpers"][0]
-    waited = [match["part"] for r in caplog.records if (match := pattern.match(r.getMessage()))]
-    assert waited == ["waited for a start helper's square-1", "waited for a start helper's square-4"]
+    # The start reports every part as it ends, each helped part just after the wait for its helper,
+    # with the seconds as measured: the engine's as it told them, the others' never below zero.
+    assert report.names() == [MODEL, "any-shape", "during-training", helper_wait("square-1"), "square-1",
+                              helper_wait("square-4"), "square-4", TRAINING]
+    assert heard == report.parts
+    assert [t.seconds for t in report.parts if t.part in ran] == [0.25] * 4
+    assert all(t.seconds >= 0 for t in report.parts)
 
 
 def test_a_helper_ends_when_the_worker_closes_its_stdin_or_goes_away() -> None:

@@ -288,7 +288,8 @@ class GenerationEngine:
 
     def warm_up(self, counts: tuple[int, ...] = (1, MAX_IMAGES), *,
                 on_part: Callable[[str], None] = lambda part: None, parts: Collection[str] | None = None,
-                before_part: Callable[[str], None] = lambda part: None) -> float:
+                before_part: Callable[[str], None] = lambda part: None,
+                on_done: Callable[[str, float], None] = lambda part, seconds: None) -> float:
         """Compile and capture the graphs of square pictures for these counts now, so the first
         requests do not pay for it; returns the seconds spent. Does nothing with neither graphs nor
         compiling. `on_part` hears, in words for whoever waits on the start, each part as it begins:
@@ -302,6 +303,7 @@ class GenerationEngine:
         `parts` (names from `warm_up_parts`; None: all) are the parts to run, for a start helper
         that compiles only its own. `before_part(name)` is called as each begins, after `on_part`:
         the worker waits there for the helper compiling that part, then reads its code back.
+        `on_done(name, seconds)` is called as each ends, with its time unrounded (trainer.start_report).
         """
         if self._graphs is None and self._compiled is None:
             return 0.0
@@ -321,9 +323,11 @@ class GenerationEngine:
             part_started = time.monotonic()
             return True
 
-        def part_done(what: str) -> None:
+        def part_done(name: str, what: str) -> None:
             # Each part's share of the start-up, for whoever waits on it or wants to shorten it.
-            log.info("warm-up: %s in %.1f s", what, time.monotonic() - part_started)
+            seconds = time.monotonic() - part_started
+            log.info("warm-up: %s in %.1f s", what, seconds)
+            on_done(name, seconds)
 
         if self._compiled is not None and self._compiled.whole_stages:
             # Eager, no graphs: only the compiling is wanted. Not square, and first: dynamo gives equal
@@ -342,7 +346,7 @@ class GenerationEngine:
                     for count in counts:
                         self._text(prompt="warm-up", num_images_per_prompt=count, num_inference_steps=2,
                                    width=width, height=height, output_type=output)
-                part_done(what)
+                part_done(name, what)
         self._learning_shapes = True
         try:
             for count in counts:
@@ -350,7 +354,7 @@ class GenerationEngine:
                 if not part_begins(square_part(count), f"getting {pictures} ready"):
                     continue
                 self.generate(GenerateRequest(prompt="warm-up", num_images=count, seed=0, steps=2))
-                part_done(f"{count} square picture(s) compiled and captured")
+                part_done(square_part(count), f"{count} square picture(s) compiled and captured")
         finally:
             self._learning_shapes = False
         elapsed = time.monotonic() - started

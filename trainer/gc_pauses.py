@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,13 @@ def freeze_long_lived() -> int:
 
 
 class CollectionTimer:
-    """A `gc.callbacks` entry that logs collections taking longer than `threshold_s`."""
+    """A `gc.callbacks` entry that logs collections taking longer than `threshold_s`; `on_long`, when
+    set, hears each one's seconds, unrounded (bench.worker_start records them)."""
 
-    def __init__(self, threshold_s: float = LONG_COLLECTION_S) -> None:
+    def __init__(self, threshold_s: float = LONG_COLLECTION_S,
+                 on_long: Callable[[float], None] | None = None) -> None:
         self.threshold_s = threshold_s
+        self.on_long = on_long
         self._started: float | None = None
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -50,6 +54,8 @@ class CollectionTimer:
             if took >= self.threshold_s:
                 log.warning("garbage collection of generation %d paused this process for %.0f ms "
                             "(%d objects collected)", info["generation"], took * 1000, info["collected"])
+                if self.on_long is not None:
+                    self.on_long(took)
 
 
 def log_long_collections(threshold_s: float = LONG_COLLECTION_S) -> CollectionTimer:

@@ -117,16 +117,19 @@ class Helpers:
     def owns(self, part: str) -> bool:
         return part in self._ended
 
-    def wait_for(self, part: str) -> None:
-        """Return once the helper compiling `part` has finished it (at once for a part no helper has)."""
+    def wait_for(self, part: str) -> float | None:
+        """Return once the helper compiling `part` has finished it: the seconds waited, unrounded
+        (None at once for a part no helper has)."""
         if part not in self._ended:
-            return
+            return None
         started = time.monotonic()
         self._ended[part].wait()
+        waited = time.monotonic() - started
         if part in self._failed:
             log.warning("a start helper did not compile %s (its log says why); compiling it here", part)
         else:
-            log.info("waited for a start helper's %s in %.1f s", part, time.monotonic() - started)
+            log.info("waited for a start helper's %s in %.1f s", part, waited)
+        return waited
 
     def close(self) -> None:
         """End the helpers (at once if still compiling: their stdin closes) and remove their files."""

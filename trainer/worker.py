@@ -36,6 +36,7 @@ from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
 from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
+from trainer.start_report import MODEL, PartTime, StartReport, helper_wait
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +91,41 @@ class Worker:
                      time.perf_counter() - started)
         return self._pipeline
 
-    def prepare(self, on_part: Callable[[str], None] = lambda part: None) -> None:
+    def prepare(self, on_part: Callable[[str], None] = lambda part: None,
+                on_timed: Callable[[PartTime], None] = lambda timed: None) -> StartReport:
         """Load the base model and, on a GPU, compile and capture the generation graphs of the common
         picture shapes and compile the default training step, so the first jobs wait for none of it
         (the engine warms up only where it graphs, the trainer only where it compiles). `on_part`
-        hears each part as it begins, in words for the people whose jobs wait on it.
+        hears each part as it begins, in words for the people whose jobs wait on it; `on_timed`
+        hears each part's time as it ends, and the report of them all is returned
+        (trainer.start_report).
         Start helpers (trainer.start_helpers) compile the parts after the first in processes of their
         own meanwhile, where the GPU and the host have room for them; this process then reads those
         parts back from the compile cache.
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
+        report = StartReport(on_timed)
         on_part(FIRST_PART)
+        with report.timed(MODEL):
+            pipeline = self.pipeline
         engine = self.engine
         helped = self.helped_parts()
-        with start_helpers.started(self.config, helped, str(self.pipeline.device)) as helpers:
-            engine.warm_up(on_part=on_part, before_part=helpers.wait_for)
+        with start_helpers.started(self.config, helped, str(pipeline.device)) as helpers:
+
+            def wait_for_helper(part: str) -> None:
+                waited = helpers.wait_for(part)
+                if waited is not None:
+                    report.add(helper_wait(part), waited)
+
+            engine.warm_up(on_part=on_part, before_part=wait_for_helper, on_done=report.add)
             if self.config.compile_training:
                 on_part("compiling the training step")
-                helpers.wait_for(start_helpers.TRAINING)
-                self._warm_up_training()
+                wait_for_helper(start_helpers.TRAINING)
+                with report.timed(start_helpers.TRAINING):
+                    self._warm_up_training()
         gc_pauses.freeze_long_lived()
+        return report
 
     def helped_parts(self) -> list[str]:
         """The parts of this worker's start that compile, but the first: those a start helper may take."""

@@ -25,7 +25,7 @@ class WorkerConfig:
     compile_generation: bool = True
     compile_cache_dir: str = ""
     # With compile_generation: the warm-up's square pictures also get code compiled for their static
-    # shapes (trainer.compiled_blocks.ByShape), 1.08-1.09x faster for minutes more at the first start.
+    # shapes (trainer.compiled_blocks.ByShape): a little faster, for minutes more at the first start.
     compile_static_shapes: bool = True
     # On a GPU, compile the training step's UNet stages (TrainConfig.compiled_stages), at the worker's
     # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import AsyncMock
@@ -9,7 +10,9 @@ from unittest.mock import AsyncMock
 import pytest
 
 from bot.config import load_settings
-from jobs.payloads import Picture
+from jobs import events
+from jobs.payloads import GenerateParams, Picture, VariationOf, to_stored
+from jobs.requests import GenerateRequest
 from storage import generations_db
 
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
@@ -113,20 +116,21 @@ async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     interaction = SimpleNamespace(edit_original_response=AsyncMock(), is_expired=lambda: False)
     notifier.attach_interaction(3, interaction)
     job = SimpleNamespace(id=3, kind=kind, state="queued", progress={}, channel_id=None, message_id=None)
-    await notifier.job_updated(job, {"type": "requeued"})
+    await notifier.job_updated(job, events.Requeued())
     await notifier._editors[3].flush()
     text = interaction.edit_original_response.await_args.kwargs["content"]
     assert note in text and ("checkpoint" in text) == (kind == "train")
 
 
-@pytest.mark.parametrize("variation_of", [None, {"generation_id": 4, "index": 1}])
+@pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])
 async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
     from bot.views import VARIATION_STRENGTH, _queue_generation
 
     request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3}
     if variation_of:
         request["strength"] = VARIATION_STRENGTH
-    generation = SimpleNamespace(owner=7, params={"request": request, "variation_of": variation_of})
+    stored = to_stored(GenerateParams(GenerateRequest(**request), variation_of=variation_of))
+    generation = SimpleNamespace(owner=7, params=stored)
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)),
                                 waiting_for_a_worker=lambda: False)
@@ -136,8 +140,7 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
     await _queue_generation(press, 9, None)
     (user_id, queued), kwargs = scheduler.enqueue_generate.await_args
     assert user_id == 7 and kwargs == {"variation_of": variation_of}
-    assert queued["seed"] != 11 and {k: v for k, v in queued.items() if k != "seed"} == \
-        {k: v for k, v in request.items() if k != "seed"}
+    assert queued.seed != 11 and replace(queued, seed=11) == GenerateRequest(**request)
 
 
 class Posted:
@@ -190,7 +193,7 @@ async def test_a_picture_answer_outliving_its_interaction_edits_the_same_message
         await notifier.remember_answer(3, SimpleNamespace(channel=SimpleNamespace(id=70), id=71))
         jobs_db.set_job_message.assert_awaited_once_with(None, 3, 70, 71)
 
-    await notifier.job_updated(job, {"type": "stage", "stage": "loading_model"})
+    await notifier.job_updated(job, events.Stage("loading_model"))
     await notifier._editors[3].flush()
     assert posted.edits[-1]["content"].startswith("**Drawing (job #3)**\nStage: Waiting in the queue")
     job.state = "succeeded"
@@ -217,3 +220,22 @@ async def test_a_picture_answer_the_bot_cannot_post_in_place_goes_by_dm(monkeypa
     await notifier.job_finished(job, {"generation_id": 9, "images": [Picture(b"I", 42)]})
     assert dm.send.await_args.args[0].startswith("**on the moon**")
     assert [f.filename for f in dm.send.await_args.kwargs["files"]] == ["image-1.png"]
+
+
+@pytest.mark.parametrize(("options", "refusal"), [
+    ({"aspect": "round"}, "Unknown shape 'round'; choose one of square, portrait, landscape."),
+    ({"negative": "blurry " * 100}, "That negative prompt is 700 characters; the limit is 600. Please shorten it."),
+    ({"style": "vaporwave"}, "Unknown style 'vaporwave'; choose one of photo, portrait"),
+])
+async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_shown(tmp_path, options, refusal):
+    """What a worker would refuse is refused by the bot, with the worker's words, before it defers
+    publicly ("thinking…") and before a job row exists."""
+    from bot.cogs.imagine import ImagineCog
+
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
+    press = Press(7, None)
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler))
+    await cog.imagine.callback(cog, press, "on the moon", **options)
+    [(where, text, kwargs)] = press.shown
+    assert where == "response" and kwargs == {"ephemeral": True} and text.startswith(refusal)
+    scheduler.enqueue_generate.assert_not_awaited()

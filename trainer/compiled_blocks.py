@@ -3,38 +3,30 @@
 With CUDA graphs (trainer.graphs) a denoising step is bound by its kernels, and a third of those are
 GroupNorm statistics, normalisation, SiLU, casts, residual adds and skip-connection copies that eager
 PyTorch runs one by one (on channels-last tensors through extra strided copies). Inductor fuses them
-into a few Triton kernels. Measured on an H200 (bench/RESULTS.md), with the blocks compiled: the
-UNet call of one picture 10.3 -> 8.1 ms, of four 27.0 -> 22.0 ms, the VAE decode 20.6 -> 11.5 ms;
-with the stages compiled (and trainer.fused_linears), a training step 27.9 -> 19.4 ms (prior
-preservation) and 20.1 -> 14.0 ms.
+into a few Triton kernels (what each region saves: bench/RESULTS.md, "Compiled blocks").
 
 Two sizes of region. For generation both are compiled with dynamic shapes, so that one compile
 serves every picture count and most sizes (a new size costs a recompile once per process). The
 UNet's stages are also compiled for the static shapes of the pictures the engine's warm-up prepares
 (one and four square pictures), with the linears that read one input fused (trainer.fused_linears),
-and `ByShape` runs that code for those shapes only: on an H200 the UNet call of four pictures took
-18.5 ms with static shapes against 19.7 ms with dynamic ones, the difference all in inductor's own
-kernels (bench/RESULTS.md). The two sizes of region:
+and `ByShape` runs that code for those shapes only, a little faster (bench/RESULTS.md, "Static
+shapes"). The two sizes of region:
 - **stages**, the default: each of the UNet's down, middle and up stages (diffusers' `down_blocks`,
   `mid_block`, `up_blocks`) and the VAE decoder as a whole. Inductor then also fuses across the
   blocks: the skip-connection concatenations, the upsamplers, the transformer's projections and
   GroupNorm. What is left outside (the time embedding, the first and last convolutions) is a handful
   of kernels. Compiling the whole UNet instead would clash with the CUDA graph that replaces its
-  `forward`, for only those few kernels more. Measured end to end on the H200, one picture takes
-  236 ms with compiled stages against 259 ms with compiled blocks;
+  `forward`, for only those few kernels more; stages are faster than blocks end to end;
 - **blocks**: each ResNet and transformer block of the stages, each ResNet block of the decoder. A
   picture made between training steps uses these (below), and the engine compiles them in its
   warm-up for that reason.
 
-Compiling both, with the static shapes of one and four pictures, takes a worker's warm-up 11-12
-minutes on the H200 (5.5 without the static shapes). Inductor keeps what it compiled in its
-on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker points into its data folder) and a
-restart loads it from there instead of compiling again: the warm-up then took 116-150 s. The training
-step's stages are compiled for its fixed shapes, with their projections fused (`for_training`):
-135-180 s with a cold cache in a process of their own (more than 262 s in a worker's start, after
-generation's) and 15-20 s with a warm one, once per process and kind of
-step, after which a new training's first step takes 0.3 s (with dynamic shapes it took 346 s). The
-compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
+Compiling both takes a worker's first warm-up many minutes (bench/RESULTS.md, "Worker start").
+Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, which the worker
+points into its data folder) and a restart loads it from there instead of compiling again. The
+training step's stages are compiled for its fixed shapes, with their projections fused
+(`for_training`), once per process and kind of step; dynamic shapes would compile again at each new
+training's first step. The compiled code holds no weights (they are its inputs), so the cache holds nothing personal and every
 person's merged LoRA reaches it.
 
 The compiled regions are in place only inside `installed()`. The generation engine installs them
@@ -113,9 +105,8 @@ class ByShape:
     """A stage's `forward` that runs the code compiled for static shapes on the inputs it was
     compiled for, and the dynamic-shape code on any other.
 
-    Static shapes are faster (on an H200 the UNet call of four pictures took 18.5 ms against 19.7 ms,
-    bench/RESULTS.md), but each new shape would compile again, for a minute, in the middle of a
-    request. So the static code only ever meets the shapes it learned through a `runner(learn=True)`
+    Static shapes are faster (bench/RESULTS.md), but each new shape would compile again, for a minute,
+    in the middle of a request. So the static code only ever meets the shapes it learned through a `runner(learn=True)`
     (the engine's warm-up: the square pictures it prepares), and the dynamic code serves the rest.
     """
 

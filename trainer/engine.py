@@ -308,8 +308,8 @@ class GenerationEngine:
         if self._graphs is None and self._compiled is None:
             return 0.0
         if self._compiled is not None:
-            log.info("compiling the UNet and VAE decoder for generation: 11-12 minutes the first time on an "
-                     "H200 (about 5.5 with start helpers), 2 once inductor's cache holds them")
+            log.info("compiling the UNet and VAE decoder for generation: many minutes the first time, "
+                     "far less once inductor's cache holds them")
         started = part_started = time.monotonic()
 
         def part_begins(name: str, news: str) -> bool:

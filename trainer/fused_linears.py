@@ -22,9 +22,7 @@ Frozen weights and trained ones are grouped apart: a fused GEMM whose weight nee
 computes it for every row, and the base weights' gradients are not wanted. The pass runs on the
 graph dynamo hands to the compiler, before autograd (inductor's `pre_grad_custom_pass`).
 
-On an H200 (bench/RESULTS.md) the SD1.5 step without prior preservation took 15.73 ms with the
-linears apart, 15.03 ms with the projections and A matrices fused, 14.60 ms with the B matrices
-batched too, and 14.07 ms with the 1x1 convolutions as linears.
+What each of these saves in a training step: bench/RESULTS.md, "Fused linears".
 """
 
 from __future__ import annotations

@@ -316,9 +316,8 @@ def prepare_for_device(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """Lay the UNet's weights out for the device: channels-last on CUDA.
 
     cuDNN's convolutions work in NHWC; with NCHW weights every convolution of the UNet converts its
-    input and output (a quarter of a denoising step's GPU time on an H200). Channels-last made a
-    512 px training step 12% and a denoising step 14% faster there (bench/RESULTS.md). The VAE is
-    left alone: its decoder measured 30% slower channels-last.
+    input and output, a large share of a step's GPU time. The VAE is left alone: its decoder measured
+    slower channels-last (both in bench/RESULTS.md).
     """
     if pipe.device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)

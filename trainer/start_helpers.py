@@ -3,11 +3,9 @@ another.
 
 A worker compiles generation's stages, their blocks, the square pictures' static-shape code and the
 training step before it takes jobs (`trainer.worker.Worker.prepare`), one part after the other in
-one process: more than 15 minutes on an H200 with an empty compile cache, most of it
-single-threaded Python (dynamo's tracing, inductor's lowering) while the host's other cores sit
-idle. With three helpers the same start took about 6 minutes (374 s, bench/RESULTS.md): the
-worker's own first part, 283 s, then 59 s reading back what the helpers had compiled meanwhile.
-Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
+one process: many minutes with an empty compile cache, most of it single-threaded Python (dynamo's
+tracing, inductor's lowering) while the host's other cores sit idle. Helpers cut a first start to
+less than half (bench/RESULTS.md, "Worker start"). Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
 worker shares (`TORCHINDUCTOR_CACHE_DIR`), and reports each part on its stdout as it ends. The
 worker compiles the first part itself; before each part a helper owns, it waits for that helper and
 then reads the part's code back from the cache, as a restart does, instead of compiling it.
@@ -66,8 +64,7 @@ def helper_count(wanted: int, parts: int, cpus: int, free_gpu_gib: float) -> int
 
 
 def groups(parts: Sequence[str]) -> list[list[str]]:
-    """The parts each helper would take, the longest first: the training step (more than 4 minutes
-    on an H200), the square pictures together (they share the decoder's compiling), then each other
+    """The parts each helper would take, the longest first: the training step, the square pictures together (they share the decoder's compiling), then each other
     part on its own."""
     squares = [part for part in parts if part.startswith("square-")]
     ordered = [[TRAINING]] if TRAINING in parts else []

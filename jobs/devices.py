@@ -14,7 +14,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The module that answers questions about devices; it imports torch, so only a child loads it.
-DEVICE_PROBES = "trainer.devices"
+DEVICE_PROBES = "trainer.device_probes"
 
 
 class NoSuchDevice(Exception):
@@ -66,7 +66,7 @@ def _cuda_device_count() -> int:
 
 
 def _ask_torch(question: str) -> Any:
-    """Ask `trainer.devices.<question>` in a throwaway child, so that the bot's own process never
+    """Ask `trainer.device_probes.<question>` in a throwaway child, so that the bot's own process never
     initialises CUDA or imports torch."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from bench.train_speed import PlainRecipe
 from jobs import events
 from jobs.requests import TrainConfig
-from trainer.atomic import write_atomic
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
 from trainer.dreambooth import CHECKPOINT_NAME, TrainingRun, instance_prompt, train
 from trainer.errors import BadCheckpoint, BadPhoto, Cancelled, DiskFull, OutOfMemory, TooFewPhotos
+from trainer.file_writes import write_atomic
 from trainer.lora_io import read_metadata
 from trainer.pipelines import build_random_pipeline
 

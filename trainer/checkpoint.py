@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from trainer.atomic import write_atomic
 from trainer.errors import BadCheckpoint
+from trainer.file_writes import write_atomic
 
 FORMAT = "avatar-lora-checkpoint"
 VERSION = "1"

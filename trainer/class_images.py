@@ -22,9 +22,9 @@ from diffusers import DiffusionPipeline
 
 from jobs import events
 from jobs.events import EventSink
-from trainer.atomic import write_bytes_atomic
 from trainer.engine import encode_pngs
 from trainer.errors import Cancelled
+from trainer.file_writes import write_bytes_atomic
 from trainer.graphs import PipelineGraphs
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import disk_errors, write_atomic
 from trainer.family import Family
+from trainer.file_writes import disk_errors, write_atomic
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 FORMAT_VERSION = "1"

@@ -18,8 +18,8 @@ EventHandler = Callable[[int, Event], Awaitable[None]]
 class JobRunner(ABC):
     """Runs work items on workers and reports each event as `(job_id, event)`.
 
-    Besides the trainer's events, a runner reports `{"type": "worker_lost", "message": ...}` when
-    the worker running a job died; the job's owner decides whether to retry it.
+    Besides the trainer's events, a runner reports `WorkerLost` when the worker running a job died;
+    the job's owner decides whether to retry it.
     """
 
     @abstractmethod

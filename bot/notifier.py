@@ -82,7 +82,7 @@ class Notifier:
         """After a restart, show that queued jobs are waiting again in their old messages."""
         for job in await jobs_db.jobs_in_states(self.bot.store.db, ("queued",)):
             if job.message_id:
-                await self.job_updated(job, {"type": "requeued"})
+                await self.job_updated(job, Requeued())
 
     def _message(self, job: Job) -> discord.PartialMessage | None:
         """The job's own message, edited with the bot's token."""

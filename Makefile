@@ -30,9 +30,11 @@ run: $(RUNTIME_STAMP)
 
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: $(DEV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-venv:

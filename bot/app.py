@@ -87,7 +87,7 @@ class AvatarBot(commands.Bot):
 
         for module in (selfies, account, training, imagine):
             await module.setup(self)
-        self.tree.on_error = self.on_app_command_error
+        self.tree.error(self.on_app_command_error)
         if self.settings.dev_guild_id:
             guild = discord.Object(self.settings.dev_guild_id)
             self.tree.copy_global_to(guild=guild)

@@ -22,10 +22,10 @@ def contact_sheet(pngs: Sequence[bytes], thumb: int = THUMB, columns: int = COLU
     draw = ImageDraw.Draw(sheet)
     for number, data in enumerate(pngs, start=1):
         with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+            rgb = image.convert("RGB")
+            rgb.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
             x, y = (number - 1) % columns * thumb, (number - 1) // columns * thumb
-            sheet.paste(image, (x, y))
+            sheet.paste(rgb, (x, y))
         label = str(number)
         draw.rectangle((x, y, x + 10 + 8 * len(label), y + 16), fill="black")
         draw.text((x + 5, y + 2), label, fill="white")

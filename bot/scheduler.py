@@ -116,9 +116,9 @@ class Scheduler:
             if job.id not in requeued and (ended := await jobs_db.get_job(self.store.db, job.id)) is not None:
                 await self._finished(ended, {})
         for job_id in requeued:
-            job = await jobs_db.get_job(self.store.db, job_id)
-            if job is not None and job.restarts >= MAX_RESTARTS:
-                await self._fail(job, "This job was interrupted too many times; please start it again.")
+            again = await jobs_db.get_job(self.store.db, job_id)
+            if again is not None and again.restarts >= MAX_RESTARTS:
+                await self._fail(again, "This job was interrupted too many times; please start it again.")
                 await self.runner.cancel(job_id)  # its last attempt may still run on a remote worker
         await self.runner.start(self._on_event)
         self._task = asyncio.create_task(self._dispatch_loop(), name="scheduler")
@@ -231,7 +231,7 @@ class Scheduler:
     async def _create_training(self, user_id: int, steps: int | None, channel_id: int | None,
                                message_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
-        if user is None or not user.handle:
+        if user is None or not user.handle or not user.class_word:  # /handle sets both
             raise Refused("Pick your handle first with `/handle`, e.g. `/handle name:zqjane class:woman`.")
         count = await photos_db.count_photos(self.store.db, user_id)
         if count < self.settings.min_photos:
@@ -322,9 +322,10 @@ class Scheduler:
         if job is None or job.state != "running":
             return  # forgotten or already finished: drop late events (and their bytes)
         if isinstance(event, Stage | Progress):
-            progress = {"stage": event.stage, "detail": event.detail} if isinstance(event, Stage) else {
-                **job.progress, "stage": event.stage, "step": event.step, "total": event.total,
-                "loss": event.loss, "eta_s": event.eta_s}
+            progress: dict[str, Any] = (
+                {"stage": event.stage, "detail": event.detail} if isinstance(event, Stage) else {
+                    **job.progress, "stage": event.stage, "step": event.step, "total": event.total,
+                    "loss": event.loss, "eta_s": event.eta_s})
             now = time.monotonic()
             if isinstance(event, Stage) or now - self._last_progress_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
                 self._last_progress_write[job_id] = now

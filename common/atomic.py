@@ -33,7 +33,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` for a temporary file beside `path`, then move it into place.
 
     The data reach the disk before the rename, and the rename before this returns. If `write`

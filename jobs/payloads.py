@@ -129,6 +129,8 @@ class GenerateOutput:
     kind: Literal["generate"] = "generate"
 
 
+# Callers pass `type(x)`: a class is hashable, but mypy does not take type[X] for the cache's
+# Hashable argument (python/mypy#17730), hence their `type: ignore[arg-type]`.
 @cache
 def _adapter(kind: type) -> TypeAdapter[Any]:
     return TypeAdapter(kind)
@@ -136,7 +138,7 @@ def _adapter(kind: type) -> TypeAdapter[Any]:
 
 def to_stored(params: TrainParams | GenerateParams) -> dict[str, Any]:
     """A job's parameters as the JSON the database keeps."""
-    return _adapter(type(params)).dump_python(params, mode="json")
+    return _adapter(type(params)).dump_python(params, mode="json")  # type: ignore[arg-type]  # python/mypy#17730
 
 
 def from_stored(kind: str, stored: dict[str, Any]) -> TrainParams | GenerateParams:

@@ -50,6 +50,8 @@ def loads(text: str | bytes) -> Any:
     return _decode(json.loads(text))
 
 
+# Callers pass `type(x)`: a class is hashable, but mypy does not take type[X] for the cache's
+# Hashable argument (python/mypy#17730), hence their `type: ignore[arg-type]`.
 @cache
 def _adapter(kind: Any) -> TypeAdapter[Any]:
     return TypeAdapter(kind)
@@ -57,8 +59,8 @@ def _adapter(kind: Any) -> TypeAdapter[Any]:
 
 def item_to_dict(item: WorkItem) -> dict[str, Any]:
     return {"job_id": item.job_id, "kind": item.kind,
-            "params": _adapter(type(item.params)).dump_python(item.params),
-            "inputs": _adapter(type(item.inputs)).dump_python(item.inputs)}
+            "params": _adapter(type(item.params)).dump_python(item.params),  # type: ignore[arg-type]  # python/mypy#17730
+            "inputs": _adapter(type(item.inputs)).dump_python(item.inputs)}  # type: ignore[arg-type]  # python/mypy#17730
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def item_from_dict(data: Any) -> WorkItem:
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
-    return _adapter(type(event)).dump_python(event)
+    return _adapter(type(event)).dump_python(event)  # type: ignore[arg-type]  # python/mypy#17730
 
 
 def event_from_dict(data: Any) -> Event:

@@ -65,7 +65,9 @@ def _cascade() -> cv2.CascadeClassifier:
             "This OpenCV build has no Haar cascades (OpenCV 5 moved them out); "
             "install opencv-python-headless<5 as requirements.txt asks."
         )
-    path = os.path.join(cv2.data.haarcascades, CASCADE_FILE)
+    from cv2 import data  # loaded with cv2, but cv2's stubs do not declare it
+
+    path = os.path.join(data.haarcascades, CASCADE_FILE)
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
         raise RuntimeError(f"OpenCV's face cascade could not be loaded from {path}")

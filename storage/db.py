@@ -82,7 +82,8 @@ class Database:
         try:
             conn.row_factory = aiosqlite.Row
             async with conn.execute("PRAGMA journal_mode = WAL") as cur:
-                mode = (await cur.fetchone())[0]
+                row = await cur.fetchone()
+            mode = str(row[0]) if row is not None else "no answer"
             if mode.lower() != "wal":
                 log.warning("SQLite refused WAL mode for %s (got %s)", path, mode)
             await conn.execute("PRAGMA foreign_keys = ON")

@@ -254,7 +254,8 @@ async def queue_position(db: Database, job_id: int) -> int | None:
 
 
 def _filters(owner: int | None, kind: str | None, states: Sequence[str] | None) -> tuple[str, list[Any]]:
-    clauses, args = ["1"], []
+    clauses: list[str] = ["1"]
+    args: list[Any] = []
     if owner is not None:
         clauses.append("owner = ?")
         args.append(owner)

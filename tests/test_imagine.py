@@ -106,17 +106,18 @@ async def test_a_button_that_fails_before_thinking_answers_privately_with_a_refe
     ("train", "your job continues from its last checkpoint"),
 ])
 async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
-    """Only a training has checkpoints to continue from."""
+    """Only a training has checkpoints to continue from. Told after a restart (`resume`) as after a lost worker."""
     from bot.notifier import Notifier
     from storage import jobs_db
 
+    job = SimpleNamespace(id=3, kind=kind, state="queued", progress={}, channel_id=1, message_id=2)
     monkeypatch.setattr(jobs_db, "queue_position", AsyncMock(return_value=1))
+    monkeypatch.setattr(jobs_db, "jobs_in_states", AsyncMock(return_value=[job]))
     notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None), settings=SimpleNamespace(progress_interval_s=0),
                                         scheduler=SimpleNamespace(waiting_for_a_worker=lambda: False)))
     interaction = SimpleNamespace(edit_original_response=AsyncMock(), is_expired=lambda: False)
     notifier.attach_interaction(3, interaction)
-    job = SimpleNamespace(id=3, kind=kind, state="queued", progress={}, channel_id=None, message_id=None)
-    await notifier.job_updated(job, events.Requeued())
+    await notifier.resume()
     await notifier._editors[3].flush()
     text = interaction.edit_original_response.await_args.kwargs["content"]
     assert note in text and ("checkpoint" in text) == (kind == "train")

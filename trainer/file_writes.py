@@ -31,7 +31,7 @@ def disk_errors(what: str) -> Iterator[None]:
         raise
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], what: str = "file") -> Path:
+def write_atomic(path: Path, write: Callable[[Path], object], what: str = "file") -> Path:
     """`common.atomic.write_atomic`, with a full disk reported as DiskFull naming `what`: after a
     power cut the file is whole or absent (an empty class picture in the shared cache would break
     every later training of that class)."""

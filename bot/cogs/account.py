@@ -110,7 +110,8 @@ class AccountCog(commands.Cog):
         candidates = [(model.lora_path, "pytorch_lora_weights.safetensors")]
         if model.metadata.get("kohya_path"):
             candidates.append((model.metadata["kohya_path"], f"{handle}_kohya.safetensors"))
-        files, too_big = [], []
+        files: list[tuple[bytes, str]] = []
+        too_big: list[tuple[bytes, str]] = []
         for path, name in candidates:
             data = self.bot.store.files.read(path, interaction.user.id)
             (files if len(data) <= limit else too_big).append((data, name))

@@ -44,7 +44,7 @@ def test_train_then_generate_on_gpu(pipe, tmp_path):
                    device="cuda", on_event=seen.append)
     assert result.steps == 20 and math.isfinite(result.final_loss)
     assert result.lora_path.is_file()
-    assert any(e["type"] == "checkpoint" for e in seen)
+    assert any(e.type == "checkpoint_saved" for e in seen)
     assert torch.cuda.max_memory_allocated() < 10 * 2**30
 
     engine = GenerationEngine(pipe)

@@ -1,6 +1,7 @@
-"""Start helpers (trainer.start_helpers): how many start, which parts each takes, how the worker
-waits for them, and that they end with it. Nothing compiles on a CPU, so fake helpers stand in for
-the protocol's tests; a real helper runs on the tiny model to check its entry point."""
+"""Start helpers (trainer.start_helpers, trainer.start_helper_process): how many start, which parts
+each takes, how the worker waits for them, and that they end with it. Nothing compiles on a CPU, so
+fake helpers stand in for the protocol's tests; a real helper runs on the tiny model to check its
+entry point."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import pytest
 from bench.worker_start import PARTS
 from jobs.worker_config import WorkerConfig
 from trainer import start_helpers
-from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
+from trainer.start_helper_process import exit_when_closed
+from trainer.start_helpers import TRAINING, groups, helper_command, helper_count
 from trainer.worker import Worker
 
 # A helper in a few lines: reports each part as the real one does ("broken" fails, at "vanishes" it

@@ -14,7 +14,8 @@ from PIL import Image
 
 from tests.photos_factory import colour_fields, encode
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")]
 
 
 @pytest.fixture(scope="module")

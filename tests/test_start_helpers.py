@@ -153,6 +153,7 @@ def test_a_helper_ends_when_the_worker_closes_its_stdin_or_goes_away() -> None:
     assert ended.is_set()
 
 
+@pytest.mark.slow
 def test_a_real_helper_reports_each_part_and_refuses_parts_it_does_not_know(tmp_path: Path) -> None:
     """The entry point end to end on the tiny model: on a CPU the training step compiles nothing,
     and the engine has no part that compiles."""

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint venv clean-venv
+.PHONY: run test test-fast lint venv clean-venv
 
 # Python 3.11 or later (asyncio.timeout, datetime.UTC). A half-made environment (python3-venv missing: the folder exists, pip does not) is removed, so the
 # next `make` starts afresh instead of skipping this step.
@@ -36,6 +36,12 @@ test: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: lint and the tests marked neither slow (end-to-end, Celery, load, benchmarks,
+# torch.compile, anything over a few seconds) nor gpu; a few minutes on two cores.
+test-fast: $(DEV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,6 +15,7 @@ from discord.ext import commands
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
 from bot.notifier import Notifier
+from bot.replies import reply
 from bot.scheduler import Refused, Scheduler
 from common.logs import log_with_reference, setup_logging
 from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
@@ -113,17 +114,6 @@ class AvatarBot(commands.Bot):
             reference = log_with_reference(log, f"command {getattr(interaction.command, 'name', '?')}", original)
             message = f"Sorry, something went wrong on my side (reference `{reference}`). Please try again later."
         await reply(interaction, message)
-
-
-async def reply(interaction: discord.Interaction, message: str, *, ephemeral: bool = True) -> None:
-    """Answer an interaction whether or not it was already answered or deferred."""
-    try:
-        if interaction.response.is_done():
-            await interaction.followup.send(message, ephemeral=ephemeral)
-        else:
-            await interaction.response.send_message(message, ephemeral=ephemeral)
-    except discord.HTTPException:
-        log.warning("could not deliver a reply to an interaction", exc_info=True)
 
 
 async def serve(settings: Settings, runner: JobRunner | None = None, *, guild_ready_timeout: float = 2.0) -> None:

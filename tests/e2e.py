@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-from PIL import Image
 
 from bot.app import AvatarBot, build_runner
 from bot.config import Settings
@@ -24,7 +21,7 @@ from bot.endpoints import use_discord_endpoints
 from jobs.runner import JobRunner
 from storage.store import Storage
 from tests.fakediscord import FakeDiscord
-from tests.intake_corpus import encode, portrait
+from tests.photos_factory import selfie
 
 # Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
 TRAIN_STEPS = 24
@@ -53,24 +50,6 @@ def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Sett
         progress_interval_s=0.3,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
-
-
-def selfie(index: int, size: tuple[int, int] = (640, 800)) -> bytes:
-    """A distinct selfie: face position, size, light and background differ per index."""
-    backgrounds = [(118, 150, 182), (90, 130, 90), (170, 120, 160), (200, 190, 120), (80, 80, 110),
-                   (150, 150, 150), (60, 120, 140), (180, 100, 90)]
-    fx = 0.38 + 0.08 * (index % 4)
-    fy = 0.4 + 0.05 * (index % 3)
-    width = 0.34 + 0.04 * (index % 3)
-    image = portrait(size, ((fx, fy, width),), background=backgrounds[index % len(backgrounds)],
-                     light=0.5 - 0.25 * (index % 5), seed=index)
-    return encode(image, "JPEG", quality=92)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -156,14 +135,6 @@ def last_text(interaction) -> str:
     """The text a person finally sees for an interaction: the last message the bot wrote for it."""
     messages = [r.message for r in interaction.responses if r.message is not None]
     return messages[-1].content if messages else ""
-
-
-async def eventually(read, timeout: float = 60.0):
-    """Poll an async read until it returns something truthy (the bot records after it answers)."""
-    deadline = time.monotonic() + timeout
-    while not (value := await read()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return value
 
 
 async def ready_to_train(fake: FakeDiscord, user, handle: str) -> None:

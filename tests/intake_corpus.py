@@ -1,75 +1,23 @@
 """A corpus of good and broken uploads for photo intake, generated in code (nothing is downloaded).
 
-Faces are drawn: a skin-toned oval with hair, eyes, brows, nose shadow and mouth is enough for
-OpenCV's frontal-face Haar cascade, which keys on the dark eye band over lighter cheeks. Photos
-get mild sensor-like noise so that "sharp" means what it means for a camera photo.
+Faces and the photo helpers come from tests/photos_factory.py; the pictures without a face, the odd
+formats and the broken files are made here.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pillow_heif
 from PIL import Image, ImageDraw, ImageFilter
 
 from photos.intake import IntakeLimits
+from tests.photos_factory import SKY, add_noise, encode, face_image, face_jpeg, portrait
 
-SKY = (118, 150, 182)
-
-
-# --- drawing -------------------------------------------------------------------------------------
-
-
-def draw_face(draw: ImageDraw.ImageDraw, cx: float, cy: float, width: float) -> None:
-    """A frontal face `width` pixels wide (1.3x as tall) centred on (cx, cy)."""
-    w, h = width, width * 1.3
-    draw.ellipse([cx - w * 0.56, cy - h * 0.62, cx + w * 0.56, cy + h * 0.2], fill=(60, 40, 30))
-    draw.ellipse([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], fill=(224, 172, 140))
-    ey = cy - h * 0.08
-    for side in (-1, 1):
-        ex = cx + side * w * 0.2
-        draw.ellipse([ex - w * 0.11, ey - h * 0.035, ex + w * 0.11, ey + h * 0.035], fill=(250, 250, 250))
-        draw.ellipse([ex - w * 0.05, ey - h * 0.035, ex + w * 0.05, ey + h * 0.035], fill=(40, 25, 20))
-        draw.rectangle([ex - w * 0.13, ey - h * 0.11, ex + w * 0.13, ey - h * 0.08], fill=(70, 45, 35))
-    draw.polygon([(cx, ey), (cx - w * 0.07, cy + h * 0.12), (cx + w * 0.07, cy + h * 0.12)], fill=(190, 140, 110))
-    draw.ellipse([cx - w * 0.15, cy + h * 0.2, cx + w * 0.15, cy + h * 0.27], fill=(150, 60, 60))
-
-
-def add_noise(img: Image.Image, sigma: float = 8.0, seed: int = 0) -> Image.Image:
-    """Gaussian noise per channel, like a camera sensor's."""
-    rng = np.random.default_rng(seed)
-    pixels = np.asarray(img, dtype=np.float32)
-    noisy = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(sigma)
-    return Image.fromarray(np.clip(noisy, 0, 255, out=noisy).astype(np.uint8), mode=img.mode)
-
-
-def portrait(
-    size: tuple[int, int] = (800, 1000),
-    faces: tuple[tuple[float, float, float], ...] = ((0.5, 0.45, 0.4),),
-    background: tuple[int, int, int] = SKY,
-    light: float = 0.35,
-    seed: int = 0,
-) -> Image.Image:
-    """A photo with drawn faces; each face is (centre x, centre y, width) as fractions of the width/height/width.
-
-    `light` is the brightness difference between the left and right edges (negative: lit from the
-    right). Side light gives the picture the broad, asymmetric shading that real photos have.
-    """
-    img = Image.new("RGB", size, background)
-    draw = ImageDraw.Draw(img)
-    for fx, fy, fw in faces:
-        draw_face(draw, fx * size[0], fy * size[1], fw * size[0])
-    # soften the drawn edges a little, as a lens does
-    img = img.filter(ImageFilter.BoxBlur(1))
-    ramp = np.linspace(1 + light / 2, 1 - light / 2, size[0], dtype=np.float32)[None, :, None]
-    lit = Image.fromarray((np.asarray(img, dtype=np.float32) * ramp).clip(0, 255).astype(np.uint8), mode="RGB")
-    return add_noise(lit, seed=seed)
+# --- pictures without a face ---------------------------------------------------------------------
 
 
 def landscape(size: tuple[int, int] = (1200, 800), seed: int = 1) -> Image.Image:
@@ -114,16 +62,6 @@ def textured(mode: str, colour: tuple[int, ...], size: tuple[int, int] = (400, 4
 
 
 # --- encoding ------------------------------------------------------------------------------------
-
-
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    """The bytes of `img` saved as `fmt` (HEIF through pillow-heif)."""
-    buffer = io.BytesIO()
-    if fmt == "HEIF":
-        pillow_heif.from_pillow(img).save(buffer, quality=90)
-    else:
-        img.save(buffer, fmt, **params)
-    return buffer.getvalue()
 
 
 def jpeg_with_orientation(img: Image.Image, orientation: int) -> bytes:
@@ -226,18 +164,7 @@ def rgb_swapping_icc() -> bytes:
     return header + struct.pack(">I", len(tags)) + table + body
 
 
-# --- shared photos -------------------------------------------------------------------------------
-
-
-@functools.cache
-def face_jpeg() -> bytes:
-    """One clear, sharp, well-framed selfie."""
-    return encode(portrait(), "JPEG", quality=95)
-
-
-@functools.cache
-def face_image() -> Image.Image:
-    return portrait()
+# --- photos for particular cases -----------------------------------------------------------------
 
 
 def animated(fmt: str) -> bytes:

@@ -6,7 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from bench import job_speed, train_speed
+
+pytestmark = pytest.mark.slow
 
 
 def test_the_training_benchmark_reports_both_sides_and_their_ratio(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from jobs.payloads import GenerateOutput, TrainOutput
 from jobs.requests import GenerateRequest
 from storage import jobs_db
 from storage.store import Storage
-from tests.e2e import eventually, finished_job, selfie
+from tests.e2e import finished_job
+from tests.photos_factory import selfie
+from tests.polling import wait_until
 from tests.work_items import generate_item, train_item
 
 pytestmark = pytest.mark.slow
@@ -62,7 +64,7 @@ async def pool(tmp_path, redis_url, celery_workers):
 
     async def both_up():
         return len(runner.workers) == 2
-    assert await eventually(both_up, timeout=120), "the two workers never reported"
+    assert await wait_until(both_up, timeout=120), "the two workers never reported"
     try:
         yield store, runner, scheduler, observed, celery_workers
     finally:
@@ -76,13 +78,13 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
     await add_person(store, 2, "zqbobby")
     a, _ = await scheduler.enqueue_train(1)
     b, _ = await scheduler.enqueue_train(2)
-    a, b = [await eventually(lambda j=j: finished_job(store, j.id), timeout=300) for j in (a, b)]
+    a, b = [await wait_until(lambda j=j: finished_job(store, j.id), timeout=300) for j in (a, b)]
     assert (a.state, b.state) == ("succeeded", "succeeded"), (a.error, b.error)
     assert a.started_at < b.finished_at and b.started_at < a.finished_at  # side by side on two workers
 
     jobs = [(await scheduler.enqueue_generate(user, GenerateRequest("on the moon", num_images=1, seed=5)))[0]
             for user in (1, 2)]
-    done = [await eventually(lambda j=j: finished_job(store, j.id), timeout=120) for j in jobs]
+    done = [await wait_until(lambda j=j: finished_job(store, j.id), timeout=120) for j in jobs]
     assert [j.state for j in done] == ["succeeded", "succeeded"]
     from storage import generations_db
 
@@ -102,7 +104,7 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
 
     runner.app.send_task = recording
     again, _ = await scheduler.enqueue_generate(1, GenerateRequest("on the moon", num_images=1, seed=6))
-    assert (await eventually(lambda: finished_job(store, again.id), timeout=120)).state == "succeeded"
+    assert (await wait_until(lambda: finished_job(store, again.id), timeout=120)).state == "succeeded"
     assert sent[0][0] == worker_queue(holder) and sent[0][1].lora is None
 
 
@@ -114,11 +116,11 @@ async def test_a_worker_killed_mid_training_hands_the_job_to_the_other_from_its_
     async def checkpointed():
         current = await jobs_db.get_job(store.db, job.id)
         return current if current.checkpoint_path and current.state == "running" else None
-    assert await eventually(checkpointed, timeout=300)
+    assert await wait_until(checkpointed, timeout=300)
     victim = runner._running_on[job.id]
     workers.kill(victim)
 
-    finished = await eventually(lambda: finished_job(store, job.id), timeout=300)
+    finished = await wait_until(lambda: finished_job(store, job.id), timeout=300)
     assert finished.state == "succeeded" and finished.attempts == 2, finished.error
     resumed = [e for e in observed.events[job.id] if e.get("detail", "").startswith("resumed at step")]
     assert resumed, "the second attempt did not resume from the checkpoint"
@@ -131,14 +133,14 @@ async def test_a_picture_rides_on_a_training_when_every_worker_trains(pool):
     for user, handle in ((1, "zqalice"), (2, "zqbobby"), (3, "zqcarla")):
         await add_person(store, user, handle)
     first, _ = await scheduler.enqueue_train(1)
-    assert (await eventually(lambda: finished_job(store, first.id), timeout=300)).state == "succeeded"
+    assert (await wait_until(lambda: finished_job(store, first.id), timeout=300)).state == "succeeded"
     long = [(await scheduler.enqueue_train(user, steps=5000))[0] for user in (2, 3)]
 
     async def both_training():
         return len(runner._trainings_without_rider()) == 2
-    assert await eventually(both_training, timeout=120), "the two trainings never started"
+    assert await wait_until(both_training, timeout=120), "the two trainings never started"
     picture, _ = await scheduler.enqueue_generate(1, GenerateRequest("on the moon", num_images=1, seed=5))
-    done = await eventually(lambda: finished_job(store, picture.id), timeout=120)
+    done = await wait_until(lambda: finished_job(store, picture.id), timeout=120)
     assert done.state == "succeeded", done.error
     assert [(await jobs_db.get_job(store.db, j.id)).state for j in long] == ["running", "running"]
     await scheduler.cancel_user_jobs(2)
@@ -377,12 +379,12 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     try:
         async def up():
             return list(runner.redis.scan_iter(match=worker_key("*")))
-        assert await eventually(up, timeout=60), log_file.read_text()
+        assert await wait_until(up, timeout=60), log_file.read_text()
         await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
 
         async def done():
             return any(wire.envelope_from_text(e).event.type == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
-        assert await eventually(done, timeout=60), log_file.read_text()
+        assert await wait_until(done, timeout=60), log_file.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)

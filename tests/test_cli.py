@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.photos_factory import colour_fields
 from trainer.__main__ import main
 from trainer.cli import run
 from trainer.lora_io import read_metadata
@@ -23,10 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_photos(folder: Path, count: int) -> Path:
     """Distinct 512 px photos (intake refuses small ones and near-duplicates)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i in range(count):
-        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((512, 512), Image.Resampling.BICUBIC).save(folder / f"photo{i}.png")
+    for i, photo in enumerate(colour_fields(count, 512, cells=6, seed=1)):
+        photo.save(folder / f"photo{i}.png")
     return folder
 
 

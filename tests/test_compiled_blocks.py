@@ -41,7 +41,7 @@ class CountingBackend:
         return gm.forward
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def overridden(modules: list[torch.nn.Module]) -> list[bool]:

@@ -63,6 +63,7 @@ def test_compiling_is_on_where_the_step_is_graphed_unless_the_config_says_otherw
     assert TrainConfig(compiled_stages=True).compiles_on("cpu")
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_nothing(tmp_path: Path) -> None:
     pipe = build_random_pipeline("tiny")
     plain = run_train(tmp_path, small(steps=3), pipe=pipe, tag="plain")
@@ -95,6 +96,7 @@ def test_compiled_stages_train_like_plain_ones_and_a_second_training_compiles_no
         assert torch.allclose(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile
 def test_the_step_fuses_the_projections_that_share_an_input_and_trains_the_same(tmp_path: Path) -> None:
     pipe = build_random_pipeline("tiny")
     runs = {}
@@ -118,6 +120,7 @@ def test_the_step_fuses_the_projections_that_share_an_input_and_trains_the_same(
     assert torch.allclose(torch.tensor(runs[True][2]), torch.tensor(runs[False][2]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile
 def test_the_warm_up_compiles_what_a_training_of_that_config_runs(tmp_path: Path) -> None:
     pipe = build_random_pipeline("tiny")
     backend = CountingAot()

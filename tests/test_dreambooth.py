@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from bench.train_speed import PlainRecipe
 from jobs import events
 from jobs.requests import TrainConfig
+from tests.photos_factory import training_photos
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
 from trainer.dreambooth import CHECKPOINT_NAME, TrainingRun, instance_prompt, train
@@ -29,18 +30,6 @@ from trainer.pipelines import build_random_pipeline
 HANDLE, CLASS = "sks", "woman"
 
 
-def make_photos(count: int = 5, size: int = 64) -> list[Image.Image]:
-    """A face-like blob on coloured backgrounds: enough structure for the VAE, different per photo."""
-    rng = np.random.default_rng(0)
-    photos = []
-    for i in range(count):
-        a = np.full((size + 16, size, 3), (30 * i, 60, 200 - 30 * i), np.uint8)
-        a[20:60, 16:48] = (210, 160, 120)
-        a = (a + rng.integers(0, 25, a.shape)).clip(0, 255).astype(np.uint8)
-        photos.append(Image.fromarray(a))
-    return photos
-
-
 def small(**overrides) -> TrainConfig:
     """A config for 64 px tiny-model runs with only a couple of cheap class images."""
     base = {"steps": 6, "resolution": 64, "rank": 4, "num_class_images": 2, "class_image_steps": 2,
@@ -49,7 +38,7 @@ def small(**overrides) -> TrainConfig:
 
 
 def run_train(tmp_path: Path, config: TrainConfig, pipe=None, tag: str = "run", **kwargs):
-    return train(make_photos(), HANDLE, CLASS, config, pipeline=pipe or build_random_pipeline("tiny"),
+    return train(training_photos(), HANDLE, CLASS, config, pipeline=pipe or build_random_pipeline("tiny"),
                  base_model="tiny", out_dir=tmp_path / tag / "out", work_dir=tmp_path / tag / "work",
                  class_cache_dir=tmp_path / "class-cache", device="cpu", **kwargs)
 
@@ -170,7 +159,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path: Path) -> None
         run_train(tmp_path, small(), tag="third", resume_from=tmp_path / "junk.safetensors")
     # The operator changed BASE_MODEL while the training waited: its LoRA belongs to the old one.
     with pytest.raises(BadCheckpoint, match="base_model"):
-        train(make_photos(), HANDLE, CLASS, small(steps=4, checkpoint_every=2), pipeline=build_random_pipeline("tiny"),
+        train(training_photos(), HANDLE, CLASS, small(steps=4, checkpoint_every=2), pipeline=build_random_pipeline("tiny"),
               base_model="another-sd15-finetune", out_dir=tmp_path / "fourth" / "out",
               work_dir=tmp_path / "fourth" / "work", class_cache_dir=tmp_path / "class-cache", device="cpu",
               resume_from=tmp_path / "first" / "work" / CHECKPOINT_NAME)
@@ -236,7 +225,7 @@ def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:
 def test_cached_training_equals_the_plain_recipe(tmp_path: Path, prior: bool) -> None:
     """Encoding once gives the same losses as running the VAE and text encoder every step."""
     config = small(steps=5, prior_preservation=prior, noise_offset=0.1, learning_rate=1e-2)
-    run = TrainingRun(make_photos(), HANDLE, CLASS, config, base_model="tiny", out_dir=tmp_path / "out",
+    run = TrainingRun(training_photos(), HANDLE, CLASS, config, base_model="tiny", out_dir=tmp_path / "out",
                       work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache", on_event=events.ignore,
                       should_cancel=lambda: False, resume_from=None)
     with run.session(build_random_pipeline("tiny")):
@@ -244,7 +233,7 @@ def test_cached_training_equals_the_plain_recipe(tmp_path: Path, prior: bool) ->
 
     pipe = build_random_pipeline("tiny")
     class_paths = ensure_class_images(pipe, "tiny", f"a photo of a {CLASS}", 64, 2, tmp_path / "cache").paths
-    recipe = PlainRecipe(pipe, make_photos(), config, class_paths if prior else [])
+    recipe = PlainRecipe(pipe, training_photos(), config, class_paths if prior else [])
     plain = [recipe.step().item() for _ in range(config.steps)]
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
     assert len(set(cached)) == config.steps  # the steps really differ (fresh draws each step)
@@ -252,16 +241,16 @@ def test_cached_training_equals_the_plain_recipe(tmp_path: Path, prior: bool) ->
 
 def test_too_few_photos_and_unreadable_photos_are_explained(tmp_path: Path) -> None:
     with pytest.raises(TooFewPhotos, match="at least 5"):
-        train(make_photos(3), HANDLE, CLASS, small(), pipeline=build_random_pipeline("tiny"),
+        train(training_photos(3), HANDLE, CLASS, small(), pipeline=build_random_pipeline("tiny"),
               out_dir=tmp_path, work_dir=tmp_path, class_cache_dir=tmp_path)
-    photos: list = [*make_photos(4), b"this is not an image"]
+    photos: list = [*training_photos(4), b"this is not an image"]
     with pytest.raises(BadPhoto):
         train(photos, HANDLE, CLASS, small(), pipeline=build_random_pipeline("tiny"), out_dir=tmp_path,
               work_dir=tmp_path, class_cache_dir=tmp_path)
 
 
 def test_photos_may_be_paths_bytes_or_images(tmp_path: Path) -> None:
-    photos = make_photos()
+    photos = training_photos()
     (tmp_path / "p0.png").parent.mkdir(exist_ok=True)
     photos[0].save(tmp_path / "p0.png")
     buffer = io.BytesIO()
@@ -276,7 +265,7 @@ def test_photos_may_be_paths_bytes_or_images(tmp_path: Path) -> None:
 def test_sdxl_trains_and_its_lora_loads(tmp_path: Path) -> None:
     pipe = build_random_pipeline("tiny-sdxl")
     config = small(steps=2, train_text_encoder=True, learning_rate=1e-2)
-    result = train(make_photos(), HANDLE, CLASS, config, pipeline=pipe, base_model="tiny-sdxl",
+    result = train(training_photos(), HANDLE, CLASS, config, pipeline=pipe, base_model="tiny-sdxl",
                    out_dir=tmp_path / "out", work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache")
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     keys = load_file(result.lora_path).keys()

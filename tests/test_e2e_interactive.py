@@ -8,7 +8,6 @@ import pytest
 from storage import jobs_db
 from tests.e2e import (
     e2e_settings,
-    eventually,
     finished_job,
     last_text,
     ready_to_train,
@@ -17,6 +16,7 @@ from tests.e2e import (
     start_training,
 )
 from tests.fakediscord import FakeDiscord
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ async def test_heartbeats_commands_and_imagine_during_someone_elses_training(fak
         async def bob_in_the_loop():
             [job] = await jobs_db.jobs_for_user(run.store.db, bob.id, kind="train")
             return job if job.state == "running" and job.progress.get("stage") == "training" else None
-        assert await eventually(bob_in_the_loop, timeout=120)
+        assert await wait_until(bob_in_the_loop, timeout=120)
         session, beats = fake.session, fake.session.heartbeats
         await fake.wait_for(lambda: session.heartbeats >= beats + 5, timeout=10)  # the gateway stays alive
         status = await fake.invoke_command(bob, "status")
@@ -57,5 +57,5 @@ async def test_heartbeats_commands_and_imagine_during_someone_elses_training(fak
 
         cancel = await fake.invoke_command(bob, "cancel")
         await fake.wait_for(lambda: cancel.responses, timeout=10)
-        assert (await eventually(lambda: finished_job(run.store, bob_job.id), timeout=60)).state == "cancelled"
+        assert (await wait_until(lambda: finished_job(run.store, bob_job.id), timeout=60)).state == "cancelled"
     assert fake.unknown_routes == []

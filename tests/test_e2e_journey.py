@@ -14,8 +14,10 @@ import pytest
 from bot import notifier
 from bot.progress import ThrottledEditor
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
-from tests.e2e import BotProcess, LoopLag, e2e_settings, eventually, last_text, running_bot, selfie
+from tests.e2e import BotProcess, LoopLag, e2e_settings, last_text, running_bot
 from tests.fakediscord import FakeDiscord
+from tests.photos_factory import selfie
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         result = imagine.original
         assert [a.filename for a in result.attachments] == ["image-1.png", "image-2.png"]
         assert "Seeds #1:" in result.content
-        generation = await eventually(lambda: generations_db.generation_for_message(first.store.db, result.id))
+        generation = await wait_until(lambda: generations_db.generation_for_message(first.store.db, result.id))
         assert generation is not None and generation.owner == alice.id
         assert [b["custom_id"] for b in result.buttons] == [
             f"gen:{generation.id}:reroll", f"gen:{generation.id}:more:0", f"gen:{generation.id}:more:1"]
@@ -187,6 +189,6 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         async def none_left() -> bool:
             return not await personal_files()
 
-        await eventually(none_left)  # the worker deletes its copy of the LoRA as soon as it is told
+        await wait_until(none_left)  # the worker deletes its copy of the LoRA as soon as it is told
         assert await personal_files() == []
     assert fake.unknown_routes == []

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from storage import jobs_db, photos_db
-from tests.e2e import e2e_settings, last_text, ready_to_train, running_bot, selfie
+from tests.e2e import e2e_settings, last_text, ready_to_train, running_bot
+from tests.photos_factory import selfie
 from tests.test_scheduler import FakeRunner
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,6 @@ from storage import jobs_db, models_db
 from tests.e2e import (
     BotProcess,
     e2e_settings,
-    eventually,
     finished_job,
     last_text,
     ready_to_train,
@@ -25,6 +24,7 @@ from tests.e2e import (
     samples_message,
     start_training,
 )
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ async def checkpointed(run: BotProcess, owner: int):
     async def read():
         jobs = await jobs_db.jobs_for_user(run.store.db, owner, kind="train")
         return next((j for j in jobs if j.checkpoint_path and j.state == "running"), None)
-    return await eventually(read)
+    return await wait_until(read)
 
 
 async def test_a_worker_killed_mid_training_resumes_from_its_checkpoint_despite_429s(fake, tmp_path):
@@ -103,7 +103,7 @@ async def test_two_workers_train_two_people_at_once_and_answer_status_and_cancel
         async def both_running() -> bool:
             jobs = await jobs_db.jobs_in_states(run.store.db, ("running",))
             return len(jobs) == 2
-        assert await eventually(both_running)
+        assert await wait_until(both_running)
         await start_training(fake, carol)  # both workers are busy: carol waits
 
         status = await fake.invoke_command(carol, "status")
@@ -114,7 +114,7 @@ async def test_two_workers_train_two_people_at_once_and_answer_status_and_cancel
         cancel = await fake.invoke_command(carol, "cancel")
         await fake.wait_for(lambda: last_text(cancel), timeout=10)
         carol_job = (await jobs_db.jobs_for_user(run.store.db, carol.id, kind="train"))[0]
-        assert (await eventually(lambda: jobs_db.get_job(run.store.db, carol_job.id))).state == "cancelled"
+        assert (await wait_until(lambda: jobs_db.get_job(run.store.db, carol_job.id))).state == "cancelled"
 
         await fake.wait_for(lambda: samples_message(fake, alice) and samples_message(fake, bob), timeout=300)
         [a] = await jobs_db.jobs_for_user(run.store.db, alice.id, kind="train")
@@ -134,12 +134,12 @@ async def test_a_job_that_kills_its_worker_twice_fails_with_a_reason_and_the_nex
         progress = await start_training(fake, alice)
         previous = None
         for attempt in (1, 2):
-            job = await eventually(lambda attempt=attempt, previous=previous: _checkpointed_again(
+            job = await wait_until(lambda attempt=attempt, previous=previous: _checkpointed_again(
                 run, alice.id, attempt, previous))
             assert job is not None, f"attempt {attempt} stored no checkpoint"
             previous = job.checkpoint_path
             os.kill(run.runner.worker_pids[0], signal.SIGKILL)
-        failed = await eventually(lambda: finished_job(run.store, job.id))
+        failed = await wait_until(lambda: finished_job(run.store, job.id))
         assert failed.state == "failed" and "stopped unexpectedly" in failed.error
         await fake.wait_for(lambda: "It did not work: The GPU worker stopped unexpectedly" in progress.content,
                             timeout=30)

@@ -43,6 +43,7 @@ class Fusing:
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
+@pytest.mark.slow  # torch.compile
 def test_linears_sharing_an_input_fuse_by_kind_with_the_same_values_and_gradients() -> None:
     torch.manual_seed(0)
     module = Projections()
@@ -86,6 +87,7 @@ class LoraProjections(torch.nn.Module):
         return torch.cat(parts + ([hidden[1]] if self.peek else []), dim=-1).sin()
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize(("sizes", "peek", "groups"), [
     ((8, 8, 8), False, 3),  # the frozen bases, the A matrices, the B matrices
     ((8, 8, 8), True, 2),  # one piece of the A product has a second reader: the B matrices stay apart
@@ -112,6 +114,7 @@ def test_the_b_matrices_reading_the_pieces_of_one_product_run_as_one_batched_gem
     assert all(grad.is_contiguous() for grad in grads)
 
 
+@pytest.mark.slow  # torch.compile
 def test_a_linear_whose_output_is_written_in_place_stays_apart() -> None:
     class InPlace(torch.nn.Module):
         def __init__(self) -> None:
@@ -144,6 +147,7 @@ class Convolutions(torch.nn.Module):
         return sum(other(x).sum() for other in self.others) + x.square().sum()
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_1x1_convolutions_become_linears_over_channels_with_the_same_values_and_gradients(channels_last: bool) -> None:
     torch.manual_seed(0)
@@ -175,6 +179,7 @@ def test_the_pass_has_a_stable_cache_key_that_names_its_settings() -> None:
     assert FuseLinearsPass(convolutions=False).uuid() != PASS.uuid()
 
 
+@pytest.mark.slow  # torch.compile
 def test_the_pass_keys_inductors_cache_by_its_settings_not_by_what_it_did_so_far() -> None:
     """Torch 2.11's inductor pickles its settings, the pass object among them, into each graph's
     cache key (later versions hash the pass's uuid() instead). A pickle that moved with the pass's

@@ -62,6 +62,7 @@ def test_a_warm_worker_has_frozen_its_model(clean_gc: None, tmp_path: Path) -> N
     assert gc.get_freeze_count() > 0 and id(worker.pipeline.unet) not in tracked
 
 
+@pytest.mark.slow
 def test_the_gc_benchmark_times_collections_before_and_after_freezing(clean_gc: None, tmp_path: Path) -> None:
     from bench import gc_pause
 

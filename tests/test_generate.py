@@ -21,7 +21,8 @@ from PIL import Image
 from bench import generate_speed
 from jobs.payloads import Picture
 from jobs.requests import DEFAULT_SCHEDULER, SCHEDULER_NAMES, GenerateRequest
-from tests.test_dreambooth import CLASS, HANDLE, make_photos, small
+from tests.photos_factory import training_photos
+from tests.test_dreambooth import CLASS, HANDLE, small
 from trainer import prompts
 from trainer.dreambooth import train
 from trainer.engine import GenerationEngine, image_size
@@ -72,7 +73,7 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> Loras:
     def trained(tag: str, seed: int, text_encoder: bool) -> Path:
         config = small(steps=10, learning_rate=1e-2, rank=4, alpha=8, train_text_encoder=text_encoder,
                        prior_preservation=False, seed=seed)
-        return train(make_photos(), HANDLE, CLASS, config, pipeline=build_random_pipeline("tiny"),
+        return train(training_photos(), HANDLE, CLASS, config, pipeline=build_random_pipeline("tiny"),
                      base_model="tiny", out_dir=root / tag / "out", work_dir=root / tag / "work",
                      class_cache_dir=root / "cache", device="cpu").lora_path
 

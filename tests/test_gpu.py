@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+from tests.photos_factory import colour_fields, encode
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")]
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +26,7 @@ def pipe():
 
 
 def _photos(n: int = 5) -> list[bytes]:
-    out = []
-    for i in range(n):
-        image = Image.new("RGB", (512, 512), (40 * i, 120, 200 - 30 * i))
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
+    return [encode(photo, "PNG") for photo in colour_fields(n, 512)]
 
 
 def test_train_then_generate_on_gpu(pipe, tmp_path):

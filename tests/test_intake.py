@@ -25,6 +25,7 @@ from photos.intake import (
     to_srgb,
 )
 from tests import intake_corpus as corpus
+from tests.photos_factory import encode, face_image, face_jpeg, portrait
 
 
 def decoded(photo: NormalisedPhoto) -> Image.Image:
@@ -166,8 +167,8 @@ def test_grayscale_becomes_neutral_rgb() -> None:
 
 def test_embedded_icc_profile_is_converted_to_srgb() -> None:
     red = corpus.textured("RGB", (230, 20, 20))
-    tagged = normalise_photo(corpus.encode(red, "PNG", icc_profile=corpus.rgb_swapping_icc()))
-    untagged = normalise_photo(corpus.encode(red, "PNG"))
+    tagged = normalise_photo(encode(red, "PNG", icc_profile=corpus.rgb_swapping_icc()))
+    untagged = normalise_photo(encode(red, "PNG"))
     r, g, _ = mean_colour(tagged)
     assert g > 170 and r < 90, "stored red means green under the embedded profile"
     r, g, _ = mean_colour(untagged)
@@ -236,8 +237,8 @@ def test_several_faces_are_flagged_and_centre_cropped() -> None:
 
 
 def test_large_jpeg_is_decoded_reduced_but_measured_in_full_size() -> None:
-    drawn = corpus.portrait((4000, 3000), ((0.45, 0.4, 0.12),))
-    photo = normalise_photo(corpus.encode(drawn, "JPEG", quality=90))
+    drawn = portrait((4000, 3000), ((0.45, 0.4, 0.12),))
+    photo = normalise_photo(encode(drawn, "JPEG", quality=90))
     assert (photo.width, photo.height) == (4000, 3000)
     assert photo.flags == ()
     x, y, w, h = photo.face_box  # in the photo's own pixels, not the half-size decode's
@@ -248,7 +249,7 @@ def test_large_jpeg_is_decoded_reduced_but_measured_in_full_size() -> None:
 
 
 def test_far_smaller_faces_do_not_count_as_other_people(monkeypatch: pytest.MonkeyPatch) -> None:
-    img = corpus.portrait((1200, 900), ((0.35, 0.45, 0.3), (0.85, 0.3, 0.08)))
+    img = portrait((1200, 900), ((0.35, 0.45, 0.3), (0.85, 0.3, 0.08)))
     monkeypatch.setattr(faces, "RELATIVE_MIN_FACE", 0.0)
     assert len(faces.detect_faces(img, img.size)) == 2, "the cascade sees the stranger"
     monkeypatch.undo()
@@ -296,8 +297,8 @@ def refusal(photo: NormalisedPhoto, existing: list[tuple[str, int]]) -> IntakeEr
 
 
 def test_same_upload_twice_is_an_exact_duplicate() -> None:
-    first = normalise_photo(corpus.face_jpeg())
-    again = normalise_photo(corpus.face_jpeg())
+    first = normalise_photo(face_jpeg())
+    again = normalise_photo(face_jpeg())
     assert again == first  # intake is deterministic
     error = refusal(again, stored(first))
     assert error.code == "duplicate"
@@ -305,9 +306,9 @@ def test_same_upload_twice_is_an_exact_duplicate() -> None:
 
 
 def test_same_pixels_in_another_format_are_an_exact_duplicate() -> None:
-    img = corpus.face_image()
-    as_png = normalise_photo(corpus.encode(img, "PNG"))
-    as_webp = normalise_photo(corpus.encode(img, "WEBP", lossless=True))
+    img = face_image()
+    as_png = normalise_photo(encode(img, "PNG"))
+    as_webp = normalise_photo(encode(img, "WEBP", lossless=True))
     assert as_png.sha256 == as_webp.sha256
     assert refusal(as_webp, stored(as_png)).code == "duplicate"
 
@@ -315,14 +316,14 @@ def test_same_pixels_in_another_format_are_an_exact_duplicate() -> None:
 @pytest.mark.parametrize(
     "variant",
     [
-        pytest.param(lambda img: corpus.encode(img, "JPEG", quality=60), id="jpeg_quality_60"),
-        pytest.param(lambda img: corpus.encode(img.resize((720, 900), Image.Resampling.LANCZOS), "PNG"),
+        pytest.param(lambda img: encode(img, "JPEG", quality=60), id="jpeg_quality_60"),
+        pytest.param(lambda img: encode(img.resize((720, 900), Image.Resampling.LANCZOS), "PNG"),
                      id="resized_90_percent"),
     ],
 )
 def test_re_encoded_or_resized_photo_is_a_near_duplicate(variant: typing.Callable[[Image.Image], bytes]) -> None:
-    original = normalise_photo(corpus.face_jpeg())
-    copy = normalise_photo(variant(corpus.face_image()))
+    original = normalise_photo(face_jpeg())
+    copy = normalise_photo(variant(face_image()))
     assert copy.sha256 != original.sha256
     assert hamming(copy.phash, original.phash) <= IntakeLimits().near_duplicate_distance
     assert refusal(copy, stored(original)).code == "near_duplicate"
@@ -330,12 +331,12 @@ def test_re_encoded_or_resized_photo_is_a_near_duplicate(variant: typing.Callabl
 
 def test_other_photos_of_the_same_face_are_not_duplicates() -> None:
     kept = [
-        normalise_photo(corpus.encode(img, "JPEG", quality=90))
+        normalise_photo(encode(img, "JPEG", quality=90))
         for img in (
-            corpus.portrait(),
-            corpus.portrait((1000, 1000), ((0.45, 0.5, 0.35),)),
-            corpus.portrait((800, 1000), ((0.5, 0.5, 0.6),), light=-0.35),
-            corpus.portrait((1600, 1000), ((0.3, 0.5, 0.15),), background=(90, 120, 80), seed=3),
+            portrait(),
+            portrait((1000, 1000), ((0.45, 0.5, 0.35),)),
+            portrait((800, 1000), ((0.5, 0.5, 0.6),), light=-0.35),
+            portrait((1600, 1000), ((0.3, 0.5, 0.15),), background=(90, 120, 80), seed=3),
         )
     ]
     for i, photo in enumerate(kept):
@@ -343,14 +344,14 @@ def test_other_photos_of_the_same_face_are_not_duplicates() -> None:
 
 
 def test_exact_duplicate_wins_over_a_near_one_in_any_order() -> None:
-    photo = normalise_photo(corpus.face_jpeg())
-    near = normalise_photo(corpus.encode(corpus.face_image(), "JPEG", quality=60))
+    photo = normalise_photo(face_jpeg())
+    near = normalise_photo(encode(face_image(), "JPEG", quality=60))
     assert refusal(photo, stored(near, photo)).code == "duplicate"
     assert refusal(photo, iter(stored(photo, near))).code == "duplicate"
 
 
 def test_near_duplicate_threshold_comes_from_the_limits() -> None:
-    photo = normalise_photo(corpus.face_jpeg())
+    photo = normalise_photo(face_jpeg())
     flipped = photo.phash ^ 0b111  # three bits away
     check_duplicates(photo, [("other", flipped)], IntakeLimits(near_duplicate_distance=2))
     with pytest.raises(IntakeError):
@@ -364,7 +365,7 @@ def test_hamming_counts_differing_bits() -> None:
 
 
 def test_perceptual_hash_is_64_bits() -> None:
-    assert 0 <= normalise_photo(corpus.face_jpeg()).phash < 2**64
+    assert 0 <= normalise_photo(face_jpeg()).phash < 2**64
 
 
 # --- recognising formats -------------------------------------------------------------------------
@@ -386,12 +387,12 @@ def test_perceptual_hash_is_64_bits() -> None:
     ],
 )
 def test_formats_are_recognised_from_their_bytes(fmt: str, params: dict, expected: str) -> None:
-    assert sniff_format(corpus.encode(corpus.noise_image((64, 64)), fmt, **params)) == expected
+    assert sniff_format(encode(corpus.noise_image((64, 64)), fmt, **params)) == expected
 
 
 def test_unsupported_format_message_names_it_and_what_is_accepted() -> None:
     with pytest.raises(IntakeError) as caught:
-        normalise_photo(corpus.encode(corpus.face_image(), "BMP"))
+        normalise_photo(encode(face_image(), "BMP"))
     assert caught.value.message.startswith("BMP files aren't supported")
     assert "JPEG, PNG, WebP or HEIC" in caught.value.message
 
@@ -409,7 +410,7 @@ def test_limit_messages_state_the_numbers() -> None:
 def test_kept_png_carries_no_metadata_from_the_upload() -> None:
     exif = Image.Exif()
     exif[0x010E] = "at home, 12 Example Street"  # ImageDescription
-    upload = corpus.encode(corpus.textured("RGB", (230, 20, 20)), "PNG", icc_profile=corpus.rgb_swapping_icc(),
+    upload = encode(corpus.textured("RGB", (230, 20, 20)), "PNG", icc_profile=corpus.rgb_swapping_icc(),
                            exif=exif)
     kept = decoded(normalise_photo(upload))
     assert "icc_profile" not in kept.info and "exif" not in kept.info

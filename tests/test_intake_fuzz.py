@@ -22,6 +22,7 @@ from PIL import Image
 
 from photos.intake import IntakeError, IntakeLimits, normalise_photo
 from tests import intake_corpus as corpus
+from tests.photos_factory import encode, portrait
 
 LIMITS = IntakeLimits(max_pixels=2_000_000)
 
@@ -32,16 +33,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")
 @functools.cache
 def seeds() -> dict[str, bytes]:
     """Small valid photos in every accepted container, with the metadata parsers have to read."""
-    face = corpus.portrait((300, 360))
+    face = portrait((300, 360))
     exif = Image.Exif()
     exif[0x0112] = 6
     return {
-        "jpeg": corpus.encode(face, "JPEG", quality=85, exif=exif),
-        "jpeg_progressive": corpus.encode(face, "JPEG", quality=80, progressive=True),
-        "png": corpus.encode(face, "PNG", icc_profile=corpus.rgb_swapping_icc()),
-        "png_palette": corpus.encode(corpus.palette_with_hole().resize((300, 300)), "PNG"),
-        "webp": corpus.encode(face, "WEBP", quality=80, exif=exif),
-        "webp_lossless": corpus.encode(face, "WEBP", lossless=True),
+        "jpeg": encode(face, "JPEG", quality=85, exif=exif),
+        "jpeg_progressive": encode(face, "JPEG", quality=80, progressive=True),
+        "png": encode(face, "PNG", icc_profile=corpus.rgb_swapping_icc()),
+        "png_palette": encode(corpus.palette_with_hole().resize((300, 300)), "PNG"),
+        "webp": encode(face, "WEBP", quality=80, exif=exif),
+        "webp_lossless": encode(face, "WEBP", lossless=True),
     }
 
 
@@ -73,6 +74,7 @@ def damaged(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=200,
     deadline=None,

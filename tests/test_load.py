@@ -19,13 +19,13 @@ import pytest
 from storage import generations_db, models_db, users_db
 from tests.e2e import (
     e2e_settings,
-    eventually,
     last_text,
     ready_to_train,
     running_bot,
     samples_message,
     start_training,
 )
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ async def test_fifty_people_ten_trainings_two_hundred_pictures_on_two_workers(fa
         for person, interaction, sent in asked:
             original = interaction.original
             assert len(original.attachments) == 1, last_text(interaction)
-            generation = await eventually(lambda o=original: generations_db.generation_for_message(db, o.id))
+            generation = await wait_until(lambda o=original: generations_db.generation_for_message(db, o.id))
             model = await models_db.get_model(db, generation.model_id)
             assert generation.owner == person.id and model.owner == person.id  # made with their own model
             latencies.append(original.versions[-1].at.timestamp() - sent)

@@ -17,7 +17,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
-from tests.test_dreambooth import make_photos, small
+from tests.photos_factory import training_photos
+from tests.test_dreambooth import small
 from trainer import merged_lora
 from trainer.dreambooth import train
 from trainer.graphs import GraphedCall, Override, _signature
@@ -28,7 +29,7 @@ from trainer.pipelines import build_random_pipeline
 def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA on the UNet and the text encoder, trained hard enough to change outputs visibly."""
     root = tmp_path_factory.mktemp("merged")
-    return train(make_photos(), "zqx", "woman", small(steps=3, learning_rate=5e-2, train_text_encoder=True,
+    return train(training_photos(), "zqx", "woman", small(steps=3, learning_rate=5e-2, train_text_encoder=True,
                                                        prior_preservation=False, rank=4, alpha=8),
                  pipeline=build_random_pipeline("tiny"), base_model="tiny", out_dir=root / "out", work_dir=root / "work", class_cache_dir=root / "cache",
                  device="cpu").lora_path

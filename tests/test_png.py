@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.photos_factory import colour_fields
 from trainer import png
 
 
@@ -56,9 +57,7 @@ def test_the_same_pixels_always_give_the_same_bytes_and_smooth_pictures_compress
 
 
 def test_a_photo_is_no_larger_than_pillows_fast_png() -> None:
-    rng = np.random.default_rng(0)
-    photo = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-                       .resize((512, 512), Image.Resampling.BICUBIC))
+    photo = np.asarray(colour_fields(1, 512, cells=8, seed=0)[0])
     pillow = io.BytesIO()
     Image.fromarray(photo).save(pillow, format="PNG", compress_level=1)
     assert len(png.encode_rgb([photo])[0]) <= len(pillow.getvalue())

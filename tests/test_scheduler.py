@@ -15,6 +15,7 @@ from jobs.requests import GenerateRequest
 from jobs.runner import JobRunner
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.store import Storage
+from tests.polling import wait_until
 
 ALICE, BOB = 1001, 1002
 
@@ -70,14 +71,6 @@ class Recorder:
 
     async def job_finished(self, job, outcome):
         self.finished.append((job.id, job.state, outcome))
-
-
-async def _until(condition, timeout: float = 5.0) -> None:
-    """Let the scheduler's loop run until `condition()` holds (or `timeout` passes)."""
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
 
 
 def _settings(tmp_path: Path, **extra: str):
@@ -210,7 +203,7 @@ async def test_imagine_before_the_first_model_is_trained_points_to_status(env):
         await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     runner.capacity = 1
     scheduler.wake()
-    await _until(lambda: runner.submitted)
+    await wait_until(lambda: runner.submitted, timeout=5, interval=0.02)
     assert (await jobs_db.get_job(store.db, job.id)).state == "running"
     with pytest.raises(Refused, match=r"still being trained; `/status`"):
         await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
@@ -336,7 +329,7 @@ async def test_a_cancel_between_claim_and_hand_over_reaches_the_worker(env):
 
     runner.submit = slow_hand_over
     job, _ = await scheduler.enqueue_train(ALICE)
-    await _until(lambda: runner.cancelled)
+    await wait_until(lambda: runner.cancelled, timeout=5, interval=0.02)
     assert runner.cancelled == [job.id]
     # A worker that finishes before it hears of the cancel: the job ends cancelled, no model is kept.
     await runner.emit(job.id, events.Done(TrainOutput(b"L", None, {}, 1, 0.1)))
@@ -362,7 +355,7 @@ async def test_a_forget_between_claim_and_hand_over_evicts_the_lora_the_hand_ove
 
     runner.submit = slow_hand_over
     job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
-    await _until(lambda: runner.forgotten)
+    await wait_until(lambda: runner.forgotten, timeout=5, interval=0.02)
     assert runner.cancelled == [job.id] and runner.forgotten == [adapter_key(model)]
 
 
@@ -372,7 +365,7 @@ async def test_a_job_that_cannot_be_prepared_fails_kindly_instead_of_hanging(env
     photo = (await photos_db.list_photos(store.db, ALICE))[0]
     (store.data_dir / photo.path).unlink()  # a stored file gone from the disk
     job, _ = await scheduler.enqueue_train(ALICE)
-    await _until(lambda: observer.finished)
+    await wait_until(lambda: observer.finished, timeout=5, interval=0.02)
     failed = await jobs_db.get_job(store.db, job.id)
     assert failed.state == "failed" and failed.error.startswith("Sorry, something went wrong on my side (reference")
     assert "Traceback" not in failed.error and runner.submitted == []
@@ -442,7 +435,7 @@ async def test_a_job_whose_hand_over_fails_waits_for_the_next_worker_without_los
 
     runner.submit = dying_worker
     job, _ = await scheduler.enqueue_train(ALICE)
-    await _until(lambda: runner.submitted)
+    await wait_until(lambda: runner.submitted, timeout=5, interval=0.02)
     assert failures == [job.id] and [i.job_id for i in runner.submitted] == [job.id]
     again = await jobs_db.get_job(store.db, job.id)
     assert (again.state, again.attempts) == ("running", 1)
@@ -460,7 +453,7 @@ async def test_what_a_worker_says_first_about_a_job_is_what_its_owner_sees_and_i
 
     runner.submit = quick_worker
     job, _ = await scheduler.enqueue_train(ALICE)
-    await _until(lambda: (job.id, starting) in observer.shown)
+    await wait_until(lambda: (job.id, starting) in observer.shown, timeout=5, interval=0.02)
     await asyncio.sleep(0.1)
     shown = [progress for job_id, progress in observer.shown if job_id == job.id]
     assert shown == [{"stage": "loading_model", "detail": ""}, starting]  # handed over, then the worker's word

@@ -13,7 +13,8 @@ import pytest
 from jobs import events
 from jobs.payloads import TrainInputs, TrainParams, WorkItem
 from jobs.requests import GenerateRequest
-from tests.test_dreambooth import CLASS, HANDLE, make_photos, run_train, small
+from tests.photos_factory import training_photos
+from tests.test_dreambooth import CLASS, HANDLE, run_train, small
 from trainer.class_images import cache_key
 from trainer.dreambooth import class_prompt
 from trainer.engine import GenerationEngine
@@ -103,7 +104,7 @@ def test_a_worker_serves_before_each_sample_picture(tmp_path: Path) -> None:
 
     worker.engine.generate = generate
     config = small(steps=2, prior_preservation=False, resolution=64)
-    item = WorkItem(1, TrainParams(HANDLE, CLASS, config, samples=2, sample_steps=2), TrainInputs(make_photos()))
+    item = WorkItem(1, TrainParams(HANDLE, CLASS, config, samples=2, sample_steps=2), TrainInputs(training_photos()))
     result = worker.run(item, log.append, lambda: False, serve_riders=lambda: log.append(SERVED))
 
     assert len(result.samples) == 2

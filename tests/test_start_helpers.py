@@ -1,6 +1,7 @@
-"""Start helpers (trainer.start_helpers): how many start, which parts each takes, how the worker
-waits for them, and that they end with it. Nothing compiles on a CPU, so fake helpers stand in for
-the protocol's tests; a real helper runs on the tiny model to check its entry point."""
+"""Start helpers (trainer.start_helpers, trainer.start_helper_process): how many start, which parts
+each takes, how the worker waits for them, and that they end with it. Nothing compiles on a CPU, so
+fake helpers stand in for the protocol's tests; a real helper runs on the tiny model to check its
+entry point."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import pytest
 
 from jobs.worker_config import WorkerConfig
 from trainer import start_helpers
-from trainer.start_helpers import TRAINING, exit_when_closed, groups, helper_command, helper_count
+from trainer.start_helper_process import exit_when_closed
+from trainer.start_helpers import TRAINING, groups, helper_command, helper_count
 from trainer.start_report import MODEL, PartTime, helper_wait
 from trainer.worker import Worker
 
@@ -167,6 +169,7 @@ def test_a_helper_ends_when_the_worker_closes_its_stdin_or_goes_away() -> None:
     assert ended.is_set()
 
 
+@pytest.mark.slow
 def test_a_real_helper_reports_each_part_and_refuses_parts_it_does_not_know(tmp_path: Path) -> None:
     """The entry point end to end on the tiny model: on a CPU the training step compiles nothing,
     and the engine has no part that compiles."""

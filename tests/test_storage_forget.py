@@ -88,7 +88,7 @@ async def test_a_photo_that_arrives_as_its_owner_is_forgotten_leaves_no_file(sto
     (the person is gone), and the file written just before must not stay behind."""
     from bot.photo_intake import accept_photo
     from photos.intake import IntakeLimits
-    from tests.e2e import selfie
+    from tests.photos_factory import selfie
 
     await users_db.ensure_user(store.db, ALICE)
     await forget_user(store, ALICE)

@@ -13,35 +13,28 @@ then reads the part's code back from the cache, as a restart does, instead of co
 Helpers start only on a GPU, where something compiles, and only as many as the GPU's free memory
 and the host's CPUs leave room for (`helper_count`). A helper that fails costs nothing but its time:
 the worker compiles that part itself. Helpers end with the worker: each one exits when its stdin,
-held by the worker, closes.
-
-    python -m trainer.start_helpers --config '<WorkerConfig as JSON>' --part training   # one helper
+held by the worker, closes. A helper's process is trainer.start_helper_process.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from common.logs import setup_logging
 from jobs.devices import usable_cpus
 from jobs.worker_config import WorkerConfig
 
-# Named, not __name__: a helper runs this module as __main__.
-log = logging.getLogger("trainer.start_helpers")
+log = logging.getLogger(__name__)
 
 # The worker's part that is not the engine's (whose parts are named in trainer.engine).
 TRAINING = "training"
@@ -155,7 +148,8 @@ def free_gpu_gib(device: str) -> float:
 
 def helper_command(config: WorkerConfig, parts: Sequence[str]) -> list[str]:
     """The command line of a helper compiling `parts` with `config`."""
-    command = [sys.executable, "-m", "trainer.start_helpers", "--config", json.dumps(dataclasses.asdict(config))]
+    command = [sys.executable, "-m", "trainer.start_helper_process",
+               "--config", json.dumps(dataclasses.asdict(config))]
     for part in parts:
         command += ["--part", part]
     return command
@@ -190,47 +184,3 @@ def started(config: WorkerConfig, parts: Sequence[str], device: str) -> Iterator
         yield helpers
     finally:
         helpers.close()
-
-
-def exit_when_closed(fd: int, end: Callable[[], None]) -> None:
-    """Call `end` once the file descriptor `fd` (the helper's stdin, which the worker holds) closes:
-    the worker has ended, or no longer needs this helper. Unbuffered reads: a buffered stream's lock,
-    held by this thread, would stop the interpreter's own exit."""
-    while os.read(fd, 4096):
-        pass
-    end()
-
-
-def report(outcome: str, part: str) -> None:
-    """Tell the worker that `part` has ended (the protocol is this process's stdout; logs go to stderr)."""
-    sys.stdout.write(f"{outcome} {part}\n")
-    sys.stdout.flush()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """A helper: compile the parts named on the command line, reporting each as it ends."""
-    from trainer.worker import Worker
-
-    parser = argparse.ArgumentParser(prog="python -m trainer.start_helpers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the worker's configuration, as JSON")
-    parser.add_argument("--part", action="append", required=True, help="a part to compile (repeatable)")
-    args = parser.parse_args(argv)
-    config = WorkerConfig(**json.loads(args.config))
-    setup_logging(config.log_level)
-    multiprocessing.current_process().name = f"start-helper({','.join(args.part)})"
-    threading.Thread(target=exit_when_closed, args=(sys.stdin.fileno(), lambda: os._exit(0)),
-                     name="watch-worker", daemon=True).start()
-    worker = Worker(config)
-    for part in args.part:
-        try:
-            worker.compile_part(part)
-        except Exception:  # noqa: BLE001 - the worker compiles the part itself
-            log.exception("could not compile %s", part)
-            report(FAILED, part)
-        else:
-            report(DONE, part)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

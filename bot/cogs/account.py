@@ -10,8 +10,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.app import reply
 from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
+from bot.replies import reply
 from jobs.handles import NameRuleError, normalize_class_word, suggest_handle, validate_handle
 from storage import jobs_db, models_db, users_db
 from storage.forget import posted_messages

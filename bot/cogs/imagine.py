@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.app import reply
+from bot.replies import reply
 from bot.scheduler import Refused
 from bot.views import queued_text
 from jobs.requests import MAX_IMAGES, STYLES, Aspect, BadRequest, GenerateRequest

@@ -9,8 +9,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.app import reply
 from bot.progress import NO_WORKER_ONLINE, render_progress
+from bot.replies import reply
 from bot.scheduler import Refused
 from jobs.requests import MAX_TRAIN_STEPS, MIN_TRAIN_STEPS
 from storage import jobs_db

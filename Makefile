@@ -41,6 +41,7 @@ test: $(DEV_STAMP)
 # torch.compile, anything over a few seconds) nor gpu; a few minutes on two cores.
 test-fast: $(DEV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean-venv:

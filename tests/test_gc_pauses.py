@@ -75,3 +75,23 @@ def test_the_gc_benchmark_times_collections_before_and_after_freezing(clean_gc: 
     assert min(result["baseline_full_collection_ms"], result["ours_full_collection_ms"],
                result["ours_after_a_picture_ms"]) >= 0
     assert result["ratio"] == result["baseline_full_collection_ms"] / max(result["ours_full_collection_ms"], 1e-3)
+
+
+def test_the_collector_is_paused_inside_the_block_and_restored_after():
+    """A worker's heavy imports run with the collector off (CPython gh-91351 on Python 3.11); a
+    collector that was off stays off."""
+    import gc
+
+    from trainer.gc_pauses import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

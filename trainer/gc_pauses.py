@@ -15,10 +15,11 @@ them would stay, and those are the model and its compiled code, kept for the pro
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,20 @@ class CollectionTimer:
                             "(%d objects collected)", info["generation"], took * 1000, info["collected"])
                 if self.on_long is not None:
                     self.on_long(took)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No collection inside the block: for the heavy imports of a worker's start. On Python 3.11 a
+    collection in the middle of an import can run a finalizer that imports in turn, which breaks the
+    import lock with a KeyError (CPython gh-91351, fixed in 3.12) and kills the worker as it starts."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def log_long_collections(threshold_s: float = LONG_COLLECTION_S) -> CollectionTimer:

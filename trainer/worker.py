@@ -82,11 +82,13 @@ class Worker:
     @property
     def pipeline(self) -> Any:
         if self._pipeline is None:
-            from trainer.pipelines import load_pipeline, pick_device
+            # torch, diffusers and transformers load their modules here, many of them lazily.
+            with gc_pauses.collector_paused():
+                from trainer.pipelines import load_pipeline, pick_device
 
-            device = pick_device(self.config.device)
-            started = time.perf_counter()
-            self._pipeline = load_pipeline(self.config.base_model, device=device)
+                device = pick_device(self.config.device)
+                started = time.perf_counter()
+                self._pipeline = load_pipeline(self.config.base_model, device=device)
             log.info("loaded %s on %s in %.1f s", self.config.base_model, device,
                      time.perf_counter() - started)
         return self._pipeline

@@ -10,6 +10,6 @@ python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torc
 python3 -m bench.train_speed --json "$OUT/train.json" "$@" 2>&1 | tee "$OUT/train.log"
 python3 -m bench.generate_speed --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
 python3 -m bench.job_speed --json "$OUT/job.json" 2>&1 | tee "$OUT/job.log"
-if [ -f tests/test_gpu.py ]; then
-  python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+if [ -f tests/trainer/test_gpu.py ]; then
+  python3 -m pytest -q --noconftest -p no:cacheprovider tests/trainer/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 fi

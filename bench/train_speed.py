@@ -11,7 +11,7 @@ LoRA weights in fp32 with the UNet forward under autocast, torch's default (non-
     python -m bench.train_speed --dtype fp16             # as on a GPU without bf16 (T4): fp16 + loss scaling
 
 `PlainRecipe` draws its random numbers in the same order as the trainer, so in fp32 both produce the
-same losses step by step (tests/test_dreambooth.py checks this); only where the work is done differs.
+same losses step by step (tests/trainer/test_dreambooth.py checks this); only where the work is done differs.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import sys
 for name in ("redis", "aiohttp", "discord", "celery", "aiosqlite"):
     sys.modules[name] = None  # importing any of them now raises ImportError
 import pytest
-sys.exit(pytest.main(["tests/test_gpu.py", "-q", "-p", "no:cacheprovider"]))
+sys.exit(pytest.main(["tests/trainer/test_gpu.py", "-q", "-p", "no:cacheprovider"]))
 """
 
 

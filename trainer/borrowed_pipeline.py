@@ -58,7 +58,7 @@ def lend(pipe: DiffusionPipeline, family: Family, trained: dict[str, torch.nn.Mo
     which adapter weights require gradients; so every module's adapter state is put back, which
     makes the trained adapter (in the `trained` modules, once added) the only active and trainable
     one again. Training draws only from its own generator, so its results do not change
-    (tests/test_dreambooth.py checks this).
+    (tests/trainer/test_dreambooth.py checks this).
     """
     modules = {name: getattr(pipe, name) for name in ("unet", *family.text_encoder_names)}
     states = {name: adapters.snapshot(module) for name, module in modules.items()}

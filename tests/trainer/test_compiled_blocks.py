@@ -1,6 +1,6 @@
 """Regional compilation for generation (trainer.compiled_blocks), on the tiny model.
 
-Inductor pays only on a GPU (tests/test_gpu.py compares its pictures there); here the stages and
+Inductor pays only on a GPU (tests/trainer/test_gpu.py compares its pictures there); here the stages and
 blocks are compiled with torch.compile's cheap backends, which check the wiring: which regions are
 compiled, that the compiled code is what runs, that it draws the same pictures, that it stays out of
 trainings, and that the warm-up compiles what a picture between training steps needs.
@@ -19,8 +19,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from peft import LoraConfig, inject_adapter_in_model
 
 from jobs.requests import GenerateRequest
-from tests.test_dreambooth import run_train, small
-from tests.test_generate import PERSON, REQUEST, pixels
+from tests.trainer.test_dreambooth import run_train, small
+from tests.trainer.test_generate import PERSON, REQUEST, pixels
 from trainer.adapters import holds_adapters
 from trainer.compiled_blocks import ByShape, CompiledBlocks
 from trainer.engine import ANY_SHAPE, DURING_TRAINING, GenerationEngine, square_part

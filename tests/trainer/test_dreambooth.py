@@ -375,7 +375,7 @@ def test_generations_served_between_steps_change_neither_the_training_nor_their_
                                       class_word=CLASS)[0].png)
 
     shared = run_train(tmp_path, config, pipe=pipe, tag="shared", serve_riders=serve)
-    # Before each step, and within the other phases (tests/test_serving_between_phases.py)
+    # Before each step, and within the other phases (tests/trainer/test_serving_between_phases.py)
     assert len(served) > config.steps and all(png == expected for png in served)
     assert shared.losses == plain.losses
     saved, reference = load_file(shared.lora_path), load_file(plain.lora_path)

@@ -1,4 +1,4 @@
-"""Photo intake on a generated corpus of good and broken uploads (see tests/intake_corpus.py)."""
+"""Photo intake on a generated corpus of good and broken uploads (see tests/photos/intake_corpus.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from photos.intake import (
     sniff_format,
     to_srgb,
 )
-from tests import intake_corpus as corpus
+from tests.photos import intake_corpus as corpus
 from tests.photos_factory import encode, face_image, face_jpeg, portrait
 
 

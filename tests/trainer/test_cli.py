@@ -17,7 +17,7 @@ from trainer.__main__ import main
 from trainer.cli import run
 from trainer.lora_io import read_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_photos(folder: Path, count: int) -> Path:

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from storage import jobs_db, photos_db
-from tests.e2e import e2e_settings, last_text, ready_to_train, running_bot
+from tests.bot.test_scheduler import FakeRunner
+from tests.e2e.harness import e2e_settings, last_text, ready_to_train, running_bot
 from tests.photos_factory import selfie
-from tests.test_scheduler import FakeRunner
 
 pytestmark = pytest.mark.slow
 

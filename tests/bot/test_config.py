@@ -107,7 +107,7 @@ def test_run_without_token_prints_setup_and_fails(tmp_path):
 def test_every_setting_is_documented_in_the_readme():
     from bot.config import ENV_NAMES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert [env for env in ENV_NAMES.values() if f"| `{env}` |" not in readme] == []
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from photos.intake import IntakeError, IntakeLimits, normalise_photo
-from tests import intake_corpus as corpus
+from tests.photos import intake_corpus as corpus
 from tests.photos_factory import encode, portrait
 
 LIMITS = IntakeLimits(max_pixels=2_000_000)

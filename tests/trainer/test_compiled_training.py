@@ -1,6 +1,6 @@
 """The training step with the UNet's stages compiled (TrainConfig.compiled_stages), on the tiny model.
 
-Inductor pays only on a GPU (tests/test_gpu.py and bench/train_speed.py run it there). Here the
+Inductor pays only on a GPU (tests/trainer/test_gpu.py and bench/train_speed.py run it there). Here the
 stages go through AOT autograd with a counting backend, which checks the wiring: the same losses as
 the plain stages, the compiled code in place only for the step, one compile per process rather than
 per training, and a worker that compiles before it takes jobs.
@@ -18,7 +18,7 @@ import torch
 
 from jobs.requests import TrainConfig
 from jobs.worker_config import WorkerConfig
-from tests.test_dreambooth import run_train, small
+from tests.trainer.test_dreambooth import run_train, small
 from tests.work_items import train_item
 from trainer import dreambooth
 from trainer.compiled_blocks import for_training

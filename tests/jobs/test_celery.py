@@ -19,7 +19,7 @@ from jobs.payloads import GenerateOutput, TrainOutput
 from jobs.requests import GenerateRequest
 from storage import jobs_db
 from storage.store import Storage
-from tests.e2e import finished_job
+from tests.e2e.harness import finished_job
 from tests.photos_factory import selfie
 from tests.polling import wait_until
 from tests.work_items import generate_item, train_item
@@ -367,7 +367,7 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
               "Worker.run = lambda self, item, *args, **kwargs: GenerateOutput([])\n"
               "from trainer.__main__ import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
     log_file = tmp_path / "worker.log"
     with log_file.open("w") as log:

@@ -22,7 +22,7 @@ from bench import generate_speed
 from jobs.payloads import Picture
 from jobs.requests import DEFAULT_SCHEDULER, SCHEDULER_NAMES, GenerateRequest
 from tests.photos_factory import training_photos
-from tests.test_dreambooth import CLASS, HANDLE, small
+from tests.trainer.test_dreambooth import CLASS, HANDLE, small
 from trainer import prompts
 from trainer.dreambooth import train
 from trainer.engine import GenerationEngine, image_size

@@ -14,7 +14,7 @@ import pytest
 
 from bot.progress import NO_WORKER_ONLINE
 from storage import jobs_db, models_db
-from tests.e2e import (
+from tests.e2e.harness import (
     BotProcess,
     e2e_settings,
     finished_job,

@@ -107,7 +107,7 @@ def test_generations_between_graphed_steps_leave_the_training_unchanged(pipe, tm
         return torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
 
     # The same picture every time (within GPU nondeterminism): the adapters were restored each time.
-    # Served while caching, before each step and after the last (tests/test_serving_between_phases.py).
+    # Served while caching, before each step and after the last (tests/trainer/test_serving_between_phases.py).
     assert len(served) > config.steps and all((pixels(p) - pixels(served[0])).abs().mean() < 2 for p in served)
     assert torch.allclose(torch.tensor(shared.losses), torch.tensor(plain.losses), rtol=2e-2, atol=1e-3)
     again = engine.generate(request, adapter_key="jane", handle="zqjane", class_word="woman")[0].png

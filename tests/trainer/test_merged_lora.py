@@ -2,7 +2,7 @@
 
 Also the CPU-side rules of trainer.graphs: which calls can be graphed, and the method replacement
 being confined to its block, which variant's graph a call replays (graph capture and replay
-themselves need CUDA: tests/test_gpu.py).
+themselves need CUDA: tests/trainer/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
 from tests.photos_factory import training_photos
-from tests.test_dreambooth import small
+from tests.trainer.test_dreambooth import small
 from trainer import merged_lora
 from trainer.dreambooth import train
 from trainer.graphs import GraphedCall, Override, _signature

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from storage import generations_db, models_db, users_db
-from tests.e2e import (
+from tests.e2e.harness import (
     e2e_settings,
     last_text,
     ready_to_train,

@@ -14,7 +14,7 @@ from jobs import events
 from jobs.payloads import TrainInputs, TrainParams, WorkItem
 from jobs.requests import GenerateRequest
 from tests.photos_factory import training_photos
-from tests.test_dreambooth import CLASS, HANDLE, run_train, small
+from tests.trainer.test_dreambooth import CLASS, HANDLE, run_train, small
 from trainer.class_images import cache_key
 from trainer.dreambooth import class_prompt
 from trainer.engine import GenerationEngine

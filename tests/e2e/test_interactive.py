@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from storage import jobs_db
-from tests.e2e import (
+from tests.e2e.harness import (
     e2e_settings,
     finished_job,
     last_text,

@@ -14,7 +14,7 @@ import pytest
 from bot import notifier
 from bot.progress import ThrottledEditor
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
-from tests.e2e import BotProcess, LoopLag, e2e_settings, last_text, running_bot
+from tests.e2e.harness import BotProcess, LoopLag, e2e_settings, last_text, running_bot
 from tests.fakediscord import FakeDiscord
 from tests.photos_factory import selfie
 from tests.polling import wait_until
@@ -101,7 +101,7 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         assert any(a.filename == "preview.png" for v in progress.history for a in v.attachments)
         assert progress.attachments == []  # the finished message drops the preview
         # Edited through a throttle set to the configured interval. Its spacing is tested on its own clock
-        # in tests/test_progress.py: the fake records when each edit arrived, not when it was sent.
+        # in tests/bot/test_progress.py: the fake records when each edit arrived, not when it was sent.
         assert throttles and set(throttles) == {settings.progress_interval_s}
         model = await models_db.get_active_model(first.store.db, alice.id)
         run_files = first.store.files

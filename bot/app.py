@@ -12,12 +12,13 @@ import redis
 from discord import app_commands
 from discord.ext import commands
 
+from bot.apology import sorry
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
 from bot.notifier import Notifier
 from bot.replies import reply
 from bot.scheduler import Refused, Scheduler
-from common.logs import log_with_reference, setup_logging
+from common.logs import setup_logging
 from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
 from jobs.local_runner import LocalProcessRunner
 from jobs.runner import JobRunner
@@ -111,8 +112,7 @@ class AvatarBot(commands.Bot):
         elif isinstance(error, app_commands.CommandOnCooldown):
             message = f"Slow down a little; try again in {error.retry_after:.0f} s."
         else:
-            reference = log_with_reference(log, f"command {getattr(interaction.command, 'name', '?')}", original)
-            message = f"Sorry, something went wrong on my side (reference `{reference}`). Please try again later."
+            message = sorry(log, f"command {getattr(interaction.command, 'name', '?')}", exc_info=original)
         await reply(interaction, message)
 
 

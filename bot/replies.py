@@ -19,3 +19,4 @@ async def reply(interaction: discord.Interaction, message: str, *, ephemeral: bo
             await interaction.response.send_message(message, ephemeral=ephemeral)
     except discord.HTTPException:
         log.warning("could not deliver a reply to an interaction", exc_info=True)
+

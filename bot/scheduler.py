@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from bot.apology import sorry
 from bot.config import Settings
-from common.logs import log_with_reference
 from jobs.events import FINAL, Checkpoint, Done, Error, Event, Preview, Progress, Requeued, Stage, WorkerLost
 from jobs.payloads import (
     GenerateInputs,
@@ -192,9 +192,7 @@ class Scheduler:
     @staticmethod
     def _internal_error(doing: str) -> str:
         """Log the exception being handled under a reference, and say so kindly to the job's owner."""
-        reference = log_with_reference(log, doing)
-        return (f"Sorry, something went wrong on my side (reference `{reference}`). "
-                "Please try again; if it keeps happening, tell the server's operator.")
+        return sorry(log, doing, "Please try again; if it keeps happening, tell the server's operator.")
 
     async def _work_item(self, job: Job) -> WorkItem:
         params = from_stored(job.kind, job.params)

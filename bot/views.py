@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.apology import sorry
 from bot.progress import NO_WORKER_ONLINE
 from bot.scheduler import Refused
-from common.logs import log_with_reference
 from jobs.payloads import GenerateParams, VariationOf, from_stored
 
 if TYPE_CHECKING:
@@ -43,12 +43,11 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
         await _enqueue_from_button(interaction, generation_id, index)
     except Exception:
         button = "Reroll" if index is None else f"More like #{index + 1}"
-        reference = log_with_reference(log, f"button {button} of generation {generation_id}")
+        message = sorry(log, f"button {button} of generation {generation_id}")
         try:
-            await _answer_privately(interaction, f"Sorry, something went wrong on my side (reference "
-                                                 f"`{reference}`). Please try again later.")
+            await _answer_privately(interaction, message)
         except discord.HTTPException:
-            log.warning("could not answer a button press (reference %s)", reference, exc_info=True)
+            log.warning("could not answer a button press (%s)", message, exc_info=True)
 
 
 async def _enqueue_from_button(interaction: discord.Interaction, generation_id: int,

@@ -12,9 +12,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.apology import sorry
 from bot.contact_sheet import contact_sheet
 from bot.photo_intake import IntakeOutcome, accept_photo
-from common.logs import log_with_reference
 from photos.intake import IntakeLimits
 from storage import photos_db, users_db
 
@@ -92,9 +92,8 @@ class PhotosCog(commands.Cog):
             async with self.bot.scheduler.user_lock(message.author.id):
                 reply = await self.take_photos(message.author.id, message.attachments)
         except Exception:
-            reference = log_with_reference(log, "taking photos")
-            reply = (f"Sorry, something went wrong on my side while storing these photos (reference "
-                     f"`{reference}`). `/photos` shows the ones I kept; please send the others again later.")
+            reply = sorry(log, "taking photos", "`/photos` shows the ones I kept; please send the others again later.",
+                          while_="while storing these photos")
         try:
             first, *rest = message_chunks(reply)
             await message.reply(first, mention_author=False)

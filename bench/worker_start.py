@@ -134,8 +134,10 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
 
 
 def stop(child: subprocess.Popen[bytes]) -> None:
-    """Interrupt a start (and inductor's compile workers, in its session); kill it if it lingers."""
-    os.killpg(child.pid, signal.SIGINT)
+    """Stop a start and inductor's compile workers in its session; kill them if they linger.
+
+    SIGTERM, not SIGINT: a shell's background jobs inherit SIGINT ignored, and so would the start."""
+    os.killpg(child.pid, signal.SIGTERM)
     try:
         child.wait(timeout=5)
     except subprocess.TimeoutExpired:

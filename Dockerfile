@@ -5,7 +5,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DATA_DIR=/data \
-    HF_HOME=/hf-cache
+    HF_HOME=/hf-cache \
+    HEARTBEAT_FILE=/tmp/bot-heartbeat
 
 # gcc and python3-dev: Triton builds its small kernel launchers with them when the worker compiles
 # the model for generation and the training step (COMPILE_GENERATION, COMPILE_TRAINING).
@@ -33,4 +34,12 @@ COPY --chown=avatar:avatar storage ./storage
 COPY --chown=avatar:avatar common ./common
 
 VOLUME ["/data", "/hf-cache"]
+# `docker stop` sends SIGTERM: the bot stops its workers at their next step (a training keeps its last
+# checkpoint), tells the people waiting, logs "stopped" and exits 0. Run it with an init process
+# (compose: `init: true`; `docker run --init`) so that signals and orphaned processes are handled.
+STOPSIGNAL SIGTERM
+# Unhealthy while the bot is not connected to Discord (a refused token, no network) or its event loop
+# is stuck: the bot rewrites HEARTBEAT_FILE every 10 s while connected (bot/health.py).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=2m --retries=3 \
+    CMD ["/app/.venv/bin/python", "-m", "bot.health"]
 ENTRYPOINT ["/app/.venv/bin/python", "-m", "bot"]

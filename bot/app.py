@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import discord
@@ -15,6 +18,7 @@ from discord.ext import commands
 from bot.apology import sorry
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
+from bot.health import HEARTBEAT_INTERVAL_S, beat
 from bot.notifier import Notifier
 from bot.replies import reply
 from bot.scheduler import Refused, Scheduler
@@ -26,6 +30,10 @@ from jobs.worker_config import WorkerConfig
 from storage.store import Storage
 
 log = logging.getLogger(__name__)
+
+# `docker stop` sends SIGTERM, Ctrl-C SIGINT: both stop the bot as a restart should (see AvatarBot.close).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_NOTICE_TIMEOUT_S = 10.0  # the longest a stop waits for Discord to take the "stopping" edits
 
 
 def build_runner(settings: Settings) -> JobRunner:
@@ -83,6 +91,9 @@ class AvatarBot(commands.Bot):
         self.store = store
         self.notifier = Notifier(self)
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
+        self.set_up = False  # commands synced, scheduler and workers started
+        self._shutdown: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         from bot.cogs import account, imagine, selfies, training
@@ -98,10 +109,43 @@ class AvatarBot(commands.Bot):
             await self.tree.sync()
         await self.scheduler.start()
         await self.notifier.resume()
+        self.set_up = True
+        if self.settings.heartbeat_file is not None:
+            self._heartbeat = asyncio.create_task(self._keep_heartbeat(self.settings.heartbeat_file))
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s", self.user)
+
+    async def _keep_heartbeat(self, path: Path) -> None:
+        """Rewrite the heartbeat file while the gateway connection is up (bot.health reads it)."""
+        await self.wait_until_ready()
+        while True:
+            if self.is_ready() and self.ws is not None and self.ws.open:
+                try:
+                    beat(path)
+                except OSError as exc:
+                    log.warning("could not write the heartbeat file: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def close(self) -> None:
-        await self.scheduler.stop()
-        await super().close()
+        """Stop gracefully, once however often it is called: the workers stop at their next step
+        (the job stays `running` in the database with its last checkpoint, and the next start
+        re-queues it from there), the people whose jobs wait or run are told, then Discord is left."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._shut_down(), name="shutdown")
+        await self._shutdown
+
+    async def _shut_down(self) -> None:
+        try:
+            await self.scheduler.stop()
+            if self.set_up:
+                await self.notifier.bot_stopping(STOP_NOTICE_TIMEOUT_S)
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            if self.settings.heartbeat_file is not None:
+                self.settings.heartbeat_file.unlink(missing_ok=True)
+            await super().close()
 
     async def on_app_command_error(self, interaction: discord.Interaction,
                                    error: app_commands.AppCommandError) -> None:
@@ -117,28 +161,78 @@ class AvatarBot(commands.Bot):
 
 
 async def serve(settings: Settings, runner: JobRunner | None = None, *, guild_ready_timeout: float = 2.0) -> None:
-    """Open storage, start the bot and run until it is closed."""
-    store = await Storage.open(settings.data_dir)
+    """Open storage, start the bot and run until it is closed, or stopped by SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    with stop_on_signals(stop):
+        store = await Storage.open(settings.data_dir)
+        try:
+            bot = AvatarBot(settings, store, runner or build_runner(settings), guild_ready_timeout=guild_ready_timeout)
+            async with bot:
+                await run_until_stopped(bot, settings.discord_token, stop)
+        finally:
+            await store.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT set `stop`; a second one while stopping takes the handlers
+    away, so a third stops the process at once (the operator's way out of a stop that hangs)."""
+    loop = asyncio.get_running_loop()
+
+    def received(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s received: stopping; trainings stop at their next step and continue after a restart",
+                     sig.name)
+            stop.set()
+            return
+        log.warning("%s received again: still stopping; one more stops at once", sig.name)
+        for each in STOP_SIGNALS:
+            loop.remove_signal_handler(each)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, received, sig)
     try:
-        bot = AvatarBot(settings, store, runner or build_runner(settings), guild_ready_timeout=guild_ready_timeout)
-        async with bot:
-            await bot.start(settings.discord_token)
+        yield
     finally:
-        await store.close()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def run_until_stopped(bot: AvatarBot, token: str, stop: asyncio.Event) -> None:
+    """Run the bot until it ends on its own (an error, which is raised here) or `stop` is set; then
+    close it. A bot still logging in or setting up is cut short first: its set-up has nothing to
+    finish, and closing alone would let it start workers after the close."""
+    running = asyncio.create_task(bot.start(token), name="discord")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if running.done():
+        await running
+        return
+    if not bot.set_up:
+        running.cancel()
+    await bot.close()
+    [outcome] = await asyncio.gather(running, return_exceptions=True)  # ends once closed
+    if isinstance(outcome, Exception):
+        raise outcome
 
 
 def run_bot(settings: Settings) -> int:
-    """`make run`: log set-up, endpoints, then serve until Ctrl-C."""
+    """`make run`: log set-up, endpoints, then serve until SIGTERM or Ctrl-C (exit 0). A setting the
+    bot cannot work with, a refused token included, exits 2: restarting will not help."""
     setup_logging(settings.log_level, secrets=[settings.discord_token])
     use_discord_endpoints(settings.discord_api_base, settings.discord_gateway_url)
     try:
         asyncio.run(serve(settings))
+        log.info("stopped")
     except discord.LoginFailure:
         log.error("Discord refused the token. Copy a fresh one from the Bot page of your application "
                   "into DISCORD_TOKEN.")
         return 2
-    except KeyboardInterrupt:
-        log.info("stopped")
+    except KeyboardInterrupt:  # a third Ctrl-C during a stop (stop_on_signals)
+        log.info("stopped at once")
     except NoSuchDevice as exc:
         log.error("%s", exc)
         return 2

@@ -65,6 +65,7 @@ class Settings:
     compile_training: bool = True  # on a GPU: compile the training step at worker start
     # on a GPU: processes compiling parts of a worker's start beside it; -1: as many as fit, 0: none
     start_helpers: int = -1
+    heartbeat_file: Path | None = None  # rewritten while connected to Discord (bot.health); None: none
 
     @property
     def max_photo_bytes(self) -> int:
@@ -123,7 +124,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         if raw is None or raw.strip() == "":
             continue
         raw = raw.strip()
-        if f.name == "data_dir":
+        if f.name in ("data_dir", "heartbeat_file"):
             kwargs[f.name] = Path(raw).expanduser()
         elif f.name == "dev_guild_id":
             kwargs[f.name] = _parse(f.name, raw, int, problems)
@@ -168,6 +169,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         if url and not url.startswith(scheme):
             problems.append(f"{ENV_NAMES[name]}={url!r} must start with {' or '.join(scheme)}.")
     _check_data_dir(settings.data_dir, problems)
+    if settings.heartbeat_file is not None and not os.access(settings.heartbeat_file.parent, os.W_OK):
+        problems.append(f"HEARTBEAT_FILE={str(settings.heartbeat_file)!r} is not in a writable folder; "
+                        "point it at a file in one (e.g. /tmp/bot-heartbeat) or leave it unset.")
     if problems:
         raise ConfigError(problems)
     return settings

@@ -9,6 +9,7 @@ reach that channel does the result go to the person's DMs, so nothing is lost.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,19 @@ def requeued_note(job: Job) -> str:
     return "The worker restarted; your pictures are back in the queue and will be drawn again."
 
 
+def stopping_note(job: Job) -> str:
+    """What happens to a job while the bot is stopped (`docker stop`, Ctrl-C, a restart): nothing runs,
+    and the next start re-queues it; a training goes on from its last stored checkpoint."""
+    if job.kind == "generate":
+        return "The bot is stopping for a restart; your pictures will be drawn once it is back."
+    if job.state == "queued":
+        return "The bot is stopping for a restart; your training keeps its place in the queue."
+    if job.checkpoint_path:
+        return ("The bot stopped your training for a restart; it continues from its last checkpoint "
+                "once the bot is back.")
+    return "The bot stopped your training for a restart; it starts again once the bot is back."
+
+
 def prompt_of(job: Job) -> str:
     """The prompt a picture request was made with, as the person typed it."""
     params = from_stored("generate", job.params)
@@ -66,6 +80,7 @@ class Notifier:
         self._editors: dict[int, ThrottledEditor] = {}
         self._interactions: dict[int, discord.Interaction] = {}
         self._messages: dict[int, tuple[int, int]] = {}  # job id -> (channel id, message id)
+        self._shown: dict[int, str] = {}  # job id -> its latest progress text, without notes
 
     def attach_interaction(self, job_id: int, interaction: discord.Interaction) -> None:
         """Generation results go back through this (already deferred) interaction."""
@@ -120,12 +135,30 @@ class Notifier:
         position = await jobs_db.queue_position(self.bot.store.db, job.id) if job.state == "queued" else None
         text = render_progress(title_of(job), job.progress, position,
                                no_worker=self.bot.scheduler.waiting_for_a_worker())
+        self._shown[job.id] = text
         if isinstance(event, Requeued):
             text += "\n" + requeued_note(job)
         editor.update(text, event.png if isinstance(event, Preview) else None)
 
+    async def bot_stopping(self, timeout: float) -> None:
+        """The bot is stopping (its workers already have): each job still waiting or running says so
+        in its message, on top of the last progress shown (the stored one may be a step behind).
+        Waits at most `timeout` seconds for the edits: a stop must not hang on Discord."""
+        for job in await jobs_db.jobs_in_states(self.bot.store.db, ("queued", "running")):
+            if (editor := self._editor(job)) is None:
+                continue
+            position = await jobs_db.queue_position(self.bot.store.db, job.id) if job.state == "queued" else None
+            shown = self._shown.get(job.id) or render_progress(title_of(job), job.progress, position)
+            editor.update(f"{shown}\n{stopping_note(job)}")
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(editor.flush() for editor in self._editors.values()))
+        except TimeoutError:
+            log.warning("stopping without telling everyone: Discord did not take the edits in %.0f s", timeout)
+
     async def job_finished(self, job: Job, outcome: dict[str, Any]) -> None:
         editor = self._editors.pop(job.id, None)
+        self._shown.pop(job.id, None)
         if editor is not None:
             await editor.flush()
         interaction = self._interaction(job.id)

@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import logging
 import multiprocessing as mp
+import signal
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -29,7 +30,10 @@ WORKER_ENTRY = "trainer.worker_process:process_main"
 
 
 def _run_worker(entry: str, commands: Connection, events: Connection, config: WorkerConfig) -> None:
-    """In the child: import the worker by name and run it."""
+    """In the child: import the worker by name and run it. Ctrl-C in a terminal reaches the whole
+    process group; the worker ignores it and stops when the bot says so (a `Stop`, or its pipe closing),
+    at the next step, without taking its job down as a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     module, function = entry.split(":")
     getattr(importlib.import_module(module), function)(commands, events, config)
 

@@ -3,25 +3,33 @@
 The bot runs on the `tiny` random model on the CPU, with settings small enough that a whole training
 takes seconds. `BotProcess` starts and stops the bot inside the test's event loop the way `make run`
 does (login, command sync, gateway connect), so a test can stop it and start a new one over the same
-data folder to see what survives a restart.
+data folder to see what survives a restart. `BotSubprocess` runs `python -m bot` itself, for what
+only a process of its own shows: how it answers signals, its exit status and its log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from bot.app import AvatarBot, build_runner
-from bot.config import Settings
+from bot.config import ENV_NAMES, Settings
 from bot.endpoints import use_discord_endpoints
 from jobs.runner import JobRunner
-from storage.store import Storage
+from storage.store import DB_NAME, Storage
 from tests.fakediscord import FakeDiscord
 from tests.photos_factory import selfie
+from tests.polling import wait_until
 
 # Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
 TRAIN_STEPS = 24
@@ -115,6 +123,71 @@ class BotProcess:
             await self.store.close()
         self.bot = self.store = self._task = None
         use_discord_endpoints(None, None)  # discord.py's endpoints are process-wide
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the environment variables `python -m bot` reads them from."""
+    env = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is not None:
+            env[ENV_NAMES[f.name]] = str(int(value)) if isinstance(value, bool) else str(value)
+    return env
+
+
+class BotSubprocess:
+    """`python -m bot` in a process of its own, as an operator runs it, against the fake Discord.
+
+    Its settings come from the environment (none from the test's: only `settings`), its working
+    folder has no `.env`, and everything it logs goes to `log_path`.
+    """
+
+    def __init__(self, fake: FakeDiscord, settings: Settings, log_path: Path) -> None:
+        self.fake, self.settings, self.log_path = fake, settings, log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        """Start it and wait until it is connected and ready (its on_ready log line)."""
+        identified = self.fake.identify_count
+        env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
+        env.update(settings_environment(self.settings), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        cwd = self.log_path.parent / f"cwd-{self.log_path.stem}"
+        cwd.mkdir(exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "bot"], env=env, cwd=cwd,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        await self.fake.wait_connected(identify_count=identified + 1, timeout=60)
+        ready = await wait_until(lambda: "connected to Discord as" in self.log() or self.process.poll() is not None)
+        assert ready and self.process.poll() is None, self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def exit_status(self, timeout: float = 120) -> int | None:
+        """Its exit status once it has ended, None if it is still running after `timeout` seconds."""
+        assert self.process is not None
+        await wait_until(lambda: self.process.poll() is not None, timeout=timeout)
+        return self.process.poll()
+
+    def kill(self) -> None:
+        """Whatever a failed test left running (the worker children end with their pipes)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+
+def stored_rows(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of the database of a bot running in another process, read without writing to it."""
+    db = sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(sql, params)]
+    finally:
+        db.close()
 
 
 @contextlib.asynccontextmanager

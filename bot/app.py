@@ -15,6 +15,7 @@ from discord.ext import commands
 from bot.apology import sorry
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
+from bot.housekeeping import Housekeeping
 from bot.notifier import Notifier
 from bot.replies import reply
 from bot.scheduler import Refused, Scheduler
@@ -24,6 +25,7 @@ from jobs.local_runner import LocalProcessRunner
 from jobs.runner import JobRunner
 from jobs.worker_config import WorkerConfig
 from storage.store import Storage
+from storage.sweep import sweep_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class AvatarBot(commands.Bot):
         self.store = store
         self.notifier = Notifier(self)
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
+        self.housekeeping = Housekeeping(store, runner, settings.picture_retention_days)
 
     async def setup_hook(self) -> None:
         from bot.cogs import account, imagine, selfies, training
@@ -97,9 +100,11 @@ class AvatarBot(commands.Bot):
         else:
             await self.tree.sync()
         await self.scheduler.start()
+        self.housekeeping.start()
         await self.notifier.resume()
 
     async def close(self) -> None:
+        await self.housekeeping.stop()
         await self.scheduler.stop()
         await super().close()
 
@@ -117,9 +122,10 @@ class AvatarBot(commands.Bot):
 
 
 async def serve(settings: Settings, runner: JobRunner | None = None, *, guild_ready_timeout: float = 2.0) -> None:
-    """Open storage, start the bot and run until it is closed."""
+    """Open storage, sweep what a crash left, start the bot and run until it is closed."""
     store = await Storage.open(settings.data_dir)
     try:
+        await sweep_data_dir(store)
         bot = AvatarBot(settings, store, runner or build_runner(settings), guild_ready_timeout=guild_ready_timeout)
         async with bot:
             await bot.start(settings.discord_token)

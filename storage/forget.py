@@ -60,7 +60,10 @@ async def _remove_files_then_rows(storage: Storage, user_id: int) -> dict[str, i
         for table, column in _TABLES:
             summary[table] = await tx.execute(f"DELETE FROM {table} WHERE {column} = ?", (user_id,))
         await tx.execute("DELETE FROM forgotten WHERE user_id = ?", (user_id,))
-    summary["files"], summary["bytes"] = files, size
+    # A worker's event handled meanwhile (a checkpoint of a job being cancelled) may have written a
+    # file after the folder went; with the rows gone, nothing writes there for them any more.
+    late_files, late_size = await asyncio.to_thread(storage.files.delete_user_files, user_id)
+    summary["files"], summary["bytes"] = files + late_files, size + late_size
     return summary
 
 

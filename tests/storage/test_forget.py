@@ -119,8 +119,9 @@ async def test_the_person_is_marked_forgotten_before_any_file_goes(store, monkey
 
         # Another connection sees only what is committed.
         with sqlite3.connect(store.db.path) as other:
-            seen["tombstone"] = other.execute("SELECT user_id FROM forgotten").fetchall()
-            seen["photos"] = other.execute("SELECT count(*) FROM photos WHERE owner = ?", (user_id,)).fetchone()[0]
+            seen.setdefault("tombstone", other.execute("SELECT user_id FROM forgotten").fetchall())
+            seen.setdefault("photos", other.execute("SELECT count(*) FROM photos WHERE owner = ?",
+                                                    (user_id,)).fetchone()[0])
         return real(user_id)
 
     monkeypatch.setattr(store.files, "delete_user_files", delete_user_files)
@@ -194,3 +195,22 @@ async def test_after_forget_the_database_files_hold_nothing_of_the_person(store)
     assert MARKER_HANDLE.encode() not in after and MARKER_PROMPT.encode() not in after
     assert b"zqbobkept" in after
     assert await store.db.pragma("secure_delete") == 1
+
+
+async def test_a_file_written_for_them_while_they_are_forgotten_goes_too(store, monkeypatch):
+    """A checkpoint of their cancelled training, say, arriving between the folder's removal and the rows'."""
+    await _give_everything(store, ALICE)
+    real = store.files.delete_user_files
+    calls = []
+
+    def delete_user_files(user_id):
+        removed = real(user_id)
+        if not calls:
+            store.files.write(user_id, "checkpoints", b"late", ".zip")
+        calls.append(removed)
+        return removed
+
+    monkeypatch.setattr(store.files, "delete_user_files", delete_user_files)
+    summary = await forget_user(store, ALICE)
+    assert not store.files.user_dir(ALICE).exists()
+    assert summary["files"] == 5

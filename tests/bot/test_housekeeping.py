@@ -90,3 +90,14 @@ async def test_a_new_model_drops_the_one_before_the_previous_from_disk_and_worke
     assert len(models) == 2 and first not in [m.id for m in models]
     assert not (store.data_dir / first_path).exists()
     assert f"model-{first}" in runner.forgotten
+
+
+def test_the_retention_setting_is_checked_at_start(tmp_path):
+    from bot.config import ConfigError, load_settings
+
+    base = {"DISCORD_TOKEN": "t" * 30, "DATA_DIR": str(tmp_path)}
+    assert load_settings(base, env_file=None).picture_retention_days == 30
+    assert load_settings({**base, "PICTURE_RETENTION_DAYS": "0"}, env_file=None).picture_retention_days == 0
+    for bad, says in (("-1", r"must be 0 \(keep pictures for ever\) or a positive"), ("a week", "not a whole number")):
+        with pytest.raises(ConfigError, match=says):
+            load_settings({**base, "PICTURE_RETENTION_DAYS": bad}, env_file=None)

@@ -19,6 +19,7 @@ from bot.apology import sorry
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
 from bot.health import HEARTBEAT_INTERVAL_S, beat
+from bot.housekeeping import Housekeeping
 from bot.notifier import Notifier
 from bot.replies import reply
 from bot.scheduler import Refused, Scheduler
@@ -28,6 +29,7 @@ from jobs.local_runner import LocalProcessRunner
 from jobs.runner import JobRunner
 from jobs.worker_config import WorkerConfig
 from storage.store import Storage
+from storage.sweep import sweep_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class AvatarBot(commands.Bot):
         self.store = store
         self.notifier = Notifier(self)
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
+        self.housekeeping = Housekeeping(store, runner, settings.picture_retention_days)
         self.set_up = False  # commands synced, scheduler and workers started
         self._shutdown: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -108,6 +111,7 @@ class AvatarBot(commands.Bot):
         else:
             await self.tree.sync()
         await self.scheduler.start()
+        self.housekeeping.start()
         await self.notifier.resume()
         self.set_up = True
         if self.settings.heartbeat_file is not None:
@@ -137,6 +141,7 @@ class AvatarBot(commands.Bot):
 
     async def _shut_down(self) -> None:
         try:
+            await self.housekeeping.stop()
             await self.scheduler.stop()
             if self.set_up:
                 await self.notifier.bot_stopping(STOP_NOTICE_TIMEOUT_S)
@@ -161,11 +166,13 @@ class AvatarBot(commands.Bot):
 
 
 async def serve(settings: Settings, runner: JobRunner | None = None, *, guild_ready_timeout: float = 2.0) -> None:
-    """Open storage, start the bot and run until it is closed, or stopped by SIGTERM or SIGINT."""
+    """Open storage, sweep what a crash left, start the bot and run until it is closed, or stopped
+    by SIGTERM or SIGINT."""
     stop = asyncio.Event()
     with stop_on_signals(stop):
         store = await Storage.open(settings.data_dir)
         try:
+            await sweep_data_dir(store)
             bot = AvatarBot(settings, store, runner or build_runner(settings), guild_ready_timeout=guild_ready_timeout)
             async with bot:
                 await run_until_stopped(bot, settings.discord_token, stop)

@@ -51,6 +51,7 @@ class Settings:
     max_photo_mb: int = 20
     max_queued_generations: int = 3
     max_prompt_chars: int = 600
+    picture_retention_days: int = 30  # days the files of generated pictures are kept; 0: for ever
     train_steps: int = TRAIN_DEFAULTS.steps
     train_rank: int = TRAIN_DEFAULTS.rank
     train_resolution: int = TRAIN_DEFAULTS.resolution
@@ -157,6 +158,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         problems.append("TRAIN_CHECKPOINT_EVERY must be 0 (no checkpoints) or a positive number of steps.")
     if settings.train_preview_every < 0:
         problems.append("TRAIN_PREVIEW_EVERY must be 0 (no previews) or a positive number of steps.")
+    if settings.picture_retention_days < 0:
+        problems.append("PICTURE_RETENTION_DAYS must be 0 (keep pictures for ever) or a positive number of days.")
     if settings.workers < 0:
         problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
     if settings.min_photos > settings.max_photos:

@@ -5,7 +5,8 @@ checkpoints are written as they arrive, and results become files and rows before
 told. The scheduler never touches Discord; it reports to a `JobObserver` (the bot's progress
 messages), which keeps the rules here testable without a Discord connection.
 
-Rules: generation before training (claim order in storage), one training queued or running per
+Rules: generation before training (claim order in storage, with aging: a training waits a bounded
+time however many pictures are asked for), one training queued or running per
 person, at most `max_queued_generations` waiting generations per person. A job whose worker died
 is re-queued once and resumes from its last checkpoint; a second loss fails it with a reason.
 """
@@ -36,7 +37,7 @@ from jobs.payloads import (
 )
 from jobs.requests import BadRequest, GenerateRequest, check_train_steps
 from jobs.runner import JobRunner
-from storage import generations_db, jobs_db, models_db, photos_db, users_db
+from storage import generations_db, jobs_db, models_db, photos_db, retention, users_db
 from storage.forget import forget_user
 from storage.jobs_db import Job
 from storage.store import Storage
@@ -84,8 +85,10 @@ class Scheduler:
     """Feeds queued jobs to idle workers and records what comes back."""
 
     def __init__(self, store: Storage, runner: JobRunner, settings: Settings, observer: JobObserver,
-                 worker_id: str = "local") -> None:
+                 worker_id: str = "local", *, clock: Callable[[], float] = time.time) -> None:
+        """`clock`: the time the claim order's aging is measured with (tests pass a fake one)."""
         self.store = store
+        self.clock = clock
         self.runner = runner
         self.settings = settings
         self.observer = observer
@@ -152,7 +155,8 @@ class Scheduler:
 
     async def _dispatch(self) -> None:
         while kinds := [k for k in ("generate", "train") if self.runner.idle_capacity(k) > 0]:
-            job = await jobs_db.claim_next_job(self.store.db, self.worker_id, LEASE_SECONDS, kinds=kinds)
+            job = await jobs_db.claim_next_job(self.store.db, self.worker_id, LEASE_SECONDS, kinds=kinds,
+                                               now=self.clock())
             if job is None:
                 return
             try:
@@ -212,8 +216,8 @@ class Scheduler:
             lora = self.store.files.read(model.lora_path, job.owner)
         if (parent := params.variation_of) is not None:
             generation = await generations_db.get_generation(self.store.db, parent.generation_id)
-            if generation is None or generation.owner != job.owner:
-                raise Refused("The image to vary no longer exists.")
+            if generation is None or generation.owner != job.owner or parent.index >= len(generation.paths):
+                raise Refused("The image to vary no longer exists.")  # forgotten, or past PICTURE_RETENTION_DAYS
             init_image = self.store.files.read(generation.paths[parent.index], job.owner)
         return WorkItem(job.id, params, GenerateInputs(lora, init_image))
 
@@ -384,8 +388,11 @@ class Scheduler:
             metadata = dict(result.metadata)
             if result.kohya:
                 metadata["kohya_path"] = self.store.files.write(job.owner, "models", result.kohya, ".safetensors")
-            model_id = await models_db.add_model(self.store.db, job.owner, job.id, lora_path,
-                                                 metadata.get("base_model", self.settings.base_model), metadata)
+            model_id, dropped = await retention.save_model(self.store, job.owner, job.id, lora_path,
+                                                           metadata.get("base_model", self.settings.base_model),
+                                                           metadata)
+            for old in dropped:  # older than the previous model: gone from the disk, and from the workers
+                await self.runner.forget_adapter(adapter_key(old))
             await jobs_db.finish_job(self.store.db, job.id, "succeeded",
                                      result={"model_id": model_id, "steps": result.steps,
                                              "final_loss": result.final_loss})

@@ -5,7 +5,9 @@ anything shaped like a Discord bot token, and the token part of interaction and 
 before a record is written. discord.py's own loggers stay at INFO even when LOG_LEVEL=DEBUG: its
 debug lines carry every gateway event whole, interaction tokens and the signed links of the
 selfies people send included. So do Celery's and kombu's: theirs carry a job's message (prompt,
-handle, photos and the attempt's token).
+handle, photos and the attempt's token), and aiosqlite's: it logs every SQL statement with its
+parameters (prompts, handles, Discord ids). (redis-py logs only command names; aiohttp's client no
+request bodies.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9
 _URL_TOKEN = re.compile(r"(/(?:interactions|webhooks)/\d+/)[A-Za-z0-9_.-]{20,}")
 REDACTED = "[redacted]"
 # Libraries whose debug lines carry personal data or secrets: never below INFO.
-QUIET_LIBRARIES = ("discord", "celery", "kombu")
+QUIET_LIBRARIES = ("discord", "celery", "kombu", "aiosqlite")
 
 
 class RedactSecrets(logging.Filter):

@@ -20,7 +20,8 @@ from typing import Any
 
 import aiosqlite
 
-from storage.schema import migrate
+from storage import schema
+from storage.backup import backup_database, existing_backups, remove_backups
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class Database:
 
         WAL lets readers carry on while one writer commits. ``synchronous=FULL`` syncs the log at
         every commit: a job or photo row the bot has acknowledged survives a power cut.
+        ``secure_delete`` zeroes what a deleted row leaves in the file, so a forgotten person's
+        handle and prompts do not linger in free pages. An existing database is copied before it is
+        migrated (storage.backup); the copy from an earlier start goes once this one has succeeded.
         """
         conn = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_s)
         try:
@@ -88,7 +92,18 @@ class Database:
                 log.warning("SQLite refused WAL mode for %s (got %s)", path, mode)
             await conn.execute("PRAGMA foreign_keys = ON")
             await conn.execute("PRAGMA synchronous = FULL")
-            await migrate(conn)
+            await conn.execute("PRAGMA secure_delete = ON")
+            earlier = existing_backups(path)
+            version = await schema.schema_version(conn)
+            migrating = 0 < version < schema.LATEST_VERSION
+            backup = await backup_database(conn, path, version + 1) if migrating else None
+            try:
+                await schema.migrate(conn)
+            except Exception:
+                if backup is not None:
+                    log.error("migrating the database failed; its copy from before is %s", backup)
+                raise
+            remove_backups([old for old in earlier if old != backup])
         except BaseException:
             await conn.close()
             raise
@@ -134,6 +149,15 @@ class Database:
         """Run one query on its own; return its first row, if any."""
         async with self._lock:
             return await Tx(self._conn).fetchone(sql, params)
+
+    async def truncate_wal(self) -> bool:
+        """Copy the write-ahead log into the database file and empty it, so that rows just deleted
+        are gone from the disk too (with secure_delete); False if a reader kept it from finishing."""
+        row = await self.fetchone("PRAGMA wal_checkpoint(TRUNCATE)")
+        done = row is not None and row[0] == 0
+        if not done:
+            log.warning("the database's write-ahead log could not be emptied (a reader held it)")
+        return done
 
     async def pragma(self, name: str) -> Any:
         """Read a pragma's value (used by health checks and tests)."""

@@ -21,8 +21,21 @@ from storage.db import Database, from_json, placeholders, to_json
 KINDS = ("generate", "train")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
-# Claim order: interactive generations before any training, then first come, first served.
-_CLAIM_ORDER = "CASE kind WHEN 'generate' THEN 0 ELSE 1 END, id"
+# Claim order: interactive generations before trainings, each first come, first served, with aging so
+# that a steady stream of /imagine cannot starve a training: one that has waited TRAINING_MAX_WAIT_S,
+# or seen TRAINING_MAX_OVERTAKES generations asked for after it start before it, goes before every
+# generation. (A training re-queued after its worker died has waited since it was first queued.)
+TRAINING_MAX_WAIT_S = 120.0
+TRAINING_MAX_OVERTAKES = 10
+_CLAIM_ORDER = """CASE WHEN q.kind = 'generate' THEN 1
+    WHEN q.created_at <= ? OR (SELECT count(*) FROM jobs AS g WHERE g.kind = 'generate' AND g.id > q.id
+                               AND g.started_at IS NOT NULL) >= ? THEN 0
+    ELSE 2 END, q.id"""
+
+
+def _claim_order_args(now: float | None) -> tuple[float, int]:
+    """The values `_CLAIM_ORDER`'s placeholders take at ``now``."""
+    return (time.time() if now is None else now) - TRAINING_MAX_WAIT_S, TRAINING_MAX_OVERTAKES
 
 
 @dataclass(frozen=True)
@@ -110,10 +123,10 @@ async def claim_next_job(
     row = await db.fetchone(
         "UPDATE jobs SET state = 'running', worker_id = ?, lease_expires_at = ?, started_at = ?, "
         "updated_at = ?, attempts = attempts + 1 "
-        "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' "
-        f"AND kind IN ({placeholders(kinds)}) ORDER BY {_CLAIM_ORDER} LIMIT 1) "
+        "WHERE id = (SELECT q.id FROM jobs AS q WHERE q.state = 'queued' "
+        f"AND q.kind IN ({placeholders(kinds)}) ORDER BY {_CLAIM_ORDER} LIMIT 1) "
         "RETURNING *",
-        (worker_id, now + lease_seconds, now, now, *kinds),
+        (worker_id, now + lease_seconds, now, now, *kinds, *_claim_order_args(now)),
     )
     return Job.from_row(row) if row else None
 
@@ -240,17 +253,12 @@ async def requeue_interrupted(db: Database, now: float | None = None, all_runnin
     return sorted(row["id"] for row in rows)
 
 
-async def queue_position(db: Database, job_id: int) -> int | None:
-    """1-based place of a queued job in claim order; None if it is not queued."""
-    row = await db.fetchone(
-        "SELECT CASE WHEN me.state != 'queued' THEN NULL ELSE ("
-        "  SELECT count(*) FROM jobs AS other WHERE other.state = 'queued' AND ("
-        "    (other.kind = 'generate') > (me.kind = 'generate') OR "
-        "    ((other.kind = 'generate') = (me.kind = 'generate') AND other.id <= me.id))"
-        ") END AS position FROM jobs AS me WHERE me.id = ?",
-        (job_id,),
-    )
-    return None if row is None or row["position"] is None else int(row["position"])
+async def queue_position(db: Database, job_id: int, now: float | None = None) -> int | None:
+    """1-based place of a queued job in claim order at ``now``; None if it is not queued."""
+    rows = await db.fetchall(f"SELECT q.id FROM jobs AS q WHERE q.state = 'queued' ORDER BY {_CLAIM_ORDER}",
+                             _claim_order_args(now))
+    order = [row["id"] for row in rows]
+    return order.index(job_id) + 1 if job_id in order else None
 
 
 def _filters(owner: int | None, kind: str | None, states: Sequence[str] | None) -> tuple[str, list[Any]]:
@@ -282,7 +290,8 @@ async def jobs_for_user(
 async def jobs_in_states(db: Database, states: Sequence[str]) -> list[Job]:
     """Everyone's jobs in ``states``, in claim order (e.g. to refresh progress messages at start)."""
     where, args = _filters(None, None, states)
-    rows = await db.fetchall(f"SELECT * FROM jobs WHERE {where} ORDER BY {_CLAIM_ORDER}", args)
+    rows = await db.fetchall(f"SELECT * FROM jobs AS q WHERE {where} ORDER BY {_CLAIM_ORDER}",
+                             [*args, *_claim_order_args(None)])
     return [Job.from_row(row) for row in rows]
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from storage.db import Database, from_json, to_json
+from storage.db import Database, Tx, from_json, to_json
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,22 @@ async def add_model(
     metadata: dict[str, Any],
 ) -> int:
     """Record a trained LoRA (``metadata``: handle, class word, steps, rank, ...) as the person's
-    active model, deactivating their others in the same transaction; return its id."""
+    active model, deactivating their others in the same transaction; return its id.
+    (storage.retention.save_model also drops the models older than the previous one.)"""
     async with db.transaction() as tx:
-        await tx.execute("UPDATE models SET active = 0 WHERE owner = ? AND active = 1", (owner,))
-        return await tx.insert(
-            "INSERT INTO models (owner, job_id, lora_path, base_model, metadata, active, created_at) "
-            "VALUES (?, ?, ?, ?, ?, 1, ?)",
-            (owner, job_id, lora_path, base_model, to_json(metadata), time.time()),
-        )
+        return await insert_active_model(tx, owner, job_id, lora_path, base_model, metadata)
+
+
+async def insert_active_model(
+    tx: Tx, owner: int, job_id: int | None, lora_path: str, base_model: str, metadata: dict[str, Any]
+) -> int:
+    """`add_model` inside a transaction the caller holds."""
+    await tx.execute("UPDATE models SET active = 0 WHERE owner = ? AND active = 1", (owner,))
+    return await tx.insert(
+        "INSERT INTO models (owner, job_id, lora_path, base_model, metadata, active, created_at) "
+        "VALUES (?, ?, ?, ?, ?, 1, ?)",
+        (owner, job_id, lora_path, base_model, to_json(metadata), time.time()),
+    )
 
 
 async def get_model(db: Database, model_id: int) -> Model | None:

@@ -106,7 +106,22 @@ _V4 = [
     "ALTER TABLE jobs ADD COLUMN result_message_id INTEGER",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
+# Step 5: crash-safe /forget and picture retention. A person in `forgotten` is being deleted: their
+# files go first, then their rows and this one together, and a start finishes what a crash
+# interrupted. Meanwhile nothing new of theirs may be stored (the triggers), so nothing can be left
+# behind. Generations are looked up by age to delete their pictures after PICTURE_RETENTION_DAYS.
+_V5 = [
+    "CREATE TABLE forgotten (user_id INTEGER PRIMARY KEY, started_at REAL NOT NULL)",
+    *(
+        f"""CREATE TRIGGER {table}_of_the_forgotten BEFORE INSERT ON {table}
+            WHEN EXISTS (SELECT 1 FROM forgotten WHERE user_id = NEW.owner)
+            BEGIN SELECT RAISE(ABORT, 'this person is being forgotten'); END"""
+        for table in ("photos", "jobs", "models", "generations")
+    ),
+    "CREATE INDEX generations_by_age ON generations (created_at)",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
 LATEST_VERSION = len(MIGRATIONS)
 
 
@@ -121,14 +136,16 @@ async def schema_version(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def migrate(conn: aiosqlite.Connection, target: int = LATEST_VERSION) -> int:
-    """Bring the database up to ``target``, one step per transaction, and return the version reached.
+async def migrate(conn: aiosqlite.Connection, target: int | None = None) -> int:
+    """Bring the database up to ``target`` (the latest by default), one step per transaction, and return
+    the version reached.
 
     Each step and its ``user_version`` bump commit together, so a crash mid-upgrade leaves the
     database at the last completed step. ``BEGIN IMMEDIATE`` makes two processes starting at once
     take turns; the version is read again inside the lock so a step never runs twice.
     The connection must be in autocommit mode (``isolation_level=None``).
     """
+    target = LATEST_VERSION if target is None else target
     if target > LATEST_VERSION:
         raise ValueError(f"no migration step for version {target}")
     while True:

@@ -8,6 +8,7 @@ from types import TracebackType
 
 from storage.db import Database
 from storage.files import FileStore
+from storage.forget import finish_interrupted_forgets
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,20 @@ class Storage:
 
     @classmethod
     async def open(cls, data_dir: Path) -> Storage:
-        """Create the data folder if needed, open and migrate ``DATA_DIR/avatar.db``."""
+        """Create the data folder if needed, open and migrate ``DATA_DIR/avatar.db``, and finish any
+        /forget that a crash interrupted (the person asked; nothing may bring their data back)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         files = FileStore(data_dir)
         db = await Database.open(files.root / DB_NAME)
+        storage = cls(files.root, db, files)
+        try:
+            await finish_interrupted_forgets(storage)
+        except BaseException:
+            await db.close()
+            raise
         log.info("storage opened at %s", files.root)
-        return cls(files.root, db, files)
+        return storage
 
     async def close(self) -> None:
         await self.db.close()

@@ -106,3 +106,111 @@ async def test_the_messages_posted_with_a_persons_pictures_are_theirs_alone(stor
     await forget_user(store, ALICE)
     assert await posted_messages(store, ALICE) == []
     assert len(await posted_messages(store, BOB)) == 3
+
+
+async def test_the_person_is_marked_forgotten_before_any_file_goes(store, monkeypatch):
+    """Files first, rows last, behind a committed tombstone: what the files' removal sees."""
+    await _give_everything(store, ALICE)
+    seen = {}
+    real = store.files.delete_user_files
+
+    def delete_user_files(user_id):
+        import sqlite3
+
+        # Another connection sees only what is committed.
+        with sqlite3.connect(store.db.path) as other:
+            seen.setdefault("tombstone", other.execute("SELECT user_id FROM forgotten").fetchall())
+            seen.setdefault("photos", other.execute("SELECT count(*) FROM photos WHERE owner = ?",
+                                                    (user_id,)).fetchone()[0])
+        return real(user_id)
+
+    monkeypatch.setattr(store.files, "delete_user_files", delete_user_files)
+    await forget_user(store, ALICE)
+    assert seen == {"tombstone": [(ALICE,)], "photos": 1}
+    assert await store.db.fetchall("SELECT * FROM forgotten") == []
+
+
+async def test_a_forget_a_crash_interrupted_is_finished_at_the_next_start(tmp_path):
+    """The crash came after the tombstone and half the files: the next open removes the rest, and
+    the rows, and leaves everyone else alone."""
+    store = await Storage.open(tmp_path)
+    await _give_everything(store, ALICE)
+    await _give_everything(store, BOB)
+    bob_rows, bob_usage = await _rows(store, BOB), store.files.user_usage(BOB)
+    await store.db.execute("INSERT INTO forgotten (user_id, started_at) VALUES (?, 0)", (ALICE,))
+    photo = (await photos_db.list_photos(store.db, ALICE))[0]
+    store.files.delete(photo.path, ALICE)
+    await store.close()
+
+    store = await Storage.open(tmp_path)
+    try:
+        assert await _rows(store, ALICE) == dict.fromkeys(TABLES, 0)
+        assert not store.files.user_dir(ALICE).exists()
+        assert await store.db.fetchall("SELECT * FROM forgotten") == []
+        assert await _rows(store, BOB) == bob_rows and store.files.user_usage(BOB) == bob_usage
+    finally:
+        await store.close()
+
+
+async def test_nothing_new_of_a_person_being_forgotten_can_be_stored(store):
+    await _give_everything(store, ALICE)
+    await store.db.execute("INSERT INTO forgotten (user_id, started_at) VALUES (?, 0)", (ALICE,))
+    with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
+        await photos_db.add_photo(store.db, ALICE, sha256="f" * 64, phash=2, path="users/101/photos/x.png",
+                                  byte_size=1, width=1, height=1)
+    with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
+        await jobs_db.create_job(store.db, "generate", ALICE, {})
+    with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
+        await models_db.add_model(store.db, ALICE, None, "users/101/models/x.safetensors", "sd15", {})
+    with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
+        await generations_db.add_generation(store.db, ALICE, None, None, "p", "", [1], {}, [])
+    await users_db.ensure_user(store.db, BOB)
+    await jobs_db.create_job(store.db, "generate", BOB, {})  # others carry on
+
+
+MARKER_HANDLE, MARKER_PROMPT = "zqmarkerhandle", "a marker prompt 8f3a1c under the sea"
+
+
+def _database_bytes(store: Storage) -> bytes:
+    """Everything SQLite keeps on disk for this database: the file, its write-ahead log and index."""
+    path = store.db.path
+    return b"".join(p.read_bytes() for p in (path, path.with_name(path.name + "-wal"),
+                                             path.with_name(path.name + "-shm")) if p.exists())
+
+
+async def test_after_forget_the_database_files_hold_nothing_of_the_person(store):
+    """No handle or prompt of theirs in the database file (secure_delete zeroes deleted rows) nor in
+    the write-ahead log (emptied after the delete), even while the bot keeps running."""
+    await users_db.set_handle(store.db, ALICE, MARKER_HANDLE, "person")
+    await jobs_db.create_job(store.db, "generate", ALICE, {"request": {"prompt": MARKER_PROMPT}})
+    await generations_db.add_generation(store.db, ALICE, None, None, MARKER_PROMPT, "", [1], {}, [])
+    await store.db.truncate_wal()  # the rows reach the database file itself, as they would in time
+    await users_db.set_handle(store.db, BOB, "zqbobkept", "person")
+    before = _database_bytes(store)
+    assert MARKER_HANDLE.encode() in before and MARKER_PROMPT.encode() in before
+
+    await forget_user(store, ALICE)
+
+    after = _database_bytes(store)
+    assert MARKER_HANDLE.encode() not in after and MARKER_PROMPT.encode() not in after
+    assert b"zqbobkept" in after
+    assert await store.db.pragma("secure_delete") == 1
+
+
+async def test_a_file_written_for_them_while_they_are_forgotten_goes_too(store, monkeypatch):
+    """A checkpoint of their cancelled training, say, arriving between the folder's removal and the rows'."""
+    await _give_everything(store, ALICE)
+    real = store.files.delete_user_files
+    calls = []
+
+    def delete_user_files(user_id):
+        removed = real(user_id)
+        if not calls:
+            store.files.write(user_id, "checkpoints", b"late", ".zip")
+        calls.append(removed)
+        return removed
+
+    monkeypatch.setattr(store.files, "delete_user_files", delete_user_files)
+    summary = await forget_user(store, ALICE)
+    assert not store.files.user_dir(ALICE).exists()
+    assert summary["files"] == 5

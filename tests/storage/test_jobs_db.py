@@ -227,3 +227,38 @@ async def test_requeue_can_refund_the_attempt_of_a_job_that_never_reached_a_work
     await jobs_db.claim_next_job(db, "w", 60)
     assert await jobs_db.requeue(db, job_id)
     assert (await jobs_db.get_job(db, job_id)).attempts == 1
+
+
+async def _created_at(db: Database, job_id: int) -> float:
+    return (await jobs_db.get_job(db, job_id)).created_at
+
+
+async def test_a_training_that_waited_long_enough_goes_before_pictures(db):
+    train = await jobs_db.create_job(db, "train", ALICE, {})
+    gens = [await jobs_db.create_job(db, "generate", BOB, {}) for _ in range(3)]
+    queued_at = await _created_at(db, train)
+    soon, late = queued_at + jobs_db.TRAINING_MAX_WAIT_S - 1, queued_at + jobs_db.TRAINING_MAX_WAIT_S
+    assert await jobs_db.queue_position(db, train, now=soon) == 4
+    assert (await jobs_db.claim_next_job(db, "w", 60, now=soon)).id == gens[0]
+    assert await jobs_db.queue_position(db, train, now=late) == 1
+    assert [await jobs_db.queue_position(db, g, now=late) for g in gens[1:]] == [2, 3]
+    assert (await jobs_db.claim_next_job(db, "w", 60, now=late)).id == train
+    assert [(await jobs_db.claim_next_job(db, "w", 60, now=late)).id for _ in gens[1:]] == gens[1:]
+
+
+async def test_a_training_goes_next_once_enough_pictures_asked_after_it_went_first(db):
+    earlier = await jobs_db.create_job(db, "generate", BOB, {})  # asked before: not jumping the queue
+    train = await jobs_db.create_job(db, "train", ALICE, {})
+    later = [await jobs_db.create_job(db, "generate", BOB, {}) for _ in range(jobs_db.TRAINING_MAX_OVERTAKES + 2)]
+    now = await _created_at(db, train)  # no time passes: only the count ages it
+    order = [(await jobs_db.claim_next_job(db, "w", 60, now=now)).id for _ in range(len(later) + 2)]
+    overtakes = jobs_db.TRAINING_MAX_OVERTAKES
+    assert order == [earlier, *later[:overtakes], train, *later[overtakes:]]
+
+
+async def test_a_picture_cancelled_while_queued_does_not_count_as_going_first(db):
+    train = await jobs_db.create_job(db, "train", ALICE, {})
+    for _ in range(jobs_db.TRAINING_MAX_OVERTAKES):
+        await jobs_db.request_cancel(db, await jobs_db.create_job(db, "generate", BOB, {}))
+    picture = await jobs_db.create_job(db, "generate", BOB, {})
+    assert (await jobs_db.claim_next_job(db, "w", 60, now=await _created_at(db, train))).id == picture

@@ -1,0 +1,79 @@
+"""The scheduler's picking order under load: pictures go first, but a steady stream of /imagine
+cannot keep a training waiting for more than a bounded time or number of pictures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bot.scheduler import Scheduler
+from jobs import events
+from jobs.payloads import GenerateOutput, Picture
+from jobs.requests import GenerateRequest
+from storage import jobs_db
+from storage.store import Storage
+from tests.bot.test_scheduler import ALICE, BOB, FakeRunner, Recorder, _give_model, _ready_to_train, _settings
+from tests.polling import wait_until
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def env(tmp_path):
+    store = await Storage.open(tmp_path)
+    runner, clock = FakeRunner(capacity=1), FakeClock()
+    scheduler = Scheduler(store, runner, _settings(tmp_path, MAX_QUEUED_GENERATIONS="2"), Recorder(), clock=clock)
+    await _ready_to_train(store, ALICE, "zqalice")
+    await _ready_to_train(store, BOB, "zqbob")
+    await _give_model(store, BOB, "zqbob")
+    await scheduler.start()
+    yield store, runner, scheduler, clock
+    await scheduler.stop()
+    await store.close()
+
+
+async def _finish_running_picture(runner: FakeRunner) -> None:
+    """The worker finishes the picture it holds; the scheduler hands it the next job."""
+    [(job_id, item)] = runner.running.items()
+    assert item.kind == "generate"
+    before = len(runner.submitted)
+    await runner.emit(job_id, events.Done(GenerateOutput([Picture(b"png", 1)])))
+    await wait_until(lambda: len(runner.submitted) > before, timeout=5, interval=0.01)
+
+
+async def test_a_training_goes_after_at_most_n_pictures_asked_for_after_it(env):
+    store, runner, scheduler, clock = env
+    await scheduler.enqueue_generate(BOB, GenerateRequest("first"))
+    await wait_until(lambda: runner.running, timeout=5, interval=0.01)
+    training, position = await scheduler.enqueue_train(ALICE)
+    assert position == 1
+    went_first = 0
+    while runner.submitted[-1].job_id != training.id:  # Bob keeps asking; no time passes
+        await scheduler.enqueue_generate(BOB, GenerateRequest("more"))
+        expected = 2 if went_first < jobs_db.TRAINING_MAX_OVERTAKES else 1  # what /status shows
+        assert await jobs_db.queue_position(store.db, training.id, now=clock()) == expected
+        await _finish_running_picture(runner)
+        went_first += runner.submitted[-1].kind == "generate"
+    assert went_first == jobs_db.TRAINING_MAX_OVERTAKES
+    assert [item.kind for item in runner.submitted[1:]] == ["generate"] * went_first + ["train"]
+
+
+async def test_a_training_goes_next_once_it_has_waited_long_enough(env):
+    store, runner, scheduler, clock = env
+    await scheduler.enqueue_generate(BOB, GenerateRequest("first"))
+    await wait_until(lambda: runner.running, timeout=5, interval=0.01)
+    training, _ = await scheduler.enqueue_train(ALICE)
+    waiting, _ = await scheduler.enqueue_generate(BOB, GenerateRequest("second"))
+    assert await jobs_db.queue_position(store.db, training.id, now=clock()) == 2  # pictures first ...
+    clock.now += jobs_db.TRAINING_MAX_WAIT_S + 1
+    assert await jobs_db.queue_position(store.db, training.id, now=clock()) == 1  # ... until it waited
+    await _finish_running_picture(runner)
+    assert runner.submitted[-1].job_id == training.id
+    assert (await jobs_db.get_job(store.db, waiting.id)).state == "queued"

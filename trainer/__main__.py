@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -12,8 +14,31 @@ from trainer.cli import run
 from trainer.errors import TrainerError
 
 
+class _DropMessages(logging.Filter):
+    """Drops records whose message contains one of `parts`."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in record.getMessage() for part in self.parts)
+
+
+_TORCHVISION_NOTICE = _DropMessages("requires torchvision")
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party notices that say nothing to a user of this command: transformers falls back
+    to PIL image processors (this project uses none of them) and diffusers' `torch_dtype` rename
+    (still the keyword the oldest supported diffusers reads)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_NOTICE)
+    warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
+    quiet_known_noise()
     try:
         with logging_redirect_tqdm():
             lines = run(argv)

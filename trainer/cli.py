@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
+import shlex
 import signal
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +29,17 @@ from tqdm import tqdm
 
 from common.envfile import env_file_values, parse_switch
 from jobs import events
-from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
+from jobs.requests import (
+    DEFAULT_BASE_MODEL,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_STEPS,
+    MAX_TRAIN_STEPS,
+    MIN_TRAIN_STEPS,
+    TRAIN_DEFAULTS,
+    GenerateRequest,
+    TrainConfig,
+)
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
 
@@ -124,9 +137,21 @@ def cmd_make_model(args: argparse.Namespace) -> list[str]:
     return [f"model: {out}"]
 
 
+def checked_names(handle: str, class_word: str) -> tuple[str, str]:
+    """The handle and class word under the bot's rules, with the bot's messages."""
+    from jobs.handles import NameRuleError, normalize_class_word, validate_handle
+
+    try:
+        word = normalize_class_word(class_word)
+        return validate_handle(handle, word), word
+    except NameRuleError as exc:
+        raise TrainerError(str(exc), "bad_handle") from exc
+
+
 def cmd_train(args: argparse.Namespace) -> list[str]:
     from trainer.dreambooth import CHECKPOINT_NAME, train
 
+    args.handle, args.class_word = checked_names(args.handle, args.class_word)
     photos = read_photos(args.photos)
     if not photos:
         raise TooFewPhotos(f"No usable photos were found in {args.photos}.")
@@ -158,49 +183,73 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
         bars.close()
     return [f"lora: {result.lora_path}", f"kohya: {result.kohya_path}", f"steps: {result.steps}",
             f"final loss: {result.final_loss:.4f}",
-            f'try: python -m trainer imagine --lora {out} --model {args.model} "a photo of {args.handle} '
-            f'{args.class_word} as an astronaut"']
+            "try: " + shlex.join(["python", "-m", "trainer", "imagine", "--lora", str(out), "--model", str(args.model),
+                                  "--out", str(out / "images"),
+                                  f"a photo of {args.handle} {args.class_word} as an astronaut"])]
 
 
-def lora_file(path: Path) -> Path:
-    """Accept the LoRA's folder or the file itself."""
-    from trainer.lora_io import DIFFUSERS_NAME
+def lora_file(path: Path) -> tuple[Path, dict[str, str]]:
+    """Accept the LoRA's folder or the file itself; return the file and the metadata in its header."""
+    from trainer.lora_io import DIFFUSERS_NAME, read_metadata
 
     file = path / DIFFUSERS_NAME if path.is_dir() else path
     if not file.is_file():
         raise TrainerError(f"No LoRA file was found at {path} (expected {DIFFUSERS_NAME}).", "missing_lora")
-    return file
+    try:
+        return file, read_metadata(file)
+    except Exception as exc:  # safetensors raises its own error types for anything unreadable
+        raise TrainerError(f"{file} is not a LoRA file (a .safetensors file written by `train`).",
+                           "bad_lora") from exc
+
+
+def writable_folder(folder: Path) -> Path:
+    """Make `folder` and check a file can be written there, before any work that would be lost."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise TrainerError(f"Pictures cannot be written to {folder} ({exc.strerror or exc}). "
+                           "Choose another folder with --out.", "bad_out") from exc
+    return folder
 
 
 def cmd_imagine(args: argparse.Namespace) -> list[str]:
-    from jobs.requests import GenerateRequest
     from trainer.engine import GenerationEngine
-    from trainer.lora_io import read_metadata, safe_file_stem
+    from trainer.lora_io import safe_file_stem
     from trainer.pipelines import load_pipeline, pick_device
+    from trainer.prompts import compose_prompt
 
-    lora = lora_file(args.lora) if args.lora else None
-    meta = read_metadata(lora) if lora else {}
-    model = args.model or meta.get("base_model") or DEFAULT_BASE_MODEL
-    pipe = load_pipeline(model, device=pick_device(args.device))
-    engine = GenerationEngine(pipe)
+    # Everything that can be refused is checked before the model loads.
     fields: dict[str, Any] = {"prompt": args.prompt, "num_images": args.n}
     for name, value in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
                         ("guidance", args.guidance)):
         if value is not None:
             fields[name] = value
+    request = GenerateRequest(**fields)
+    lora, meta = lora_file(args.lora) if args.lora else (None, {})
+    out = writable_folder(args.out)
+    handle, class_word = meta.get("handle"), meta.get("class_word")
+    log.info("prompt: %s", compose_prompt(request.prompt, handle, class_word, request.style))
+    model = args.model or meta.get("base_model") or DEFAULT_BASE_MODEL
+    pipe = load_pipeline(model, device=pick_device(args.device))
+    engine = GenerationEngine(pipe)
     key = hashlib.sha256(lora.read_bytes()).hexdigest()[:16] if lora else None
     bars = ProgressBars()
     try:
-        images = engine.generate(GenerateRequest(**fields), adapter_key=key, lora_path=lora,
-                                 handle=meta.get("handle"), class_word=meta.get("class_word"), on_event=bars)
+        images = engine.generate(request, adapter_key=key, lora_path=lora, handle=handle, class_word=class_word,
+                                 on_event=bars)
     finally:
         bars.close()
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = safe_file_stem(meta.get("handle", "image"))
     lines = []
     for i, image in enumerate(images):
-        path = args.out / f"{stem}-{i}-seed{image.seed}.png"
-        path.write_bytes(image.png)
+        path = out / f"{stem}-{i}-seed{image.seed}.png"
+        try:
+            path.write_bytes(image.png)
+        except OSError as exc:
+            raise TrainerError(f"Could not write {path} ({exc.strerror or exc}); "
+                               f"{len(lines)} picture(s) were saved before it.", "bad_out") from exc
         lines.append(f"image: {path}")
     return lines
 
@@ -224,6 +273,20 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
     return [f"worker {name} stopped"]
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """`--help` shows each option's default where it has one (not the None of "decided later")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.option_strings and not any(action.default is v for v in (None, False, True, argparse.SUPPRESS))
+                and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+GENERATE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerateRequest)}
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line; the worker's defaults come from `env` (default: the process environment)."""
     env = os.environ if env is None else env
@@ -237,23 +300,28 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=cmd_make_model)
 
-    tr = sub.add_parser("train", help="train a LoRA of a person from a folder of photos")
+    tr = sub.add_parser("train", help="train a LoRA of a person from a folder of photos", formatter_class=DefaultsHelp)
     tr.add_argument("--photos", type=Path, required=True, help="folder of JPEG/PNG/WebP/HEIC photos")
     tr.add_argument("--handle", required=True, help="the word that will mean this person in prompts")
     tr.add_argument("--class", dest="class_word", required=True, help="woman, man, person, ...")
     tr.add_argument("--out", type=Path, required=True, help="folder for the LoRA files")
     tr.add_argument("--model", default=DEFAULT_BASE_MODEL, help="tiny, a Hugging Face id, a folder or a .safetensors")
-    tr.add_argument("--steps", type=int)
-    tr.add_argument("--rank", type=int)
-    tr.add_argument("--resolution", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--class-images", type=int, help="class images for prior preservation")
-    tr.add_argument("--min-photos", type=int)
+    d = TRAIN_DEFAULTS
+    tr.add_argument("--steps", type=int, default=d.steps,
+                    help=f"training steps, at least 1 (the bot allows {MIN_TRAIN_STEPS} to {MAX_TRAIN_STEPS})")
+    tr.add_argument("--rank", type=int, default=d.rank,
+                    help="LoRA rank, at least 1: a larger one learns more detail and makes a bigger file")
+    tr.add_argument("--resolution", type=int, default=d.resolution, help="training size in pixels, a multiple of 8")
+    tr.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate")
+    tr.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    tr.add_argument("--class-images", type=int, default=d.num_class_images,
+                    help="class images for prior preservation")
+    tr.add_argument("--min-photos", type=int, default=d.min_photos, help="fewest usable photos to train on")
     tr.add_argument("--no-prior", action="store_true", help="turn off prior preservation")
-    tr.add_argument("--train-text-encoder", action="store_true")
+    tr.add_argument("--train-text-encoder", action="store_true",
+                    help="also train the text encoder: sometimes more likeness, more memory")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="less GPU memory, slower")
-    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a resumable point every N steps")
     tr.add_argument("--preview-every", type=int, help="save a preview image every N steps")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     tr.add_argument("--resume", type=Path, help="a checkpoint.safetensors to continue from")
@@ -261,20 +329,22 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     tr.add_argument("--class-cache", type=Path, default=default_class_cache())
     tr.set_defaults(func=cmd_train)
 
-    im = sub.add_parser("imagine", help="generate images, with a trained LoRA or without")
+    im = sub.add_parser("imagine", help="generate images, with a trained LoRA or without", formatter_class=DefaultsHelp)
     im.add_argument("prompt")
     im.add_argument("--lora", type=Path, help="a LoRA folder or pytorch_lora_weights.safetensors")
-    im.add_argument("--n", type=int, default=4, help="how many images")
-    im.add_argument("--out", type=Path, required=True)
+    im.add_argument("--n", type=int, default=MAX_IMAGES, help=f"how many images, 1 to {MAX_IMAGES}")
+    im.add_argument("--out", type=Path, required=True, help="folder for the pictures")
     im.add_argument("--model", help="default: the base model recorded in the LoRA")
-    im.add_argument("--seed", type=int)
-    im.add_argument("--steps", type=int)
-    im.add_argument("--guidance", type=float)
+    im.add_argument("--seed", type=int, help="random seed (default: a new one each time)")
+    im.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"], help=f"denoising steps, 1 to {MAX_STEPS}")
+    im.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
+                    help=f"guidance scale, 0 to {MAX_GUIDANCE:g}")
     im.add_argument("--negative", help="negative prompt")
     im.add_argument("--device", default="auto")
     im.set_defaults(func=cmd_imagine)
 
-    wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis")
+    wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis",
+                        formatter_class=DefaultsHelp)
     wk.add_argument("--redis-url", default=env.get("REDIS_URL", "redis://localhost:6379/0"))
     wk.add_argument("--model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL),
                     help="the same base model as the bot's BASE_MODEL")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from jobs.handles import NameRuleError, normalize_class_word, validate_handle
+from jobs.requests import TRAIN_DEFAULTS
 from tests.photos_factory import colour_fields
 from trainer.__main__ import main
 from trainer.cli import run
@@ -36,7 +39,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def training(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A LoRA trained by `train`, and the lines `train` printed."""
     base = tmp_path_factory.mktemp("train")
     photos = write_photos(base / "photos", 5)
     (photos / "notes.txt").write_text("not a photo")  # ignored: not a photo suffix
@@ -48,7 +52,12 @@ def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "--checkpoint-every", "2", "--preview-every", "3"])
     assert lines[0] == f"lora: {out / 'pytorch_lora_weights.safetensors'}"
     assert lines[1] == f"kohya: {out / 'sks.safetensors'}" and lines[2] == "steps: 3"
-    return out
+    return out, lines
+
+
+@pytest.fixture(scope="module")
+def trained(training: tuple[Path, list[str]]) -> Path:
+    return training[0]
 
 
 def test_train_writes_the_lora_checkpoint_and_previews(trained: Path, tiny_model: Path) -> None:
@@ -60,13 +69,78 @@ def test_train_writes_the_lora_checkpoint_and_previews(trained: Path, tiny_model
     assert [p.name for p in (trained / "previews").iterdir()] == ["step-00003.png"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trainer.engine") is None, reason="generation engine not present")
-def test_imagine_writes_images_with_the_lora(trained: Path, tmp_path: Path) -> None:
-    lines = run(["imagine", "a photo of sks woman", "--lora", str(trained), "--n", "2", "--out",
-                 str(tmp_path), "--steps", "2", "--seed", "7", "--device", "cpu"])
+def test_imagine_writes_images_with_the_lora(trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="trainer.cli"):
+        lines = run(["imagine", "a portrait of sks", "--lora", str(trained), "--n", "2", "--out",
+                     str(tmp_path), "--steps", "2", "--seed", "7", "--device", "cpu"])
     files = sorted(tmp_path.glob("*.png"))
     assert len(files) == 2 and lines == [f"image: {f}" for f in files]
     assert Image.open(files[0]).size[0] > 0
+    # The prompt as drawn, with the class word the LoRA was trained with added after the handle.
+    assert "prompt: a portrait of sks woman" in caplog.messages
+
+
+def test_the_command_train_suggests_runs_as_printed(training: tuple[Path, list[str]]) -> None:
+    out, lines = training
+    hint = next(line for line in lines if line.startswith("try: "))
+    argv = shlex.split(hint.removeprefix("try: "))
+    assert argv[:3] == ["python", "-m", "trainer"]
+    made = run([*argv[3:], "--n", "1", "--steps", "1", "--device", "cpu"])
+    assert len(made) == 1 and Path(made[0].removeprefix("image: ")).parent == out / "images"
+
+
+def test_imagine_refuses_bad_options_before_loading_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import trainer.pipelines
+
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(trainer.pipelines, "load_pipeline", no_loading)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for options, message in (
+            (["--lora", str(ROOT / "README.md"), "--out", str(tmp_path / "out")], "is not a LoRA file"),
+            (["--out", str(a_file / "pictures")], f"Pictures cannot be written to {a_file / 'pictures'}"),
+            (["--n", "0", "--out", str(tmp_path / "out")], "1 to 4 pictures"),
+            (["--steps", "1000", "--out", str(tmp_path / "out")], "Steps must be between")):
+        assert main(["imagine", "a cat", *options]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (options, err)
+
+
+@pytest.mark.parametrize(("handle", "class_word"),
+                         [("the", "man"), ("a b", "man"), ("Jane!", "woman"), ("x", "person"), ("man", "man")])
+def test_train_applies_the_bots_handle_rules(handle: str, class_word: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(NameRuleError) as refused:
+        validate_handle(handle, normalize_class_word(class_word))
+    # The folder does not exist: the names are checked first, so that is not what is said.
+    assert main(["train", "--photos", str(tmp_path / "nowhere"), "--handle", handle, "--class", class_word,
+                 "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {refused.value}\n"
+
+
+def test_help_shows_defaults_and_ranges(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("train", "imagine"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--steps STEPS training steps, at least 1", TRAIN_DEFAULTS.steps),
+                            ("--rank RANK LoRA rank", TRAIN_DEFAULTS.rank), ("--lr LR learning rate", "0.0001"),
+                            ("--n N how many images, 1 to 4", 4)):
+        assert option in shown and f"(default: {default})" in shown.split(option, 1)[1].split("--", 1)[0]
+
+
+@pytest.mark.slow
+def test_known_third_party_notices_are_not_printed(tiny_model: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "trainer", "imagine", "a cat", "--model", str(tiny_model),
+                           "--n", "1", "--steps", "1", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "image: " in done.stdout
+    assert "requires torchvision" not in done.stderr and "torch_dtype" not in done.stderr
 
 
 def test_missing_folder_and_too_few_photos_are_readable_errors(tmp_path: Path, tiny_model: Path,

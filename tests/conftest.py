@@ -69,7 +69,7 @@ def redis_url(tmp_path):
             return False
 
     try:
-        wait_until_sync(answers, timeout=5, interval=0.05)
+        wait_until_sync(answers, interval=0.05)
         yield url
     finally:
         server.terminate()

@@ -1,7 +1,8 @@
 """Waiting in tests for something that happens in another task, thread or process.
 
 Both helpers return the predicate's first truthy value, or its last (falsy) one once `timeout` has
-passed, so the test's own assertion says what did not happen. FakeDiscord's `wait_for` needs no
+passed, so the test's own assertion says what did not happen. The default is generous: it only
+bounds a failure, and a busy 2-core machine can be several times slower than an idle one. FakeDiscord's `wait_for` needs no
 polling: it re-checks on every change the fake sees.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 
-async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 60.0,
+async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 300.0,
                      interval: float = 0.05) -> Any:
     """Check `predicate` (plain or async) every `interval` seconds, letting the event loop run in
     between, until it is truthy or `timeout` seconds have passed."""
@@ -28,7 +29,7 @@ async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], timeout: flo
         await asyncio.sleep(interval)
 
 
-def wait_until_sync(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = 300.0, interval: float = 0.05) -> Any:
     """`wait_until` for code outside an event loop: sleeps between checks."""
     deadline = time.monotonic() + timeout
     while not (value := predicate()) and time.monotonic() < deadline:

@@ -32,7 +32,7 @@ async def env(tmp_path):
 
 async def _picture(store, runner, scheduler, prompt: str, **kwargs) -> int:
     job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest(prompt), **kwargs)
-    await wait_until(lambda: job.id in runner.running, timeout=5, interval=0.01)
+    await wait_until(lambda: job.id in runner.running, interval=0.01)
     await runner.emit(job.id, events.Done(GenerateOutput([Picture(b"png", 1)])))
     return (await jobs_db.get_job(store.db, job.id)).result["generation_id"]
 
@@ -56,7 +56,7 @@ async def test_pictures_past_the_retention_lose_their_files_on_the_next_pass(env
 
     # "More like #1" of it now fails with a plain reason instead of an internal error.
     job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"), variation_of=VariationOf(generation_id, 0))
-    await wait_until(lambda: observer.finished and observer.finished[-1][0] == job.id, timeout=5, interval=0.01)
+    await wait_until(lambda: observer.finished and observer.finished[-1][0] == job.id, interval=0.01)
     failed = await jobs_db.get_job(store.db, job.id)
     assert failed.state == "failed" and failed.error == "The image to vary no longer exists."
 
@@ -71,7 +71,7 @@ async def test_the_loop_runs_at_start_and_then_every_interval(env):
 
     housekeeping = Housekeeping(store, runner, 30, clock=clock, interval_s=0.01)
     housekeeping.start()
-    await wait_until(lambda: len(passes) >= 3, timeout=5, interval=0.01)
+    await wait_until(lambda: len(passes) >= 3, interval=0.01)
     await housekeeping.stop()
 
 
@@ -82,7 +82,7 @@ async def test_a_new_model_drops_the_one_before_the_previous_from_disk_and_worke
     await _give_model(store, ALICE, "zqalice")
     first_path = (await models_db.get_model(store.db, first)).lora_path
     job, _ = await scheduler.enqueue_train(ALICE)
-    await wait_until(lambda: job.id in runner.running, timeout=5, interval=0.01)
+    await wait_until(lambda: job.id in runner.running, interval=0.01)
     await runner.emit(job.id, events.Done(TrainOutput(b"L", None, {"handle": "zqalice", "class_word": "woman"},
                                                       10, 0.1)))
     await asyncio.sleep(0)

@@ -203,7 +203,7 @@ async def test_imagine_before_the_first_model_is_trained_points_to_status(env):
         await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
     runner.capacity = 1
     scheduler.wake()
-    await wait_until(lambda: runner.submitted, timeout=5, interval=0.02)
+    await wait_until(lambda: runner.submitted, interval=0.02)
     assert (await jobs_db.get_job(store.db, job.id)).state == "running"
     with pytest.raises(Refused, match=r"still being trained; `/status`"):
         await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
@@ -329,7 +329,7 @@ async def test_a_cancel_between_claim_and_hand_over_reaches_the_worker(env):
 
     runner.submit = slow_hand_over
     job, _ = await scheduler.enqueue_train(ALICE)
-    await wait_until(lambda: runner.cancelled, timeout=5, interval=0.02)
+    await wait_until(lambda: runner.cancelled, interval=0.02)
     assert runner.cancelled == [job.id]
     # A worker that finishes before it hears of the cancel: the job ends cancelled, no model is kept.
     await runner.emit(job.id, events.Done(TrainOutput(b"L", None, {}, 1, 0.1)))
@@ -355,7 +355,7 @@ async def test_a_forget_between_claim_and_hand_over_evicts_the_lora_the_hand_ove
 
     runner.submit = slow_hand_over
     job, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("x"))
-    await wait_until(lambda: runner.forgotten, timeout=5, interval=0.02)
+    await wait_until(lambda: runner.forgotten, interval=0.02)
     assert runner.cancelled == [job.id] and runner.forgotten == [adapter_key(model)]
 
 
@@ -365,7 +365,7 @@ async def test_a_job_that_cannot_be_prepared_fails_kindly_instead_of_hanging(env
     photo = (await photos_db.list_photos(store.db, ALICE))[0]
     (store.data_dir / photo.path).unlink()  # a stored file gone from the disk
     job, _ = await scheduler.enqueue_train(ALICE)
-    await wait_until(lambda: observer.finished, timeout=5, interval=0.02)
+    await wait_until(lambda: observer.finished, interval=0.02)
     failed = await jobs_db.get_job(store.db, job.id)
     assert failed.state == "failed" and failed.error.startswith("Sorry, something went wrong on my side (reference")
     assert "Traceback" not in failed.error and runner.submitted == []
@@ -435,7 +435,7 @@ async def test_a_job_whose_hand_over_fails_waits_for_the_next_worker_without_los
 
     runner.submit = dying_worker
     job, _ = await scheduler.enqueue_train(ALICE)
-    await wait_until(lambda: runner.submitted, timeout=5, interval=0.02)
+    await wait_until(lambda: runner.submitted, interval=0.02)
     assert failures == [job.id] and [i.job_id for i in runner.submitted] == [job.id]
     again = await jobs_db.get_job(store.db, job.id)
     assert (again.state, again.attempts) == ("running", 1)
@@ -453,7 +453,7 @@ async def test_what_a_worker_says_first_about_a_job_is_what_its_owner_sees_and_i
 
     runner.submit = quick_worker
     job, _ = await scheduler.enqueue_train(ALICE)
-    await wait_until(lambda: (job.id, starting) in observer.shown, timeout=5, interval=0.02)
+    await wait_until(lambda: (job.id, starting) in observer.shown, interval=0.02)
     await asyncio.sleep(0.1)
     shown = [progress for job_id, progress in observer.shown if job_id == job.id]
     assert shown == [{"stage": "loading_model", "detail": ""}, starting]  # handed over, then the worker's word

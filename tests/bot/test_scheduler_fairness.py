@@ -45,13 +45,13 @@ async def _finish_running_picture(runner: FakeRunner) -> None:
     assert item.kind == "generate"
     before = len(runner.submitted)
     await runner.emit(job_id, events.Done(GenerateOutput([Picture(b"png", 1)])))
-    await wait_until(lambda: len(runner.submitted) > before, timeout=5, interval=0.01)
+    await wait_until(lambda: len(runner.submitted) > before, interval=0.01)
 
 
 async def test_a_training_goes_after_at_most_n_pictures_asked_for_after_it(env):
     store, runner, scheduler, clock = env
     await scheduler.enqueue_generate(BOB, GenerateRequest("first"))
-    await wait_until(lambda: runner.running, timeout=5, interval=0.01)
+    await wait_until(lambda: runner.running, interval=0.01)
     training, position = await scheduler.enqueue_train(ALICE)
     assert position == 1
     went_first = 0
@@ -68,7 +68,7 @@ async def test_a_training_goes_after_at_most_n_pictures_asked_for_after_it(env):
 async def test_a_training_goes_next_once_it_has_waited_long_enough(env):
     store, runner, scheduler, clock = env
     await scheduler.enqueue_generate(BOB, GenerateRequest("first"))
-    await wait_until(lambda: runner.running, timeout=5, interval=0.01)
+    await wait_until(lambda: runner.running, interval=0.01)
     training, _ = await scheduler.enqueue_train(ALICE)
     waiting, _ = await scheduler.enqueue_generate(BOB, GenerateRequest("second"))
     assert await jobs_db.queue_position(store.db, training.id, now=clock()) == 2  # pictures first ...

@@ -77,7 +77,7 @@ async def test_a_second_signal_while_stopping_hands_the_next_one_back_to_the_sys
         await asyncio.wait_for(stop.wait(), 30)
         assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # one signal: still caught
         os.kill(os.getpid(), signal.SIGTERM)
-        assert await wait_until(lambda: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, timeout=30)
+        assert await wait_until(lambda: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
         assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 

@@ -32,6 +32,11 @@ from .models import (
 EventSink = Callable[[str, dict[str, Any], int], None]
 
 
+# The longest a waiter accepts no change at all, whatever it asked: on a busy 2-core machine a photo's
+# check or a model's load can keep the bot quiet for tens of seconds.
+MIN_QUIET_S = 60.0
+
+
 class World:
     """Registry of everything the fake knows, with change notification for waiting tests.
 
@@ -71,21 +76,26 @@ class World:
         self._changed = asyncio.Event()
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
-        """Return predicate()'s first truthy value, re-checking after every change."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    changed = self._changed
-                    result = predicate()
-                    if result:
-                        return result
+        """Return predicate()'s first truthy value, re-checking after every change.
+
+        `timeout` is how long the fake may go without any change (at least `MIN_QUIET_S`): a bot that
+        keeps talking (progress edits of a training) is slow, not stuck, however busy the machine.
+        The test's own time limit (pytest-timeout) bounds the whole wait."""
+        timeout = max(timeout, MIN_QUIET_S)
+        while True:
+            changed = self._changed
+            result = predicate()
+            if result:
+                return result
+            try:
+                async with asyncio.timeout(timeout):
                     await changed.wait()
-        except TimeoutError:
-            recent = ", ".join(f"{r.method} {r.path} -> {r.status}" for r in self.requests[-8:])
-            raise TimeoutError(
-                f"condition not met within {timeout}s; last requests: [{recent}]; "
-                f"unknown routes: {[f'{r.method} {r.path}' for r in self.unknown_routes]}"
-            ) from None
+            except TimeoutError:
+                recent = ", ".join(f"{r.method} {r.path} -> {r.status}" for r in self.requests[-8:])
+                raise TimeoutError(
+                    f"condition not met, and nothing changed for {timeout}s; last requests: [{recent}]; "
+                    f"unknown routes: {[f'{r.method} {r.path}' for r in self.unknown_routes]}"
+                ) from None
 
     # creation ------------------------------------------------------------------------------
 

@@ -379,12 +379,12 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     try:
         async def up():
             return list(runner.redis.scan_iter(match=worker_key("*")))
-        assert await wait_until(up, timeout=60), log_file.read_text()
+        assert await wait_until(up), log_file.read_text()
         await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
 
         async def done():
             return any(wire.envelope_from_text(e).event.type == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
-        assert await wait_until(done, timeout=60), log_file.read_text()
+        assert await wait_until(done), log_file.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)

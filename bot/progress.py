@@ -105,12 +105,13 @@ class ThrottledEditor:
             state, self._pending = self._pending, None
             if state is None or state == self._last_sent:
                 continue
-            self._last_edit = self._clock()
             try:
                 await self._edit(*state)
                 self._last_sent = state
             except Exception:  # a failed edit must not stop later ones; the next update retries
                 log.warning("progress edit failed", exc_info=True)
+            finally:  # counted from when the edit landed: one that waited out rate limits took time
+                self._last_edit = self._clock()
 
     async def flush(self) -> None:
         """Wait until the newest state has been sent (used before a job's final message)."""

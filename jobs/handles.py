@@ -58,6 +58,11 @@ def _is_common_word(word: str) -> bool:
     return bool(word) and zipf_frequency(word, "en") >= COMMON_WORD_ZIPF
 
 
+def load_word_list() -> None:
+    """Read wordfreq's English list now (about a second), so the first handle checked doesn't wait."""
+    _is_common_word("avatar")
+
+
 def normalize_class_word(class_word: str) -> str:
     """Return the class word lower-cased with single spaces, or raise ClassWordError."""
     text = " ".join(class_word.lower().split())

@@ -21,7 +21,7 @@ from jobs.commands import Cancel, Command, Evict, Run, Stop
 from jobs.events import Event
 from jobs.payloads import WorkItem
 from jobs.worker_config import WorkerConfig
-from trainer.start_news import FIRST_PART, START_NEWS_EVERY_S, starting_detail
+from trainer.start_news import FIRST_PART, START_NEWS_EVERY_S, start_takes, starting_detail
 from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class StartNews:
     as each begins, and again every START_NEWS_EVERY_S so the minutes shown move. The lock keeps that
     news and a job's arrival in order, and none of it goes out once the start has ended."""
 
-    def __init__(self, inbox: Inbox, send: Callable[[int, Event], None]) -> None:
-        self._inbox, self._send = inbox, send
+    def __init__(self, inbox: Inbox, send: Callable[[int, Event], None], takes: str) -> None:
+        self._inbox, self._send, self._takes = inbox, send, takes
         self._lock = threading.Lock()
         self._began = time.monotonic()
         self._part = FIRST_PART
@@ -84,7 +84,7 @@ class StartNews:
     def _tell(self, job_ids: list[int]) -> None:
         """Under the lock: what the start is doing, to these waiting jobs."""
         if self.starting.is_set():
-            news = events.Stage("loading_model", starting_detail(self._part, time.monotonic() - self._began))
+            news = events.Stage("loading_model", starting_detail(self._part, time.monotonic() - self._began, self._takes))
             for job_id in job_ids:
                 self._send(job_id, news)
 
@@ -128,7 +128,7 @@ class WorkerProcess:
         # when the bot starts again.
         self.stopping = threading.Event()
         self._send_lock = threading.Lock()
-        self.news = StartNews(self.inbox, self.send)
+        self.news = StartNews(self.inbox, self.send, start_takes(config.device))
 
     def send(self, job_id: int, event: Event) -> None:
         with self._send_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from discord.ext import commands
 
 from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
 from bot.replies import reply
-from jobs.handles import NameRuleError, normalize_class_word, suggest_handle, validate_handle
+from jobs.handles import NameRuleError, load_word_list, normalize_class_word, suggest_handle, validate_handle
 from storage import jobs_db, models_db, users_db
 from storage.forget import posted_messages
 
@@ -35,6 +36,10 @@ Changing your handle after training keeps the old handle for the model you have;
 class AccountCog(commands.Cog):
     def __init__(self, bot: AvatarBot) -> None:
         self.bot = bot
+
+    async def cog_load(self) -> None:
+        # In a thread: reading the word list would hold up the event loop, and every other person.
+        await asyncio.to_thread(load_word_list)
 
     @app_commands.command(name="help", description="How this works, in four steps")
     async def help(self, interaction: discord.Interaction) -> None:

@@ -74,6 +74,31 @@ async def test_edits_are_an_interval_apart_on_the_editors_clock(monkeypatch):
     assert sent == [(0.0, "step 0"), (3.0, "step 1"), (6.0, "step 2"), (11.0, "step 3")]
 
 
+async def test_the_interval_counts_from_when_an_edit_landed(monkeypatch):
+    """An edit that met rate limits (discord.py waits out a 429 inside the call) took seconds; the
+    next one still waits a whole interval after it."""
+    now = [0.0]
+    sent: list[tuple[float, str]] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        now[0] += seconds
+        await real_sleep(0)
+
+    async def edit(text, image):
+        if text == "step 0":
+            now[0] += 4.0  # retried after a 429
+        sent.append((now[0], text))
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    editor = ThrottledEditor(edit, interval=1.0, clock=lambda: now[0])
+    editor.update("step 0")
+    await editor.flush()
+    editor.update("step 1")
+    await editor.flush()
+    assert sent == [(4.0, "step 0"), (5.0, "step 1")]
+
+
 async def test_failed_edit_does_not_stop_later_edits():
     sent: list[str] = []
 

@@ -444,7 +444,7 @@ async def test_a_job_whose_hand_over_fails_waits_for_the_next_worker_without_los
 async def test_what_a_worker_says_first_about_a_job_is_what_its_owner_sees_and_is_kept(env):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")
-    starting = {"stage": "loading_model", "detail": "the GPU worker is still starting up"}
+    starting = {"stage": "loading_model", "detail": "the worker is still starting up"}
     original_submit = runner.submit
 
     async def quick_worker(item: WorkItem) -> None:  # its first event arrives before submit returns

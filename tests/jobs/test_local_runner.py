@@ -19,7 +19,13 @@ from jobs.local_runner import LocalProcessRunner
 from jobs.payloads import GenerateOutput, WorkItem
 from jobs.worker_config import WorkerConfig
 from tests.work_items import generate_item, train_item
-from trainer.start_news import FIRST_PART, STARTING_DETAIL, starting_detail
+from trainer.start_news import (
+    FIRST_PART,
+    GPU_START_TAKES,
+    OTHER_START_TAKES,
+    STARTING_DETAIL,
+    starting_detail,
+)
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_torch_defaults(monkeypatch):
@@ -221,7 +227,7 @@ def test_a_job_sent_while_its_worker_starts_up_is_told_so_and_runs_once_the_work
         return bot_events.recv()
 
     def starting(part: str) -> dict:
-        return events.Stage("loading_model", worker_module.starting_detail(part, 0.0))
+        return events.Stage("loading_model", worker_module.starting_detail(part, 0.0, OTHER_START_TAKES))  # a CPU worker's words
 
     try:
         assert compiling.wait(30)
@@ -267,7 +273,8 @@ def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, 
     config = WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c"))
     process = threading.Thread(target=worker_module.process_main, args=(worker_commands, worker_events, config))
     process.start()
-    news = events.Stage("loading_model", worker_module.starting_detail("compiling the only part", 0.0))
+    news = events.Stage("loading_model", worker_module.starting_detail("compiling the only part", 0.0,
+                                                                             OTHER_START_TAKES))
     try:
         assert compiling.wait(30)
         bot_commands.send(Run(item(1, "generate")))
@@ -289,13 +296,20 @@ def test_jobs_waiting_on_a_start_hear_its_news_again_until_it_ends(monkeypatch, 
 
 
 def test_a_start_says_what_it_is_doing_and_for_how_long():
-    from trainer.start_news import START_TAKES, starting_detail
-
-    assert starting_detail("compiling the training step", 59.0) == (
-        f"{STARTING_DETAIL}: compiling the training step, just begun; {START_TAKES}")
-    assert starting_detail("compiling the training step", 61.0).endswith(f"step, 1 min in; {START_TAKES}")
-    assert starting_detail("loading the base model", 17 * 60 + 5).startswith(
+    takes = GPU_START_TAKES
+    assert starting_detail("compiling the training step", 59.0, takes) == (
+        f"{STARTING_DETAIL}: compiling the training step, just begun; {takes}")
+    assert starting_detail("compiling the training step", 61.0, takes).endswith(f"step, 1 min in; {takes}")
+    assert starting_detail("loading the base model", 17 * 60 + 5, takes).startswith(
         f"{STARTING_DETAIL}: loading the base model, 17 min in;")
+
+
+def test_a_start_speaks_of_the_device_it_is_on():
+    """GPU start times are for CUDA workers, which compile; elsewhere a start is the model's load."""
+    from trainer.start_news import start_takes
+
+    assert start_takes("cuda:1") == GPU_START_TAKES and "GPU" in GPU_START_TAKES
+    assert start_takes("cpu") == start_takes("mps") == OTHER_START_TAKES and "GPU" not in OTHER_START_TAKES
 
 
 def _worker_with_a_long_start(commands, events, config) -> None:
@@ -324,7 +338,7 @@ def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tm
         bot_commands.send(Run(item(1, "generate")))
         assert bot_events.poll(60), "the worker sent nothing"
         assert bot_events.recv() == (1, events.Stage(  # still starting, as it says
-            "loading_model", starting_detail(FIRST_PART, 0.0)))
+            "loading_model", starting_detail(FIRST_PART, 0.0, OTHER_START_TAKES)))
         if how == "stop":
             bot_commands.send(Stop())
         else:

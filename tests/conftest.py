@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.polling import wait_until_sync
+from tests.work_items import JOB_SECRET
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +85,7 @@ class CeleryWorkers:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "JOB_SECRET": JOB_SECRET}
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "trainer", "--log-level", "WARNING", "worker", "--redis-url", self.redis_url,
              "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),

@@ -29,6 +29,7 @@ class FakeRunner(JobRunner):
         self.submitted: list[WorkItem] = []
         self.cancelled: list[int] = []
         self.forgotten: list[str] = []
+        self.forgotten_jobs: list[int] = []
 
     async def start(self, on_event):
         self.on_event = on_event
@@ -51,6 +52,9 @@ class FakeRunner(JobRunner):
 
     async def forget_adapter(self, key: str) -> None:
         self.forgotten.append(key)
+
+    async def forget_jobs(self, job_ids) -> None:
+        self.forgotten_jobs.extend(job_ids)
 
     async def emit(self, job_id: int, event: events.Event) -> None:
         if isinstance(event, events.FINAL):

@@ -22,6 +22,7 @@ from jobs.runner import JobRunner
 from storage.store import Storage
 from tests.fakediscord import FakeDiscord
 from tests.photos_factory import selfie
+from tests.work_items import JOB_SECRET
 
 # Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
 TRAIN_STEPS = 24
@@ -31,6 +32,7 @@ def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Sett
     """Settings as an operator of a CPU demo would write them, pointed at the fake Discord."""
     base = Settings(
         discord_token=fake.bot_token,
+        job_secret=JOB_SECRET,
         data_dir=data_dir,
         base_model="tiny",
         device="cpu",

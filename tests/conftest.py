@@ -85,11 +85,21 @@ class CeleryWorkers:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
+        """Its log (INFO and above) goes to `log(name)`."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "JOB_SECRET": JOB_SECRET}
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "trainer", "--log-level", "WARNING", "worker", "--redis-url", self.redis_url,
-             "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
-             "--class-cache", str(self.root / "class-cache")], env=env, cwd=Path(__file__).parent.parent)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.log_file(name).open("a") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "trainer", "--log-level", "INFO", "worker", "--redis-url", self.redis_url,
+                 "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
+                 "--class-cache", str(self.root / "class-cache")], env=env, cwd=Path(__file__).parent.parent,
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def log_file(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def log(self, name: str) -> str:
+        return self.log_file(name).read_text()
 
     def kill(self, name: str) -> None:
         self.processes[name].send_signal(signal.SIGKILL)

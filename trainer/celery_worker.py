@@ -285,8 +285,8 @@ def serve(config: WorkerConfig, redis_url: str, name: str, secret: str, *,
         raise
 
     @app.task(name=TASK)
-    def run_job(message: Any) -> None:
-        body.run(message)
+    def run_job(*args: Any, **kwargs: Any) -> None:  # any arguments: what is not one frame is refused
+        body.run(args[0] if len(args) == 1 and not kwargs else None)
 
     def shutting_down(**_: Any) -> None:  # Celery's SIGTERM and SIGINT handler, on the main thread
         if not body.stopping.is_set():

@@ -421,6 +421,7 @@ async def test_forget_cancels_and_drops_adapters(env):
     await asyncio.sleep(0.05)
     await scheduler.forget(ALICE)
     assert runner.cancelled == [job.id] and runner.forgotten == [f"model-{model_id}"]
+    assert runner.forgotten_jobs == [job.id]  # its messages, wherever the runner keeps them, go too
     assert await jobs_db.get_job(store.db, job.id) is None
     await runner.emit(job.id, events.Done(GenerateOutput([Picture(b"I", 1)])))
     assert not (store.data_dir / "users" / str(ALICE)).exists()  # the late result wrote nothing

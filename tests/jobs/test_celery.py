@@ -416,3 +416,35 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     # Nor any debug line of Celery's or kombu's: one shows the job's message whole, cut at 1,024 characters.
     assert not re.search(r"DEBUG +\S+ (celery|kombu)\b", written)
     assert process.returncode == 0 and list((tmp_path / "worker-data").iterdir()) == []
+
+
+async def test_a_job_no_worker_took_in_time_is_lost_one_too_large_is_never_sent_and_a_stop_voids_the_rest(
+        redis_url):
+    """A message expires after MESSAGE_TTL_S (Celery drops it unread then): the bot reports such a job
+    lost, so the scheduler sends it again. A job whose message would be over the workers' cap fails
+    here instead of never reaching one. Stopping voids every attempt in flight."""
+    from jobs.celery_protocol import MESSAGE_TTL_S, token_key
+    from jobs.celery_runner import JobTooLarge, _Known
+
+    runner, seen, sent = CeleryRunner(redis_url, JOB_SECRET, max_message_bytes=64 * 1024), [], []
+
+    async def on_event(job_id, event):
+        seen.append((job_id, event.type))
+    runner._on_event = on_event
+    runner._workers = {"w1": _Known(), "w2": _Known()}
+    runner._live_names = lambda: {"w1", "w2"}
+    runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs)
+    await runner.submit(generate_item(1))
+    await runner.submit(generate_item(2))
+    assert [k["expires"] for k in sent] == [MESSAGE_TTL_S] * 2
+    assert [k["task_id"].split("-")[:2] for k in sent] == [["job", "1"], ["job", "2"]]
+    runner._sent_at[1] -= MESSAGE_TTL_S + 1
+    await runner._refresh_workers()
+    assert seen == [(1, "worker_lost")] and list(runner._tokens) == [2] and not runner.redis.exists(token_key(1))
+
+    with pytest.raises(JobTooLarge):
+        await runner.submit(train_item(3, photos=[b"x" * 60_000]))
+    assert len(sent) == 2 and 3 not in runner._tokens and not runner.redis.exists(token_key(3))
+
+    await runner.stop()
+    assert runner._tokens == {} and not runner.redis.exists(token_key(2))  # its worker drops it, or stops it

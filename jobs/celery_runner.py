@@ -176,20 +176,29 @@ class CeleryRunner(JobRunner):
                 log.warning("reading events from Redis failed: %s", exc)
                 self._stop.wait(1)
                 continue
+            except Exception:  # the reading goes on: without it, no job would ever finish
+                log.exception("reading events from Redis failed")
+                self._stop.wait(1)
+                continue
             if popped is None or self._stop.is_set():
                 continue
-            try:
-                envelope = wire.envelope_from_frame(popped[1], self._secret, self._max_bytes)
-            except BadFrame as exc:
-                log.warning("dropped an item of the events list: %s", exc)
-                continue
-            except Exception as exc:  # signed, yet unreadable (a worker of another version?); never its content
-                log.warning("dropped an event that could not be read (%s)", type(exc).__name__)
+            envelope = self._open(popped[1])
+            if envelope is None:
                 continue
             try:
                 asyncio.run_coroutine_threadsafe(self._deliver(envelope), self._loop)
             except RuntimeError:  # the bot's loop closed while this event was on its way
                 return
+
+    def _open(self, item: bytes | str) -> wire.Envelope | None:
+        """The envelope in an item of the events list, if a worker signed it; None (logged) if not."""
+        try:
+            return wire.envelope_from_frame(item, self._secret, self._max_bytes)
+        except BadFrame as exc:
+            log.warning("dropped an item of the events list: %s", exc)
+        except Exception as exc:  # signed, yet unreadable (a worker of another version?); never its content
+            log.warning("dropped an event that could not be read (%s)", type(exc).__name__)
+        return None
 
     async def _deliver(self, envelope: wire.Envelope) -> None:
         job_id, event, name = envelope.job_id, envelope.event, envelope.worker

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -249,6 +251,26 @@ class CeleryWorker:
         return stored is not None and stored.decode() == token
 
 
+class StoppedDuringStart(Exception):
+    """SIGTERM or SIGINT came while the worker loaded its model or compiled: there is no job to finish."""
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise StoppedDuringStart in the block (before Celery's own handlers exist), so
+    a worker stopped as it starts still leaves no files behind and exits 0."""
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise StoppedDuringStart()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def wait_for_redis(client: redis.Redis, tries: int = REDIS_START_TRIES) -> None:
     """Return once Redis answers; WorkerFailed (the worker exits non-zero) if it never does."""
     for attempt in range(tries):
@@ -295,10 +317,16 @@ def serve(config: WorkerConfig, redis_url: str, name: str, secret: str, *,
 
     signals.worker_shutting_down.connect(shutting_down, weak=False)
     try:
-        body.worker.prepare()  # load the model before taking the first job
+        with stopped_by_signals():
+            try:
+                body.worker.prepare()  # load the model before taking the first job
+            except StoppedDuringStart:
+                log.info("worker %s stopped during its start", name)
+                body.stopping.set()
+                return
         body.start_heartbeat()
         log.info("worker %s on %s, queues %s and %s", name, config.device, SHARED_QUEUE, worker_queue(name))
-        code = run_celery(app, name, config.log_level)
+        code = run_celery(app, name, config.log_level)  # Celery handles SIGTERM and SIGINT from here on
     finally:
         signals.worker_shutting_down.disconnect(shutting_down)
         body.stop(remove_work_dir=remove_work_dir)

@@ -4,8 +4,6 @@ project writes to Redis lasts for ever."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 
 import pytest
@@ -28,7 +26,7 @@ from jobs.events import Claimed, Done, Event
 from jobs.payloads import GenerateOutput, Picture
 from jobs.signing import MB, seal
 from tests.jobs.worker_process import start_worker
-from tests.polling import wait_until, wait_until_sync
+from tests.polling import wait_until
 from tests.work_items import JOB_SECRET, generate_item, train_item
 
 pytestmark = pytest.mark.slow
@@ -132,42 +130,3 @@ async def test_every_key_and_list_the_project_writes_expires(redis_url, tmp_path
     finally:
         release.touch()
         worker.stop()
-
-
-def test_a_worker_started_without_a_valid_secret_exits_non_zero_and_says_why(redis_url, tmp_path):
-    for secret, words in (("", "JOB_SECRET is not set"), ("short", "JOB_SECRET is too short")):
-        worker = start_worker(redis_url, tmp_path / "w", env={"JOB_SECRET": secret})
-        assert worker.process.wait(120) == 1
-        assert words in worker.log
-
-
-def test_a_worker_that_cannot_reach_redis_exits_non_zero_and_says_why(tmp_path):
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    worker = start_worker(f"redis://127.0.0.1:{port}/0", tmp_path / "w")
-    assert worker.process.wait(120) == 1
-    assert "Could not reach Redis" in worker.log and "Traceback" not in worker.log
-    assert list((tmp_path / "w" / "worker-data").iterdir()) == []  # it left no folder behind
-
-
-def test_a_job_run_by_a_worker_sees_no_discord_token_nor_job_secret(redis_url, tmp_path):
-    """A worker started with the bot's .env in its environment (docker compose's env_file) passes neither
-    the bot's token nor the job secret on: its own environment, which every process it starts inherits,
-    no longer has them."""
-    worker = start_worker(redis_url, tmp_path / "w", "--name", "w1",
-                          env={"DISCORD_TOKEN": "MTIz.discord-token-of-the-bot", "REDIS_URL": redis_url})
-    runner = CeleryRunner(redis_url, JOB_SECRET)
-    runner._workers = {"w1": _Known()}
-    try:
-        assert wait_until_sync(lambda: runner.redis.exists(worker_key("w1")), timeout=60), worker.log
-        asyncio.run(runner.submit(generate_item(1)))
-        env_file = tmp_path / "w" / "env.json"
-        assert wait_until_sync(env_file.exists, timeout=60), worker.log
-        names = json.loads(env_file.read_text())
-        assert "PATH" in names and not {"DISCORD_TOKEN", "JOB_SECRET", "REDIS_URL"} & set(names)
-    finally:
-        worker.stop()
-

@@ -1,5 +1,6 @@
 """`python -m trainer worker` in a child process as an operator starts it, with the GPU work left out:
-the model is never loaded, a job's work returns no pictures at once, or, with `hold`, waits until the
+the model is never loaded (with TEST_SLOW_START, the start lasts ten minutes, and touches `starting`
+in the working folder), a job's work returns no pictures at once, or, with `hold`, waits until the
 file `hold` exists (stopping early if cancelled). The child writes its environment's names to
 `env.json` in its working folder when it runs a job, and its log to `worker.log`."""
 
@@ -30,7 +31,12 @@ def run(self, item, emit, should_cancel, serve_riders=None):
         time.sleep(0.05)
     return GenerateOutput([])
 
-Worker.prepare = lambda self, on_part=None: None
+def prepare(self, on_part=None):
+    if os.environ.get("TEST_SLOW_START"):  # as a GPU worker compiling for minutes
+        Path("starting").touch()
+        time.sleep(600)
+
+Worker.prepare = prepare
 Worker.run = run
 from trainer.__main__ import main
 sys.exit(main(sys.argv[1:]))

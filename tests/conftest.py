@@ -84,15 +84,15 @@ class CeleryWorkers:
         self.redis_url, self.root = redis_url, root
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str) -> None:
-        """Its log (INFO and above) goes to `log(name)`."""
+    def start(self, name: str, *args: str) -> None:
+        """Its log (INFO and above) goes to `log(name)`; `args` go to `worker` after the fixture's own."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "JOB_SECRET": JOB_SECRET}
         self.root.mkdir(parents=True, exist_ok=True)
         with self.log_file(name).open("a") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "trainer", "--log-level", "INFO", "worker", "--redis-url", self.redis_url,
                  "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
-                 "--class-cache", str(self.root / "class-cache")], env=env, cwd=Path(__file__).parent.parent,
+                 "--class-cache", str(self.root / "class-cache"), *args], env=env, cwd=Path(__file__).parent.parent,
                 stdout=log, stderr=subprocess.STDOUT)
 
     def log_file(self, name: str) -> Path:

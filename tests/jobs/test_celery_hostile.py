@@ -23,7 +23,8 @@ from jobs.celery_protocol import (
 )
 from jobs.celery_runner import CeleryRunner, _Known
 from jobs.events import Claimed, Done, Event
-from jobs.payloads import GenerateOutput, Picture
+from jobs.payloads import GenerateInputs, GenerateOutput, GenerateParams, Picture, WorkItem
+from jobs.requests import GenerateRequest
 from jobs.signing import MB, seal
 from tests.jobs.worker_process import start_worker
 from tests.polling import wait_until
@@ -44,13 +45,14 @@ async def started(redis_url: str, seen: list[tuple[int, Event]], **kwargs) -> Ce
 
 
 async def test_garbage_forged_and_oversize_items_are_dropped_and_the_next_real_job_completes(
-        redis_url, tmp_path, caplog):
+        redis_url, caplog, celery_workers):
+    """A real worker (the tiny model on the CPU) and the bot's runner."""
     caplog.set_level(logging.INFO, "jobs.celery_runner")
-    worker = start_worker(redis_url, tmp_path / "w", "--name", "w1", "--max-message-mb", "1")
+    celery_workers.start("w1", "--max-message-mb", "1")
     seen: list[tuple[int, Event]] = []
     runner = await started(redis_url, seen, max_message_bytes=1 * MB)
     try:
-        assert await wait_until(lambda: runner.workers == ["w1"], timeout=60), worker.log
+        assert await wait_until(lambda: runner.workers == ["w1"], timeout=300), celery_workers.log("w1")
         queue, client = SHARED_QUEUE, runner.redis
         # The job queue: items kombu could not read, then well-formed task messages the bot did not sign.
         for item in (b"not json", b"[]", b'{"body": 1}', b"{" + b" " * (2 * MB) + b"}"):
@@ -62,16 +64,18 @@ async def test_garbage_forged_and_oversize_items_are_dropped_and_the_next_real_j
         # The events list: garbage, an oversize item, and a forged result for a job that the bot runs.
         for item in (b"not json", b"1." + b"0" * 64 + b".{}", b"x" * (2 * MB)):
             client.rpush(EVENTS, item)
-        await runner.submit(generate_item(7))
+        await runner.submit(picture(7))
         forged = wire.Envelope(7, runner._tokens[7], "w1", Done(GenerateOutput([Picture(b"FORGED", 1)])))
         client.rpush(EVENTS, seal(OTHER_SECRET, wire.EVENT, 7, wire.envelope_to_frame(forged, OTHER_SECRET)
                                   .split(".", 2)[2]))
 
-        assert await wait_until(lambda: any(isinstance(e, Done) for _, e in seen), timeout=60), worker.log
+        assert await wait_until(lambda: any(isinstance(e, Done) for _, e in seen), timeout=120), \
+            celery_workers.log("w1")
         [done] = [e for _, e in seen if isinstance(e, Done)]
-        assert done.result == GenerateOutput([])  # the worker's, not the forged one
-        assert worker.process.poll() is None
-        log = worker.log
+        [image] = done.result.images  # the worker's picture, not the forged one
+        assert image.png.startswith(b"\x89PNG") and image.png != b"FORGED"
+        assert celery_workers.processes["w1"].poll() is None
+        log = celery_workers.log("w1")
         assert log.count("dropped an item of queue avatar.jobs: it is not JSON") == 1
         assert log.count("dropped an item of queue avatar.jobs: it is not a message") == 2
         assert "dropped an item of queue avatar.jobs: it is 2.0 MB, over the cap of 1 MB" in log
@@ -91,12 +95,19 @@ async def test_garbage_forged_and_oversize_items_are_dropped_and_the_next_real_j
         assert client.llen(queue) == 0 and client.hlen(UNACKED_KEYS[0]) == 0
 
         # And both sides go on.
-        await runner.submit(generate_item(8))
-        assert await wait_until(lambda: (8, "done") in [(j, e.type) for j, e in seen], timeout=60), worker.log
+        await runner.submit(picture(8))
+        assert await wait_until(lambda: (8, "done") in [(j, e.type) for j, e in seen], timeout=120), \
+            celery_workers.log("w1")
     finally:
         await runner.stop()
-        worker.stop()
-    assert worker.process.returncode == 0, worker.log
+        celery_workers.stop()
+    assert celery_workers.processes["w1"].returncode == 0, celery_workers.log("w1")
+
+
+def picture(job_id: int) -> WorkItem:
+    """A plain picture, small and quick on the tiny model."""
+    return WorkItem(job_id, GenerateParams(GenerateRequest("a lighthouse", num_images=1, steps=4, seed=1)),
+                    GenerateInputs())
 
 
 async def test_every_key_and_list_the_project_writes_expires(redis_url, tmp_path):

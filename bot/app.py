@@ -44,7 +44,7 @@ def build_runner(settings: Settings) -> JobRunner:
     if settings.job_backend == "celery":
         from jobs.celery_runner import CeleryRunner
 
-        return CeleryRunner(settings.redis_url)
+        return CeleryRunner(settings.redis_url, settings.job_secret, settings.max_job_message_bytes)
     devices = visible_devices(settings.device, settings.workers)
     work, shared = Path(settings.data_dir) / "work", Path(settings.data_dir) / "shared"
     remove_unused_work_dirs(work, len(devices))
@@ -229,7 +229,7 @@ async def run_until_stopped(bot: AvatarBot, token: str, stop: asyncio.Event) -> 
 def run_bot(settings: Settings) -> int:
     """`make run`: log set-up, endpoints, then serve until SIGTERM or Ctrl-C (exit 0). A setting the
     bot cannot work with, a refused token included, exits 2: restarting will not help."""
-    setup_logging(settings.log_level, secrets=[settings.discord_token])
+    setup_logging(settings.log_level, secrets=[settings.discord_token, settings.job_secret])
     use_discord_endpoints(settings.discord_api_base, settings.discord_gateway_url)
     try:
         asyncio.run(serve(settings))

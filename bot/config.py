@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.envfile import env_file_values, parse_switch
 from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
+from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, secret_problem
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -42,6 +43,8 @@ class Settings:
     workers: int = 0  # 0: one worker per visible GPU, or one CPU worker when there is none
     job_backend: str = "local"
     redis_url: str = "redis://localhost:6379/0"  # JOB_BACKEND=celery: the broker the workers share
+    job_secret: str = field(default="", repr=False)  # JOB_BACKEND=celery: signs jobs and events (jobs.signing)
+    max_job_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # JOB_BACKEND=celery: larger messages are dropped unread
     log_level: str = "INFO"
     dev_guild_id: int | None = None
     discord_api_base: str | None = None
@@ -71,6 +74,10 @@ class Settings:
     @property
     def max_photo_bytes(self) -> int:
         return self.max_photo_mb * 1024 * 1024
+
+    @property
+    def max_job_message_bytes(self) -> int:
+        return self.max_job_message_mb * MB
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         """A training's settings as the operator set them (`steps`: a person's own number of steps)."""
@@ -154,6 +161,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
     if settings.job_backend == "celery" and not settings.redis_url.startswith(_REDIS_SCHEMES):
         problems.append(f"REDIS_URL must start with {', '.join(_REDIS_SCHEMES)} "
                         "(e.g. redis://localhost:6379/0).")
+    if settings.job_backend == "celery" and (problem := secret_problem(settings.job_secret)) is not None:
+        problems.append(problem)
+    if settings.max_job_message_mb < 1:
+        problems.append("MAX_JOB_MESSAGE_MB must be at least 1.")
     if settings.train_checkpoint_every < 0:
         problems.append("TRAIN_CHECKPOINT_EVERY must be 0 (no checkpoints) or a positive number of steps.")
     if settings.train_preview_every < 0:

@@ -306,6 +306,7 @@ class Scheduler:
         (after any photo being stored or job being queued for them right now)."""
         async with self.user_lock(user_id):
             await self.cancel_user_jobs(user_id)
+            await self.runner.forget_jobs([job.id for job in await jobs_db.jobs_for_user(self.store.db, user_id)])
             for model in await models_db.list_models(self.store.db, user_id):
                 await self.runner.forget_adapter(adapter_key(model.id))
             return await forget_user(self.store, user_id)

@@ -2,7 +2,9 @@
 
 Each visible GPU (or one CPU worker) gets a spawned process, so nothing slow or crash-prone runs in
 the bot's process and its event loop never blocks. The child runs `WORKER_ENTRY`, named rather than
-imported: this package imports no torch and nothing of the trainer; the child does.
+imported: this package imports no torch and nothing of the trainer; the child does. A child starts
+without the bot's secrets in its environment (`SECRET_VARIABLES`): it needs none of them, and a
+process's starting environment stays readable in /proc as long as it runs.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import asyncio
 import importlib
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -21,12 +26,27 @@ from jobs.commands import Cancel, Evict, Run, Stop
 from jobs.events import AdapterLoaded, Done, Error, Event, WorkerLost
 from jobs.payloads import WorkItem
 from jobs.runner import EventHandler, JobRunner
-from jobs.worker_config import WorkerConfig
+from jobs.worker_config import SECRET_VARIABLES, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 # The worker process's entry point, `module:function(commands, events, config)`.
 WORKER_ENTRY = "trainer.worker_process:process_main"
+
+
+_environment_lock = threading.Lock()
+
+
+@contextmanager
+def secrets_withheld() -> Iterator[None]:
+    """The process environment without SECRET_VARIABLES for the block, while a child process starts
+    (a spawned child inherits the environment whole); the bot reads its settings once, at start."""
+    with _environment_lock:
+        saved = {name: os.environ.pop(name) for name in SECRET_VARIABLES if name in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
 
 
 def _run_worker(entry: str, commands: Connection, events: Connection, config: WorkerConfig) -> None:
@@ -83,7 +103,8 @@ class LocalProcessRunner(JobRunner):
         events_read, events_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(target=_run_worker, name=f"worker-{slot.index}",
                                     args=(WORKER_ENTRY, commands_read, events_write, slot.config), daemon=True)
-        process.start()
+        with secrets_withheld():
+            process.start()
         commands_read.close()
         events_write.close()
         slot.process, slot.commands = process, commands_write
@@ -197,6 +218,12 @@ class LocalProcessRunner(JobRunner):
                 await asyncio.to_thread(slot.commands.send, Evict(key))
             except (BrokenPipeError, OSError):  # a dead worker's replacement starts with no adapters
                 log.info("worker %d is gone; nothing to evict there", slot.index)
+
+    async def forget_jobs(self, job_ids: Collection[int]) -> None:
+        """Nothing to remove here: jobs reach the workers through pipes and are kept nowhere on the way;
+        a job cancelled before this stops at its next step, its worker's scratch files going with it
+        (a killed worker's are cleared by its replacement as it starts, `trainer.worker.Worker`), and
+        `forget_adapter` has taken the person's LoRA files and weights."""
 
     async def stop(self) -> None:
         """Stop every worker; a running job stops at its next step and is resumed on the next start."""

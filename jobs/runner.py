@@ -7,7 +7,7 @@ this host) and `jobs.celery_runner.CeleryRunner` (workers on any machine, throug
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from jobs.events import Event
 from jobs.payloads import WorkItem
@@ -47,4 +47,10 @@ class JobRunner(ABC):
     @abstractmethod
     async def forget_adapter(self, key: str) -> None:
         """Drop a user's LoRA from every worker (the user retrained or asked to be forgotten)."""
+
+    @abstractmethod
+    async def forget_jobs(self, job_ids: Collection[int]) -> None:
+        """Remove every copy of these jobs' messages the runner keeps outside the bot: queued, taken by
+        a worker that died, waiting beside a training, or results not yet read (their owner asked to be
+        forgotten; the jobs are cancelled already)."""
 

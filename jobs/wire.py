@@ -4,6 +4,7 @@ A distributed queue carries text. Bytes become `{"__bytes__": "<base64>"}` on th
 again on the way in, so the queue can use JSON (never pickle: a message from the broker must not be
 able to run code in the bot or a worker). Items and events are checked against their types on the
 way in (pydantic), so a malformed message raises `ValueError` instead of reaching the code.
+What goes through Redis is also signed (`jobs.signing`), and checked before it is decoded.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pydantic import TypeAdapter
 
 from jobs.events import Event
 from jobs.payloads import GenerateInputs, GenerateParams, JobKind, TrainInputs, TrainParams, WorkItem
+from jobs.signing import BadFrame, seal, unseal
 
 _BYTES = "__bytes__"
+# What a signed frame is for (`jobs.signing`): a job never passes for an event, nor an event for a job.
+JOB, EVENT = "job", "event"
 
 
 def _encode(value: Any) -> Any:
@@ -97,26 +101,49 @@ class Envelope:
     event: Event = field(repr=False)
 
 
-def envelope_to_text(envelope: Envelope) -> str:
-    return dumps({"job_id": envelope.job_id, "token": envelope.token, "worker": envelope.worker,
-                  "event": event_to_dict(envelope.event)})
+def envelope_to_frame(envelope: Envelope, secret: bytes) -> str:
+    """The envelope as a frame signed with the shared secret (`jobs.signing`), for the events list."""
+    return seal(secret, EVENT, envelope.job_id,
+                dumps({"job_id": envelope.job_id, "token": envelope.token, "worker": envelope.worker,
+                       "event": event_to_dict(envelope.event)}))
 
 
-def envelope_from_text(text: str | bytes) -> Envelope:
-    return _adapter(Envelope).validate_python(loads(text))
+def envelope_from_frame(frame: str | bytes, secret: bytes, max_bytes: int) -> Envelope:
+    """An envelope from the events list; BadFrame (a ValueError) unless the bot's workers signed it."""
+    job_id, body = unseal(secret, EVENT, frame, max_bytes)
+    envelope = _adapter(Envelope).validate_python(loads(body))
+    if envelope.job_id != job_id:
+        raise BadFrame("it names another job than it carries")
+    return envelope
 
 
 @dataclass(frozen=True)
-class _RiderFields:
+class SignedJob:
+    """A job as the bot sends it to a Celery worker (through a queue, or as a rider): the item, the
+    token of its attempt, and when the message stops being valid (Unix time, the bot's clock)."""
+
+    item: WorkItem = field(repr=False)
+    token: str = field(repr=False)
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class _JobFields:
     item: dict[str, Any]
     token: str
+    expires_at: float
 
 
-def rider_to_text(item: WorkItem, token: str) -> str:
-    """A generation riding on a worker's training, with its attempt's token (a rider list's entry)."""
-    return dumps({"item": item_to_dict(item), "token": token})
+def job_to_frame(job: SignedJob, secret: bytes) -> str:
+    return seal(secret, JOB, job.item.job_id,
+                dumps({"item": item_to_dict(job.item), "token": job.token, "expires_at": job.expires_at}))
 
 
-def rider_from_text(text: str | bytes) -> tuple[WorkItem, str]:
-    fields = _adapter(_RiderFields).validate_python(loads(text))
-    return item_from_dict(fields.item), fields.token
+def job_from_frame(frame: str | bytes, secret: bytes, max_bytes: int) -> SignedJob:
+    """A job from a queue or a rider list; BadFrame (a ValueError) unless the bot signed it."""
+    job_id, body = unseal(secret, JOB, frame, max_bytes)
+    fields = _adapter(_JobFields).validate_python(loads(body))
+    item = item_from_dict(fields.item)
+    if item.job_id != job_id:
+        raise BadFrame("it names another job than it carries")
+    return SignedJob(item, fields.token, fields.expires_at)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.polling import wait_until_sync
+from tests.work_items import JOB_SECRET
 
 
 @pytest.fixture(autouse=True)
@@ -83,12 +84,22 @@ class CeleryWorkers:
         self.redis_url, self.root = redis_url, root
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "trainer", "--log-level", "WARNING", "worker", "--redis-url", self.redis_url,
-             "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
-             "--class-cache", str(self.root / "class-cache")], env=env, cwd=Path(__file__).parent.parent)
+    def start(self, name: str, *args: str) -> None:
+        """Its log (INFO and above) goes to `log(name)`; `args` go to `worker` after the fixture's own."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "JOB_SECRET": JOB_SECRET}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.log_file(name).open("a") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "trainer", "--log-level", "INFO", "worker", "--redis-url", self.redis_url,
+                 "--model", "tiny", "--device", "cpu", "--name", name, "--work-dir", str(self.root / name),
+                 "--class-cache", str(self.root / "class-cache"), *args], env=env, cwd=Path(__file__).parent.parent,
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def log_file(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def log(self, name: str) -> str:
+        return self.log_file(name).read_text()
 
     def kill(self, name: str) -> None:
         self.processes[name].send_signal(signal.SIGKILL)

@@ -86,7 +86,7 @@ def test_the_compose_redis_asks_for_the_password_and_writes_no_aof_or_rdb(tmp_pa
     """Its queue holds people's photos: nothing of it may outlive the process on disk."""
     done, args = _run_redis_script(tmp_path, "s3cret-Pw_1")
     assert done.returncode == 0, done.stderr
-    assert args == ["--requirepass", "s3cret-Pw_1", "--appendonly", "no", "--save", ""]
+    assert args == ["--requirepass", "s3cret-Pw_1", "--appendonly", "no", "--save", "", "--proto-max-bulk-len", "256mb"]
     compose = _compose()
     assert "volumes" not in compose["services"]["redis"]
     assert set(compose["volumes"]) == {"avatar-data", "hf-cache"}

@@ -5,6 +5,9 @@ from __future__ import annotations
 from jobs.payloads import GenerateInputs, GenerateParams, TrainInputs, TrainParams, WorkItem
 from jobs.requests import GenerateRequest, TrainConfig
 
+# The JOB_SECRET the tests' bots and Celery workers share (jobs.signing).
+JOB_SECRET = "tests-job-secret-" + "0123456789abcdef" * 2
+
 
 def train_item(job_id: int, *, handle: str = "sks", class_word: str = "woman", config: TrainConfig | None = None,
                photos: list[bytes] | None = None, checkpoint: bytes | None = None, samples: int = 2) -> WorkItem:

@@ -40,6 +40,7 @@ from jobs.requests import (
     GenerateRequest,
     TrainConfig,
 )
+from jobs.signing import DEFAULT_MAX_MESSAGE_MB
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
 
@@ -255,21 +256,37 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> list[str]:
-    from jobs.worker_config import WorkerConfig
+    from common.logs import setup_logging
+    from jobs.signing import MB, secret_problem
+    from jobs.worker_config import SECRET_VARIABLES, WorkerConfig
+    from trainer import scratch
     from trainer.celery_worker import default_name, serve
 
+    # Read already: no process this worker starts needs them (the bot's token least of all).
+    for variable in SECRET_VARIABLES:
+        os.environ.pop(variable, None)
+    if (problem := secret_problem(args.job_secret)) is not None:
+        raise TrainerError(problem, "bad_settings")
+    if args.max_message_mb < 1:
+        raise TrainerError("MAX_JOB_MESSAGE_MB must be at least 1.", "bad_settings")
+    setup_logging(args.log_level.upper(), secrets=[args.job_secret])
     name = args.name or default_name()
-    work = args.work_dir or Path("worker-data") / name
-    serve(WorkerConfig(base_model=args.model, device=args.device, work_dir=str(work / "work"),
-                       class_cache_dir=str(args.class_cache), log_level=args.log_level.upper(),
-                       compile_generation=args.compile, compile_static_shapes=args.static_shapes,
-                       compile_cache_dir=str(args.compile_cache),
-                       compile_training=args.compile_training, train_rank=args.train_rank,
-                       start_helpers=args.start_helpers),
-          args.redis_url, name, remove_work_dir=args.work_dir is None)
-    if args.work_dir is None:  # worker-data/NAME held only the work folder, now removed
-        with contextlib.suppress(OSError):
-            work.rmdir()
+    work = args.work_dir or scratch.WORKER_DATA / name
+    try:
+        with scratch.held(work):
+            scratch.sweep()  # what killed workers on this host left behind
+            serve(WorkerConfig(base_model=args.model, device=args.device, work_dir=str(work / "work"),
+                               class_cache_dir=str(args.class_cache), log_level=args.log_level.upper(),
+                               compile_generation=args.compile, compile_static_shapes=args.static_shapes,
+                               compile_cache_dir=str(args.compile_cache),
+                               compile_training=args.compile_training, train_rank=args.train_rank,
+                               start_helpers=args.start_helpers),
+                  args.redis_url, name, args.job_secret, max_message_bytes=args.max_message_mb * MB,
+                  remove_work_dir=args.work_dir is None)
+    finally:
+        if args.work_dir is None:  # worker-data/NAME held only the work folder, now removed
+            with contextlib.suppress(OSError):
+                work.rmdir()
     return [f"worker {name} stopped"]
 
 
@@ -371,14 +388,19 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                          "the GPU and the CPUs allow, 0 none (START_HELPERS does the same)")
     wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
                     help="where compiled kernels are kept between starts")
-    wk.set_defaults(func=cmd_worker)
+    wk.add_argument("--max-message-mb", type=int,
+                    default=env.get("MAX_JOB_MESSAGE_MB", "").strip() or str(DEFAULT_MAX_MESSAGE_MB),
+                    help="the bot's MAX_JOB_MESSAGE_MB: a larger message is dropped unread")
+    # The secret shared with the bot comes from JOB_SECRET alone: a command line shows in `ps`.
+    wk.set_defaults(func=cmd_worker, job_secret=env.get("JOB_SECRET", "").strip())
     return parser
 
 
 def worker_environment(env_file: Path = Path(".env")) -> dict[str, str]:
     """The process environment over the `.env` file in the working directory, read as the bot reads
     its settings: a GPU machine that shares the bot's `.env` gets the same values. Nothing is added
-    to `os.environ`, so the bot's token in that file does not reach the worker's child processes."""
+    to `os.environ`, so the bot's token in that file does not reach the worker's child processes (and
+    `worker` takes it out of `os.environ` when it is there, as with docker compose's env_file)."""
     return {**env_file_values(env_file), **os.environ}
 
 

@@ -43,7 +43,11 @@ def test_defaults_and_types(tmp_path):
         ({"MAX_QUEUED_GENERATIONS": "0"}, "MAX_QUEUED_GENERATIONS must be at least 1."),
         ({"MAX_PROMPT_CHARS": "0"}, "MAX_PROMPT_CHARS must be at least 1."),
         ({"PROGRESS_INTERVAL_S": "-2"}, "PROGRESS_INTERVAL_S must be 0 or a positive number"),
-        ({"JOB_BACKEND": "celery", "REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
+        ({"JOB_BACKEND": "celery", "REDIS_URL": "localhost:6379", "JOB_SECRET": "j" * 32},
+         "REDIS_URL must start with redis://"),
+        ({"JOB_BACKEND": "celery"}, "JOB_SECRET is not set; with JOB_BACKEND=celery"),
+        ({"JOB_BACKEND": "celery", "JOB_SECRET": "password"}, "JOB_SECRET is too short (8 characters, at least 32)"),
+        ({"MAX_JOB_MESSAGE_MB": "0"}, "MAX_JOB_MESSAGE_MB must be at least 1."),
     ],
 )
 def test_each_problem_has_one_clear_line(tmp_path, env, expected):
@@ -122,3 +126,12 @@ def test_a_start_with_fewer_workers_removes_the_folders_of_those_it_no_longer_ha
     (work / "worker-notes").mkdir()  # not a worker's folder: left alone
     build_runner(_load(tmp_path, DEVICE="cpu", WORKERS="2"))
     assert sorted(p.name for p in work.iterdir()) == ["worker-0", "worker-1", "worker-notes"]
+
+
+def test_the_celery_backend_signs_with_job_secret_which_stays_out_of_sight(tmp_path):
+    from bot.app import build_runner
+
+    settings = _load(tmp_path, JOB_BACKEND="celery", JOB_SECRET="j" * 40, MAX_JOB_MESSAGE_MB="64")
+    assert "j" * 40 not in repr(settings) and _load(tmp_path).job_secret == ""  # not needed by the local backend
+    runner = build_runner(settings)
+    assert (runner._secret, runner._max_bytes) == (b"j" * 40, 64 * 1024 * 1024)

@@ -29,6 +29,7 @@ class FakeRunner(JobRunner):
         self.submitted: list[WorkItem] = []
         self.cancelled: list[int] = []
         self.forgotten: list[str] = []
+        self.forgotten_jobs: list[int] = []
 
     async def start(self, on_event):
         self.on_event = on_event
@@ -51,6 +52,9 @@ class FakeRunner(JobRunner):
 
     async def forget_adapter(self, key: str) -> None:
         self.forgotten.append(key)
+
+    async def forget_jobs(self, job_ids) -> None:
+        self.forgotten_jobs.extend(job_ids)
 
     async def emit(self, job_id: int, event: events.Event) -> None:
         if isinstance(event, events.FINAL):
@@ -417,6 +421,7 @@ async def test_forget_cancels_and_drops_adapters(env):
     await asyncio.sleep(0.05)
     await scheduler.forget(ALICE)
     assert runner.cancelled == [job.id] and runner.forgotten == [f"model-{model_id}"]
+    assert runner.forgotten_jobs == [job.id]  # its messages, wherever the runner keeps them, go too
     assert await jobs_db.get_job(store.db, job.id) is None
     await runner.emit(job.id, events.Done(GenerateOutput([Picture(b"I", 1)])))
     assert not (store.data_dir / "users" / str(ALICE)).exists()  # the late result wrote nothing

@@ -30,6 +30,7 @@ from storage.store import DB_NAME, Storage
 from tests.fakediscord import FakeDiscord
 from tests.photos_factory import selfie
 from tests.polling import wait_until
+from tests.work_items import JOB_SECRET
 
 # Long enough for several progress edits and a checkpoint, short enough for two CPU cores.
 TRAIN_STEPS = 24
@@ -39,6 +40,7 @@ def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Sett
     """Settings as an operator of a CPU demo would write them, pointed at the fake Discord."""
     base = Settings(
         discord_token=fake.bot_token,
+        job_secret=JOB_SECRET,
         data_dir=data_dir,
         base_model="tiny",
         device="cpu",

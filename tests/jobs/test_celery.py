@@ -6,6 +6,7 @@ The bot's scheduler and storage drive a `CeleryRunner`, as with JOB_BACKEND=cele
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, replace
 
 import pytest
@@ -17,14 +18,39 @@ from jobs.celery_protocol import worker_queue
 from jobs.celery_runner import CeleryRunner
 from jobs.payloads import GenerateOutput, TrainOutput
 from jobs.requests import GenerateRequest
+from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB
 from storage import jobs_db
 from storage.store import Storage
 from tests.e2e.harness import finished_job
 from tests.photos_factory import selfie
 from tests.polling import wait_until
-from tests.work_items import generate_item, train_item
+from tests.work_items import JOB_SECRET, generate_item, train_item
 
 pytestmark = pytest.mark.slow
+
+SECRET, CAP = JOB_SECRET.encode(), DEFAULT_MAX_MESSAGE_MB * MB
+
+
+def job_frame(item, token: str, expires_in: float = 60.0) -> str:
+    """A job as the bot signs it."""
+    return wire.job_to_frame(wire.SignedJob(item, token, time.time() + expires_in), SECRET)
+
+
+def read_job(frame) -> wire.SignedJob:
+    return wire.job_from_frame(frame, SECRET, CAP)
+
+
+def read_event(frame) -> wire.Envelope:
+    return wire.envelope_from_frame(frame, SECRET, CAP)
+
+
+def celery_worker(tmp_path, redis_url: str, name: str = "w9"):
+    """The task body of a Celery worker, in this process."""
+    from jobs.worker_config import WorkerConfig
+    from trainer.celery_worker import CeleryWorker
+
+    return CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / name), str(tmp_path / "c")), name, redis_url,
+                        JOB_SECRET)
 
 
 class Observed:
@@ -53,10 +79,10 @@ async def add_person(store: Storage, user_id: int, handle: str) -> None:
 @pytest.fixture
 async def pool(tmp_path, redis_url, celery_workers):
     settings = replace(Settings(), data_dir=tmp_path / "bot", base_model="tiny", job_backend="celery",
-                       redis_url=redis_url, train_steps=60, train_resolution=64, train_rank=4,
+                       redis_url=redis_url, job_secret=JOB_SECRET, train_steps=60, train_resolution=64, train_rank=4,
                        train_learning_rate=1e-3, class_images=2, train_checkpoint_every=4, train_preview_every=0)
     store = await Storage.open(settings.data_dir)
-    runner, observed = CeleryRunner(redis_url), Observed()
+    runner, observed = CeleryRunner(redis_url, JOB_SECRET), Observed()
     scheduler = Scheduler(store, runner, settings, observed)
     for name in ("w1", "w2"):
         celery_workers.start(name)
@@ -99,7 +125,7 @@ async def test_two_workers_share_the_jobs_and_each_person_gets_their_own_picture
     sent, send_task = [], runner.app.send_task
 
     def recording(*args, **kwargs):
-        sent.append((kwargs["queue"], wire.item_from_dict(wire.loads(kwargs["args"][0])).inputs))
+        sent.append((kwargs["queue"], read_job(kwargs["args"][0]).item.inputs))
         return send_task(*args, **kwargs)
 
     runner.app.send_task = recording
@@ -152,14 +178,13 @@ async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_tok
     from jobs.celery_protocol import rider_key, token_key
     from jobs.celery_runner import _Known
 
-    runner, seen, sent = CeleryRunner(redis_url), [], []
+    runner, seen, sent = CeleryRunner(redis_url, JOB_SECRET), [], []
 
     async def on_event(job_id, event):
         seen.append((job_id, event.type))
     runner._on_event = on_event
     runner._workers = {"w1": _Known(adapters={"alice"})}
-    runner.app.send_task = lambda *args, **kwargs: sent.append((kwargs["queue"], wire.loads(kwargs["args"][0]),
-                                                                 kwargs["args"][1]))
+    runner.app.send_task = lambda *args, **kwargs: sent.append((kwargs["queue"], read_job(kwargs["args"][0])))
     assert runner.idle_capacity("train") == 1
     await runner.submit(train_item(1))
     token = runner._tokens[1]
@@ -168,14 +193,16 @@ async def test_a_rider_its_training_never_picked_up_is_sent_again_with_a_new_tok
 
     await runner.submit(generate_item(2, key="alice", lora=b"file"))
     assert len(sent) == 1 and runner.idle_capacity("generate") == 0  # one rider per training
-    rider, old_token = wire.rider_from_text(runner.redis.lpop(rider_key("w1")))
-    assert rider.inputs.lora is None  # w1 holds Alice's LoRA already
+    rider = read_job(runner.redis.lpop(rider_key("w1")))
+    old_token = rider.token
+    assert rider.item.inputs.lora is None  # w1 holds Alice's LoRA already
 
     await runner._deliver(wire.Envelope(1, token, "w1", events.Done(TrainOutput(b"L", None, {}, 1, 0.0))))
     assert seen == [(1, "done")]
-    [(queue, payload, new_token)] = sent[1:]
+    [(queue, again)] = sent[1:]
+    new_token = again.token
     # Now through the queues, to the idle worker that holds Alice's LoRA; the old entry's token is void.
-    assert payload["job_id"] == 2 and queue == worker_queue("w1") and wire.item_from_dict(payload).inputs.lora is None
+    assert again.item.job_id == 2 and queue == worker_queue("w1") and again.item.inputs.lora is None
     assert new_token != old_token and runner.redis.get(token_key(2)).decode() == new_token
     assert runner._riders == {} and runner.idle_capacity("train") == 0
 
@@ -186,7 +213,7 @@ async def test_a_picture_sent_to_a_worker_that_goes_away_before_taking_it_is_rep
     the job must be reported lost (the scheduler sends it again), and the worker's place freed."""
     from jobs.celery_runner import _Known
 
-    runner, seen, sent = CeleryRunner(redis_url), [], []
+    runner, seen, sent = CeleryRunner(redis_url, JOB_SECRET), [], []
 
     async def on_event(job_id, event):
         seen.append((job_id, event.type))
@@ -207,10 +234,8 @@ def test_an_idle_worker_unloads_a_forgotten_persons_lora_at_its_next_heartbeat(r
     """After /forget, a worker with no task to run must not keep the person's weights loaded until its
     next task; a worker in a task unloads them once the task ends (the engine is busy meanwhile)."""
     from jobs.celery_protocol import evict_key
-    from jobs.worker_config import WorkerConfig
-    from trainer.celery_worker import CeleryWorker
 
-    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    worker = celery_worker(tmp_path, redis_url)
     unloaded: list[str] = []
     worker.worker.evict = unloaded.append
     worker.worker.adapter_file("model-7").write_bytes(b"lora")
@@ -235,10 +260,8 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     cancelled while queued (no attempt in flight here: one from before a restart, say)."""
     from jobs.celery_protocol import EVENTS, token_key
     from jobs.celery_runner import _Known
-    from jobs.worker_config import WorkerConfig
-    from trainer.celery_worker import CeleryWorker
 
-    runner, sent = CeleryRunner(redis_url), []
+    runner, sent = CeleryRunner(redis_url, JOB_SECRET), []
 
     async def on_event(job_id, event):
         pass
@@ -257,17 +280,17 @@ async def test_an_attempt_that_ended_is_void_for_a_worker_that_gets_its_message_
     runner._live_names = lambda: set()  # w1's heartbeat expired
     await runner._refresh_workers()
     runner.redis.set(token_key(5), "from-before-a-restart")
-    sent.append([wire.dumps(wire.item_to_dict(train_item(5))), "from-before-a-restart"])
+    sent.append([job_frame(train_item(5), "from-before-a-restart")])
     await runner.cancel(5)  # the scheduler cancels a queued job
     assert [runner.redis.get(token_key(j)) for j in (1, 2, 3, 4)] == [None] * 4
 
-    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    worker = celery_worker(tmp_path, redis_url)
     ran: list[int] = []
     worker.worker.run = lambda item, *args, **kwargs: ran.append(item.job_id)
-    for payload, token in sent:
-        worker.run(payload, token)
+    for [frame] in sent:
+        worker.run(frame)
     assert ran == []
-    assert [wire.envelope_from_text(e).event.type for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
+    assert [read_event(e).event.type for e in runner.redis.lrange(EVENTS, 0, -1)] == ["claimed", "error"]
     worker.stop()
 
 
@@ -275,10 +298,8 @@ def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(re
     """A training may last an hour: the LoRA of a person who asks to be forgotten meanwhile must not stay
     loaded on the GPU until it ends."""
     from jobs.celery_protocol import evict_key, token_key
-    from jobs.worker_config import WorkerConfig
-    from trainer.celery_worker import CeleryWorker
 
-    worker = CeleryWorker(WorkerConfig("tiny", "cpu", str(tmp_path / "w"), str(tmp_path / "c")), "w9", redis_url)
+    worker = celery_worker(tmp_path, redis_url)
     unloaded: list[str] = []
     worker.worker.evict = unloaded.append
     loaded_during_training: list[list[str]] = []
@@ -292,7 +313,7 @@ def test_a_forgotten_persons_lora_is_unloaded_between_the_steps_of_a_training(re
 
     worker.worker.execute = training
     worker.redis.set(token_key(1), "t1")
-    worker.run(wire.dumps(wire.item_to_dict(train_item(1))), "t1")
+    worker.run(job_frame(train_item(1), "t1"))
     assert loaded_during_training == [["model-7"]] and unloaded == ["model-7"]
     worker.stop()
 
@@ -301,21 +322,21 @@ def test_a_worker_leaves_no_ones_files_behind_when_it_stops(redis_url, tmp_path,
     """A worker without --work-dir gets a folder of its own name (host and process id by default), which
     no later run clears: when it stops, the folder goes with the cached LoRA files in it. With
     --work-dir, the work folder is emptied. The class image cache (no one's data) stays."""
-    from celery import Celery
-
-    from trainer import cli
+    from trainer import celery_worker, cli
     from trainer.celery_worker import default_name
     from trainer.worker import Worker
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    monkeypatch.setenv("JOB_SECRET", JOB_SECRET)
     monkeypatch.setattr(Worker, "prepare", lambda self, on_part=None: None)
 
-    def serve_until_stopped(app, argv):  # instead of Celery's loop: a job caches a person's LoRA
+    def serve_until_stopped(app, name, log_level):  # instead of Celery's loop: a job caches a person's LoRA
         [adapters] = [p for p in tmp_path.rglob("adapters") if p.is_dir()]
         (adapters / "alice.safetensors").write_bytes(b"lora")
         (adapters.parent / "job9-scratch").mkdir()
-    monkeypatch.setattr(Celery, "worker_main", serve_until_stopped)
+        return 0
+    monkeypatch.setattr(celery_worker, "run_celery", serve_until_stopped)
     class_cache = tmp_path / "class-cache"
     class_cache.mkdir()
     (class_cache / "class-0.png").write_bytes(b"png")
@@ -326,8 +347,10 @@ def test_a_worker_leaves_no_ones_files_behind_when_it_stops(redis_url, tmp_path,
     assert list((tmp_path / "worker-data").iterdir()) == []
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the operator's")
+    monkeypatch.setenv("JOB_SECRET", JOB_SECRET)  # the first run took it out of the environment
     cli.run([*common, "--name", "gpu1", "--work-dir", str(tmp_path / "mine")])
-    assert list((tmp_path / "mine" / "work").iterdir()) == [] and (tmp_path / "mine" / "notes.txt").exists()
+    assert list((tmp_path / "mine" / "work").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt", "work"]  # its lock file went
     assert list(class_cache.iterdir()) == [class_cache / "class-0.png"]
 
 
@@ -339,7 +362,7 @@ async def test_a_jobs_message_names_the_job_not_its_prompt(redis_url):
 
     from jobs.celery_protocol import SHARED_QUEUE
 
-    runner = CeleryRunner(redis_url)
+    runner = CeleryRunner(redis_url, JOB_SECRET)
     await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
     message = json.loads(runner.redis.lpop(SHARED_QUEUE))
     headers = json.dumps(message["headers"])
@@ -368,14 +391,14 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
               "from trainer.__main__ import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled"), "JOB_SECRET": JOB_SECRET}
     log_file = tmp_path / "worker.log"
     with log_file.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", script, "--log-level", "DEBUG", "worker", "--redis-url", redis_url,
              "--model", "tiny", "--device", "cpu", "--class-cache", str(tmp_path / "class-cache"),
              "--compile-cache", str(tmp_path / "compiled")], cwd=tmp_path, env=env, stdout=log, stderr=log)
-    runner = CeleryRunner(redis_url)
+    runner = CeleryRunner(redis_url, JOB_SECRET)
     try:
         async def up():
             return list(runner.redis.scan_iter(match=worker_key("*")))
@@ -383,7 +406,7 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
         await runner.submit(generate_item(7, prompt="zqalice on the moon", handle="zqalice"))
 
         async def done():
-            return any(wire.envelope_from_text(e).event.type == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
+            return any(read_event(e).event.type == "done" for e in runner.redis.lrange(EVENTS, 0, -1))
         assert await wait_until(done), log_file.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -393,3 +416,35 @@ async def test_a_worker_at_debug_level_logs_no_prompt_and_takes_its_folder_away_
     # Nor any debug line of Celery's or kombu's: one shows the job's message whole, cut at 1,024 characters.
     assert not re.search(r"DEBUG +\S+ (celery|kombu)\b", written)
     assert process.returncode == 0 and list((tmp_path / "worker-data").iterdir()) == []
+
+
+async def test_a_job_no_worker_took_in_time_is_lost_one_too_large_is_never_sent_and_a_stop_voids_the_rest(
+        redis_url):
+    """A message expires after MESSAGE_TTL_S (Celery drops it unread then): the bot reports such a job
+    lost, so the scheduler sends it again. A job whose message would be over the workers' cap fails
+    here instead of never reaching one. Stopping voids every attempt in flight."""
+    from jobs.celery_protocol import MESSAGE_TTL_S, token_key
+    from jobs.celery_runner import JobTooLarge, _Known
+
+    runner, seen, sent = CeleryRunner(redis_url, JOB_SECRET, max_message_bytes=64 * 1024), [], []
+
+    async def on_event(job_id, event):
+        seen.append((job_id, event.type))
+    runner._on_event = on_event
+    runner._workers = {"w1": _Known(), "w2": _Known()}
+    runner._live_names = lambda: {"w1", "w2"}
+    runner.app.send_task = lambda *args, **kwargs: sent.append(kwargs)
+    await runner.submit(generate_item(1))
+    await runner.submit(generate_item(2))
+    assert [k["expires"] for k in sent] == [MESSAGE_TTL_S] * 2
+    assert [k["task_id"].split("-")[:2] for k in sent] == [["job", "1"], ["job", "2"]]
+    runner._sent_at[1] -= MESSAGE_TTL_S + 1
+    await runner._refresh_workers()
+    assert seen == [(1, "worker_lost")] and list(runner._tokens) == [2] and not runner.redis.exists(token_key(1))
+
+    with pytest.raises(JobTooLarge):
+        await runner.submit(train_item(3, photos=[b"x" * 60_000]))
+    assert len(sent) == 2 and 3 not in runner._tokens and not runner.redis.exists(token_key(3))
+
+    await runner.stop()
+    assert runner._tokens == {} and not runner.redis.exists(token_key(2))  # its worker drops it, or stops it

@@ -348,3 +348,32 @@ def test_a_worker_told_to_stop_or_left_by_the_bot_while_starting_ends_at_once(tm
     finally:
         process.kill()
         process.join()
+
+
+def wait_for_stop(commands, event_pipe, config) -> None:
+    """A worker process's entry that does nothing until it is told to stop."""
+    while not isinstance(commands.recv(), Stop):
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's environment from /proc")
+async def test_worker_processes_start_without_the_bots_secrets_in_their_environment(monkeypatch):
+    """A process's starting environment stays readable (/proc/<pid>/environ) while it runs: the bot's
+    token, the job secret and Redis's URL must not be in a worker's. The bot's own stays as it was."""
+    monkeypatch.setenv("DISCORD_TOKEN", "MTIz.the-bots-token")
+    monkeypatch.setenv("JOB_SECRET", "s" * 40)
+    monkeypatch.setenv("REDIS_URL", "redis://:password@localhost:6379/0")
+    monkeypatch.setattr("jobs.local_runner.WORKER_ENTRY", "tests.jobs.test_local_runner:wait_for_stop")
+    runner = LocalProcessRunner([WorkerConfig("tiny", "cpu", "/tmp/w0", "/tmp/c")])
+
+    async def ignore(job_id, event):
+        pass
+    await runner.start(ignore)
+    try:
+        [pid] = runner.worker_pids
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            names = {entry.split(b"=", 1)[0] for entry in environ.read().split(b"\0") if entry}
+        assert b"PATH" in names and not {b"DISCORD_TOKEN", b"JOB_SECRET", b"REDIS_URL"} & names
+        assert os.environ["DISCORD_TOKEN"] == "MTIz.the-bots-token" and os.environ["JOB_SECRET"] == "s" * 40
+    finally:
+        await runner.stop()

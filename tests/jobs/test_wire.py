@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import events, wire
+from jobs import events, signing, wire
 from jobs.payloads import (
     GenerateInputs,
     GenerateOutput,
@@ -17,6 +17,8 @@ from jobs.payloads import (
     WorkItem,
 )
 from jobs.requests import GenerateRequest, TrainConfig
+
+SECRET, CAP = b"k" * 32, 1024 * 1024
 
 TRAIN = WorkItem(7, TrainParams("zqjane", "woman", TrainConfig(steps=5, lora_targets=("to_q",))),
                  TrainInputs([b"\x89PNG one", b"\x00\xff two"], None))
@@ -45,11 +47,13 @@ def test_work_items_come_back_whole_with_their_bytes(item: WorkItem):
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
 def test_every_event_comes_back_as_itself(event):
     envelope = wire.Envelope(7, "token", "gpu-a0", event)
-    assert wire.envelope_from_text(wire.envelope_to_text(envelope)) == envelope
+    assert wire.envelope_from_frame(wire.envelope_to_frame(envelope, SECRET), SECRET, CAP) == envelope
 
 
-def test_a_rider_comes_back_with_its_token():
-    assert wire.rider_from_text(wire.rider_to_text(GENERATE, "t0k")) == (GENERATE, "t0k")
+@pytest.mark.parametrize("item", [TRAIN, GENERATE], ids=["train", "generate"])
+def test_a_job_comes_back_with_its_token_and_expiry(item: WorkItem):
+    job = wire.SignedJob(item, "t0k", 1234.5)
+    assert wire.job_from_frame(wire.job_to_frame(job, SECRET), SECRET, CAP) == job
 
 
 @pytest.mark.parametrize("text", [
@@ -60,8 +64,28 @@ def test_a_rider_comes_back_with_its_token():
     '{"job_id": 1, "token": "t", "worker": "w", "event": {"type": "progress", "step": "many"}}',
 ])
 def test_a_malformed_event_message_is_refused_as_a_value_error(text: str):
+    """Even signed with the secret (a worker of another version, say)."""
     with pytest.raises(ValueError):
-        wire.envelope_from_text(text)
+        wire.envelope_from_frame(signing.seal(SECRET, wire.EVENT, 1, text), SECRET, CAP)
+
+
+def test_a_frame_that_names_another_job_than_it_carries_is_refused():
+    envelope = wire.Envelope(7, "token", "gpu-a0", events.Claimed())
+    body = wire.envelope_to_frame(envelope, SECRET).split(".", 2)[2]
+    with pytest.raises(signing.BadFrame, match="another job"):
+        wire.envelope_from_frame(signing.seal(SECRET, wire.EVENT, 8, body), SECRET, CAP)
+    body = wire.job_to_frame(wire.SignedJob(TRAIN, "t", 1.0), SECRET).split(".", 2)[2]
+    with pytest.raises(signing.BadFrame, match="another job"):
+        wire.job_from_frame(signing.seal(SECRET, wire.JOB, 8, body), SECRET, CAP)
+
+
+def test_a_job_never_passes_for_an_event_nor_an_event_for_a_job():
+    job = wire.job_to_frame(wire.SignedJob(TRAIN, "t", 1.0), SECRET)
+    event = wire.envelope_to_frame(wire.Envelope(7, "t", "w", events.Claimed()), SECRET)
+    with pytest.raises(signing.BadFrame, match="signature"):
+        wire.envelope_from_frame(job, SECRET, CAP)
+    with pytest.raises(signing.BadFrame, match="signature"):
+        wire.job_from_frame(event, SECRET, CAP)
 
 
 @pytest.mark.parametrize("data", [

@@ -223,3 +223,64 @@ def test_a_celery_worker_reads_the_env_file_the_bot_shares_under_the_environment
     assert (args.train_rank, args.compile, args.redis_url, args.device) == (7, False, "redis://gpu-hub:6379/2",
                                                                             "cuda:0")
     assert "DISCORD_TOKEN" not in os.environ  # the bot's token does not reach the worker's children
+
+
+def worker_args(tmp_path: Path) -> list[str]:
+    return ["worker", "--redis-url", "redis://localhost:1/0", "--model", "tiny", "--device", "cpu",
+            "--class-cache", str(tmp_path / "class-cache"), "--compile-cache", str(tmp_path / "compiled")]
+
+
+def test_a_celery_worker_takes_the_bots_secrets_out_of_its_environment_and_signs_with_job_secret(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its own environment is what every process it starts inherits (start helpers, say)."""
+    from trainer import celery_worker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISCORD_TOKEN", "MTIz.the-bots-token")
+    monkeypatch.setenv("JOB_SECRET", "j" * 40)
+    monkeypatch.setenv("MAX_JOB_MESSAGE_MB", "64")
+    seen = {}
+
+    def serve(config, redis_url, name, secret, *, max_message_bytes, remove_work_dir):
+        seen.update(secret=secret, max_message_bytes=max_message_bytes, environment=set(os.environ))
+    monkeypatch.setattr(celery_worker, "serve", serve)
+    assert run([*worker_args(tmp_path), "--name", "w1"]) == ["worker w1 stopped"]
+    assert seen["secret"] == "j" * 40 and seen["max_message_bytes"] == 64 * 1024 * 1024
+    assert not {"DISCORD_TOKEN", "JOB_SECRET"} & seen["environment"]
+
+
+@pytest.mark.parametrize(("secret", "message"), [("", "JOB_SECRET is not set"), ("s" * 31, "JOB_SECRET is too short")])
+def test_a_celery_worker_without_a_good_job_secret_exits_non_zero_and_says_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], secret: str,
+        message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JOB_SECRET", secret)
+    assert main(worker_args(tmp_path)) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_celery_worker_whose_celery_loop_fails_exits_non_zero_and_one_asked_to_stop_exits_0(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Celery reports an unrecoverable error by its exit code (1, as for a stop by Ctrl-C): the worker
+    says so and exits 1, unless it was asked to stop (SIGTERM, SIGINT)."""
+    from celery import signals
+
+    from trainer import celery_worker
+    from trainer.worker import Worker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Worker, "prepare", lambda self, on_part=None: None)
+    monkeypatch.setattr(celery_worker, "wait_for_redis", lambda client: None)
+    monkeypatch.setattr(celery_worker.CeleryWorker, "start_heartbeat", lambda self: None)
+    monkeypatch.setattr(celery_worker.CeleryWorker, "stop", lambda self, remove_work_dir=False: None)
+    monkeypatch.setenv("JOB_SECRET", "j" * 40)
+    monkeypatch.setattr(celery_worker, "run_celery", lambda app, name, log_level: 1)
+    assert main(worker_args(tmp_path)) == 1
+    assert "The worker stopped on an error (exit code 1)" in capsys.readouterr().err
+
+    def stopped_by_ctrl_c(app, name, log_level):
+        signals.worker_shutting_down.send(sender=name, sig="SIGINT", how="Warm", exitcode=1)
+        return 1
+    monkeypatch.setenv("JOB_SECRET", "j" * 40)
+    monkeypatch.setattr(celery_worker, "run_celery", stopped_by_ctrl_c)
+    assert main(worker_args(tmp_path)) == 0

@@ -52,6 +52,7 @@ class Settings:
     max_photos: int = 30
     min_photos: int = TRAIN_DEFAULTS.min_photos
     max_photo_mb: int = 20
+    intake_processes: int = 2  # processes decoding uploaded photos, each capped at 1 GiB and 30 s a photo
     max_queued_generations: int = 3
     max_prompt_chars: int = 600
     picture_retention_days: int = 30  # days the files of generated pictures are kept; 0: for ever
@@ -150,10 +151,12 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         problems.append(f"LOG_LEVEL={settings.log_level!r} is unknown; use one of {', '.join(_LOG_LEVELS)}.")
     if settings.job_backend not in _BACKENDS:
         problems.append(f"JOB_BACKEND={settings.job_backend!r} is unknown; use one of {', '.join(_BACKENDS)}.")
-    for name in ("max_photos", "min_photos", "max_photo_mb", "train_steps", "train_rank",
+    for name in ("max_photos", "min_photos", "max_photo_mb", "intake_processes", "train_steps", "train_rank",
                  "class_images", "max_queued_generations", "max_prompt_chars"):
         if getattr(settings, name) < 1:
             problems.append(f"{ENV_NAMES[name]} must be at least 1.")
+    if settings.intake_processes > 32:
+        problems.append("INTAKE_PROCESSES must be at most 32 (each may take 1 GiB of memory); 2 suit most servers.")
     if not (math.isfinite(settings.train_learning_rate) and settings.train_learning_rate > 0):
         problems.append("TRAIN_LEARNING_RATE must be a positive number (1e-4 suits LoRA DreamBooth).")
     if not (math.isfinite(settings.progress_interval_s) and settings.progress_interval_s >= 0):

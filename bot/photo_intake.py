@@ -1,22 +1,28 @@
 """Taking one uploaded photo into a person's collection: check, normalise, de-duplicate, store.
 
-Normalisation runs in a worker thread (Pillow and OpenCV release the GIL for most of it), so the
-bot's event loop keeps answering while a burst of ten large photos is processed. A photo is
-stored only once it is fully checked: the file is written atomically before its row is added,
-so a crash can leave at worst an unreferenced file, never a row without its file.
+Normalisation runs in the intake pool's capped worker processes (photos/sandbox.py), never in the
+bot's process: a hostile upload can cost at most one child's memory cap and time limit, and the
+event loop and its thread pool (which serve /photos, /forget and Redis) stay free while a burst of
+photos is decoded. A photo is stored only once it is fully checked: the file is written atomically
+before its row is added, so a crash can leave at worst an unreferenced file, never a row without
+its file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 
-from photos.intake import IntakeError, IntakeLimits, check_duplicates, normalise_photo
+from photos.intake import IntakeError, IntakeLimits, Refusal, check_duplicates
+from photos.sandbox import IntakePool
 from storage import photos_db
 from storage.store import Storage
 
 log = logging.getLogger(__name__)
+
+_default_pool: IntakePool | None = None
+_default_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -29,15 +35,28 @@ class IntakeOutcome:
     error: str | None = None
 
 
+def default_pool() -> IntakePool:
+    """The pool for callers that bring none (scripts, tests): two processes, started on first use,
+    ended when this process exits. The bot's photo cog brings its own, sized by INTAKE_PROCESSES."""
+    global _default_pool
+    with _default_pool_lock:
+        if _default_pool is None:
+            _default_pool = IntakePool()
+        return _default_pool
+
+
 async def accept_photo(store: Storage, owner: int, data: bytes, filename: str, limits: IntakeLimits,
-                       *, max_photos: int) -> IntakeOutcome:
+                       *, max_photos: int, pool: IntakePool | None = None) -> IntakeOutcome:
     """Check and store one photo for `owner`; never raises for a bad photo, only reports it."""
     count = await photos_db.count_photos(store.db, owner)
     if count >= max_photos:
         return IntakeOutcome(filename, error=f"you already have the maximum of {max_photos} photos. "
                                              "Remove some with `/photos` to make room.")
+    result = await (pool or default_pool()).normalise(data, limits)
+    photo = result.outcome
+    if isinstance(photo, Refusal):
+        return IntakeOutcome(filename, error=photo.message)
     try:
-        photo = await asyncio.to_thread(normalise_photo, data, limits)
         check_duplicates(photo, await photos_db.photo_hashes(store.db, owner), limits)
     except IntakeError as exc:
         return IntakeOutcome(filename, error=exc.message)

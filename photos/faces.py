@@ -75,6 +75,13 @@ def _cascade() -> cv2.CascadeClassifier:
     return cascade
 
 
+def warm_up(threads: int | None = None) -> None:
+    """Load the cascade now rather than on the first photo; `threads`: OpenCV's thread pool size."""
+    if threads is not None:
+        cv2.setNumThreads(threads)
+    _cascade()
+
+
 def detect_faces(image: Image.Image, original_size: tuple[int, int]) -> list[Box]:
     """Find frontal faces in `image`, largest first, as boxes in `original_size` coordinates.
 

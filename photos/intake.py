@@ -9,13 +9,21 @@ Choices a person will notice:
 - GIF is refused even when still: it holds 256 colours, which bands skin tones and teaches the
   model dithering. BMP, TIFF, AVIF, JPEG 2000, JPEG XL, PSD and ICO are refused naming what is
   accepted; anything else is 'not_image'.
-- Photos are checked before decoding (byte size, pixel count from the header, animation), so a
-  decompression bomb is refused without allocating its pixels. Truncated files are refused as
-  'corrupt': Pillow's LOAD_TRUNCATED_IMAGES is left off, so a half photo is never kept.
+- Photos are checked before decoding (byte size, pixel count and the memory decoding would take,
+  from the header; animation; a JPEG's count of scans and APP segments), so a decompression bomb
+  is refused without allocating its pixels and a JPEG made to keep libjpeg busy is refused as
+  'corrupt' before libjpeg sees it. Truncated files are refused as 'corrupt': Pillow's
+  LOAD_TRUNCATED_IMAGES is left off, and a JPEG cut short and closed with an end marker (which
+  libjpeg decodes with the rest in grey) is recognised by its missing scans or its grey tail.
+- Large pictures are reduced (JPEG while decoding, others right after) to what the crop needs
+  before anything else is done with them, and 16-bit samples are scaled to 8 bits in strips, so
+  a photo costs little more memory than its decoded pixels.
 - Photos without one clear face are kept with a warning (flags): the person decides.
 
 `normalise_photo` is pure: bytes in, a `NormalisedPhoto` or an `IntakeError` out. It writes no
-files, so there is never a partial file to clean up; the storage layer stores the result.
+files, so there is never a partial file to clean up; the storage layer stores the result. The bot
+runs it in a capped worker process (photos/sandbox.py), where running out of memory or time is
+refused with the same message as a photo over the decoding budget ('too_costly').
 """
 
 from __future__ import annotations
@@ -24,14 +32,14 @@ import io
 import logging
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from photos import faces, imagehash
+from photos import faces, imagehash, jpeg_markers
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ IntakeCode = Literal[
     "unsupported_format",
     "corrupt",
     "too_many_pixels",
+    "too_costly",
     "animated",
     "too_small",
     "duplicate",
@@ -88,6 +97,11 @@ class IntakeLimits:
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    max_decode_bytes: int = 400 * 1024 * 1024
+    """Memory that decoding one photo may take, estimated from its header (see `decode_cost`). A
+    50 MP photo needs 200 MB as PNG (Pillow keeps RGB in 4 bytes a pixel), 300 MB as a progressive
+    4:4:4 JPEG (libjpeg's coefficient buffer), 384 MB as a 48 MP HEIC (libheif's copy and Pillow's),
+    while libwebp holds about 4 copies of a picture: WebP stops near 25 MP."""
     min_side: int = 256
     out_size: int = 512
     near_duplicate_distance: int = 6
@@ -132,6 +146,18 @@ class NormalisedPhoto:
     warnings: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A photo that is not kept, as a plain value: what its `IntakeError` says."""
+
+    code: IntakeCode
+    message: str
+
+    @classmethod
+    def of(cls, error: IntakeError) -> Refusal:
+        return cls(error.code, error.message)
+
+
 def hamming(a: int, b: int) -> int:
     """Number of differing bits between two perceptual hashes."""
     return imagehash.hamming(a, b)
@@ -165,6 +191,20 @@ def normalise_photo(data: bytes, limits: IntakeLimits = DEFAULT_LIMITS) -> Norma
     work, size = _decode(data, kind, limits)
     rgb = to_srgb(work)
     return _frame(rgb, size, kind, limits)
+
+
+def normalise_or_refuse(data: bytes, limits: IntakeLimits = DEFAULT_LIMITS) -> NormalisedPhoto | Refusal:
+    """`normalise_photo` with its refusal returned rather than raised: what an intake process runs.
+
+    Under the process's memory cap an allocation that does not fit raises MemoryError; that photo
+    is 'too_costly', like one whose header shows it would not fit.
+    """
+    try:
+        return normalise_photo(data, limits)
+    except IntakeError as exc:
+        return Refusal.of(exc)
+    except MemoryError:
+        return Refusal.of(too_costly())
 
 
 def check_duplicates(
@@ -310,19 +350,36 @@ def _corrupt() -> IntakeError:
     )
 
 
+def too_costly() -> IntakeError:
+    """The refusal for a photo that needs more memory or time than one photo may take."""
+    return IntakeError(
+        "too_costly",
+        "That photo is too large or too damaged for me to open. "
+        "Please send a smaller copy, or the original straight from your phone.",
+    )
+
+
 def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, tuple[int, int]]:
     """Decode just enough pixels, upright. Returns the image and the original size after orientation.
 
-    Header checks come first: Image.open only parses the header, so the pixel count, the frame
-    count and the short side are known before any pixel is allocated. Every failure of the decoder on these
-    untrusted bytes (Pillow raises OSError, SyntaxError, ValueError, struct.error and more) is
-    'corrupt'; nothing else escapes.
+    Header checks come first: Image.open only parses the header, so the pixel count, the memory
+    decoding takes, the frame count and the short side are known before any pixel is allocated.
+    Every failure of the decoder on these untrusted bytes (Pillow raises OSError, SyntaxError,
+    ValueError, struct.error and more) is 'corrupt', except running out of memory ('too_costly');
+    nothing else escapes.
     """
+    layout = jpeg_markers.read_layout(data) if kind == "JPEG" else None
+    if layout is not None and layout.too_many_segments:
+        logger.info("refused a JPEG of %d scans, %d APP segments, %d segments",
+                    layout.scans, layout.app_segments, layout.segments)
+        raise _corrupt()
     formats = ["JPEG", "MPO"] if kind == "JPEG" else [kind]
     try:
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError:
         raise _too_many_pixels(limits, None) from None
+    except MemoryError:  # under an intake process's memory cap
+        raise too_costly() from None
     except Exception as exc:  # untrusted bytes: see docstring
         logger.info("unreadable %s upload (%s)", kind, type(exc).__name__)
         raise _corrupt() from None
@@ -330,6 +387,13 @@ def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, 
         header_size = img.size
         if header_size[0] * header_size[1] > limits.max_pixels:
             raise _too_many_pixels(limits, header_size)
+        # libjpeg scales by 1/2, 1/4 or 1/8 as it decodes
+        draft_scale = 1 << (min(_reduction(header_size, limits), 8).bit_length() - 1) if layout is not None else 1
+        cost = decode_cost(img.mode, header_size, kind, layout, draft_scale)
+        if cost > limits.max_decode_bytes:
+            logger.info("refused a %s %s upload of %dx%d: decoding takes about %d MB",
+                        kind, img.mode, *header_size, cost // 2**20)
+            raise too_costly()
         if img.format in ("PNG", "WEBP") and getattr(img, "is_animated", False):
             raise _animated()
         if min(header_size) < limits.min_side:
@@ -338,33 +402,116 @@ def _decode(data: bytes, kind: str, limits: IntakeLimits) -> tuple[Image.Image, 
             except Exception:  # a broken EXIF block only costs the order of the numbers
                 orientation = 1
             raise _too_small(_upright(header_size, orientation), limits)
-        if img.format in ("JPEG", "MPO"):
-            _draft(img, limits)
+        if draft_scale >= 2:
+            img.draft(None, (header_size[0] // draft_scale, header_size[1] // draft_scale))
         try:
             img.load()
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-            upright = ImageOps.exif_transpose(img)
+            if layout is not None and (layout.missing_scans() or _ends_in_grey(img)):
+                logger.info("refused a JPEG that ends early")
+                raise _corrupt()
+            upright = ImageOps.exif_transpose(_shrink(_eight_bit(img), limits))
         except Image.DecompressionBombError:
             raise _too_many_pixels(limits, header_size) from None
+        except MemoryError:
+            raise too_costly() from None
+        except IntakeError:
+            raise
         except Exception as exc:  # untrusted bytes: see docstring
             logger.info("undecodable %s upload (%s)", kind, type(exc).__name__)
             raise _corrupt() from None
     return upright, _upright(header_size, orientation)
 
 
-def _draft(img: Image.Image, limits: IntakeLimits) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the output cannot need the full size.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+"""Bytes a pixel takes in Pillow's memory, for the modes under 4 (every other mode, RGB too, takes 4)."""
 
-    The scale is chosen so that both framings stay at least `out_size` decoded pixels wide: the
-    centre square (the short side) and the tightest crop around a face that is not small
-    (CROP_FACTOR x the side of a face of SMALL_FACE_AREA). A 12 MP phone photo decodes at half
-    size, which is most of the speed-up, and only a flagged small face is ever upscaled.
+_DECODER_COPIES = {"WEBP": 4, "HEIF": 2}
+"""Copies of the picture a decoder holds at its peak, measured: libwebp's animation decoder keeps
+its canvas and the previous one, then hands Pillow a bytes copy; libheif decodes into its own
+buffer, which Pillow copies. libjpeg and zlib write straight into Pillow's image."""
+
+
+def decode_cost(mode: str, size: tuple[int, int], kind: str, layout: jpeg_markers.JpegLayout | None = None,
+                draft_scale: int = 1) -> int:
+    """Bytes of memory decoding a picture of `mode` and `size` takes, known from its header alone.
+
+    A JPEG decoded at 1/`draft_scale` takes that much less for its pixels, but a progressive one
+    also holds every DCT coefficient of the full-size picture until its last scan.
+    """
+    width, height = size
+    pixels = -(-width // draft_scale) * -(-height // draft_scale)
+    cost = pixels * _PIXEL_BYTES.get(mode, 4) * _DECODER_COPIES.get(kind, 1)
+    if layout is not None:
+        cost += layout.coefficient_bytes(width, height)
+    return cost
+
+
+def _ends_in_grey(img: Image.Image) -> bool:
+    """Whether a decoded JPEG ends in the flat grey libjpeg puts where its data ran out.
+
+    A JPEG cut short and closed with an end marker decodes without an error: libjpeg warns
+    ("premature end of data segment"), which Pillow does not pass on, and gives every block after
+    the cut zero coefficients, exactly mid-grey (127 once Adobe CMYK is inverted). Blocks are
+    stored in rows from the top left, so the cut shows as a grey run at the end of the last row;
+    a run of an eighth of the width at one exact value is far more than a photo's noise allows.
     """
     width, height = img.size
+    grey = 127 if img.mode == "CMYK" else 128
+    last_row = np.asarray(img.crop((0, height - 1, width, height))).reshape(width, -1)
+    not_grey = np.flatnonzero(np.any(last_row != grey, axis=1))
+    grey_run = width - (int(not_grey[-1]) + 1 if not_grey.size else 0)
+    return grey_run >= max(2, width // 8)
+
+
+def _reduction(size: tuple[int, int], limits: IntakeLimits) -> int:
+    """By how much a picture of `size` can shrink and still give the crop all the pixels it needs.
+
+    The factor keeps both framings at least `out_size` pixels wide: the centre square (the short
+    side) and the tightest crop around a face that is not small (CROP_FACTOR x the side of a face
+    of SMALL_FACE_AREA). A 12 MP phone photo is used at half size, which is most of the speed-up
+    of decoding a JPEG reduced, and only a flagged small face is ever upscaled.
+    """
+    width, height = size
     tightest_face_crop = faces.CROP_FACTOR * math.sqrt(SMALL_FACE_AREA * width * height)
-    scale = int(min(min(width, height), tightest_face_crop) // limits.out_size)
-    if scale >= 2:
-        img.draft(None, (width // min(scale, 8), height // min(scale, 8)))
+    return max(1, int(min(min(width, height), tightest_face_crop) // limits.out_size))
+
+
+_STRIP_ROWS = 256
+"""Rows converted or reduced at a time: a strip of a 50 MP picture is a few megabytes."""
+
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+"""round(v * 255 / 65535) for every 16-bit value v (65535 = 255 * 257), as a lookup table."""
+
+
+def _strips(img: Image.Image, rows: int = _STRIP_ROWS) -> Iterator[tuple[int, Image.Image]]:
+    """(top row, strip) pairs covering `img` from the top, `rows` rows at a time."""
+    width, height = img.size
+    for top in range(0, height, rows):
+        yield top, img.crop((0, top, width, min(height, top + rows)))
+
+
+_REDUCIBLE = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK"})
+"""Modes whose samples `reduce` can average (wide ones are 8-bit L by then); palette and bilevel
+pictures are left as they are."""
+
+
+def _shrink(img: Image.Image, limits: IntakeLimits) -> Image.Image:
+    """`img` reduced by the largest whole factor the crop allows (a JPEG's draft did most of it).
+
+    Done before colour conversion and rotation, which each copy the picture, and strip by strip
+    (`reduce` copies an RGBA picture whole to premultiply it), so that a 50 MP PNG costs its
+    decoded pixels and little more.
+    """
+    factor = _reduction(img.size, limits)
+    if factor < 2 or img.mode not in _REDUCIBLE:
+        return img
+    rows = _STRIP_ROWS - _STRIP_ROWS % factor
+    reduced = Image.new(img.mode, (-(-img.width // factor), -(-img.height // factor)))
+    for top, strip in _strips(img, rows):
+        reduced.paste(strip.reduce(factor), (0, top // factor))
+    reduced.info = img.info.copy()
+    return reduced
 
 
 # --- colour --------------------------------------------------------------------------------------
@@ -400,19 +547,39 @@ def to_srgb(img: Image.Image) -> Image.Image:
     return rgb
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """`img` with 16-bit, 32-bit or float samples scaled to 8-bit L; any other mode as it is."""
+    return _wide_to_l(img) if img.mode.startswith(("I", "F")) else img
+
+
 def _wide_to_l(img: Image.Image) -> Image.Image:
     """Scale 16-bit (I;16*), 32-bit integer (I) and float (F) samples to 8-bit L.
 
     I;16 is 0-65535 by definition. I holds 16-bit data when PNG or HEIF decoders produce it, so
     it is read as 0-65535 too. F is read as 0-1 when it fits, as 0-255 otherwise.
+
+    Strip by strip, with integers where the samples are integers: the memory this takes is the
+    8-bit result and one strip, whatever the picture's size (a 50 MP 16-bit PNG once took 1.7 GB
+    in float64 copies here).
     """
-    samples = np.asarray(img).astype(np.float64)
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
     if img.mode == "F":
-        top = 1.0 if samples.size and float(np.nanmax(samples)) <= 1.0 else 255.0
+        fits_in_one = all(float(np.nan_to_num(np.asarray(strip), nan=0.0).max(initial=0.0)) <= 1.0
+                          for _, strip in _strips(img))
+        scale = 255.0 if fits_in_one else 1.0
+        for top, strip in _strips(img):
+            samples = np.nan_to_num(np.asarray(strip, dtype=np.float32), nan=0.0) * np.float32(scale)
+            out[top : top + strip.height] = np.clip(np.rint(samples, out=samples), 0, 255, out=samples)
     else:
-        top = 65535.0
-    scaled = np.nan_to_num(samples, nan=0.0) * (255.0 / top)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+        for top, strip in _strips(img):
+            samples = np.asarray(strip)
+            if img.mode == "I":
+                samples = np.clip(samples, 0, 65535)
+            out[top : top + strip.height] = _SIXTEEN_TO_EIGHT[samples]
+    result = Image.fromarray(out, mode="L")
+    result.info = img.info.copy()
+    return result
 
 
 def _apply_icc(img: Image.Image, icc: bytes) -> Image.Image | None:

@@ -16,6 +16,7 @@ from bot.apology import sorry
 from bot.contact_sheet import contact_sheet
 from bot.photo_intake import IntakeOutcome, accept_photo
 from photos.intake import IntakeLimits
+from photos.sandbox import IntakePool
 from storage import photos_db, users_db
 
 if TYPE_CHECKING:
@@ -73,6 +74,15 @@ def message_chunks(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
 class PhotosCog(commands.Cog):
     def __init__(self, bot: AvatarBot) -> None:
         self.bot = bot
+        self.pool: IntakePool | None = None  # the processes that decode photos, from cog_load to cog_unload
+
+    async def cog_load(self) -> None:
+        self.pool = IntakePool(self.bot.settings.intake_processes)
+        self.pool.start()  # they load Pillow and OpenCV while the bot connects
+
+    async def cog_unload(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
 
     @property
     def limits(self) -> IntakeLimits:
@@ -118,7 +128,7 @@ class PhotosCog(commands.Cog):
                 outcomes.append(IntakeOutcome(name, error="I couldn't download it; please send it again."))
                 continue
             outcomes.append(await accept_photo(self.bot.store, user_id, data, name, self.limits,
-                                               max_photos=settings.max_photos))
+                                               max_photos=settings.max_photos, pool=self.pool))
         total = await photos_db.count_photos(self.bot.store.db, user_id)
         return summarise(outcomes, total, settings.max_photos, settings.min_photos)
 

@@ -42,6 +42,8 @@ def test_defaults_and_types(tmp_path):
         ({"TRAIN_LEARNING_RATE": "nan"}, "TRAIN_LEARNING_RATE must be a positive number"),
         ({"MAX_QUEUED_GENERATIONS": "0"}, "MAX_QUEUED_GENERATIONS must be at least 1."),
         ({"MAX_PROMPT_CHARS": "0"}, "MAX_PROMPT_CHARS must be at least 1."),
+        ({"INTAKE_PROCESSES": "0"}, "INTAKE_PROCESSES must be at least 1."),
+        ({"INTAKE_PROCESSES": "100"}, "INTAKE_PROCESSES must be at most 32"),
         ({"PROGRESS_INTERVAL_S": "-2"}, "PROGRESS_INTERVAL_S must be 0 or a positive number"),
         ({"JOB_BACKEND": "celery", "REDIS_URL": "localhost:6379", "JOB_SECRET": "j" * 32},
          "REDIS_URL must start with redis://"),

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from photos.intake import IntakeLimits
+from tests.photos import bombs
 from tests.photos_factory import SKY, add_noise, encode, face_image, face_jpeg, portrait
 
 # --- pictures without a face ---------------------------------------------------------------------
@@ -203,6 +204,7 @@ def half_transparent(mode: str, colour: tuple[int, ...]) -> Image.Image:
 
 SMALL = IntakeLimits(max_bytes=200_000)
 FEW_PIXELS = IntakeLimits(max_pixels=500_000)
+LOW_DECODE_BUDGET = IntakeLimits(max_decode_bytes=500_000)
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ CASES: list[Case] = [
     Case("decompression_bomb", decompression_bomb_png, "too_many_pixels"),
     Case("over_lowered_pixel_limit", lambda: encode(noise_image((1000, 1000)), "PNG"), "too_many_pixels",
          limits=FEW_PIXELS),
+    Case("over_lowered_decode_budget", lambda: gray16_gradient()[0], "too_costly", limits=LOW_DECODE_BUDGET),
     Case("over_lowered_byte_limit", lambda: encode(noise_image((800, 800)), "JPEG", quality=95), "too_large",
          limits=SMALL),
     Case("animated_gif", lambda: animated("GIF"), "animated"),
@@ -270,3 +273,23 @@ CASES: list[Case] = [
     Case("tiff", lambda: encode(face_image(), "TIFF"), "unsupported_format"),
     Case("avif", lambda: encode(noise_image((300, 300)), "AVIF"), "unsupported_format"),
 ]
+
+BOMBS: list[Case] = [
+    # kept: a 50 MP 16-bit PNG is a photo, it just must not cost 1.7 GB (issue #27, F1)
+    Case("bomb_gray16_png_7071", bombs.gray16_png, ("no_face", "blurry"), source_format="PNG"),
+    # refused from the header: libwebp would hold ~800 MB of copies (F1)
+    Case("bomb_lossless_webp_7000", bombs.lossless_webp, "too_costly"),
+    # refused from the marker stream, before libjpeg or Pillow parse it (F2)
+    Case("bomb_jpeg_10000_scans", bombs.scan_bomb, "corrupt"),
+    Case("bomb_jpeg_8mib_of_app1", bombs.app1_bomb, "corrupt"),
+    # cut short (F8): plain, and closed with an end marker, which libjpeg decodes with a grey or
+    # blurred lower part
+    Case("bomb_jpeg_cut", lambda: bombs.cut(face_jpeg()), "corrupt"),
+    Case("bomb_jpeg_cut_with_end_marker", lambda: bombs.cut_with_end_marker(face_jpeg()), "corrupt"),
+    Case("bomb_progressive_jpeg_cut_with_end_marker",
+         lambda: bombs.cut_with_end_marker(bombs.progressive_selfie(), 0.3), "corrupt"),
+]
+"""The hostile uploads of tests/photos/bombs.py: part of the corpus, and what the intake pool is
+tested against (tests/photos/test_sandbox.py)."""
+
+CASES += BOMBS

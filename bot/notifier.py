@@ -38,12 +38,19 @@ def title_of(job: Job) -> str:
     return f"Training your model (job #{job.id})" if job.kind == "train" else f"Drawing (job #{job.id})"
 
 
-def requeued_note(job: Job) -> str:
-    """Why a job waits again: a training resumes from its last checkpoint; a generation keeps none,
-    so its pictures are drawn again from the start."""
+_WHY_REQUEUED = {
+    "bot_restarted": "The bot restarted",
+    "worker_lost": "The GPU worker running it stopped unexpectedly",
+    "worker_stopped": "The GPU worker running it was shut down",
+}
+
+
+def requeued_note(job: Job, event: Requeued) -> str:
+    """What happened and what comes next: a training resumes from its last checkpoint on the next
+    free worker; a generation keeps none, so its pictures are drawn again from the start."""
     if job.kind == "train":
-        return "The worker restarted; your job continues from its last checkpoint."
-    return "The worker restarted; your pictures are back in the queue and will be drawn again."
+        return f"{_WHY_REQUEUED[event.why]}; your job continues from its last checkpoint on the next free worker."
+    return f"{_WHY_REQUEUED[event.why]}; your pictures are back in the queue and will be drawn again."
 
 
 def stopping_note(job: Job) -> str:
@@ -137,7 +144,7 @@ class Notifier:
                                no_worker=self.bot.scheduler.waiting_for_a_worker())
         self._shown[job.id] = text
         if isinstance(event, Requeued):
-            text += "\n" + requeued_note(job)
+            text += "\n" + requeued_note(job, event)
         editor.update(text, event.png if isinstance(event, Preview) else None)
 
     async def bot_stopping(self, timeout: float) -> None:

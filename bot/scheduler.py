@@ -22,7 +22,19 @@ from typing import Any, Protocol
 
 from bot.apology import sorry
 from bot.config import Settings
-from jobs.events import FINAL, Checkpoint, Done, Error, Event, Preview, Progress, Requeued, Stage, WorkerLost
+from jobs.events import (
+    FINAL,
+    Checkpoint,
+    Done,
+    Error,
+    Event,
+    Preview,
+    Progress,
+    Requeued,
+    Stage,
+    WorkerLost,
+    WorkerStopped,
+)
 from jobs.payloads import (
     GenerateInputs,
     GenerateOutput,
@@ -353,12 +365,21 @@ class Scheduler:
                 await self._finished(job, {})
             else:
                 await self._fail(job, event.message)
+        elif isinstance(event, WorkerStopped):  # a worker's own shutdown: sent again, no attempt spent
+            if job.cancel_requested:
+                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error="The job was cancelled.")
+                await self._finished(job, {})
+                return
+            await jobs_db.requeue(self.store.db, job_id, refund_attempt=True)
+            log.info("job %d: its worker stopped; re-queued from its last checkpoint", job_id)
+            requeued = await jobs_db.get_job(self.store.db, job_id)
+            await self.observer.job_updated(requeued or job, Requeued("worker_stopped"))
         elif isinstance(event, WorkerLost):
             if job.attempts < MAX_ATTEMPTS and not job.cancel_requested:
                 await jobs_db.requeue(self.store.db, job_id)
                 log.warning("job %d lost its worker; re-queued (attempt %d)", job_id, job.attempts)
                 requeued = await jobs_db.get_job(self.store.db, job_id)
-                await self.observer.job_updated(requeued or job, Requeued())
+                await self.observer.job_updated(requeued or job, Requeued("worker_lost"))
             else:
                 await self._fail(job, f"{event.message} It happened {job.attempts} times, so I stopped "
                                       "trying. The operator can see the details in the logs.")

@@ -51,7 +51,7 @@ from jobs.celery_protocol import (
     worker_queue,
 )
 from jobs.celery_purge import purge_jobs, remove_worker_lists
-from jobs.events import AdapterLoaded, Claimed, Done, Error, WorkerLost
+from jobs.events import AdapterLoaded, Claimed, Done, Error, WorkerLost, WorkerStopped
 from jobs.payloads import WorkItem
 from jobs.runner import EventHandler, JobRunner
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, BadFrame, too_large
@@ -212,7 +212,7 @@ class CeleryRunner(JobRunner):
         if isinstance(event, AdapterLoaded):
             known.adapters.add(event.key)
             return
-        if isinstance(event, Done | Error):
+        if isinstance(event, Done | Error | WorkerStopped):
             training = self._kinds.get(job_id) == "train"
             await self._forget_job(job_id)
             if training:

@@ -110,17 +110,27 @@ class WorkerLost:
 
 
 @dataclass(frozen=True)
-class Requeued:
-    """Reported by the bot's scheduler to its observer: the job waits for a worker again."""
+class WorkerStopped:
+    """Reported by a worker that stopped the job for its own shutdown (SIGTERM, a scale-down): the job
+    waits for a worker again, from its last checkpoint, and the stop is not counted as a failure."""
 
+    type: Literal["worker_stopped"] = "worker_stopped"
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """Reported by the bot's scheduler to its observer: the job waits for a worker again, because the
+    bot restarted, its worker died, or its worker was stopped."""
+
+    why: Literal["bot_restarted", "worker_lost", "worker_stopped"] = "bot_restarted"
     type: Literal["requeued"] = "requeued"
 
 
 Event = Annotated[Stage | Progress | Preview | Checkpoint | Done | Error | AdapterLoaded | Claimed | WorkerLost
-                  | Requeued, Field(discriminator="type")]
+                  | WorkerStopped | Requeued, Field(discriminator="type")]
 EventSink = Callable[[Event], None]
 # Events that end a job's attempt.
-FINAL = (Done, Error, WorkerLost)
+FINAL = (Done, Error, WorkerLost, WorkerStopped)
 
 
 def ignore(_event: object) -> None:

@@ -10,7 +10,8 @@ What arrives is not trusted: an item of a queue that is not a task message, or i
 is dropped before it is decoded (`jobs.celery_transport`); a job the bot did not sign with the shared
 JOB_SECRET, or whose message expired, is logged and dropped (Celery acknowledges it), and the worker
 goes on serving. Events go back signed. On SIGTERM or SIGINT the job in progress stops at its next
-step and reports nothing (the bot has its checkpoints, and sends it again), and the worker exits 0;
+step and is reported stopped (the bot has its checkpoints, and sends it again without counting a
+failure), and the worker exits 0;
 it exits non-zero when it cannot reach Redis at start or Celery stops on an error.
 """
 
@@ -49,7 +50,7 @@ from jobs.celery_protocol import (
     worker_key,
     worker_queue,
 )
-from jobs.events import Claimed, Event
+from jobs.events import Claimed, Event, WorkerStopped
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, BadFrame
 from trainer.errors import TrainerError
 
@@ -224,6 +225,8 @@ class CeleryWorker:
                                    serve_riders=serve_riders if item.kind == "train" else None, stopping=nobody_waits):
             log.info("job %d stopped at its next step: %s", job_id,
                      "this worker is stopping" if self.stopping.is_set() else "the bot no longer waits for it")
+            if self.stopping.is_set() and not voided:  # sent again at once, and not as this worker's failure
+                emit(WorkerStopped())
 
     def serve_riders(self) -> None:
         """Between training steps: unload forgotten adapters (a long training must not keep a forgotten

@@ -102,8 +102,8 @@ async def test_a_button_that_fails_before_thinking_answers_privately_with_a_refe
 
 
 @pytest.mark.parametrize(("kind", "note"), [
-    ("generate", "your pictures are back in the queue and will be drawn again"),
-    ("train", "your job continues from its last checkpoint"),
+    ("generate", "The bot restarted; your pictures are back in the queue and will be drawn again"),
+    ("train", "The bot restarted; your job continues from its last checkpoint"),
 ])
 async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     """Only a training has checkpoints to continue from. Told after a restart (`resume`) as after a lost worker."""
@@ -121,6 +121,19 @@ async def test_a_requeued_job_says_what_happens_to_it(monkeypatch, kind, note):
     await notifier._editors[3].flush()
     text = interaction.edit_original_response.await_args.kwargs["content"]
     assert note in text and ("checkpoint" in text) == (kind == "train")
+
+
+@pytest.mark.parametrize(("why", "said"), [
+    ("worker_lost", "The GPU worker running it stopped unexpectedly; your job continues from its last checkpoint"),
+    ("worker_stopped", "The GPU worker running it was shut down; your job continues from its last checkpoint"),
+])
+def test_a_requeued_training_says_what_happened_to_its_worker(why, said):
+    """With several workers the job goes to the next free one: no "the worker restarted"."""
+    from bot.notifier import requeued_note
+    from jobs.events import Requeued
+
+    job = SimpleNamespace(kind="train")
+    assert requeued_note(job, Requeued(why)).startswith(said)
 
 
 @pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])

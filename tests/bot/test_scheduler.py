@@ -232,6 +232,23 @@ async def test_lost_worker_requeues_once_then_fails(env):
     assert failed.state == "failed" and "2 times" in failed.error
 
 
+async def test_a_worker_shut_down_mid_training_costs_the_job_no_attempt(env):
+    """A scale-down or `docker stop` of a worker is not the job's failure: stopped any number of
+    times, it is sent again from its checkpoint, and its owner is told what happened."""
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await wait_until(lambda: runner.submitted, interval=0.01)
+    await runner.emit(job.id, events.Checkpoint(3, b"ckpt-3"))
+    for stop in range(1, 4):
+        await runner.emit(job.id, events.WorkerStopped())
+        await wait_until(lambda stop=stop: len(runner.submitted) == 1 + stop, interval=0.01)
+        again = await jobs_db.get_job(store.db, job.id)
+        assert again.state == "running" and again.attempts == 1
+        assert runner.submitted[-1].inputs.checkpoint == b"ckpt-3"
+    assert [e for _, e in observer.updates].count("requeued") == 3
+
+
 async def test_errors_and_cancel(env):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")

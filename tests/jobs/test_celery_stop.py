@@ -72,6 +72,7 @@ async def test_a_worker_told_to_stop_ends_the_training_at_its_next_step_and_exit
         finished = await wait_until(lambda: finished_job(store, job.id), timeout=300)
         assert finished.state == "succeeded", (finished.error, celery_workers.log("w2"))
         assert resumed(observed, job.id)
+        assert finished.attempts == 1  # the stop was the worker's, not the job's failure
     finally:
         await scheduler.stop()
         await store.close()

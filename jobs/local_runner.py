@@ -3,7 +3,7 @@
 Each visible GPU (or one CPU worker) gets a spawned process, so nothing slow or crash-prone runs in
 the bot's process and its event loop never blocks. The child runs `WORKER_ENTRY`, named rather than
 imported: this package imports no torch and nothing of the trainer; the child does. A child starts
-without the bot's secrets in its environment (`SECRET_VARIABLES`): it needs none of them, and a
+without the bot's secrets in its environment (`common.child_env`): it needs none of them, and a
 process's starting environment stays readable in /proc as long as it runs.
 """
 
@@ -13,40 +13,24 @@ import asyncio
 import importlib
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from common.child_env import secrets_withheld
 from jobs.commands import Cancel, Evict, Run, Stop
 from jobs.events import AdapterLoaded, Done, Error, Event, WorkerLost
 from jobs.payloads import WorkItem
 from jobs.runner import EventHandler, JobRunner
-from jobs.worker_config import SECRET_VARIABLES, WorkerConfig
+from jobs.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 # The worker process's entry point, `module:function(commands, events, config)`.
 WORKER_ENTRY = "trainer.worker_process:process_main"
-
-
-_environment_lock = threading.Lock()
-
-
-@contextmanager
-def secrets_withheld() -> Iterator[None]:
-    """The process environment without SECRET_VARIABLES for the block, while a child process starts
-    (a spawned child inherits the environment whole); the bot reads its settings once, at start."""
-    with _environment_lock:
-        saved = {name: os.environ.pop(name) for name in SECRET_VARIABLES if name in os.environ}
-        try:
-            yield
-        finally:
-            os.environ.update(saved)
 
 
 def _run_worker(entry: str, commands: Connection, events: Connection, config: WorkerConfig) -> None:

@@ -6,10 +6,6 @@ from dataclasses import dataclass
 
 from jobs.requests import TRAIN_DEFAULTS
 
-# Settings no worker process needs in its environment once started, and must not pass on to the
-# processes it starts: the bot's Discord token, the secret that signs jobs, Redis's URL (its password).
-SECRET_VARIABLES = ("DISCORD_TOKEN", "JOB_SECRET", "REDIS_URL")
-
 
 @dataclass(frozen=True)
 class WorkerConfig:

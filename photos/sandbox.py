@@ -42,6 +42,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from common.child_env import secrets_withheld
+
 if TYPE_CHECKING:
     from photos.intake import IntakeLimits, NormalisedPhoto, Refusal
 
@@ -320,7 +322,8 @@ class IntakePool:
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=_child_main, name=f"intake-{child.index}", daemon=True,
                                     args=(theirs, self._memory_bytes, logging.getLogger().getEffectiveLevel()))
-        process.start()
+        with secrets_withheld():
+            process.start()
         theirs.close()
         with self._lock:
             child.process, child.conn, child.ready = process, ours, False

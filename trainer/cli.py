@@ -256,9 +256,10 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> list[str]:
+    from common.child_env import SECRET_VARIABLES
     from common.logs import setup_logging
     from jobs.signing import MB, secret_problem
-    from jobs.worker_config import SECRET_VARIABLES, WorkerConfig
+    from jobs.worker_config import WorkerConfig
     from trainer import scratch
     from trainer.celery_worker import default_name, serve
 

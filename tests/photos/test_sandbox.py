@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -187,3 +188,20 @@ async def test_a_closed_pool_has_no_processes_and_takes_no_photos():
     assert pool.pids == [None]
     with pytest.raises(RuntimeError, match="closed"):
         await pool.run(sandbox_tasks.report)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's environment from /proc")
+async def test_intake_processes_start_without_the_bots_secrets(monkeypatch):
+    """A photo's decoder is the code most exposed to strangers' bytes: it must not find the bot's
+    token (or Redis's password) in its environment."""
+    monkeypatch.setenv("DISCORD_TOKEN", "MTIz.the-bots-token")
+    monkeypatch.setenv("REDIS_URL", "redis://:password@localhost:6379/0")
+    pool = IntakePool(1)
+    try:
+        pid = (await pool.run(sandbox_tasks.report)).value["pid"]
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            names = {entry.split(b"=", 1)[0] for entry in environ.read().split(b"\0") if entry}
+        assert b"PATH" in names and not {b"DISCORD_TOKEN", b"REDIS_URL"} & names
+        assert os.environ["DISCORD_TOKEN"] == "MTIz.the-bots-token"
+    finally:
+        await pool.close()

@@ -9,9 +9,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HEARTBEAT_FILE=/tmp/bot-heartbeat
 
 # gcc and python3-dev: Triton builds its small kernel launchers with them when the worker compiles
-# the model for generation and the training step (COMPILE_GENERATION, COMPILE_TRAINING).
+# the model for generation and the training step (COMPILE_GENERATION, COMPILE_TRAINING). No libGL or
+# GLib: OpenCV is the headless wheel, which links neither.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 avatar \

@@ -145,3 +145,12 @@ def test_the_build_context_holds_only_what_the_image_copies():
 def test_compose_publishes_redis_on_loopback_unless_told_a_private_address():
     """Workers on other machines need Redis reachable; by default nothing outside this host reaches it."""
     assert '"${REDIS_BIND:-127.0.0.1}:6379:6379"' in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_the_image_installs_no_gui_libraries_for_a_headless_opencv():
+    """libGL and GLib are what the GUI build of OpenCV links; the headless wheel needs neither."""
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert re.search(r"^opencv-python-headless\b", requirements, re.M)
+    assert not re.search(r"^opencv-python\b(?!-headless)", requirements, re.M)
+    apt = re.search(r"apt-get install[^\n]*", (ROOT / "Dockerfile").read_text()).group(0)
+    assert "libgl" not in apt.lower() and "libglib" not in apt.lower()

@@ -3,7 +3,7 @@
 Each upload goes through an `IntakePool` of one process, as the bot sends it: the bomb corpus of
 tests/photos/bombs.py (issue #27) and, with `--large`, the largest legitimate photos intake accepts
 (50 MP PNGs and progressive JPEG, a 48 MP HEIC, a 25 MP WebP: building them takes about 30 s).
-For each: the outcome, the child's peak resident memory during that photo (ru_maxrss, reset before
+For each: the outcome, the child's peak resident memory during that photo (VmHWM, reset before
 each task) and the wall-clock time of the round trip. A fresh child first answers a small selfie,
 and what it holds afterwards is the floor of every later figure.
 

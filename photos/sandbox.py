@@ -128,7 +128,16 @@ class _Crashed:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """The child's peak resident memory since `_reset_peak_rss`: VmHWM where /proc has it. Not
+    ru_maxrss, which Linux carries across exec: a spawned child's starts at its parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: the lifetime peak
 
 
 def _reset_peak_rss() -> None:

@@ -2,7 +2,7 @@
 its child little, a child that dies or runs out of memory or time is replaced without losing the
 next photo, and the event loop's threads stay free while photos are in flight (issue #27, F1/F2).
 
-Nothing here measures time: memory is read from each child's own peak (ru_maxrss), and order from
+Nothing here measures time: memory is read from each child's own peak (VmHWM), and order from
 which tasks are still running when another answer comes back.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -205,3 +206,13 @@ async def test_intake_processes_start_without_the_bots_secrets(monkeypatch):
         assert os.environ["DISCORD_TOKEN"] == "MTIz.the-bots-token"
     finally:
         await pool.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+def test_a_childs_peak_is_its_own_however_large_its_parent():
+    """A photo's cost is measured in its child alone: a large bot (or test run) does not inflate it."""
+    done = subprocess.run([sys.executable, "-m", "tests.photos.big_parent"], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) < BOMB_BUDGET_BYTES

@@ -19,8 +19,11 @@ import random
 import signal
 import sys
 import time
+import traceback
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bot import photo_intake
@@ -30,7 +33,7 @@ from jobs import events
 from jobs.payloads import GenerateOutput, GenerateParams, Picture, TrainOutput, WorkItem, to_stored
 from jobs.requests import GenerateRequest
 from jobs.runner import EventHandler, JobRunner
-from photos.intake import IntakeLimits, normalise_photo
+from photos.intake import IntakeLimits, NormalisedPhoto, normalise_photo
 from storage import jobs_db, models_db, photos_db, retention, users_db
 from storage.files import FileStore
 from storage.jobs_db import Job
@@ -72,8 +75,23 @@ class IdleRunner(JobRunner):
     async def cancel(self, job_id: int) -> None:
         pass
 
+    async def forget_jobs(self, job_ids: Collection[int]) -> None:
+        pass
+
     async def forget_adapter(self, key: str) -> None:
         pass
+
+
+class ReadyIntake:
+    """Stands in for the intake's process pool: a fresh photo each time (no duplicates), already
+    decoded; decoding is not what is being tested."""
+
+    def __init__(self, ready: NormalisedPhoto, rng: random.Random) -> None:
+        self.ready, self.rng = ready, rng
+
+    async def normalise(self, data: bytes, limits: IntakeLimits) -> SimpleNamespace:
+        return SimpleNamespace(outcome=replace(self.ready, sha256=f"{self.rng.getrandbits(256):064x}",
+                                               phash=self.rng.getrandbits(64)))
 
 
 class Silent:
@@ -87,6 +105,7 @@ class Silent:
 class Workload:
     def __init__(self, store: Storage, scheduler: Scheduler, runner: IdleRunner, rng: random.Random) -> None:
         self.store, self.scheduler, self.runner, self.rng = store, scheduler, runner, rng
+        self.intake = ReadyIntake(normalise_photo(selfie(rng.randrange(7))), rng)
 
     async def _ready(self, user: int) -> None:
         await users_db.set_handle(self.store.db, user, f"{MARKER}{user}", "person")
@@ -95,7 +114,7 @@ class Workload:
         async with self.scheduler.user_lock(user):
             await self._ready(user)
             outcome = await photo_intake.accept_photo(self.store, user, b"", "selfie.jpg", IntakeLimits(),
-                                                      max_photos=8)
+                                                      max_photos=8, pool=self.intake)
         if outcome.error:  # the maximum: make room
             await self.remove_photo(user)
 
@@ -202,10 +221,6 @@ CRASH_POINTS = ("forget-mid-files", "forget-before-rows", "photo-before-row", "m
 
 async def main(data_dir: Path, seed: int, crash_at: str | None) -> None:
     rng = random.Random(seed)
-    ready = normalise_photo(selfie(seed % 7))
-    # A fresh photo each time (no duplicates); decoding is not what is being tested.
-    photo_intake.normalise_photo = lambda data, limits: replace(
-        ready, sha256=f"{rng.getrandbits(256):064x}", phash=rng.getrandbits(64))
     script = _install_crash_point(crash_at) if crash_at else []
     store = await Storage.open(data_dir)
     runner = IdleRunner()
@@ -224,4 +239,9 @@ async def main(data_dir: Path, seed: int, crash_at: str | None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
+    try:
+        asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # at once: a database thread left running would keep the process, and the test, waiting

@@ -36,8 +36,9 @@ pytestmark = pytest.mark.slow
 
 def _start(data_dir: Path, seed: int, crash_at: str | None = None) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "tests.storage.crash_workload", str(data_dir), str(seed)]
+    # One pipe for both: a child writing much to a second, unread pipe would block, and this reader with it.
     return subprocess.Popen([*args, *([crash_at] if crash_at else [])], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _read_until(child: subprocess.Popen[str], done: int) -> list[str]:
@@ -54,7 +55,7 @@ def _kill_at_random(data_dir: Path, rng: random.Random, seed: int) -> list[str]:
     try:
         lines = _read_until(child, rng.randint(0, 8))
         time.sleep(rng.uniform(0, 0.05))
-        assert child.poll() is None, f"the workload ended by itself:\n{child.stderr.read() if child.stderr else ''}"
+        assert child.poll() is None, "the workload ended by itself:\n" + "\n".join(lines)
         child.send_signal(signal.SIGKILL)
     finally:
         child.kill()
@@ -65,7 +66,7 @@ def _kill_at_random(data_dir: Path, rng: random.Random, seed: int) -> list[str]:
 def _crash_at(data_dir: Path, point: str, seed: int) -> None:
     child = _start(data_dir, seed, point)
     try:
-        _, err = child.communicate(timeout=300)
+        err, _ = child.communicate(timeout=300)
     finally:
         child.kill()
     assert child.returncode == -signal.SIGKILL, f"{point}: the workload did not die there:\n{err}"

@@ -17,11 +17,21 @@ from pathlib import Path
 from common.envfile import env_file_values, parse_switch
 from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, secret_problem
+from storage.limits_db import Limits
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BACKENDS = ("local", "celery")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SAFETY_MODES = ("off", "prompts", "images")
+_ID_LISTS = ("allowed_guilds", "admin_user_ids")
+_NAME_LISTS = ("allowed_roles",)
+_PATHS = ("data_dir", "heartbeat_file", "blocked_words_file")
+
+DEFAULT_CONSENT_TEXT = (
+    "Before I keep any photo: please confirm that **the photos you send are of you**, and that you "
+    "agree that I train a model of your face from them, which only you can use. You can delete "
+    "your photos, model and pictures at any time with `/forget`.")
 
 
 class ConfigError(Exception):
@@ -71,6 +81,26 @@ class Settings:
     # on a GPU: processes compiling parts of a worker's start beside it; -1: as many as fit, 0: none
     start_helpers: int = -1
     heartbeat_file: Path | None = None  # rewritten while connected to Discord (bot.health); None: none
+    # --- who may use it (bot.access) ---
+    allowed_guilds: tuple[int, ...] = ()  # server ids; empty: any server the bot is in
+    allowed_roles: tuple[str, ...] = ()  # role ids or names, each optionally "<server id>:<role>"; empty: anyone
+    allow_user_install: bool = False  # people outside the allowed servers may use it as their own app
+    admin_user_ids: tuple[int, ...] = ()  # the bot's operators: every /admin command, on every server
+    access_cache_s: float = 300.0  # how long a membership and role check is trusted
+    require_consent: bool = True  # ask once, with buttons, before the first photo of a person is kept
+    consent_text: str = DEFAULT_CONSENT_TEXT
+    # --- how much (bot.quotas); /admin limits overrides the first five per server ---
+    trainings_per_day: int = 2
+    pictures_per_day: int = 100
+    train_cooldown_min: int = 60  # minutes between the start of two trainings of one person
+    server_trainings_per_day: int = 20  # all people of one server together; 0: no server total
+    server_pictures_per_day: int = 1000
+    max_queued_jobs: int = 50  # jobs waiting, all people together
+    # --- what it may draw (bot.safety, trainer.safety) ---
+    safety: str = "images"  # off | prompts | images
+    safety_checker: str = ""  # the image classifier; empty: the standard one for BASE_MODEL
+    blocked_words_file: Path | None = None  # the operator's own words and phrases, added to the shipped list
+    nsfw_in_age_restricted: bool = False  # age-restricted channels may receive what the filter blocks
 
     @property
     def max_photo_bytes(self) -> int:
@@ -79,6 +109,12 @@ class Settings:
     @property
     def max_job_message_bytes(self) -> int:
         return self.max_job_message_mb * MB
+
+    @property
+    def default_limits(self) -> Limits:
+        """The quotas of a server that set none of its own with /admin limits."""
+        return Limits(self.trainings_per_day, self.pictures_per_day, self.train_cooldown_min,
+                      self.server_trainings_per_day, self.server_pictures_per_day)
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         """A training's settings as the operator set them (`steps`: a person's own number of steps)."""
@@ -111,6 +147,18 @@ def _parse(name: str, raw: str, kind: type, problems: list[str]) -> object:
     return raw
 
 
+def _parse_ids(name: str, raw: str, problems: list[str]) -> tuple[int, ...] | None:
+    """A comma-separated list of Discord ids (snowflakes: whole numbers)."""
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    bad = [item for item in items if not item.isdigit()]
+    if bad:
+        problems.append(f"{ENV_NAMES[name]} has {', '.join(repr(b) for b in bad)}, which "
+                        f"{'is not an id' if len(bad) == 1 else 'are not ids'}; list Discord ids (Developer Mode, "
+                        "right-click, Copy ID) separated by commas.")
+        return None
+    return tuple(int(item) for item in items)
+
+
 def _check_data_dir(path: Path, problems: list[str]) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -133,8 +181,12 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         if raw is None or raw.strip() == "":
             continue
         raw = raw.strip()
-        if f.name in ("data_dir", "heartbeat_file"):
+        if f.name in _PATHS:
             kwargs[f.name] = Path(raw).expanduser()
+        elif f.name in _ID_LISTS:
+            kwargs[f.name] = _parse_ids(f.name, raw, problems)
+        elif f.name in _NAME_LISTS:
+            kwargs[f.name] = tuple(item.strip() for item in raw.split(",") if item.strip())
         elif f.name == "dev_guild_id":
             kwargs[f.name] = _parse(f.name, raw, int, problems)
         else:
@@ -152,7 +204,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
     if settings.job_backend not in _BACKENDS:
         problems.append(f"JOB_BACKEND={settings.job_backend!r} is unknown; use one of {', '.join(_BACKENDS)}.")
     for name in ("max_photos", "min_photos", "max_photo_mb", "intake_processes", "train_steps", "train_rank",
-                 "class_images", "max_queued_generations", "max_prompt_chars"):
+                 "class_images", "max_queued_generations", "max_prompt_chars", "max_queued_jobs"):
         if getattr(settings, name) < 1:
             problems.append(f"{ENV_NAMES[name]} must be at least 1.")
     if settings.intake_processes > 32:
@@ -185,6 +237,21 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         scheme = ("http://", "https://") if name == "discord_api_base" else ("ws://", "wss://")
         if url and not url.startswith(scheme):
             problems.append(f"{ENV_NAMES[name]}={url!r} must start with {' or '.join(scheme)}.")
+    for name in ("trainings_per_day", "pictures_per_day", "train_cooldown_min", "server_trainings_per_day",
+                 "server_pictures_per_day"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{ENV_NAMES[name]} must be 0 (no limit) or a positive number.")
+    if not (math.isfinite(settings.access_cache_s) and 0 <= settings.access_cache_s <= 86400):
+        problems.append("ACCESS_CACHE_S must be 0 to 86400 seconds (300 suits most servers).")
+    if settings.safety not in SAFETY_MODES:
+        problems.append(f"SAFETY={settings.safety!r} is unknown; use one of {', '.join(SAFETY_MODES)}.")
+    if settings.require_consent and not settings.consent_text.strip():
+        problems.append("CONSENT_TEXT is empty; leave it unset for the default text, or write your own.")
+    if len(settings.consent_text) > 1500:
+        problems.append("CONSENT_TEXT is longer than 1500 characters; Discord shows at most 2000 in a message.")
+    if settings.blocked_words_file is not None and not settings.blocked_words_file.is_file():
+        problems.append(f"BLOCKED_WORDS_FILE={str(settings.blocked_words_file)!r} is not a file; point it at a "
+                        "text file with one word or phrase a line, or leave it unset.")
     _check_data_dir(settings.data_dir, problems)
     if settings.heartbeat_file is not None and not os.access(settings.heartbeat_file.parent, os.W_OK):
         problems.append(f"HEARTBEAT_FILE={str(settings.heartbeat_file)!r} is not in a writable folder; "

@@ -18,6 +18,7 @@ _TABLES = (
     ("models", "owner"),
     ("jobs", "owner"),
     ("photos", "owner"),
+    ("consents", "user_id"),
     ("users", "id"),
 )
 

@@ -62,6 +62,7 @@ class Job:
     restarts: int  # bot restarts that interrupted it (apart from `attempts`, which count workers lost)
     result_channel_id: int | None  # the message that showed its result with pictures, if one was sent
     result_message_id: int | None
+    guild_id: int | None  # the server its quota counts against (None: none, e.g. a user install in DMs)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -90,14 +91,15 @@ async def create_job(
     params: dict[str, Any],
     channel_id: int | None = None,
     message_id: int | None = None,
+    guild_id: int | None = None,
 ) -> int:
     """Queue a job; return its id. ``message_id`` is the Discord message that shows its progress."""
     _check([kind], KINDS, "kind")
     now = time.time()
     return await db.insert(
-        "INSERT INTO jobs (kind, owner, params, channel_id, message_id, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (kind, owner, to_json(params), channel_id, message_id, now, now),
+        "INSERT INTO jobs (kind, owner, params, channel_id, message_id, guild_id, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (kind, owner, to_json(params), channel_id, message_id, guild_id, now, now),
     )
 
 

@@ -121,7 +121,51 @@ _V5 = [
     "CREATE INDEX generations_by_age ON generations (created_at)",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
+# Step 6: running it for a community. `consents`: a person's yes before their first photo is kept
+# (gone with them on /forget). `bans` and `guild_limits` are the operators' records, which outlive a
+# forgotten person. `usage` counts what quotas limit (id, kind, time only), kept for 8 days so that
+# /forget cannot reset a day's quota. `admin_actions`: who did what with /admin. A job records
+# the server it counts against (NULL: none, e.g. a user-installed app in DMs).
+_V6 = [
+    """CREATE TABLE consents (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        text_sha256 TEXT NOT NULL,
+        accepted_at REAL NOT NULL
+    )""",
+    """CREATE TABLE bans (
+        user_id INTEGER PRIMARY KEY,
+        banned_by INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        banned_at REAL NOT NULL
+    )""",
+    """CREATE TABLE guild_limits (
+        guild_id INTEGER PRIMARY KEY,
+        limits TEXT NOT NULL DEFAULT '{}',
+        updated_by INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TABLE usage (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner INTEGER NOT NULL,
+        guild_id INTEGER,
+        kind TEXT NOT NULL CHECK (kind IN ('train', 'picture', 'flagged')),
+        amount INTEGER NOT NULL DEFAULT 1,
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX usage_by_owner ON usage (owner, kind, at)",
+    "CREATE INDEX usage_by_guild ON usage (guild_id, kind, at)",
+    """CREATE TABLE admin_actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        admin_id INTEGER NOT NULL,
+        guild_id INTEGER,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        at REAL NOT NULL
+    )""",
+    "ALTER TABLE jobs ADD COLUMN guild_id INTEGER",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
 LATEST_VERSION = len(MIGRATIONS)
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import aiosqlite
 import pytest
 
-from storage import generations_db, jobs_db, models_db, photos_db, users_db
+from storage import consents_db, generations_db, jobs_db, models_db, photos_db, users_db
 from storage.forget import forget_user, posted_messages
 from storage.store import Storage
 
 ALICE, BOB = 101, 202
-TABLES = {"users": "id", "photos": "owner", "jobs": "owner", "models": "owner", "generations": "owner"}
+TABLES = {"users": "id", "photos": "owner", "jobs": "owner", "models": "owner", "generations": "owner",
+          "consents": "user_id"}
 
 
 async def _give_everything(store: Storage, user: int) -> None:
     await users_db.set_handle(store.db, user, f"zorbq{user}", "person")
+    await consents_db.record_consent(store.db, user, "these are photos of me")
     photo = store.files.write(user, "photos", b"pixels", ".png")
     await photos_db.add_photo(
         store.db, user, sha256=f"{user:064x}", phash=1, path=photo, byte_size=6, width=1, height=1
@@ -61,6 +63,7 @@ async def test_forget_user_leaves_nothing_of_them_and_everything_of_others(store
         "models": 1,
         "jobs": 2,
         "photos": 1,
+        "consents": 1,
         "users": 1,
         "files": 4,
         "bytes": len(b"pixels" + b"ckpt" + b"lora" + b"img"),

@@ -1,0 +1,47 @@
+"""What quotas count: trainings started, pictures asked for and pictures withheld by the filter.
+
+Rows hold a person's id, a server id, a kind and a time, nothing else, and are kept for
+`USAGE_KEEP_S` even after /forget, so that forgetting oneself does not reset a day's quota.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from storage.db import Database
+
+UsageKind = Literal["train", "picture", "flagged"]
+USAGE_KEEP_S = 8 * 86400  # a week of /admin stats, and a day of quota
+
+
+async def record_usage(db: Database, owner: int, guild_id: int | None, kind: UsageKind, amount: int = 1,
+                       now: float | None = None) -> None:
+    await db.execute("INSERT INTO usage (owner, guild_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)",
+                     (owner, guild_id, kind, amount, time.time() if now is None else now))
+
+
+async def used_by(db: Database, owner: int, kind: UsageKind, since: float) -> int:
+    """How much the person used of `kind` from `since` on."""
+    row = await db.fetchone("SELECT coalesce(sum(amount), 0) AS n FROM usage WHERE owner = ? AND kind = ? AND at >= ?",
+                            (owner, kind, since))
+    return int(row["n"]) if row else 0
+
+
+async def used_in_guild(db: Database, guild_id: int, kind: UsageKind, since: float) -> int:
+    """How much all people together used of `kind` in one server from `since` on."""
+    row = await db.fetchone(
+        "SELECT coalesce(sum(amount), 0) AS n FROM usage WHERE guild_id = ? AND kind = ? AND at >= ?",
+        (guild_id, kind, since))
+    return int(row["n"]) if row else 0
+
+
+async def last_use(db: Database, owner: int, kind: UsageKind) -> float | None:
+    """When the person last used `kind` (for a cooldown), or None."""
+    row = await db.fetchone("SELECT max(at) AS at FROM usage WHERE owner = ? AND kind = ?", (owner, kind))
+    return float(row["at"]) if row and row["at"] is not None else None
+
+
+async def prune_usage(db: Database, now: float | None = None) -> int:
+    """Delete rows older than USAGE_KEEP_S; return how many."""
+    return await db.execute("DELETE FROM usage WHERE at < ?", ((time.time() if now is None else now) - USAGE_KEEP_S,))

@@ -58,6 +58,13 @@ def e2e_settings(fake: FakeDiscord, data_dir: Path, **overrides: object) -> Sett
         train_checkpoint_every=4,
         train_preview_every=8,
         progress_interval_s=0.3,
+        # A server of one trusted person: the tests of consent and quotas turn these on themselves.
+        require_consent=False,
+        trainings_per_day=0,
+        pictures_per_day=0,
+        train_cooldown_min=0,
+        server_trainings_per_day=0,
+        server_pictures_per_day=0,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 

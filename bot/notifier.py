@@ -79,6 +79,11 @@ def quoted_prompt(prompt: str) -> str:
     return discord.utils.escape_markdown(discord.utils.escape_mentions(prompt))
 
 
+def by_whom(job: Job) -> str:
+    """` <who cancelled it>` for a job someone other than its owner cancelled, else nothing."""
+    return f" {job.error}" if job.error == jobs_db.CANCELLED_BY_OPERATOR else ""
+
+
 class Notifier:
     """The scheduler's observer: progress edits and final messages for each job."""
 
@@ -200,7 +205,8 @@ class Notifier:
             sent = await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
             await jobs_db.set_result_message(self.bot.store.db, job.id, sent.channel.id, sent.id)
         elif job.state == "cancelled":
-            await self._edit_progress_message(job, f"**{title_of(job)}**\nCancelled. Your photos are kept.")
+            await self._edit_progress_message(
+                job, f"**{title_of(job)}**\nCancelled.{by_whom(job)} Your photos are kept.")
         else:
             await self._edit_progress_message(
                 job, f"**{title_of(job)}**\nIt did not work: {job.error}\nYour photos are kept; "
@@ -216,7 +222,7 @@ class Notifier:
             view = imagine_view(outcome["generation_id"], len(images))
         else:
             # The prompt is repeated: the answer replaces the message that showed it.
-            text = ("Your pictures were cancelled." if job.state == "cancelled"
+            text = (f"Your pictures were cancelled.{by_whom(job)}" if job.state == "cancelled"
                     else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
                          f"**{quoted_prompt(prompt_of(job))}**")
             view = None

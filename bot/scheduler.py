@@ -295,23 +295,36 @@ class Scheduler:
         assert job is not None
         return job, await jobs_db.queue_position(self.store.db, job_id)
 
-    async def cancel_user_jobs(self, user_id: int, kind: str | None = None) -> list[Job]:
-        """Cancel the person's queued and running jobs; running ones stop at their next step."""
+    async def cancel_user_jobs(self, user_id: int, kind: str | None = None,
+                               reason: str | None = None) -> list[Job]:
+        """Cancel the person's queued and running jobs; running ones stop at their next step.
+        `reason`: what their owner is told, if not the owner's own cancel (`jobs_db.request_cancel`)."""
         cancelled = []
         for job in await jobs_db.jobs_for_user(self.store.db, user_id, states=("queued", "running")):
             if kind and job.kind != kind:
                 continue
-            state = await jobs_db.request_cancel(self.store.db, job.id)
-            if state == "running":
-                await self.runner.cancel(job.id)  # its worker reports `cancelled` at the next step
-            elif state == "cancelled":  # it was queued: tell the person now
-                # An attempt from before a restart may still be out there (a worker running it, or its
-                # message waiting in a queue): the runner is told too, so none of it runs on.
-                await self.runner.cancel(job.id)
-                finished = await jobs_db.get_job(self.store.db, job.id)
-                await self.observer.job_finished(finished or job, {})
+            await self._cancel(job, reason)
             cancelled.append(job)
         return cancelled
+
+    async def cancel_job(self, job_id: int, reason: str | None = None) -> Job | None:
+        """Cancel one job of anyone's (an operator's /admin cancel); None if it is not queued or running."""
+        job = await jobs_db.get_job(self.store.db, job_id)
+        if job is None or job.state not in ("queued", "running"):
+            return None
+        await self._cancel(job, reason)
+        return job
+
+    async def _cancel(self, job: Job, reason: str | None) -> None:
+        state = await jobs_db.request_cancel(self.store.db, job.id, reason)
+        if state == "running":
+            await self.runner.cancel(job.id)  # its worker reports `cancelled` at the next step
+        elif state == "cancelled":  # it was queued: tell the person now
+            # An attempt from before a restart may still be out there (a worker running it, or its
+            # message waiting in a queue): the runner is told too, so none of it runs on.
+            await self.runner.cancel(job.id)
+            finished = await jobs_db.get_job(self.store.db, job.id)
+            await self.observer.job_finished(finished or job, {})
 
     async def forget(self, user_id: int) -> dict[str, int]:
         """Stop the person's jobs, drop their LoRAs from the workers, then delete all their data
@@ -352,7 +365,8 @@ class Scheduler:
         elif isinstance(event, Checkpoint):
             await self._store_checkpoint(job, event)
         elif isinstance(event, Done) and job.cancel_requested:  # it ended before it heard of the cancel
-            await jobs_db.finish_job(self.store.db, job_id, "cancelled", error="The job was cancelled.")
+            await jobs_db.finish_job(self.store.db, job_id, "cancelled",
+                                     error=job.error or "The job was cancelled.")
             await self._finished(job, {})
         elif isinstance(event, Done):
             outcome = await self._store_result(job, event.result)
@@ -361,13 +375,14 @@ class Scheduler:
             await self.observer.job_finished(finished or job, outcome)
         elif isinstance(event, Error):
             if event.code == "cancelled":
-                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=event.message)
+                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error=job.error or event.message)
                 await self._finished(job, {})
             else:
                 await self._fail(job, event.message)
         elif isinstance(event, WorkerStopped):  # a worker's own shutdown: sent again, no attempt spent
             if job.cancel_requested:
-                await jobs_db.finish_job(self.store.db, job_id, "cancelled", error="The job was cancelled.")
+                await jobs_db.finish_job(self.store.db, job_id, "cancelled",
+                                         error=job.error or "The job was cancelled.")
                 await self._finished(job, {})
                 return
             await jobs_db.requeue(self.store.db, job_id, refund_attempt=True)

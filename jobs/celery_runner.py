@@ -53,7 +53,7 @@ from jobs.celery_protocol import (
 from jobs.celery_purge import purge_jobs, remove_worker_lists
 from jobs.events import AdapterLoaded, Claimed, Done, Error, WorkerLost, WorkerStopped
 from jobs.payloads import WorkItem
-from jobs.runner import EventHandler, JobRunner
+from jobs.runner import EventHandler, JobRunner, WorkerState
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, BadFrame, too_large
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,12 @@ class CeleryRunner(JobRunner):
     def workers_online(self) -> int:
         """Workers whose heartbeat is fresh (a worker starts beating once it has warmed up)."""
         return len(self._workers)
+
+    def worker_states(self) -> list[WorkerState]:
+        """The live workers and the jobs meant for each: taken by it, riding on its training, or waiting
+        in its own queue. A job still in the shared queue is on none of them."""
+        return [WorkerState(name, "remote", tuple(sorted(j for j, w in self._running_on.items() if w == name)))
+                for name in sorted(self._workers)]
 
     def idle_capacity(self, kind: str | None = None) -> int:
         free = self._free()

@@ -24,7 +24,7 @@ from common.child_env import secrets_withheld
 from jobs.commands import Cancel, Evict, Run, Stop
 from jobs.events import AdapterLoaded, Done, Error, Event, WorkerLost
 from jobs.payloads import WorkItem
-from jobs.runner import EventHandler, JobRunner
+from jobs.runner import EventHandler, JobRunner, WorkerState
 from jobs.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,11 @@ class LocalProcessRunner(JobRunner):
 
     def workers_online(self) -> int:
         return sum(1 for s in self._slots if s.process is not None)
+
+    def worker_states(self) -> list[WorkerState]:
+        return [WorkerState(f"worker-{s.index}", s.config.device,
+                            tuple(j for j in (s.job_id, s.rider_id) if j is not None), up=s.process is not None)
+                for s in self._slots]
 
     def idle_capacity(self, kind: str | None = None) -> int:
         """Free workers take anything; a training worker also takes one generation between its steps."""

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 from jobs.events import Event
 from jobs.payloads import WorkItem
 
 EventHandler = Callable[[int, Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker as its runner sees it, for the operator's /admin views."""
+
+    name: str
+    where: str  # its device (local) or that it is remote (Celery)
+    jobs: tuple[int, ...] = ()  # the jobs it runs now: a job, and a generation riding on a training
+    up: bool = True  # False: its process is not running
+
+    @property
+    def state(self) -> str:
+        if not self.up:
+            return "down"
+        return "busy" if self.jobs else "idle"
 
 
 class JobRunner(ABC):
@@ -36,6 +53,10 @@ class JobRunner(ABC):
     def workers_online(self) -> int:
         """How many workers are up now. With none (every GPU machine of a Celery set-up is off),
         queued jobs wait until one joins, and the bot tells the people waiting."""
+
+    def worker_states(self) -> list[WorkerState]:
+        """The workers and the jobs each runs now (a runner that cannot tell lists none)."""
+        return []
 
     @abstractmethod
     async def submit(self, item: WorkItem) -> None: ...

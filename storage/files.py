@@ -114,6 +114,20 @@ class FileStore:
         files = [p for p in self.user_dir(user_id).rglob("*") if p.is_file()]
         return len(files), sum(p.stat().st_size for p in files)
 
+    def category_usage(self) -> dict[str, tuple[int, int]]:
+        """(number of files, total bytes) of each category, all people together."""
+        usage = {}
+        for category in CATEGORIES:
+            count = size = 0
+            for path in self.users_dir.glob(f"*/{category}/*"):
+                try:
+                    size += path.stat().st_size
+                except FileNotFoundError:  # deleted meanwhile (a /forget, a replaced checkpoint)
+                    continue
+                count += 1
+            usage[category] = count, size
+        return usage
+
     def delete_user_files(self, user_id: int) -> tuple[int, int]:
         """Remove the person's whole folder; return the (files, bytes) that were removed."""
         folder = self.user_dir(user_id)

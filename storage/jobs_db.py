@@ -27,6 +27,8 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 # generation. (A training re-queued after its worker died has waited since it was first queued.)
 TRAINING_MAX_WAIT_S = 120.0
 TRAINING_MAX_OVERTAKES = 10
+# The `error` of a job an operator cancelled with /admin cancel (its owner is told so).
+CANCELLED_BY_OPERATOR = "An operator of this bot cancelled it."
 _CLAIM_ORDER = """CASE WHEN q.kind = 'generate' THEN 1
     WHEN q.created_at <= ? OR (SELECT count(*) FROM jobs AS g WHERE g.kind = 'generate' AND g.id > q.id
                                AND g.started_at IS NOT NULL) >= ? THEN 0
@@ -195,20 +197,21 @@ async def finish_job(
     return changed == 1
 
 
-async def request_cancel(db: Database, job_id: int) -> str | None:
+async def request_cancel(db: Database, job_id: int, reason: str | None = None) -> str | None:
     """Cancel a job and return its state afterwards (None if there is no such job).
 
     A queued job is cancelled at once. A running one is flagged with ``cancel_requested`` and
     stays running until its worker stops and reports; a finished one is left as it is.
+    ``reason`` becomes the job's ``error``, kept when it ends (e.g. `CANCELLED_BY_OPERATOR`).
     """
     now = time.time()
     row = await db.fetchone(
         "UPDATE jobs SET "
         "state = CASE state WHEN 'queued' THEN 'cancelled' ELSE state END, "
         "finished_at = CASE state WHEN 'queued' THEN ? ELSE finished_at END, "
-        "cancel_requested = 1, updated_at = ? "
+        "cancel_requested = 1, error = coalesce(?, error), updated_at = ? "
         "WHERE id = ? AND state IN ('queued', 'running') RETURNING state",
-        (now, now, job_id),
+        (now, reason, now, job_id),
     )
     if row is not None:
         return str(row["state"])

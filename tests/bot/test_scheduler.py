@@ -274,6 +274,28 @@ async def test_a_job_cancelled_while_queued_is_cancelled_for_the_runner_too(env)
     assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled" and runner.cancelled == [job.id]
 
 
+async def test_an_operator_cancels_one_job_of_anyones_and_its_owner_hears_who(env):
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    await _ready_to_train(store, BOB, "zqbob")
+    running, _ = await scheduler.enqueue_train(ALICE)
+    await wait_until(lambda: runner.running, interval=0.02)
+    queued, _ = await scheduler.enqueue_train(BOB)  # the one worker is busy
+    reason = jobs_db.CANCELLED_BY_OPERATOR
+
+    assert (await scheduler.cancel_job(queued.id, reason)).owner == BOB
+    assert observer.finished[-1][:2] == (queued.id, "cancelled")
+    assert (await jobs_db.get_job(store.db, queued.id)).error == reason
+    assert await scheduler.cancel_job(queued.id, reason) is None  # ended already
+    assert await scheduler.cancel_job(queued.id + 100, reason) is None  # no such job
+
+    assert (await scheduler.cancel_job(running.id, reason)).id == running.id
+    assert runner.cancelled[-1] == running.id  # it stops at its next step, and says so
+    await runner.emit(running.id, events.Error("The job was cancelled.", "cancelled"))
+    ended = await jobs_db.get_job(store.db, running.id)
+    assert (ended.state, ended.error) == ("cancelled", reason)
+
+
 async def test_restart_requeues_running_jobs(tmp_path):
     settings = _settings(tmp_path)
     store = await Storage.open(tmp_path)

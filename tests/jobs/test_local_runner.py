@@ -377,3 +377,18 @@ async def test_worker_processes_start_without_the_bots_secrets_in_their_environm
         assert os.environ["DISCORD_TOKEN"] == "MTIz.the-bots-token" and os.environ["JOB_SECRET"] == "s" * 40
     finally:
         await runner.stop()
+
+
+async def test_the_workers_tell_the_operator_which_jobs_each_runs():
+    runner = pool(2)
+    await place(runner, item(1, "train"))
+    await place(runner, item(2, "train"))
+    await place(runner, item(3, "generate"))  # rides on a training
+    states = runner.worker_states()
+    assert [(w.name, w.where, w.state) for w in states] == [("worker-0", "cpu", "busy"), ("worker-1", "cpu", "busy")]
+    assert sorted(states[0].jobs + states[1].jobs) == [1, 2, 3] and len(states[0].jobs + states[1].jobs) == 3
+    await finish(runner, 3)
+    await finish(runner, 2)
+    assert [(w.jobs, w.state) for w in runner.worker_states()] == [((1,), "busy"), ((), "idle")]
+    assert [w.state for w in LocalProcessRunner([WorkerConfig("tiny", "cpu", "/tmp/w0", "/tmp/c")]).worker_states()] \
+        == ["down"]  # not started

@@ -99,9 +99,9 @@ class AvatarBot(commands.Bot):
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
-        from bot.cogs import account, imagine, selfies, training
+        from bot.cogs import account, admin, imagine, selfies, training
 
-        for module in (selfies, account, training, imagine):
+        for module in (selfies, account, training, imagine, admin):
             await module.setup(self)
         self.tree.error(self.on_app_command_error)
         if self.settings.dev_guild_id:

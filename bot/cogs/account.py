@@ -146,9 +146,7 @@ class ConfirmForget(discord.ui.View):
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         # Deferred first: forgetting waits for any photo of theirs being stored right now.
         await interaction.response.defer()
-        posted = await posted_messages(self.bot.store, self.owner)
-        await self.bot.scheduler.forget(self.owner)
-        left = await delete_messages(self.bot, posted)
+        left = await erase_person(self.bot, self.owner)
         text = "Done. I no longer have anything of yours."
         if left:
             text += (f"\n{left} of the messages I sent you with pictures could not be deleted (I can no "
@@ -158,6 +156,15 @@ class ConfirmForget(discord.ui.View):
     @discord.ui.button(label="Keep my data", style=discord.ButtonStyle.secondary)
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+
+
+async def erase_person(bot: AvatarBot, user_id: int) -> int:
+    """Forget the person (/forget, or an operator's /admin forget at their request): their jobs
+    stopped, their data deleted, and the messages with their pictures; return how many of those
+    could not be deleted."""
+    posted = await posted_messages(bot.store, user_id)
+    await bot.scheduler.forget(user_id)
+    return await delete_messages(bot, posted)
 
 
 async def delete_messages(bot: AvatarBot, posted: list[tuple[int, int]]) -> int:

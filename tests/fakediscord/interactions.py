@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .models import FakeChannel, FakeGuild, FakeInteraction, FakeUser
+from .models import ADMINISTRATOR, FakeChannel, FakeGuild, FakeInteraction, FakeUser
 from .world import World
 
 OPTION_SUB_COMMAND = 1
@@ -17,6 +17,7 @@ OPTION_SUB_COMMAND_GROUP = 2
 OPTION_STRING = 3
 OPTION_INTEGER = 4
 OPTION_BOOLEAN = 5
+OPTION_USER = 6
 OPTION_NUMBER = 10
 OPTION_ATTACHMENT = 11
 
@@ -50,16 +51,29 @@ def registered_command(world: World, name: str, guild: FakeGuild | None) -> dict
     raise LookupError(f"no slash command {name!r} is registered here; registered: {known}")
 
 
+def check_visible(command: dict[str, Any], user: FakeUser, guild: FakeGuild | None) -> None:
+    """Refuse, as Discord's client does by not offering it, a command whose `default_member_permissions`
+    the member lacks in a server (Administrator passes); in DMs with the bot they do not apply."""
+    required = command.get("default_member_permissions")
+    if guild is None or required is None:
+        return
+    held = guild.permissions_of(user)
+    if not held & ADMINISTRATOR and int(required) & ~held:
+        raise PermissionError(f"Discord does not offer /{command['name']} to {user.name} in {guild.name}: "
+                              f"it needs permissions {required}, they have {held}")
+
+
 def command_data(
-    world: World, command: dict[str, Any], path: list[str], given: dict[str, Any]
+    world: World, command: dict[str, Any], path: list[str], given: dict[str, Any], guild: FakeGuild | None = None
 ) -> dict[str, Any]:
-    """The interaction `data` for command, or its subcommand along path, with the given options."""
+    """The interaction `data` for command, or its subcommand along path, with the given options
+    (`guild`: where it is used, whose member a user option resolves to)."""
     resolved: dict[str, Any] = {}
     data: dict[str, Any] = {
         "id": command["id"],
         "name": command["name"],
         "type": command.get("type", 1),
-        "options": _options(world, command, path, given, resolved),
+        "options": _options(world, command, path, given, resolved, guild),
     }
     if resolved:
         data["resolved"] = resolved
@@ -69,7 +83,12 @@ def command_data(
 
 
 def _options(
-    world: World, parent: dict[str, Any], path: list[str], given: dict[str, Any], resolved: dict[str, Any]
+    world: World,
+    parent: dict[str, Any],
+    path: list[str],
+    given: dict[str, Any],
+    resolved: dict[str, Any],
+    guild: FakeGuild | None,
 ) -> list[dict[str, Any]]:
     declared = {option["name"]: option for option in parent.get("options", [])}
     if path:
@@ -80,7 +99,7 @@ def _options(
             {
                 "name": sub["name"],
                 "type": sub["type"],
-                "options": _options(world, sub, path[1:], given, resolved),
+                "options": _options(world, sub, path[1:], given, resolved, guild),
             }
         ]
     unknown = set(given) - set(declared)
@@ -96,12 +115,27 @@ def _options(
             attachment = world.store_file(*value)
             resolved.setdefault("attachments", {})[str(attachment.id)] = attachment.payload()
             value = str(attachment.id)
+        elif kind == OPTION_USER:
+            value = _resolve_user(value, resolved, guild)
         elif kind in _OPTION_CONVERTERS:
             value = _OPTION_CONVERTERS[kind](value)
         else:
             raise NotImplementedError(f"option type {kind} of {name!r} is not supported by the fake")
         result.append({"name": name, "type": kind, "value": value})
     return result
+
+
+def _resolve_user(user: FakeUser, resolved: dict[str, Any], guild: FakeGuild | None) -> str:
+    """A user option's value is the id; the user, and in a server their membership (without `user`),
+    come in `resolved`, as Discord sends them."""
+    if not isinstance(user, FakeUser):
+        raise TypeError(f"a user option takes a FakeUser, not {user!r}")
+    resolved.setdefault("users", {})[str(user.id)] = user.payload()
+    if guild is not None and user in guild.members:
+        member = guild.member_payload(user)
+        del member["user"]
+        resolved.setdefault("members", {})[str(user.id)] = member
+    return str(user.id)
 
 
 def interaction_payload(world: World, interaction: FakeInteraction) -> dict[str, Any]:

@@ -39,6 +39,9 @@ COMPONENT_BUTTON = 2
 
 # View channel, send messages, embed links, attach files, read history, use application commands.
 ALL_TEXT_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
+ADMINISTRATOR = 1 << 3
+MANAGE_GUILD = 1 << 5
+ALL_PERMISSIONS = (1 << 53) - 1  # a server's owner has every permission there
 
 
 def now() -> datetime:
@@ -140,6 +143,11 @@ class FakeGuild:
     members: list[FakeUser] = field(default_factory=list)
     channels: list[FakeChannel] = field(default_factory=list)
     joined_at: datetime = field(default_factory=now)
+    granted: dict[int, int] = field(default_factory=dict)  # user id -> permissions beyond ALL_TEXT_PERMISSIONS
+
+    def permissions_of(self, user: FakeUser) -> int:
+        """The member's permissions in the server's channels (no channel overwrites here)."""
+        return ALL_PERMISSIONS if user is self.owner else ALL_TEXT_PERMISSIONS | self.granted.get(user.id, 0)
 
     def member_payload(self, user: FakeUser) -> dict[str, Any]:
         return {
@@ -152,7 +160,7 @@ class FakeGuild:
             "pending": False,
             "nick": None,
             "avatar": None,
-            "permissions": str(ALL_TEXT_PERMISSIONS),
+            "permissions": str(self.permissions_of(user)),
         }
 
     def payload(self) -> dict[str, Any]:

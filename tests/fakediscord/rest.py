@@ -324,6 +324,8 @@ class RestApi:
                 "options": [],
                 "description": "",
             } | command
+            if entry["default_member_permissions"] is not None:  # a bit set: sent either way, stored as a string
+                entry["default_member_permissions"] = str(int(entry["default_member_permissions"]))
             entry |= {
                 "id": previous.get((name, kind), str(self._world.ids.next())),
                 "application_id": str(self._world.application_id),

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from .gateway import Gateway, GatewaySession
-from .interactions import command_data, interaction_payload, registered_command
+from .interactions import check_visible, command_data, interaction_payload, registered_command
 from .models import (
     COMPONENT_BUTTON,
     INTERACTION_APPLICATION_COMMAND,
@@ -181,6 +181,10 @@ class FakeDiscord:
         self.guild.members.append(user)
         return user
 
+    def grant(self, user: FakeUser, permissions: int) -> None:
+        """Give a member of the test guild these permissions too (e.g. models.MANAGE_GUILD)."""
+        self.guild.granted[user.id] = self.guild.granted.get(user.id, 0) | permissions
+
     def dm_channel_of(self, user: FakeUser) -> FakeChannel:
         return self.world.dm_channel(user)
 
@@ -237,13 +241,16 @@ class FakeDiscord:
         """Run a registered slash command as user, in their DM with the bot or in a guild channel.
 
         name may be "group sub" for subcommands. Option values are converted to the types the
-        registered command declares; an attachment option takes a (filename, bytes, content_type).
+        registered command declares; an attachment option takes a (filename, bytes, content_type), a
+        user option a FakeUser. In the guild, a command whose default permissions the user lacks
+        raises PermissionError: Discord would not offer it to them.
         """
         self._require_connected()
         channel = channel or (self.guild_channel if in_guild else self.dm_channel_of(user))
         command_name, *path = name.split()
         command = registered_command(self.world, command_name, channel.guild)
-        data = command_data(self.world, command, path, dict(options or {}))
+        check_visible(command, user, channel.guild)
+        data = command_data(self.world, command, path, dict(options or {}), channel.guild)
         return self._dispatch_interaction(INTERACTION_APPLICATION_COMMAND, user, channel, data)
 
     async def press_button(

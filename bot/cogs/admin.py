@@ -70,6 +70,14 @@ def fit(lines: list[str]) -> str:
     return "\n".join(kept)
 
 
+def loosens(name: str, value: int, default: int) -> bool:
+    """Whether `value` allows more than the operator's default: the GPUs are the operator's, so only
+    an operator may raise a limit; a server's managers may tighten it."""
+    if name == "train_cooldown_min":  # minutes to wait: less is more
+        return value < default
+    return default != 0 and (value == 0 or value > default)  # 0: no limit
+
+
 class AdminCog(commands.Cog):
     admin = app_commands.Group(name="admin", description="For the bot's operators: queue, stats, limits, bans",
                                default_permissions=discord.Permissions(manage_guild=True))
@@ -190,11 +198,17 @@ class AdminCog(commands.Cog):
         if guild_id is None:
             return
         db = self.bot.store.db
+        defaults = limits_db.as_dict(self.bot.settings.default_limits)
         note = ""
         if name is not None:
             if not reset and (value is None or value < 0):
                 await reply(interaction, f"Give `{name}` a value (0 means no limit), or `reset:True` to go back "
                                          "to the bot's default.")
+                return
+            if not reset and value is not None and not self.is_operator(interaction.user.id) \
+                    and loosens(name, value, defaults[name]):
+                await reply(interaction, f"A server can only tighten `{name}` (the bot's default is "
+                                         f"{defaults[name]}); ask the bot's operator to allow more.")
                 return
             await limits_db.set_guild_limit(db, guild_id, name, None if reset else value, interaction.user.id)
             await self.record(interaction, "limits set", f"server {guild_id}: {name}="
@@ -205,7 +219,6 @@ class AdminCog(commands.Cog):
             return
         else:
             await self.record(interaction, "limits", f"server {guild_id}")
-        defaults = limits_db.as_dict(self.bot.settings.default_limits)
         overrides = await limits_db.guild_overrides(db, guild_id)
         lines = [f"{note}**Limits of server `{guild_id}`** (0: no limit)"]
         for limit, default in defaults.items():

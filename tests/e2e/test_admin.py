@@ -106,7 +106,9 @@ async def test_everyone_but_the_operators_is_refused_at_every_subcommand(fake, t
     fake.grant(manager, MANAGE_GUILD)
     runner = HoldingRunner()
     runner.capacity = 0
-    async with running_bot(fake, e2e_settings(fake, tmp_path, admin_user_ids=(operator.id,)), runner) as run:
+    settings = e2e_settings(fake, tmp_path, admin_user_ids=(operator.id,), pictures_per_day=100,
+                            train_cooldown_min=60)
+    async with running_bot(fake, settings, runner) as run:
         [command] = [c for c in fake.commands() if c["name"] == "admin"]
         assert command["default_member_permissions"] == str(MANAGE_GUILD)  # Discord offers it to managers only
         assert {o["name"] for o in command["options"]} == set(SUBCOMMANDS)
@@ -139,6 +141,13 @@ async def test_everyone_but_the_operators_is_refused_at_every_subcommand(fake, t
             fake, manager, "limits", {"server": "12345"}, in_guild=True)
         [action] = await admin_log_db.recent_actions(db)
         assert (action.admin_id, action.guild_id, action.action) == (manager.id, fake.guild.id, "limits set")
+        # A server may tighten what the operator allows, not loosen it (the GPUs are the operator's).
+        for name, value in (("pictures_per_day", 0), ("pictures_per_day", 101), ("train_cooldown_min", 59)):
+            said = await admin(fake, manager, "limits", {"name": name, "value": value}, in_guild=True)
+            assert f"A server can only tighten `{name}`" in said
+        assert "train_cooldown_min is now 120" in await admin(
+            fake, manager, "limits", {"name": "train_cooldown_min", "value": 120}, in_guild=True)
+        assert await limits_db.guild_overrides(db, fake.guild.id) == {"pictures_per_day": 1, "train_cooldown_min": 120}
 
 
 async def test_the_operator_sees_the_queue_and_cancels_a_running_and_a_queued_job(fake, tmp_path, people):

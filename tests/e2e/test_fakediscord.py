@@ -292,6 +292,37 @@ async def test_guild_command_with_attachment_option_and_ephemeral_reply(fake):
     assert reply.ephemeral
 
 
+async def test_user_options_member_permissions_and_default_permissions(fake):
+    """A user option arrives resolved (as a Member in the guild, a User in a DM); the member's own
+    permissions come with the interaction; a command needing Manage Server is offered in the guild
+    only to those who have it (or Administrator, or the owner), and in DMs to anyone."""
+    client = make_client()
+    tree = app_commands.CommandTree(client)
+    seen: list[tuple[str, int, bool]] = []
+
+    @tree.command(description="Look someone up")
+    @app_commands.default_permissions(manage_guild=True)
+    async def whois(interaction: discord.Interaction, user: discord.User) -> None:
+        seen.append((type(user).__name__, user.id, interaction.permissions.manage_guild))
+        await interaction.response.send_message(user.name, ephemeral=True)
+
+    bob, mona, ada = fake.add_user("bob"), fake.add_user("mona"), fake.add_user("ada")
+    fake.grant(mona, 1 << 5)  # Manage Server
+    fake.grant(ada, 1 << 3)  # Administrator
+    async with running(client, fake, setup=tree.sync):
+        assert fake.commands()[0]["default_member_permissions"] == str(1 << 5)
+        with pytest.raises(PermissionError):
+            await fake.invoke_command(bob, "whois", {"user": mona}, in_guild=True)
+        for person in (mona, ada, fake.guild.owner):
+            record = await fake.invoke_command(person, "whois", {"user": bob}, in_guild=True)
+            await fake.wait_for(lambda record=record: record.original)
+        record = await fake.invoke_command(bob, "whois", {"user": mona})
+        await fake.wait_for(lambda: record.original)
+    assert record.original.content == "mona"
+    assert seen == [("Member", bob.id, True), ("Member", bob.id, True), ("Member", bob.id, True),
+                    ("User", mona.id, False)]
+
+
 async def test_persistent_view_button_press_reaches_the_callback(fake):
     client = make_client()
     pressed: asyncio.Queue[discord.Interaction] = asyncio.Queue()

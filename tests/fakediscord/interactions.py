@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .models import ADMINISTRATOR, FakeChannel, FakeGuild, FakeInteraction, FakeUser
+from .models import FakeChannel, FakeGuild, FakeInteraction, FakeUser
 from .world import World
 
 OPTION_SUB_COMMAND = 1
@@ -53,12 +53,12 @@ def registered_command(world: World, name: str, guild: FakeGuild | None) -> dict
 
 def check_visible(command: dict[str, Any], user: FakeUser, guild: FakeGuild | None) -> None:
     """Refuse, as Discord's client does by not offering it, a command whose `default_member_permissions`
-    the member lacks in a server (Administrator passes); in DMs with the bot they do not apply."""
+    the member lacks in a server; in DMs with the bot they do not apply."""
     required = command.get("default_member_permissions")
     if guild is None or required is None:
         return
     held = guild.permissions_of(user)
-    if not held & ADMINISTRATOR and int(required) & ~held:
+    if int(required) & ~held:
         raise PermissionError(f"Discord does not offer /{command['name']} to {user.name} in {guild.name}: "
                               f"it needs permissions {required}, they have {held}")
 

@@ -146,8 +146,10 @@ class FakeGuild:
     granted: dict[int, int] = field(default_factory=dict)  # user id -> permissions beyond ALL_TEXT_PERMISSIONS
 
     def permissions_of(self, user: FakeUser) -> int:
-        """The member's permissions in the server's channels (no channel overwrites here)."""
-        return ALL_PERMISSIONS if user is self.owner else ALL_TEXT_PERMISSIONS | self.granted.get(user.id, 0)
+        """The member's permissions in the server's channels (no channel overwrites here), computed as
+        Discord does: the owner, and an Administrator, have all of them."""
+        held = ALL_TEXT_PERMISSIONS | self.granted.get(user.id, 0)
+        return ALL_PERMISSIONS if user is self.owner or held & ADMINISTRATOR else held
 
     def member_payload(self, user: FakeUser) -> dict[str, Any]:
         return {

@@ -79,6 +79,8 @@ def loosens(name: str, value: int, default: int) -> bool:
 
 
 class AdminCog(commands.Cog):
+    """The /admin group; each subcommand starts with `allowed`."""
+
     admin = app_commands.Group(name="admin", description="For the bot's operators: queue, stats, limits, bans",
                                default_permissions=discord.Permissions(manage_guild=True))
 
@@ -133,10 +135,10 @@ class AdminCog(commands.Cog):
     def _running_line(job: Job, worker: str | None, now: float) -> str:
         progress = job.progress
         step = f", step {progress['step']}/{progress['total']}" if progress.get("total") else ""
-        where = f"on {worker}" if worker else "waiting for a worker to take it"
+        where = f" on {worker}" if worker else ", not taken by a worker yet"  # Celery: still in the shared queue
         stopping = " (cancel asked)" if job.cancel_requested else ""
         return (f"• #{job.id} {KIND_LABELS[job.kind]} of {who(job.owner)}, running "
-                f"{format_duration(now - (job.started_at or job.created_at))} {where}{step}{stopping}")
+                f"{format_duration(now - (job.started_at or job.created_at))}{where}{step}{stopping}")
 
     @admin.command(name="cancel", description="Cancel anyone's queued or running job")
     @app_commands.describe(job="the job's number, as /admin queue shows it")

@@ -1,0 +1,98 @@
+"""The prompt filter: words and phrases a server does not want drawn, found however they are spelled.
+
+Entries match whole words (case and accents ignored), so "Scunthorpe", "class" and "therapist" pass
+a list that holds the words inside them. A few simple disguises are seen through: letters spelled out
+one by one with spaces or punctuation between them ("n.u.d.e"), repeated letters ("nuuude"), digits
+and symbols for letters ("nud3", "pr0n", "@$$") and invisible characters. An entry that ends in `*`
+also matches the words it begins ("masturbat*"). The list shipped in bot/blocked_words.txt is read
+once at start, with the operator's own file (BLOCKED_WORDS_FILE) added to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHIPPED_LIST = Path(__file__).with_name("blocked_words.txt")
+
+# What may stand for a letter: digits and symbols people type instead of it.
+_LOOK_ALIKES = {"a": "4@", "b": "8", "e": "3", "g": "9", "i": "1", "l": "1", "o": "0", "s": "5$", "t": "7", "z": "2"}
+_WORD_CHAR = r"(?:[^\W_]|[@$])"  # letters and digits of any script, and the symbols above
+_TOKEN = re.compile(rf"{_WORD_CHAR}+")
+_BEFORE = rf"(?<!{_WORD_CHAR})"
+_AFTER = rf"(?!{_WORD_CHAR})"
+
+
+def normalise(text: str) -> str:
+    """`text` as the filter reads it: lower case without accents or invisible characters, its words
+    separated by single spaces, and runs of single letters joined into one word ("n u d e": "nude")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c) and unicodedata.category(c) != "Cf")
+    words: list[str] = []
+    spelled: list[str] = []  # single letters in a row
+    for token in _TOKEN.findall(plain):
+        if len(token) == 1:
+            spelled.append(token)
+            continue
+        if spelled:
+            words.append("".join(spelled))
+            spelled = []
+        words.append(token)
+    if spelled:
+        words.append("".join(spelled))
+    return " ".join(words)
+
+
+def _letters(word: str) -> str:
+    """A pattern for one word of an entry: each letter or its look-alikes, a run of one letter
+    repeated at will ("nuuude"), but never shorter than written ("ass" does not match "as")."""
+    parts = []
+    for run in re.finditer(r"(.)\1*", word):
+        letter, count = run.group(1), len(run.group(0))
+        choices = re.escape(letter) + re.escape(_LOOK_ALIKES.get(letter, ""))
+        parts.append(f"[{choices}]{{{count},}}" if len(choices) > 1 or count > 1 else f"{re.escape(letter)}+")
+    return "".join(parts)
+
+
+def entry_pattern(entry: str) -> str | None:
+    """The pattern of one list entry (a word or phrase, `*` at its end for a prefix), None if empty."""
+    prefix = entry.rstrip().endswith("*")
+    words = normalise(entry.rstrip().rstrip("*")).split()
+    if not words:
+        return None
+    return _BEFORE + " ".join(_letters(word) for word in words) + ("" if prefix else _AFTER)
+
+
+def read_entries(lines: Iterable[str]) -> list[str]:
+    """The entries of a list file: one a line; blank lines and lines starting with # are skipped."""
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class PromptFilter:
+    """Finds blocked words and phrases in prompts."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        patterns = sorted({p for entry in entries if (p := entry_pattern(entry)) is not None})
+        self.size = len(patterns)
+        self._pattern = re.compile("|".join(patterns)) if patterns else None
+
+    @classmethod
+    def load(cls, extra_file: Path | None = None) -> PromptFilter:
+        """The shipped list, with the operator's own file added (reads files: call it in a thread)."""
+        entries = read_entries(SHIPPED_LIST.read_text(encoding="utf-8").splitlines())
+        if extra_file is not None:
+            own = read_entries(extra_file.read_text(encoding="utf-8", errors="replace").splitlines())
+            log.info("prompt filter: %d entries of %s added to the shipped list", len(own), extra_file)
+            entries += own
+        return cls(entries)
+
+    def blocks(self, *texts: str | None) -> bool:
+        """Whether any of `texts` holds a blocked word or phrase."""
+        if self._pattern is None:
+            return False
+        return any(text and self._pattern.search(normalise(text)) for text in texts)

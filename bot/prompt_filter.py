@@ -28,24 +28,30 @@ _BEFORE = rf"(?<!{_WORD_CHAR})"
 _AFTER = rf"(?!{_WORD_CHAR})"
 
 
-def normalise(text: str) -> str:
-    """`text` as the filter reads it: lower case without accents or invisible characters, its words
-    separated by single spaces, and runs of single letters joined into one word ("n u d e": "nude")."""
+def _read(text: str) -> tuple[list[str], list[str]]:
+    """The words of `text` as the filter reads them (lower case, without accents or invisible
+    characters), with each run of single letters joined into one word ("n u d e": "nude"); and
+    those joined runs apart, to be searched inside ("a n u d e": "anude" holds "nude")."""
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     plain = "".join(c for c in decomposed if not unicodedata.combining(c) and unicodedata.category(c) != "Cf")
     words: list[str] = []
+    runs: list[str] = []
     spelled: list[str] = []  # single letters in a row
-    for token in _TOKEN.findall(plain):
+    for token in [*_TOKEN.findall(plain), ""]:  # the empty token ends the last run
         if len(token) == 1:
             spelled.append(token)
             continue
-        if spelled:
-            words.append("".join(spelled))
-            spelled = []
-        words.append(token)
-    if spelled:
-        words.append("".join(spelled))
-    return " ".join(words)
+        if len(spelled) > 1:
+            runs.append("".join(spelled))
+        words += ["".join(spelled)] if spelled else []
+        words += [token] if token else []
+        spelled = []
+    return words, runs
+
+
+def normalise(text: str) -> str:
+    """`text` as the filter reads it: its words, separated by single spaces."""
+    return " ".join(_read(text)[0])
 
 
 def _letters(word: str) -> str:
@@ -59,13 +65,15 @@ def _letters(word: str) -> str:
     return "".join(parts)
 
 
-def entry_pattern(entry: str) -> str | None:
-    """The pattern of one list entry (a word or phrase, `*` at its end for a prefix), None if empty."""
+def entry_pattern(entry: str, *, whole: bool = True) -> str | None:
+    """The pattern of one list entry (a word or phrase, `*` at its end for a prefix), None if empty;
+    `whole`: it matches whole words only."""
     prefix = entry.rstrip().endswith("*")
     words = normalise(entry.rstrip().rstrip("*")).split()
     if not words:
         return None
-    return _BEFORE + " ".join(_letters(word) for word in words) + ("" if prefix else _AFTER)
+    letters = " ".join(_letters(word) for word in words)
+    return _BEFORE + letters + ("" if prefix else _AFTER) if whole else letters
 
 
 def read_entries(lines: Iterable[str]) -> list[str]:
@@ -77,9 +85,14 @@ class PromptFilter:
     """Finds blocked words and phrases in prompts."""
 
     def __init__(self, entries: Iterable[str]) -> None:
+        entries = list(entries)
         patterns = sorted({p for entry in entries if (p := entry_pattern(entry)) is not None})
+        # Inside spelled-out letters, single words are searched anywhere: nobody spells innocently.
+        inside = sorted({p for entry in entries if len(entry.split()) == 1
+                         and (p := entry_pattern(entry, whole=False)) is not None})
         self.size = len(patterns)
-        self._pattern = re.compile("|".join(patterns)) if patterns else None
+        self._words = re.compile("|".join(patterns)) if patterns else None
+        self._inside = re.compile("|".join(inside)) if inside else None
 
     @classmethod
     def load(cls, extra_file: Path | None = None) -> PromptFilter:
@@ -93,6 +106,12 @@ class PromptFilter:
 
     def blocks(self, *texts: str | None) -> bool:
         """Whether any of `texts` holds a blocked word or phrase."""
-        if self._pattern is None:
-            return False
-        return any(text and self._pattern.search(normalise(text)) for text in texts)
+        for text in texts:
+            if not text:
+                continue
+            words, runs = _read(text)
+            if self._words is not None and self._words.search(" ".join(words)):
+                return True
+            if self._inside is not None and any(self._inside.search(run) for run in runs):
+                return True
+        return False

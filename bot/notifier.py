@@ -211,11 +211,14 @@ class Notifier:
             channel = await self._dm(job.owner)
             samples, held = self.bot.safety.shown(outcome.get("samples", []), channel)
             files = [png_file(s.png, f"sample-{i + 1}.png") for i, s in enumerate(samples)]
-            seen = (f"Here is **{handle}** as the model sees you." if files else
-                    f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**.")
+            if files:
+                seen = f"Here is **{handle}** as the model sees you." + (f" {withheld_note(held)}" if held else "")
+            elif held:
+                seen = f"{withheld_note(held)} `/imagine` shows you **{handle}**."
+            else:
+                seen = f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**."
             if held:
                 await usage_db.record_usage(self.bot.store.db, job.owner, job.guild_id, "flagged", held)
-                seen += " " + withheld_note(held)
             sent = await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
             await jobs_db.set_result_message(self.bot.store.db, job.id, sent.channel.id, sent.id)
         elif job.state == "cancelled":
@@ -246,7 +249,8 @@ class Notifier:
             if shown:
                 lines.append("Seeds " + ", ".join(f"#{n + 1}: {im.seed}" for n, im in shown))
             if held := stored_withheld + len(images) - len(shown):
-                lines.append(withheld_note(held))
+                lines.append(withheld_note(held) + ("" if shown else " 🎲 Reroll or another prompt may draw "
+                                                                        "pictures that pass it."))
             # "More like #N" only where every stored picture is shown, so that N is the picture seen.
             view = imagine_view(outcome["generation_id"], len(images) if len(shown) == len(images) else 0)
             files = [png_file(im.png, f"image-{n + 1}.png") for n, im in shown]

@@ -67,13 +67,13 @@ def _letters(word: str) -> str:
 
 def entry_pattern(entry: str, *, whole: bool = True) -> str | None:
     """The pattern of one list entry (a word or phrase, `*` at its end for a prefix), None if empty;
-    `whole`: it matches whole words only."""
+    `whole`: it matches whole words only (where a word begins is checked once for all entries)."""
     prefix = entry.rstrip().endswith("*")
     words = normalise(entry.rstrip().rstrip("*")).split()
     if not words:
         return None
     letters = " ".join(_letters(word) for word in words)
-    return _BEFORE + letters + ("" if prefix else _AFTER) if whole else letters
+    return letters + ("" if prefix else _AFTER) if whole else letters
 
 
 def read_entries(lines: Iterable[str]) -> list[str]:
@@ -91,7 +91,7 @@ class PromptFilter:
         inside = sorted({p for entry in entries if len(entry.split()) == 1
                          and (p := entry_pattern(entry, whole=False)) is not None})
         self.size = len(patterns)
-        self._words = re.compile("|".join(patterns)) if patterns else None
+        self._words = re.compile(_BEFORE + "(?:" + "|".join(patterns) + ")") if patterns else None
         self._inside = re.compile("|".join(inside)) if inside else None
 
     @classmethod

@@ -70,10 +70,11 @@ class Safety:
     def applies(self, channel: object) -> bool:
         return filter_applies(self.settings, place_of(channel))
 
-    def refusal(self, request: GenerateRequest, channel: object) -> str | None:
+    async def refusal(self, request: GenerateRequest, channel: object) -> str | None:
         """Why `request` may not be drawn for `channel`, or None. The negative prompt is not read:
-        people write there what they want kept out of the picture."""
-        if self.applies(channel) and self.prompts.blocks(request.prompt, request.style):
+        people write there what they want kept out of the picture. In a thread: an operator's long
+        list takes milliseconds to search, which the event loop owes everyone else."""
+        if self.applies(channel) and await asyncio.to_thread(self.prompts.blocks, request.prompt, request.style):
             return PROMPT_REFUSED
         return None
 

@@ -72,7 +72,7 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     if index is not None:
         request = replace(request, num_images=1, strength=VARIATION_STRENGTH)
         variation = VariationOf(generation_id, index)
-    if (refusal := bot.safety.refusal(request, interaction.channel)) is not None:
+    if (refusal := await bot.safety.refusal(request, interaction.channel)) is not None:
         await _answer_privately(interaction, refusal)  # the filter may apply here and not where they were made
         return
     await interaction.response.defer(thinking=True)

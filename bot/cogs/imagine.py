@@ -37,7 +37,7 @@ class ImagineCog(commands.Cog):
         except BadRequest as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)
             return
-        if (refusal := self.bot.safety.refusal(request, interaction.channel)) is not None:
+        if (refusal := await self.bot.safety.refusal(request, interaction.channel)) is not None:
             await reply(interaction, refusal)
             return
         # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.

@@ -88,13 +88,13 @@ def test_where_the_filter_applies():
             assert filter_applies(settings, "age_restricted") == (not opened)
 
 
-def test_requests_are_refused_and_pictures_withheld_by_that_rule():
+async def test_requests_are_refused_and_pictures_withheld_by_that_rule():
     safety = Safety(Settings(safety="off", nsfw_in_age_restricted=True))
     safety.prompts = SHIPPED
     nude = GenerateRequest(prompt="a nude portrait")
-    assert safety.refusal(nude, Nsfw(False)) == PROMPT_REFUSED
-    assert safety.refusal(nude, Nsfw(True)) is None
-    assert safety.refusal(GenerateRequest(prompt="a portrait", negative_prompt="nude"), Nsfw(False)) is None
+    assert await safety.refusal(nude, Nsfw(False)) == PROMPT_REFUSED
+    assert await safety.refusal(nude, Nsfw(True)) is None
+    assert await safety.refusal(GenerateRequest(prompt="a portrait", negative_prompt="nude"), Nsfw(False)) is None
     pictures = [Picture(b"a", 1, flagged=True), Picture(b"b", 2, flagged=False), Picture(b"c", 3)]
     assert safety.shown(pictures, Nsfw(False)) == (pictures[1:], 1)
     assert safety.shown(pictures, Nsfw(True)) == (pictures, 0)

@@ -22,12 +22,13 @@ from bot.health import HEARTBEAT_INTERVAL_S, beat
 from bot.housekeeping import Housekeeping
 from bot.notifier import Notifier
 from bot.replies import reply
+from bot.safety import Safety
 from bot.scheduler import Refused, Scheduler
 from common.logs import setup_logging
 from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
 from jobs.local_runner import LocalProcessRunner
 from jobs.runner import JobRunner
-from jobs.worker_config import WorkerConfig
+from jobs.worker_config import WorkerConfig, safety_checker_to_load
 from storage.store import Storage
 from storage.sweep import sweep_data_dir
 
@@ -55,7 +56,8 @@ def build_runner(settings: Settings) -> JobRunner:
                      compile_static_shapes=settings.compile_static_shapes,
                      compile_cache_dir=str(shared / "compiled"), compile_training=settings.compile_training,
                      train_rank=settings.train_rank, start_helpers=settings.start_helpers,
-                     workers_on_host=len(devices))
+                     workers_on_host=len(devices),
+                     safety_checker=safety_checker_to_load(settings.safety, settings.safety_checker))
         for i, device in enumerate(devices)
     ])
 
@@ -91,6 +93,7 @@ class AvatarBot(commands.Bot):
             allowed_installs=app_commands.AppInstallationType(guild=True, user=True))
         self.settings = settings
         self.store = store
+        self.safety = Safety(settings)
         self.notifier = Notifier(self)
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
         self.housekeeping = Housekeeping(store, runner, settings.picture_retention_days)
@@ -101,6 +104,7 @@ class AvatarBot(commands.Bot):
     async def setup_hook(self) -> None:
         from bot.cogs import account, admin, imagine, selfies, training
 
+        await self.safety.load()
         for module in (selfies, account, training, imagine, admin):
             await module.setup(self)
         self.tree.error(self.on_app_command_error)

@@ -17,13 +17,13 @@ from pathlib import Path
 from common.envfile import env_file_values, parse_switch
 from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, secret_problem
+from jobs.worker_config import SAFETY_MODES
 from storage.limits_db import Limits
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BACKENDS = ("local", "celery")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-SAFETY_MODES = ("off", "prompts", "images")
 _ID_LISTS = ("allowed_guilds", "admin_user_ids")
 _NAME_LISTS = ("allowed_roles",)
 _PATHS = ("data_dir", "heartbeat_file", "blocked_words_file")

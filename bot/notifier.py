@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.progress import ThrottledEditor, render_progress
+from bot.safety import withheld_note
 from bot.views import imagine_view
 from jobs.events import Event, Preview, Requeued
-from jobs.payloads import GenerateParams, from_stored
-from storage import generations_db, jobs_db
+from jobs.payloads import GenerateParams, Picture, from_stored
+from storage import generations_db, jobs_db, usage_db
 from storage.jobs_db import Job
 
 if TYPE_CHECKING:
@@ -150,7 +151,21 @@ class Notifier:
         self._shown[job.id] = text
         if isinstance(event, Requeued):
             text += "\n" + requeued_note(job, event)
-        editor.update(text, event.png if isinstance(event, Preview) else None)
+        editor.update(text, await self._preview_image(job, event))
+
+    async def _preview_image(self, job: Job, event: Event) -> bytes | None:
+        """The picture of a preview event, unless the filter holds it back where the job's message is."""
+        if not isinstance(event, Preview):
+            return None
+        if event.flagged and self.bot.safety.applies(self._channel(job)):
+            await usage_db.record_usage(self.bot.store.db, job.owner, job.guild_id, "flagged")
+            return None
+        return event.png
+
+    def _channel(self, job: Job) -> object:
+        """The channel of the job's own message, as the bot knows it (None when it does not)."""
+        channel_id = (self._messages.get(job.id) or (job.channel_id, job.message_id))[0]
+        return self.bot.get_channel(channel_id) if channel_id else None
 
     async def bot_stopping(self, timeout: float) -> None:
         """The bot is stopping (its workers already have): each job still waiting or running says so
@@ -198,10 +213,17 @@ class Notifier:
             await self._edit_progress_message(job, f"**{title_of(job)}**\nDone! Your model is ready.")
             handle = job.params["handle"]
             hints = "\n".join(f"• `/imagine prompt:{hint}`" for hint in outcome.get("hints", []))
-            files = [png_file(s.png, f"sample-{i + 1}.png") for i, s in enumerate(outcome.get("samples", []))]
-            seen = (f"Here is **{handle}** as the model sees you." if files else
-                    f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**.")
             channel = await self._dm(job.owner)
+            samples, held = self.bot.safety.shown(outcome.get("samples", []), channel)
+            files = [png_file(s.png, f"sample-{i + 1}.png") for i, s in enumerate(samples)]
+            if files:
+                seen = f"Here is **{handle}** as the model sees you." + (f" {withheld_note(held)}" if held else "")
+            elif held:
+                seen = f"{withheld_note(held)} `/imagine` shows you **{handle}**."
+            else:
+                seen = f"I couldn't draw its sample pictures this time; `/imagine` shows you **{handle}**."
+            if held:
+                await usage_db.record_usage(self.bot.store.db, job.owner, job.guild_id, "flagged", held)
             sent = await channel.send(f"Your model is trained. {seen}\nTry these:\n{hints}", files=files)
             await jobs_db.set_result_message(self.bot.store.db, job.id, sent.channel.id, sent.id)
         elif job.state == "cancelled":
@@ -215,40 +237,57 @@ class Notifier:
     async def _generation_finished(self, job: Job, outcome: dict[str, Any],
                                    interaction: discord.Interaction | None) -> None:
         """`interaction`: the request's, while its token still works."""
-        if job.state == "succeeded":
-            images = outcome["images"]
-            seeds = ", ".join(f"#{i + 1}: {im.seed}" for i, im in enumerate(images))
-            text = f"**{quoted_prompt(prompt_of(job))}**\nSeeds {seeds}"
-            view = imagine_view(outcome["generation_id"], len(images))
-        else:
-            # The prompt is repeated: the answer replaces the message that showed it.
-            text = (f"Your pictures were cancelled.{by_whom(job)}" if job.state == "cancelled"
-                    else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
-                         f"**{quoted_prompt(prompt_of(job))}**")
-            view = None
+        images: list[Picture] = outcome.get("images", [])
+        stored_withheld = outcome.get("withheld", 0)  # flagged and never stored (the scheduler counted them)
 
-        def pictures() -> list[discord.File]:  # fresh files for each try: a sent File is consumed
-            return [png_file(im.png, f"image-{n + 1}.png") for n, im in enumerate(outcome.get("images", []))]
+        def answer(channel: object) -> tuple[dict[str, Any], int]:
+            """The answer for `channel`, with fresh files (a sent File is consumed), and how many more
+            pictures the filter holds back there: flagged ones that the request's channel allowed."""
+            if job.state != "succeeded":
+                # The prompt is repeated: the answer replaces the message that showed it.
+                text = (f"Your pictures were cancelled.{by_whom(job)}" if job.state == "cancelled"
+                        else f"Sorry, no pictures this time: {job.error}\nYour prompt was: "
+                             f"**{quoted_prompt(prompt_of(job))}**")
+                return {"content": text, "attachments": []}, 0
+            hide = self.bot.safety.applies(channel)
+            shown = [(n, im) for n, im in enumerate(images) if not (hide and im.flagged)]
+            lines = [f"**{quoted_prompt(prompt_of(job))}**"]
+            if shown:
+                lines.append("Seeds " + ", ".join(f"#{n + 1}: {im.seed}" for n, im in shown))
+            if held := stored_withheld + len(images) - len(shown):
+                lines.append(withheld_note(held) + ("" if shown else " 🎲 Reroll or another prompt may draw "
+                                                                        "pictures that pass it."))
+            # "More like #N" only where every stored picture is shown, so that N is the picture seen.
+            view = imagine_view(outcome["generation_id"], len(images) if len(shown) == len(images) else 0)
+            files = [png_file(im.png, f"image-{n + 1}.png") for n, im in shown]
+            return {"content": "\n".join(lines), "view": view, "attachments": files}, len(images) - len(shown)
 
         # Where the request was answered, through its interaction while the token works, else with
         # the bot's token; by DM when neither can (a channel the bot cannot reach, as a user-installed app).
-        answer: dict[str, Any] = {"content": text}
-        if view is not None:
-            answer["view"] = view
-        routes: list[tuple[str, Callable[..., Awaitable[discord.Message]]]] = []
+        routes: list[tuple[str, Callable[..., Awaitable[discord.Message]], object]] = []
         if interaction is not None:
-            routes.append(("its interaction", interaction.edit_original_response))
+            routes.append(("its interaction", interaction.edit_original_response, interaction.channel))
         if (stored := self._message(job)) is not None:
-            routes.append(("its message", stored.edit))
-        for route, edit in routes:
+            routes.append(("its message", stored.edit, self._channel(job)))
+        for route, edit, where in routes:
+            kwargs, held_here = answer(where)
             try:
-                message = await edit(**answer, attachments=pictures())
-                await self._remember_message(outcome, message)
-                return
+                message = await edit(**kwargs)
             except discord.HTTPException:
                 log.info("could not answer job %d through %s", job.id, route, exc_info=True)
+                continue
+            await self._delivered(job, outcome, message, held_here)
+            return
         channel = await self._dm(job.owner)
-        message = await channel.send(text, files=pictures(), view=view or discord.utils.MISSING)
+        kwargs, held_here = answer(channel)
+        files = kwargs.pop("attachments")
+        message = await channel.send(kwargs.pop("content"), files=files, **kwargs)
+        await self._delivered(job, outcome, message, held_here)
+
+    async def _delivered(self, job: Job, outcome: dict[str, Any], message: discord.Message, held: int) -> None:
+        """Keep where the pictures went, and count those held back there."""
+        if held:
+            await usage_db.record_usage(self.bot.store.db, job.owner, job.guild_id, "flagged", held)
         await self._remember_message(outcome, message)
 
     async def _remember_message(self, outcome: dict[str, Any], message: discord.Message) -> None:

@@ -49,7 +49,7 @@ from jobs.payloads import (
 )
 from jobs.requests import BadRequest, GenerateRequest, check_train_steps
 from jobs.runner import JobRunner
-from storage import generations_db, jobs_db, models_db, photos_db, retention, users_db
+from storage import generations_db, jobs_db, models_db, photos_db, retention, usage_db, users_db
 from storage.forget import forget_user
 from storage.jobs_db import Job
 from storage.store import Storage
@@ -263,16 +263,18 @@ class Scheduler:
 
     async def enqueue_generate(self, user_id: int, request: GenerateRequest, *,
                                variation_of: VariationOf | None = None, channel_id: int | None = None,
-                               message_id: int | None = None) -> tuple[Job, int | None]:
+                               message_id: int | None = None, allow_flagged: bool = False) -> tuple[Job, int | None]:
         """Queue an /imagine request with the person's own active model, once it passes the checks a
-        worker would make (GenerateRequest's own) and the operator's limits."""
+        worker would make (GenerateRequest's own) and the operator's limits. `allow_flagged`: where it
+        was asked, the pictures the image checker flags may be shown (bot.safety)."""
         async with self.user_lock(user_id):
-            job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id)
+            job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id,
+                                                   allow_flagged)
         self.wake()
         return await self._with_position(job_id)
 
     async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
-                                 channel_id: int | None, message_id: int | None) -> int:
+                                 channel_id: int | None, message_id: int | None, allow_flagged: bool) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
         if model is None or user is None:
@@ -286,7 +288,8 @@ class Scheduler:
             raise Refused(f"You already have {waiting} pictures waiting; please let them finish first.")
         handle = model.metadata.get("handle", user.handle)
         class_word = model.metadata.get("class_word", user.class_word)
-        params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of)
+        params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of,
+                                allow_flagged)
         return await jobs_db.create_job(self.store.db, "generate", user_id, to_stored(params),
                                         channel_id=channel_id, message_id=message_id)
 
@@ -436,14 +439,19 @@ class Scheduler:
             if job.checkpoint_path:
                 self.store.files.delete(job.checkpoint_path, job.owner)
             return {"model_id": model_id, "samples": result.samples, "hints": result.hints}
-        images = result.images
-        paths = [self.store.files.write(job.owner, "generations", im.png, ".png") for im in images]
         params = from_stored("generate", job.params)
         assert isinstance(params, GenerateParams)
+        # A picture the image checker flagged is neither stored nor sent where the filter applies; the
+        # generation keeps only the others, so its buttons number what the person sees.
+        images = [im for im in result.images if params.allow_flagged or not im.flagged]
+        if withheld := len(result.images) - len(images):
+            await usage_db.record_usage(self.store.db, job.owner, job.guild_id, "flagged", withheld)
+            log.info("job %d: the image checker flagged %d picture(s); withheld", job.id, withheld)
+        paths = [self.store.files.write(job.owner, "generations", im.png, ".png") for im in images]
         generation_id = await generations_db.add_generation(
             self.store.db, job.owner, params.model_id, job.id, params.request.prompt,
             params.request.negative_prompt, [im.seed for im in images], job.params, paths,
             channel_id=job.channel_id, message_id=job.message_id)
         await jobs_db.finish_job(self.store.db, job.id, "succeeded", result={"generation_id": generation_id})
-        return {"generation_id": generation_id, "images": images}
+        return {"generation_id": generation_id, "images": images, "withheld": withheld}
 

@@ -72,9 +72,14 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     if index is not None:
         request = replace(request, num_images=1, strength=VARIATION_STRENGTH)
         variation = VariationOf(generation_id, index)
+    if (refusal := await bot.safety.refusal(request, interaction.channel)) is not None:
+        await _answer_privately(interaction, refusal)  # the filter may apply here and not where they were made
+        return
     await interaction.response.defer(thinking=True)
     try:
-        job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)
+        job, position = await bot.scheduler.enqueue_generate(
+            interaction.user.id, request, variation_of=variation,
+            allow_flagged=not bot.safety.applies(interaction.channel))
     except Refused as exc:
         await _answer_privately(interaction, exc.message)
         return

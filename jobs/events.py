@@ -53,10 +53,11 @@ class Progress:
 
 @dataclass(frozen=True)
 class Preview:
-    """A small preview picture (PNG bytes) made at `step`."""
+    """A small preview picture (PNG bytes) made at `step`, with the image checker's verdict (as `Picture`'s)."""
 
     step: int
     png: bytes = field(repr=False)
+    flagged: bool | None = None
     type: Literal["preview"] = "preview"
 
 

@@ -49,6 +49,9 @@ class GenerateParams:
     handle: str | None = None
     class_word: str | None = None
     variation_of: VariationOf | None = None
+    # Where it was asked for, flagged pictures may be shown (bot.safety: an age-restricted channel the
+    # operator opened to them); elsewhere they are neither stored nor sent.
+    allow_flagged: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,13 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Picture:
-    """One picture as PNG bytes, with the seed that makes it again (and, for samples, its prompt)."""
+    """One picture as PNG bytes, with the seed that makes it again (and, for samples, its prompt), and
+    the image checker's verdict (trainer.safety_checker): True flagged, False passed, None not checked."""
 
     png: bytes = field(repr=False)
     seed: int
     prompt: str = ""
+    flagged: bool | None = None
 
 
 @dataclass(frozen=True)

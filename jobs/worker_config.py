@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from jobs.requests import TRAIN_DEFAULTS
 
+SAFETY_MODES = ("off", "prompts", "images")  # the SAFETY setting (bot.safety)
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -36,4 +38,12 @@ class WorkerConfig:
     # (the host's CPUs split between `workers_on_host` workers); 0, none.
     start_helpers: int = -1
     workers_on_host: int = 1
+    # The image checker run on every picture (trainer.safety_checker): a Hugging Face id or a folder,
+    # "" the standard one for the base model, None none (SAFETY is off or prompts).
+    safety_checker: str | None = None
+
+
+def safety_checker_to_load(safety: str, checker: str) -> str | None:
+    """WorkerConfig.safety_checker from the SAFETY and SAFETY_CHECKER settings."""
+    return checker.strip() if safety == "images" else None
 

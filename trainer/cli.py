@@ -1,6 +1,7 @@
 """The trainer's command line: train a LoRA from a folder of photos, imagine with it, build test models.
 
     python -m trainer make-model tiny models/tiny
+    python -m trainer make-safety-checker models/flag-all --flag-all
     python -m trainer train --photos selfies/ --handle alex --class man --out loras/alex --model models/tiny
     python -m trainer imagine --lora loras/alex "alex man as an astronaut" --n 4 --out images/
 
@@ -138,6 +139,13 @@ def cmd_make_model(args: argparse.Namespace) -> list[str]:
     return [f"model: {out}"]
 
 
+def cmd_make_safety_checker(args: argparse.Namespace) -> list[str]:
+    from trainer.safety_checker import save_stand_in
+
+    out = save_stand_in(args.out, flag_all=args.flag_all, seed=args.seed)
+    return [f"safety checker: {out} (flags {'every picture' if args.flag_all else 'none'})"]
+
+
 def checked_names(handle: str, class_word: str) -> tuple[str, str]:
     """The handle and class word under the bot's rules, with the bot's messages."""
     from jobs.handles import NameRuleError, normalize_class_word, validate_handle
@@ -259,7 +267,7 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
     from common.child_env import SECRET_VARIABLES
     from common.logs import setup_logging
     from jobs.signing import MB, secret_problem
-    from jobs.worker_config import WorkerConfig
+    from jobs.worker_config import SAFETY_MODES, WorkerConfig, safety_checker_to_load
     from trainer import scratch
     from trainer.celery_worker import default_name, serve
 
@@ -270,6 +278,8 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
         raise TrainerError(problem, "bad_settings")
     if args.max_message_mb < 1:
         raise TrainerError("MAX_JOB_MESSAGE_MB must be at least 1.", "bad_settings")
+    if args.safety not in SAFETY_MODES:
+        raise TrainerError(f"SAFETY={args.safety!r} is unknown; use one of {', '.join(SAFETY_MODES)}.", "bad_settings")
     setup_logging(args.log_level.upper(), secrets=[args.job_secret])
     name = args.name or default_name()
     work = args.work_dir or scratch.WORKER_DATA / name
@@ -281,7 +291,8 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
                                compile_generation=args.compile, compile_static_shapes=args.static_shapes,
                                compile_cache_dir=str(args.compile_cache),
                                compile_training=args.compile_training, train_rank=args.train_rank,
-                               start_helpers=args.start_helpers),
+                               start_helpers=args.start_helpers,
+                               safety_checker=safety_checker_to_load(args.safety, args.safety_checker)),
                   args.redis_url, name, args.job_secret, max_message_bytes=args.max_message_mb * MB,
                   remove_work_dir=args.work_dir is None)
     finally:
@@ -317,6 +328,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     make.add_argument("out", type=Path)
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=cmd_make_model)
+
+    checker = sub.add_parser("make-safety-checker",
+                             help="build a tiny random image checker for tests (SAFETY_CHECKER)")
+    checker.add_argument("out", type=Path)
+    verdict = checker.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--flag-all", action="store_true", help="it flags every picture")
+    verdict.add_argument("--flag-none", action="store_true", help="it flags no picture")
+    checker.add_argument("--seed", type=int, default=0)
+    checker.set_defaults(func=cmd_make_safety_checker)
 
     tr = sub.add_parser("train", help="train a LoRA of a person from a folder of photos", formatter_class=DefaultsHelp)
     tr.add_argument("--photos", type=Path, required=True, help="folder of JPEG/PNG/WebP/HEIC photos")
@@ -392,6 +412,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     wk.add_argument("--max-message-mb", type=int,
                     default=env.get("MAX_JOB_MESSAGE_MB", "").strip() or str(DEFAULT_MAX_MESSAGE_MB),
                     help="the bot's MAX_JOB_MESSAGE_MB: a larger message is dropped unread")
+    wk.add_argument("--safety", default=env.get("SAFETY", "").strip() or "images",
+                    help="the bot's SAFETY: with images, every picture goes through the image checker")
+    wk.add_argument("--safety-checker", default=env.get("SAFETY_CHECKER", "").strip(),
+                    help="the bot's SAFETY_CHECKER: a Hugging Face id or folder; empty, the standard one")
     # The secret shared with the bot comes from JOB_SECRET alone: a command line shows in `ps`.
     wk.set_defaults(func=cmd_worker, job_secret=env.get("JOB_SECRET", "").strip())
     return parser

@@ -67,6 +67,8 @@ class Worker:
         self.work_dir = Path(config.work_dir)
         self._pipeline: Any = None
         self._engine: Any = None
+        self._checker: Any = None
+        self._checker_tried = False
         # The folder is this worker's scratch space alone. What an earlier run left there (a killed
         # training's checkpoint and LoRA, cached LoRA files) may belong to people who have since
         # asked to be forgotten, and nothing in it outlives a run: the bot sends every job's files
@@ -111,6 +113,7 @@ class Worker:
         on_part(FIRST_PART)
         with report.timed(MODEL):
             pipeline = self.pipeline
+        _ = self.checker  # loaded now: one that cannot be had is logged as the worker starts
         engine = self.engine
         helped = self.helped_parts()
         with start_helpers.started(self.config, helped, str(pipeline.device)) as helpers:
@@ -128,6 +131,25 @@ class Worker:
                     self._warm_up_training()
         gc_pauses.freeze_long_lived()
         return report
+
+    @property
+    def checker(self) -> Any:
+        """The image checker run on every picture (trainer.safety_checker), None without one."""
+        if not self._checker_tried:
+            self._checker_tried = True
+            if self.config.safety_checker is not None:
+                from trainer.safety_checker import load_checker
+
+                self._checker = load_checker(self.config.safety_checker, self.config.base_model,
+                                             str(self.pipeline.device))
+        return self._checker
+
+    def checked(self, pictures: list[Picture]) -> list[Picture]:
+        """`pictures` with the image checker's verdicts (unchanged without a checker)."""
+        if self.checker is None:
+            return pictures
+        verdicts = self.checker.flags([p.png for p in pictures])
+        return [replace(p, flagged=v) for p, v in zip(pictures, verdicts, strict=True)]
 
     def helped_parts(self) -> list[str]:
         """The parts of this worker's start that compile, but the first: those a start helper may take."""
@@ -215,6 +237,8 @@ class Worker:
             def forward(event: Any) -> None:
                 if isinstance(event, CheckpointSaved):  # the bot keeps checkpoints: send the bytes
                     event = events.Checkpoint(event.step, pack_path(Path(event.path)))
+                elif isinstance(event, events.Preview) and self.checker is not None:
+                    event = replace(event, flagged=self.checker.flags([event.png])[0])
                 emit(event)
 
             def run(resume: Path | None) -> Any:
@@ -281,7 +305,7 @@ class Worker:
                 images = self.engine.generate(request, adapter_key=key, lora_path=lora_path,
                                               handle=params.handle, class_word=params.class_word,
                                               should_cancel=should_cancel)
-                samples += [replace(im, prompt=prompt) for im in images]
+                samples += [replace(im, prompt=prompt) for im in self.checked(images)]
         finally:
             self.engine.evict(key)
         return samples
@@ -303,7 +327,7 @@ class Worker:
             class_word=params.class_word, on_event=emit, should_cancel=should_cancel,
             init_image=inputs.init_image,
         )
-        return GenerateOutput(images)
+        return GenerateOutput(self.checked(images))
 
     def remove_files(self, *, folder_too: bool = False) -> None:
         """Delete everything this worker keeps in its work folder (scratch space, cached LoRA files) as

@@ -37,10 +37,14 @@ class ImagineCog(commands.Cog):
         except BadRequest as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)
             return
+        if (refusal := await self.bot.safety.refusal(request, interaction.channel)) is not None:
+            await reply(interaction, refusal)
+            return
         # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.
         await interaction.response.defer(thinking=True)
         try:
-            job, position = await self.bot.scheduler.enqueue_generate(interaction.user.id, request)
+            job, position = await self.bot.scheduler.enqueue_generate(
+                interaction.user.id, request, allow_flagged=not self.bot.safety.applies(interaction.channel))
         except Refused as exc:
             await interaction.delete_original_response()
             await reply(interaction, exc.message)

@@ -9,12 +9,14 @@ from unittest.mock import AsyncMock
 
 import pytest
 
-from bot.config import load_settings
+from bot.config import Settings, load_settings
+from bot.safety import Safety
 from jobs import events
 from jobs.payloads import GenerateParams, Picture, VariationOf, to_stored
 from jobs.requests import GenerateRequest
 from storage import generations_db
 
+SAFETY = Safety(Settings())  # with no word list loaded: these tests are about the messages
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
 
 
@@ -33,9 +35,10 @@ async def test_a_prompt_is_echoed_with_its_markdown_and_mentions_made_harmless(m
     from bot.notifier import Notifier
 
     monkeypatch.setattr(generations_db, "set_generation_message", AsyncMock())
-    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None)))
+    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db=None), safety=SAFETY))
     message = SimpleNamespace(channel=SimpleNamespace(id=1), id=2)
-    interaction = SimpleNamespace(edit_original_response=AsyncMock(return_value=message), is_expired=lambda: False)
+    interaction = SimpleNamespace(edit_original_response=AsyncMock(return_value=message), is_expired=lambda: False,
+                                  channel=None)
     notifier.attach_interaction(3, interaction)
     job = SimpleNamespace(id=3, kind="generate", state="succeeded", owner=5, channel_id=None, message_id=None,
                           params={"request": {"prompt": PROMPT}})
@@ -52,6 +55,7 @@ class Press:
 
     def __init__(self, user_id: int, client: object) -> None:
         self.user, self.client, self.shown = SimpleNamespace(id=user_id), client, []
+        self.channel = None
         self._deferred = False
 
         async def defer(**kwargs):
@@ -77,7 +81,7 @@ async def test_a_button_that_fails_after_thinking_answers_privately_with_a_refer
     generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock(side_effect=RuntimeError("database is locked")))
-    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, safety=SAFETY))
     await _queue_generation(press, 1, None)
     assert [entry[0] for entry in press.shown] == ["thinking", "deleted", "followup"]
     _, text, kwargs = press.shown[-1]
@@ -149,11 +153,12 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)),
                                 waiting_for_a_worker=lambda: False)
     notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None)
-    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, notifier=notifier))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, notifier=notifier,
+                                     safety=SAFETY))
     press.edit_original_response = AsyncMock()
     await _queue_generation(press, 9, None)
     (user_id, queued), kwargs = scheduler.enqueue_generate.await_args
-    assert user_id == 7 and kwargs == {"variation_of": variation_of}
+    assert user_id == 7 and kwargs == {"variation_of": variation_of, "allow_flagged": False}
     assert queued.seed != 11 and replace(queued, seed=11) == GenerateRequest(**request)
 
 
@@ -181,6 +186,7 @@ def _bot_with(posted: Posted):
             get_partial_message=lambda message_id: posted if (channel_id, message_id) == (70, 71) else None))
 
     return SimpleNamespace(store=SimpleNamespace(db=None), get_partial_messageable=messageable,
+                           get_channel=lambda channel_id: None, safety=SAFETY,
                            settings=SimpleNamespace(progress_interval_s=0),
                            scheduler=SimpleNamespace(waiting_for_a_worker=lambda: False))
 
@@ -248,7 +254,7 @@ async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_s
 
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
     press = Press(7, None)
-    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler))
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY))
     await cog.imagine.callback(cog, press, "on the moon", **options)
     [(where, text, kwargs)] = press.shown
     assert where == "response" and kwargs == {"ephemeral": True} and text.startswith(refusal)

@@ -150,6 +150,8 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     from types import SimpleNamespace
     from unittest.mock import AsyncMock, MagicMock
 
+    from bot.config import Settings
+    from bot.safety import Safety
     from bot.scheduler import Refused
     from bot.views import _queue_generation
     from storage import generations_db
@@ -160,8 +162,8 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     for name in ("defer", "delete_original_response", "send"):
         setattr(calls, name, AsyncMock())
     interaction = SimpleNamespace(
-        user=SimpleNamespace(id=7),
-        client=SimpleNamespace(store=SimpleNamespace(db=None), scheduler=SimpleNamespace(
+        user=SimpleNamespace(id=7), channel=None,
+        client=SimpleNamespace(store=SimpleNamespace(db=None), safety=Safety(Settings()), scheduler=SimpleNamespace(
             enqueue_generate=AsyncMock(side_effect=Refused("You already have 3 pictures waiting.")))),
         response=SimpleNamespace(defer=calls.defer, is_done=lambda: calls.defer.await_count > 0),
         delete_original_response=calls.delete_original_response,
@@ -176,12 +178,14 @@ async def test_a_model_trained_without_sample_pictures_is_announced_without_them
     from types import SimpleNamespace
     from unittest.mock import AsyncMock
 
+    from bot.config import Settings
     from bot.notifier import Notifier
+    from bot.safety import Safety
 
     recorded = AsyncMock()
     monkeypatch.setattr("bot.notifier.jobs_db.set_result_message", recorded)
     sent = SimpleNamespace(id=9, channel=SimpleNamespace(id=8))
-    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db="db")))
+    notifier = Notifier(SimpleNamespace(store=SimpleNamespace(db="db"), safety=Safety(Settings())))
     channel = SimpleNamespace(send=AsyncMock(return_value=sent))
     notifier._dm = AsyncMock(return_value=channel)
     job = SimpleNamespace(id=4, kind="train", state="succeeded", owner=5, params={"handle": "zqjane"},

@@ -221,6 +221,7 @@ class FakeChannel:
     guild: FakeGuild | None = None
     recipient: FakeUser | None = None
     messages: list[FakeMessage] = field(default_factory=list)
+    nsfw: bool = False  # a guild channel marked age-restricted
 
     def payload(self) -> dict[str, Any]:
         if self.type == CHANNEL_DM:
@@ -241,7 +242,7 @@ class FakeChannel:
             "position": self.guild.channels.index(self),
             "permission_overwrites": [],
             "topic": None,
-            "nsfw": False,
+            "nsfw": self.nsfw,
             "parent_id": None,
             "rate_limit_per_user": 0,
             "last_message_id": None,

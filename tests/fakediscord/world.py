@@ -105,8 +105,9 @@ class World:
         self.notify()
         return user
 
-    def new_text_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
-        channel = FakeChannel(id=self.ids.next(), type=CHANNEL_GUILD_TEXT, name=name, guild=guild)
+    def new_text_channel(self, guild: FakeGuild, name: str, *, nsfw: bool = False) -> FakeChannel:
+        """A text channel (`nsfw`: age-restricted); one made after the bot connected is not announced."""
+        channel = FakeChannel(id=self.ids.next(), type=CHANNEL_GUILD_TEXT, name=name, guild=guild, nsfw=nsfw)
         guild.channels.append(channel)
         self.channels[channel.id] = channel
         return channel

@@ -24,14 +24,14 @@ TRAIN = WorkItem(7, TrainParams("zqjane", "woman", TrainConfig(steps=5, lora_tar
                  TrainInputs([b"\x89PNG one", b"\x00\xff two"], None))
 GENERATE = WorkItem(8, GenerateParams(GenerateRequest("on a horse", num_images=2, seed=4, aspect="portrait"),
                                       model_id=3, adapter_key="model-3", handle="zqjane", class_word="woman",
-                                      variation_of=VariationOf(5, 1)),
+                                      variation_of=VariationOf(5, 1), allow_flagged=True),
                     GenerateInputs(lora=b"LORA", init_image=b"\x89PNG"))
 EVENTS = [
     events.Stage("training", "step one"), events.Progress(3, 10, loss=0.25, eta_s=1.5),
-    events.Preview(4, b"\x89PNG"), events.Checkpoint(5, b"PK\x03\x04"),
-    events.Done(TrainOutput(b"lora", None, {"handle": "zqjane"}, 10, 0.1, [Picture(b"\x89PNG", 1, "a photo")],
+    events.Preview(4, b"\x89PNG", flagged=True), events.Checkpoint(5, b"PK\x03\x04"),
+    events.Done(TrainOutput(b"lora", None, {"handle": "zqjane"}, 10, 0.1, [Picture(b"\x89PNG", 1, "a photo", flagged=False)],
                             ["a hint"])),
-    events.Done(GenerateOutput([Picture(b"\x89PNG", 3), Picture(b"\x89PNG2", 4)])),
+    events.Done(GenerateOutput([Picture(b"\x89PNG", 3, flagged=True), Picture(b"\x89PNG2", 4)])),
     events.Error("Out of memory.", "out_of_memory"), events.AdapterLoaded("model-3"), events.Claimed(),
     events.WorkerLost("gone"),
 ]

@@ -249,6 +249,34 @@ def test_a_celery_worker_takes_the_bots_secrets_out_of_its_environment_and_signs
     assert not {"DISCORD_TOKEN", "JOB_SECRET"} & seen["environment"]
 
 
+@pytest.mark.parametrize(("environment", "checker"), [
+    ({}, ""), ({"SAFETY_CHECKER": "/models/checker"}, "/models/checker"),
+    ({"SAFETY": "prompts", "SAFETY_CHECKER": "/models/checker"}, None), ({"SAFETY": "off"}, None),
+])
+def test_a_celery_worker_runs_the_image_checker_the_bots_safety_settings_name(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, environment: dict[str, str], checker: str | None) -> None:
+    from trainer import celery_worker
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("SAFETY", "SAFETY_CHECKER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**environment, "JOB_SECRET": "j" * 40}.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+    monkeypatch.setattr(celery_worker, "serve", lambda config, *args, **kwargs: seen.append(config))
+    run([*worker_args(tmp_path), "--name", "w1"])
+    assert [config.safety_checker for config in seen] == [checker]
+
+
+def test_a_celery_worker_with_an_unknown_safety_mode_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JOB_SECRET", "j" * 40)
+    monkeypatch.setenv("SAFETY", "strict")
+    assert main(worker_args(tmp_path)) == 1
+    assert "SAFETY='strict' is unknown; use one of off, prompts, images." in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("secret", "message"), [("", "JOB_SECRET is not set"), ("s" * 31, "JOB_SECRET is too short")])
 def test_a_celery_worker_without_a_good_job_secret_exits_non_zero_and_says_why(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], secret: str,

@@ -65,6 +65,11 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         await _answer_privately(interaction, "These buttons belong to the person who made these pictures. "
                                                "Use `/imagine` to make your own.")
         return
+    try:
+        grant = await bot.access.require(interaction.user, interaction)
+    except Refused as exc:
+        await _answer_privately(interaction, exc.message)
+        return
     stored = from_stored("generate", generation.params)
     assert isinstance(stored, GenerateParams)
     request = replace(stored.request, seed=random.randrange(2**31))
@@ -74,7 +79,8 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         variation = VariationOf(generation_id, index)
     await interaction.response.defer(thinking=True)
     try:
-        job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation)
+        job, position = await bot.scheduler.enqueue_generate(interaction.user.id, request, variation_of=variation,
+                                                             guild_id=grant.guild_id)
     except Refused as exc:
         await _answer_privately(interaction, exc.message)
         return

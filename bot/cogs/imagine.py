@@ -31,16 +31,18 @@ class ImagineCog(commands.Cog):
                       count: app_commands.Range[int, 1, MAX_IMAGES] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
                       aspect: Aspect = "square", style: str | None = None) -> None:
         try:
+            grant = await self.bot.access.require(interaction.user, interaction)
             request = GenerateRequest(prompt=prompt, negative_prompt=negative, num_images=count, seed=seed,
                                       aspect=aspect, style=style)
             request.check_length(self.bot.settings.max_prompt_chars)
-        except BadRequest as exc:  # refused before anything public is shown
+        except (Refused, BadRequest) as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)
             return
         # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.
         await interaction.response.defer(thinking=True)
         try:
-            job, position = await self.bot.scheduler.enqueue_generate(interaction.user.id, request)
+            job, position = await self.bot.scheduler.enqueue_generate(interaction.user.id, request,
+                                                                      guild_id=grant.guild_id)
         except Refused as exc:
             await interaction.delete_original_response()
             await reply(interaction, exc.message)

@@ -139,6 +139,20 @@ def test_a_requeued_training_says_what_happened_to_its_worker(why, said):
     assert requeued_note(job, Requeued(why)).startswith(said)
 
 
+async def test_a_button_pressed_by_someone_no_longer_let_in_is_refused_privately(monkeypatch):
+    from bot.scheduler import Refused
+    from bot.views import _queue_generation
+
+    generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
+    refused = SimpleNamespace(require=AsyncMock(side_effect=Refused("Sorry, I'm only open to members of X.")))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, access=refused))
+    await _queue_generation(press, 1, 0)
+    assert press.shown == [("response", "Sorry, I'm only open to members of X.", {"ephemeral": True})]
+    scheduler.enqueue_generate.assert_not_awaited()
+
+
 @pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])
 async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
     from bot.views import VARIATION_STRENGTH, _queue_generation

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.access import BANNED
-from bot.consent import NOT_KEPT
+from bot.consent import NEEDED_TO_TRAIN, NOT_KEPT
 from storage import bans_db, consents_db, jobs_db, photos_db
 from tests.bot.test_scheduler import FakeRunner
 from tests.e2e.harness import BotProcess, e2e_settings, last_text, ready_to_train, running_bot
@@ -165,6 +165,8 @@ async def test_consent_is_asked_once_before_the_first_photo_is_kept(fake, tmp_pa
         assert set(consent_buttons(asked)) == {"I agree", "No, thanks"}
         assert await nothing_kept_of(first, alice, tmp_path)
         assert fake.requests_to("GET", r"/attachments/.*") == []
+        trained = await fake.invoke_command(alice, "train")
+        assert await private_answer(fake, trained) == NEEDED_TO_TRAIN
 
         declined = await fake.press_button(alice, asked, consent_buttons(asked)["No, thanks"])
         await fake.wait_for(lambda: declined.callback_type == 7, timeout=10)

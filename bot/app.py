@@ -15,6 +15,7 @@ import redis
 from discord import app_commands
 from discord.ext import commands
 
+from bot.access import AccessControl, DiscordMembers
 from bot.apology import sorry
 from bot.config import Settings
 from bot.endpoints import use_discord_endpoints
@@ -87,14 +88,15 @@ class AvatarBot(commands.Bot):
             guild_ready_timeout=guild_ready_timeout,
             # Messages repeat what people typed (prompts); nothing the bot sends may ping anyone.
             allowed_mentions=discord.AllowedMentions.none(),
-            # Commands work on servers and in DMs with the bot, for a server install and for people
-            # who installed the app for themselves (README: "User Install").
+            # Commands work on servers and in DMs with the bot, for a server install and, with
+            # ALLOW_USER_INSTALL, for people who installed the app for themselves (README: "User Install").
             allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),
-            allowed_installs=app_commands.AppInstallationType(guild=True, user=True))
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=settings.allow_user_install))
         self.settings = settings
         self.store = store
         self.safety = Safety(settings)
         self.notifier = Notifier(self)
+        self.access = AccessControl(settings, store, DiscordMembers(self))
         self.scheduler = Scheduler(store, runner, settings, self.notifier)
         self.housekeeping = Housekeeping(store, runner, settings.picture_retention_days)
         self.set_up = False  # commands synced, scheduler and workers started
@@ -102,10 +104,11 @@ class AvatarBot(commands.Bot):
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
+        from bot import consent
         from bot.cogs import account, admin, imagine, selfies, training
 
         await self.safety.load()
-        for module in (selfies, account, training, imagine, admin):
+        for module in (selfies, account, training, imagine, admin, consent):
             await module.setup(self)
         self.tree.error(self.on_app_command_error)
         if self.settings.dev_guild_id:

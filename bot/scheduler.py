@@ -235,15 +235,16 @@ class Scheduler:
 
     # ----- requests from people -----------------------------------------------------------------
     async def enqueue_train(self, user_id: int, steps: int | None = None, *, channel_id: int | None = None,
-                            message_id: int | None = None) -> tuple[Job, int | None]:
-        """Queue a training after checking handle, photos and that none is already queued or running."""
+                            message_id: int | None = None, guild_id: int | None = None) -> tuple[Job, int | None]:
+        """Queue a training after checking handle, photos and that none is already queued or running.
+        `guild_id`: the server the training counts against (bot.access.Grant)."""
         async with self.user_lock(user_id):
-            job_id = await self._create_training(user_id, steps, channel_id, message_id)
+            job_id = await self._create_training(user_id, steps, channel_id, message_id, guild_id)
         self.wake()
         return await self._with_position(job_id)
 
     async def _create_training(self, user_id: int, steps: int | None, channel_id: int | None,
-                               message_id: int | None) -> int:
+                               message_id: int | None, guild_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         if user is None or not user.handle or not user.class_word:  # /handle sets both
             raise Refused("Pick your handle first with `/handle`, e.g. `/handle name:zqjane class:woman`.")
@@ -259,22 +260,25 @@ class Scheduler:
             refuse_bad(check_train_steps, steps)
         params = TrainParams(user.handle, user.class_word, self.settings.train_config(steps))
         return await jobs_db.create_job(self.store.db, "train", user_id, to_stored(params),
-                                        channel_id=channel_id, message_id=message_id)
+                                        channel_id=channel_id, message_id=message_id, guild_id=guild_id)
 
     async def enqueue_generate(self, user_id: int, request: GenerateRequest, *,
                                variation_of: VariationOf | None = None, channel_id: int | None = None,
-                               message_id: int | None = None, allow_flagged: bool = False) -> tuple[Job, int | None]:
+                               message_id: int | None = None, allow_flagged: bool = False,
+                               guild_id: int | None = None) -> tuple[Job, int | None]:
         """Queue an /imagine request with the person's own active model, once it passes the checks a
         worker would make (GenerateRequest's own) and the operator's limits. `allow_flagged`: where it
-        was asked, the pictures the image checker flags may be shown (bot.safety)."""
+        was asked, the pictures the image checker flags may be shown (bot.safety). `guild_id`: the
+        server the pictures count against (bot.access.Grant)."""
         async with self.user_lock(user_id):
             job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id,
-                                                   allow_flagged)
+                                                   allow_flagged, guild_id)
         self.wake()
         return await self._with_position(job_id)
 
     async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
-                                 channel_id: int | None, message_id: int | None, allow_flagged: bool) -> int:
+                                 channel_id: int | None, message_id: int | None, allow_flagged: bool,
+                                 guild_id: int | None) -> int:
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
         if model is None or user is None:
@@ -291,7 +295,7 @@ class Scheduler:
         params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of,
                                 allow_flagged)
         return await jobs_db.create_job(self.store.db, "generate", user_id, to_stored(params),
-                                        channel_id=channel_id, message_id=message_id)
+                                        channel_id=channel_id, message_id=message_id, guild_id=guild_id)
 
     async def _with_position(self, job_id: int) -> tuple[Job, int | None]:
         job = await jobs_db.get_job(self.store.db, job_id)

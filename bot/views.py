@@ -65,6 +65,11 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
         await _answer_privately(interaction, "These buttons belong to the person who made these pictures. "
                                                "Use `/imagine` to make your own.")
         return
+    try:
+        grant = await bot.access.require(interaction.user, interaction)
+    except Refused as exc:
+        await _answer_privately(interaction, exc.message)
+        return
     stored = from_stored("generate", generation.params)
     assert isinstance(stored, GenerateParams)
     request = replace(stored.request, seed=random.randrange(2**31))
@@ -79,7 +84,7 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     try:
         job, position = await bot.scheduler.enqueue_generate(
             interaction.user.id, request, variation_of=variation,
-            allow_flagged=not bot.safety.applies(interaction.channel))
+            allow_flagged=not bot.safety.applies(interaction.channel), guild_id=grant.guild_id)
     except Refused as exc:
         await _answer_privately(interaction, exc.message)
         return

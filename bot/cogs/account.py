@@ -13,6 +13,7 @@ from discord.ext import commands
 
 from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
 from bot.replies import reply
+from bot.scheduler import Refused
 from jobs.handles import NameRuleError, load_word_list, normalize_class_word, suggest_handle, validate_handle
 from storage import jobs_db, models_db, users_db
 from storage.forget import posted_messages
@@ -51,6 +52,11 @@ class AccountCog(commands.Cog):
     async def handle(self, interaction: discord.Interaction, name: str | None = None,
                      class_word: str = "person") -> None:
         db = self.bot.store.db
+        try:
+            await self.bot.access.require(interaction.user, interaction)
+        except Refused as exc:
+            await reply(interaction, exc.message)
+            return
         await users_db.ensure_user(db, interaction.user.id)
         try:
             word = normalize_class_word(class_word)

@@ -31,10 +31,11 @@ class ImagineCog(commands.Cog):
                       count: app_commands.Range[int, 1, MAX_IMAGES] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
                       aspect: Aspect = "square", style: str | None = None) -> None:
         try:
+            grant = await self.bot.access.require(interaction.user, interaction)
             request = GenerateRequest(prompt=prompt, negative_prompt=negative, num_images=count, seed=seed,
                                       aspect=aspect, style=style)
             request.check_length(self.bot.settings.max_prompt_chars)
-        except BadRequest as exc:  # refused before anything public is shown
+        except (Refused, BadRequest) as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)
             return
         if (refusal := await self.bot.safety.refusal(request, interaction.channel)) is not None:
@@ -44,7 +45,8 @@ class ImagineCog(commands.Cog):
         await interaction.response.defer(thinking=True)
         try:
             job, position = await self.bot.scheduler.enqueue_generate(
-                interaction.user.id, request, allow_flagged=not self.bot.safety.applies(interaction.channel))
+                interaction.user.id, request, allow_flagged=not self.bot.safety.applies(interaction.channel),
+                guild_id=grant.guild_id)
         except Refused as exc:
             await interaction.delete_original_response()
             await reply(interaction, exc.message)

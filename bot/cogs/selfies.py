@@ -13,8 +13,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.apology import sorry
+from bot.consent import NOT_KEPT, consent_view, needs_consent
 from bot.contact_sheet import contact_sheet
 from bot.photo_intake import IntakeOutcome, accept_photo
+from bot.scheduler import Refused
 from photos.intake import IntakeLimits
 from photos.sandbox import IntakePool
 from storage import photos_db, users_db
@@ -92,6 +94,15 @@ class PhotosCog(commands.Cog):
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot or message.guild is not None:
             return
+        try:  # before anything is downloaded: nothing of a person who may not use the bot is kept
+            await self.bot.access.require(message.author)
+        except Refused as exc:
+            await self._answer(message, exc.message + (" I didn't keep your photos." if message.attachments else ""))
+            return
+        except Exception:
+            await self._answer(message, sorry(log, "checking who may use the bot",
+                                              while_="checking who may use me"))
+            return
         if not message.attachments:
             await message.channel.send("Send me your selfies as attachments here (up to 10 per message). "
                                        "`/help` explains the rest.")
@@ -100,10 +111,25 @@ class PhotosCog(commands.Cog):
         # /forget waits for the photos being stored (the scheduler's lock for this person).
         try:
             async with self.bot.scheduler.user_lock(message.author.id):
+                if await needs_consent(self.bot, message.author.id):
+                    await self._ask_consent(message)
+                    return
                 reply = await self.take_photos(message.author.id, message.attachments)
         except Exception:
             reply = sorry(log, "taking photos", "`/photos` shows the ones I kept; please send the others again later.",
                           while_="while storing these photos")
+        await self._answer(message, reply)
+
+    async def _ask_consent(self, message: discord.Message) -> None:
+        """The consent text with its buttons, instead of keeping the photos."""
+        text = self.bot.settings.consent_text
+        try:
+            await message.reply(f"{text}\n\n{NOT_KEPT}", view=consent_view(text), mention_author=False)
+        except discord.HTTPException:
+            log.warning("could not ask for consent", exc_info=True)
+
+    async def _answer(self, message: discord.Message, reply: str) -> None:
+        """Reply to a DM, in as many messages as the text needs."""
         try:
             first, *rest = message_chunks(reply)
             await message.reply(first, mention_author=False)

@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.consent import NEEDED_TO_TRAIN, needs_consent
 from bot.progress import NO_WORKER_ONLINE, render_progress
 from bot.replies import reply
 from bot.scheduler import Refused
@@ -35,7 +36,11 @@ class TrainingCog(commands.Cog):
                     steps: app_commands.Range[int, MIN_TRAIN_STEPS, MAX_TRAIN_STEPS] | None = None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            job, position = await self.bot.scheduler.enqueue_train(interaction.user.id, steps)
+            grant = await self.bot.access.require(interaction.user, interaction)
+            if await needs_consent(self.bot, interaction.user.id):  # photos kept before consent was asked for
+                raise Refused(NEEDED_TO_TRAIN)
+            job, position = await self.bot.scheduler.enqueue_train(interaction.user.id, steps,
+                                                                   guild_id=grant.guild_id)
         except Refused as exc:
             await reply(interaction, exc.message)
             return

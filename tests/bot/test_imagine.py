@@ -9,6 +9,7 @@ from unittest.mock import AsyncMock
 
 import pytest
 
+from bot.access import Grant
 from bot.config import Settings, load_settings
 from bot.safety import Safety
 from jobs import events
@@ -18,6 +19,8 @@ from storage import generations_db
 
 SAFETY = Safety(Settings())  # with no word list loaded: these tests are about the messages
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
+# A person the access check lets in, their use counted against server 55.
+LET_IN = SimpleNamespace(require=AsyncMock(return_value=Grant(55)))
 
 
 def _settings(tmp_path: Path):
@@ -81,7 +84,8 @@ async def test_a_button_that_fails_after_thinking_answers_privately_with_a_refer
     generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock(side_effect=RuntimeError("database is locked")))
-    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, safety=SAFETY))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN))
     await _queue_generation(press, 1, None)
     assert [entry[0] for entry in press.shown] == ["thinking", "deleted", "followup"]
     _, text, kwargs = press.shown[-1]
@@ -140,6 +144,20 @@ def test_a_requeued_training_says_what_happened_to_its_worker(why, said):
     assert requeued_note(job, Requeued(why)).startswith(said)
 
 
+async def test_a_button_pressed_by_someone_no_longer_let_in_is_refused_privately(monkeypatch):
+    from bot.scheduler import Refused
+    from bot.views import _queue_generation
+
+    generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
+    monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
+    refused = SimpleNamespace(require=AsyncMock(side_effect=Refused("Sorry, I'm only open to members of X.")))
+    press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, access=refused))
+    await _queue_generation(press, 1, 0)
+    assert press.shown == [("response", "Sorry, I'm only open to members of X.", {"ephemeral": True})]
+    scheduler.enqueue_generate.assert_not_awaited()
+
+
 @pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])
 async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
     from bot.views import VARIATION_STRENGTH, _queue_generation
@@ -154,11 +172,11 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
                                 waiting_for_a_worker=lambda: False)
     notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None)
     press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, notifier=notifier,
-                                     safety=SAFETY))
+                                     safety=SAFETY, access=LET_IN))
     press.edit_original_response = AsyncMock()
     await _queue_generation(press, 9, None)
     (user_id, queued), kwargs = scheduler.enqueue_generate.await_args
-    assert user_id == 7 and kwargs == {"variation_of": variation_of, "allow_flagged": False}
+    assert user_id == 7 and kwargs == {"variation_of": variation_of, "allow_flagged": False, "guild_id": 55}
     assert queued.seed != 11 and replace(queued, seed=11) == GenerateRequest(**request)
 
 
@@ -254,8 +272,22 @@ async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_s
 
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
     press = Press(7, None)
-    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY))
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN))
     await cog.imagine.callback(cog, press, "on the moon", **options)
     [(where, text, kwargs)] = press.shown
     assert where == "response" and kwargs == {"ephemeral": True} and text.startswith(refusal)
+    scheduler.enqueue_generate.assert_not_awaited()
+
+
+async def test_someone_the_access_check_refuses_is_told_privately_before_anything_is_shown(tmp_path):
+    from bot.cogs.imagine import ImagineCog
+    from bot.scheduler import Refused
+
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
+    refused = SimpleNamespace(require=AsyncMock(side_effect=Refused("Sorry, I'm only open to members of X.")))
+    press = Press(7, None)
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, access=refused))
+    await cog.imagine.callback(cog, press, "on the moon")
+    assert press.shown == [("response", "Sorry, I'm only open to members of X.", {"ephemeral": True})]
     scheduler.enqueue_generate.assert_not_awaited()

@@ -431,7 +431,8 @@ async def test_forget_waits_for_photos_being_stored_and_then_removes_them_too(en
         await _ready_to_train(store, ALICE, "zqalice")
         return "Kept 2 photos"
 
-    cog = PhotosCog(SimpleNamespace(scheduler=scheduler))
+    cog = PhotosCog(SimpleNamespace(scheduler=scheduler, access=SimpleNamespace(require=AsyncMock()),
+                                    settings=SimpleNamespace(require_consent=False)))
     cog.take_photos = take_photos
     message = SimpleNamespace(author=SimpleNamespace(id=ALICE, bot=False), guild=None, attachments=["a", "b"],
                               reply=AsyncMock(), channel=SimpleNamespace(send=AsyncMock()))

@@ -139,7 +139,9 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     env = {}
     for f in fields(Settings):
         value = getattr(settings, f.name)
-        if value is not None:
+        if isinstance(value, tuple):  # id and role lists: comma-separated, as an operator writes them
+            env[ENV_NAMES[f.name]] = ",".join(map(str, value))
+        elif value is not None:
             env[ENV_NAMES[f.name]] = str(int(value)) if isinstance(value, bool) else str(value)
     return env
 

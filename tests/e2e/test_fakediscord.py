@@ -511,3 +511,49 @@ async def test_expired_interaction_token_rejects_followups(fake):
     assert (error.status, error.code) == (401, 50027)
     assert [r.kind for r in record.responses] == ["callback"]
     assert record.original.ephemeral
+
+
+async def test_servers_roles_and_members_as_the_client_sees_them(fake):
+    """A second server, roles created before and after connecting, and members fetched through the
+    API as Discord answers: with their roles, or 404 Unknown Member once they left."""
+    alice, eve = fake.add_user("alice"), fake.add_outsider("eve")
+    artists = fake.add_role("Artists")
+    fake.give_role(alice, artists)
+    client = make_client()
+    async with running(client, fake):
+        club = fake.add_guild("Photo Club")
+        late = fake.add_role("Latecomers", guild=club)
+        await fake.wait_for(lambda: (g := client.get_guild(club.id)) is not None and g.get_role(late.id) is not None)
+        fake.add_member(alice, guild=club, roles=[late])
+        guild = client.get_guild(fake.guild.id)
+        member = await guild.fetch_member(alice.id)
+        assert [r.name for r in member.roles] == ["@everyone", "Artists"]
+        in_club = await client.get_guild(club.id).fetch_member(alice.id)
+        assert [r.name for r in in_club.roles] == ["@everyone", "Latecomers"]
+        fake.take_role(alice, artists)
+        assert [r.name for r in (await guild.fetch_member(alice.id)).roles] == ["@everyone"]
+        with pytest.raises(discord.NotFound) as outside:
+            await guild.fetch_member(eve.id)
+        assert outside.value.code == 10007
+        fake.remove_member(alice, guild=club)
+        with pytest.raises(discord.NotFound):
+            await client.get_guild(club.id).fetch_member(alice.id)
+    assert fake.unknown_routes == []
+
+
+async def test_an_interaction_in_a_server_carries_the_members_roles(fake):
+    alice = fake.add_user("alice")
+    role = fake.add_role("Members")
+    fake.give_role(alice, role)
+    client = make_client()
+    tree = app_commands.CommandTree(client)
+    seen: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    @tree.command(name="ping", description="Ping")
+    async def ping(interaction: discord.Interaction) -> None:
+        seen.put_nowait([r.name for r in interaction.user.roles])
+        await interaction.response.send_message("pong", ephemeral=True)
+
+    async with running(client, fake, setup=tree.sync):
+        await fake.invoke_command(alice, "ping", in_guild=True)
+        assert await asyncio.wait_for(seen.get(), 5) == ["@everyone", "Members"]

@@ -121,13 +121,13 @@ class Gateway:
         token: str,
         heartbeat_interval: float,
         ready_payload: Callable[[GatewaySession], dict[str, Any]],
-        guild_payload: Callable[[], dict[str, Any]],
+        guild_payloads: Callable[[], list[dict[str, Any]]],
     ) -> None:
         self._world = world
         self._token = token
         self._heartbeat_interval_ms = int(heartbeat_interval * 1000)
         self._ready_payload = ready_payload
-        self._guild_payload = guild_payload
+        self._guild_payloads = guild_payloads
         self.sessions: list[GatewaySession] = []
         self.identify_count = 0
         self._connections: set[_Connection] = set()
@@ -227,7 +227,8 @@ class Gateway:
         self.identify_count += 1
         session.dispatch("READY", self._ready_payload(session))
         if intents & INTENT_GUILDS:
-            session.dispatch("GUILD_CREATE", self._guild_payload())
+            for guild in self._guild_payloads():
+                session.dispatch("GUILD_CREATE", guild)
         self._world.notify()
         return session
 

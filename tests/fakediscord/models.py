@@ -134,14 +134,38 @@ class MessageVersion:
 
 
 @dataclass(eq=False)
+class FakeRole:
+    """A server's role; @everyone is not one of these (its id is the server's)."""
+
+    id: int
+    name: str
+    position: int
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "permissions": "0",
+            "position": self.position,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+
+
+@dataclass(eq=False)
 class FakeGuild:
-    """The one server the bot is a member of, with its text channels and members."""
+    """A server the bot is a member of, with its text channels, roles and members."""
 
     id: int
     name: str
     owner: FakeUser
     members: list[FakeUser] = field(default_factory=list)
     channels: list[FakeChannel] = field(default_factory=list)
+    roles: list[FakeRole] = field(default_factory=list)
+    member_roles: dict[int, list[FakeRole]] = field(default_factory=dict)  # user id -> their roles
     joined_at: datetime = field(default_factory=now)
     granted: dict[int, int] = field(default_factory=dict)  # user id -> permissions beyond ALL_TEXT_PERMISSIONS
 
@@ -151,10 +175,12 @@ class FakeGuild:
         held = ALL_TEXT_PERMISSIONS | self.granted.get(user.id, 0)
         return ALL_PERMISSIONS if user is self.owner or held & ADMINISTRATOR else held
 
-    def member_payload(self, user: FakeUser) -> dict[str, Any]:
-        return {
+    def member_payload(self, user: FakeUser, *, with_permissions: bool = True) -> dict[str, Any]:
+        """A guild member object; an interaction's carries the member's permissions in the channel,
+        the REST API's does not."""
+        body: dict[str, Any] = {
             "user": user.payload(),
-            "roles": [],
+            "roles": [str(role.id) for role in self.member_roles.get(user.id, [])],
             "joined_at": iso(self.joined_at),
             "deaf": False,
             "mute": False,
@@ -162,8 +188,10 @@ class FakeGuild:
             "pending": False,
             "nick": None,
             "avatar": None,
-            "permissions": str(self.permissions_of(user)),
         }
+        if with_permissions:
+            body["permissions"] = str(self.permissions_of(user))
+        return body
 
     def payload(self) -> dict[str, Any]:
         """The full GUILD_CREATE payload."""
@@ -197,7 +225,8 @@ class FakeGuild:
                     "mentionable": False,
                     "flags": 0,
                 }
-            ],
+            ]
+            + [role.payload() for role in self.roles],
             "emojis": [],
             "stickers": [],
             "channels": [channel.payload() for channel in self.channels],

@@ -28,6 +28,7 @@ from .models import (
     MESSAGE_DEFAULT,
     FakeAttachment,
     FakeChannel,
+    FakeGuild,
     FakeInteraction,
     FakeMessage,
     RateLimitRule,
@@ -149,6 +150,7 @@ class RestApi:
             api("PUT", "/applications/{app_id}/commands", self.put_commands),
             api("GET", "/applications/{app_id}/guilds/{guild_id}/commands", self.get_commands),
             api("PUT", "/applications/{app_id}/guilds/{guild_id}/commands", self.put_commands),
+            api("GET", "/guilds/{guild_id}/members/{user_id}", self.get_member),
             api("GET", "/channels/{channel_id}", self.get_channel),
             api("POST", "/channels/{channel_id}/typing", self.typing),
             api("POST", "/channels/{channel_id}/messages", self.post_message),
@@ -293,10 +295,20 @@ class RestApi:
         self._application(request)
         if "guild_id" not in request.match_info:
             return None
-        guild_id = _snowflake(request.match_info["guild_id"])
-        if guild_id != self._world.guild.id:
+        return self._guild(request).id
+
+    def _guild(self, request: web.Request) -> FakeGuild:
+        guild = self._world.find_guild(_snowflake(request.match_info["guild_id"]))
+        if guild is None:
             raise DiscordError(404, 10004, "Unknown Guild")
-        return guild_id
+        return guild
+
+    async def get_member(self, request: web.Request) -> web.Response:
+        guild = self._guild(request)
+        user = next((u for u in guild.members if u.id == _snowflake(request.match_info["user_id"])), None)
+        if user is None:
+            raise DiscordError(404, 10007, "Unknown Member")
+        return json_response(guild.member_payload(user, with_permissions=False))
 
     async def get_commands(self, request: web.Request) -> web.Response:
         return json_response(self._world.commands.get(self._guild_scope(request), []))

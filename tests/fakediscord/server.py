@@ -37,6 +37,7 @@ from .models import (
     FakeGuild,
     FakeInteraction,
     FakeMessage,
+    FakeRole,
     FakeUser,
     RateLimitRule,
     RequestRecord,
@@ -92,7 +93,7 @@ class FakeDiscord:
             token=self.bot_token,
             heartbeat_interval=self._heartbeat_interval,
             ready_payload=self._ready_payload,
-            guild_payload=self.guild.payload,
+            guild_payloads=lambda: [guild.payload() for guild in self.world.guilds],
         )
         self._world.publish = self._gateway.dispatch
         rest = RestApi(self._world, token=self.bot_token, gateway_url=self.gateway_url)
@@ -165,7 +166,7 @@ class FakeDiscord:
         return {
             "v": 10,
             "user": self.bot_user.payload() | {"verified": True, "mfa_enabled": False},
-            "guilds": [{"id": str(self.guild.id), "unavailable": True}],
+            "guilds": [{"id": str(guild.id), "unavailable": True} for guild in self.world.guilds],
             "session_id": session.id,
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": 0},
@@ -184,6 +185,47 @@ class FakeDiscord:
     def grant(self, user: FakeUser, permissions: int) -> None:
         """Give a member of the test guild these permissions too (e.g. models.MANAGE_GUILD)."""
         self.guild.granted[user.id] = self.guild.granted.get(user.id, 0) | permissions
+
+    def add_outsider(self, name: str) -> FakeUser:
+        """A person who shares no server with the bot (they found it elsewhere) and can DM it."""
+        return self.world.new_user(name)
+
+    # servers, roles, members ---------------------------------------------------------------
+
+    def add_guild(self, name: str, *, owner: FakeUser | None = None) -> FakeGuild:
+        """Another server the bot has joined (a connected bot gets its GUILD_CREATE)."""
+        return self.world.new_guild(name, owner or self.world.owner)
+
+    def add_role(self, name: str, *, guild: FakeGuild | None = None) -> FakeRole:
+        """A new role of the server (the test guild by default); a connected bot gets GUILD_ROLE_CREATE."""
+        return self.world.new_role(guild or self.guild, name)
+
+    def add_member(self, user: FakeUser, *, guild: FakeGuild | None = None, roles: Iterable[FakeRole] = ()) -> None:
+        """Make user a member of the server, with the given roles. Like Discord without the
+        privileged members intent, the bot is sent no event: it learns it from the API."""
+        target = guild or self.guild
+        if user not in target.members:
+            target.members.append(user)
+        target.member_roles[user.id] = list(roles)
+        self.world.notify()
+
+    def remove_member(self, user: FakeUser, *, guild: FakeGuild | None = None) -> None:
+        """The person leaves (or is kicked from) the server."""
+        target = guild or self.guild
+        target.members.remove(user)
+        target.member_roles.pop(user.id, None)
+        self.world.notify()
+
+    def give_role(self, user: FakeUser, role: FakeRole, *, guild: FakeGuild | None = None) -> None:
+        target = guild or self.guild
+        if role not in target.member_roles.setdefault(user.id, []):
+            target.member_roles[user.id].append(role)
+        self.world.notify()
+
+    def take_role(self, user: FakeUser, role: FakeRole, *, guild: FakeGuild | None = None) -> None:
+        target = guild or self.guild
+        target.member_roles[user.id] = [r for r in target.member_roles.get(user.id, []) if r is not role]
+        self.world.notify()
 
     def dm_channel_of(self, user: FakeUser) -> FakeChannel:
         return self.world.dm_channel(user)

@@ -14,12 +14,14 @@ from .models import (
     DEFAULT_ATTACHMENT_SIZE_LIMIT,
     INTENT_DIRECT_MESSAGES,
     INTENT_GUILD_MESSAGES,
+    INTENT_GUILDS,
     MESSAGE_DEFAULT,
     FakeAttachment,
     FakeChannel,
     FakeGuild,
     FakeInteraction,
     FakeMessage,
+    FakeRole,
     FakeUser,
     MessageVersion,
     RateLimitRule,
@@ -63,10 +65,8 @@ class World:
         self.bot_user = self.new_user(bot_name, bot=True)
         self.application_id = self.bot_user.id
         self.owner = self.new_user("owner")
-        self.guild = FakeGuild(
-            id=self.ids.next(), name=guild_name, owner=self.owner, members=[self.bot_user, self.owner]
-        )
-        self.new_text_channel(self.guild, "general")
+        self.guilds: list[FakeGuild] = []
+        self.guild = self.new_guild(guild_name, self.owner)
 
     # change notification -------------------------------------------------------------------
 
@@ -104,6 +104,26 @@ class World:
         self.users[user.id] = user
         self.notify()
         return user
+
+    def new_guild(self, name: str, owner: FakeUser) -> FakeGuild:
+        """A server with a #general channel that the bot has joined: a connected bot gets its
+        GUILD_CREATE, as when it is invited."""
+        guild = FakeGuild(id=self.ids.next(), name=name, owner=owner, members=[self.bot_user, owner])
+        self.new_text_channel(guild, "general")
+        self.guilds.append(guild)
+        self.publish("GUILD_CREATE", guild.payload(), INTENT_GUILDS)
+        self.notify()
+        return guild
+
+    def find_guild(self, guild_id: int) -> FakeGuild | None:
+        return next((guild for guild in self.guilds if guild.id == guild_id), None)
+
+    def new_role(self, guild: FakeGuild, name: str) -> FakeRole:
+        role = FakeRole(id=self.ids.next(), name=name, position=len(guild.roles) + 1)
+        guild.roles.append(role)
+        self.publish("GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()}, INTENT_GUILDS)
+        self.notify()
+        return role
 
     def new_text_channel(self, guild: FakeGuild, name: str, *, nsfw: bool = False) -> FakeChannel:
         """A text channel (`nsfw`: age-restricted); one made after the bot connected is not announced."""

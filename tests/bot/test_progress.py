@@ -150,9 +150,9 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     from types import SimpleNamespace
     from unittest.mock import AsyncMock, MagicMock
 
+    from bot.access import Grant
     from bot.config import Settings
     from bot.safety import Safety
-    from bot.access import Grant
     from bot.scheduler import Refused
     from bot.views import _queue_generation
     from storage import generations_db

@@ -1,5 +1,6 @@
-"""The bot's periodic clean-up: picture files past PICTURE_RETENTION_DAYS, and models older than a
-person's previous one that a crash or a waiting /imagine kept (storage.retention does the work).
+"""The bot's periodic clean-up: picture files past PICTURE_RETENTION_DAYS, models older than a
+person's previous one that a crash or a waiting /imagine kept (storage.retention does the work), and
+quota uses older than storage.usage_db keeps them.
 
 Runs once at start and then every `interval_s`; the clock is injected so tests can move time.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 from bot.scheduler import adapter_key
 from jobs.runner import JobRunner
-from storage import retention
+from storage import retention, usage_db
 from storage.store import Storage
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Housekeeping:
         await retention.expire_pictures(self.store, self.retention_days, self.clock())
         for model_id in await retention.drop_old_models(self.store):
             await self.runner.forget_adapter(adapter_key(model_id))
+        if pruned := await usage_db.prune_usage(self.store.db, self.clock()):
+            log.info("pruned %d quota uses older than %d days", pruned, usage_db.USAGE_KEEP_S // 86400)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="housekeeping")

@@ -6,8 +6,9 @@ told. The scheduler never touches Discord; it reports to a `JobObserver` (the bo
 messages), which keeps the rules here testable without a Discord connection.
 
 Rules: generation before training (claim order in storage, with aging: a training waits a bounded
-time however many pictures are asked for), one training queued or running per
-person, at most `max_queued_generations` waiting generations per person. A job whose worker died
+time however many pictures are asked for, and round-robin by person within each), one training queued
+or running per person, at most `max_queued_generations` waiting generations per person, and the
+quotas of bot.quotas (checked and counted together, when a job is queued). A job whose worker died
 is re-queued once and resumes from its last checkpoint; a second loss fails it with a reason.
 """
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from bot import quotas
 from bot.apology import sorry
 from bot.config import Settings
 from jobs.events import (
@@ -49,7 +51,7 @@ from jobs.payloads import (
 )
 from jobs.requests import BadRequest, GenerateRequest, check_train_steps
 from jobs.runner import JobRunner
-from storage import generations_db, jobs_db, models_db, photos_db, retention, usage_db, users_db
+from storage import generations_db, jobs_db, limits_db, models_db, photos_db, retention, usage_db, users_db
 from storage.forget import forget_user
 from storage.jobs_db import Job
 from storage.store import Storage
@@ -98,7 +100,8 @@ class Scheduler:
 
     def __init__(self, store: Storage, runner: JobRunner, settings: Settings, observer: JobObserver,
                  worker_id: str = "local", *, clock: Callable[[], float] = time.time) -> None:
-        """`clock`: the time the claim order's aging is measured with (tests pass a fake one)."""
+        """`clock`: the time the claim order's aging and the quotas are measured with (tests pass a
+        fake one, or set the attribute)."""
         self.store = store
         self.clock = clock
         self.runner = runner
@@ -109,6 +112,9 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._last_progress_write: dict[int, float] = {}
         self._user_locks: dict[int, asyncio.Lock] = {}
+        # One admission at a time: the server totals and MAX_QUEUED_JOBS are shared by many people,
+        # so their check and the job that counts against them must not interleave with another's.
+        self._admission = asyncio.Lock()
 
     def user_lock(self, user_id: int) -> asyncio.Lock:
         """One person's changes, one at a time: a check and the write it allows (one training, a
@@ -236,8 +242,8 @@ class Scheduler:
     # ----- requests from people -----------------------------------------------------------------
     async def enqueue_train(self, user_id: int, steps: int | None = None, *, channel_id: int | None = None,
                             message_id: int | None = None, guild_id: int | None = None) -> tuple[Job, int | None]:
-        """Queue a training after checking handle, photos and that none is already queued or running.
-        `guild_id`: the server the training counts against (bot.access.Grant)."""
+        """Queue a training after checking handle, photos, that none is already queued or running,
+        and the quotas (`guild_id`: the server it was asked in, whose limits and totals apply)."""
         async with self.user_lock(user_id):
             job_id = await self._create_training(user_id, steps, channel_id, message_id, guild_id)
         self.wake()
@@ -259,8 +265,24 @@ class Scheduler:
         if steps is not None:
             refuse_bad(check_train_steps, steps)
         params = TrainParams(user.handle, user.class_word, self.settings.train_config(steps))
-        return await jobs_db.create_job(self.store.db, "train", user_id, to_stored(params),
-                                        channel_id=channel_id, message_id=message_id, guild_id=guild_id)
+        async with self._admission:
+            now = self.clock()
+            limits = await limits_db.limits_for(self.store.db, self.settings.default_limits, guild_id)
+            if why := await quotas.training_refusal(self.store.db, limits, user_id, guild_id, now):
+                raise Refused(why)
+            return await self._admit("train", user_id, to_stored(params), channel_id, message_id, guild_id, now)
+
+    async def _admit(self, kind: str, user_id: int, params: dict[str, Any], channel_id: int | None,
+                     message_id: int | None, guild_id: int | None, now: float) -> int:
+        """Queue a job the person's rules allow, if the queue has room, and count it against their quota."""
+        if why := await quotas.queue_refusal(self.store.db, self.settings.max_queued_jobs):
+            raise Refused(why)
+        job_id = await jobs_db.create_job(self.store.db, kind, user_id, params, channel_id=channel_id,
+                                          message_id=message_id, guild_id=guild_id, now=now)
+        job = await jobs_db.get_job(self.store.db, job_id)
+        assert job is not None
+        await quotas.record(self.store.db, job)
+        return job_id
 
     async def enqueue_generate(self, user_id: int, request: GenerateRequest, *,
                                variation_of: VariationOf | None = None, channel_id: int | None = None,
@@ -269,7 +291,7 @@ class Scheduler:
         """Queue an /imagine request with the person's own active model, once it passes the checks a
         worker would make (GenerateRequest's own) and the operator's limits. `allow_flagged`: where it
         was asked, the pictures the image checker flags may be shown (bot.safety). `guild_id`: the
-        server the pictures count against (bot.access.Grant)."""
+        server it was asked in, whose limits and totals apply."""
         async with self.user_lock(user_id):
             job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id,
                                                    allow_flagged, guild_id)
@@ -294,13 +316,18 @@ class Scheduler:
         class_word = model.metadata.get("class_word", user.class_word)
         params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of,
                                 allow_flagged)
-        return await jobs_db.create_job(self.store.db, "generate", user_id, to_stored(params),
-                                        channel_id=channel_id, message_id=message_id, guild_id=guild_id)
+        async with self._admission:
+            now = self.clock()
+            limits = await limits_db.limits_for(self.store.db, self.settings.default_limits, guild_id)
+            if why := await quotas.pictures_refusal(self.store.db, limits, user_id, guild_id,
+                                                    request.num_images, now):
+                raise Refused(why)
+            return await self._admit("generate", user_id, to_stored(params), channel_id, message_id, guild_id, now)
 
     async def _with_position(self, job_id: int) -> tuple[Job, int | None]:
         job = await jobs_db.get_job(self.store.db, job_id)
         assert job is not None
-        return job, await jobs_db.queue_position(self.store.db, job_id)
+        return job, await jobs_db.queue_position(self.store.db, job_id, now=self.clock())
 
     async def cancel_user_jobs(self, user_id: int, kind: str | None = None,
                                reason: str | None = None) -> list[Job]:
@@ -331,6 +358,8 @@ class Scheduler:
             # message waiting in a queue): the runner is told too, so none of it runs on.
             await self.runner.cancel(job.id)
             finished = await jobs_db.get_job(self.store.db, job.id)
+            if finished is not None:
+                await quotas.settle(self.store.db, finished)
             await self.observer.job_finished(finished or job, {})
 
     async def forget(self, user_id: int) -> dict[str, int]:
@@ -416,6 +445,7 @@ class Scheduler:
         finished = await jobs_db.get_job(self.store.db, job.id) or job
         if finished.checkpoint_path:
             self.store.files.delete(finished.checkpoint_path, finished.owner)
+        await quotas.settle(self.store.db, finished)
         await self.observer.job_finished(finished, outcome)
 
     async def _store_checkpoint(self, job: Job, event: Checkpoint) -> None:

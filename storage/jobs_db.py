@@ -25,19 +25,28 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 # that a steady stream of /imagine cannot starve a training: one that has waited TRAINING_MAX_WAIT_S,
 # or seen TRAINING_MAX_OVERTAKES generations asked for after it start before it, goes before every
 # generation. (A training re-queued after its worker died has waited since it was first queued.)
+# Within each of those, round-robin by person: jobs go by how many jobs of that kind their owner asked
+# for in the ROUND_ROBIN_WINDOW_S before them (those that ran or still wait), then first come, first
+# served. One person's second picture waits behind everyone else's first, so three pictures of one
+# person never make another wait behind all three, even once the first of them has finished.
 TRAINING_MAX_WAIT_S = 120.0
 TRAINING_MAX_OVERTAKES = 10
 # The `error` of a job an operator cancelled with /admin cancel (its owner is told so).
 CANCELLED_BY_OPERATOR = "An operator of this bot cancelled it."
+ROUND_ROBIN_WINDOW_S = 3600.0
 _CLAIM_ORDER = """CASE WHEN q.kind = 'generate' THEN 1
     WHEN q.created_at <= ? OR (SELECT count(*) FROM jobs AS g WHERE g.kind = 'generate' AND g.id > q.id
                                AND g.started_at IS NOT NULL) >= ? THEN 0
-    ELSE 2 END, q.id"""
+    ELSE 2 END,
+    (SELECT count(*) FROM jobs AS o WHERE o.owner = q.owner AND o.kind = q.kind AND o.id < q.id
+     AND o.created_at > q.created_at - ? AND (o.started_at IS NOT NULL OR o.state IN ('queued', 'running'))),
+    q.id"""
 
 
-def _claim_order_args(now: float | None) -> tuple[float, int]:
+def _claim_order_args(now: float | None) -> tuple[float, int, float]:
     """The values `_CLAIM_ORDER`'s placeholders take at ``now``."""
-    return (time.time() if now is None else now) - TRAINING_MAX_WAIT_S, TRAINING_MAX_OVERTAKES
+    aged = (time.time() if now is None else now) - TRAINING_MAX_WAIT_S
+    return aged, TRAINING_MAX_OVERTAKES, ROUND_ROBIN_WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -94,10 +103,13 @@ async def create_job(
     channel_id: int | None = None,
     message_id: int | None = None,
     guild_id: int | None = None,
+    now: float | None = None,
 ) -> int:
-    """Queue a job; return its id. ``message_id`` is the Discord message that shows its progress."""
+    """Queue a job; return its id. ``message_id`` is the Discord message that shows its progress.
+    ``now``: its creation time on the scheduler's clock, which the claim order's aging and the
+    quotas (bot.quotas) measure."""
     _check([kind], KINDS, "kind")
-    now = time.time()
+    now = time.time() if now is None else now
     return await db.insert(
         "INSERT INTO jobs (kind, owner, params, channel_id, message_id, guild_id, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -301,9 +313,9 @@ async def jobs_in_states(db: Database, states: Sequence[str]) -> list[Job]:
 
 
 async def count_jobs(
-    db: Database, owner: int, kind: str | None = None, states: Sequence[str] | None = None
+    db: Database, owner: int | None, kind: str | None = None, states: Sequence[str] | None = None
 ) -> int:
-    """How many jobs the person has of ``kind`` in ``states`` (for the per-person limits)."""
+    """How many jobs the person (None: everyone) has of ``kind`` in ``states`` (for the limits)."""
     where, args = _filters(owner, kind, states)
     row = await db.fetchone(f"SELECT count(*) FROM jobs WHERE {where}", args)
     return int(row[0]) if row else 0

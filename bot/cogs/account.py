@@ -11,11 +11,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import quotas
 from bot.progress import NO_WORKER_ONLINE, STAGE_LABELS
 from bot.replies import reply
 from bot.scheduler import Refused
 from jobs.handles import NameRuleError, load_word_list, normalize_class_word, suggest_handle, validate_handle
-from storage import jobs_db, models_db, users_db
+from storage import jobs_db, limits_db, models_db, usage_db, users_db
 from storage.forget import posted_messages
 
 if TYPE_CHECKING:
@@ -81,15 +82,18 @@ class AccountCog(commands.Cog):
                     "handle; run `/train` to retrain with the new one.")
         await reply(interaction, f"Your handle is `{handle}` ({word}).{note}")
 
-    @app_commands.command(name="status", description="Your jobs and their places in the queue")
+    @app_commands.command(name="status",
+                          description="Your jobs, their places in the queue and what you have left today")
     async def status(self, interaction: discord.Interaction) -> None:
         db = self.bot.store.db
+        now = self.bot.scheduler.clock()
         jobs = await jobs_db.jobs_for_user(db, interaction.user.id, states=("queued", "running"))
         lines = []
         for job in jobs:
             what = "Training" if job.kind == "train" else "Picture"
             if job.state == "queued":
-                lines.append(f"• {what} #{job.id}: queued, position {await jobs_db.queue_position(db, job.id)}")
+                position = await jobs_db.queue_position(db, job.id, now=now)
+                lines.append(f"• {what} #{job.id}: queued, position {position}")
             else:
                 p = job.progress
                 step = f", step {p['step']}/{p['total']}" if p.get("total") else ""
@@ -99,7 +103,18 @@ class AccountCog(commands.Cog):
             lines.append(NO_WORKER_ONLINE)
         model = await models_db.get_active_model(db, interaction.user.id)
         lines.append(f"Model: trained as `{model.metadata.get('handle')}`." if model else "Model: none yet.")
-        await reply(interaction, "\n".join(lines) if jobs else "Nothing running or queued.\n" + lines[-1])
+        text = "\n".join(lines) if jobs else "Nothing running or queued.\n" + lines[-1]
+        if (quota := await self._quota_left(interaction, now)) is not None:
+            text += "\n" + quota
+        await reply(interaction, text)
+
+    async def _quota_left(self, interaction: discord.Interaction, now: float) -> str | None:
+        """What the person has left of the last 24 hours, under the limits of the server they are in
+        (in a DM: of the server they last used me in), or None where nothing is limited."""
+        db = self.bot.store.db
+        guild_id = interaction.guild_id or await usage_db.last_guild(db, interaction.user.id)
+        limits = await limits_db.limits_for(db, self.bot.settings.default_limits, guild_id)
+        return quotas.describe(await quotas.allowance(db, limits, interaction.user.id, guild_id, now), now)
 
     @app_commands.command(name="cancel", description="Cancel your queued or running jobs")
     async def cancel(self, interaction: discord.Interaction) -> None:

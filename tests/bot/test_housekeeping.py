@@ -12,7 +12,7 @@ from bot.scheduler import Scheduler
 from jobs import events
 from jobs.payloads import GenerateOutput, Picture, TrainOutput, VariationOf
 from jobs.requests import GenerateRequest
-from storage import generations_db, jobs_db, models_db
+from storage import generations_db, jobs_db, models_db, usage_db
 from storage.retention import DAY_S
 from storage.store import Storage
 from tests.bot.test_scheduler import ALICE, FakeRunner, Recorder, _give_model, _ready_to_train, _settings
@@ -59,6 +59,19 @@ async def test_pictures_past_the_retention_lose_their_files_on_the_next_pass(env
     await wait_until(lambda: observer.finished and observer.finished[-1][0] == job.id, interval=0.01)
     failed = await jobs_db.get_job(store.db, job.id)
     assert failed.state == "failed" and failed.error == "The image to vary no longer exists."
+
+
+async def test_quota_uses_are_kept_eight_days_then_pruned(env):
+    store, runner, observer, scheduler = env
+    now = [1_800_000_000.0]
+    await usage_db.record_usage(store.db, ALICE, None, "picture", 4, now=now[0])
+    housekeeping = Housekeeping(store, runner, 30, clock=lambda: now[0])
+    now[0] += usage_db.USAGE_KEEP_S - 60
+    await housekeeping.run_once()
+    assert await usage_db.uses_after(store.db, "picture", 0, owner=ALICE) == [(now[0] - usage_db.USAGE_KEEP_S + 60, 4)]
+    now[0] += 120
+    await housekeeping.run_once()
+    assert await usage_db.uses_after(store.db, "picture", 0, owner=ALICE) == []
 
 
 async def test_the_loop_runs_at_start_and_then_every_interval(env):

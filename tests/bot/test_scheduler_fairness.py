@@ -4,6 +4,7 @@ cannot keep a training waiting for more than a bounded time or number of picture
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -77,3 +78,35 @@ async def test_a_training_goes_next_once_it_has_waited_long_enough(env):
     await _finish_running_picture(runner)
     assert runner.submitted[-1].job_id == training.id
     assert (await jobs_db.get_job(store.db, waiting.id)).state == "queued"
+
+
+async def test_pictures_go_round_robin_by_person(env):
+    """Alice's three pictures do not make Bob wait behind all three: his first goes before her second."""
+    store, runner, scheduler, clock = env
+    await _give_model(store, ALICE, "zqalice")
+    scheduler.settings = replace(scheduler.settings, max_queued_generations=3)
+    runner.capacity = 0  # nothing is taken while they ask
+    alice = [(await scheduler.enqueue_generate(ALICE, GenerateRequest(f"a{n}")))[0] for n in range(3)]
+    bob, bob_position = await scheduler.enqueue_generate(BOB, GenerateRequest("b"))
+    assert bob_position == 2  # what his /imagine showed: only Alice's first is before his
+    claim_order = [alice[0].id, bob.id, alice[1].id, alice[2].id]
+    assert [await jobs_db.queue_position(store.db, j, now=clock()) for j in claim_order] == [1, 2, 3, 4]
+    runner.capacity = 1
+    scheduler.wake()
+    await wait_until(lambda: runner.running, interval=0.01)
+    while len(runner.submitted) < len(claim_order):
+        await _finish_running_picture(runner)
+    assert [item.job_id for item in runner.submitted] == claim_order
+
+
+async def test_a_person_with_a_picture_running_waits_behind_one_without(env):
+    store, runner, scheduler, clock = env
+    await _give_model(store, ALICE, "zqalice")
+    running, _ = await scheduler.enqueue_generate(BOB, GenerateRequest("b1"))
+    await wait_until(lambda: running.id in runner.running, interval=0.01)
+    bob_next, _ = await scheduler.enqueue_generate(BOB, GenerateRequest("b2"))
+    alice, _ = await scheduler.enqueue_generate(ALICE, GenerateRequest("a1"))
+    assert await jobs_db.queue_position(store.db, alice.id, now=clock()) == 1
+    assert await jobs_db.queue_position(store.db, bob_next.id, now=clock()) == 2
+    await _finish_running_picture(runner)
+    assert runner.submitted[-1].job_id == alice.id

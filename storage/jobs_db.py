@@ -31,9 +31,9 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 # person never make another wait behind all three, even once the first of them has finished.
 TRAINING_MAX_WAIT_S = 120.0
 TRAINING_MAX_OVERTAKES = 10
+ROUND_ROBIN_WINDOW_S = 3600.0
 # The `error` of a job an operator cancelled with /admin cancel (its owner is told so).
 CANCELLED_BY_OPERATOR = "An operator of this bot cancelled it."
-ROUND_ROBIN_WINDOW_S = 3600.0
 _CLAIM_ORDER = """CASE WHEN q.kind = 'generate' THEN 1
     WHEN q.created_at <= ? OR (SELECT count(*) FROM jobs AS g WHERE g.kind = 'generate' AND g.id > q.id
                                AND g.started_at IS NOT NULL) >= ? THEN 0

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from jobs.events import Error
-from jobs.payloads import WorkItem
+from jobs.payloads import GenerateParams, TrainParams, WorkItem, to_stored
+from jobs.requests import TRAIN_DEFAULTS, GenerateRequest
 from jobs.runner import JobRunner, WorkerState
 from storage import admin_log_db, bans_db, generations_db, jobs_db, limits_db, photos_db, users_db
 from storage.jobs_db import CANCELLED_BY_OPERATOR
@@ -78,9 +79,11 @@ async def admin(fake: FakeDiscord, user, subcommand: str, options: dict[str, Any
 
 
 async def queued_job(store, kind: str, owner: int) -> int:
-    """A job of someone's waiting in the queue (made in storage: what it would do does not matter here)."""
+    """A job of someone's waiting in the queue, made in storage with parameters as the bot stores them."""
     await users_db.ensure_user(store.db, owner)
-    return await jobs_db.create_job(store.db, kind, owner, {})
+    params = (TrainParams("zqjob", "person", TRAIN_DEFAULTS) if kind == "train"
+              else GenerateParams(GenerateRequest("a portrait")))
+    return await jobs_db.create_job(store.db, kind, owner, to_stored(params))
 
 
 async def running_job(store, runner: HoldingRunner, kind: str, owner: int) -> int:

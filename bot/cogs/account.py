@@ -31,7 +31,7 @@ HELP_TEXT = """\
 3. **`/train`**: I train your own model on the GPU and keep one message here up to date with its progress. You get sample pictures when it's done.
 4. **`/imagine prompt:...`**: pictures of you, from your model only. Under each result: 🎲 **Reroll** (same prompt, new seeds; under a variation, another variation of the same picture) and **More like #N** (a variation of that picture: same prompt, drawn again starting from it).
 
-Also: `/photos` (see/remove photos), `/status`, `/cancel`, `/export` (your LoRA file), `/forget` (delete everything of yours).
+Also: `/photos` (see/remove photos), `/status` (your jobs and what is left of today's quota), `/consent` (what you agreed to), `/cancel`, `/export` (your LoRA file), `/forget` (delete everything of yours).
 Changing your handle after training keeps the old handle for the model you have; retrain to use the new one."""
 
 

@@ -54,7 +54,9 @@ from jobs.runner import JobRunner
 from storage import generations_db, jobs_db, limits_db, models_db, photos_db, retention, usage_db, users_db
 from storage.forget import forget_user
 from storage.jobs_db import Job
+from storage.models_db import Model
 from storage.store import Storage
+from storage.users_db import User
 
 log = logging.getLogger(__name__)
 
@@ -298,9 +300,17 @@ class Scheduler:
         self.wake()
         return await self._with_position(job_id)
 
-    async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
-                                 channel_id: int | None, message_id: int | None, allow_flagged: bool,
-                                 guild_id: int | None) -> int:
+    async def check_generate(self, user_id: int, request: GenerateRequest, guild_id: int | None = None) -> None:
+        """Raise Refused if the request would be refused now, writing nothing: a command checks this
+        before its public "thinking…", so that a refusal is only ever seen by the person who asked.
+        `enqueue_generate` checks again, under the locks, when it queues."""
+        await self._generation_model(user_id, request)
+        await self._pictures_admissible(user_id, request, guild_id, self.clock())
+        if why := await quotas.queue_refusal(self.store.db, self.settings.max_queued_jobs):
+            raise Refused(why)
+
+    async def _generation_model(self, user_id: int, request: GenerateRequest) -> tuple[User, Model]:
+        """The person and the model a request of theirs would use, after the checks that need no quota."""
         user = await users_db.get_user(self.store.db, user_id)
         model = await models_db.get_active_model(self.store.db, user_id)
         if model is None or user is None:
@@ -312,16 +322,25 @@ class Scheduler:
         waiting = await jobs_db.count_jobs(self.store.db, user_id, "generate", ("queued",))
         if waiting >= self.settings.max_queued_generations:
             raise Refused(f"You already have {waiting} pictures waiting; please let them finish first.")
+        return user, model
+
+    async def _pictures_admissible(self, user_id: int, request: GenerateRequest, guild_id: int | None,
+                                   now: float) -> None:
+        limits = await limits_db.limits_for(self.store.db, self.settings.default_limits, guild_id)
+        if why := await quotas.pictures_refusal(self.store.db, limits, user_id, guild_id, request.num_images, now):
+            raise Refused(why)
+
+    async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
+                                 channel_id: int | None, message_id: int | None, allow_flagged: bool,
+                                 guild_id: int | None) -> int:
+        user, model = await self._generation_model(user_id, request)
         handle = model.metadata.get("handle", user.handle)
         class_word = model.metadata.get("class_word", user.class_word)
         params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of,
                                 allow_flagged)
         async with self._admission:
             now = self.clock()
-            limits = await limits_db.limits_for(self.store.db, self.settings.default_limits, guild_id)
-            if why := await quotas.pictures_refusal(self.store.db, limits, user_id, guild_id,
-                                                    request.num_images, now):
-                raise Refused(why)
+            await self._pictures_admissible(user_id, request, guild_id, now)
             return await self._admit("generate", user_id, to_stored(params), channel_id, message_id, guild_id, now)
 
     async def _with_position(self, job_id: int) -> tuple[Job, int | None]:

@@ -80,6 +80,11 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     if (refusal := await bot.safety.refusal(request, interaction.channel)) is not None:
         await _answer_privately(interaction, refusal)  # the filter may apply here and not where they were made
         return
+    try:  # quotas and the queue's limits, before the public "thinking…"
+        await bot.scheduler.check_generate(interaction.user.id, request, grant.guild_id)
+    except Refused as exc:
+        await _answer_privately(interaction, exc.message)
+        return
     await interaction.response.defer(thinking=True)
     try:
         job, position = await bot.scheduler.enqueue_generate(

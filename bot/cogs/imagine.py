@@ -41,13 +41,18 @@ class ImagineCog(commands.Cog):
         if (refusal := await self.bot.safety.refusal(request, interaction.channel)) is not None:
             await reply(interaction, refusal)
             return
+        try:  # the scheduler's refusals (no model yet, quotas) too, before anything public is shown
+            await self.bot.scheduler.check_generate(interaction.user.id, request, grant.guild_id)
+        except Refused as exc:
+            await reply(interaction, exc.message)
+            return
         # Defer first: Discord wants an answer within 3 seconds, the picture takes longer.
         await interaction.response.defer(thinking=True)
         try:
             job, position = await self.bot.scheduler.enqueue_generate(
                 interaction.user.id, request, allow_flagged=not self.bot.safety.applies(interaction.channel),
                 guild_id=grant.guild_id)
-        except Refused as exc:
+        except Refused as exc:  # e.g. the last of the quota taken between the check and now
             await interaction.delete_original_response()
             await reply(interaction, exc.message)
             return

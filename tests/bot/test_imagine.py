@@ -83,7 +83,8 @@ async def test_a_button_that_fails_after_thinking_answers_privately_with_a_refer
 
     generation = SimpleNamespace(owner=7, params={"request": {"prompt": "x"}, "variation_of": None})
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
-    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(side_effect=RuntimeError("database is locked")))
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(side_effect=RuntimeError("database is locked")),
+                                check_generate=AsyncMock())
     press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, safety=SAFETY,
                                      access=LET_IN))
     await _queue_generation(press, 1, None)
@@ -168,7 +169,7 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
     stored = to_stored(GenerateParams(GenerateRequest(**request), variation_of=variation_of))
     generation = SimpleNamespace(owner=7, params=stored)
     monkeypatch.setattr(generations_db, "get_generation", AsyncMock(return_value=generation))
-    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)),
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)), check_generate=AsyncMock(),
                                 waiting_for_a_worker=lambda: False)
     notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None)
     press = Press(7, SimpleNamespace(store=SimpleNamespace(db=None), scheduler=scheduler, notifier=notifier,
@@ -290,4 +291,20 @@ async def test_someone_the_access_check_refuses_is_told_privately_before_anythin
     cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, access=refused))
     await cog.imagine.callback(cog, press, "on the moon")
     assert press.shown == [("response", "Sorry, I'm only open to members of X.", {"ephemeral": True})]
+    scheduler.enqueue_generate.assert_not_awaited()
+
+
+async def test_a_request_the_scheduler_would_refuse_is_told_privately_before_thinking(tmp_path):
+    """A quota reached (or no model yet) is answered only to the person who asked: no public
+    "thinking…" is shown first, and nothing is queued."""
+    from bot.cogs.imagine import ImagineCog
+    from bot.scheduler import Refused
+
+    over = Refused("You have asked for 100 pictures in the last 24 hours; you can ask again <t:1:R>.")
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(), check_generate=AsyncMock(side_effect=over))
+    press = Press(7, None)
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN))
+    await cog.imagine.callback(cog, press, "on the moon")
+    assert press.shown == [("response", over.message, {"ephemeral": True})]
     scheduler.enqueue_generate.assert_not_awaited()

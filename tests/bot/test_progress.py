@@ -165,7 +165,8 @@ async def test_a_refused_reroll_is_told_only_to_the_person_who_pressed(monkeypat
     interaction = SimpleNamespace(
         user=SimpleNamespace(id=7), channel=None,
         client=SimpleNamespace(store=SimpleNamespace(db=None), safety=Safety(Settings()), scheduler=SimpleNamespace(
-            enqueue_generate=AsyncMock(side_effect=Refused("You already have 3 pictures waiting."))),
+            enqueue_generate=AsyncMock(side_effect=Refused("You already have 3 pictures waiting.")),
+            check_generate=AsyncMock()),
             access=SimpleNamespace(require=AsyncMock(return_value=Grant(None)))),
         response=SimpleNamespace(defer=calls.defer, is_done=lambda: calls.defer.await_count > 0),
         delete_original_response=calls.delete_original_response,

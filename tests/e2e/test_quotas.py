@@ -90,7 +90,8 @@ async def test_a_person_reaches_the_day_s_trainings_and_pictures_and_has_them_ag
         more = await fake.invoke_command(alice, "imagine", {"prompt": "on mars", "count": 1}, in_guild=True)
         await fake.wait_for(lambda: "pictures of the last 24 hours" in last_text(more), timeout=30)
         assert "had your 4 pictures" in last_text(more) and stamp(asked_at + DAY_S) in last_text(more)
-        assert more.original is None or more.original.deleted  # nothing public stays behind
+        # Refused before anything public: the first answer is the private refusal, not a "thinking…".
+        assert more.callback_type == 4 and all(r.message.ephemeral for r in more.responses if r.message)
 
         status = await fake.invoke_command(alice, "status")
         await fake.wait_for(lambda: "Left of the last 24 hours" in last_text(status), timeout=30)

@@ -131,3 +131,17 @@ def test_the_worker_start_benchmark_records_the_workers_figures_unrounded(tmp_pa
     entries = [json.loads(line) for line in record.read_text().splitlines()]
     assert entries[0] == {"part": "model", "seconds": 0.0004}
     assert [list(entry) for entry in entries[1:]] == [["pause_s"]] and entries[1]["pause_s"] >= 0
+
+
+def test_the_safety_benchmark_times_the_checker_against_drawing_for_one_and_four_pictures(tmp_path: Path) -> None:
+    from bench import safety_cost
+
+    out = tmp_path / "safety.json"
+    results = safety_cost.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                                "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    for count in (1, 4):
+        row = results[f"n={count}"]
+        assert row["verdicts"] == count  # one verdict per picture drawn
+        assert row["drawing_ms"] > 0 and row["checker_ms"] > 0
+        assert row["checker_over_drawing"] == pytest.approx(row["checker_ms"] / row["drawing_ms"], rel=0.01, abs=1e-4)

@@ -150,7 +150,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="gpu-pool-"))
     settings = replace(Settings(), data_dir=data, base_model=args.model, device=args.device,
                        workers=args.workers, train_steps=args.steps, class_images=args.class_images,
-                       train_resolution=args.resolution, train_checkpoint_every=0, max_queued_generations=100)
+                       train_resolution=args.resolution, train_checkpoint_every=0, max_queued_generations=100,
+                       # A load test, not a community: no quotas to stop its people's back-to-back jobs.
+                       trainings_per_day=0, pictures_per_day=0, train_cooldown_min=0, server_trainings_per_day=0,
+                       server_pictures_per_day=0, max_queued_jobs=10_000)
     devices = visible_devices(settings.device, settings.workers)
     runner = LocalProcessRunner([
         WorkerConfig(base_model=settings.base_model, device=d, work_dir=str(data / "work" / f"worker-{i}"),

@@ -45,7 +45,7 @@ async def test_fifty_people_ten_trainings_two_hundred_pictures_on_two_workers(fa
     people = [fake.add_user(f"user{i:02d}") for i in range(PEOPLE)]
     trainers = people[:TRAINERS]
     settings = e2e_settings(fake, tmp_path, job_backend="celery", redis_url=redis_url, train_steps=12,
-                            train_preview_every=0, max_queued_generations=REQUESTS)
+                            train_preview_every=0, max_queued_generations=REQUESTS, max_queued_jobs=REQUESTS)
     async with running_bot(fake, settings) as run:
         started = time.monotonic()
         for i, person in enumerate(trainers):

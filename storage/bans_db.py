@@ -38,7 +38,3 @@ async def unban(db: Database, user_id: int) -> bool:
 async def get_ban(db: Database, user_id: int) -> Ban | None:
     row = await db.fetchone("SELECT * FROM bans WHERE user_id = ?", (user_id,))
     return Ban.from_row(row) if row else None
-
-
-async def all_bans(db: Database) -> list[Ban]:
-    return [Ban.from_row(row) for row in await db.fetchall("SELECT * FROM bans ORDER BY banned_at")]

@@ -28,14 +28,6 @@ async def used_by(db: Database, owner: int, kind: UsageKind, since: float) -> in
     return int(row["n"]) if row else 0
 
 
-async def used_in_guild(db: Database, guild_id: int, kind: UsageKind, since: float) -> int:
-    """How much all people together used of `kind` in one server from `since` on."""
-    row = await db.fetchone(
-        "SELECT coalesce(sum(amount), 0) AS n FROM usage WHERE guild_id = ? AND kind = ? AND at >= ?",
-        (guild_id, kind, since))
-    return int(row["n"]) if row else 0
-
-
 async def last_use(db: Database, owner: int, kind: UsageKind) -> float | None:
     """When the person last used `kind` (for a cooldown), or None."""
     row = await db.fetchone("SELECT max(at) AS at FROM usage WHERE owner = ? AND kind = ?", (owner, kind))

@@ -18,6 +18,7 @@ from jobs.devices import NoSuchDevice, cpu_threads_per_worker, visible_devices
 from jobs.local_runner import LocalProcessRunner
 from jobs.payloads import GenerateOutput, WorkItem
 from jobs.worker_config import WorkerConfig
+from tests.polling import wait_until
 from tests.work_items import generate_item, train_item
 from trainer.start_news import (
     FIRST_PART,
@@ -369,10 +370,18 @@ async def test_worker_processes_start_without_the_bots_secrets_in_their_environm
     async def ignore(job_id, event):
         pass
     await runner.start(ignore)
-    try:
+    def environ_names() -> set[bytes]:
+        """The worker's starting variables; empty while none can be read (a process that has just
+        exited reads as empty, and the runner replaces it: the next read is of its successor)."""
         [pid] = runner.worker_pids
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            names = {entry.split(b"=", 1)[0] for entry in environ.read().split(b"\0") if entry}
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                return {entry.split(b"=", 1)[0] for entry in environ.read().split(b"\0") if entry}
+        except (FileNotFoundError, ProcessLookupError):
+            return set()
+
+    try:
+        names = await wait_until(environ_names)
         assert b"PATH" in names and not {b"DISCORD_TOKEN", b"JOB_SECRET", b"REDIS_URL"} & names
         assert os.environ["DISCORD_TOKEN"] == "MTIz.the-bots-token" and os.environ["JOB_SECRET"] == "s" * 40
     finally:

@@ -20,6 +20,7 @@ from discord.http import Route
 
 from bot.endpoints import use_discord_endpoints
 from tests.fakediscord import FakeDiscord
+from tests.polling import wait_until
 
 INTENTS = discord.Intents(guilds=True, dm_messages=True, guild_messages=True)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -523,7 +524,8 @@ async def test_servers_roles_and_members_as_the_client_sees_them(fake):
     async with running(client, fake):
         club = fake.add_guild("Photo Club")
         late = fake.add_role("Latecomers", guild=club)
-        await fake.wait_for(lambda: (g := client.get_guild(club.id)) is not None and g.get_role(late.id) is not None)
+        # Polled: the client's state changes after the fake's last change, which wakes no fake.wait_for.
+        await wait_until(lambda: (g := client.get_guild(club.id)) is not None and g.get_role(late.id) is not None)
         fake.add_member(alice, guild=club, roles=[late])
         guild = client.get_guild(fake.guild.id)
         member = await guild.fetch_member(alice.id)

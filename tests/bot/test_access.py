@@ -13,6 +13,7 @@ from bot.config import Settings
 from bot.scheduler import Refused
 from storage import bans_db
 from storage.store import Storage
+from tests.clock import FakeClock
 
 CLUB, PARK = 1001, 1002  # two servers the bot is in
 ALICE = 7
@@ -49,13 +50,6 @@ class Members:
         return self.members.get((guild_id, user_id))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 async def store(tmp_path: Path):
@@ -64,8 +58,8 @@ async def store(tmp_path: Path):
     await store.close()
 
 
-def access(store: Storage, members: Members, clock: Clock | None = None, **settings: object) -> AccessControl:
-    return AccessControl(replace(Settings(), **settings), store, members, clock=clock or Clock())  # type: ignore[arg-type]
+def access(store: Storage, members: Members, clock: FakeClock | None = None, **settings: object) -> AccessControl:
+    return AccessControl(replace(Settings(), **settings), store, members, clock=clock or FakeClock(1000.0))  # type: ignore[arg-type]
 
 
 def in_server(guild_id: int, interaction_user: object = None) -> SimpleNamespace:
@@ -121,7 +115,7 @@ async def test_the_refusal_says_which_servers_and_roles_let_people_in(store):
 
 
 async def test_a_role_taken_away_counts_once_the_cache_time_has_passed(store):
-    members, clock = Members({(CLUB, ALICE): [ARTIST]}), Clock()
+    members, clock = Members({(CLUB, ALICE): [ARTIST]}), FakeClock(1000.0)
     control = access(store, members, clock, allowed_guilds=(CLUB,), allowed_roles=("Artists",), access_cache_s=60)
     assert await control.require(SimpleNamespace(id=ALICE)) == Grant(CLUB)
     members.members[(CLUB, ALICE)] = [EVERYONE]
@@ -135,7 +129,7 @@ async def test_a_role_taken_away_counts_once_the_cache_time_has_passed(store):
 
 
 async def test_the_roles_an_interaction_carries_are_fresher_than_the_cache(store):
-    members, clock = Members({(CLUB, ALICE): [ARTIST]}), Clock()
+    members, clock = Members({(CLUB, ALICE): [ARTIST]}), FakeClock(1000.0)
     control = access(store, members, clock, allowed_roles=("Artists",))
     assert await control.require(SimpleNamespace(id=ALICE)) == Grant(CLUB)
     without = in_server(CLUB, SimpleNamespace(id=ALICE, roles=[EVERYONE]))
@@ -175,7 +169,7 @@ async def test_with_user_installs_on_outsiders_are_let_in_against_no_server(stor
 
 
 async def test_when_discord_fails_the_person_is_asked_to_try_again_and_nothing_is_cached(store):
-    members, clock = Members({(PARK, ALICE): [ARTIST]}), Clock()
+    members, clock = Members({(PARK, ALICE): [ARTIST]}), FakeClock(1000.0)
     control = access(store, members, clock)
     members.failing.add(PARK)
     with pytest.raises(Refused) as refused:

@@ -19,6 +19,7 @@ from storage import jobs_db, limits_db, usage_db, users_db
 from storage.limits_db import Limits
 from storage.store import Storage
 from tests.bot.test_scheduler import ALICE, BOB, FakeRunner, Recorder, _give_model, _ready_to_train, _settings
+from tests.clock import FakeClock
 from tests.polling import wait_until
 
 T0 = 1_800_000_000.0
@@ -143,18 +144,11 @@ async def test_status_tells_what_is_left_and_when_the_next_training_may_start(db
 # ----- in the scheduler: counted when queued, given back by the refund rule ----------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 async def env(tmp_path):
     store = await Storage.open(tmp_path)
-    runner, clock = FakeRunner(capacity=0), FakeClock()
+    runner, clock = FakeRunner(capacity=0), FakeClock(T0)
     settings = _settings(tmp_path, TRAININGS_PER_DAY="2", TRAIN_COOLDOWN_MIN="60", PICTURES_PER_DAY="6",
                          MAX_QUEUED_GENERATIONS="3", MAX_QUEUED_JOBS="4")
     scheduler = Scheduler(store, runner, settings, Recorder(), clock=clock)

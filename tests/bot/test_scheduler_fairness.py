@@ -3,7 +3,6 @@ cannot keep a training waiting for more than a bounded time or number of picture
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -15,15 +14,8 @@ from jobs.requests import GenerateRequest
 from storage import jobs_db
 from storage.store import Storage
 from tests.bot.test_scheduler import ALICE, BOB, FakeRunner, Recorder, _give_model, _ready_to_train, _settings
+from tests.clock import FakeClock
 from tests.polling import wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

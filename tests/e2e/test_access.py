@@ -14,6 +14,7 @@ from bot.access import BANNED
 from bot.consent import NEEDED_TO_TRAIN, NOT_KEPT
 from storage import bans_db, consents_db, jobs_db, photos_db
 from tests.bot.test_scheduler import FakeRunner
+from tests.clock import FakeClock
 from tests.e2e.harness import BotProcess, e2e_settings, last_text, ready_to_train, running_bot
 from tests.fakediscord import FakeDiscord, FakeMessage, FakeUser
 from tests.photos_factory import selfie
@@ -22,15 +23,6 @@ pytestmark = pytest.mark.slow
 
 CACHE_S = 300.0
 
-
-class Clock:
-    """The access check's clock, moved by the test instead of by waiting."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def send_photos(fake: FakeDiscord, user: FakeUser, count: int = 1, seed: int = 0) -> FakeMessage:
@@ -94,7 +86,7 @@ async def test_a_role_taken_away_stops_a_person_once_the_cache_time_has_passed(f
     fake.give_role(alice, artists)
     settings = e2e_settings(fake, tmp_path, allowed_roles=(str(artists.id),), access_cache_s=CACHE_S)
     async with running_bot(fake, settings, runner=FakeRunner(capacity=0)) as run:
-        clock = run.bot.access.clock = Clock()
+        clock = run.bot.access.clock = FakeClock(1_000.0)
         assert "Kept 1 photo" in (await send_photos(fake, alice, seed=0)).content
         member_checks = len(fake.requests_to("GET", rf"/guilds/{fake.guild.id}/members/{alice.id}"))
         assert member_checks == 1

@@ -7,7 +7,6 @@ and the bot's scheduler runs on a fake clock that the test moves by a day instea
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -16,18 +15,12 @@ from jobs import events
 from jobs.payloads import GenerateOutput, Picture, TrainOutput
 from storage import jobs_db, models_db, users_db
 from tests.bot.test_scheduler import FakeRunner
+from tests.clock import FakeClock
 from tests.e2e.harness import BotProcess, e2e_settings, last_text, ready_to_train, running_bot, start_training
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def stamp(at: float) -> str:

@@ -376,10 +376,7 @@ class Scheduler:
             # An attempt from before a restart may still be out there (a worker running it, or its
             # message waiting in a queue): the runner is told too, so none of it runs on.
             await self.runner.cancel(job.id)
-            finished = await jobs_db.get_job(self.store.db, job.id)
-            if finished is not None:
-                await quotas.settle(self.store.db, finished)
-            await self.observer.job_finished(finished or job, {})
+            await self._finished(job, {})
 
     async def forget(self, user_id: int) -> dict[str, int]:
         """Stop the person's jobs, drop their LoRAs from the workers, then delete all their data

@@ -274,6 +274,21 @@ async def test_a_job_cancelled_while_queued_is_cancelled_for_the_runner_too(env)
     assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled" and runner.cancelled == [job.id]
 
 
+async def test_a_requeued_training_cancelled_while_queued_leaves_no_checkpoint(env):
+    """A training re-queued with its checkpoint (its worker died) and then cancelled before it ran
+    again is never resumed: its checkpoint, part of the person's model, is deleted at once."""
+    store, runner, observer, scheduler = env
+    await _ready_to_train(store, ALICE, "zqalice")
+    runner.capacity = 0
+    job, _ = await scheduler.enqueue_train(ALICE)
+    await jobs_db.set_checkpoint(store.db, job.id, store.files.write(ALICE, "checkpoints", b"ckpt", ".zip"))
+    checkpoint = (await jobs_db.get_job(store.db, job.id)).checkpoint_path
+    await scheduler.cancel_user_jobs(ALICE)
+    assert (await jobs_db.get_job(store.db, job.id)).state == "cancelled"
+    assert not store.files.resolve(checkpoint).exists()
+    assert observer.finished[-1][1] == "cancelled"
+
+
 async def test_an_operator_cancels_one_job_of_anyones_and_its_owner_hears_who(env):
     store, runner, observer, scheduler = env
     await _ready_to_train(store, ALICE, "zqalice")

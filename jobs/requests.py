@@ -61,7 +61,8 @@ class GenerateRequest:
     """What a person asked for. Image `i` of a request uses seed `seed + i`.
 
     `strength` (0-1, how far a variation may move from its starting picture) applies only when the
-    engine is given an `init_image`; without one the request is an ordinary generation.
+    engine is given an `init_image`; without one the request is an ordinary generation. `face_pass`:
+    faces found in pictures made with a person's model are redrawn at the model's native size.
     """
 
     prompt: str
@@ -74,6 +75,7 @@ class GenerateRequest:
     scheduler: str = DEFAULT_SCHEDULER
     style: str | None = None
     strength: float | None = None
+    face_pass: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_images <= MAX_IMAGES:

@@ -1,18 +1,28 @@
 # The bot and its GPU worker on an NVIDIA host (driver + NVIDIA Container Toolkit on the host).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# A slim Python base, not nvidia/cuda: the torch wheel from PyPI brings its own CUDA and cuDNN
+# (the nvidia-* wheels in requirements.lock) and loads only those, so a CUDA base image's copies
+# would be gigabytes nothing uses. The host's driver must support the wheel's CUDA (README: "Docker").
+# The tag names the Python release; Docker Hub rebuilds it for Debian's security fixes.
+FROM python:3.12.16-slim-trixie
 
-ENV DEBIAN_FRONTEND=noninteractive \
+# The NVIDIA Container Toolkit mounts the driver only into containers that ask for it: the
+# nvidia/cuda images set these two, a plain base must too. Without them `--runtime=nvidia` gives no
+# GPU, and toolkits that default to `utility` mount nvidia-smi but not libcuda. `--gpus` and
+# compose's device reservation still choose which GPUs.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DATA_DIR=/data \
     HF_HOME=/hf-cache \
     HEARTBEAT_FILE=/tmp/bot-heartbeat
 
-# gcc and python3-dev: Triton builds its small kernel launchers with them when the worker compiles
-# the model for generation and the training step (COMPILE_GENERATION, COMPILE_TRAINING). No libGL or
-# GLib: OpenCV is the headless wheel, which links neither.
+# gcc and libc6-dev (the Python headers come with this image): Triton builds its small kernel
+# launchers with them when the worker compiles the model for generation and the training step
+# (COMPILE_GENERATION, COMPILE_TRAINING). No libGL or GLib: OpenCV is the headless wheel.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 avatar \
@@ -22,10 +32,12 @@ RUN useradd --create-home --uid 10001 avatar \
 WORKDIR /app
 USER 10001
 
-COPY --chown=avatar:avatar requirements.txt .
-RUN python3 -m venv /app/.venv \
-    && /app/.venv/bin/pip install --upgrade pip \
-    && /app/.venv/bin/pip install -r requirements.txt
+# Exactly the versions and files in requirements.lock (`make lock` writes it from requirements.txt):
+# every package pinned with its hashes, wheels only, so two builds install the same bytes. pip is
+# the one this Python release bundles, not upgraded, for the same reason.
+COPY --chown=avatar:avatar requirements.lock .
+RUN python -m venv /app/.venv \
+    && /app/.venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
 
 COPY --chown=avatar:avatar bot ./bot
 COPY --chown=avatar:avatar jobs ./jobs

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test test-fast lint venv clean-venv
+.PHONY: run test test-fast lint venv clean-venv lock
 
 # Python 3.11 or later (asyncio.timeout, datetime.UTC). A half-made environment (python3-venv missing: the folder exists, pip does not) is removed, so the
 # next `make` starts afresh instead of skipping this step.
@@ -46,3 +46,18 @@ test-fast: $(DEV_STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# requirements.lock: what the Docker image installs, every package pinned with its hashes, resolved
+# from requirements.txt for the image's platform (Linux x86_64, CPython 3.12: the Dockerfile's base)
+# on any machine. Run it after editing requirements.txt (tests/test_dockerfile.py fails until then);
+# pins that still fit are kept, `make lock LOCK_ARGS=--upgrade` moves every package to its newest.
+# uv runs from an environment of its own, so the project's stays as requirements*.txt make it.
+LOCK_VENV ?= .venv-lock
+UV_VERSION := 0.13.10
+
+$(LOCK_VENV)/bin/uv:
+	$(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+lock: $(LOCK_VENV)/bin/uv
+	$(LOCK_VENV)/bin/uv pip compile --quiet --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+	  --generate-hashes --custom-compile-command "make lock" $(LOCK_ARGS) --output-file requirements.lock requirements.txt

@@ -1,14 +1,19 @@
-"""The Dockerfile cannot be built here (no Docker engine), so it is at least linted; the compose file
-and the Makefile's set-up are checked too."""
+"""The Dockerfile cannot be built here (no Docker engine), so it is at least linted; the compose file,
+the lock file the image installs from and the Makefile's set-up are checked too."""
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +143,7 @@ def test_the_build_context_holds_only_what_the_image_copies():
     copied = {line.split()[2].rstrip("/") for line in (ROOT / "Dockerfile").read_text().splitlines()
               if line.startswith("COPY")}
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
-    assert included == copied == {"requirements.txt", *packages}
+    assert included == copied == {"requirements.lock", *packages}
     assert {"bot", "jobs", "trainer", "photos", "storage", "common"} <= packages
 
 
@@ -154,3 +159,169 @@ def test_the_image_installs_no_gui_libraries_for_a_headless_opencv():
     assert not re.search(r"^opencv-python\b(?!-headless)", requirements, re.M)
     apt = re.search(r"apt-get install[^\n]*", (ROOT / "Dockerfile").read_text()).group(0)
     assert "libgl" not in apt.lower() and "libglib" not in apt.lower()
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (keyword, arguments): comments dropped, continued lines joined."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    keywords_and_args = (line.strip().partition(" ") for line in joined.splitlines() if line.strip())
+    return [(keyword.upper(), args.strip()) for keyword, _, args in keywords_and_args]
+
+
+def _base_image() -> str:
+    [base] = [args.split()[0] for keyword, args in _instructions() if keyword == "FROM"]
+    return base
+
+
+def _image_env() -> dict[str, str]:
+    pairs = [token.partition("=") for keyword, args in _instructions() if keyword == "ENV" for token in shlex.split(args)]
+    assert all(sep for _, sep, _ in pairs), "ENV in the KEY=value form only"
+    return {name: value for name, _, value in pairs}
+
+
+def test_the_image_starts_from_a_slim_python_release_not_a_cuda_image():
+    """torch's wheels bring their own CUDA and cuDNN: a CUDA base image would only add a second copy.
+    A tag naming the Python release (or a digest), never a moving one such as `latest` or `3`."""
+    base = _base_image()
+    assert not base.startswith(("nvidia/", "nvcr.io/")), base
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
+
+
+def test_the_image_asks_the_nvidia_toolkit_for_the_gpus_and_the_compute_driver():
+    """The nvidia/cuda images set these; on any other base, without them the NVIDIA runtime mounts
+    no GPU (`--runtime=nvidia`) or only nvidia-smi's libraries, not libcuda."""
+    env = _image_env()
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
+
+
+def test_the_image_can_build_tritons_kernel_launchers():
+    """Triton compiles a small C launcher when the worker compiles the model: it needs a C compiler,
+    libc's headers (not pulled in by gcc without recommends) and Python's (in the python image)."""
+    [apt] = [args for keyword, args in _instructions() if keyword == "RUN" and "apt-get install" in args]
+    assert {"gcc", "libc6-dev"} <= set(apt.split())
+    assert _base_image().startswith("python:")
+
+
+def test_the_image_installs_exactly_the_locked_wheels():
+    """Two builds install the same bytes: every package from requirements.lock, checked against its
+    hashes, wheels only (nothing built from source), and no unpinned upgrade of pip on the way."""
+    instructions = _instructions()
+    [install] = [args for keyword, args in instructions if keyword == "RUN" and "pip install" in args]
+    assert {"--require-hashes", "--only-binary=:all:"} <= set(install.split())
+    assert re.search(r"(^|\s)-r requirements\.lock(\s|$)", install)
+    assert "requirements.txt" not in install and "--upgrade" not in install and install.count("pip install") == 1
+    copies = [args.split()[-2] for keyword, args in instructions if keyword == "COPY"]
+    assert "requirements.lock" in copies and "requirements.txt" not in copies
+
+
+@dataclass
+class _Locked:
+    """One package of requirements.lock: its pin, its hashes, and what it is there for (`# via`)."""
+
+    requirement: Requirement
+    hashes: list[str] = field(default_factory=list)
+    via: set[str] = field(default_factory=set)
+
+    @property
+    def version(self) -> Version:
+        return Version(next(iter(self.requirement.specifier)).version)
+
+
+def _parse_lock(text: str) -> dict[NormalizedName, _Locked]:
+    """requirements.lock as `make lock` writes it: `name==version \\`, then its `--hash=` lines and a
+    `# via` block naming what needs it (`-r requirements.txt` for a direct requirement)."""
+    entries: dict[NormalizedName, _Locked] = {}
+    current: _Locked | None = None
+    for line in text.splitlines():
+        body = line.strip().rstrip("\\").strip()
+        if not body or (line.startswith("#") and current is None):
+            continue  # the header
+        if not line[0].isspace():
+            current = _Locked(Requirement(body))
+            entries[canonicalize_name(current.requirement.name)] = current
+        elif current is not None and body.startswith("--hash="):
+            current.hashes.append(body.removeprefix("--hash="))
+        elif current is not None and body.startswith("#"):
+            named = re.sub(r"^via\b", "", body.removeprefix("#").strip()).strip()
+            if named:
+                current.via.add(named)
+    return entries
+
+
+def _requirements(text: str) -> dict[NormalizedName, Requirement]:
+    requirements = (Requirement(line.split("#", 1)[0].strip()) for line in text.splitlines()
+                    if line.split("#", 1)[0].strip() and not line.startswith("-"))
+    return {canonicalize_name(requirement.name): requirement for requirement in requirements}
+
+
+def _lock_problems(requirements_text: str, lock_text: str) -> list[str]:
+    """Why the lock is not requirements.txt's: an entry not pinned to one version with hashes, a
+    requirement missing or pinned outside its range, or a direct requirement no longer asked for."""
+    requirements = _requirements(requirements_text)
+    lock = _parse_lock(lock_text)
+    problems = []
+    for name, locked in lock.items():
+        specifiers = list(locked.requirement.specifier)
+        if len(specifiers) != 1 or specifiers[0].operator != "==" or "*" in specifiers[0].version:
+            problems.append(f"{name} is not pinned to one version")
+        if locked.requirement.marker is not None:
+            problems.append(f"{name} is locked with a marker")
+        if not locked.hashes or not all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in locked.hashes):
+            problems.append(f"{name} has no sha256 hash")
+        if "-r requirements.txt" in locked.via and name not in requirements:
+            problems.append(f"{name} is locked for requirements.txt, which no longer names it")
+    for name, requirement in requirements.items():
+        if name not in lock:
+            problems.append(f"{name} is not in requirements.lock")
+            continue
+        version = lock[name].version
+        if not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{name} is locked to {version}, outside {requirement.specifier}")
+        if "-r requirements.txt" not in lock[name].via:
+            problems.append(f"{name} is not locked as a requirement of requirements.txt")
+    return problems
+
+
+def test_the_lock_pins_every_requirement_within_its_range_with_hashes():
+    """Fails after an edit to requirements.txt that `make lock` has not followed."""
+    problems = _lock_problems((ROOT / "requirements.txt").read_text(), (ROOT / "requirements.lock").read_text())
+    assert problems == [], "run `make lock`: " + "; ".join(problems)
+
+
+def test_an_edit_to_the_requirements_without_relocking_is_caught():
+    requirements = (ROOT / "requirements.txt").read_text()
+    lock = (ROOT / "requirements.lock").read_text()
+    assert _lock_problems(requirements + "boto3>=1.34\n", lock) == ["boto3 is not in requirements.lock"]
+    torch_version = _parse_lock(lock)["torch"].version
+    narrowed = re.sub(r"^torch[^\n#]*", f"torch>{torch_version},<3", requirements, flags=re.M)
+    assert _lock_problems(narrowed, lock) == [f"torch is locked to {torch_version}, outside <3,>{torch_version}"]
+    without_tqdm = re.sub(r"^tqdm\b[^\n]*\n", "", requirements, flags=re.M)
+    assert _lock_problems(without_tqdm, lock) == ["tqdm is locked for requirements.txt, which no longer names it"]
+    unhashed = re.sub(r"^(aiosqlite==[^ ]+) \\\n(\s+--hash=[^\n]*\n)+", r"\1\n", lock, flags=re.M)
+    assert _lock_problems(requirements, unhashed) == ["aiosqlite has no sha256 hash"]
+
+
+def test_torch_is_locked_to_the_pypi_cuda_build_with_its_own_cuda_libraries():
+    """PyPI's Linux torch wheels are CUDA builds whose CUDA, cuDNN and NCCL come as nvidia-* wheels:
+    with those locked the slim image has everything CUDA needs but the host's driver. A local
+    version (`+cpu`, `+cu130`) is never on PyPI."""
+    lock = _parse_lock((ROOT / "requirements.lock").read_text())
+    assert lock["torch"].version.local is None
+    for library in ("nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cudnn", "nvidia-nccl"):
+        assert any(name.startswith(library) for name in lock), library
+    assert "triton" in lock  # torch.compile's GPU kernels
+
+
+def test_the_lock_is_resolved_for_the_images_python_and_platform():
+    """`make lock` resolves for the image from any machine: the Python of the Dockerfile's base, Linux
+    on x86_64 (nvidia-* wheels are Linux-only: a lock made for the host's own platform could miss them)."""
+    release = re.fullmatch(r"python:(3\.\d+)\..*", _base_image())
+    assert release, _base_image()
+    python = release.group(1)
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    [compile_line] = [line for line in makefile.splitlines() if "pip compile" in line]
+    assert f"--python-version {python} " in compile_line
+    assert "--python-platform x86_64-manylinux_" in compile_line and "--generate-hashes" in compile_line
+    assert compile_line.rstrip().endswith("--output-file requirements.lock requirements.txt")

@@ -325,3 +325,13 @@ def test_the_lock_is_resolved_for_the_images_python_and_platform():
     assert f"--python-version {python} " in compile_line
     assert "--python-platform x86_64-manylinux_" in compile_line and "--generate-hashes" in compile_line
     assert compile_line.rstrip().endswith("--output-file requirements.lock requirements.txt")
+
+
+def test_the_readme_names_the_base_image_and_the_cuda_the_host_driver_must_support():
+    """Re-locking to a torch built for another CUDA changes which drivers work: the README says so."""
+    readme = (ROOT / "README.md").read_text()
+    assert _base_image().partition("@")[0] in readme
+    lock = _parse_lock((ROOT / "requirements.lock").read_text())
+    [cudart] = [locked.version for name, locked in lock.items() if name.startswith("nvidia-cuda-runtime")]
+    torch = lock["torch"].version
+    assert f"CUDA {cudart.major}.{cudart.minor} for torch {torch.major}.{torch.minor}" in readme

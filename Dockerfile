@@ -2,7 +2,8 @@
 # A slim Python base, not nvidia/cuda: the torch wheel from PyPI brings its own CUDA and cuDNN
 # (the nvidia-* wheels in requirements.lock) and loads only those, so a CUDA base image's copies
 # would be gigabytes nothing uses. The host's driver must support the wheel's CUDA (README: "Docker").
-# The tag names the Python release; Docker Hub rebuilds it for Debian's security fixes.
+# The tag names the Python release (the same Python in every build); Docker Hub rebuilds it with
+# Debian's security fixes until the next release. A digest after it would freeze the rest too.
 FROM python:3.12.16-slim-trixie
 
 # The NVIDIA Container Toolkit mounts the driver only into containers that ask for it: the

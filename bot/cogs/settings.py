@@ -58,6 +58,10 @@ def panel_text(defaults: PersonalDefaults) -> str:
     return "\n".join(lines)
 
 
+# The panel's menus, named: mypy infers nothing (Never) from discord.ui.select's default class.
+Menu = discord.ui.Select["SettingsPanel"]
+
+
 class SettingsPanel(discord.ui.View):
     """The controls under the panel; each change is saved, then the panel shows the new values."""
 
@@ -89,17 +93,17 @@ class SettingsPanel(discord.ui.View):
         self.show(defaults)
         await interaction.response.edit_message(content=panel_text(defaults), view=self)
 
-    @discord.ui.select(placeholder="Style", row=0)
-    async def style(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+    @discord.ui.select(cls=Menu, placeholder="Style", row=0)
+    async def style(self, interaction: discord.Interaction, select: Menu) -> None:
         value = select.values[0]
         await self.save(interaction, style=None if value == NO_STYLE else value)
 
-    @discord.ui.select(placeholder="Shape", row=1)
-    async def aspect(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+    @discord.ui.select(cls=Menu, placeholder="Shape", row=1)
+    async def aspect(self, interaction: discord.Interaction, select: Menu) -> None:
         await self.save(interaction, aspect=select.values[0])
 
-    @discord.ui.select(placeholder="How many pictures", row=2)
-    async def count(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+    @discord.ui.select(cls=Menu, placeholder="How many pictures", row=2)
+    async def count(self, interaction: discord.Interaction, select: Menu) -> None:
         await self.save(interaction, num_images=int(select.values[0]))
 
     @discord.ui.button(label="Face pass", row=3)
@@ -148,7 +152,7 @@ class NegativePromptModal(discord.ui.Modal, title="Default negative prompt"):
             return
         await self.panel.save(interaction, negative_prompt=text or None)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
         await reply(interaction, sorry(log, "setting a default negative prompt", exc_info=error))
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.requests import GenerateRequest
 from bot.personal_defaults import IMAGINE_COUNT, effective, request_options
+from jobs.requests import GenerateRequest
 from storage.user_settings_db import NO_DEFAULTS, PersonalDefaults
 
 NOTHING_GIVEN = PersonalDefaults()

@@ -91,6 +91,9 @@ class SettingsPanel(discord.ui.View):
     async def save(self, interaction: discord.Interaction, **changes: Any) -> None:
         defaults = await user_settings_db.set_defaults(self.bot.store.db, self.owner, **changes)
         self.show(defaults)
+        if self.is_finished():  # a form sent after the panel closed: saved, but its controls stay gone
+            await interaction.response.edit_message(content=f"{panel_text(defaults)}\n{CLOSED}", view=None)
+            return
         await interaction.response.edit_message(content=panel_text(defaults), view=self)
 
     @discord.ui.select(cls=Menu, placeholder="Style", row=0)
@@ -135,7 +138,7 @@ class NegativePromptModal(discord.ui.Modal, title="Default negative prompt"):
     """The text field for the default negative prompt; left empty, the default is removed."""
 
     def __init__(self, panel: SettingsPanel) -> None:
-        super().__init__()
+        super().__init__(timeout=PANEL_TIMEOUT_S)  # a form never sent is not kept for ever
         self.panel = panel
         limit = panel.bot.settings.max_prompt_chars
         self.text: discord.ui.TextInput[NegativePromptModal] = discord.ui.TextInput(

@@ -52,3 +52,16 @@ async def test_a_negative_prompt_longer_than_imagine_takes_is_refused_and_not_sa
                                        "Please shorten it.")
     assert sent.await_args.kwargs == {"ephemeral": True}
     user_settings_db.set_defaults.assert_not_awaited()
+
+
+async def test_a_form_sent_after_its_panel_closed_is_saved_and_shows_no_controls(monkeypatch):
+    saved = PersonalDefaults(negative_prompt="hats")
+    monkeypatch.setattr(user_settings_db, "set_defaults", AsyncMock(return_value=saved))
+    panel = _panel(PersonalDefaults(negative_prompt=" hats "))  # the form opens with it, sent unchanged
+    modal = NegativePromptModal(panel)
+    panel.stop()  # as its timeout does
+    edit = AsyncMock()
+    interaction = SimpleNamespace(response=SimpleNamespace(is_done=lambda: False, edit_message=edit))
+    await modal.on_submit(interaction)  # type: ignore[arg-type]
+    user_settings_db.set_defaults.assert_awaited_once_with(None, 7, negative_prompt="hats")
+    assert edit.await_args.kwargs["view"] is None and edit.await_args.kwargs["content"].endswith(CLOSED)

@@ -105,10 +105,10 @@ class AvatarBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         from bot import consent
-        from bot.cogs import account, admin, imagine, selfies, training
+        from bot.cogs import account, admin, imagine, selfies, settings, training
 
         await self.safety.load()
-        for module in (selfies, account, training, imagine, admin, consent):
+        for module in (selfies, account, training, imagine, settings, admin, consent):
             await module.setup(self)
         self.tree.error(self.on_app_command_error)
         if self.settings.dev_guild_id:

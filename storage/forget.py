@@ -19,6 +19,7 @@ _TABLES = (
     ("jobs", "owner"),
     ("photos", "owner"),
     ("consents", "user_id"),
+    ("user_settings", "user_id"),
     ("users", "id"),
 )
 

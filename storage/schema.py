@@ -165,7 +165,28 @@ _V6 = [
     "ALTER TABLE jobs ADD COLUMN guild_id INTEGER",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
+# Step 7: a person's own defaults for /imagine (/settings), one row per person who set any, gone with
+# them on /forget. Typed columns rather than the users row's JSON `settings`: each value is read
+# without parsing and NULL means "not set, use the built-in default". Which values are valid (styles,
+# shapes, how many pictures) is the code's to say, so it is checked there, and a stored value the
+# code no longer knows is ignored rather than refused. Like the other tables of a person, nothing may
+# be stored for them while they are being forgotten.
+_V7 = [
+    """CREATE TABLE user_settings (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        negative_prompt TEXT,
+        style TEXT,
+        aspect TEXT,
+        num_images INTEGER,
+        face_pass INTEGER CHECK (face_pass IN (0, 1)),
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TRIGGER user_settings_of_the_forgotten BEFORE INSERT ON user_settings
+        WHEN EXISTS (SELECT 1 FROM forgotten WHERE user_id = NEW.user_id)
+        BEGIN SELECT RAISE(ABORT, 'this person is being forgotten'); END""",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 LATEST_VERSION = len(MIGRATIONS)
 
 

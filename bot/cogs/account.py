@@ -31,7 +31,7 @@ HELP_TEXT = """\
 3. **`/train`**: I train your own model on the GPU and keep one message here up to date with its progress. You get sample pictures when it's done.
 4. **`/imagine prompt:...`**: pictures of you, from your model only. Under each result: 🎲 **Reroll** (same prompt, new seeds; under a variation, another variation of the same picture) and **More like #N** (a variation of that picture: same prompt, drawn again starting from it).
 
-Also: `/photos` (see/remove photos), `/status` (your jobs and what is left of today's quota), `/consent` (what you agreed to), `/cancel`, `/export` (your LoRA file), `/forget` (delete everything of yours).
+Also: `/settings` (your defaults for `/imagine`), `/photos` (see/remove photos), `/status` (your jobs and what is left of today's quota), `/consent` (what you agreed to), `/cancel`, `/export` (your LoRA file), `/forget` (delete everything of yours).
 Changing your handle after training keeps the old handle for the model you have; retrain to use the new one."""
 
 
@@ -151,10 +151,11 @@ class AccountCog(commands.Cog):
             f"`pipe.load_lora_weights`, the second in A1111/ComfyUI.{note}",
             files=[discord.File(io.BytesIO(d), n) for d, n in files], ephemeral=True)
 
-    @app_commands.command(name="forget", description="Delete all your photos, models, pictures and jobs")
+    @app_commands.command(name="forget", description="Delete all your photos, models, pictures, jobs and settings")
     async def forget(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
-            "This deletes **everything** I have of you: photos, models, pictures and jobs. It can't be undone.",
+            "This deletes **everything** I have of you: photos, models, pictures, jobs and settings. "
+            "It can't be undone.",
             view=ConfirmForget(self.bot, interaction.user.id), ephemeral=True)
 
 

@@ -8,10 +8,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.personal_defaults import request_options
 from bot.replies import reply
 from bot.scheduler import Refused
 from bot.views import queued_text
 from jobs.requests import MAX_IMAGES, STYLES, Aspect, BadRequest, GenerateRequest
+from storage import user_settings_db
+from storage.user_settings_db import PersonalDefaults
 
 if TYPE_CHECKING:
     from bot.app import AvatarBot
@@ -25,15 +28,20 @@ class ImagineCog(commands.Cog):
     @app_commands.describe(prompt="What to draw; your handle is added if you leave it out",
                            negative="What to avoid", count="How many pictures (1-4)",
                            seed="Repeat a picture with its seed", aspect="Shape of the pictures",
-                           style="A look to add to the prompt")
+                           style="A look to add to the prompt",
+                           face_pass="Redraw faces with your model at its own size")
     @app_commands.choices(style=[app_commands.Choice(name=name, value=name) for name in STYLES])
-    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str = "",
-                      count: app_commands.Range[int, 1, MAX_IMAGES] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
-                      aspect: Aspect = "square", style: str | None = None) -> None:
+    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None = None,
+                      count: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
+                      seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
+                      aspect: Aspect | None = None, style: str | None = None, face_pass: bool | None = None) -> None:
+        # None: left out, so the person's /settings default (or the built-in one) applies.
         try:
             grant = await self.bot.access.require(interaction.user, interaction)
-            request = GenerateRequest(prompt=prompt, negative_prompt=negative, num_images=count, seed=seed,
-                                      aspect=aspect, style=style)
+            given = PersonalDefaults(negative_prompt=negative, style=style, aspect=aspect, num_images=count,
+                                     face_pass=face_pass)
+            defaults = await user_settings_db.get_defaults(self.bot.store.db, interaction.user.id)
+            request = GenerateRequest(prompt=prompt, seed=seed, **request_options(given, defaults))
             request.check_length(self.bot.settings.max_prompt_chars)
         except (Refused, BadRequest) as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)

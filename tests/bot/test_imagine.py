@@ -15,12 +15,19 @@ from bot.safety import Safety
 from jobs import events
 from jobs.payloads import GenerateParams, Picture, VariationOf, to_stored
 from jobs.requests import GenerateRequest
-from storage import generations_db
+from storage import generations_db, user_settings_db
+from storage.user_settings_db import NO_DEFAULTS, PersonalDefaults
 
 SAFETY = Safety(Settings())  # with no word list loaded: these tests are about the messages
 PROMPT = "<@123456789012345678> and <@&223456789012345678> with @everyone in **paris**"
 # A person the access check lets in, their use counted against server 55.
 LET_IN = SimpleNamespace(require=AsyncMock(return_value=Grant(55)))
+
+
+def _defaults(monkeypatch, defaults: PersonalDefaults = NO_DEFAULTS) -> SimpleNamespace:
+    """The person's /settings defaults as the cog reads them, and a store for it to read them from."""
+    monkeypatch.setattr(user_settings_db, "get_defaults", AsyncMock(return_value=defaults))
+    return SimpleNamespace(db=None)
 
 
 def _settings(tmp_path: Path):
@@ -266,7 +273,8 @@ async def test_a_picture_answer_the_bot_cannot_post_in_place_goes_by_dm(monkeypa
     ({"negative": "blurry " * 100}, "That negative prompt is 700 characters; the limit is 600. Please shorten it."),
     ({"style": "vaporwave"}, "Unknown style 'vaporwave'; choose one of photo, portrait"),
 ])
-async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_shown(tmp_path, options, refusal):
+async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_shown(tmp_path, monkeypatch, options,
+                                                                                   refusal):
     """What a worker would refuse is refused by the bot, with the worker's words, before it defers
     publicly ("thinking…") and before a job row exists."""
     from bot.cogs.imagine import ImagineCog
@@ -274,7 +282,7 @@ async def test_a_bad_imagine_is_refused_privately_before_anything_is_queued_or_s
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock())
     press = Press(7, None)
     cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
-                                     access=LET_IN))
+                                     access=LET_IN, store=_defaults(monkeypatch)))
     await cog.imagine.callback(cog, press, "on the moon", **options)
     [(where, text, kwargs)] = press.shown
     assert where == "response" and kwargs == {"ephemeral": True} and text.startswith(refusal)
@@ -294,7 +302,7 @@ async def test_someone_the_access_check_refuses_is_told_privately_before_anythin
     scheduler.enqueue_generate.assert_not_awaited()
 
 
-async def test_a_request_the_scheduler_would_refuse_is_told_privately_before_thinking(tmp_path):
+async def test_a_request_the_scheduler_would_refuse_is_told_privately_before_thinking(tmp_path, monkeypatch):
     """A quota reached (or no model yet) is answered only to the person who asked: no public
     "thinking…" is shown first, and nothing is queued."""
     from bot.cogs.imagine import ImagineCog
@@ -304,7 +312,30 @@ async def test_a_request_the_scheduler_would_refuse_is_told_privately_before_thi
     scheduler = SimpleNamespace(enqueue_generate=AsyncMock(), check_generate=AsyncMock(side_effect=over))
     press = Press(7, None)
     cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
-                                     access=LET_IN))
+                                     access=LET_IN, store=_defaults(monkeypatch)))
     await cog.imagine.callback(cog, press, "on the moon")
     assert press.shown == [("response", over.message, {"ephemeral": True})]
     scheduler.enqueue_generate.assert_not_awaited()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({}, {"negative_prompt": "blurry", "style": "anime", "aspect": "portrait", "num_images": 3, "face_pass": False}),
+    ({"negative": "hats", "style": "photo", "aspect": "square", "count": 1, "face_pass": True},
+     {"negative_prompt": "hats", "style": "photo", "aspect": "square", "num_images": 1, "face_pass": True}),
+])
+async def test_options_left_out_take_the_persons_defaults_and_given_ones_win(tmp_path, monkeypatch, options, expected):
+    """The request checked (and queued) carries the person's /settings defaults for the options they
+    left out; each option they give is used as given."""
+    from bot.cogs.imagine import ImagineCog
+    from bot.scheduler import Refused
+
+    theirs = PersonalDefaults(negative_prompt="blurry", style="anime", aspect="portrait", num_images=3,
+                              face_pass=False)
+    scheduler = SimpleNamespace(enqueue_generate=AsyncMock(), check_generate=AsyncMock(side_effect=Refused("stop")))
+    press = Press(7, None)
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN, store=_defaults(monkeypatch, theirs)))
+    await cog.imagine.callback(cog, press, "on the moon", **options)
+    request = scheduler.check_generate.await_args.args[1]
+    assert {name: getattr(request, name) for name in expected} == expected
+    user_settings_db.get_defaults.assert_awaited_once_with(None, 7)

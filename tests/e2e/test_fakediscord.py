@@ -346,6 +346,42 @@ async def test_persistent_view_button_press_reaches_the_callback(fake):
         await fake.press_button(alice, message, "avatar:retry")
 
 
+class ShapeMenu(discord.ui.View):
+    def __init__(self, chosen: asyncio.Queue[list[str]]) -> None:
+        super().__init__(timeout=None)
+        self.chosen = chosen
+
+    @discord.ui.select(custom_id="avatar:shape", placeholder="Shape",
+                       options=[discord.SelectOption(label=s, value=s) for s in ("square", "portrait")])
+    async def shape(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+        await self.chosen.put(select.values)
+        await interaction.response.edit_message(content=f"Shape: {select.values[0]}", view=self)
+
+
+async def test_a_string_select_choice_reaches_the_callback_with_its_values(fake):
+    client = make_client()
+    chosen: asyncio.Queue[list[str]] = asyncio.Queue()
+    alice = fake.add_user("alice")
+    async with running(client, fake):
+        user = await client.fetch_user(alice.id)
+        sent = await user.send("Pick a shape", view=ShapeMenu(chosen))
+        message = fake.message(sent.id)
+        [menu] = message.selects
+        assert (menu["type"], menu["placeholder"]) == (3, "Shape")
+
+        record = await fake.choose(alice, message, "avatar:shape", ["portrait"])
+        assert await asyncio.wait_for(chosen.get(), 5) == ["portrait"]
+        await fake.wait_for(lambda: message.content == "Shape: portrait")
+        assert record.callback_type == 7 and record.data["component_type"] == 3
+        # What a person cannot pick in Discord's menu, a test cannot either.
+        with pytest.raises(ValueError, match="offers"):
+            await fake.choose(alice, message, "avatar:shape", ["round"])
+        with pytest.raises(ValueError, match="1 to 1 values"):
+            await fake.choose(alice, message, "avatar:shape", ["square", "portrait"])
+        with pytest.raises(LookupError, match="no select menu"):
+            await fake.choose(alice, message, "avatar:size", ["square"])
+
+
 async def test_message_edits_with_bot_token_keep_history_and_files(fake):
     client = make_client()
     alice = fake.add_user("alice")

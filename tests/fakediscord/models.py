@@ -36,6 +36,7 @@ INTERACTION_MESSAGE_COMPONENT = 3
 INTERACTION_MODAL_SUBMIT = 5
 
 COMPONENT_BUTTON = 2
+COMPONENT_STRING_SELECT = 3
 
 # View channel, send messages, embed links, attach files, read history, use application commands.
 ALL_TEXT_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
@@ -350,6 +351,19 @@ class FakeMessage:
                 return button
         present = [b.get("custom_id") for b in self.buttons]
         raise LookupError(f"message {self.id} has no button {custom_id!r}; its buttons are {present}")
+
+    @property
+    def selects(self) -> list[dict[str, Any]]:
+        """Every string select menu on the message, in reading order, as the component JSON the bot sent."""
+        return [c for c in _walk_components(self.components) if c.get("type") == COMPONENT_STRING_SELECT]
+
+    def select(self, custom_id: str) -> dict[str, Any]:
+        """The select menu with this custom_id; LookupError names the ones that exist."""
+        for menu in self.selects:
+            if menu.get("custom_id") == custom_id:
+                return menu
+        present = [m.get("custom_id") for m in self.selects]
+        raise LookupError(f"message {self.id} has no select menu {custom_id!r}; its menus are {present}")
 
     def payload(self) -> dict[str, Any]:
         version = self.latest

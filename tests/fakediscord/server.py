@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +29,7 @@ from .gateway import Gateway, GatewaySession
 from .interactions import check_visible, command_data, interaction_payload, registered_command
 from .models import (
     COMPONENT_BUTTON,
+    COMPONENT_STRING_SELECT,
     INTERACTION_APPLICATION_COMMAND,
     INTERACTION_MESSAGE_COMPONENT,
     INTERACTION_MODAL_SUBMIT,
@@ -309,6 +310,27 @@ class FakeDiscord:
             INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target
         )
 
+    async def choose(
+        self, user: FakeUser, message: FakeMessage | int, custom_id: str, values: Sequence[str]
+    ) -> FakeInteraction:
+        """Pick `values` in the string select menu with custom_id on a message, as a person would: the
+        menu must be enabled, and the values among its options, as many as it allows."""
+        self._require_connected()
+        target = message if isinstance(message, FakeMessage) else self.message(message)
+        menu = target.select(custom_id)
+        if menu.get("disabled"):
+            raise ValueError(f"select menu {custom_id!r} on message {target.id} is disabled")
+        offered = [option["value"] for option in menu.get("options", [])]
+        if unknown := [value for value in values if value not in offered]:
+            raise ValueError(f"select menu {custom_id!r} offers {offered}, not {unknown}")
+        low, high = menu.get("min_values", 1), menu.get("max_values", 1)
+        if not low <= len(values) <= high:
+            raise ValueError(f"select menu {custom_id!r} takes {low} to {high} values, not {len(values)}")
+        data = {"custom_id": custom_id, "component_type": COMPONENT_STRING_SELECT, "values": list(values)}
+        return self._dispatch_interaction(
+            INTERACTION_MESSAGE_COMPONENT, user, target.channel, data, message=target
+        )
+
     async def submit_modal(
         self, user: FakeUser, opened_by: FakeInteraction, values: Mapping[str, str]
     ) -> FakeInteraction:
@@ -324,7 +346,11 @@ class FakeDiscord:
                 label = field.get("label")
                 if label not in values and field.get("required", True):
                     raise ValueError(f"the modal's required field {label!r} has no value")
-                inputs.append({"type": field["type"], "custom_id": field["custom_id"], "value": values.get(label, "")})
+                # Discord's form lets no more (nor fewer, once typed in) characters through than the field allows.
+                value = values.get(label, "")
+                if len(value) > field.get("max_length", 4000) or (value and len(value) < field.get("min_length", 0)):
+                    raise ValueError(f"{len(value)} characters do not fit the modal's field {label!r}")
+                inputs.append({"type": field["type"], "custom_id": field["custom_id"], "value": value})
             rows.append({"type": row["type"], "components": inputs})
         data = {"custom_id": modal["custom_id"], "components": rows}
         return self._dispatch_interaction(

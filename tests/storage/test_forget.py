@@ -5,18 +5,19 @@ from __future__ import annotations
 import aiosqlite
 import pytest
 
-from storage import consents_db, generations_db, jobs_db, models_db, photos_db, users_db
+from storage import consents_db, generations_db, jobs_db, models_db, photos_db, user_settings_db, users_db
 from storage.forget import forget_user, posted_messages
 from storage.store import Storage
 
 ALICE, BOB = 101, 202
 TABLES = {"users": "id", "photos": "owner", "jobs": "owner", "models": "owner", "generations": "owner",
-          "consents": "user_id"}
+          "consents": "user_id", "user_settings": "user_id"}
 
 
 async def _give_everything(store: Storage, user: int) -> None:
     await users_db.set_handle(store.db, user, f"zorbq{user}", "person")
     await consents_db.record_consent(store.db, user, "these are photos of me")
+    await user_settings_db.set_defaults(store.db, user, style="anime", negative_prompt="blurry")
     photo = store.files.write(user, "photos", b"pixels", ".png")
     await photos_db.add_photo(
         store.db, user, sha256=f"{user:064x}", phash=1, path=photo, byte_size=6, width=1, height=1
@@ -64,6 +65,7 @@ async def test_forget_user_leaves_nothing_of_them_and_everything_of_others(store
         "jobs": 2,
         "photos": 1,
         "consents": 1,
+        "user_settings": 1,
         "users": 1,
         "files": 4,
         "bytes": len(b"pixels" + b"ckpt" + b"lora" + b"img"),
@@ -167,11 +169,14 @@ async def test_nothing_new_of_a_person_being_forgotten_can_be_stored(store):
         await models_db.add_model(store.db, ALICE, None, "users/101/models/x.safetensors", "sd15", {})
     with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
         await generations_db.add_generation(store.db, ALICE, None, None, "p", "", [1], {}, [])
+    with pytest.raises(aiosqlite.IntegrityError, match="being forgotten"):
+        await user_settings_db.set_defaults(store.db, ALICE, face_pass=False)
     await users_db.ensure_user(store.db, BOB)
     await jobs_db.create_job(store.db, "generate", BOB, {})  # others carry on
 
 
 MARKER_HANDLE, MARKER_PROMPT = "zqmarkerhandle", "a marker prompt 8f3a1c under the sea"
+MARKER_NEGATIVE = "a marker negative 5d2e9b of her own"
 
 
 def _database_bytes(store: Storage) -> bytes:
@@ -187,15 +192,16 @@ async def test_after_forget_the_database_files_hold_nothing_of_the_person(store)
     await users_db.set_handle(store.db, ALICE, MARKER_HANDLE, "person")
     await jobs_db.create_job(store.db, "generate", ALICE, {"request": {"prompt": MARKER_PROMPT}})
     await generations_db.add_generation(store.db, ALICE, None, None, MARKER_PROMPT, "", [1], {}, [])
+    await user_settings_db.set_defaults(store.db, ALICE, negative_prompt=MARKER_NEGATIVE)
     await store.db.truncate_wal()  # the rows reach the database file itself, as they would in time
     await users_db.set_handle(store.db, BOB, "zqbobkept", "person")
     before = _database_bytes(store)
-    assert MARKER_HANDLE.encode() in before and MARKER_PROMPT.encode() in before
+    assert all(marker.encode() in before for marker in (MARKER_HANDLE, MARKER_PROMPT, MARKER_NEGATIVE))
 
     await forget_user(store, ALICE)
 
     after = _database_bytes(store)
-    assert MARKER_HANDLE.encode() not in after and MARKER_PROMPT.encode() not in after
+    assert all(marker.encode() not in after for marker in (MARKER_HANDLE, MARKER_PROMPT, MARKER_NEGATIVE))
     assert b"zqbobkept" in after
     assert await store.db.pragma("secure_delete") == 1
 

@@ -25,15 +25,17 @@ class ImagineCog(commands.Cog):
     @app_commands.describe(prompt="What to draw; your handle is added if you leave it out",
                            negative="What to avoid", count="How many pictures (1-4)",
                            seed="Repeat a picture with its seed", aspect="Shape of the pictures",
-                           style="A look to add to the prompt")
+                           style="A look to add to the prompt",
+                           face_pass="Redraw faces with your model for likeness (default on)")
     @app_commands.choices(style=[app_commands.Choice(name=name, value=name) for name in STYLES])
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str = "",
                       count: app_commands.Range[int, 1, MAX_IMAGES] = 2, seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
-                      aspect: Aspect = "square", style: str | None = None) -> None:
+                      aspect: Aspect = "square", style: str | None = None, face_pass: bool | None = None) -> None:
         try:
             grant = await self.bot.access.require(interaction.user, interaction)
             request = GenerateRequest(prompt=prompt, negative_prompt=negative, num_images=count, seed=seed,
-                                      aspect=aspect, style=style)
+                                      aspect=aspect, style=style,  # face_pass left out: the default
+                                      face_pass=GenerateRequest.face_pass if face_pass is None else face_pass)
             request.check_length(self.bot.settings.max_prompt_chars)
         except (Refused, BadRequest) as exc:  # refused before anything public is shown
             await reply(interaction, exc.message)

@@ -159,11 +159,13 @@ async def test_a_button_pressed_by_someone_no_longer_let_in_is_refused_privately
     scheduler.enqueue_generate.assert_not_awaited()
 
 
+@pytest.mark.parametrize("face_pass", [True, False])
 @pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])
-async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
+async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of,
+                                                                                          face_pass):
     from bot.views import VARIATION_STRENGTH, _queue_generation
 
-    request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3}
+    request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3, "face_pass": face_pass}
     if variation_of:
         request["strength"] = VARIATION_STRENGTH
     stored = to_stored(GenerateParams(GenerateRequest(**request), variation_of=variation_of))
@@ -308,3 +310,20 @@ async def test_a_request_the_scheduler_would_refuse_is_told_privately_before_thi
     await cog.imagine.callback(cog, press, "on the moon")
     assert press.shown == [("response", over.message, {"ephemeral": True})]
     scheduler.enqueue_generate.assert_not_awaited()
+
+
+@pytest.mark.parametrize(("options", "face_pass"), [({}, True), ({"face_pass": False}, False),
+                                                   ({"face_pass": True}, True)])
+async def test_the_face_pass_option_reaches_the_queued_request(tmp_path, options, face_pass):
+    from bot.cogs.imagine import ImagineCog
+
+    scheduler = SimpleNamespace(check_generate=AsyncMock(), waiting_for_a_worker=lambda: False,
+                                enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)))
+    notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None, remember_answer=AsyncMock())
+    press = Press(7, None)
+    press.edit_original_response = AsyncMock()
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN, notifier=notifier))
+    await cog.imagine.callback(cog, press, "on the moon", **options)
+    (user_id, queued), _ = scheduler.enqueue_generate.await_args
+    assert user_id == 7 and queued.face_pass is face_pass

@@ -5,7 +5,7 @@ pixels (the VAE works at 1/8 of the picture's size), too few for the model to dr
 likeness. The pass finds the faces in the drawn pictures, cuts a padded square around each, scales
 it up to the model's native resolution, redraws it with img2img (strength 0.4: the face keeps its
 pose, light and place in the picture, and gains detail) through the same pipeline with the person's
-LoRA still merged, and pastes it back through a feathered elliptical mask. Pixels outside the mask
+LoRA still merged, and pastes it back through a feathered round mask. Pixels outside the mask
 are the picture's own, byte for byte.
 
 Detection: OpenCV's frontal-face Haar cascade (photos.faces), which ships inside the
@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -122,19 +121,15 @@ def crops_for(pictures: np.ndarray, seeds: Sequence[int], native: int, detector:
 
 
 def feathered_mask(side: int) -> np.ndarray:
-    """A (side, side) float32 mask: 1 in an ellipse filling the square less its feather, blurred to 0
-    at the square's edge. The blur's kernel ends inside the square, so its border is exactly 0."""
-    feather = max(1, round(FEATHER * side))
-    radius = feather // 2
-    mask = np.zeros((side, side), np.float32)
-    centre = ((side - 1) / 2, (side - 1) / 2)
-    axes = (max(1.0, side / 2 - feather), max(1.0, side / 2 - feather))
-    # Sub-pixel ellipse (cv2 takes fixed-point coordinates with `shift` fractional bits).
-    scale = 1 << 4
-    cv2.ellipse(mask, (round(centre[0] * scale), round(centre[1] * scale)),
-                (round(axes[0] * scale), round(axes[1] * scale)), 0, 0, 360, 1.0, -1, cv2.LINE_8, 4)
-    return cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), sigmaX=max(0.5, radius / 2),
-                            borderType=cv2.BORDER_CONSTANT)
+    """A (side, side) float32 mask: 1 in a disc, falling smoothly (smoothstep over FEATHER of the
+    side) to exactly 0 at the square's edge, so the crop's border pixels are never touched."""
+    centre = (side - 1) / 2
+    outer = side / 2 - 0.5  # the distance from the centre to the edge pixels' centres
+    feather = max(1.0, FEATHER * side)
+    y, x = np.ogrid[:side, :side]
+    distance = np.sqrt((x - centre) ** 2 + (y - centre) ** 2)
+    ramp = np.clip((outer - distance) / feather, 0.0, 1.0)
+    return (ramp * ramp * (3 - 2 * ramp)).astype(np.float32)
 
 
 def paste(picture: np.ndarray, redrawn: np.ndarray, crop: Crop) -> None:

@@ -52,6 +52,13 @@ STRENGTH = 0.4
 """How far the redraw may move from the drawn face: enough for the LoRA to put the person's features
 in, little enough that pose, expression and light stay those of the picture (ADetailer's default)."""
 
+STEP_FRACTION = 0.8
+"""The redraw's schedule has this fraction of the request's steps (of which it runs the last 40 %):
+a request's step count is set for the whole schedule, whose early, high-noise steps settle the
+composition; the low-noise end the redraw runs converges in fewer (the default sampler, DPM-Solver++
+2M, is a second-order method). At 25 steps the pass runs 8 UNet steps, about a third of the picture's, which keeps it,
+with the crop's VAE encode and decode, near the 40 % of a picture's time it is budgeted."""
+
 MAX_FACES = 2
 """Faces redrawn per picture, the largest: the person is usually the largest face; a crowd's small
 faces would each cost a redraw and are not the person anyway."""
@@ -171,7 +178,7 @@ def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop],
     if not crops:
         return out
     # At least one denoising step however few the request has: img2img runs int(steps * strength).
-    steps = max(how.steps, math.ceil(1 / STRENGTH))
+    steps = max(math.ceil(how.steps * STEP_FRACTION), math.ceil(1 / STRENGTH))
     calls, done = math.ceil(len(crops) / how.batch), 0
     for first in range(0, len(crops), how.batch):
         chunk = crops[first:first + how.batch]

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import AsyncMock
 
+import discord
 import pytest
 
 from bot.access import Grant
@@ -327,3 +328,6 @@ async def test_the_face_pass_option_reaches_the_queued_request(tmp_path, options
     await cog.imagine.callback(cog, press, "on the moon", **options)
     (user_id, queued), _ = scheduler.enqueue_generate.await_args
     assert user_id == 7 and queued.face_pass is face_pass
+    # Discord shows it as an optional True/False choice.
+    option = cog.imagine.get_parameter("face_pass")
+    assert option is not None and option.type == discord.AppCommandOptionType.boolean and not option.required

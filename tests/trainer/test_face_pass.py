@@ -219,3 +219,16 @@ def test_the_face_prompt_names_the_person_first_and_drops_the_scene_when_too_lon
         "a close-up of the face of zqjane woman, on a beach")
     assert face_pass.face_prompt("zqjane woman", "on a beach", lambda text: len(text) < 40) == (
         "a close-up of the face of zqjane woman")
+
+
+def test_the_default_detector_finds_the_small_faces_the_pass_is_for() -> None:
+    """A face 20 px wide in a 512 px picture (a full-length figure's) is below what the intake looks
+    for in selfies, and found here; a picture without a face gives nothing to redraw."""
+    from photos import faces
+    from tests.photos_factory import colour_fields, portrait
+
+    small = portrait((512, 512), ((0.3, 0.4, 0.04),))
+    assert faces.detect_faces(small, small.size) == []
+    [(x, y, w, h)] = face_pass.detect_faces(small)
+    assert abs(x + w / 2 - 154) < 8 and abs(y + h / 2 - 205) < 8
+    assert face_pass.detect_faces(colour_fields(1)[0]) == []

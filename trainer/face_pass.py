@@ -38,9 +38,10 @@ import torch
 from PIL import Image
 
 from photos import faces
+from trainer.dataset import encode_latents
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def crops_for(pictures: np.ndarray, seeds: Sequence[int], native: int, detector:
     crops = []
     for index, (picture, seed) in enumerate(zip(pictures, seeds, strict=True)):
         image = Image.fromarray(picture)
-        boxes = [box for box in detector(image) if max(box[2], box[3]) <= MAX_FACE_FRACTION * native]
+        found = detector(image)
+        boxes = [box for box in found if max(box[2], box[3]) <= MAX_FACE_FRACTION * native]
+        log.debug("picture %d: %d face(s) found, %d small enough to redraw", index, len(found), len(boxes))
         for face, box in enumerate(boxes[:MAX_FACES]):
             crops.append(Crop(index, *crop_around(box, image.size), seed=face_seed(seed, face)))
     return crops
@@ -162,6 +165,26 @@ def face_prompt(subject: str, prompt: str, fits: Callable[[str], bool]) -> str:
     return full if fits(full) else lead
 
 
+def encode(vae: AutoencoderKL, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """The crops ((side, side, 3) bytes) as the latents img2img starts from, scaled as the pipeline
+    scales its own: the mean of the VAE's distribution, in one batch.
+
+    Encoding here rather than in the pipeline: SDXL's img2img casts a VAE with `force_upcast` to
+    float32 and back around its encode whatever its dtype, which moves the decoder's weights from
+    where its CUDA graphs read them (trainer.graphs would capture them again on every pass); here
+    only an fp16 VAE is upcast, as it must be (trainer.dataset.encode_latents). The pipeline also
+    encodes one crop at a time, sampling each with its generator; the mean serves a 0.4 redraw as well.
+    """
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = encode_latents(vae, pixels, batch_size=len(images)).mean.to(vae.device)
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        latents = (latents - torch.tensor(mean).view(shape).to(latents)) / torch.tensor(std).view(shape).to(latents)
+    return latents * config.scaling_factor
+
+
 @dataclass(frozen=True)
 class Redraw:
     """How to redraw: the prompts, the request's steps, guidance and the model's native size."""
@@ -188,8 +211,8 @@ def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop],
     calls, done = math.ceil(len(crops) / how.batch), 0
     for first in range(0, len(crops), how.batch):
         chunk = crops[first:first + how.batch]
-        images = [Image.fromarray(pictures[c.index, c.top:c.top + c.side, c.left:c.left + c.side])
-                  .resize((how.native, how.native), Image.Resampling.LANCZOS) for c in chunk]
+        images = [np.asarray(Image.fromarray(pictures[c.index, c.top:c.top + c.side, c.left:c.left + c.side])
+                             .resize((how.native, how.native), Image.Resampling.LANCZOS)) for c in chunk]
 
         def on_step_end(p: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             nonlocal done
@@ -199,7 +222,7 @@ def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop],
 
         result = pipe(prompt=[how.prompt] * len(chunk),
                       negative_prompt=[how.negative] * len(chunk) if how.negative else None,
-                      image=images, strength=STRENGTH, num_inference_steps=steps, guidance_scale=how.guidance,
+                      image=encode(pipe.vae, images), strength=STRENGTH, num_inference_steps=steps, guidance_scale=how.guidance,
                       generator=[torch.Generator("cpu").manual_seed(c.seed) for c in chunk], output_type="pt",
                       callback_on_step_end=on_step_end)
         for crop, face in zip(chunk, to_pixels(result.images), strict=True):

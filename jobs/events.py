@@ -23,6 +23,7 @@ STAGES = (
     "training",
     "saving",
     "generating",
+    "refining_face",
 )
 
 

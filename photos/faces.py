@@ -82,11 +82,12 @@ def warm_up(threads: int | None = None) -> None:
     _cascade()
 
 
-def detect_faces(image: Image.Image, original_size: tuple[int, int]) -> list[Box]:
+def detect_faces(image: Image.Image, original_size: tuple[int, int], *, min_face_px: int = MIN_FACE_PX) -> list[Box]:
     """Find frontal faces in `image`, largest first, as boxes in `original_size` coordinates.
 
     `image` may be a reduced decode of the original (JPEG draft mode); boxes are scaled back so
-    callers always reason in the photo's real pixels.
+    callers always reason in the photo's real pixels. `min_face_px`: the smallest face looked for,
+    at detection scale.
     """
     gray_full = image.convert("L")
     scale = min(1.0, DETECT_LONG_SIDE / max(gray_full.size))
@@ -95,7 +96,7 @@ def detect_faces(image: Image.Image, original_size: tuple[int, int]) -> list[Box
     gray = cv2.equalizeHist(np.asarray(small))
     with _detect_lock:
         found = _cascade().detectMultiScale(
-            gray, scaleFactor=SCALE_STEP, minNeighbors=MIN_NEIGHBOURS, minSize=(MIN_FACE_PX, MIN_FACE_PX)
+            gray, scaleFactor=SCALE_STEP, minNeighbors=MIN_NEIGHBOURS, minSize=(min_face_px, min_face_px)
         )
     fx = original_size[0] / small_size[0]
     fy = original_size[1] / small_size[1]

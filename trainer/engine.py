@@ -55,7 +55,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.payloads import Picture
 from jobs.requests import MAX_IMAGES, GenerateRequest
-from trainer import adapters, merged_lora, png, prompts
+from trainer import adapters, face_pass, merged_lora, png, prompts
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
 from trainer.fused_linears import PASS as FUSE_LINEARS
@@ -125,12 +125,14 @@ class GenerationEngine:
     def __init__(self, pipeline: DiffusionPipeline, *, max_loaded_adapters: int = 8,
                  base_resolution: int | None = None, cuda_graphs: bool = True,
                  compile_blocks: bool | None = None, compile_stages: bool = True, static_shapes: bool = True,
-                 compile_backend: str | Callable[..., Any] = "inductor") -> None:
+                 compile_backend: str | Callable[..., Any] = "inductor",
+                 face_detector: face_pass.Detector = face_pass.detect_faces) -> None:
         """`compile_blocks`: compile the UNet and the VAE decoder (trainer.compiled_blocks); None means
         where it pays, with CUDA graphs on a GPU. `compile_stages`: compile whole stages (False: their
         blocks only, for comparison). `static_shapes`: the stages also get code compiled for the static
         shapes of the warm-up's pictures (False: a shorter warm-up, every picture runs the dynamic-shape
-        code). `compile_backend` is torch.compile's."""
+        code). `compile_backend` is torch.compile's. `face_detector` finds the faces the face pass
+        redraws (trainer.face_pass)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -174,6 +176,7 @@ class GenerationEngine:
                                          static_graph_pass=FUSE_LINEARS)
                           if compile_blocks else None)
         self._learning_shapes = False
+        self.face_detector = face_detector
 
     @property
     def graph_capture_s(self) -> float:
@@ -378,6 +381,35 @@ class GenerationEngine:
             raise TrainerError("The picture to make variations of could not be read.", "bad_image") from exc
         return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
+    def _face_pass(self, pixels: np.ndarray, seeds: list[int], request: GenerateRequest, negative: str,
+                   handle: str | None, class_word: str | None, on_event: EventSink,
+                   should_cancel: Callable[[], bool]) -> np.ndarray:
+        """`pixels` with the faces found redrawn at native size (trainer.face_pass), reporting
+        `refining_face` progress; the caller holds the lock and has the LoRA merged."""
+        crops = face_pass.crops_for(pixels, seeds, self.base_resolution, self.face_detector)
+        if not crops:
+            return pixels
+        started = time.monotonic()
+        subject = " ".join(w for w in (handle, class_word) if w)
+        prompt = face_pass.face_prompt(subject, prompts.compose_prompt(request.prompt, None, None, request.style),
+                                       lambda text: all(prompts.count_tokens(t, text) <= t.model_max_length
+                                                        for t in self.tokenizers))
+        pipe = self._image_pipeline()
+        pipe.scheduler = self._schedulers.get(request.scheduler)
+
+        def on_step(done: int, total: int) -> None:
+            elapsed = time.monotonic() - started
+            on_event(events.Progress(done, total, eta_s=elapsed / done * (total - done), stage="refining_face"))
+            if should_cancel():
+                raise Cancelled()
+
+        how = face_pass.Redraw(prompt, negative or None, request.steps, request.guidance, self.base_resolution,
+                               batch=MAX_IMAGES)
+        refined = face_pass.redraw(pipe, pixels, crops, how, to_pixels, on_step)
+        log.info("redrew %d face(s) in %d picture(s) in %.2f s", len(crops), len({c.index for c in crops}),
+                 time.monotonic() - started)
+        return refined
+
     def generate(self, request: GenerateRequest, *, adapter_key: str | None = None,
                  lora_path: Path | None = None, handle: str | None = None, class_word: str | None = None,
                  on_event: EventSink = events.ignore, should_cancel: Callable[[], bool] = lambda: False,
@@ -386,7 +418,8 @@ class GenerationEngine:
 
         `lora_path` is read only when the adapter is not resident. `handle` and `class_word` name the
         person in the prompt (see trainer.prompts). With `init_image` (PNG/JPEG bytes) the pictures are
-        variations of it. Reports `progress` events per denoising step and raises Cancelled between
+        variations of it. With a LoRA and `request.face_pass`, the faces found are then redrawn with it
+        (trainer.face_pass). Reports `progress` events per denoising step and raises Cancelled between
         steps once `should_cancel()` is true; raises PromptTooLong before any work for long prompts.
         """
         with self._lock:
@@ -426,6 +459,9 @@ class GenerationEngine:
 
             with self._applied(lora):
                 pixels = to_pixels(pipe(**kwargs, callback_on_step_end=on_step_end).images)
+                if lora is not None and request.face_pass:  # with the person's LoRA still merged
+                    pixels = self._face_pass(pixels, seeds, request, negative, handle, class_word,
+                                             on_event, should_cancel)
             files = png.encode_rgb(list(pixels))
             result = [Picture(data, seed) for data, seed in zip(files, seeds, strict=True)]
             log.info("made %d %dx%d picture(s), %s, %d steps, %s, in %.2f s", len(result), width, height,

@@ -29,7 +29,7 @@ class ImagineCog(commands.Cog):
                            negative="What to avoid", count="How many pictures (1-4)",
                            seed="Repeat a picture with its seed", aspect="Shape of the pictures",
                            style="A look to add to the prompt",
-                           face_pass="Redraw faces with your model at its own size")
+                           face_pass="Redraw faces with your model for likeness (on unless your /settings say otherwise)")
     @app_commands.choices(style=[app_commands.Choice(name=name, value=name) for name in STYLES])
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None = None,
                       count: app_commands.Range[int, 1, MAX_IMAGES] | None = None,

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import AsyncMock
 
+import discord
 import pytest
 
 from bot.access import Grant
@@ -166,11 +167,13 @@ async def test_a_button_pressed_by_someone_no_longer_let_in_is_refused_privately
     scheduler.enqueue_generate.assert_not_awaited()
 
 
+@pytest.mark.parametrize("face_pass", [True, False])
 @pytest.mark.parametrize("variation_of", [None, VariationOf(4, 1)])
-async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of):
+async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_picture(monkeypatch, variation_of,
+                                                                                          face_pass):
     from bot.views import VARIATION_STRENGTH, _queue_generation
 
-    request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3}
+    request = {"prompt": "x", "seed": 11, "num_images": 1 if variation_of else 3, "face_pass": face_pass}
     if variation_of:
         request["strength"] = VARIATION_STRENGTH
     stored = to_stored(GenerateParams(GenerateRequest(**request), variation_of=variation_of))
@@ -339,3 +342,24 @@ async def test_options_left_out_take_the_persons_defaults_and_given_ones_win(tmp
     request = scheduler.check_generate.await_args.args[1]
     assert {name: getattr(request, name) for name in expected} == expected
     user_settings_db.get_defaults.assert_awaited_once_with(None, 7)
+
+
+@pytest.mark.parametrize(("options", "face_pass"), [({}, True), ({"face_pass": False}, False),
+                                                   ({"face_pass": True}, True)])
+async def test_the_face_pass_option_reaches_the_queued_request(tmp_path, monkeypatch, options, face_pass):
+    from bot.cogs.imagine import ImagineCog
+
+    scheduler = SimpleNamespace(check_generate=AsyncMock(), waiting_for_a_worker=lambda: False,
+                                enqueue_generate=AsyncMock(return_value=(SimpleNamespace(id=5), 1)))
+    notifier = SimpleNamespace(attach_interaction=lambda job_id, interaction: None, remember_answer=AsyncMock())
+    press = Press(7, None)
+    press.edit_original_response = AsyncMock()
+    cog = ImagineCog(SimpleNamespace(settings=_settings(tmp_path), scheduler=scheduler, safety=SAFETY,
+                                     access=LET_IN, notifier=notifier,
+                                     store=_defaults(monkeypatch)))
+    await cog.imagine.callback(cog, press, "on the moon", **options)
+    (user_id, queued), _ = scheduler.enqueue_generate.await_args
+    assert user_id == 7 and queued.face_pass is face_pass
+    # Discord shows it as an optional True/False choice.
+    option = cog.imagine.get_parameter("face_pass")
+    assert option is not None and option.type == discord.AppCommandOptionType.boolean and not option.required

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from bot.progress import ThrottledEditor, format_duration, progress_bar, render_progress
+from bot.progress import STAGE_LABELS, ThrottledEditor, format_duration, progress_bar, render_progress
 
 
 def test_bar_and_durations():
@@ -26,6 +26,14 @@ def test_render_progress_shows_stage_step_and_eta():
     assert "Time left" not in render_progress("Training", {"stage": "training", "step": 8, "total": 8, "eta_s": 0})
     queued = render_progress("Training", {}, queue_position=3)
     assert "Waiting in the queue" in queued and "Position in the queue: 3" in queued
+
+
+def test_every_stage_a_worker_reports_has_words_for_people():
+    from jobs.events import STAGES
+
+    assert set(STAGES) <= set(STAGE_LABELS)
+    face = render_progress("Drawing", {"stage": "refining_face", "step": 3, "total": 10, "eta_s": 2})
+    assert "Stage: Refining the face" in face and "step 3/10" in face
 
 
 async def test_throttle_coalesces_to_first_and_latest():

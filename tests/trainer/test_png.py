@@ -77,7 +77,7 @@ def test_text_goes_between_the_header_and_the_pixels_and_pillow_reads_it(text: s
     data = png.encode_rgb([picture], [{"parameters": text}])[0]
     assert [k for k, _ in chunks(data)] == [b"IHDR", kind, b"IDAT", b"IEND"]
     decoded = Image.open(io.BytesIO(data))
-    assert decoded.info["parameters"] == text and decoded.text == {"parameters": text}  # type: ignore[attr-defined]
+    assert decoded.info["parameters"] == text and decoded.text == {"parameters": text}
     assert np.array_equal(np.asarray(decoded), picture)
     assert png.encode_rgb([picture], [{"parameters": text}])[0] == data  # still the same bytes every time
 

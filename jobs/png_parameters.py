@@ -165,7 +165,8 @@ def parse(text: str) -> PictureSettings:
     if "Lora hashes" in pairs:
         entries = [entry.strip() for entry in pairs["Lora hashes"].split(",") if entry.strip()]
         if len(entries) != 1 or ":" not in entries[0]:
-            raise UnreadableParameters("These picture settings name several LoRAs; this bot draws with one.")
+            raise UnreadableParameters("These picture settings do not name one LoRA as \"name: hash\"; "
+                                       "this bot draws with one.")
         lora_name, _, lora_hash = (part.strip() for part in entries[0].partition(":"))
     try:
         return PictureSettings(

@@ -87,7 +87,7 @@ def test_a1111s_own_text_is_read_including_its_older_sampler_names() -> None:
      "Exponential"),
     ("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: one, Size: 64x64", "not one"),
     ("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: big", "WIDTHxHEIGHT"),
-    ('a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Lora hashes: "a: 1, b: 2"', "several"),
+    ('a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Lora hashes: "a: 1, b: 2"', "one LoRA"),
 ])
 def test_what_cannot_be_made_again_is_refused_with_the_reason(text: str, reason: str) -> None:
     with pytest.raises(UnreadableParameters, match=re.escape(reason)):

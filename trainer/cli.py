@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from common.envfile import env_file_values, parse_switch
 from jobs import events
+from jobs.png_parameters import model_name
 from jobs.requests import (
     DEFAULT_BASE_MODEL,
     MAX_GUIDANCE,
@@ -242,7 +243,7 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
     log.info("prompt: %s", compose_prompt(request.prompt, handle, class_word, request.style))
     model = args.model or meta.get("base_model") or DEFAULT_BASE_MODEL
     pipe = load_pipeline(model, device=pick_device(args.device))
-    engine = GenerationEngine(pipe)
+    engine = GenerationEngine(pipe, model_name=model_name(model))
     key = hashlib.sha256(lora.read_bytes()).hexdigest()[:16] if lora else None
     bars = ProgressBars()
     try:

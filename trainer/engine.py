@@ -37,6 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,11 @@ from diffusers import (
 )
 from PIL import Image, UnidentifiedImageError
 
-from jobs import events
+from jobs import events, png_parameters
 from jobs.events import EventSink
 from jobs.payloads import Picture
 from jobs.requests import MAX_IMAGES, GenerateRequest
-from trainer import adapters, face_pass, merged_lora, png, prompts
+from trainer import adapters, face_pass, lora_io, merged_lora, png, prompts
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
 from trainer.fused_linears import PASS as FUSE_LINEARS
@@ -126,13 +127,14 @@ class GenerationEngine:
                  base_resolution: int | None = None, cuda_graphs: bool = True,
                  compile_blocks: bool | None = None, compile_stages: bool = True, static_shapes: bool = True,
                  compile_backend: str | Callable[..., Any] = "inductor",
-                 face_detector: face_pass.Detector = face_pass.detect_faces) -> None:
+                 face_detector: face_pass.Detector = face_pass.detect_faces, model_name: str = "") -> None:
         """`compile_blocks`: compile the UNet and the VAE decoder (trainer.compiled_blocks); None means
         where it pays, with CUDA graphs on a GPU. `compile_stages`: compile whole stages (False: their
         blocks only, for comparison). `static_shapes`: the stages also get code compiled for the static
         shapes of the warm-up's pictures (False: a shorter warm-up, every picture runs the dynamic-shape
         code). `compile_backend` is torch.compile's. `face_detector` finds the faces the face pass
-        redraws (trainer.face_pass)."""
+        redraws (trainer.face_pass). `model_name`: the base model as each picture's settings name it
+        (jobs.png_parameters.model_name of the loaded spec: no folders)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -146,6 +148,8 @@ class GenerationEngine:
         self._text.set_progress_bar_config(disable=True)
         self._schedulers = SchedulerCache(pipeline.scheduler.config)
         self._adapters: OrderedDict[str, merged_lora.Lora] = OrderedDict()  # key -> LoRA, oldest first
+        self._lora_hashes: dict[str, str] = {}  # key -> its file's hash, for the pictures' settings
+        self.model_name = model_name
         self._lock = threading.Lock()
         self.max_loaded_adapters = max_loaded_adapters
         vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -209,6 +213,7 @@ class GenerationEngine:
     def evict(self, adapter_key: str) -> None:
         """Forget a person's LoRA (their model was retrained or deleted); unknown keys are ignored."""
         with self._lock:
+            self._lora_hashes.pop(adapter_key, None)
             if self._adapters.pop(adapter_key, None) is not None:
                 log.info("unloaded adapter %s", adapter_key)
 
@@ -236,8 +241,10 @@ class GenerationEngine:
                                "damaged or made for a different base model; training it again fixes "
                                "that.", "bad_lora") from exc
         self._adapters[key] = lora
+        self._lora_hashes[key] = png_parameters.lora_hash(path)
         while len(self._adapters) > self.max_loaded_adapters:
             old_key, _ = self._adapters.popitem(last=False)
+            self._lora_hashes.pop(old_key, None)
             log.info("unloaded least recently used adapter %s", old_key)
         log.info("loaded adapter %s (%d layers, %.1f MB) in %.0f ms (%d resident)", key, lora.layers,
                  lora.nbytes / 1e6, (time.perf_counter() - started) * 1000, len(self._adapters))
@@ -410,6 +417,20 @@ class GenerationEngine:
                  time.monotonic() - started)
         return refined
 
+    def _settings_texts(self, request: GenerateRequest, prompt: str, negative: str, seeds: list[int],
+                        size: tuple[int, int], strength: float | None, adapter_key: str | None,
+                        handle: str | None) -> list[str]:
+        """Each picture's settings in A1111's text (jobs.png_parameters), for its PNG's `parameters` chunk."""
+        lora_name = lora_hash = None
+        if adapter_key is not None:
+            # As A1111 names the LoRA: after its kohya file, which the trainer names after the handle.
+            lora_name, lora_hash = lora_io.safe_file_stem(handle or ""), self._lora_hashes[adapter_key]
+        settings = png_parameters.PictureSettings(
+            prompt=prompt, negative_prompt=negative, seed=seeds[0], steps=request.steps, guidance=request.guidance,
+            scheduler=request.scheduler, width=size[0], height=size[1], model=self.model_name,
+            lora_name=lora_name, lora_hash=lora_hash, strength=strength)
+        return [png_parameters.to_text(replace(settings, seed=seed)) for seed in seeds]
+
     def generate(self, request: GenerateRequest, *, adapter_key: str | None = None,
                  lora_path: Path | None = None, handle: str | None = None, class_word: str | None = None,
                  on_event: EventSink = events.ignore, should_cancel: Callable[[], bool] = lambda: False,
@@ -437,10 +458,11 @@ class GenerationEngine:
                 "num_inference_steps": request.steps, "guidance_scale": request.guidance,
                 "generator": generators, "output_type": "pt",
             }
+            strength = None
             if init_image is not None:
                 pipe = self._image_pipeline()
-                kwargs.update(image=self._init_image(init_image, (width, height)),
-                              strength=request.strength or DEFAULT_VARIATION_STRENGTH)
+                strength = request.strength or DEFAULT_VARIATION_STRENGTH
+                kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength)
             else:
                 pipe = self._text
                 kwargs.update(width=width, height=height)
@@ -462,7 +484,8 @@ class GenerationEngine:
                 if lora is not None and request.face_pass:  # with the person's LoRA still merged
                     pixels = self._face_pass(pixels, seeds, request, negative, handle, class_word,
                                              on_event, should_cancel)
-            files = png.encode_rgb(list(pixels))
+            files = png.encode_rgb(list(pixels), [{png_parameters.KEY: text} for text in self._settings_texts(
+                request, prompt, negative, seeds, (width, height), strength, adapter_key, handle)])
             result = [Picture(data, seed) for data, seed in zip(files, seeds, strict=True)]
             log.info("made %d %dx%d picture(s), %s, %d steps, %s, in %.2f s", len(result), width, height,
                      "variation" if init_image is not None else "text to image", request.steps,

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jobs import events
+from jobs import events, png_parameters
 from jobs.events import EventSink
 from jobs.payloads import (
     GenerateInputs,
@@ -186,7 +186,8 @@ class Worker:
 
             self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters,
                                             compile_blocks=None if self.config.compile_generation else False,
-                                            static_shapes=self.config.compile_static_shapes)
+                                            static_shapes=self.config.compile_static_shapes,
+                                            model_name=png_parameters.model_name(self.config.base_model))
         return self._engine
 
     def run(self, item: WorkItem, emit: EventSink, should_cancel: Callable[[], bool],

@@ -68,3 +68,24 @@ def test_a_photo_is_no_larger_than_pillows_fast_png() -> None:
 def test_anything_but_rgb_bytes_is_refused(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8"):
         png.encode_rgb([bad])
+
+
+@pytest.mark.parametrize("text, kind", [("a photo, Steps: 2\nSeed: 7", b"tEXt"), ("un café", b"tEXt"),
+                                        ("zqjane 🌙 日本", b"iTXt")])
+def test_text_goes_between_the_header_and_the_pixels_and_pillow_reads_it(text: str, kind: bytes) -> None:
+    picture = smooth(8, 8)
+    data = png.encode_rgb([picture], [{"parameters": text}])[0]
+    assert [k for k, _ in chunks(data)] == [b"IHDR", kind, b"IDAT", b"IEND"]
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.info["parameters"] == text and decoded.text == {"parameters": text}
+    assert np.array_equal(np.asarray(decoded), picture)
+    assert png.encode_rgb([picture], [{"parameters": text}])[0] == data  # still the same bytes every time
+
+
+def test_each_picture_gets_its_own_text() -> None:
+    pictures = [smooth(4, 4), smooth(4, 4)]
+    first, second = png.encode_rgb(pictures, [{"parameters": "Seed: 1"}, {"parameters": "Seed: 2"}])
+    assert Image.open(io.BytesIO(first)).info["parameters"] == "Seed: 1"
+    assert Image.open(io.BytesIO(second)).info["parameters"] == "Seed: 2"
+    with pytest.raises(ValueError, match="texts"):
+        png.encode_rgb(pictures, [{"parameters": "one"}])

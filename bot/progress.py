@@ -24,6 +24,7 @@ STAGE_LABELS = {
     "training": "Training your model",
     "saving": "Saving your model",
     "generating": "Drawing",
+    "upscaling": "Upscaling",
 }
 
 

@@ -321,12 +321,15 @@ class Worker:
                 emit(events.AdapterLoaded(key))
             elif not lora_path.exists():
                 raise TrainerError("The worker lost this model's file; please try again.", "missing_lora")
+        person = {"adapter_key": key, "lora_path": lora_path, "handle": params.handle,
+                  "class_word": params.class_word, "on_event": emit, "should_cancel": should_cancel}
+        if params.upscale_of is not None:
+            if inputs.init_image is None:
+                raise TrainerError("The picture to upscale did not come with the request.", "bad_image")
+            emit(events.Stage("upscaling"))
+            return GenerateOutput(self.checked(self.engine.upscale(params.request, inputs.init_image, **person)))
         emit(events.Stage("generating"))
-        images = self.engine.generate(
-            params.request, adapter_key=key, lora_path=lora_path, handle=params.handle,
-            class_word=params.class_word, on_event=emit, should_cancel=should_cancel,
-            init_image=inputs.init_image,
-        )
+        images = self.engine.generate(params.request, init_image=inputs.init_image, **person)
         return GenerateOutput(self.checked(images))
 
     def remove_files(self, *, folder_too: bool = False) -> None:

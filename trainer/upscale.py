@@ -45,7 +45,8 @@ def read_picture(data: bytes) -> Image.Image:
 def upscaled_size(size: tuple[int, int], multiple: int, factor: int = UPSCALE_FACTOR) -> tuple[int, int]:
     """(width, height) `factor` times `size`, rounded to the sides the UNet accepts (`multiple`). The
     model's own pictures are multiples already, so theirs is exactly `factor` times."""
-    return tuple(max(multiple, round(side * factor / multiple) * multiple) for side in size)  # type: ignore[return-value]
+    width, height = (max(multiple, round(side * factor / multiple) * multiple) for side in size)
+    return width, height
 
 
 def enlarged(image: Image.Image, size: tuple[int, int]) -> Image.Image:

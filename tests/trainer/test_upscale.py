@@ -124,3 +124,19 @@ def test_progress_cancel_and_a_broken_picture(engine: GenerationEngine, square: 
     with pytest.raises(TrainerError) as caught:
         engine.upscale(REQUEST, b"not a picture")
     assert caught.value.code == "bad_image"
+
+
+def test_a_worker_runs_an_upscale_job_from_the_picture_that_came_with_it(tmp_path: Path, square: Picture) -> None:
+    from jobs.payloads import GenerateInputs, GenerateParams, VariationOf, WorkItem
+    from trainer.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig("tiny", "cpu", str(tmp_path / "work"), str(tmp_path / "class")))
+    params = GenerateParams(REQUEST, upscale_of=VariationOf(1, 0), handle="zqjane", class_word="woman")
+    seen: list[events.Event] = []
+    output = worker.run(WorkItem(2, params, GenerateInputs(init_image=square.png)), seen.append, lambda: False)
+    [picture] = output.images
+    assert size_of(picture.png) == (128, 128) and picture.seed == REQUEST.seed
+    assert events.Stage("upscaling") in seen
+    with pytest.raises(TrainerError) as caught:
+        worker.run(WorkItem(3, params, GenerateInputs()), seen.append, lambda: False)
+    assert caught.value.code == "bad_image"

@@ -69,6 +69,7 @@ def stopping_note(job: Job) -> str:
 
 
 def generate_params(job: Job) -> GenerateParams:
+    """A picture request's stored parameters."""
     params = from_stored("generate", job.params)
     assert isinstance(params, GenerateParams)
     return params

@@ -19,13 +19,18 @@ import contextlib
 import io
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from jobs import events
 from jobs.events import EventSink
+from jobs.payloads import GenerateInputs, GenerateParams, Picture
 from trainer.errors import Cancelled, TrainerError
+
+if TYPE_CHECKING:
+    from trainer.engine import GenerationEngine
 
 UPSCALE_FACTOR = 2
 # Low enough to keep the picture (its composition, the face), high enough to sharpen what Lanczos
@@ -82,3 +87,15 @@ def step_reporter(on_event: EventSink, should_cancel: Callable[[], bool]) -> Cal
         return tensors
 
     return on_step_end
+
+
+def upscale_job(engine: GenerationEngine, params: GenerateParams, inputs: GenerateInputs, lora_path: Path | None,
+                emit: EventSink, should_cancel: Callable[[], bool]) -> list[Picture]:
+    """A worker's upscale job (`params.upscale_of` set): the picture that came with it, upscaled with
+    the person's LoRA (`lora_path`, already written where the worker keeps it)."""
+    if inputs.init_image is None:
+        raise TrainerError("The picture to upscale did not come with the request.", "bad_image")
+    emit(events.Stage("upscaling"))
+    return engine.upscale(params.request, inputs.init_image, adapter_key=params.adapter_key, lora_path=lora_path,
+                          handle=params.handle, class_word=params.class_word, on_event=emit,
+                          should_cancel=should_cancel)

@@ -37,6 +37,7 @@ from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
 from trainer.start_report import MODEL, PartTime, StartReport, helper_wait
+from trainer.upscale import upscale_job
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +322,15 @@ class Worker:
                 emit(events.AdapterLoaded(key))
             elif not lora_path.exists():
                 raise TrainerError("The worker lost this model's file; please try again.", "missing_lora")
-        person = {"adapter_key": key, "lora_path": lora_path, "handle": params.handle,
-                  "class_word": params.class_word, "on_event": emit, "should_cancel": should_cancel}
         if params.upscale_of is not None:
-            if inputs.init_image is None:
-                raise TrainerError("The picture to upscale did not come with the request.", "bad_image")
-            emit(events.Stage("upscaling"))
-            return GenerateOutput(self.checked(self.engine.upscale(params.request, inputs.init_image, **person)))
+            return GenerateOutput(self.checked(upscale_job(self.engine, params, inputs, lora_path, emit,
+                                                           should_cancel)))
         emit(events.Stage("generating"))
-        images = self.engine.generate(params.request, init_image=inputs.init_image, **person)
+        images = self.engine.generate(
+            params.request, adapter_key=key, lora_path=lora_path, handle=params.handle,
+            class_word=params.class_word, on_event=emit, should_cancel=should_cancel,
+            init_image=inputs.init_image,
+        )
         return GenerateOutput(self.checked(images))
 
     def remove_files(self, *, folder_too: bool = False) -> None:

@@ -4,6 +4,7 @@ person's LoRA, close to the picture it enlarges, and the VAE tiled only for the 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,14 @@ def test_a_worker_runs_an_upscale_job_from_the_picture_that_came_with_it(tmp_pat
     with pytest.raises(TrainerError) as caught:
         worker.run(WorkItem(3, params, GenerateInputs()), seen.append, lambda: False)
     assert caught.value.code == "bad_image"
+
+
+def test_the_upscale_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
+    from bench import upscale_cost
+
+    out = tmp_path / "upscale.json"
+    results = upscale_cost.main(["--model", "tiny", "--device", "cpu", "--steps", "4", "--repeats", "1",
+                                 "--json", str(out)])
+    assert results["picture"]["size"] == [64, 64] and results["upscale"]["size"] == [128, 128]
+    assert results["upscale_over_picture"] > 0 and results["upscale"]["png_bytes"] > 0
+    assert json.loads(out.read_text()) == results

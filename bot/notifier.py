@@ -19,6 +19,7 @@ import discord
 
 from bot.progress import ThrottledEditor, render_progress
 from bot.safety import withheld_note
+from bot.upload_fit import Fitted, converted_note, fit_picture, picture_size, upload_limit
 from bot.views import imagine_view
 from jobs.events import Event, Preview, Requeued
 from jobs.payloads import GenerateParams, Picture, from_stored
@@ -67,11 +68,23 @@ def stopping_note(job: Job) -> str:
     return "The bot stopped your training for a restart; it starts again once the bot is back."
 
 
-def prompt_of(job: Job) -> str:
-    """The prompt a picture request was made with, as the person typed it."""
+def generate_params(job: Job) -> GenerateParams:
+    """A picture request's stored parameters."""
     params = from_stored("generate", job.params)
     assert isinstance(params, GenerateParams)
-    return params.request.prompt
+    return params
+
+
+def prompt_of(job: Job) -> str:
+    """The prompt a picture request was made with, as the person typed it."""
+    return generate_params(job).request.prompt
+
+
+async def fitted_pictures(images: list[Picture], limit: int) -> list[Fitted | None]:
+    """Each picture as it can be uploaded under `limit` (bot.upload_fit); converting runs in a thread."""
+    if all(len(im.png) <= limit for im in images):
+        return [Fitted(im.png, "png") for im in images]
+    return await asyncio.to_thread(lambda: [fit_picture(im.png, limit) for im in images])
 
 
 def quoted_prompt(prompt: str) -> str:
@@ -239,8 +252,10 @@ class Notifier:
         """`interaction`: the request's, while its token still works."""
         images: list[Picture] = outcome.get("images", [])
         stored_withheld = outcome.get("withheld", 0)  # flagged and never stored (the scheduler counted them)
+        upscale_of = generate_params(job).upscale_of if job.state == "succeeded" else None
+        fits: dict[int, list[Fitted | None]] = {}
 
-        def answer(channel: object) -> tuple[dict[str, Any], int]:
+        async def answer(channel: object, limit: int) -> tuple[dict[str, Any], int]:
             """The answer for `channel`, with fresh files (a sent File is consumed), and how many more
             pictures the filter holds back there: flagged ones that the request's channel allowed."""
             if job.state != "succeeded":
@@ -251,15 +266,28 @@ class Notifier:
                 return {"content": text, "attachments": []}, 0
             hide = self.bot.safety.applies(channel)
             shown = [(n, im) for n, im in enumerate(images) if not (hide and im.flagged)]
+            if limit not in fits:
+                fits[limit] = await fitted_pictures(images, limit)
+            sent = [(n, im, fit) for n, im in shown if (fit := fits[limit][n]) is not None]
             lines = [f"**{quoted_prompt(prompt_of(job))}**"]
-            if shown:
+            if upscale_of is not None and sent:
+                width, height = picture_size(sent[0][1].png)
+                lines.append(f"Picture #{upscale_of.index + 1} upscaled to {width}×{height} (seed {sent[0][1].seed}).")
+            elif shown:
                 lines.append("Seeds " + ", ".join(f"#{n + 1}: {im.seed}" for n, im in shown))
+            if any(fit.converted for _, _, fit in sent):
+                lines.append(converted_note(limit))
+            if len(sent) < len(shown):
+                lines.append("A picture was too large for this channel's upload limit even as a JPEG.")
             if held := stored_withheld + len(images) - len(shown):
                 lines.append(withheld_note(held) + ("" if shown else " 🎲 Reroll or another prompt may draw "
                                                                         "pictures that pass it."))
-            # "More like #N" only where every stored picture is shown, so that N is the picture seen.
-            view = imagine_view(outcome["generation_id"], len(images) if len(shown) == len(images) else 0)
-            files = [png_file(im.png, f"image-{n + 1}.png") for n, im in shown]
+            # "More like #N" only where every stored picture is shown, so that N is the picture seen. An
+            # upscale has no buttons: its picture is the final one (upscaling it again would pass any upload
+            # limit, and rerolling or varying it is what the original's buttons do).
+            view = (None if upscale_of is not None else
+                    imagine_view(outcome["generation_id"], len(images) if len(sent) == len(images) else 0))
+            files = [png_file(fit.data, f"image-{n + 1}.{fit.extension}") for n, _, fit in sent]
             return {"content": "\n".join(lines), "view": view, "attachments": files}, len(images) - len(shown)
 
         # Where the request was answered, through its interaction while the token works, else with
@@ -270,7 +298,8 @@ class Notifier:
         if (stored := self._message(job)) is not None:
             routes.append(("its message", stored.edit, self._channel(job)))
         for route, edit, where in routes:
-            kwargs, held_here = answer(where)
+            kwargs, held_here = await answer(where, upload_limit(where, interaction if route == "its interaction"
+                                                                 else None))
             try:
                 message = await edit(**kwargs)
             except discord.HTTPException:
@@ -279,7 +308,7 @@ class Notifier:
             await self._delivered(job, outcome, message, held_here)
             return
         channel = await self._dm(job.owner)
-        kwargs, held_here = answer(channel)
+        kwargs, held_here = await answer(channel, upload_limit(channel))
         files = kwargs.pop("attachments")
         message = await channel.send(kwargs.pop("content"), files=files, **kwargs)
         await self._delivered(job, outcome, message, held_here)

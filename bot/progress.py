@@ -25,6 +25,7 @@ STAGE_LABELS = {
     "saving": "Saving your model",
     "generating": "Drawing",
     "refining_face": "Refining the face",
+    "upscaling": "Upscaling",
 }
 
 

@@ -234,10 +234,11 @@ class Scheduler:
             if model is None or model.owner != job.owner:
                 raise Refused("That model no longer exists; train a new one with /train.")
             lora = self.store.files.read(model.lora_path, job.owner)
-        if (parent := params.variation_of) is not None:
+        if (parent := params.upscale_of or params.variation_of) is not None:
             generation = await generations_db.get_generation(self.store.db, parent.generation_id)
             if generation is None or generation.owner != job.owner or parent.index >= len(generation.paths):
-                raise Refused("The image to vary no longer exists.")  # forgotten, or past PICTURE_RETENTION_DAYS
+                # forgotten, or past PICTURE_RETENTION_DAYS
+                raise Refused(f"The image to {'upscale' if params.upscale_of else 'vary'} no longer exists.")
             init_image = self.store.files.read(generation.paths[parent.index], job.owner)
         return WorkItem(job.id, params, GenerateInputs(lora, init_image))
 
@@ -289,14 +290,16 @@ class Scheduler:
     async def enqueue_generate(self, user_id: int, request: GenerateRequest, *,
                                variation_of: VariationOf | None = None, channel_id: int | None = None,
                                message_id: int | None = None, allow_flagged: bool = False,
-                               guild_id: int | None = None) -> tuple[Job, int | None]:
+                               guild_id: int | None = None,
+                               upscale_of: VariationOf | None = None) -> tuple[Job, int | None]:
         """Queue an /imagine request with the person's own active model, once it passes the checks a
         worker would make (GenerateRequest's own) and the operator's limits. `allow_flagged`: where it
         was asked, the pictures the image checker flags may be shown (bot.safety). `guild_id`: the
-        server it was asked in, whose limits and totals apply."""
+        server it was asked in, whose limits and totals apply. `upscale_of`: the job upscales that
+        picture (one picture, counted as one)."""
         async with self.user_lock(user_id):
             job_id = await self._create_generation(user_id, request, variation_of, channel_id, message_id,
-                                                   allow_flagged, guild_id)
+                                                   allow_flagged, guild_id, upscale_of)
         self.wake()
         return await self._with_position(job_id)
 
@@ -332,12 +335,12 @@ class Scheduler:
 
     async def _create_generation(self, user_id: int, request: GenerateRequest, variation_of: VariationOf | None,
                                  channel_id: int | None, message_id: int | None, allow_flagged: bool,
-                                 guild_id: int | None) -> int:
+                                 guild_id: int | None, upscale_of: VariationOf | None = None) -> int:
         user, model = await self._generation_model(user_id, request)
         handle = model.metadata.get("handle", user.handle)
         class_word = model.metadata.get("class_word", user.class_word)
         params = GenerateParams(request, model.id, adapter_key(model.id), handle, class_word, variation_of,
-                                allow_flagged)
+                                upscale_of=upscale_of, allow_flagged=allow_flagged)
         async with self._admission:
             now = self.clock()
             await self._pictures_admissible(user_id, request, guild_id, now)

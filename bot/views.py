@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VARIATION_STRENGTH = 0.6  # how far "more like #N" may move away from the chosen image
+UPSCALE_STRENGTH = 0.3  # how much "U#N" redraws the enlarged picture (see trainer.upscale)
 
 
 async def _answer_privately(interaction: discord.Interaction, message: str) -> None:
@@ -36,13 +37,14 @@ async def _answer_privately(interaction: discord.Interaction, message: str) -> N
 
 
 async def _queue_generation(interaction: discord.Interaction, generation_id: int,
-                            index: int | None) -> None:
-    """Reroll (index None) or vary image `index`. discord.py only logs a failing button callback and
-    leaves the person on "thinking…", so an unexpected failure is answered here, with a reference."""
+                            index: int | None, *, upscale: bool = False) -> None:
+    """Reroll (index None), vary image `index` or (`upscale`) upscale it. discord.py only logs a failing
+    button callback and leaves the person on "thinking…", so an unexpected failure is answered here,
+    with a reference."""
     try:
-        await _enqueue_from_button(interaction, generation_id, index)
+        await _enqueue_from_button(interaction, generation_id, index, upscale=upscale)
     except Exception:
-        button = "Reroll" if index is None else f"More like #{index + 1}"
+        button = ("Reroll" if index is None else f"U#{index + 1}" if upscale else f"More like #{index + 1}")
         message = sorry(log, f"button {button} of generation {generation_id}")
         try:
             await _answer_privately(interaction, message)
@@ -51,9 +53,10 @@ async def _queue_generation(interaction: discord.Interaction, generation_id: int
 
 
 async def _enqueue_from_button(interaction: discord.Interaction, generation_id: int,
-                               index: int | None) -> None:
+                               index: int | None, *, upscale: bool = False) -> None:
     """Reroll (index None: same request, new seeds; under a variation, new variations of the same
-    picture) or vary image `index` with img2img."""
+    picture), vary image `index` with img2img, or (`upscale`) upscale it 2x: a job of its own, one
+    picture for the quotas, redrawn from that picture's seed so that it keeps its look."""
     from storage import generations_db
 
     bot: AvatarBot = interaction.client  # type: ignore[assignment]
@@ -74,7 +77,14 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     assert isinstance(stored, GenerateParams)
     request = replace(stored.request, seed=random.randrange(2**31))
     variation = stored.variation_of  # a Reroll varies the same picture again
-    if index is not None:
+    upscale_of = None
+    if upscale and index is not None:
+        if index >= len(generation.seeds):
+            await _answer_privately(interaction, "That picture is no longer stored, so I can't upscale it.")
+            return
+        request = replace(request, num_images=1, seed=generation.seeds[index], strength=UPSCALE_STRENGTH)
+        variation, upscale_of = None, VariationOf(generation_id, index)
+    elif index is not None:
         request = replace(request, num_images=1, strength=VARIATION_STRENGTH)
         variation = VariationOf(generation_id, index)
     if (refusal := await bot.safety.refusal(request, interaction.channel)) is not None:
@@ -88,7 +98,7 @@ async def _enqueue_from_button(interaction: discord.Interaction, generation_id: 
     await interaction.response.defer(thinking=True)
     try:
         job, position = await bot.scheduler.enqueue_generate(
-            interaction.user.id, request, variation_of=variation,
+            interaction.user.id, request, variation_of=variation, upscale_of=upscale_of,
             allow_flagged=not bot.safety.applies(interaction.channel), guild_id=grant.guild_id)
     except Refused as exc:
         await _answer_privately(interaction, exc.message)
@@ -140,12 +150,33 @@ class MoreLikeButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(
         await _queue_generation(interaction, self.generation_id, self.index)
 
 
+class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"gen:(?P<gen>\d+):up:(?P<idx>\d)"):
+    """One image of the set at twice its width and height, answered as a new message."""
+
+    def __init__(self, generation_id: int, index: int) -> None:
+        # A row of their own, under Reroll and the "More like" buttons (at most 5 a row; 4 pictures
+        # make 1 + 4 there and 4 here).
+        super().__init__(discord.ui.Button(label=f"U#{index + 1}", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"gen:{generation_id}:up:{index}"), row=1)
+        self.generation_id, self.index = generation_id, index
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str]) -> UpscaleButton:
+        return cls(int(match["gen"]), int(match["idx"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _queue_generation(interaction, self.generation_id, self.index, upscale=True)
+
+
 def imagine_view(generation_id: int, count: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(RerollButton(generation_id))
     for index in range(count):
         view.add_item(MoreLikeButton(generation_id, index))
+    for index in range(count):
+        view.add_item(UpscaleButton(generation_id, index))
     return view
 
 
-DYNAMIC_ITEMS = (RerollButton, MoreLikeButton)
+DYNAMIC_ITEMS = (RerollButton, MoreLikeButton, UpscaleButton)

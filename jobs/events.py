@@ -14,7 +14,7 @@ from pydantic import Field
 
 from jobs.payloads import GenerateOutput, TrainOutput
 
-# Stages a person sees, in the order a training goes through them.
+# Stages a person sees, in the order a training goes through them; then a picture's and an upscale's.
 STAGES = (
     "loading_model",
     "preparing",
@@ -24,6 +24,7 @@ STAGES = (
     "saving",
     "generating",
     "refining_face",
+    "upscaling",
 )
 
 

@@ -49,6 +49,8 @@ class GenerateParams:
     handle: str | None = None
     class_word: str | None = None
     variation_of: VariationOf | None = None
+    # Set: the job is an upscale (trainer.upscale) of that picture, the request its own with its seed.
+    upscale_of: VariationOf | None = None
     # Where it was asked for, flagged pictures may be shown (bot.safety: an age-restricted channel the
     # operator opened to them); elsewhere they are neither stored nor sent.
     allow_flagged: bool = False
@@ -65,7 +67,7 @@ class TrainInputs:
 @dataclass(frozen=True)
 class GenerateInputs:
     """A picture request's bytes: the LoRA file (None when the worker holds it already), and the
-    picture a variation starts from."""
+    picture a variation or an upscale starts from."""
 
     lora: bytes | None = field(default=None, repr=False)
     init_image: bytes | None = field(default=None, repr=False)

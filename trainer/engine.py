@@ -57,6 +57,7 @@ from jobs.events import EventSink
 from jobs.payloads import Picture
 from jobs.requests import MAX_IMAGES, GenerateRequest
 from trainer import adapters, face_pass, lora_io, merged_lora, png, prompts
+from trainer import upscale as upscaling
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
 from trainer.fused_linears import PASS as FUSE_LINEARS
@@ -251,8 +252,8 @@ class GenerationEngine:
         return lora
 
     @contextlib.contextmanager
-    def _applied(self, lora: merged_lora.Lora | None) -> Iterator[None]:
-        """The pipeline computing with `lora` merged, PEFT layers off and CUDA graphs in place."""
+    def _applied(self, lora: merged_lora.Lora | None, *, graphs: bool = True) -> Iterator[None]:
+        """The pipeline computing with `lora` merged, PEFT layers off and (`graphs`) CUDA graphs in place."""
         states = {name: adapters.snapshot(module) for name, module in self._lora_modules.items()}
         for name, state in states.items():
             if state is not None:
@@ -270,7 +271,7 @@ class GenerationEngine:
                 if self._compiled is not None:
                     stack.enter_context(self._compiled.installed(
                         skip_adapters=training, learn_shapes=self._learning_shapes and not training))
-                if self._graphs is not None:
+                if self._graphs is not None and graphs:
                     # A graph replays the kernels of the blocks installed at its capture. During a
                     # training the base model's graphs (stages compiled) are replayed as they are:
                     # the training's adapters are off and their weights are no input of the graphs.
@@ -492,3 +493,37 @@ class GenerationEngine:
                      "with a LoRA" if adapter_key else "base model", time.monotonic() - started)
             return result
 
+    def upscale(self, request: GenerateRequest, image: bytes, *, adapter_key: str | None = None,
+                lora_path: Path | None = None, handle: str | None = None, class_word: str | None = None,
+                on_event: EventSink = events.ignore, should_cancel: Callable[[], bool] = lambda: False,
+                ) -> list[Picture]:
+        """`image` (PNG/JPEG bytes) at twice its width and height: enlarged with Lanczos, then redrawn
+        by img2img at `request.strength` (default trainer.upscale.DEFAULT_UPSCALE_STRENGTH) with the
+        request's prompt and `adapter_key`'s LoRA, from `request.seed` (the picture's own, so an
+        upscale is reproducible). Events and cancelling as `generate`'s; see trainer.upscale."""
+        with self._lock:
+            if should_cancel():
+                raise Cancelled()
+            prompt, negative = self.prepare_prompt(request, handle, class_word)
+            source = upscaling.read_picture(image)
+            size = upscaling.upscaled_size(source.size, self.size_multiple)
+            seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+            lora = self._lora_for(adapter_key, lora_path)
+            pipe = self._image_pipeline()
+            pipe.scheduler = self._schedulers.get(request.scheduler)
+            started = time.monotonic()
+            strength = request.strength or upscaling.DEFAULT_UPSCALE_STRENGTH
+            # No CUDA graphs: a 2x shape's graph would keep four times a picture's activations in the
+            # graph pool for a rare request, where a step this large is bound by the GPU anyway.
+            with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
+                images = pipe(prompt=prompt, negative_prompt=negative or None,
+                              image=upscaling.enlarged(source, size),
+                              strength=strength, num_inference_steps=request.steps, guidance_scale=request.guidance,
+                              generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
+                              callback_on_step_end=upscaling.step_reporter(on_event, should_cancel)).images
+            # The settings of the img2img pass that made it: its size, strength and the picture's seed.
+            [data] = png.encode_rgb(list(to_pixels(images)), [{png_parameters.KEY: text} for text in self._settings_texts(
+                request, prompt, negative, [seed], size, strength, adapter_key, handle)])
+            log.info("upscaled a %dx%d picture to %dx%d, %s, in %.2f s", *source.size, *size,
+                     "with a LoRA" if adapter_key else "base model", time.monotonic() - started)
+            return [Picture(data, seed)]

@@ -37,6 +37,7 @@ from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
 from trainer.start_report import MODEL, PartTime, StartReport, helper_wait
+from trainer.upscale import upscale_job
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,9 @@ class Worker:
                 emit(events.AdapterLoaded(key))
             elif not lora_path.exists():
                 raise TrainerError("The worker lost this model's file; please try again.", "missing_lora")
+        if params.upscale_of is not None:
+            return GenerateOutput(self.checked(upscale_job(self.engine, params, inputs, lora_path, emit,
+                                                           should_cancel)))
         emit(events.Stage("generating"))
         images = self.engine.generate(
             params.request, adapter_key=key, lora_path=lora_path, handle=params.handle,

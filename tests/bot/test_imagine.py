@@ -187,7 +187,8 @@ async def test_reroll_repeats_the_request_and_under_a_variation_varies_the_same_
     press.edit_original_response = AsyncMock()
     await _queue_generation(press, 9, None)
     (user_id, queued), kwargs = scheduler.enqueue_generate.await_args
-    assert user_id == 7 and kwargs == {"variation_of": variation_of, "allow_flagged": False, "guild_id": 55}
+    assert user_id == 7 and kwargs == {"variation_of": variation_of, "upscale_of": None, "allow_flagged": False,
+                                       "guild_id": 55}
     assert queued.seed != 11 and replace(queued, seed=11) == GenerateRequest(**request)
 
 

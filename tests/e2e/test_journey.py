@@ -121,7 +121,8 @@ async def test_selfies_handle_train_imagine_restart_reroll_and_forget(fake, tmp_
         generation = await wait_until(lambda: generations_db.generation_for_message(first.store.db, result.id))
         assert generation is not None and generation.owner == alice.id
         assert [b["custom_id"] for b in result.buttons] == [
-            f"gen:{generation.id}:reroll", f"gen:{generation.id}:more:0", f"gen:{generation.id}:more:1"]
+            f"gen:{generation.id}:reroll", f"gen:{generation.id}:more:0", f"gen:{generation.id}:more:1",
+            f"gen:{generation.id}:up:0", f"gen:{generation.id}:up:1"]
 
         # --- a prompt longer than the model reads is refused with the reason, not cut ----------------
         wordy = await fake.invoke_command(alice, "imagine", {"prompt": "a very detailed scene " * 22})

@@ -45,6 +45,8 @@ PAYLOAD_KEY = web.RequestKey("payload", object)
 MAX_CONTENT_LENGTH = 2000
 MAX_EMBEDS = 10
 MAX_ATTACHMENTS = 10
+MAX_ACTION_ROWS = 5  # a message's rows of components, and buttons in one row
+MAX_ROW_ITEMS = 5
 COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
 
 
@@ -438,6 +440,13 @@ class RestApi:
             )
         if len(final("embeds", [])) > MAX_EMBEDS:
             raise invalid_form("embeds", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_EMBEDS} or fewer in length.")
+        rows = final("components", [])
+        if len(rows) > MAX_ACTION_ROWS:
+            raise invalid_form("components", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ACTION_ROWS} or fewer in length.")
+        for n, row in enumerate(rows):
+            if len(row.get("components", [])) > MAX_ROW_ITEMS:
+                raise invalid_form(f"components.{n}.components", "BASE_TYPE_MAX_LENGTH",
+                                   f"Must be {MAX_ROW_ITEMS} or fewer in length.")
         if len(final("attachments", [])) > MAX_ATTACHMENTS:
             raise invalid_form(
                 "attachments", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ATTACHMENTS} or fewer in length."

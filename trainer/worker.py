@@ -30,6 +30,7 @@ from jobs.payloads import (
     WorkItem,
 )
 from jobs.requests import GenerateRequest, TrainConfig
+from jobs.train_defaults import FAMILY_TUNED
 from jobs.worker_config import WorkerConfig
 from trainer import gc_pauses, start_helpers
 from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
@@ -175,7 +176,8 @@ class Worker:
 
         scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
         try:
-            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank), scratch)
+            # At the base model's resolution (jobs.train_defaults), as the bot's trainings ask by default.
+            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank, family_defaults=FAMILY_TUNED), scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

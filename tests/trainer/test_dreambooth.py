@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from bench.train_speed import PlainRecipe
 from jobs import events
 from jobs.requests import TrainConfig
+from jobs.train_defaults import FAMILY_DEFAULTS, left_to_family
 from tests.photos_factory import training_photos
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
@@ -279,10 +280,29 @@ def test_sdxl_trains_and_its_lora_loads(tmp_path: Path) -> None:
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("kind", "resolution"), [("tiny", 64), ("tiny-sdxl", 96)])
+def test_settings_left_to_the_base_model_follow_its_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           kind: str, resolution: int) -> None:
+    # SDXL's real 1024 px would make a slow CPU test; what matters is whose value is taken.
+    monkeypatch.setitem(FAMILY_DEFAULTS["sdxl"], "resolution", 96)
+    config = small(steps=1, prior_preservation=False, family_defaults=left_to_family({}))
+    result = train(training_photos(), HANDLE, CLASS, config, pipeline=build_random_pipeline(kind),
+                   base_model=kind, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                   class_cache_dir=tmp_path / "cache")
+    assert result.metadata["resolution"] == str(resolution)
+    chosen = small(steps=1, prior_preservation=False, family_defaults=left_to_family({"resolution"}))
+    result = train(training_photos(), HANDLE, CLASS, chosen, pipeline=build_random_pipeline(kind),
+                   base_model=kind, out_dir=tmp_path / "out2", work_dir=tmp_path / "work2",
+                   class_cache_dir=tmp_path / "cache")
+    assert result.metadata["resolution"] == "64"  # chosen, so kept on either family
+
+
 def test_config_round_trips_through_json_payloads() -> None:
     config = TrainConfig(steps=10, lora_targets=["to_q", "to_v"])  # type: ignore[arg-type]
     assert config.lora_targets == ("to_q", "to_v")
     assert TrainConfig(**config.to_dict()) == config
+    left = TrainConfig(family_defaults=["resolution"])  # type: ignore[arg-type]
+    assert left.family_defaults == ("resolution",) and TrainConfig(**left.to_dict()) == left
     with pytest.raises(ValueError):
         TrainConfig(resolution=100)
 

@@ -321,11 +321,20 @@ def test_aspect_sizes_follow_the_base_resolution() -> None:
     assert image_size("landscape", 512, 64) == (768, 512)
     assert image_size("portrait", 768, 64) == (640, 960)  # above 512: about the base's pixel count
     for aspect in ("portrait", "landscape"):
-        width, height = image_size(aspect, 1024, 32)
+        width, height = image_size(aspect, 1536, 32)
         assert width % 32 == 0 and height % 32 == 0
-        assert abs(width * height / 1024**2 - 1) < 0.05
+        assert abs(width * height / 1536**2 - 1) < 0.05
         assert abs(max(width, height) / min(width, height) - 1.5) < 0.05
         assert (width > height) == (aspect == "landscape")
+
+
+def test_sdxl_draws_other_shapes_at_its_trained_buckets() -> None:
+    assert image_size("square", 1024, 32) == (1024, 1024)
+    assert image_size("portrait", 1024, 32) == (832, 1216)
+    assert image_size("landscape", 1024, 32) == (1216, 832)
+    # The full-size SDXL architecture (weights on the meta device: shapes only) has a 1024 px base.
+    engine = GenerationEngine(build_random_pipeline("sdxl-random", device="meta"))
+    assert engine.base_resolution == 1024 and engine.image_size("portrait") == (832, 1216)
 
 
 @pytest.mark.parametrize(("aspect", "size"), [("square", (64, 64)), ("portrait", (64, 96)),

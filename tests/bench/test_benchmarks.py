@@ -71,6 +71,13 @@ def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> 
     assert set(result["ratios"]) == {"class_images", "job_vs_recipe_steps"}
 
 
+def test_the_job_benchmark_runs_one_sdxl_job_when_asked(tmp_path: Path) -> None:
+    result = job_speed.main(["--model", "tiny-sdxl", "--device", "cpu", "--steps", "3", "--class-images", "2",
+                             "--recipe-steps", "1", "--jobs", "1"])
+    assert result["first_job"]["steps"] == 3 and "job" not in result
+    assert result["baseline"]["recipe_step_ms"] > 0 and result["ratios"]["job_vs_recipe_steps"] > 0
+
+
 def test_the_png_benchmark_times_each_encoder_on_both_kinds_of_picture(tmp_path: Path) -> None:
     from bench import png_speed
 

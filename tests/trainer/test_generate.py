@@ -425,9 +425,10 @@ def test_schedulers_inherit_the_models_noise_schedule() -> None:
 
 
 # ---- benchmark smoke test ---------------------------------------------------------------------------------
-def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])  # the SDXL baseline is a plain StableDiffusionXLPipeline
+def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path, kind: str) -> None:
     out = tmp_path / "generate.json"
-    result = generate_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+    result = generate_speed.main(["--model", kind, "--device", "cpu", "--steps", "2", "--repeats", "1",
                                   "--switches", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
@@ -438,6 +439,7 @@ def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None
         assert all(saved[side][f"{k}_range"][0] <= saved[side][k] <= saved[side][f"{k}_range"][1] for k in keys)
     assert all(r > 0 and math.isfinite(r) for r in saved["ratios"].values())
     assert saved["ours"]["resident_adapters"] == 2 and saved["steps"] == 2 and saved["width"] == 64
+    assert saved["ours"]["pixel_diff_vs_baseline"][0] < 1.0  # the same pictures (fp32: no rounding apart)
 
 
 def test_pictures_are_rounded_to_bytes_as_diffusers_rounds_them() -> None:

@@ -120,11 +120,12 @@ class Settings:
     def train_config(self, steps: int | None = None) -> TrainConfig:
         """A training's settings as the operator set them (`steps`: a person's own number of steps); the
         worker fills in what depends on the base model and was left unset (jobs.train_defaults)."""
-        chosen = {"resolution": self.train_resolution} if self.train_resolution else {}
+        chosen = ("resolution",) if self.train_resolution else ()
         return replace(TRAIN_DEFAULTS, steps=steps or self.train_steps, rank=self.train_rank,
+                       resolution=self.train_resolution or TRAIN_DEFAULTS.resolution,
                        learning_rate=self.train_learning_rate, num_class_images=self.class_images,
                        checkpoint_every=self.train_checkpoint_every, preview_every=self.train_preview_every,
-                       min_photos=self.min_photos, family_defaults=left_to_family(chosen), **chosen)
+                       min_photos=self.min_photos, family_defaults=left_to_family(chosen))
 
 
 # Environment variable for each field; the same names appear in README.md.

@@ -3,7 +3,8 @@
 Two people's LoRAs (random weights, rank 16 on the UNet's attention projections, diffusers format) are
 served alternately, as a shared bot serves consecutive requests from different people:
 
-- baseline: a plain `StableDiffusionPipeline`, per request `load_lora_weights(path)`, generate,
+- baseline: a plain `StableDiffusionPipeline` (`StableDiffusionXLPipeline` on an SDXL base, at
+  1024 px), per request `load_lora_weights(path)`, generate,
   `unload_lora_weights()`, then the PNG encoded with PIL's default settings;
 - ours: `trainer.engine.GenerationEngine` with both LoRAs resident (each request merges its person's
   update into the weights and restores them after; on CUDA the UNet and VAE decoder replay CUDA
@@ -26,8 +27,12 @@ the median of timed runs after one untimed warm-up, with `torch.cuda.synchronize
 printed with its fastest and slowest run and with the ratio baseline / ours.
 
     python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
-    python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test
+    python -m bench.generate_speed --model sdxl-random       # full-size random SDXL, 1024 px
+    python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test (tiny-sdxl: SDXL's layout)
     python -m bench.generate_speed --json results.json
+
+Within a ten-minute run on a cold compile cache (SDXL's compile takes minutes): `--no-variants`,
+`--no-static-shapes`, or `--no-compile` (graphs of plain blocks), and fewer `--repeats` and `--switches`.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Any, NamedTuple
 import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
@@ -161,14 +166,21 @@ def median_then(call: Callable[[int], Any], cleanup: Callable[[int], Any], repea
     return Timing.of(times)
 
 
+def plain_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """A plain `StableDiffusionPipeline`, or `StableDiffusionXLPipeline` for an SDXL base, over the same
+    modules (no safety checker and no invisible watermark: the engine runs neither)."""
+    cls = family_of(pipe).pipeline_class
+    extra = ({"add_watermarker": False} if cls is StableDiffusionXLPipeline
+             else {"requires_safety_checker": False})
+    modules = {k: v for k, v in pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
+    return cls(**modules, **extra)
+
+
 class Baseline:
     """A plain pipeline over the same modules that loads and unloads the person's LoRA on every request."""
 
     def __init__(self, pipe: DiffusionPipeline, size: tuple[int, int], steps: int) -> None:
-        self.pipe = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()
-                                               if k in StableDiffusionPipeline._get_signature_keys(
-                                                   StableDiffusionPipeline)[0]},
-                                            requires_safety_checker=False)
+        self.pipe = plain_pipeline(pipe)
         self.pipe.scheduler = SchedulerCache(pipe.scheduler.config).get(DEFAULT_SCHEDULER)
         self.pipe.set_progress_bar_config(disable=True)
         self.width, self.height = size
@@ -210,7 +222,8 @@ def report(figures: dict[str, Any], name: str, key: str, timing: Timing) -> None
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device)
     device = pipe.device
-    engine = GenerationEngine(pipe, max_loaded_adapters=8)
+    engine = GenerationEngine(pipe, max_loaded_adapters=8, compile_blocks=None if args.compile else False,
+                              static_shapes=args.static_shapes)
     size = engine.image_size("square")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
@@ -331,7 +344,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, a hub id or a folder (SD1.x)")
+    parser.add_argument("--model", default="sd15-random",
+                        help="sd15-random, sdxl-random, tiny, tiny-sdxl, a hub id or a folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per image figure")
@@ -341,6 +355,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the engine with compiled blocks, plain blocks and without graphs "
                              "(each compiles or captures again: minutes on a cold GPU cache)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours with the UNet's stages and the VAE decoder compiled (--no-compile: CUDA graphs "
+                             "of plain blocks, no minutes of compiling)")
+    parser.add_argument("--static-shapes", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --compile, also compile for the static shapes of one and four square pictures "
+                             "(as a worker does; --no-static-shapes saves minutes on a cold cache)")
     args = parser.parse_args(argv)
     result = run(args)
     if args.json:

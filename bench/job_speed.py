@@ -1,7 +1,8 @@
 """A whole training job on the GPU, as a worker runs it: first-time class images, then photos to saved LoRA.
 
 With the base model already in GPU memory (as in a worker), at the trainer's default settings
-(800 steps, prior preservation, 100 class images, 512 px, rank 16):
+(800 steps, prior preservation, 100 class images, rank 16, at the base model's resolution: 512 px
+for SD1.5, 1024 for SDXL, jobs.train_defaults):
 
 1. the first-time class images of one class, generated into an empty cache;
 2. the training warm-up a worker runs at its start (`trainer.dreambooth.warm_up`: compiling the
@@ -11,13 +12,18 @@ With the base model already in GPU memory (as in a worker), at the trainer's def
    captures the CUDA graphs: kernel selection and module loading happen then);
 4. the same job again (graph capture now warm), as every later job of a worker runs.
 
-The baseline, measured in the same process: diffusers' recipe (bench.train_speed.PlainRecipe) for
+The baseline, measured in the same process: diffusers' recipe (bench.train_speed.recipe_for) for
 `--recipe-steps` steps and one batch of class images through a plain eager pipeline (NCHW UNet, no
 graphs), extrapolated to the job's 800 steps and 100 images (a full recipe job would take minutes
 of GPU time).
 
     python -m bench.job_speed --json job.json                      # sd15-random on the GPU
+    python -m bench.job_speed --model sdxl-random --json job.json  # SDXL at 1024 px
     python -m bench.job_speed --model tiny --steps 20 --class-images 4   # CPU smoke test
+
+Within a ten-minute run on a cold compile cache (SDXL's compile takes minutes): `--jobs 1` skips the
+second job, `--no-compile` trains with graphs of plain stages, and fewer `--class-images` shortens
+the first stage (the baseline's class images are extrapolated per image either way).
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ from bench.generate_speed import sync, timed
 from bench.train_speed import (
     CLASS_WORD,
     HANDLE,
-    PlainRecipe,
+    base_resolution,
     bench_pipeline,
     plain_layout,
+    recipe_for,
     synthetic_photos,
     time_steps,
 )
 from jobs.events import Stage
 from jobs.requests import TrainConfig
+from jobs.train_defaults import for_family, left_to_family
 from trainer.class_images import ensure_class_images
 from trainer.dreambooth import class_prompt, train, warm_up
+from trainer.family import family_of
 
 
 def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path, cache: Path,
@@ -80,8 +89,10 @@ def run_job(pipe: Any, config: TrainConfig, photos: list, model: str, root: Path
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device)
     device = pipe.device
-    resolution = 64 if pipe.unet.config.sample_size <= 16 else 512
-    config = TrainConfig(steps=args.steps, num_class_images=args.class_images, resolution=resolution)
+    resolution = base_resolution(pipe)
+    config = for_family(TrainConfig(steps=args.steps, num_class_images=args.class_images, resolution=resolution,
+                                    compiled_stages=None if args.compile else False,
+                                    family_defaults=left_to_family({"resolution"})), family_of(pipe).name)
     photos = synthetic_photos(resolution, count=10)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "torch": torch.__version__, "model": args.model, "steps": config.steps,
@@ -102,7 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["training_warm_up_s"] = warm_up(pipe, config, root / "warm-up")
         print(f"{'training warm-up (worker start)':<34} {out['training_warm_up_s']:7.1f} s", flush=True)
         out["first_job"] = run_job(pipe, config, photos, args.model, root, cache, "job (first in process)")
-        out["job"] = run_job(pipe, config, photos, args.model, root, cache, "job (graphs warm)")
+        if args.jobs > 1:
+            out["job"] = run_job(pipe, config, photos, args.model, root, cache, "job (graphs warm)")
 
         # Baseline: the recipe's step and a plain eager class-image batch, extrapolated.
         batch = config.class_image_batch
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                           cache, steps=config.class_image_steps, batch_size=batch,
                                                           graphs=False), device) / batch
         with plain_layout(pipe):
-            recipe = PlainRecipe(pipe, photos, config, made.paths)
+            recipe = recipe_for(pipe, photos, config, made.paths)
             try:
                 step_ms = statistics.median(time_steps(recipe.step, 3, args.recipe_steps, device))
             finally:
@@ -125,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"({step_ms:.1f} ms x {config.steps})", flush=True)
     out["ratios"] = {
         "class_images": out["baseline"]["class_images_s"] / out["class_images_first_time_s"],
-        "job_vs_recipe_steps": out["baseline"]["job_steps_s"] / out["job"]["total_s"],
+        "job_vs_recipe_steps": out["baseline"]["job_steps_s"] / out.get("job", out["first_job"])["total_s"],
     }
     print("ratios (baseline / ours): " + ", ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items()), flush=True)
     return out
@@ -138,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--class-images", type=int, default=TrainConfig.num_class_images)
     parser.add_argument("--recipe-steps", type=int, default=20, help="timed recipe steps for the baseline")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="2: also a second job, with graph capture warm, as a worker's later jobs run")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the step's UNet stages (--no-compile: CUDA graphs of plain stages)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result = run(args)

@@ -3,12 +3,22 @@
 Measures ms per training step (median of timed steps after warm-up) and peak GPU memory for the
 trainer at its default config, with and without prior preservation, and for a baseline that follows
 diffusers' examples/dreambooth/train_dreambooth_lora.py: VAE encoder and text encoder run every step,
-LoRA weights in fp32 with the UNet forward under autocast, torch's default (non-fused) AdamW.
+LoRA weights in fp32 with the UNet forward under autocast, torch's default (non-fused) AdamW. On an
+SDXL base the baseline follows train_dreambooth_lora_sdxl.py instead (`PlainXLRecipe`): the VAE in
+fp32 encodes every step, both text encoders run once for the two prompts, and the UNet gets the pooled
+text and the six size ids as added conditions. The resolution is the base model's (512 px for SD1.5,
+1024 for SDXL; jobs.train_defaults).
 
     python -m bench.train_speed                          # full-size random SD1.5 at 512 px on the GPU
-    python -m bench.train_speed --model tiny --steps 5   # CPU smoke test
+    python -m bench.train_speed --model sdxl-random      # full-size random SDXL at 1024 px on the GPU
+    python -m bench.train_speed --model tiny --steps 5   # CPU smoke test (tiny-sdxl: SDXL's layout)
     python -m bench.train_speed --json results.json
     python -m bench.train_speed --dtype fp16             # as on a GPU without bf16 (T4): fp16 + loss scaling
+    python -m bench.train_speed --gradient-checkpointing # also ours with it: the memory a 24 GB card needs
+
+Within a ten-minute run on a cold compile cache (SDXL's compile takes minutes): `--prior yes` for one
+side of the comparison, `--no-variants` to skip the extra variants of ours, `--no-compile` for graphs
+of plain stages, fewer `--steps`, and `--no-recipe` or `--no-ours` to time each side in its own run.
 
 `PlainRecipe` draws its random numbers in the same order as the trainer, so in fp32 both produce the
 same losses step by step (tests/trainer/test_dreambooth.py checks this); only where the work is done differs.
@@ -37,11 +47,12 @@ from peft import LoraConfig
 from PIL import Image
 
 from jobs.requests import TrainConfig
+from jobs.train_defaults import FAMILY_TUNED, for_family
 from trainer.class_images import ensure_class_images
 from trainer.dataset import PhotoInput, class_pixels, instance_pixels
 from trainer.dreambooth import TrainingRun, class_prompt, instance_prompt
 from trainer.family import family_of, tokenize
-from trainer.pipelines import load_pipeline, pick_device, pick_dtype
+from trainer.pipelines import cast_module, load_pipeline, pick_device, pick_dtype
 
 HANDLE, CLASS_WORD = "sks", "woman"
 # --prior: which steps to time (with prior preservation or not)
@@ -53,21 +64,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PlainRecipe:
-    """One LoRA DreamBooth step as diffusers' example script does it (SD1.x pipelines only).
+    """One LoRA DreamBooth step as diffusers' example script does it (SD1.x pipelines; `recipe_for`
+    picks the SDXL one).
 
     Random draws per step, in order: instance rows, class rows, the VAE latent sample, noise, offset
     noise, timesteps, all from one generator seeded with `config.seed` (the example script draws from
     the global generator in the same order). The LoRA is initialised from `config.seed` as well.
     """
 
+    family = "sd15"
+
     def __init__(self, pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
                  class_paths: list[Path]) -> None:
-        if family_of(pipe).name != "sd15":
-            raise ValueError("the plain recipe baseline covers SD1.x pipelines only")
+        if family_of(pipe).name != self.family:
+            raise ValueError(f"this recipe baseline covers {self.family} pipelines only; use recipe_for")
         self.pipe, self.config = pipe, config
         self.device = pipe.device
         self.weight_dtype = pipe.unet.dtype
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in family_of(pipe).text_encoder_names)):
             module.requires_grad_(False)
         torch.manual_seed(config.seed)
         pipe.unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
@@ -79,23 +93,23 @@ class PlainRecipe:
                                            weight_decay=config.adam_weight_decay, eps=1e-8)
         self.instance = instance_pixels(photos, config.resolution).to(self.device)
         self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
-        ids = tokenize(pipe.tokenizer, [instance_prompt(HANDLE, CLASS_WORD), class_prompt(CLASS_WORD)],
-                       self.device)
+        # Row 0 of the prompts is the instance prompt, row 1 the class prompt.
         rows = [0] * config.batch_size + ([1] * config.batch_size if class_paths else [])
-        self.input_ids = ids[torch.tensor(rows, device=self.device)]
+        self.rows = torch.tensor(rows, device=self.device)
+        self.prompts = [instance_prompt(HANDLE, CLASS_WORD), class_prompt(CLASS_WORD)]
+        self.input_ids = tokenize(pipe.tokenizer, self.prompts, self.device)[self.rows]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.autocast = self.weight_dtype != torch.float32
 
     def step(self) -> torch.Tensor:
-        cfg, g, dev, pipe = self.config, self.generator, self.device, self.pipe
+        cfg, g, dev = self.config, self.generator, self.device
         index = torch.randint(0, self.instance.shape[0], (cfg.batch_size,), generator=g, device=dev)
         pixels = self.instance[index]
         if self.classes is not None:
             class_index = torch.randint(0, self.classes.shape[0], (cfg.batch_size,), generator=g, device=dev)
             pixels = torch.cat([pixels, self.classes[class_index]])
-        latents = pipe.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample(generator=g)
-        latents = latents * pipe.vae.config.scaling_factor
+        latents = self.encode(pixels, g)
         noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=dev,
@@ -103,9 +117,7 @@ class PlainRecipe:
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=g, device=dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = pipe.text_encoder(self.input_ids, return_dict=False)[0]
-        with torch.autocast(dev.type, dtype=self.weight_dtype, enabled=self.autocast):
-            pred = pipe.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        pred = self.predict(noisy, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
             latents, noise, timesteps)
@@ -125,10 +137,79 @@ class PlainRecipe:
         self.optimizer.zero_grad()
         return loss.detach()
 
+    def encode(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Scaled latents of the step's pictures: the VAE encodes every step, in the weights' dtype."""
+        latents = self.pipe.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample(generator=g)
+        return latents * self.pipe.vae.config.scaling_factor
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction; the text encoder runs every step, as the script does by default."""
+        encoder_hidden_states = self.pipe.text_encoder(self.input_ids, return_dict=False)[0]
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.autocast):
+            return self.pipe.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+
     def close(self) -> None:
         """Take the LoRA out again, so the pipeline can serve the next variant."""
         self.pipe.unet.unload_lora()
         self.pipe.unet.eval()
+
+
+class PlainXLRecipe(PlainRecipe):
+    """One LoRA DreamBooth step as diffusers' train_dreambooth_lora_sdxl.py does it (its defaults: one
+    prompt for all photos, text encoders frozen).
+
+    The script keeps the VAE in fp32 ("to avoid NaN losses") and encodes the batch with it every step,
+    casting the latents to the weights' dtype; it runs both text encoders once, before the first step,
+    for the instance and the class prompt; the UNet also gets the second encoder's pooled embedding
+    and the six size ids (original size, crop corner, target size: photos are resized to a square,
+    so resolution, 0, 0, resolution). The loss is computed as `PlainRecipe` does; the script leaves
+    the prior half out of the Min-SNR weighting, the same work.
+    """
+
+    family = "sdxl"
+
+    def __init__(self, pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
+                 class_paths: list[Path]) -> None:
+        super().__init__(pipe, photos, config, class_paths)
+        self.vae_dtype = pipe.vae.dtype
+        cast_module(pipe.vae, torch.float32)
+        with torch.no_grad():
+            first = pipe.text_encoder(tokenize(pipe.tokenizer, self.prompts, self.device), output_hidden_states=True)
+            second = pipe.text_encoder_2(tokenize(pipe.tokenizer_2, self.prompts, self.device),
+                                         output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        self.encoder_hidden_states = hidden[self.rows]
+        res = config.resolution
+        self.added = {"text_embeds": second.text_embeds[self.rows],
+                      "time_ids": torch.tensor([[res, res, 0, 0, res, res]], device=self.device,
+                                               dtype=self.weight_dtype).expand(len(self.rows), -1)}
+
+    def encode(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        latents = self.pipe.vae.encode(pixels.float()).latent_dist.sample(generator=g)
+        return (latents * self.pipe.vae.config.scaling_factor).to(self.weight_dtype)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.autocast):
+            return self.pipe.unet(noisy, timesteps, self.encoder_hidden_states, added_cond_kwargs=self.added,
+                                  return_dict=False)[0]
+
+    def close(self) -> None:
+        super().close()
+        cast_module(self.pipe.vae, self.vae_dtype)
+
+
+def recipe_for(pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
+               class_paths: list[Path]) -> PlainRecipe:
+    """The diffusers recipe's step for the pipeline's family."""
+    cls = PlainXLRecipe if family_of(pipe).name == "sdxl" else PlainRecipe
+    return cls(pipe, photos, config, class_paths)
+
+
+def base_resolution(pipe: DiffusionPipeline) -> int:
+    """The size a training on this base model defaults to (jobs.train_defaults); 64 px for the tiny models."""
+    if pipe.unet.config.sample_size <= 16:
+        return 64
+    return for_family(TrainConfig(family_defaults=FAMILY_TUNED), family_of(pipe).name).resolution
 
 
 def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPipeline:
@@ -221,7 +302,7 @@ def measure(name: str, device: torch.device, body: Callable[[], list[float]]) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device, args.dtype)
     device = pipe.device
-    resolution = args.resolution or (64 if pipe.unet.config.sample_size <= 16 else 512)
+    resolution = args.resolution or base_resolution(pipe)
     photos = synthetic_photos(resolution)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
@@ -233,7 +314,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for prior in PRIORS[args.prior]:
             config = TrainConfig(resolution=resolution, prior_preservation=prior, steps=args.warmup + args.steps,
                                  num_class_images=args.class_images, class_image_steps=args.class_image_steps,
-                                 checkpoint_every=0, min_photos=1)
+                                 class_image_batch=args.class_images, checkpoint_every=0, min_photos=1,
+                                 compiled_stages=None if args.compile else False)
             label = "prior" if prior else "no prior"
 
             def ours_with(cfg: TrainConfig, name: str, losses: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -251,48 +333,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             ours_losses: list[torch.Tensor] = []
             recipe_losses: list[torch.Tensor] = []
-            ours = ours_with(config, f"ours ({label})", ours_losses)
-            if device.type == "cuda" and config.cuda_graphs:
+            ours = ours_with(config, f"ours ({label})", ours_losses) if args.ours else None
+            if args.ours and args.variants and device.type == "cuda" and config.cuda_graphs:
                 # A second training in the same process finds the stages compiled: its first step
                 # only captures the graphs.
                 results.append(ours_with(config, f"ours, next training ({label})"))
-                results.append(ours_with(replace(config, compiled_stages=False),
-                                         f"ours, stages not compiled ({label})"))
+                if args.compile:
+                    results.append(ours_with(replace(config, compiled_stages=False),
+                                             f"ours, stages not compiled ({label})"))
                 results.append(ours_with(replace(config, cuda_graphs=False), f"ours, no graphs ({label})"))
-            class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
-                                              args.class_images, cache).paths if prior else []
-            with plain_layout(pipe):
-                recipe = PlainRecipe(pipe, photos, config, class_paths)
-                try:
-                    step = recorded(recipe.step, recipe_losses)
-                    base = measure(f"diffusers recipe ({label})", device,
-                                   lambda s=step: time_steps(s, args.warmup, args.steps, device))
-                finally:
-                    recipe.close()
-            ratio = base["ms_per_step"] / ours["ms_per_step"]
-            print(f"speed-up ({label}): {ratio:.2f}x (baseline ms / ours ms)", flush=True)
-            curves = compare_losses(ours_losses, recipe_losses)
-            print(f"loss curves ({label}), same seeds, {len(ours_losses)} steps: mean loss ours "
-                  f"{curves['ours_mean']:.4f}, recipe {curves['recipe_mean']:.4f}; mean |ours - recipe| per step "
-                  f"{curves['mean_abs_diff']:.5f}", flush=True)
-            results += [ours, base, {"variant": f"speedup ({label})", "ratio": ratio},
-                        {"variant": f"loss curves ({label})", **curves}]
+            if args.gradient_checkpointing:
+                # Checkpointing recomputes the forward in the backward: eager, neither graphed nor compiled.
+                results.append(ours_with(replace(config, gradient_checkpointing=True),
+                                         f"ours, gradient checkpointing ({label})"))
+            base = None
+            if args.recipe:
+                class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
+                                                  args.class_images, cache, batch_size=args.class_images,
+                                                  steps=args.class_image_steps).paths if prior else []
+                with plain_layout(pipe):
+                    recipe = recipe_for(pipe, photos, config, class_paths)
+                    try:
+                        step = recorded(recipe.step, recipe_losses)
+                        base = measure(f"diffusers recipe ({label})", device,
+                                       lambda s=step: time_steps(s, args.warmup, args.steps, device))
+                    finally:
+                        recipe.close()
+            results += [r for r in (ours, base) if r is not None]
+            if ours is not None and base is not None:
+                ratio = base["ms_per_step"] / ours["ms_per_step"]
+                print(f"speed-up ({label}): {ratio:.2f}x (baseline ms / ours ms)", flush=True)
+                curves = compare_losses(ours_losses, recipe_losses)
+                print(f"loss curves ({label}), same seeds, {len(ours_losses)} steps: mean loss ours "
+                      f"{curves['ours_mean']:.4f}, recipe {curves['recipe_mean']:.4f}; mean |ours - recipe| per "
+                      f"step {curves['mean_abs_diff']:.5f}", flush=True)
+                results += [{"variant": f"speedup ({label})", "ratio": ratio},
+                            {"variant": f"loss curves ({label})", **curves}]
     return {**info, "results": results}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="sd15-random", help="sd15-random, tiny, a hub id or a folder")
+    parser.add_argument("--model", default="sd15-random",
+                        help="sd15-random, sdxl-random, tiny, tiny-sdxl, a hub id or a folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
-    parser.add_argument("--resolution", type=int, default=0, help="default: 512, or 64 for tiny models")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help="default: the base model's (512 SD1.5, 1024 SDXL), or 64 for tiny models")
     parser.add_argument("--prior", choices=tuple(PRIORS), default="both",
                         help="with prior preservation (batch 2), without (batch 1), or both")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="the frozen weights' dtype (auto: bf16 where the GPU has it); fp16 trains with loss scaling")
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--class-image-steps", type=int, default=10)
+    parser.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True,
+                        help="time this trainer's step (--no-ours: the recipe alone)")
+    parser.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the diffusers recipe's step (--no-recipe: ours alone)")
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, also time ours in a second training, with stages not compiled and "
+                             "without graphs (each compiles or captures again)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours with the UNet's stages compiled (--no-compile: CUDA graphs of plain stages, "
+                             "no minutes of compiling)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="also time ours with gradient checkpointing, and its peak memory")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     report = run(args)

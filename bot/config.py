@@ -17,6 +17,7 @@ from pathlib import Path
 from common.envfile import env_file_values, parse_switch
 from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, secret_problem
+from jobs.train_defaults import left_to_family
 from jobs.worker_config import SAFETY_MODES
 from storage.limits_db import Limits
 
@@ -68,7 +69,7 @@ class Settings:
     picture_retention_days: int = 30  # days the files of generated pictures are kept; 0: for ever
     train_steps: int = TRAIN_DEFAULTS.steps
     train_rank: int = TRAIN_DEFAULTS.rank
-    train_resolution: int = TRAIN_DEFAULTS.resolution
+    train_resolution: int = 0  # 0: the base model's own (jobs.train_defaults: 512 px on SD1.x, 1024 on SDXL)
     train_learning_rate: float = TRAIN_DEFAULTS.learning_rate
     class_images: int = TRAIN_DEFAULTS.num_class_images
     train_checkpoint_every: int = TRAIN_DEFAULTS.checkpoint_every  # 0 turns them off
@@ -117,11 +118,14 @@ class Settings:
                       self.server_trainings_per_day, self.server_pictures_per_day)
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
-        """A training's settings as the operator set them (`steps`: a person's own number of steps)."""
+        """A training's settings as the operator set them (`steps`: a person's own number of steps); the
+        worker fills in what depends on the base model and was left unset (jobs.train_defaults)."""
+        chosen = ("resolution",) if self.train_resolution else ()
         return replace(TRAIN_DEFAULTS, steps=steps or self.train_steps, rank=self.train_rank,
-                       resolution=self.train_resolution, learning_rate=self.train_learning_rate,
-                       num_class_images=self.class_images, checkpoint_every=self.train_checkpoint_every,
-                       preview_every=self.train_preview_every, min_photos=self.min_photos)
+                       resolution=self.train_resolution or TRAIN_DEFAULTS.resolution,
+                       learning_rate=self.train_learning_rate, num_class_images=self.class_images,
+                       checkpoint_every=self.train_checkpoint_every, preview_every=self.train_preview_every,
+                       min_photos=self.min_photos, family_defaults=left_to_family(chosen))
 
 
 # Environment variable for each field; the same names appear in README.md.
@@ -230,8 +234,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         problems.append("WORKERS must be 0 (one per GPU) or a positive number.")
     if settings.min_photos > settings.max_photos:
         problems.append("MIN_PHOTOS is larger than MAX_PHOTOS; nobody could ever train.")
-    if settings.train_resolution % 8 or settings.train_resolution < 64:
-        problems.append("TRAIN_RESOLUTION must be a multiple of 8, at least 64 (512 for SD1.5).")
+    if settings.train_resolution and (settings.train_resolution % 8 or settings.train_resolution < 64):
+        problems.append("TRAIN_RESOLUTION must be 0 (the base model's own) or a multiple of 8, at least 64 "
+                        "(512 for SD1.5, 1024 for SDXL).")
     for name in ("discord_api_base", "discord_gateway_url"):
         url = getattr(settings, name)
         scheme = ("http://", "https://") if name == "discord_api_base" else ("ws://", "wss://")

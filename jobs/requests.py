@@ -115,10 +115,10 @@ MixedPrecision = Literal["auto", "bf16", "fp16", "no"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training's settings. The defaults are for faces on SD1.5 at 512 px on one GPU; each says
-    where it comes from beside it (diffusers' `train_dreambooth_lora.py`, the DreamBooth and Min-SNR
-    papers, kohya's usual choices for people). Measured costs of the speed options are in
-    bench/RESULTS.md."""
+    """A training's settings. The defaults are for faces on SD1.5 at 512 px on one GPU (what differs on
+    SDXL is in jobs.train_defaults); each says where it comes from beside it (diffusers'
+    `train_dreambooth_lora.py`, the DreamBooth and Min-SNR papers, kohya's usual choices for people).
+    Measured costs of the speed options are in bench/RESULTS.md."""
 
     # Faces need more than the 500 steps diffusers' example gives objects (800-1200 were best for faces
     # in the HF DreamBooth study); 1e-4 constant is the example's rate.
@@ -167,9 +167,13 @@ class TrainConfig:
     compiled_stages: bool | None = None
     # In the compiled step, projections reading one input run as one GEMM (trainer.fused_linears).
     fused_linears: bool = True
+    # Settings nobody chose, which take the base model's family values where the model is loaded
+    # (jobs.train_defaults: 1024 px on SDXL); () keeps every value as given.
+    family_defaults: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON payloads carry lists
+        object.__setattr__(self, "family_defaults", tuple(self.family_defaults))
         if self.steps < 1 or self.rank < 1 or self.batch_size < 1:
             raise ValueError("steps, rank and batch_size must be at least 1")
         if self.resolution % 8 or self.resolution < 64:
@@ -193,6 +197,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["lora_targets"] = list(self.lora_targets)
+        data["family_defaults"] = list(self.family_defaults)
         return data
 
 

@@ -43,6 +43,7 @@ from jobs.requests import (
     TrainConfig,
 )
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB
+from jobs.train_defaults import FAMILY_DEFAULTS, left_to_family
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
 
@@ -170,8 +171,10 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
         "seed": args.seed, "checkpoint_every": args.checkpoint_every, "preview_every": args.preview_every,
         "num_class_images": args.class_images, "min_photos": args.min_photos,
     }
+    chosen = {k: v for k, v in overrides.items() if v is not None}
     try:
-        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None},
+        # What depends on the base model and was not given follows it (jobs.train_defaults).
+        config = TrainConfig(**chosen, family_defaults=left_to_family(chosen),
                              prior_preservation=not args.no_prior, train_text_encoder=args.train_text_encoder,
                              gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as exc:
@@ -325,7 +328,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True)
 
     make = sub.add_parser("make-model", help="build a random offline model (tiny for tests and demos)")
-    make.add_argument("kind", choices=["tiny", "sd15-random", "tiny-sdxl"])
+    make.add_argument("kind", choices=["tiny", "sd15-random", "tiny-sdxl", "sdxl-random"])
     make.add_argument("out", type=Path)
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=cmd_make_model)
@@ -350,7 +353,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                     help=f"training steps, at least 1 (the bot allows {MIN_TRAIN_STEPS} to {MAX_TRAIN_STEPS})")
     tr.add_argument("--rank", type=int, default=d.rank,
                     help="LoRA rank, at least 1: a larger one learns more detail and makes a bigger file")
-    tr.add_argument("--resolution", type=int, default=d.resolution, help="training size in pixels, a multiple of 8")
+    tr.add_argument("--resolution", type=int,
+                    help=f"training size in pixels, a multiple of 8 (default: the base model's, {d.resolution} for "
+                         f"SD1.x, {FAMILY_DEFAULTS['sdxl']['resolution']} for SDXL)")
     tr.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate")
     tr.add_argument("--seed", type=int, default=d.seed, help="random seed")
     tr.add_argument("--class-images", type=int, default=d.num_class_images,

@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
+from jobs.train_defaults import for_family
 from trainer import compiled_blocks, lora_io, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
@@ -91,7 +92,9 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
     dtypes and modes as they were); otherwise `base_model` is loaded. `base_model` also names the
-    class-image cache and the LoRA metadata. Checkpoints go to `work_dir`; `resume_from` continues one.
+    class-image cache and the LoRA metadata. Settings `config` leaves to the base model
+    (`TrainConfig.family_defaults`) take its family's values once it is loaded (jobs.train_defaults).
+    Checkpoints go to `work_dir`; `resume_from` continues one.
     `serve_riders` is called between training steps, and within the job's other phases, with the
     pipeline usable for inference (a worker serves waiting generations there); adapters and modes
     are put back before the training goes on (TrainingRun.serve_riders). `compile_backend` is
@@ -133,8 +136,8 @@ def warm_up(pipeline: DiffusionPipeline, config: TrainConfig, scratch: Path, *,
         return 0.0
     log.info("compiling the training step: minutes the first time, far less once inductor's cache holds it")
     started = time.monotonic()
-    cfg = replace(config, steps=1, num_class_images=1, class_image_steps=2, class_image_batch=1,
-                  checkpoint_every=0, preview_every=0, min_photos=1)
+    cfg = replace(for_family(config, family_of(pipeline).name), steps=1, num_class_images=1, class_image_steps=2,
+                  class_image_batch=1, checkpoint_every=0, preview_every=0, min_photos=1)
     grey = Image.new("RGB", (cfg.resolution, cfg.resolution), (128, 128, 128))
     run = TrainingRun([grey], "warmup", "person", cfg, base_model="warm-up", out_dir=scratch / "out",
                       work_dir=scratch / "work", class_cache_dir=scratch / "classes", on_event=events.ignore,
@@ -179,8 +182,16 @@ class TrainingRun:
     def session(self, pipeline: DiffusionPipeline | None, device: str = "auto") -> Iterator[None]:
         """Prepare everything the loop needs; on exit the pipeline is restored. `device` is used only
         when no pipeline is given (a given pipeline trains where it is)."""
-        cfg = self.config
         self.on_event(events.Stage("preparing"))
+        if pipeline is None:
+            dev = pick_device(device)
+            self.on_event(events.Stage("loading_model"))
+            pipeline = load_pipeline(self.base_model, device=dev,
+                                     dtype=resolve_dtype(self.config.mixed_precision, dev, None))
+        self.pipe = pipeline
+        self.family: Family = family_of(pipeline)
+        # What was left to the base model (its resolution, say) is known now that the model is.
+        self.config = cfg = for_family(self.config, self.family.name)
         state = None
         if self.resume_from is not None:
             state = resume.load_resumable(self.resume_from, self._settings())
@@ -188,13 +199,6 @@ class TrainingRun:
             pixels = instance_pixels(self.photos, cfg.resolution)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise BadPhoto("One of the photos could not be read as an image. Remove it and try again.") from exc
-        if pipeline is None:
-            dev = pick_device(device)
-            self.on_event(events.Stage("loading_model"))
-            pipeline = load_pipeline(self.base_model, device=dev,
-                                     dtype=resolve_dtype(cfg.mixed_precision, dev, None))
-        self.pipe = pipeline
-        self.family: Family = family_of(pipeline)
         self.device = pipeline.device
         self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, pipeline.unet.dtype)
         with borrowed(pipeline, self.family, self.dtype, cfg.gradient_checkpointing, ADAPTER):

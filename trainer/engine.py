@@ -79,15 +79,24 @@ def square_part(count: int) -> str:
     return f"square-{count}"
 
 
+# SDXL's 1024 px base was fine-tuned on aspect buckets of about one megapixel (Podell et al. 2023,
+# "SDXL", appendix I); 832x1216 is its bucket nearest 2:3, so portraits and landscapes are drawn at a
+# size the model has seen rather than one merely of the right area.
+SDXL_BUCKETS = {"portrait": (832, 1216), "landscape": (1216, 832)}
+
+
 def image_size(aspect: str, base: int, multiple: int) -> tuple[int, int]:
     """(width, height) for an aspect: square is base x base; portrait and landscape are 2:3 and 3:2.
 
-    Up to a 512 px base (SD 1.x) the short side stays at the base, the usual 512x768; larger bases
-    (SDXL, trained on about one megapixel) keep roughly the base's pixel count instead. Sides are
-    rounded to `multiple`, the size the UNet's down- and up-sampling divides evenly.
+    Up to a 512 px base (SD 1.x) the short side stays at the base, the usual 512x768; a 1024 px base
+    (SDXL) takes its trained bucket nearest the aspect (SDXL_BUCKETS); other larger bases keep
+    roughly the base's pixel count. Sides are rounded to `multiple`, the size the UNet's down- and
+    up-sampling divides evenly.
     """
     if aspect == "square":
         return base, base
+    if base == 1024 and aspect in SDXL_BUCKETS:
+        return SDXL_BUCKETS[aspect]
     if base <= 512:
         short, long = base, base * 3 / 2
     else:

@@ -30,8 +30,8 @@ from trainer.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-RandomKind = Literal["tiny", "sd15-random", "tiny-sdxl"]
-RANDOM_KINDS: tuple[str, ...] = ("tiny", "sd15-random", "tiny-sdxl")
+RandomKind = Literal["tiny", "sd15-random", "tiny-sdxl", "sdxl-random"]
+RANDOM_KINDS: tuple[str, ...] = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # A key only SDXL single-file checkpoints have (the second, OpenCLIP-G text encoder).
@@ -107,6 +107,55 @@ def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+def _sd_vae(sample_size: int, scaling_factor: float) -> AutoencoderKL:
+    """The KL autoencoder every Stable Diffusion 1.x/2.x/XL release ships; only its scale and the
+    size it was trained at differ."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=scaling_factor,
+    )
+
+
+def sdxl_unet_config() -> dict[str, object]:
+    """The UNet of stabilityai/stable-diffusion-xl-base-1.0 (its unet/config.json), about 2.57B parameters."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        # Both encoders' penultimate states (768 + 1280) for cross-attention; the pooled OpenCLIP
+        # embedding (1280) and six size ids of 256 each (1536) through the added embedding.
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    )
+
+
+def _build_sdxl(device: str) -> StableDiffusionXLPipeline:
+    """The SDXL base 1.0 architecture with random weights, initialised directly on `device`.
+
+    Both tokenizers are the project's own (SDXL's two differ only in their padding token); the
+    encoders keep the real vocabulary size, so real token ids would fit them.
+    """
+    tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**sdxl_unet_config())  # type: ignore[arg-type]
+        vae = _sd_vae(1024, 0.13025)
+        # CLIP ViT-L/14 (as in SD1.5) and OpenCLIP ViT-bigG/14 with its text projection.
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=768, layers=12, heads=12,
+                                                  intermediate=3072, projection=768, vocab=49408))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(tokenizer_2, hidden=1280, layers=32, heads=20, intermediate=5120, projection=1280,
+                         act="gelu", vocab=49408))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet,
+        # SDXL's scheduler/scheduler_config.json: Euler over the SD schedule, "leading" spacing.
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+
+
 def _build_sd15(device: str) -> StableDiffusionPipeline:
     """The Stable Diffusion 1.5 architecture with random weights, initialised directly on `device`.
 
@@ -122,11 +171,7 @@ def _build_sd15(device: str) -> StableDiffusionPipeline:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
-        )
+        vae = _sd_vae(512, 0.18215)
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=768, layers=12, heads=12,
                                                   intermediate=3072, projection=768, vocab=49408))
     return StableDiffusionPipeline(
@@ -156,8 +201,9 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
                           dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """A randomly initialised pipeline of the given kind, built offline and reproducible from `seed`.
 
-    'tiny' (SD1.5 layout, 64 px) and 'tiny-sdxl' build in about a second on a CPU; 'sd15-random' is the
-    full SD1.5 architecture for benchmarks and is fastest built with `device='cuda'`.
+    'tiny' (SD1.5 layout, 64 px) and 'tiny-sdxl' build in about a second on a CPU; 'sd15-random' and
+    'sdxl-random' are the full SD1.5 and SDXL base 1.0 architectures for benchmarks, fastest built with
+    `device='cuda'` (SDXL's 3.5B parameters take minutes to initialise on a CPU).
     """
     if kind not in RANDOM_KINDS:
         raise ValueError(f"unknown random model kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
@@ -166,6 +212,8 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
             pipe = _build_tiny()
         elif kind == "tiny-sdxl":
             pipe = _build_tiny_sdxl()
+        elif kind == "sdxl-random":
+            pipe = _build_sdxl(device)
         else:
             pipe = _build_sd15(device)
     return pipe.to(device)

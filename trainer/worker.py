@@ -30,6 +30,7 @@ from jobs.payloads import (
     WorkItem,
 )
 from jobs.requests import GenerateRequest, TrainConfig
+from jobs.train_defaults import FAMILY_TUNED
 from jobs.worker_config import WorkerConfig
 from trainer import gc_pauses, start_helpers
 from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
@@ -176,7 +177,8 @@ class Worker:
 
         scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
         try:
-            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank), scratch)
+            # At the base model's resolution (jobs.train_defaults), as the bot's trainings ask by default.
+            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank, family_defaults=FAMILY_TUNED), scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -243,14 +245,30 @@ class Worker:
                     event = replace(event, flagged=self.checker.flags([event.png])[0])
                 emit(event)
 
-            def run(resume: Path | None) -> Any:
+            config = self._train_config(params.config)
+
+            def attempt(resume: Path | None) -> Any:
                 return train(
-                    inputs.photos, params.handle, params.class_word, self._train_config(params.config),
+                    inputs.photos, params.handle, params.class_word, config,
                     pipeline=pipeline, base_model=self.config.base_model,
                     out_dir=scratch / "out", work_dir=scratch / "checkpoints",
                     class_cache_dir=Path(self.config.class_cache_dir), device=self.config.device,
                     on_event=forward, should_cancel=should_cancel, resume_from=resume, serve_riders=serve_riders,
                 )
+
+            def run(resume: Path | None) -> Any:
+                # A GPU too small for the fast step (SDXL at 1024 px on a 24 GB card, say) trains with
+                # gradient checkpointing: slower, far less memory. The class images made are kept.
+                nonlocal config
+                try:
+                    return attempt(resume)
+                except OutOfMemory:
+                    if config.gradient_checkpointing:
+                        raise
+                log.warning("job %d: out of GPU memory; training again with gradient checkpointing", job_id)
+                emit(events.Stage("preparing", "the GPU is short of memory: trying a slower way that needs less"))
+                config = replace(config, gradient_checkpointing=True)
+                return attempt(resume)
 
             try:
                 result = run(resume_from)

@@ -27,6 +27,20 @@ def test_the_training_benchmark_reports_both_sides_and_their_ratio(tmp_path: Pat
         assert curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
 
 
+def test_the_training_benchmark_compares_sdxl_with_its_own_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "1", "--prior", "yes",
+                      "--gradient-checkpointing", "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["ours, gradient checkpointing (prior)"]["ms_per_step"] > 0
+    curves = results["loss curves (prior)"]  # train_dreambooth_lora_sdxl.py's step, same draws
+    assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
+    # Each side alone, as a ten-minute GPU run may need.
+    train_speed.main(["--model", "tiny-sdxl", "--device", "cpu", "--steps", "1", "--warmup", "0", "--prior", "no",
+                      "--no-recipe", "--json", str(out)])
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["ours (no prior)"]
+
+
 def test_the_training_benchmark_trains_in_fp16_as_a_gpu_without_bf16_would(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     train_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--prior", "no",
@@ -55,6 +69,13 @@ def test_the_job_benchmark_times_class_images_and_whole_jobs(tmp_path: Path) -> 
     assert result["class_images_first_time_s"] > 0 and result["baseline"]["recipe_step_ms"] > 0
     assert result["training_warm_up_s"] == 0.0  # nothing compiles on a CPU
     assert set(result["ratios"]) == {"class_images", "job_vs_recipe_steps"}
+
+
+def test_the_job_benchmark_runs_one_sdxl_job_when_asked(tmp_path: Path) -> None:
+    result = job_speed.main(["--model", "tiny-sdxl", "--device", "cpu", "--steps", "3", "--class-images", "2",
+                             "--recipe-steps", "1", "--jobs", "1"])
+    assert result["first_job"]["steps"] == 3 and "job" not in result
+    assert result["baseline"]["recipe_step_ms"] > 0 and result["ratios"]["job_vs_recipe_steps"] > 0
 
 
 def test_the_png_benchmark_times_each_encoder_on_both_kinds_of_picture(tmp_path: Path) -> None:

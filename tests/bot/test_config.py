@@ -37,7 +37,7 @@ def test_defaults_and_types(tmp_path):
         ({"DISCORD_API_BASE": "ftp://x"}, "DISCORD_API_BASE='ftp://x' must start with http:// or https://."),
         ({"COMPILE_GENERATION": "maybe"}, "COMPILE_GENERATION='maybe' is not on or off; use 1 or 0."),
         # Values the trainer or the rules would refuse later, on every job: refused at start instead.
-        ({"TRAIN_RESOLUTION": "56"}, "TRAIN_RESOLUTION must be a multiple of 8, at least 64"),
+        ({"TRAIN_RESOLUTION": "56"}, "TRAIN_RESOLUTION must be 0 (the base model's own) or a multiple of 8, at least 64"),
         ({"TRAIN_LEARNING_RATE": "-1"}, "TRAIN_LEARNING_RATE must be a positive number"),
         ({"TRAIN_LEARNING_RATE": "nan"}, "TRAIN_LEARNING_RATE must be a positive number"),
         ({"MAX_QUEUED_GENERATIONS": "0"}, "MAX_QUEUED_GENERATIONS must be at least 1."),

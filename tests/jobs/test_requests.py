@@ -72,9 +72,10 @@ def test_each_default_is_written_once_and_the_settings_follow_it() -> None:
     settings, worker = Settings(), WorkerConfig("m", "cpu", "w", "c")
     assert settings.base_model == DEFAULT_BASE_MODEL
     assert settings.train_rank == worker.train_rank == TRAIN_DEFAULTS.rank
-    assert (settings.train_steps, settings.train_resolution, settings.train_learning_rate, settings.class_images,
-            settings.min_photos) == (TRAIN_DEFAULTS.steps, TRAIN_DEFAULTS.resolution, TRAIN_DEFAULTS.learning_rate,
+    assert (settings.train_steps, settings.train_learning_rate, settings.class_images,
+            settings.min_photos) == (TRAIN_DEFAULTS.steps, TRAIN_DEFAULTS.learning_rate,
                                      TRAIN_DEFAULTS.num_class_images, TRAIN_DEFAULTS.min_photos)
+    assert settings.train_resolution == 0  # the base model's own (jobs.train_defaults)
     config = dataclasses.replace(settings, train_rank=8, train_steps=900, train_preview_every=50).train_config()
     assert (config.rank, config.steps, config.preview_every) == (8, 900, 50)
     assert settings.train_config(steps=120).steps == 120

@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from bench.train_speed import PlainRecipe
+from bench.train_speed import recipe_for
 from jobs import events
 from jobs.requests import TrainConfig
+from jobs.train_defaults import FAMILY_DEFAULTS, left_to_family
 from tests.photos_factory import training_photos
 from trainer.checkpoint import load_checkpoint
 from trainer.class_images import cache_key, ensure_class_images
@@ -221,19 +222,20 @@ def test_events_follow_the_stages_and_report_progress(tmp_path: Path) -> None:
     assert not [e for e in seen if e.type == "progress" and e.stage == "class_images"]
 
 
-@pytest.mark.parametrize("prior", [True, False])
-def test_cached_training_equals_the_plain_recipe(tmp_path: Path, prior: bool) -> None:
-    """Encoding once gives the same losses as running the VAE and text encoder every step."""
+@pytest.mark.parametrize(("kind", "prior"), [("tiny", True), ("tiny", False), ("tiny-sdxl", True)])
+def test_cached_training_equals_the_plain_recipe(tmp_path: Path, kind: str, prior: bool) -> None:
+    """Encoding once gives the same losses as running the VAE and text encoder every step (on SDXL:
+    its fp32 VAE every step, its two text encoders once)."""
     config = small(steps=5, prior_preservation=prior, noise_offset=0.1, learning_rate=1e-2)
-    run = TrainingRun(training_photos(), HANDLE, CLASS, config, base_model="tiny", out_dir=tmp_path / "out",
+    run = TrainingRun(training_photos(), HANDLE, CLASS, config, base_model=kind, out_dir=tmp_path / "out",
                       work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache", on_event=events.ignore,
                       should_cancel=lambda: False, resume_from=None)
-    with run.session(build_random_pipeline("tiny")):
+    with run.session(build_random_pipeline(kind)):  # type: ignore[arg-type]
         cached = [run.train_step().item() for _ in range(config.steps)]
 
-    pipe = build_random_pipeline("tiny")
-    class_paths = ensure_class_images(pipe, "tiny", f"a photo of a {CLASS}", 64, 2, tmp_path / "cache").paths
-    recipe = PlainRecipe(pipe, training_photos(), config, class_paths if prior else [])
+    pipe = build_random_pipeline(kind)  # type: ignore[arg-type]
+    class_paths = ensure_class_images(pipe, kind, f"a photo of a {CLASS}", 64, 2, tmp_path / "cache").paths
+    recipe = recipe_for(pipe, training_photos(), config, class_paths if prior else [])
     plain = [recipe.step().item() for _ in range(config.steps)]
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
     assert len(set(cached)) == config.steps  # the steps really differ (fresh draws each step)
@@ -279,10 +281,29 @@ def test_sdxl_trains_and_its_lora_loads(tmp_path: Path) -> None:
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("kind", "resolution"), [("tiny", 64), ("tiny-sdxl", 96)])
+def test_settings_left_to_the_base_model_follow_its_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           kind: str, resolution: int) -> None:
+    # SDXL's real 1024 px would make a slow CPU test; what matters is whose value is taken.
+    monkeypatch.setitem(FAMILY_DEFAULTS["sdxl"], "resolution", 96)
+    config = small(steps=1, prior_preservation=False, family_defaults=left_to_family({}))
+    result = train(training_photos(), HANDLE, CLASS, config, pipeline=build_random_pipeline(kind),
+                   base_model=kind, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                   class_cache_dir=tmp_path / "cache")
+    assert result.metadata["resolution"] == str(resolution)
+    chosen = small(steps=1, prior_preservation=False, family_defaults=left_to_family({"resolution"}))
+    result = train(training_photos(), HANDLE, CLASS, chosen, pipeline=build_random_pipeline(kind),
+                   base_model=kind, out_dir=tmp_path / "out2", work_dir=tmp_path / "work2",
+                   class_cache_dir=tmp_path / "cache")
+    assert result.metadata["resolution"] == "64"  # chosen, so kept on either family
+
+
 def test_config_round_trips_through_json_payloads() -> None:
     config = TrainConfig(steps=10, lora_targets=["to_q", "to_v"])  # type: ignore[arg-type]
     assert config.lora_targets == ("to_q", "to_v")
     assert TrainConfig(**config.to_dict()) == config
+    left = TrainConfig(family_defaults=["resolution"])  # type: ignore[arg-type]
+    assert left.family_defaults == ("resolution",) and TrainConfig(**left.to_dict()) == left
     with pytest.raises(ValueError):
         TrainConfig(resolution=100)
 

@@ -321,11 +321,20 @@ def test_aspect_sizes_follow_the_base_resolution() -> None:
     assert image_size("landscape", 512, 64) == (768, 512)
     assert image_size("portrait", 768, 64) == (640, 960)  # above 512: about the base's pixel count
     for aspect in ("portrait", "landscape"):
-        width, height = image_size(aspect, 1024, 32)
+        width, height = image_size(aspect, 1536, 32)
         assert width % 32 == 0 and height % 32 == 0
-        assert abs(width * height / 1024**2 - 1) < 0.05
+        assert abs(width * height / 1536**2 - 1) < 0.05
         assert abs(max(width, height) / min(width, height) - 1.5) < 0.05
         assert (width > height) == (aspect == "landscape")
+
+
+def test_sdxl_draws_other_shapes_at_its_trained_buckets() -> None:
+    assert image_size("square", 1024, 32) == (1024, 1024)
+    assert image_size("portrait", 1024, 32) == (832, 1216)
+    assert image_size("landscape", 1024, 32) == (1216, 832)
+    # The full-size SDXL architecture (weights on the meta device: shapes only) has a 1024 px base.
+    engine = GenerationEngine(build_random_pipeline("sdxl-random", device="meta"))
+    assert engine.base_resolution == 1024 and engine.image_size("portrait") == (832, 1216)
 
 
 @pytest.mark.parametrize(("aspect", "size"), [("square", (64, 64)), ("portrait", (64, 96)),
@@ -416,9 +425,10 @@ def test_schedulers_inherit_the_models_noise_schedule() -> None:
 
 
 # ---- benchmark smoke test ---------------------------------------------------------------------------------
-def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])  # the SDXL baseline is a plain StableDiffusionXLPipeline
+def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path, kind: str) -> None:
     out = tmp_path / "generate.json"
-    result = generate_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+    result = generate_speed.main(["--model", kind, "--device", "cpu", "--steps", "2", "--repeats", "1",
                                   "--switches", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
@@ -429,6 +439,7 @@ def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None
         assert all(saved[side][f"{k}_range"][0] <= saved[side][k] <= saved[side][f"{k}_range"][1] for k in keys)
     assert all(r > 0 and math.isfinite(r) for r in saved["ratios"].values())
     assert saved["ours"]["resident_adapters"] == 2 and saved["steps"] == 2 and saved["width"] == 64
+    assert saved["ours"]["pixel_diff_vs_baseline"][0] < 1.0  # the same pictures (fp32: no rounding apart)
 
 
 def test_pictures_are_rounded_to_bytes_as_diffusers_rounds_them() -> None:

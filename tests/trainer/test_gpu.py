@@ -1,4 +1,4 @@
-"""GPU-only checks on the full-size random SD1.5 architecture (run through bench/run_device.sh).
+"""GPU-only checks on the full-size random SD1.5 (and SDXL) architectures (run through bench/run_device.sh).
 
 These need CUDA and are skipped elsewhere; the CPU suite covers the same behaviour on `tiny`.
 """
@@ -148,3 +148,33 @@ def test_graphed_generation_draws_what_eager_generation_draws_for_each_person(pi
     assert graphed.graph_capture_s > 0 and eager.graph_capture_s == 0
     assert (pixels(seen["a"]) - pixels(seen["b"])).abs().mean() > 2  # the graph follows the person
     assert (pixels(seen["a"]) - pixels(seen[None])).abs().mean() > 2
+
+
+def test_sdxl_trains_at_its_own_size_within_a_24_gb_card_and_draws_its_buckets(tmp_path):
+    """SDXL base 1.0's architecture: a training left to the family's settings runs at 1024 px, with
+    gradient checkpointing within what a 24 GB card holds (the whole pipeline included), and
+    portraits come out at SDXL's trained 832x1216."""
+    from jobs.requests import GenerateRequest, TrainConfig
+    from jobs.train_defaults import left_to_family
+    from trainer.dreambooth import train
+    from trainer.engine import GenerationEngine
+    from trainer.pipelines import build_random_pipeline
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    others = torch.cuda.memory_allocated()  # other tests' models, still held by their fixtures
+    xl = build_random_pipeline("sdxl-random", device="cuda", dtype=torch.bfloat16)
+    config = TrainConfig(steps=4, num_class_images=1, class_image_steps=2, checkpoint_every=0,
+                         gradient_checkpointing=True, family_defaults=left_to_family({}))
+    result = train(_photos(), "zqjane", "woman", config, pipeline=xl, base_model="sdxl-random",
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "w", class_cache_dir=tmp_path / "c", device="cuda")
+    assert result.metadata["resolution"] == "1024" and math.isfinite(result.final_loss)
+    # The pipeline and the training's peak together leave a 24 GB card room for the CUDA context.
+    assert torch.cuda.max_memory_allocated() - others < 22 * 2**30
+
+    engine = GenerationEngine(xl, compile_blocks=False)
+    images = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=4, aspect="portrait"),
+                             adapter_key="jane", lora_path=result.lora_path, handle="zqjane", class_word="woman")
+    assert Image.open(io.BytesIO(images[0].png)).size == (832, 1216)
+    del engine, xl
+    torch.cuda.empty_cache()

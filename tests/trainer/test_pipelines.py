@@ -71,6 +71,22 @@ def test_sd15_random_has_the_real_architecture() -> None:
     assert (count(unet), count(vae), count(te)) == (859_520_964, 83_653_863, 123_060_480)
 
 
+def test_sdxl_random_has_the_real_architecture() -> None:
+    pipe = pipelines.build_random_pipeline("sdxl-random", device="meta")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    unet, vae, te, te2 = pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2
+    assert tuple(unet.config.block_out_channels) == (320, 640, 1280)
+    assert tuple(unet.config.transformer_layers_per_block) == (1, 2, 10)
+    assert unet.config.cross_attention_dim == 2048 and unet.config.sample_size == 128
+    assert vae.config.scaling_factor == 0.13025 and vae.config.sample_size == 1024
+    assert (te2.config.hidden_size, te2.config.num_hidden_layers, te2.config.projection_dim) == (1280, 32, 1280)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    # Parameter counts of the published SDXL base 1.0 UNet, VAE and its two text encoders.
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(unet), count(vae), count(te), count(te2)) == (2_567_463_684, 83_653_863, 123_060_480,
+                                                                694_659_840)
+
+
 def test_saved_tiny_model_loads_back_identically(tmp_path: Path) -> None:
     original = pipelines.save_random_model("tiny", tmp_path / "tiny")
     loaded = pipelines.load_pipeline(str(original))

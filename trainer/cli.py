@@ -234,7 +234,7 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
     from trainer.prompts import compose_prompt
 
     # Everything that can be refused is checked before the model loads.
-    fields: dict[str, Any] = {"prompt": args.prompt, "num_images": args.n}
+    fields: dict[str, Any] = {"prompt": args.prompt, "num_images": args.n, "face_pass": args.face_pass}
     for name, value in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
                         ("guidance", args.guidance)):
         if value is not None:
@@ -384,6 +384,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     im.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
                     help=f"guidance scale, 0 to {MAX_GUIDANCE:g}")
     im.add_argument("--negative", help="negative prompt")
+    im.add_argument("--no-face-pass", dest="face_pass", action="store_false",
+                    help="leave faces as drawn (default: faces found are redrawn with the LoRA at its native size)")
     im.add_argument("--device", default="auto")
     im.set_defaults(func=cmd_imagine)
 

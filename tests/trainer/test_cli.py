@@ -8,13 +8,14 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
 from jobs.handles import NameRuleError, normalize_class_word, validate_handle
-from jobs.requests import TRAIN_DEFAULTS
+from jobs.requests import TRAIN_DEFAULTS, GenerateRequest
 from tests.photos_factory import colour_fields
 from trainer.__main__ import main
 from trainer.cli import run
@@ -78,6 +79,23 @@ def test_imagine_writes_images_with_the_lora(trained: Path, tmp_path: Path, capl
     assert Image.open(files[0]).size[0] > 0
     # The prompt as drawn, with the class word the LoRA was trained with added after the handle.
     assert "prompt: a portrait of sks woman" in caplog.messages
+
+
+def test_imagine_can_leave_faces_as_drawn(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.engine import GenerationEngine
+
+    asked: list[bool] = []
+    generate = GenerationEngine.generate
+
+    def spy(self: GenerationEngine, request: GenerateRequest, **kwargs: Any) -> Any:
+        asked.append(request.face_pass)
+        return generate(self, request, **kwargs)
+
+    monkeypatch.setattr(GenerationEngine, "generate", spy)
+    for options in ([], ["--no-face-pass"]):
+        run(["imagine", "sks", "--lora", str(trained), "--n", "1", "--out", str(tmp_path), "--steps", "1",
+             "--seed", "1", "--device", "cpu", *options])
+    assert asked == [True, False]
 
 
 def test_the_command_train_suggests_runs_as_printed(training: tuple[Path, list[str]]) -> None:

@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from trainer import adapters
 from trainer.family import Family
 from trainer.pipelines import cast_module
+from trainer.trainable import text_encoder_checkpointing
 
 
 @contextlib.contextmanager
@@ -43,7 +44,7 @@ def borrowed(pipe: DiffusionPipeline, family: Family, dtype: torch.dtype, checkp
             pipe.unet.disable_gradient_checkpointing()
         for name, module in modules.items():
             if checkpointing and name in family.text_encoder_names:
-                module.gradient_checkpointing_disable()
+                text_encoder_checkpointing(module, False)
             if adapters.snapshot(module) is not None:
                 adapters.remove_lora(module, adapter, before[name])
             if module.dtype != dtypes[name]:

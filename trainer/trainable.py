@@ -66,6 +66,13 @@ class Trainable:
         return {name: adapters.lora_state_dict(module, ADAPTER) for name, module in self.modules.items()}
 
 
+
+def text_encoder_checkpointing(module: torch.nn.Module, on: bool) -> None:
+    """Turn a transformers text encoder's gradient checkpointing on or off: by the names transformers 5
+    gives it where they exist (the old ones warn there), else by transformers 4's."""
+    name = "activation_checkpointing_" if hasattr(module, "activation_checkpointing_enable") else "gradient_checkpointing_"
+    getattr(module, name + ("enable" if on else "disable"))()
+
 def add_trainable(pipe: DiffusionPipeline, family: Family, config: TrainConfig, dtype: torch.dtype,
                   device: torch.device) -> Trainable:
     """Add the adapter to the UNet (and to the text encoders if they train), put the UNet in
@@ -98,7 +105,7 @@ def add_trainable(pipe: DiffusionPipeline, family: Family, config: TrainConfig, 
         pipe.unet.enable_gradient_checkpointing()
         for name, module in modules.items():
             if name != "unet":
-                module.gradient_checkpointing_enable()
+                text_encoder_checkpointing(module, True)
     pipe.unet.train()
     optimizer = _optimizer(params, config, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

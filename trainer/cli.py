@@ -159,8 +159,16 @@ def checked_names(handle: str, class_word: str) -> tuple[str, str]:
         raise TrainerError(str(exc), "bad_handle") from exc
 
 
+def default_compile_cache() -> Path:
+    """Where compiled kernels are kept between runs: beside the class images, shared by the worker and
+    the command line."""
+    return default_class_cache().parent / "compiled"
+
+
 def cmd_train(args: argparse.Namespace) -> list[str]:
+    from trainer import compile_choice
     from trainer.dreambooth import CHECKPOINT_NAME, train
+    from trainer.pipelines import pick_device
 
     args.handle, args.class_word = checked_names(args.handle, args.class_word)
     photos = read_photos(args.photos)
@@ -179,13 +187,20 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
                              gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as exc:
         raise TrainerError(f"Invalid training settings: {exc}.", "bad_settings") from exc
+    device = pick_device(args.device)
+    settings = {"model": args.model, "rank": config.rank, "resolution": args.resolution or "the model's",
+                "batch": config.batch_size, "prior": config.prior_preservation}
+    choice = compile_choice.choose("train", device, args.compile, args.compile_cache, settings, config.steps,
+                                   compile_choice.training_costs(config.prior_preservation),
+                                   graphed=config.graphs_on(device.split(":", 1)[0]))
+    config = dataclasses.replace(config, compiled_stages=choice.compile)
     out: Path = args.out
     work_dir = args.work_dir or out / "checkpoints"
     bars = ProgressBars(preview_dir=out / "previews")
     try:
         with cancel_on_interrupt() as stop:
             result = train(photos, args.handle, args.class_word, config, base_model=args.model, out_dir=out,
-                           work_dir=work_dir, class_cache_dir=args.class_cache, device=args.device,
+                           work_dir=work_dir, class_cache_dir=args.class_cache, device=device,
                            on_event=bars, should_cancel=lambda: stop[0], resume_from=args.resume)
     except Cancelled as exc:
         checkpoint = work_dir / CHECKPOINT_NAME
@@ -194,6 +209,7 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
         raise
     finally:
         bars.close()
+    choice.finished()
     return [f"lora: {result.lora_path}", f"kohya: {result.kohya_path}", f"steps: {result.steps}",
             f"final loss: {result.final_loss:.4f}",
             "try: " + shlex.join(["python", "-m", "trainer", "imagine", "--lora", str(out), "--model", str(args.model),
@@ -228,6 +244,7 @@ def writable_folder(folder: Path) -> Path:
 
 
 def cmd_imagine(args: argparse.Namespace) -> list[str]:
+    from trainer import compile_choice
     from trainer.engine import GenerationEngine
     from trainer.lora_io import safe_file_stem
     from trainer.pipelines import load_pipeline, pick_device
@@ -245,8 +262,13 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
     handle, class_word = meta.get("handle"), meta.get("class_word")
     log.info("prompt: %s", compose_prompt(request.prompt, handle, class_word, request.style))
     model = args.model or meta.get("base_model") or DEFAULT_BASE_MODEL
-    pipe = load_pipeline(model, device=pick_device(args.device))
-    engine = GenerationEngine(pipe, model_name=model_name(model))
+    device = pick_device(args.device)
+    choice = compile_choice.choose("imagine", device, args.compile, args.compile_cache,
+                                   {"model": model, "pictures": request.num_images, "size": "the model's"},
+                                   request.num_images * request.steps, compile_choice.GENERATION,
+                                   graphed=device.startswith("cuda"))
+    pipe = load_pipeline(model, device=device)
+    engine = GenerationEngine(pipe, model_name=model_name(model), compile_blocks=choice.compile)
     key = hashlib.sha256(lora.read_bytes()).hexdigest()[:16] if lora else None
     bars = ProgressBars()
     try:
@@ -254,6 +276,7 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
                                  on_event=bars)
     finally:
         bars.close()
+    choice.finished()
     stem = safe_file_stem(meta.get("handle", "image"))
     lines = []
     for i, image in enumerate(images):
@@ -320,6 +343,15 @@ class DefaultsHelp(argparse.HelpFormatter):
 GENERATE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerateRequest)}
 
 
+def add_compile_options(command: argparse.ArgumentParser) -> None:
+    """`--compile/--no-compile` and `--compile-cache` for a command that decides by itself (trainer.compile_choice)."""
+    command.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                         help="compile for the GPU, or not (default: only when the compiled cache is warm or "
+                              "the job is long enough for compiling to pay back; the log says which and why)")
+    command.add_argument("--compile-cache", type=Path, default=default_compile_cache(),
+                         help="where compiled kernels are kept between runs (TORCHINDUCTOR_CACHE_DIR wins)")
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line; the worker's defaults come from `env` (default: the process environment)."""
     env = os.environ if env is None else env
@@ -371,6 +403,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     tr.add_argument("--resume", type=Path, help="a checkpoint.safetensors to continue from")
     tr.add_argument("--work-dir", type=Path, help="where checkpoints go (default: OUT/checkpoints)")
     tr.add_argument("--class-cache", type=Path, default=default_class_cache())
+    add_compile_options(tr)
     tr.set_defaults(func=cmd_train)
 
     im = sub.add_parser("imagine", help="generate images, with a trained LoRA or without", formatter_class=DefaultsHelp)
@@ -387,6 +420,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     im.add_argument("--no-face-pass", dest="face_pass", action="store_false",
                     help="leave faces as drawn (default: faces found are redrawn with the LoRA at its native size)")
     im.add_argument("--device", default="auto")
+    add_compile_options(im)
     im.set_defaults(func=cmd_imagine)
 
     wk = sub.add_parser("worker", help="serve a bot's jobs on this machine's GPU through Celery and Redis",
@@ -415,7 +449,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     wk.add_argument("--start-helpers", type=int, default=env.get("START_HELPERS", "").strip() or "-1",
                     help="processes compiling parts of the worker's first start beside it: -1 as many as "
                          "the GPU and the CPUs allow, 0 none (START_HELPERS does the same)")
-    wk.add_argument("--compile-cache", type=Path, default=default_class_cache().parent / "compiled",
+    wk.add_argument("--compile-cache", type=Path, default=default_compile_cache(),
                     help="where compiled kernels are kept between starts")
     wk.add_argument("--max-message-mb", type=int,
                     default=env.get("MAX_JOB_MESSAGE_MB", "").strip() or str(DEFAULT_MAX_MESSAGE_MB),

@@ -98,6 +98,113 @@ def test_imagine_can_leave_faces_as_drawn(trained: Path, tmp_path: Path, monkeyp
     assert asked == [True, False]
 
 
+def keep_inductor_cache_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset TORCHINDUCTOR_CACHE_DIR for the test and put back whatever it was after (a compiling run
+    sets it), so --compile-cache decides where the markers go."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # recorded, so the deletion below is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+
+
+def choices(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "trainer.compile_choice"]
+
+
+def finished_runs(cache: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in (cache / "finished-runs").glob("*.json"))
+
+
+def test_train_compiles_as_told_and_says_so(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    import trainer.dreambooth
+    from trainer.dreambooth import TrainResult
+
+    keep_inductor_cache_setting(monkeypatch)
+    asked: list[bool | None] = []
+
+    def spy(_photos: object, _handle: str, _class_word: str, config: Any, **kwargs: Any) -> TrainResult:
+        asked.append(config.compiled_stages)
+        assert config.graphs_on("cuda")  # not compiling leaves the CUDA graphs of plain stages on
+        return TrainResult(kwargs["out_dir"] / "pytorch_lora_weights.safetensors", None, config.steps, 0.5)
+
+    monkeypatch.setattr(trainer.dreambooth, "train", spy)
+    photos, cache = write_photos(tmp_path / "photos", 5), tmp_path / "compiled"
+    with caplog.at_level(logging.INFO, logger="trainer.compile_choice"):
+        for option in (["--no-compile"], [], ["--compile"]):
+            run(["train", "--photos", str(photos), "--handle", "sks", "--class", "woman", "--out",
+                 str(tmp_path / "lora"), "--model", str(tiny_model), "--steps", "3", "--device", "cpu",
+                 "--compile-cache", str(cache), *option])
+            if option != ["--compile"]:
+                assert finished_runs(cache) == []
+    assert asked == [False, False, True]
+    assert choices(caplog) == ["not compiling: --no-compile asked for it",
+                               "not compiling: compiled code pays only with CUDA graphs on a GPU, not on cpu; "
+                               "--compile to compile anyway",
+                               "compiling: --compile asked for it"]
+    # The compiled run finished, so the same training counts as warm next time.
+    assert finished_runs(cache) == ["train"]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+
+
+def test_train_on_a_gpu_compiles_by_itself_once_a_compiled_run_warmed_the_cache(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    import trainer.dreambooth
+    import trainer.pipelines
+    from trainer.dreambooth import TrainResult
+
+    keep_inductor_cache_setting(monkeypatch)
+    asked: list[bool | None] = []
+
+    def spy(_photos: object, _handle: str, _class_word: str, config: Any, **kwargs: Any) -> TrainResult:
+        asked.append(config.compiled_stages)
+        return TrainResult(kwargs["out_dir"] / "pytorch_lora_weights.safetensors", None, config.steps, 0.5)
+
+    # The decision as on a GPU; the training itself is the spy's.
+    monkeypatch.setattr(trainer.dreambooth, "train", spy)
+    monkeypatch.setattr(trainer.pipelines, "pick_device", lambda _requested: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device: "Some GPU")
+    photos, cache = write_photos(tmp_path / "photos", 5), tmp_path / "compiled"
+    with caplog.at_level(logging.INFO, logger="trainer.compile_choice"):
+        for options in (["--steps", "5000"], ["--steps", "50", "--compile"], ["--steps", "5000"],
+                        ["--steps", "800"], ["--steps", "5000", "--rank", "32"]):
+            run(["train", "--photos", str(photos), "--handle", "sks", "--class", "woman", "--out",
+                 str(tmp_path / "lora"), "--model", str(tiny_model), "--compile-cache", str(cache), *options])
+    # Cold: 5000 steps do not pay back compiling; after a compiled run of the same kind they pay back
+    # reading it back, 800 do not, and another rank is another, cold, kind.
+    assert asked == [False, True, True, False, False]
+    said = choices(caplog)
+    assert said[0].startswith("not compiling: the compiled cache is cold and 5000 training steps")
+    assert said[2].startswith("compiling: the compiled cache is warm and 5000 training steps")
+    assert said[3].startswith("not compiling: the compiled cache is warm and 800 training steps")
+    assert said[4].startswith("not compiling: the compiled cache is cold")
+
+
+def test_imagine_compiles_as_told_and_says_so(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.engine import GenerationEngine
+
+    keep_inductor_cache_setting(monkeypatch)
+    asked: list[bool | None] = []
+    init = GenerationEngine.__init__
+
+    def spy(self: GenerationEngine, pipeline: Any, **kwargs: Any) -> None:
+        asked.append(kwargs["compile_blocks"])
+        # Compiling the tiny model on the CPU takes minutes; what the command asked for is recorded.
+        init(self, pipeline, **{**kwargs, "compile_blocks": False})
+
+    monkeypatch.setattr(GenerationEngine, "__init__", spy)
+    cache = tmp_path / "compiled"
+    with caplog.at_level(logging.INFO, logger="trainer.compile_choice"):
+        for option in ("--no-compile", "--compile"):
+            lines = run(["imagine", "sks", "--lora", str(trained), "--n", "1", "--out", str(tmp_path / "out"),
+                         "--steps", "1", "--seed", "1", "--device", "cpu", "--compile-cache", str(cache), option])
+            assert len(lines) == 1  # the choice goes to the log, not among the result lines
+    assert asked == [False, True]
+    assert choices(caplog) == ["not compiling: --no-compile asked for it", "compiling: --compile asked for it"]
+    assert finished_runs(cache) == ["imagine"]
+
+
 def test_the_command_train_suggests_runs_as_printed(training: tuple[Path, list[str]]) -> None:
     out, lines = training
     hint = next(line for line in lines if line.startswith("try: "))

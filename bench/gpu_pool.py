@@ -167,7 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = GpuSampler()
     await sampler.start()
     await scheduler.start()
-    request = GenerateRequest("portrait, studio light", num_images=1, seed=1, steps=25)
+    request = GenerateRequest("portrait, studio light", num_images=1, seed=1, steps=25, face_pass=False)
     people = list(range(1, len(devices) + 2))  # one per worker, plus one who only generates
     report: dict[str, Any] = {"devices": devices, "model": args.model, "steps": args.steps,
                               "class_images": args.class_images, "resolution": args.resolution}

@@ -476,7 +476,7 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
     results["warm-up s"] = engine.warm_up()
     print(f"{'engine warm-up':<44} {results['warm-up s']:8.1f} s", flush=True)
     for n, aspect in ((1, "square"), (4, "square"), *([(1, "portrait")] if args.portrait else [])):
-        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25,
+        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25, face_pass=False,
                                   aspect=aspect)
         started = time.monotonic()
         engine.generate(request)
@@ -485,7 +485,7 @@ def generate_variants(pipe, args: argparse.Namespace, out: dict[str, Any]) -> No
         results[name] = {"s": median_request_s(engine, request), "first_s": first}
         print(f"{name:<44} {results[name]['s'] * 1000:8.1f} ms (first {first:.2f} s)", flush=True)
     dynamic_only(engine, results)
-    request = GenerateRequest(prompt="a photo of a woman on a beach", seed=1, steps=25)
+    request = GenerateRequest(prompt="a photo of a woman on a beach", seed=1, steps=25, face_pass=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine.generate(request)
@@ -517,7 +517,7 @@ def dynamic_only(engine: Any, results: dict[str, Any]) -> None:
     from jobs.requests import GenerateRequest
 
     def timed(n: int) -> tuple[float, list[Any]]:
-        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25)
+        request = GenerateRequest(prompt="a photo of a woman on a beach", num_images=n, seed=1, steps=25, face_pass=False)
         images = engine.generate(request)
         return median_request_s(engine, request), images
 

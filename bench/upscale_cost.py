@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         lora = make_random_lora(pipe, Path(folder), seed=1, rank=16)
         person = {"adapter_key": "person", "lora_path": lora, "handle": "sks", "class_word": "person"}
-        request = GenerateRequest(prompt=PROMPT, seed=1, steps=args.steps)
+        request = GenerateRequest(prompt=PROMPT, seed=1, steps=args.steps, face_pass=False)  # the picture alone
         [picture] = engine.generate(request, **person)  # reads the LoRA file once
     upscale_request = GenerateRequest(prompt=PROMPT, seed=1, steps=args.steps, strength=UPSCALE_STRENGTH)
 

@@ -27,6 +27,7 @@ place in the picture, so a seed reproduces the whole picture, face pass included
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -91,8 +92,19 @@ that gain most."""
 
 
 def detect_faces(image: Image.Image) -> list[Box]:
-    """The default detector: the intake's Haar cascade (photos.faces), largest first."""
-    return faces.detect_faces(image, image.size, min_face_px=MIN_FACE_PX)
+    """The default detector: the intake's Haar cascade (photos.faces), largest first. Where OpenCV has
+    no cascade (an OpenCV 5 installed against requirements.txt) it finds nothing: the pictures are
+    then sent without the pass rather than not at all."""
+    try:
+        return faces.detect_faces(image, image.size, min_face_px=MIN_FACE_PX)
+    except RuntimeError as exc:
+        _warn_no_detector(str(exc))
+        return []
+
+
+@functools.cache
+def _warn_no_detector(reason: str) -> None:
+    log.warning("face pass off: %s", reason)
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,20 @@ def test_the_default_detector_finds_the_small_faces_the_pass_is_for() -> None:
     [(x, y, w, h)] = face_pass.detect_faces(small)
     assert abs(x + w / 2 - 154) < 8 and abs(y + h / 2 - 205) < 8
     assert face_pass.detect_faces(colour_fields(1)[0]) == []
+
+
+def test_without_a_cascade_the_pass_finds_nothing_and_the_picture_is_still_made(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An OpenCV without Haar cascades (5.x, against requirements.txt) costs the face pass, not the picture."""
+    from photos import faces
+    from tests.photos_factory import portrait
+
+    def no_cascade() -> None:
+        raise RuntimeError("This OpenCV build has no Haar cascades")
+
+    monkeypatch.setattr(faces, "_cascade", no_cascade)
+    face_pass._warn_no_detector.cache_clear()
+    small = portrait((512, 512), ((0.3, 0.4, 0.04),))
+    with caplog.at_level("WARNING", logger="trainer.face_pass"):
+        assert face_pass.detect_faces(small) == [] and face_pass.detect_faces(small) == []
+    assert [r.getMessage() for r in caplog.records] == ["face pass off: This OpenCV build has no Haar cascades"]

@@ -11,7 +11,6 @@ encoders' linear layers, and a random VAE turns no latent change into a predicta
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,13 +43,7 @@ FACE = (16, 14, 12, 12)  # x, y, w, h in the tiny models' 64 px pictures
 KINDS = ["tiny", "tiny-sdxl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops gain nothing from more threads, and one thread keeps float sums in one order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(data: bytes) -> np.ndarray:

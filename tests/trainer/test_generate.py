@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +47,7 @@ def make_engine(max_loaded_adapters: int = 8) -> GenerationEngine:
     return GenerationEngine(build_random_pipeline("tiny"), max_loaded_adapters=max_loaded_adapters)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model's ops are too small to gain from a second thread, and a busy machine makes torch's
-    spinning worker threads wait on each other; one thread keeps the module fast either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)

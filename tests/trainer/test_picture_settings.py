@@ -6,13 +6,11 @@ On the tiny model with a random LoRA, through the engine as a worker runs it.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from bench.generate_speed import make_random_lora
@@ -33,13 +31,7 @@ REQUEST = GenerateRequest(prompt="riding a horse, at dawn", negative_prompt="blu
                           seed=41, steps=2, guidance=6.5, scheduler="euler_a", aspect="portrait", style="anime")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from more threads (see tests/trainer/test_generate.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

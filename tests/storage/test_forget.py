@@ -44,13 +44,6 @@ async def _rows(store: Storage, user: int) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = await Storage.open(tmp_path)
-    yield store
-    await store.close()
-
-
 async def test_forget_user_leaves_nothing_of_them_and_everything_of_others(store):
     await _give_everything(store, ALICE)
     await _give_everything(store, BOB)

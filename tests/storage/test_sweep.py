@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 from storage import generations_db, jobs_db, models_db, photos_db, users_db
 from storage.store import Storage
 from storage.sweep import sweep_data_dir
 
 ALICE, BOB = 101, 202
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = await Storage.open(tmp_path)
-    yield store
-    await store.close()
 
 
 def _files(store: Storage) -> set[str]:

@@ -6,17 +6,9 @@ import aiosqlite
 import pytest
 
 from storage import user_settings_db, users_db
-from storage.store import Storage
 from storage.user_settings_db import NO_DEFAULTS, PersonalDefaults
 
 ALICE, BOB = 101, 202
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = await Storage.open(tmp_path)
-    yield store
-    await store.close()
 
 
 async def test_a_person_without_defaults_has_none_and_no_row(store):

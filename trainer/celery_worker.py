@@ -128,6 +128,7 @@ class CeleryWorker:
     def stop(self, *, remove_work_dir: bool = False) -> None:
         """Stop beating and leave no one's files behind (see `Worker.remove_files`)."""
         self._stop.set()
+        self.worker.stop_compiling()  # before its scratch files go
         try:
             self.worker.remove_files(folder_too=remove_work_dir)
         finally:
@@ -322,7 +323,7 @@ def serve(config: WorkerConfig, redis_url: str, name: str, secret: str, *,
     try:
         with stopped_by_signals():
             try:
-                body.worker.prepare()  # load the model before taking the first job
+                body.worker.prepare()  # load the model before taking the first job; the rest compiles meanwhile
             except StoppedDuringStart:
                 log.info("worker %s stopped during its start", name)
                 body.stopping.set()

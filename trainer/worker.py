@@ -180,7 +180,9 @@ class Worker:
             return False
         if config.compiled_stages is not None:
             return config.compiled_stages
-        return config.graphs_on(self.pipeline.device.type) or self._compiles_everywhere()
+        from trainer.pipelines import pick_device
+
+        return config.graphs_on(pick_device(self.config.device).split(":")[0]) or self._compiles_everywhere()
 
     def compile_parts(self) -> list[str]:
         """The parts of this worker's start that compile, in the order they are wanted: the engine's

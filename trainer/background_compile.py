@@ -46,6 +46,7 @@ class BackgroundCompile:
         self._adopted: set[str] = set()
         self._changed = threading.Condition()
         self._stopping = False
+        self._ended = threading.Event()
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="background-compile", daemon=True)
 
@@ -75,14 +76,12 @@ class BackgroundCompile:
 
     @property
     def finished(self) -> bool:
-        with self._changed:
-            return self._stopping or len(self._adopted) == len(self.parts)
+        return self._ended.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every part is adopted (or the compiling was stopped); False on `timeout`."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self._stopping or len(self._adopted) == len(self.parts),
-                                          timeout)
+        """Block until every part is adopted and `on_finished` has run, or the compiling was stopped
+        (after the part under way); False on `timeout`."""
+        return self._ended.wait(timeout)
 
     def stop(self) -> None:
         """Adopt nothing more (a part under way is finished) and end the helpers."""
@@ -109,6 +108,12 @@ class BackgroundCompile:
         return unhelped[0] if unhelped and not pending else None
 
     def _run(self) -> None:
+        try:
+            self._adopt_all()
+        finally:
+            self._ended.set()
+
+    def _adopt_all(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._stopping or self._next() is not None

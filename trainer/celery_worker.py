@@ -76,12 +76,14 @@ class CeleryWorker:
 
     def __init__(self, config: WorkerConfig, name: str, redis_url: str, secret: str,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB * MB) -> None:
+        from trainer.compile_artifacts import RedisStore
         from trainer.worker import Worker
 
         self.config, self.name = config, name
         self.redis = redis.Redis.from_url(redis_url)
-        self.worker = Worker(config)
         self._secret = secret.encode()
+        # The first worker to compile publishes its code; the others, on other machines, load it.
+        self.worker = Worker(config, shared_artifacts=RedisStore(self.redis), secret=self._secret)
         self._max_bytes = max_message_bytes
         self.current: int | None = None
         # Set when the worker shuts down (SIGTERM, SIGINT): the job in progress stops at its next step.

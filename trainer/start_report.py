@@ -2,7 +2,8 @@
 listener each part as it ends): the log's lines round their seconds for people, so whoever needs
 the figures (bench.worker_start, the tests) takes them from here, never from the log.
 
-Parts are named: `MODEL` (loading the base model: the worker serves from its end), the generation
+Parts are named: `MODEL` (loading the base model), `ARTIFACTS` (unpacking compiled code a worker kept
+or published, trainer.compile_artifacts: the worker serves from its end), the generation
 warm-up's parts (trainer.engine: `any-shape`, `during-training`, `square-N`) and the training step
 (trainer.start_helpers.TRAINING), each as the worker switches to its compiled code (the seconds:
 reading it back, or compiling it where no start helper did), and `helper_compiled(part)` (a start
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 MODEL = "model"
+ARTIFACTS = "compiled code loaded"
 
 
 def helper_compiled(part: str) -> str:

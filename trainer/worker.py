@@ -33,13 +33,13 @@ from jobs.payloads import (
 from jobs.requests import GenerateRequest, TrainConfig
 from jobs.train_defaults import FAMILY_TUNED
 from jobs.worker_config import WorkerConfig
-from trainer import gc_pauses, start_helpers
+from trainer import compile_artifacts, gc_pauses, start_helpers
 from trainer.background_compile import BackgroundCompile
 from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
 from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
-from trainer.start_report import MODEL, PartTime, StartReport
+from trainer.start_report import ARTIFACTS, MODEL, PartTime, StartReport
 from trainer.upscale import upscale_job
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,17 @@ def clear_folder(folder: Path) -> None:
 class Worker:
     """Runs work items on one device with a base pipeline that is loaded once."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *, shared_artifacts: compile_artifacts.Store | None = None,
+                 secret: bytes | None = None) -> None:
+        """`shared_artifacts`: where the workers of one bot share their compiled code (Redis with Celery),
+        besides this worker's compile cache folder; `secret` signs and checks it there
+        (trainer.compile_artifacts)."""
         self.config = config
+        self._artifact_stores: list[compile_artifacts.Store] = [
+            *([compile_artifacts.FolderStore(Path(config.compile_cache_dir) / "artifacts")]
+              if config.compile_cache_dir else []),
+            *([shared_artifacts] if shared_artifacts is not None else [])]
+        self._secret = secret
         self.work_dir = Path(config.work_dir)
         self._pipeline: Any = None
         self._engine: Any = None
@@ -125,10 +134,19 @@ class Worker:
         if parts:
             from trainer.engine import ANY_SHAPE
 
+            key = compile_artifacts.artifact_key(self.config, str(pipeline.device), parts)
+            if self._artifact_stores:
+                # Before anything compiles: helpers and this process then read the code from the cache.
+                with report.timed(ARTIFACTS):
+                    compile_artifacts.load(self._artifact_stores, key, self._secret)
+
+            def finished() -> None:
+                compile_artifacts.save(self._artifact_stores, key, self._secret)
+                gc_pauses.freeze_long_lived()
+
             background = BackgroundCompile(
                 parts, self.compile_part, self._job_lock, report,
-                after=lambda part: ANY_SHAPE if part.startswith("square-") else None,
-                on_finished=gc_pauses.freeze_long_lived)
+                after=lambda part: ANY_SHAPE if part.startswith("square-") else None, on_finished=finished)
             background.start(start_helpers.start(self.config, parts, str(pipeline.device),
                                                  on_end=background.heard_end))
             self._background = background

@@ -32,8 +32,8 @@ def main(mode: str, folders: list[str]) -> None:
         compile_artifacts.save(stores, KEY, secret)
     from torch._dynamo.utils import counters
 
-    print(json.dumps({"counters": dict(counters["inductor"]),
-                      "loaded_from": None if loaded is None else str(getattr(loaded, "folder", ""))}))
+    sys.stdout.write(json.dumps({"counters": dict(counters["inductor"]),
+                      "loaded_from": None if loaded is None else str(getattr(loaded, "folder", ""))}) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ TRAINING = "training"
 # processes do not slow each other down (inductor compiles Triton kernels in a pool of its own).
 GPU_GIB_PER_PROCESS = 6.0
 CPUS_PER_PROCESS = 4
+# What the worker keeps free for the jobs it serves while the helpers compile: a training at the
+# bot's defaults with a picture drawn beside it (SD 1.5 at 512 px peaks near 10 GiB; README).
+WORKER_GPU_GIB = 12.0
 DONE, FAILED = "done", "failed"
 # Seconds for the lines a helper wrote before it exited to be read, before its unreported parts fail.
 EXIT_GRACE_S = 2.0
@@ -48,9 +51,9 @@ EXIT_GRACE_S = 2.0
 
 def helper_count(wanted: int, parts: int, cpus: int, free_gpu_gib: float) -> int:
     """How many helpers to start for `parts` groups of parts: `wanted` (below 0: as many as fit
-    beside the worker in `free_gpu_gib` of GPU memory and `cpus` CPUs), never more than there are
-    groups."""
-    fit = min(cpus // CPUS_PER_PROCESS, int(free_gpu_gib // GPU_GIB_PER_PROCESS)) - 1
+    beside the worker and the jobs it serves meanwhile, in `free_gpu_gib` of GPU memory and `cpus`
+    CPUs), never more than there are groups."""
+    fit = min(cpus // CPUS_PER_PROCESS - 1, int((free_gpu_gib - WORKER_GPU_GIB) // GPU_GIB_PER_PROCESS))
     return max(0, min(fit if wanted < 0 else wanted, parts))
 
 

@@ -66,8 +66,9 @@ def fake_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[li
 def test_helpers_start_only_where_the_gpu_and_the_cpus_have_room() -> None:
     assert helper_count(-1, 3, cpus=16, free_gpu_gib=130) == 3  # the H200 host: one per group
     assert helper_count(-1, 3, cpus=8, free_gpu_gib=130) == 1  # 4 CPUs for each process
-    assert helper_count(-1, 3, cpus=16, free_gpu_gib=12.5) == 1  # 6 GiB each, the worker's share kept
-    assert helper_count(-1, 3, cpus=16, free_gpu_gib=11.9) == 0
+    # 6 GiB each, with 12 GiB kept for the jobs the worker serves meanwhile: a 24 GB card has room for one.
+    assert helper_count(-1, 3, cpus=16, free_gpu_gib=20.5) == 1
+    assert helper_count(-1, 3, cpus=16, free_gpu_gib=17.9) == 0
     assert helper_count(-1, 3, cpus=2, free_gpu_gib=130) == 0  # this project's CI machine
     assert helper_count(-1, 2, cpus=64, free_gpu_gib=500) == 2  # never more than there are groups
     assert helper_count(0, 3, cpus=16, free_gpu_gib=130) == 0  # START_HELPERS=0

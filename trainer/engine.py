@@ -282,7 +282,9 @@ class GenerationEngine:
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(merged_lora.merged(lora))
-                if self._compiled is not None and self._compiled_ready(training):
+                # The square pictures' warm-up is what compiles their code: it always runs it.
+                if self._compiled is not None and (self._compiled_ready(training)
+                                                   or (self._learning_shapes and not training)):
                     stack.enter_context(self._compiled.installed(
                         skip_adapters=training, learn_shapes=self._learning_shapes and not training))
                 if self._graphs is not None and graphs:

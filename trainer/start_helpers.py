@@ -9,8 +9,8 @@ worker serves jobs uncompiled; once a helper has finished a part, the worker rea
 back from the cache, as a restart does, between two jobs (bench/RESULTS.md, "Worker start").
 
 Helpers start only on a GPU, where something compiles, and only as many as the GPU's free memory
-and the host's CPUs leave room for (`helper_count`); a part no helper takes, the worker compiles
-itself while it is idle. A helper that fails costs nothing but its time: the worker compiles that
+and the host's CPUs leave room for (`helper_count`), each taking its share of the parts; where
+none has room, the worker compiles the parts itself while it is idle. A helper that fails costs nothing but its time: the worker compiles that
 part itself. Helpers end with the worker: each one exits when its stdin, held by the worker, closes.
 A helper's process is trainer.start_helper_process.
 """
@@ -163,8 +163,9 @@ def helper_command(config: WorkerConfig, parts: Sequence[str]) -> list[str]:
 def start(config: WorkerConfig, parts: Sequence[str], device: str,
           on_end: Callable[[str], None] = lambda part: None) -> Helpers:
     """Helpers compiling `parts` (the parts of the worker's start), as many as `config.start_helpers`
-    asks and `device` and the worker's share of the host's CPUs leave room for (each helper's command
-    line is `helper_command`'s), `on_end` hearing each part as it ends. The caller closes them."""
+    asks and `device` and the worker's share of the host's CPUs leave room for, the groups of parts
+    (`groups`) dealt out among them (each helper's command line is `helper_command`'s), `on_end`
+    hearing each part as it ends. The caller closes them."""
     by_helper = groups(parts)
     count = 0
     if by_helper and config.start_helpers != 0:
@@ -173,7 +174,9 @@ def start(config: WorkerConfig, parts: Sequence[str], device: str,
     processes: dict[subprocess.Popen[bytes], list[str]] = {}
     scratch: list[Path] = []
     try:
-        for owned in by_helper[:count]:
+        # Round robin: with fewer helpers than groups, the first to finish (the longest first) takes
+        # more, so the worker compiles nothing itself while it serves.
+        for owned in ([part for group in by_helper[first::count] for part in group] for first in range(count)):
             # A folder of its own: a worker clears its folder's files as it starts (trainer.worker).
             Path(config.work_dir).mkdir(parents=True, exist_ok=True)
             scratch.append(Path(tempfile.mkdtemp(prefix="start-helper-", dir=config.work_dir)))

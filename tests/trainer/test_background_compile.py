@@ -28,7 +28,7 @@ from tests.work_items import generate_item, train_item
 from trainer.background_compile import BackgroundCompile
 from trainer.engine import ANY_SHAPE, DURING_TRAINING, square_part
 from trainer.start_helpers import TRAINING, Helpers
-from trainer.start_report import MODEL, StartReport, helper_compiled
+from trainer.start_report import ARTIFACTS, MODEL, StartReport, helper_compiled
 from trainer.worker import Worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,8 +141,9 @@ def test_a_worker_serves_before_its_compile_ends_and_switches_midway_to_the_same
                                  compile_backend="tests.trainer.gated_backend:backend", start_helpers=1,
                                  compile_cache_dir=str(cache)))
     report = worker.prepare()
-    # It serves from here: the model is loaded, nothing of the compiling has ended.
-    assert report.names() == [MODEL]
+    # It serves from here: the model is loaded (and no compiled code was kept yet), nothing of the
+    # compiling has ended.
+    assert report.names() == [MODEL, ARTIFACTS]
     assert worker.compile_parts() == [ANY_SHAPE, DURING_TRAINING, square_part(1), square_part(4), TRAINING]
     assert not worker.wait_compiled(timeout=0.5)
 
@@ -185,14 +186,14 @@ def test_a_worker_serves_before_its_compile_ends_and_switches_midway_to_the_same
     for name, tensor in plain.items():
         torch.testing.assert_close(switched[name], tensor, rtol=1e-5, atol=1e-6)
 
-    # Then, with no job running, the worker switches to the helper's training step and compiles the
-    # parts no helper took (there was room for one), the code for any shape before the squares'.
+    # Then, with no job running, the worker switches to each part as the helper (which has them all)
+    # finishes it, the code for any shape before the squares', reading it back from the cache.
     assert worker.wait_compiled(timeout=600)
-    assert gated_backend.COMPILED
-    assert [t.part for t in report.parts if not t.part.startswith("compiled by")] == [MODEL, TRAINING, ANY_SHAPE,
-                                                                                      DURING_TRAINING,
-                                                                                      square_part(1),
-                                                                                      square_part(4)]
+    assert len(gated_backend.READ) > reads_before_step[-1]
+    switched = [t.part for t in report.parts if not t.part.startswith("compiled by")]
+    parts = [ANY_SHAPE, DURING_TRAINING, square_part(1), square_part(4), TRAINING]
+    assert switched[:2] == [MODEL, ARTIFACTS] and sorted(switched[2:]) == sorted(parts)
+    assert switched.index(ANY_SHAPE) < min(switched.index(square_part(1)), switched.index(square_part(4)))
     after: list[Any] = []
     worker.execute(seeded_picture(6), after.append, lambda: False)
     assert worker.engine._compiled_ready(training=False)
@@ -201,3 +202,30 @@ def test_a_worker_serves_before_its_compile_ends_and_switches_midway_to_the_same
                        for out in (after, eager_picture))
     assert np.abs(compiled - plain).max() <= 1
     worker.stop_compiling()
+
+
+def test_a_squares_warm_up_compiles_their_code_though_pictures_do_not_use_it_yet() -> None:
+    """A start helper that owns the squares compiles their static-shape code while no code for any
+    shape is in use (in its process, nothing is); the worker's pictures use compiled code only
+    once the part that prepares them has run there."""
+    from trainer.engine import GenerationEngine
+    from trainer.pipelines import build_random_pipeline
+
+    traced: list[str] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        traced.append(gm.code)
+        return gm.forward
+
+    engine = GenerationEngine(build_random_pipeline("tiny"), compile_blocks=True, compile_backend=counting,
+                              compiled_after_warm_up=True)
+    engine.generate(GenerateRequest("on the moon", seed=1, steps=2))
+    assert traced == []  # nothing compiled, nothing used
+    engine.warm_up(counts=(1,), parts=[square_part(1)])
+    assert traced  # the square's code was compiled ...
+    compiled_squares = len(traced)
+    assert not engine._compiled_ready(training=False)
+    engine.generate(GenerateRequest("on the moon", seed=1, steps=2))
+    assert len(traced) == compiled_squares  # ... and is not used before the code for any shape is
+    engine.warm_up(counts=(1,), parts=[ANY_SHAPE])
+    assert engine._compiled_ready(training=False) and not engine._compiled_ready(training=True)

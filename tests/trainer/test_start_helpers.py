@@ -85,27 +85,28 @@ def test_the_longest_parts_go_to_helpers_first_and_the_squares_stay_together() -
 
 def test_each_part_ends_done_or_failed_even_when_its_helper_dies(
         tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
-    parts = ["vanishes", "broken", TRAINING, "left-to-the-worker"]
+    parts = ["vanishes", "broken", TRAINING, "one-more"]
     heard: list[str] = []
     all_ended = threading.Event()
 
     def on_end(part: str) -> None:
         heard.append(part)
-        if len(heard) == 3:
+        if len(heard) == 4:
             all_ended.set()
 
     helpers = start_helpers.start(config(tmp_path, 3), parts, "cpu", on_end=on_end)
     try:
-        assert [owned for _own, owned in fake_helpers] == [[TRAINING], ["vanishes"], ["broken"]]
+        # Three helpers for four groups: the first (the longest part's) also takes the fourth.
+        assert [owned for _own, owned in fake_helpers] == [[TRAINING, "one-more"], ["vanishes"], ["broken"]]
         # Each helper has a folder of its own under the worker's, and starts no helpers itself.
         folders = {own.work_dir for own, _parts in fake_helpers}
         assert len(folders) == 3 and all(Path(f).parent == tmp_path / "work" for f in folders)
         assert {own.start_helpers for own, _parts in fake_helpers} == {0}
-        assert not helpers.owns("left-to-the-worker") and not helpers.ended("left-to-the-worker")
+        assert not helpers.owns("another") and not helpers.ended("another")
         # Each part ends, once, whether its helper finished it, failed it or died ...
         assert all_ended.wait(timeout=120)
-        assert sorted(heard) == sorted([TRAINING, "broken", "vanishes"])
-        assert helpers.compiled(TRAINING)
+        assert sorted(heard) == sorted([TRAINING, "broken", "vanishes", "one-more"])
+        assert helpers.compiled(TRAINING) and helpers.compiled("one-more")
         assert helpers.ended("broken") and not helpers.compiled("broken")
         assert helpers.ended("vanishes") and not helpers.compiled("vanishes")
         # ... and the dead helper's part did not wait for its leftover process, which holds its stdout.
@@ -117,7 +118,7 @@ def test_each_part_ends_done_or_failed_even_when_its_helper_dies(
     # Closing ended the helpers still waiting on their stdin, and removed their folders.
     assert [p.returncode for p in processes] == [0, 3, 0]
     assert not any(Path(f).exists() for f in folders)
-    assert len(heard) == 3
+    assert len(heard) == 4
 
 
 def test_no_helper_starts_where_none_is_asked_for_or_nothing_compiles(
@@ -147,11 +148,11 @@ def test_a_worker_serves_at_once_and_switches_to_each_part_as_it_is_ready(
     report = worker.prepare(on_timed=heard.append)
     assert report.parts[0].part == MODEL  # what the worker waited for before serving
     assert worker.wait_compiled(timeout=120)
-    # On a CPU no training step compiles, so the parts are the engine's; with one helper, it takes
-    # the squares, the worker compiles the rest while idle, and the squares' code is switched to
-    # only after the code for any shape.
-    assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4"]]
-    assert ran == ["any-shape", "square-1", "square-4", "during-training"]
+    # On a CPU no training step compiles, so the parts are the engine's; one helper takes them all
+    # (the squares first), and the squares' code is switched to only after the code for any shape.
+    assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4", "any-shape", "during-training"]]
+    assert sorted(ran) == sorted(Engine().warm_up_parts())
+    assert ran.index("any-shape") < min(ran.index("square-1"), ran.index("square-4"))
     # The start reports every part as it ends (and each helper's part as the helper finishes it),
     # with the seconds as measured, never below zero, and when each ended.
     assert [name for name in report.names() if not name.startswith("compiled by")] == [MODEL, *ran]

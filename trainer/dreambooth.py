@@ -43,6 +43,7 @@ from trainer.errors import BadCheckpoint as BadCheckpoint  # re-exported: train 
 from trainer.errors import BadPhoto, OutOfMemory, TooFewPhotos
 from trainer.errors import Cancelled as Cancelled  # re-exported: train raises it
 from trainer.family import Family, family_of
+from trainer.flow_matching import FlowMatchingStep
 from trainer.pipelines import load_pipeline, pick_device, pick_dtype
 from trainer.trainable import ADAPTER, Trainable, add_trainable
 from trainer.training_data import cache_training_data
@@ -132,7 +133,7 @@ def warm_up(pipeline: DiffusionPipeline, config: TrainConfig, scratch: Path, *,
     config uses prior preservation (which doubles the batch). `scratch` holds its files;
     `compile_backend` is torch.compile's.
     """
-    if not config.compiles_on(pipeline.device.type):
+    if not config.compiles_on(pipeline.device.type) or not family_of(pipeline).graphs_and_compiling:
         return 0.0
     log.info("compiling the training step: minutes the first time, far less once inductor's cache holds it")
     started = time.monotonic()
@@ -200,7 +201,7 @@ class TrainingRun:
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise BadPhoto("One of the photos could not be read as an image. Remove it and try again.") from exc
         self.device = pipeline.device
-        self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, pipeline.unet.dtype)
+        self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, self.family.denoiser(pipeline).dtype)
         with borrowed(pipeline, self.family, self.dtype, cfg.gradient_checkpointing, ADAPTER):
             class_paths = []
             if cfg.prior_preservation:
@@ -215,9 +216,10 @@ class TrainingRun:
             data = cache_training_data(pipeline, self.family, cfg, self.device, pixels, class_paths, prompts,
                                        self.serve_riders)
             self.trainable = add_trainable(pipeline, self.family, cfg, self.dtype, self.device)
-            self._step = TrainingStep(pipeline, self.family, cfg, self.device, self.dtype, data,
-                                      self.trainable, compile_backend=self.compile_backend,
-                                      on_compiling=self._compiling)
+            step_class = FlowMatchingStep if self.family.flow_matching else TrainingStep
+            self._step = step_class(pipeline, self.family, cfg, self.device, self.dtype, data,
+                                    self.trainable, compile_backend=self.compile_backend,
+                                    on_compiling=self._compiling)
             if state is not None:
                 self.progress = resume.restore(state, self.trainable, self._step.generator)
             else:
@@ -237,8 +239,8 @@ class TrainingRun:
 
     @property
     def compiles(self) -> bool:
-        """Whether the step runs the UNet's stages compiled."""
-        return self.config.compiles_on(self.device.type)
+        """Whether the step runs the UNet's stages compiled (never a Flux transformer's: trainer.flow_matching)."""
+        return self._step.compiles if self._step is not None else self.config.compiles_on(self.device.type)
 
     @property
     def capture_s(self) -> float | None:
@@ -305,7 +307,8 @@ class TrainingRun:
         lora_path = lora_io.save_diffusers(self.out_dir, self.family, states, self.trainable.lora_configs,
                                            metadata)
         kohya_path = lora_io.save_kohya(self.out_dir / f"{lora_io.safe_file_stem(self.handle)}.safetensors",
-                                        self.family, states, cfg.lora_alpha, metadata)
+                                        self.family, states, cfg.lora_alpha, metadata,
+                                        denoiser=self.family.denoiser(self.pipe))
         tail = losses[-20:]
         return TrainResult(lora_path=lora_path, kohya_path=kohya_path, steps=step,
                            final_loss=sum(tail) / len(tail) if tail else math.nan, losses=list(losses),

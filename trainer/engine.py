@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -60,6 +62,7 @@ from trainer import adapters, face_pass, lora_io, merged_lora, png, prompts
 from trainer import upscale as upscaling
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
+from trainer.family import family_of
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import PipelineGraphs
 from trainer.noise_schedulers import SchedulerCache
@@ -122,11 +125,13 @@ def encode_pngs(images: list[Image.Image]) -> list[bytes]:
 
 def _pipeline_classes(pipe: DiffusionPipeline) -> tuple[type, type, dict[str, Any]]:
     """Text-to-image and image-to-image classes for the pipeline's family, and constructor options."""
+    if isinstance(pipe, FluxPipeline | FluxImg2ImgPipeline):
+        return FluxPipeline, FluxImg2ImgPipeline, {}
     if isinstance(pipe, StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline):
         return StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, {"add_watermarker": False}
     if isinstance(pipe, StableDiffusionPipeline | StableDiffusionImg2ImgPipeline):
         return StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, {"requires_safety_checker": False}
-    raise TrainerError(f"Generation supports Stable Diffusion 1.x/2.x and SDXL models, not "
+    raise TrainerError(f"Generation supports Stable Diffusion 1.x/2.x, SDXL and Flux models, not "
                        f"{type(pipe).__name__}.", "model_unavailable")
 
 
@@ -156,21 +161,23 @@ class GenerationEngine:
         self._image_cls, self._image_options = image_cls, options
         self._image: DiffusionPipeline | None = None
         self._text.set_progress_bar_config(disable=True)
+        self.family = family_of(pipeline)
+        # A flow-matching model samples with its own scheduler (FlowMatchEulerDiscreteScheduler): the named
+        # ones (trainer.noise_schedulers) are for noise-prediction models and are not used for it.
+        self._flow_scheduler = pipeline.scheduler if self.family.flow_matching else None
         self._schedulers = SchedulerCache(pipeline.scheduler.config)
         self._adapters: OrderedDict[str, merged_lora.Lora] = OrderedDict()  # key -> LoRA, oldest first
         self._lora_hashes: dict[str, str] = {}  # key -> its file's hash, for the pictures' settings
         self.model_name = model_name
         self._lock = threading.Lock()
         self.max_loaded_adapters = max_loaded_adapters
-        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        self.base_resolution = base_resolution or pipeline.unet.config.sample_size * vae_factor
-        # The UNet halves the latent (len(blocks) - 1) times and must be able to double it back exactly.
-        self.size_multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+        self.base_resolution = base_resolution or self.family.base_resolution(pipeline)
+        self.size_multiple = self.family.size_multiple(pipeline)
         self.tokenizers = [t for t in (getattr(pipeline, "tokenizer", None),
                                        getattr(pipeline, "tokenizer_2", None)) if t is not None]
-        # Modules a LoRA may touch: the UNet and the text encoders (the trainer can train both).
+        # Modules a LoRA may touch: the UNet or transformer and the text encoders (the trainer can train both).
         self._lora_modules: dict[str, torch.nn.Module] = {
-            name: module for name in ("unet", "text_encoder", "text_encoder_2")
+            name: module for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
             if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
         # Pictures need neither gradients nor training mode, and a training freezes these modules too
         # and leaves them in eval mode (trainer.dreambooth): set so from the start, the compiled code's
@@ -179,6 +186,9 @@ class GenerationEngine:
         for module in self._pipeline_modules:
             module.requires_grad_(False)
             module.eval()
+        # The graphs and compiled blocks know the UNet's stages; a Flux transformer runs eagerly.
+        if not self.family.graphs_and_compiling:
+            cuda_graphs = compile_blocks = False
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
         if compile_blocks is None:
             compile_blocks = self._graphs is not None
@@ -382,6 +392,10 @@ class GenerationEngine:
         return elapsed
 
     # ---- generation --------------------------------------------------------------------------------
+    def _scheduler(self, name: str) -> Any:
+        """The sampling scheduler called `name`; a flow-matching model's own, whatever the name."""
+        return self._flow_scheduler if self._flow_scheduler is not None else self._schedulers.get(name)
+
     def _image_pipeline(self) -> DiffusionPipeline:
         if self._image is None:
             components = {k: v for k, v in self._text.components.items()
@@ -412,7 +426,7 @@ class GenerationEngine:
                                        lambda text: all(prompts.count_tokens(t, text) <= t.model_max_length
                                                         for t in self.tokenizers))
         pipe = self._image_pipeline()
-        pipe.scheduler = self._schedulers.get(request.scheduler)
+        pipe.scheduler = self._scheduler(request.scheduler)
 
         def on_step(done: int, total: int) -> None:
             elapsed = time.monotonic() - started
@@ -476,7 +490,7 @@ class GenerationEngine:
             else:
                 pipe = self._text
                 kwargs.update(width=width, height=height)
-            pipe.scheduler = self._schedulers.get(request.scheduler)
+            pipe.scheduler = self._scheduler(request.scheduler)
             started = time.monotonic()
 
             def on_step_end(p: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any],
@@ -491,7 +505,8 @@ class GenerationEngine:
 
             with self._applied(lora):
                 pixels = to_pixels(pipe(**kwargs, callback_on_step_end=on_step_end).images)
-                if lora is not None and request.face_pass:  # with the person's LoRA still merged
+                # With the person's LoRA still merged. The face pass redraws through SD's img2img latents.
+                if lora is not None and request.face_pass and not self.family.flow_matching:
                     pixels = self._face_pass(pixels, seeds, request, negative, handle, class_word,
                                              on_event, should_cancel)
             files = png.encode_rgb(list(pixels), [{png_parameters.KEY: text} for text in self._settings_texts(
@@ -519,7 +534,7 @@ class GenerationEngine:
             seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
             lora = self._lora_for(adapter_key, lora_path)
             pipe = self._image_pipeline()
-            pipe.scheduler = self._schedulers.get(request.scheduler)
+            pipe.scheduler = self._scheduler(request.scheduler)
             started = time.monotonic()
             strength = request.strength or upscaling.DEFAULT_UPSCALE_STRENGTH
             # No CUDA graphs: a 2x shape's graph would keep four times a picture's activations in the

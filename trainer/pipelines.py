@@ -307,6 +307,11 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
             pipe = _build_flux(device)
         else:
             pipe = _build_sd15(device)
+    # In inference mode, as `from_pretrained` leaves a loaded model: T5 has dropout, which would draw
+    # from the global generator while prompts are encoded.
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     return pipe.to(device)
 
 

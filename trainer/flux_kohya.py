@@ -75,8 +75,8 @@ def transformer_to_kohya(state: dict[str, torch.Tensor], transformer: torch.nn.M
             else:
                 layer = transformer.get_submodule(f"{prefix}.{part}")
                 layer = getattr(layer, "base_layer", layer)  # under a PEFT wrapper
-                down = torch.zeros(rank, layer.in_features)
-                up = torch.zeros(layer.out_features, rank)
+                down = torch.zeros(rank, int(layer.in_features))
+                up = torch.zeros(int(layer.out_features), rank)
             downs.append(down.float())
             ups.append(up.float())
         out[f"{key}.lora_down.weight"] = torch.cat(downs).contiguous()

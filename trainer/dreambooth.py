@@ -34,7 +34,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from jobs.train_defaults import for_family
-from trainer import compiled_blocks, lora_io, resume, training_loop
+from trainer import compiled_blocks, lora_io, offload, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
@@ -224,7 +224,11 @@ class TrainingRun:
                 self.progress = resume.restore(state, self.trainable, self._step.generator)
             else:
                 self.progress = TrainingProgress()
-            yield
+            # With the prompts' embeddings cached, the text encoders and the VAE wait off the GPU
+            # (trainer.offload); pictures drawn meanwhile bring them back for their length.
+            park = self.family.park_while_training and data.cached_cond is not None
+            with offload.parked(self._frozen_modules() if park else [], self.device):
+                yield
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint records of this training's settings, and a resumed one must match."""
@@ -286,9 +290,14 @@ class TrainingRun:
     def _send_preview(self) -> None:
         training_loop.send_preview(self.progress.step, self._preview, self.device, self.on_event)
 
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        """The text encoders and the VAE: what a training's steps do not run once the cache is made."""
+        return [getattr(self.pipe, name) for name in (*self.family.text_encoder_names, "vae")]
+
     def _preview(self) -> bytes:
         prompt = instance_prompt(self.handle, self.class_word)
-        return training_loop.render_preview(self.pipe, prompt, self.config, self.device, self.serve_riders)
+        with offload.unparked(self._frozen_modules()):
+            return training_loop.render_preview(self.pipe, prompt, self.config, self.device, self.serve_riders)
 
     # ---- output ------------------------------------------------------------------------------
     def save(self) -> TrainResult:

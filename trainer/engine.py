@@ -58,7 +58,7 @@ from jobs import events, png_parameters
 from jobs.events import EventSink
 from jobs.payloads import Picture
 from jobs.requests import MAX_IMAGES, GenerateRequest
-from trainer import adapters, face_pass, lora_io, merged_lora, png, prompts
+from trainer import adapters, face_pass, lora_io, merged_lora, offload, png, prompts
 from trainer import upscale as upscaling
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
@@ -286,6 +286,8 @@ class GenerationEngine:
             sub.training = False
         try:
             with contextlib.ExitStack() as stack:
+                # A Flux training parks its text encoders and VAE off the GPU (trainer.offload).
+                stack.enter_context(offload.unparked(self._pipeline_modules))
                 stack.enter_context(merged_lora.merged(lora))
                 if self._compiled is not None:
                     stack.enter_context(self._compiled.installed(

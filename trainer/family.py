@@ -54,6 +54,9 @@ class Family:
     # diffusers' own LoRA key layout (`lora.down`/`lora.up`, as train_dreambooth_lora.py saves); False: PEFT's
     # (`lora_A`/`lora_B`), which train_dreambooth_lora_flux.py saves and diffusers' Flux loader reads.
     diffusers_lora_keys = True
+    # Whether the text encoders and the VAE wait in host memory while the steps run on cached
+    # embeddings and latents (trainer.offload). SD's are small next to the UNet; their graphs are not.
+    park_while_training = False
 
     @property
     def trained_text_encoder_names(self) -> tuple[str, ...]:
@@ -124,6 +127,7 @@ class FluxFamily(Family):
     flow_matching = True
     graphs_and_compiling = False
     diffusers_lora_keys = False
+    park_while_training = True  # T5-XXL alone is about 9.5 GB in bf16
 
     @property
     def trained_text_encoder_names(self) -> tuple[str, ...]:

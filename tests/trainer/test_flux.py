@@ -190,3 +190,37 @@ def test_the_engine_draws_flux_pictures_with_the_lora_merged(tmp_path: Path) -> 
     assert Image.open(io.BytesIO(portrait[0].png)).size == engine.image_size("portrait")
     variation = engine.generate(request, adapter_key="sks", init_image=base[0].png)
     assert len(variation) == 1
+
+
+def test_text_encoders_and_vae_wait_off_the_device_while_the_steps_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the embeddings cached, a Flux training parks T5, CLIP and the VAE (in host memory on a
+    GPU; here the CPU stands in for both); a picture between steps, and a preview, bring them back."""
+    from trainer import offload
+
+    monkeypatch.setattr(offload, "parking_place", lambda device: torch.device("cpu"))
+    pipe = build_random_pipeline("tiny-flux")
+    frozen = [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+    engine = GenerationEngine(pipe)
+    t5_calls: list[bool] = []  # whether T5 was parked when it ran
+    pipe.text_encoder_2.register_forward_pre_hook(lambda module, args: t5_calls.append(offload.is_parked(module)))
+    drawn: list[int] = []  # pictures served between steps
+    progress: list[bool] = []  # whether all were parked at each step's progress report
+
+    def serve() -> None:
+        if not drawn and all(offload.is_parked(m) for m in frozen):  # once, in the middle of the training
+            drawn.append(len(engine.generate(GenerateRequest(prompt="on the moon", seed=1, steps=1))))
+
+    def on_event(event: events.Event) -> None:
+        if event.type == "progress" and event.stage == "training":
+            progress.append(all(offload.is_parked(m) for m in frozen))
+
+    cached = len(t5_calls)
+    result = run_train(tmp_path, small(steps=4, preview_every=2, checkpoint_every=1), pipe=pipe,
+                       serve_riders=serve, on_event=on_event)
+    assert result.steps == 4 and drawn == [1]
+    assert progress == [True] * 4  # parked through every step
+    # T5 ran only unparked: for the cache, the picture and the previews.
+    assert len(t5_calls) > cached and not any(t5_calls)
+    assert not any(offload.is_parked(m) for m in frozen)  # all back once the training is over
+

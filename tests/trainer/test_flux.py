@@ -224,3 +224,19 @@ def test_text_encoders_and_vae_wait_off_the_device_while_the_steps_run(tmp_path:
     assert len(t5_calls) > cached and not any(t5_calls)
     assert not any(offload.is_parked(m) for m in frozen)  # all back once the training is over
 
+
+
+def test_a_flux_single_file_is_told_apart_and_needs_the_rest_of_flux1(tmp_path: Path) -> None:
+    """Black Forest Labs' single files hold the transformer only: the rest comes from FLUX.1-dev's
+    repository, which offline and uncached is explained rather than mistaken for an SD checkpoint."""
+    from safetensors.torch import save_file
+
+    from trainer.errors import ModelUnavailable
+    from trainer.pipelines import FLUX_COMPONENTS, is_flux_single_file
+
+    flux, sd = tmp_path / "flux1-dev.safetensors", tmp_path / "sd.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(2)}, str(flux))
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(2)}, str(sd))
+    assert is_flux_single_file(flux) and not is_flux_single_file(sd)
+    with pytest.raises(ModelUnavailable, match=f"FLUX.1 checkpoint.*{FLUX_COMPONENTS}"):
+        load_pipeline(str(flux), device="cpu", offline=True)

@@ -155,8 +155,12 @@ class Worker:
 
     def helped_parts(self) -> list[str]:
         """The parts of this worker's start that compile, but the first: those a start helper may take."""
+        from trainer.family import family_of
+
         parts = self.engine.warm_up_parts()[1:]
-        if self.config.compile_training and TrainConfig().compiles_on(self.pipeline.device.type):
+        # A Flux training step runs eagerly (trainer.flow_matching): nothing of it to compile.
+        if (self.config.compile_training and TrainConfig().compiles_on(self.pipeline.device.type)
+                and family_of(self.pipeline).graphs_and_compiling):
             parts.append(start_helpers.TRAINING)
         return parts
 

@@ -173,8 +173,7 @@ class GenerationEngine:
         self.max_loaded_adapters = max_loaded_adapters
         self.base_resolution = base_resolution or self.family.base_resolution(pipeline)
         self.size_multiple = self.family.size_multiple(pipeline)
-        self.tokenizers = [t for t in (getattr(pipeline, "tokenizer", None),
-                                       getattr(pipeline, "tokenizer_2", None)) if t is not None]
+        self.tokenizers = [getattr(pipeline, name) for name in self.family.prompt_tokenizer_names]
         # Modules a LoRA may touch: the UNet or transformer and the text encoders (the trainer can train both).
         self._lora_modules: dict[str, torch.nn.Module] = {
             name: module for name in ("unet", "transformer", "text_encoder", "text_encoder_2")

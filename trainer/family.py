@@ -43,6 +43,8 @@ class Family:
     name = "sd15"
     denoiser_name = "unet"  # the pipeline component that denoises, and carries the trained LoRA
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    # The tokenizers whose context a prompt must fit, or the model would not read all of it.
+    prompt_tokenizer_names: tuple[str, ...] = ("tokenizer",)
     pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline
     # A1111/kohya name the single SD1.x text encoder `lora_te`; diffusers' converter writes `lora_te1`.
     kohya_prefixes: dict[str, str] = {"lora_te1_": "lora_te_"}
@@ -91,6 +93,7 @@ class XLFamily(Family):
 
     name = "sdxl"
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    prompt_tokenizer_names = ("tokenizer", "tokenizer_2")
     pipeline_class = StableDiffusionXLPipeline
     kohya_prefixes = {}
 
@@ -121,6 +124,9 @@ class FluxFamily(Family):
     name = "flux"
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    # The transformer reads the prompt through T5 (512 tokens); CLIP's pooled summary of its first 77
+    # tokens is all Flux takes from CLIP, and FluxPipeline truncates it there.
+    prompt_tokenizer_names = ("tokenizer_2",)
     pipeline_class = FluxPipeline
     # The transformer's kohya names are Black Forest Labs' (trainer.flux_kohya); CLIP-L's are `lora_te1_`.
     kohya_prefixes = {}

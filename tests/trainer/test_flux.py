@@ -240,3 +240,17 @@ def test_a_flux_single_file_is_told_apart_and_needs_the_rest_of_flux1(tmp_path: 
     assert is_flux_single_file(flux) and not is_flux_single_file(sd)
     with pytest.raises(ModelUnavailable, match=f"FLUX.1 checkpoint.*{FLUX_COMPONENTS}"):
         load_pipeline(str(flux), device="cpu", offline=True)
+
+
+def test_flux_prompts_may_be_as_long_as_t5_reads() -> None:
+    """Flux reads the prompt through T5 (512 tokens): a prompt past CLIP's 77 is drawn, not refused."""
+    from trainer.errors import PromptTooLong
+    from trainer.prompts import count_tokens
+
+    pipe = build_random_pipeline("tiny-flux")
+    engine = GenerationEngine(pipe)
+    long = "a very detailed portrait in warm light " * 12
+    assert count_tokens(pipe.tokenizer, long) > 77
+    engine.check_prompt(long)
+    with pytest.raises(PromptTooLong, match="at most 512"):
+        engine.check_prompt(long * 7)

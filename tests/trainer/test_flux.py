@@ -254,3 +254,15 @@ def test_flux_prompts_may_be_as_long_as_t5_reads() -> None:
     engine.check_prompt(long)
     with pytest.raises(PromptTooLong, match="at most 512"):
         engine.check_prompt(long * 7)
+
+
+def test_clip_trains_with_the_transformer_and_checkpointing_changes_nothing(tmp_path: Path) -> None:
+    """With `train_text_encoder`, CLIP gets a LoRA (T5 none, as in diffusers' Flux script); gradient
+    checkpointing recomputes the same forward."""
+    plain = run_train(tmp_path, small(steps=3, train_text_encoder=True), tag="plain")
+    checkpointed = run_train(tmp_path, small(steps=3, train_text_encoder=True, gradient_checkpointing=True),
+                             tag="checkpointed")
+    np.testing.assert_allclose(checkpointed.losses, plain.losses, rtol=1e-6)
+    components = {k.split(".", 1)[0] for k in load_file(plain.lora_path)}
+    assert components == {"transformer", "text_encoder"}
+    assert any(k.startswith("lora_te1_") for k in load_file(plain.kohya_path))

@@ -266,3 +266,26 @@ def test_clip_trains_with_the_transformer_and_checkpointing_changes_nothing(tmp_
     components = {k.split(".", 1)[0] for k in load_file(plain.lora_path)}
     assert components == {"transformer", "text_encoder"}
     assert any(k.startswith("lora_te1_") for k in load_file(plain.kohya_path))
+
+
+def test_the_command_line_makes_trains_and_draws_a_flux_model(tmp_path: Path) -> None:
+    """`make-model tiny-flux`, `train` and `imagine` on its folder, as an operator would try Flux."""
+    from tests.photos_factory import colour_fields
+    from trainer.cli import run
+
+    model = tmp_path / "tiny-flux"
+    assert run(["make-model", "tiny-flux", str(model)]) == [f"model: {model}"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(colour_fields(5, 512, cells=6, seed=1)):
+        photo.save(photos / f"photo{i}.png")
+    out = tmp_path / "lora"
+    lines = run(["train", "--photos", str(photos), "--handle", "sks", "--class", "woman", "--out", str(out),
+                 "--model", str(model), "--steps", "2", "--resolution", "64", "--rank", "4", "--device", "cpu",
+                 "--class-cache", str(tmp_path / "cache")])
+    assert lines[:3] == [f"lora: {out / 'pytorch_lora_weights.safetensors'}", f"kohya: {out / 'sks.safetensors'}",
+                         "steps: 2"]
+    assert read_metadata(out / "pytorch_lora_weights.safetensors")["family"] == "flux"
+    drawn = run(["imagine", "a portrait of sks", "--lora", str(out), "--model", str(model), "--out",
+                 str(tmp_path / "pictures"), "--n", "1", "--steps", "2", "--seed", "7", "--device", "cpu"])
+    assert len(drawn) == 1 and Image.open(drawn[0].removeprefix("image: ")).size == (64, 64)

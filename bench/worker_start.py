@@ -1,12 +1,16 @@
-"""A GPU worker's start: loading the model and compiling what its first jobs would otherwise wait for.
+"""A GPU worker's start: how soon it takes its first job, and how soon it runs at compiled speed.
 
-A worker compiles generation and the training step before it takes jobs
-(`trainer.worker.Worker.prepare`), and inductor keeps what it compiled in an on-disk cache, so a new
-install's first start is long and later ones are short. Each start here runs in a fresh process, as
-a worker's does, with one cache folder per kind of compiled code under `--cache-root`:
+A worker takes jobs once its model is loaded and compiles generation and the training step in the
+background (`trainer.worker.Worker.prepare`, trainer.background_compile); inductor keeps what it
+compiled in an on-disk cache, and the worker packs it into one artifact (trainer.compile_artifacts),
+so a new install's first start compiles for long and later ones read the code back. Each start here
+runs in a fresh process, as a worker's does, with one cache folder per kind of compiled code under
+`--cache-root`:
 
 - `VARIANT:cold`: the variant's cache folder emptied first, as on a new install;
-- `VARIANT:warm`: the folder kept from the starts before it, as on every restart.
+- `VARIANT:warm`: the folder kept from the starts before it, as on every restart;
+- `VARIANT:artifact`: an empty cache but for the artifact the start before it kept, as on a new
+  machine given what another worker published (Redis with Celery).
 
 Variants: `default` (the worker's defaults: start helpers compile parts of the start in processes of
 their own beside it, as many as fit, trainer.start_helpers), `serial` (`START_HELPERS=0`: the worker
@@ -15,13 +19,15 @@ compiled for dynamic shapes only, another way to shorten a first start). `defaul
 compile the same code, so they share a cache folder (`static`): `default:cold,serial:warm` compares
 a restart without helpers with the one a helped first start leaves. `dynamic` has its own.
 
-For each start it prints the parts the worker reports as each ends (`Worker.prepare`'s
-trainer.start_report: the model loaded, each part of the generation warm-up, each wait for a start
-helper, the training step compiled), the whole start, and the time garbage collections paused it,
-with the ratio of the first start's time to each start's. A start still running when the run's
-`--budget` seconds are spent is interrupted, and the parts it finished are reported.
+For each start it prints, in seconds from the process's start, when the worker took jobs (its model
+loaded, the artifact unpacked), when each part was compiled by a start helper and switched to
+(trainer.start_report), and when the compiled speed was reached (every part switched to), with the
+ratio of the first start's time to each start's, and the time garbage collections paused it. A
+start still running when the run's `--budget` seconds are spent is interrupted, and the parts it
+finished are reported.
 
     python -m bench.worker_start                                       # sd15-random on CUDA: cold, then warm
+    python -m bench.worker_start --starts default:cold,default:artifact  # a new machine given the artifact
     python -m bench.worker_start --starts dynamic:cold,dynamic:warm --no-training
     python -m bench.worker_start --model tiny --device cpu             # CPU smoke test: nothing compiles there
 """
@@ -46,7 +52,7 @@ from trainer.start_report import PartTime
 VARIANTS = ("default", "serial", "dynamic")
 # The cache folder of each variant, named for the code it holds: helpers change who compiles, not what.
 CACHES = {"default": "static", "serial": "static", "dynamic": "dynamic"}
-KINDS = ("cold", "warm")
+KINDS = ("cold", "warm", "artifact")
 
 
 class Recorder:
@@ -54,15 +60,16 @@ class Recorder:
     JSON-lines file as it happens, so a start interrupted by the budget still reports what it
     finished. The figures are the worker's own, unrounded: none is read back from its log."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
     def write(self, entry: dict[str, Any]) -> None:
         with self.path.open("a") as out:
             out.write(json.dumps(entry) + "\n")
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0.0  # seconds from the process's start to the worker's report's
+
     def part(self, timed: PartTime) -> None:
-        self.write({"part": timed.part, "seconds": timed.seconds})
+        self.write({"part": timed.part, "seconds": timed.seconds, "at_s": self.offset + timed.at})
 
     def pause(self, seconds: float) -> None:
         self.write({"pause_s": seconds})
@@ -90,9 +97,13 @@ def start_one(variant: str, model: str, device: str, training: bool, record: Pat
     try:
         config = WorkerConfig(base_model=model, device=device, work_dir=str(work / "work"),
                               class_cache_dir=str(work / "classes"), compile_static_shapes=variant != "dynamic",
-                              start_helpers=0 if variant == "serial" else -1,
-                              compile_training=training)
-        Worker(config).prepare(on_timed=recorder.part)
+                              start_helpers=0 if variant == "serial" else -1, compile_training=training,
+                              compile_cache_dir=os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        worker = Worker(config)
+        recorder.offset = time.monotonic() - started
+        worker.prepare(on_timed=recorder.part)
+        recorder.write({"serving_s": time.monotonic() - started})
+        worker.wait_compiled()
         recorder.write({"total_s": time.monotonic() - started})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -102,8 +113,14 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
     """Run one start (`variant:kind`) in a child process, stopping it after `seconds_left`."""
     variant, kind = spec.split(":")
     cache = args.cache_root / CACHES[variant]
-    if kind == "cold":
+    if kind in ("cold", "artifact"):
+        kept = args.cache_root / "kept-artifacts"
+        shutil.rmtree(kept, ignore_errors=True)
+        if kind == "artifact" and (cache / "artifacts").is_dir():
+            shutil.copytree(cache / "artifacts", kept)
         shutil.rmtree(cache, ignore_errors=True)
+        if kept.is_dir():
+            shutil.copytree(kept, cache / "artifacts")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         record = Path(scratch) / "parts.jsonl"
@@ -124,10 +141,11 @@ def run_start(spec: str, args: argparse.Namespace, seconds_left: float) -> dict[
         elapsed = time.monotonic() - started
         entries = [json.loads(line) for line in record.read_text().splitlines()]
     ended = next((e for e in entries if "total_s" in e), None)
+    serving = next((e["serving_s"] for e in entries if "serving_s" in e), None)
     known = next((e for e in entries if "device" in e), {"device": "unknown", "torch": "unknown"})
     return {"start": spec, "finished": ended is not None, "returncode": returncode,
-            "seconds": ended["total_s"] if ended else elapsed,
-            "parts": [{"part": e["part"], "seconds": e["seconds"]} for e in entries if "part" in e],
+            "first_job_accepted_s": serving, "seconds": ended["total_s"] if ended else elapsed,
+            "parts": [{"part": e["part"], "seconds": e["seconds"], "at_s": e["at_s"]} for e in entries if "part" in e],
             "pauses": len([e for e in entries if "pause_s" in e]),
             "paused_s": sum(e["pause_s"] for e in entries if "pause_s" in e),
             "device": known["device"], "torch": known["torch"]}
@@ -154,12 +172,15 @@ def report(results: list[dict[str, Any]]) -> None:
                 "  (interrupted: the budget ran out; the parts it finished)" if result["returncode"] is None else
                 f"  (failed with exit code {result['returncode']}; the parts it finished)")
         print(f"{result['start']}{what}")
+        print(f"  {'':<52} {'took':>9} {'ended at':>10}")
         for part in result["parts"]:
-            print(f"  {part['part']:<62} {part['seconds']:8.1f} s")
+            print(f"  {part['part']:<52} {part['seconds']:7.1f} s {part['at_s']:8.1f} s")
+        serving = result["first_job_accepted_s"]
+        print(f"  {'first job accepted at':<62} " + ("   never" if serving is None else f"{serving:8.1f} s"))
         total = f"{result['seconds']:8.1f} s" if result["finished"] else f"> {result['seconds']:6.1f} s"
         ratio = (f"{first['seconds'] / result['seconds']:.2f}x the first start's speed"
                  if first["finished"] and result["finished"] else "no ratio (a start did not finish)")
-        print(f"  {'whole start':<62} {total}  {ratio}")
+        print(f"  {'compiled speed reached at':<62} {total}  {ratio}")
         print(f"  garbage collections over {gc_pauses.LONG_COLLECTION_S} s: {result['pauses']}, "
               f"{result['paused_s']:.1f} s in all", flush=True)
 

@@ -33,6 +33,10 @@ class WorkerConfig:
     # start for trainings of LoRA rank `train_rank` (another rank compiles in its first training).
     compile_training: bool = True
     train_rank: int = TRAIN_DEFAULTS.rank
+    # torch.compile's backend for all of the above: "inductor" compiles on a GPU only, where it pays;
+    # any other (a name torch knows, or "package.module:function") compiles on every device, which
+    # is for tests and experiments.
+    compile_backend: str = "inductor"
     # On a GPU, processes that compile parts of the start beside the worker (trainer.start_helpers):
     # below 0, as many as the GPU's free memory and this worker's share of the host's CPUs allow
     # (the host's CPUs split between `workers_on_host` workers); 0, none.

@@ -76,12 +76,14 @@ class CeleryWorker:
 
     def __init__(self, config: WorkerConfig, name: str, redis_url: str, secret: str,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB * MB) -> None:
+        from trainer.compile_artifacts import RedisStore
         from trainer.worker import Worker
 
         self.config, self.name = config, name
         self.redis = redis.Redis.from_url(redis_url)
-        self.worker = Worker(config)
         self._secret = secret.encode()
+        # The first worker to compile publishes its code; the others, on other machines, load it.
+        self.worker = Worker(config, shared_artifacts=RedisStore(self.redis), secret=self._secret)
         self._max_bytes = max_message_bytes
         self.current: int | None = None
         # Set when the worker shuts down (SIGTERM, SIGINT): the job in progress stops at its next step.
@@ -128,6 +130,7 @@ class CeleryWorker:
     def stop(self, *, remove_work_dir: bool = False) -> None:
         """Stop beating and leave no one's files behind (see `Worker.remove_files`)."""
         self._stop.set()
+        self.worker.stop_compiling()  # before its scratch files go
         try:
             self.worker.remove_files(folder_too=remove_work_dir)
         finally:
@@ -322,7 +325,7 @@ def serve(config: WorkerConfig, redis_url: str, name: str, secret: str, *,
     try:
         with stopped_by_signals():
             try:
-                body.worker.prepare()  # load the model before taking the first job
+                body.worker.prepare()  # load the model before taking the first job; the rest compiles meanwhile
             except StoppedDuringStart:
                 log.info("worker %s stopped during its start", name)
                 body.stopping.set()

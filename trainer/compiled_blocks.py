@@ -42,6 +42,7 @@ split into its blocks, and those holding no adapter (the ResNet blocks) stay com
 from __future__ import annotations
 
 import contextlib
+import importlib
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ DECODER_BLOCKS: tuple[type[torch.nn.Module], ...] = (ResnetBlock2D,)
 RECOMPILE_LIMIT = 64
 
 Backend = str | Callable[..., Any]
+
+
+def backend_from_spec(spec: str) -> Backend:
+    """torch.compile's backend named by a worker's setting: a name torch knows ("inductor"), or
+    "package.module:function" for a backend of one's own (a stand-in in tests, an experiment)."""
+    if ":" not in spec:
+        return spec
+    module, _, name = spec.partition(":")
+    backend: Backend = getattr(importlib.import_module(module), name)
+    return backend
 
 
 def _with_graph_pass(backend: Backend, graph_pass: CustomGraphPass | None,

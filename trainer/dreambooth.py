@@ -88,7 +88,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
           work_dir: Path, class_cache_dir: Path, device: str = "auto", on_event: EventSink = events.ignore,
           should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
           serve_riders: Callable[[], None] | None = None,
-          compile_backend: compiled_blocks.Backend = "inductor") -> TrainResult:
+          compile_backend: compiled_blocks.Backend = "inductor",
+          compile_when: Callable[[], bool] | None = None) -> TrainResult:
     """Train a LoRA of the person in `photos`, called `handle`, a `class_word` ("woman", "man", ...).
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
@@ -99,7 +100,9 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     `serve_riders` is called between training steps, and within the job's other phases, with the
     pipeline usable for inference (a worker serves waiting generations there); adapters and modes
     are put back before the training goes on (TrainingRun.serve_riders). `compile_backend` is
-    torch.compile's for `config.compiled_stages` (tests pass a cheap one).
+    torch.compile's for `config.compiled_stages` (tests pass a cheap one); `compile_when` lets a
+    training that starts uncompiled switch to the compiled step once its code is ready
+    (trainer.training_step.TrainingStep).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
     if len(photos) < config.min_photos:
@@ -108,7 +111,7 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
                       out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
                       on_event=on_event, should_cancel=should_cancel, resume_from=resume_from,
-                      serve_riders=serve_riders, compile_backend=compile_backend)
+                      serve_riders=serve_riders, compile_backend=compile_backend, compile_when=compile_when)
     try:
         with run.session(pipeline, device):
             run.loop()
@@ -166,13 +169,15 @@ class TrainingRun:
                  base_model: str, out_dir: Path, work_dir: Path, class_cache_dir: Path, on_event: EventSink,
                  should_cancel: Callable[[], bool], resume_from: Path | None,
                  serve_riders: Callable[[], None] | None = None,
-                 compile_backend: compiled_blocks.Backend = "inductor") -> None:
+                 compile_backend: compiled_blocks.Backend = "inductor",
+                 compile_when: Callable[[], bool] | None = None) -> None:
         self.photos, self.handle, self.class_word, self.config = photos, handle, class_word, config
         self.base_model, self.out_dir, self.work_dir = base_model, out_dir, work_dir
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
         self.resume_from = resume_from
         self._serve_riders = serve_riders
         self.compile_backend = compile_backend
+        self.compile_when = compile_when
         self.trainable: Trainable | None = None  # once the adapters are added
         self._step: TrainingStep | None = None
         self.progress = TrainingProgress()
@@ -219,7 +224,7 @@ class TrainingRun:
             step_class = FlowMatchingStep if self.family.flow_matching else TrainingStep
             self._step = step_class(pipeline, self.family, cfg, self.device, self.dtype, data,
                                     self.trainable, compile_backend=self.compile_backend,
-                                    on_compiling=self._compiling)
+                                    on_compiling=self._compiling, compile_when=self.compile_when)
             if state is not None:
                 self.progress = resume.restore(state, self.trainable, self._step.generator)
             else:
@@ -243,7 +248,8 @@ class TrainingRun:
 
     @property
     def compiles(self) -> bool:
-        """Whether the step runs the UNet's stages compiled (never a Flux transformer's: trainer.flow_matching)."""
+        """Whether the step runs the UNet's stages compiled (now: it may switch to them midway; never a
+        Flux transformer's: trainer.flow_matching)."""
         return self._step.compiles if self._step is not None else self.config.compiles_on(self.device.type)
 
     @property

@@ -142,14 +142,17 @@ class GenerationEngine:
                  base_resolution: int | None = None, cuda_graphs: bool = True,
                  compile_blocks: bool | None = None, compile_stages: bool = True, static_shapes: bool = True,
                  compile_backend: str | Callable[..., Any] = "inductor",
-                 face_detector: face_pass.Detector = face_pass.detect_faces, model_name: str = "") -> None:
+                 face_detector: face_pass.Detector = face_pass.detect_faces, model_name: str = "",
+                 compiled_after_warm_up: bool = False) -> None:
         """`compile_blocks`: compile the UNet and the VAE decoder (trainer.compiled_blocks); None means
         where it pays, with CUDA graphs on a GPU. `compile_stages`: compile whole stages (False: their
         blocks only, for comparison). `static_shapes`: the stages also get code compiled for the static
         shapes of the warm-up's pictures (False: a shorter warm-up, every picture runs the dynamic-shape
         code). `compile_backend` is torch.compile's. `face_detector` finds the faces the face pass
         redraws (trainer.face_pass). `model_name`: the base model as each picture's settings name it
-        (jobs.png_parameters.model_name of the loaded spec: no folders)."""
+        (jobs.png_parameters.model_name of the loaded spec: no folders). `compiled_after_warm_up`: the
+        compiled code is used only for the parts `warm_up` has run (a worker serves uncompiled while
+        its parts compile in the background, trainer.background_compile); False: from the first picture."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         text_cls, image_cls, options = _pipeline_classes(pipeline)
@@ -199,6 +202,8 @@ class GenerationEngine:
                                          static_graph_pass=FUSE_LINEARS)
                           if compile_blocks else None)
         self._learning_shapes = False
+        # The warm-up's parts whose compiled code pictures use; None: all of them, from the start.
+        self._ready: set[str] | None = set() if compiled_after_warm_up else None
         self.face_detector = face_detector
 
     @property
@@ -288,7 +293,7 @@ class GenerationEngine:
                 # A Flux training parks its text encoders and VAE off the GPU (trainer.offload).
                 stack.enter_context(offload.unparked(self._pipeline_modules))
                 stack.enter_context(merged_lora.merged(lora))
-                if self._compiled is not None:
+                if self._compiled is not None and self._compiled_ready(training):
                     stack.enter_context(self._compiled.installed(
                         skip_adapters=training, learn_shapes=self._learning_shapes and not training))
                 if self._graphs is not None and graphs:
@@ -307,6 +312,25 @@ class GenerationEngine:
                     adapters.set_enabled(self._lora_modules[name], state.enabled)
             for sub, mode in modes.items():
                 sub.training = mode
+
+    def _compiled_ready(self, training: bool) -> bool:
+        """Whether pictures use the compiled code now: that of the warm-up's part that prepares them
+        (any shape; next to a training) has run, or compiled code is used from the start."""
+        if self._ready is None:
+            return True
+        if self._compiled is not None and not self._compiled.whole_stages:
+            return bool(self._ready)  # blocks only: every part compiles the same blocks
+        return (DURING_TRAINING if training else ANY_SHAPE) in self._ready
+
+    def _part_ready(self, name: str) -> None:
+        """From now on pictures use `name`'s compiled code; graphs captured without it are dropped, to
+        be captured again with it."""
+        if self._ready is None or name in self._ready:
+            return
+        self._ready.add(name)
+        if self._graphs is not None:
+            self._graphs.unet.clear()
+            self._graphs.decode.clear()
 
     def warm_up_parts(self, counts: tuple[int, ...] = (1, MAX_IMAGES)) -> list[str]:
         """The parts of `warm_up(counts)` that compile, in order (none where nothing compiles): a
@@ -349,6 +373,8 @@ class GenerationEngine:
             nonlocal part_started
             if parts is not None and name not in parts:
                 return False
+            with self._lock:
+                self._part_ready(name)
             on_part(news)
             before_part(name)
             part_started = time.monotonic()

@@ -1,24 +1,22 @@
-"""Start helpers: processes that compile parts of a GPU worker's first start while the worker compiles
-another.
+"""Start helpers: processes that compile the parts of a GPU worker's start while the worker serves.
 
 A worker compiles generation's stages, their blocks, the square pictures' static-shape code and the
-training step before it takes jobs (`trainer.worker.Worker.prepare`), one part after the other in
-one process: many minutes with an empty compile cache, most of it single-threaded Python (dynamo's
-tracing, inductor's lowering) while the host's other cores sit idle. Helpers cut a first start to
-less than half (bench/RESULTS.md, "Worker start"). Each helper loads the model, compiles its parts into inductor's on-disk cache, which the
-worker shares (`TORCHINDUCTOR_CACHE_DIR`), and reports each part on its stdout as it ends. The
-worker compiles the first part itself; before each part a helper owns, it waits for that helper and
-then reads the part's code back from the cache, as a restart does, instead of compiling it.
+training step (trainer.background_compile). With an empty compile cache that takes many minutes, most of
+it single-threaded Python (dynamo's tracing, inductor's lowering), so the worker hands the parts to
+helpers: each loads the model, compiles its parts into inductor's on-disk cache, which the worker
+shares (`TORCHINDUCTOR_CACHE_DIR`), and reports each part on its stdout as it ends. Meanwhile the
+worker serves jobs uncompiled; once a helper has finished a part, the worker reads that part's code
+back from the cache, as a restart does, between two jobs (bench/RESULTS.md, "Worker start").
 
 Helpers start only on a GPU, where something compiles, and only as many as the GPU's free memory
-and the host's CPUs leave room for (`helper_count`). A helper that fails costs nothing but its time:
-the worker compiles that part itself. Helpers end with the worker: each one exits when its stdin,
-held by the worker, closes. A helper's process is trainer.start_helper_process.
+and the host's CPUs leave room for (`helper_count`); a part no helper takes, the worker compiles
+itself while it is idle. A helper that fails costs nothing but its time: the worker compiles that
+part itself. Helpers end with the worker: each one exits when its stdin, held by the worker, closes.
+A helper's process is trainer.start_helper_process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jobs.devices import usable_cpus
@@ -68,12 +66,16 @@ def groups(parts: Sequence[str]) -> list[list[str]]:
 class Helpers:
     """The helpers of one start: which parts each compiles, and what they have reported so far."""
 
-    def __init__(self, processes: dict[subprocess.Popen[bytes], list[str]], scratch: list[Path]) -> None:
+    def __init__(self, processes: dict[subprocess.Popen[bytes], list[str]], scratch: list[Path],
+                 on_end: Callable[[str], None] = lambda part: None) -> None:
+        """`on_end(part)` is called (on a thread of this object's) as each part ends, done or failed."""
         self._processes = processes
         self._scratch = scratch
+        self._on_end = on_end
         self._ended: dict[str, threading.Event] = {
             part: threading.Event() for parts in processes.values() for part in parts}
         self._failed: set[str] = set()
+        self._lock = threading.Lock()
         for process, parts in processes.items():
             threading.Thread(target=self._read, args=(process, parts), name="start-helper", daemon=True).start()
             threading.Thread(target=self._watch, args=(process, parts), name="start-helper-exit",
@@ -85,9 +87,7 @@ class Helpers:
         for line in process.stdout:
             outcome, _, part = line.decode(errors="replace").strip().partition(" ")
             if outcome in (DONE, FAILED) and part in self._ended:
-                if outcome == FAILED:
-                    self._failed.add(part)
-                self._ended[part].set()
+                self._end(part, failed=outcome == FAILED)
         self._unreported_failed(parts)
 
     def _watch(self, process: subprocess.Popen[bytes], parts: list[str]) -> None:
@@ -100,26 +100,28 @@ class Helpers:
 
     def _unreported_failed(self, parts: list[str]) -> None:
         for part in parts:
-            if not self._ended[part].is_set():
+            self._end(part, failed=True)
+
+    def _end(self, part: str, *, failed: bool) -> None:
+        """Mark `part` ended (once: its reader and its process's watcher may both try)."""
+        with self._lock:
+            if self._ended[part].is_set():
+                return
+            if failed:
                 self._failed.add(part)
-                self._ended[part].set()
+            self._ended[part].set()
+        self._on_end(part)
 
     def owns(self, part: str) -> bool:
         return part in self._ended
 
-    def wait_for(self, part: str) -> float | None:
-        """Return once the helper compiling `part` has finished it: the seconds waited, unrounded
-        (None at once for a part no helper has)."""
-        if part not in self._ended:
-            return None
-        started = time.monotonic()
-        self._ended[part].wait()
-        waited = time.monotonic() - started
-        if part in self._failed:
-            log.warning("a start helper did not compile %s (its log says why); compiling it here", part)
-        else:
-            log.info("waited for a start helper's %s in %.1f s", part, waited)
-        return waited
+    def ended(self, part: str) -> bool:
+        """Whether the helper owning `part` has finished it, or failed it (False for a part no helper has)."""
+        return part in self._ended and self._ended[part].is_set()
+
+    def compiled(self, part: str) -> bool:
+        """Whether a helper compiled `part` into the cache: it ended without failing."""
+        return self.ended(part) and part not in self._failed
 
     def close(self) -> None:
         """End the helpers (at once if still compiling: their stdin closes) and remove their files."""
@@ -155,11 +157,11 @@ def helper_command(config: WorkerConfig, parts: Sequence[str]) -> list[str]:
     return command
 
 
-@contextlib.contextmanager
-def started(config: WorkerConfig, parts: Sequence[str], device: str) -> Iterator[Helpers]:
-    """Helpers compiling `parts` (the worker's start's parts after its first) while the block runs,
-    as many as `config.start_helpers` asks and `device` and the worker's share of the host's CPUs
-    leave room for (each helper's command line is `helper_command`'s); ended when the block ends."""
+def start(config: WorkerConfig, parts: Sequence[str], device: str,
+          on_end: Callable[[str], None] = lambda part: None) -> Helpers:
+    """Helpers compiling `parts` (the parts of the worker's start), as many as `config.start_helpers`
+    asks and `device` and the worker's share of the host's CPUs leave room for (each helper's command
+    line is `helper_command`'s), `on_end` hearing each part as it ends. The caller closes them."""
     by_helper = groups(parts)
     count = 0
     if by_helper and config.start_helpers != 0:
@@ -176,11 +178,7 @@ def started(config: WorkerConfig, parts: Sequence[str], device: str) -> Iterator
             process = subprocess.Popen(helper_command(own, owned), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             processes[process] = owned
             log.info("started a helper compiling %s", ", ".join(owned))
-        helpers = Helpers(processes, scratch)
+        return Helpers(processes, scratch, on_end)
     except BaseException:
         Helpers(processes, scratch).close()
         raise
-    try:
-        yield helpers
-    finally:
-        helpers.close()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-# On a GPU a worker's start compiles generation and the training step, for minutes (bench/RESULTS.md,
-# "worker start"): a job that arrives meanwhile says what the start is doing and for how long.
+# A worker's start is the model's load (what compiles on a GPU does so in the background while it
+# serves, trainer.background_compile): a job that arrives meanwhile says what it waits for.
 STARTING_DETAIL = "the worker is still starting up"
-GPU_START_TAKES = "on a GPU, a new install's first start takes 6 to 20 minutes, later ones 2-3"
-# Nothing is compiled off CUDA: the start is the model's load.
+GPU_START_TAKES = "on a GPU that takes under a minute, a little more the first time the model is read from disk"
 OTHER_START_TAKES = "it only loads the model here, so it should not be long"
 # A start's first part, announced by `Worker.prepare` and told to jobs that arrive before it does.
 FIRST_PART = "loading the base model"

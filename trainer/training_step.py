@@ -37,12 +37,15 @@ class TrainingStep:
 
     `on_compiling(True)` is called before the UNet's stages are compiled for the first time in the
     process for this kind of step, `on_compiling(False)` once they are: the person waiting can be
-    told why the first step takes long.
+    told why the first step takes long. `compile_when`, for a step that starts uncompiled: called
+    before each step, True once the compiled step's code is ready (a worker's start helper compiled
+    it, trainer.background_compile); the step then switches to it, computing the same thing.
     """
 
     def __init__(self, pipe: DiffusionPipeline, family: Family, config: TrainConfig, device: torch.device,
                  dtype: torch.dtype, data: TrainingData, trainable: Trainable, *,
-                 compile_backend: compiled_blocks.Backend, on_compiling: Callable[[bool], None]) -> None:
+                 compile_backend: compiled_blocks.Backend, on_compiling: Callable[[bool], None],
+                 compile_when: Callable[[], bool] | None = None) -> None:
         self.pipe, self.family, self.config = pipe, family, config
         self.device, self.dtype, self.data, self.trainable = device, dtype, data, trainable
         self.compile_backend = compile_backend
@@ -51,6 +54,8 @@ class TrainingStep:
         self._set_up_schedule()
         self._graphed: Callable[..., Any] | None = None
         self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per training
+        self._compiles = config.compiles_on(device.type)
+        self._compile_when = None if self._compiles else compile_when
 
     def _set_up_schedule(self) -> None:
         """The noise schedule the step trains on: DDPM's over the base model's betas, and its SNR table."""
@@ -66,12 +71,22 @@ class TrainingStep:
 
     @property
     def compiles(self) -> bool:
-        """Whether the step runs the UNet's stages compiled."""
-        return self.config.compiles_on(self.device.type)
+        """Whether the step runs the UNet's stages compiled (now: it may switch, see `compile_when`)."""
+        return self._compiles
+
+    def _switch_when_ready(self) -> None:
+        """Start running the compiled step once `compile_when` says its code is ready; the graphs
+        captured without it are captured again with it."""
+        if self._compile_when is not None and self._compile_when():
+            self._compile_when = None
+            self._compiles = True
+            self._graphed = None
+            log.info("the training step's compiled code is ready: switching to it")
 
     def __call__(self) -> torch.Tensor:
         """One optimisation step; returns the loss, still on the device (reading it forces a sync)."""
         cfg, trainable = self.config, self.trainable
+        self._switch_when_ready()
         if self.graphed:
             noisy, timesteps, target = self._draw()
             if self._graphed is None:

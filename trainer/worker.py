@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,12 +33,13 @@ from jobs.payloads import (
 from jobs.requests import GenerateRequest, TrainConfig
 from jobs.train_defaults import FAMILY_TUNED
 from jobs.worker_config import WorkerConfig
-from trainer import gc_pauses, start_helpers
+from trainer import compile_artifacts, gc_pauses, start_helpers
+from trainer.background_compile import BackgroundCompile
 from trainer.checkpoint_archive import CheckpointSaved, pack_path, unpack_to
 from trainer.errors import BadCheckpoint, Cancelled, OutOfMemory, TrainerError
 from trainer.failures import describe_failure
 from trainer.start_news import FIRST_PART
-from trainer.start_report import MODEL, PartTime, StartReport, helper_wait
+from trainer.start_report import ARTIFACTS, MODEL, PartTime, StartReport
 from trainer.upscale import upscale_job
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,25 @@ def clear_folder(folder: Path) -> None:
 class Worker:
     """Runs work items on one device with a base pipeline that is loaded once."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *, shared_artifacts: compile_artifacts.Store | None = None,
+                 secret: bytes | None = None) -> None:
+        """`shared_artifacts`: where the workers of one bot share their compiled code (Redis with Celery),
+        besides this worker's compile cache folder; `secret` signs and checks it there
+        (trainer.compile_artifacts)."""
         self.config = config
+        self._artifact_stores: list[compile_artifacts.Store] = [
+            *([compile_artifacts.FolderStore(Path(config.compile_cache_dir) / "artifacts")]
+              if config.compile_cache_dir else []),
+            *([shared_artifacts] if shared_artifacts is not None else [])]
+        self._secret = secret
         self.work_dir = Path(config.work_dir)
         self._pipeline: Any = None
         self._engine: Any = None
         self._checker: Any = None
         self._checker_tried = False
+        # Held while a job runs; the background compile switches parts only when it can take it.
+        self._job_lock = threading.RLock()
+        self._background: BackgroundCompile | None = None
         # The folder is this worker's scratch space alone. What an earlier run left there (a killed
         # training's checkpoint and LoRA, cached LoRA files) may belong to people who have since
         # asked to be forgotten, and nothing in it outlives a run: the bot sends every job's files
@@ -99,15 +113,15 @@ class Worker:
 
     def prepare(self, on_part: Callable[[str], None] = lambda part: None,
                 on_timed: Callable[[PartTime], None] = lambda timed: None) -> StartReport:
-        """Load the base model and, on a GPU, compile and capture the generation graphs of the common
-        picture shapes and compile the default training step, so the first jobs wait for none of it
-        (the engine warms up only where it graphs, the trainer only where it compiles). `on_part`
-        hears each part as it begins, in words for the people whose jobs wait on it; `on_timed`
-        hears each part's time as it ends, and the report of them all is returned
-        (trainer.start_report).
-        Start helpers (trainer.start_helpers) compile the parts after the first in processes of their
-        own meanwhile, where the GPU and the host have room for them; this process then reads those
-        parts back from the compile cache.
+        """Load the base model (and the image checker), then return: the worker serves from now on.
+
+        What compiles (on a GPU: generation's stages and blocks, the square pictures' static-shape
+        code, the default training step) is compiled in the background meanwhile, by start helpers
+        where the GPU and the host have room for them, and switched to part by part between jobs
+        (trainer.background_compile); `wait_compiled` waits for all of it. `on_part` hears the
+        start's part in words for the people whose jobs wait on it; `on_timed` hears each part's time
+        as it ends (the model's now, each compiled part's as it is switched to), and the report of
+        them all, filled in as they end, is returned (trainer.start_report).
         What exists then lives as long as the worker, so it is frozen out of the garbage collector's
         walks, which would otherwise stall a job for half a second now and then (trainer.gc_pauses)."""
         gc_pauses.log_long_collections()
@@ -116,23 +130,37 @@ class Worker:
         with report.timed(MODEL):
             pipeline = self.pipeline
         _ = self.checker  # loaded now: one that cannot be had is logged as the worker starts
-        engine = self.engine
-        helped = self.helped_parts()
-        with start_helpers.started(self.config, helped, str(pipeline.device)) as helpers:
+        parts = self.compile_parts()
+        if parts:
+            from trainer.engine import ANY_SHAPE
 
-            def wait_for_helper(part: str) -> None:
-                waited = helpers.wait_for(part)
-                if waited is not None:
-                    report.add(helper_wait(part), waited)
+            key = compile_artifacts.artifact_key(self.config, str(pipeline.device), parts)
+            if self._artifact_stores:
+                # Before anything compiles: helpers and this process then read the code from the cache.
+                with report.timed(ARTIFACTS):
+                    compile_artifacts.load(self._artifact_stores, key, self._secret)
 
-            engine.warm_up(on_part=on_part, before_part=wait_for_helper, on_done=report.add)
-            if self.config.compile_training:
-                on_part("compiling the training step")
-                wait_for_helper(start_helpers.TRAINING)
-                with report.timed(start_helpers.TRAINING):
-                    self._warm_up_training()
+            def finished() -> None:
+                compile_artifacts.save(self._artifact_stores, key, self._secret)
+                gc_pauses.freeze_long_lived()
+
+            background = BackgroundCompile(
+                parts, self.compile_part, self._job_lock, report,
+                after=lambda part: ANY_SHAPE if part.startswith("square-") else None, on_finished=finished)
+            background.start(start_helpers.start(self.config, parts, str(pipeline.device),
+                                                 on_end=background.heard_end))
+            self._background = background
         gc_pauses.freeze_long_lived()
         return report
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until every compiled part is in use (at once where nothing compiles); False on `timeout`."""
+        return self._background is None or self._background.wait(timeout)
+
+    def stop_compiling(self) -> None:
+        """Switch to no more compiled parts and end the start helpers (the worker is stopping)."""
+        if self._background is not None:
+            self._background.stop()
 
     @property
     def checker(self) -> Any:
@@ -153,20 +181,44 @@ class Worker:
         verdicts = self.checker.flags([p.png for p in pictures])
         return [replace(p, flagged=v) for p, v in zip(pictures, verdicts, strict=True)]
 
-    def helped_parts(self) -> list[str]:
-        """The parts of this worker's start that compile, but the first: those a start helper may take."""
-        from trainer.family import family_of
+    @property
+    def compile_backend(self) -> Any:
+        """torch.compile's backend for this worker's compiled parts (WorkerConfig.compile_backend)."""
+        from trainer.compiled_blocks import backend_from_spec
 
-        parts = self.engine.warm_up_parts()[1:]
-        # A Flux training step runs eagerly (trainer.flow_matching): nothing of it to compile.
-        if (self.config.compile_training and TrainConfig().compiles_on(self.pipeline.device.type)
-                and family_of(self.pipeline).graphs_and_compiling):
+        return backend_from_spec(self.config.compile_backend)
+
+    def _compiles_everywhere(self) -> bool:
+        """Whether compiling happens off CUDA too: a backend other than inductor was named."""
+        return self.config.compile_backend != "inductor"
+
+    def _training_compiles(self, config: TrainConfig) -> bool:
+        """Whether a training with `config` runs its step compiled on this worker, once its code is ready."""
+        if not self.config.compile_training:
+            return False
+        if self._pipeline is not None:
+            from trainer.family import family_of
+
+            # A Flux training step runs eagerly (trainer.flow_matching): nothing of it to compile.
+            if not family_of(self._pipeline).graphs_and_compiling:
+                return False
+        if config.compiled_stages is not None:
+            return config.compiled_stages
+        from trainer.pipelines import pick_device
+
+        return config.graphs_on(pick_device(self.config.device).split(":")[0]) or self._compiles_everywhere()
+
+    def compile_parts(self) -> list[str]:
+        """The parts of this worker's start that compile, in the order they are wanted: the engine's
+        warm-up parts, then the default training step."""
+        parts = self.engine.warm_up_parts()
+        if self._training_compiles(TrainConfig()):
             parts.append(start_helpers.TRAINING)
         return parts
 
     def compile_part(self, part: str) -> None:
-        """Compile one part of the start (a start helper's work): the training step, or one of the
-        engine's warm-up parts."""
+        """Compile one part of the start, or read it back from the compile cache where a start helper
+        compiled it: the training step, or one of the engine's warm-up parts. The worker then uses it."""
         if part == start_helpers.TRAINING:
             _ = self.engine  # as in a worker's start, the engine sets the modules up first
             self._warm_up_training()
@@ -176,13 +228,15 @@ class Worker:
             raise ValueError(f"no part of this worker's start is called {part!r}")
 
     def _warm_up_training(self) -> None:
-        """Compile the default training step (trainer.dreambooth.warm_up); nothing on a CPU."""
+        """Compile the default training step (trainer.dreambooth.warm_up)."""
         from trainer.dreambooth import warm_up
 
         scratch = Path(tempfile.mkdtemp(prefix="warm-up-", dir=self.work_dir))
         try:
             # At the base model's resolution (jobs.train_defaults), as the bot's trainings ask by default.
-            warm_up(self.pipeline, TrainConfig(rank=self.config.train_rank, family_defaults=FAMILY_TUNED), scratch)
+            config = TrainConfig(rank=self.config.train_rank, family_defaults=FAMILY_TUNED,
+                                 compiled_stages=True if self._compiles_everywhere() else None)
+            warm_up(self.pipeline, config, scratch, compile_backend=self.compile_backend)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -191,10 +245,15 @@ class Worker:
         if self._engine is None:
             from trainer.engine import GenerationEngine
 
+            # None: where it pays (with CUDA graphs); a backend other than inductor compiles everywhere.
+            compile_blocks: bool | None = False
+            if self.config.compile_generation:
+                compile_blocks = True if self._compiles_everywhere() else None
             self._engine = GenerationEngine(self.pipeline, max_loaded_adapters=self.config.max_adapters,
-                                            compile_blocks=None if self.config.compile_generation else False,
+                                            compile_blocks=compile_blocks, compile_backend=self.compile_backend,
                                             static_shapes=self.config.compile_static_shapes,
-                                            model_name=png_parameters.model_name(self.config.base_model))
+                                            model_name=png_parameters.model_name(self.config.base_model),
+                                            compiled_after_warm_up=True)
         return self._engine
 
     def run(self, item: WorkItem, emit: EventSink, should_cancel: Callable[[], bool],
@@ -217,7 +276,9 @@ class Worker:
         try:
             if should_cancel():
                 raise Cancelled()
-            emit(events.Done(self.run(item, emit, should_cancel, serve_riders)))
+            with self._job_lock:  # parts compiled in the background are switched to between jobs
+                output = self.run(item, emit, should_cancel, serve_riders)
+            emit(events.Done(output))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error event
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -250,6 +311,7 @@ class Worker:
                 emit(event)
 
             config = self._train_config(params.config)
+            compile_when = self._compile_when(config)
 
             def attempt(resume: Path | None) -> Any:
                 return train(
@@ -258,6 +320,7 @@ class Worker:
                     out_dir=scratch / "out", work_dir=scratch / "checkpoints",
                     class_cache_dir=Path(self.config.class_cache_dir), device=self.config.device,
                     on_event=forward, should_cancel=should_cancel, resume_from=resume, serve_riders=serve_riders,
+                    compile_backend=self.compile_backend, compile_when=compile_when,
                 )
 
             def run(resume: Path | None) -> Any:
@@ -307,8 +370,20 @@ class Worker:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _train_config(self, config: TrainConfig) -> TrainConfig:
-        """The job's training settings, with this worker's choice about compiling."""
-        return config if self.config.compile_training else replace(config, compiled_stages=False)
+        """The job's training settings, with this worker's choice about compiling: compiled if the
+        training step's compiled code is in use here already, else uncompiled (see `_compile_when`)."""
+        compiles = self._training_compiles(config)
+        if compiles and self._background is not None and not self._background.adopted(start_helpers.TRAINING):
+            compiles = False
+        return replace(config, compiled_stages=compiles)
+
+    def _compile_when(self, config: TrainConfig) -> Callable[[], bool] | None:
+        """For a training that starts uncompiled only because the step's code is still compiling in
+        the background: what tells it, before each step, that the code is ready to switch to."""
+        background = self._background
+        if config.compiled_stages or background is None or not self._training_compiles(replace(config, compiled_stages=None)):
+            return None
+        return lambda: background.compiled(start_helpers.TRAINING)
 
     def _samples(self, job_id: int, params: TrainParams, lora_path: Path, emit: EventSink,
                  should_cancel: Callable[[], bool], serve_riders: Callable[[], None] | None) -> list[Picture]:

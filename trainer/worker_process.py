@@ -194,7 +194,7 @@ class WorkerProcess:
         try:
             self.worker.prepare(on_part=self.news.moved_on)
         except Exception as exc:  # the first job reports it to its owner
-            log.error("could not load the base model or warm up yet: %s", exc)
+            log.error("could not load the base model yet: %s", exc)
         finally:
             self.news.ended()
         while (entry := self.inbox.get()) is not None and not self.stopping.is_set():
@@ -202,6 +202,7 @@ class WorkerProcess:
                 self.worker.evict(entry)
             elif not self.execute(entry):
                 break
+        self.worker.stop_compiling()
         log.info("worker stopping")
 
 

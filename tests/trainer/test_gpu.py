@@ -211,3 +211,38 @@ def test_flux_trains_at_its_own_size_and_draws_with_the_lora(tmp_path):
     assert Image.open(io.BytesIO(images[0].png)).size == (1024, 1024)
     del engine, flux
     torch.cuda.empty_cache()
+
+
+@pytest.mark.worker_start
+def test_a_gpu_worker_serves_at_once_and_reaches_compiled_code_in_the_background(tmp_path):
+    """What a worker's start compiles, and nothing more (run alone: `-m worker_start`, within one
+    10-minute device call on an H100/H200 with a cold cache): a picture is served right after the
+    model is loaded, before the compiling has ended, and the same picture afterwards comes from the
+    compiled code, close to the uncompiled one."""
+    import numpy as np
+
+    from jobs import events
+    from jobs.payloads import GenerateInputs, GenerateParams, WorkItem
+    from jobs.requests import GenerateRequest
+    from jobs.worker_config import WorkerConfig
+    from trainer.start_report import MODEL
+    from trainer.worker import Worker
+
+    config = WorkerConfig("sd15-random", "cuda", str(tmp_path / "work"), str(tmp_path / "classes"),
+                          compile_cache_dir=str(tmp_path / "compiled"))
+    worker = Worker(config)
+    report = worker.prepare()
+    assert report.names()[0] == MODEL and not worker._background.finished
+    item = WorkItem(1, GenerateParams(GenerateRequest("on the moon", seed=5, steps=10)), GenerateInputs())
+    before: list = []
+    worker.execute(item, before.append, lambda: False)
+    assert isinstance(before[-1], events.Done) and not worker.engine._compiled_ready(training=False)
+    assert worker.wait_compiled(timeout=540)
+    after: list = []
+    worker.execute(item, after.append, lambda: False)
+    assert worker.engine._compiled_ready(training=False)
+    plain, compiled = (np.asarray(Image.open(io.BytesIO(out[-1].result.images[0].png)), dtype=np.int16)
+                       for out in (before, after))
+    assert np.abs(plain - compiled).mean() < 2  # bf16 kernels fused otherwise, the same picture
+    assert list((tmp_path / "compiled" / "artifacts").glob("*.bin"))  # kept for the next start
+    worker.stop_compiling()

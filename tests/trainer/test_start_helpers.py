@@ -6,7 +6,6 @@ entry point."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,7 +20,7 @@ from jobs.worker_config import WorkerConfig
 from trainer import start_helpers
 from trainer.start_helper_process import exit_when_closed
 from trainer.start_helpers import TRAINING, groups, helper_command, helper_count
-from trainer.start_report import MODEL, PartTime, helper_wait
+from trainer.start_report import MODEL, PartTime, helper_compiled
 from trainer.worker import Worker
 
 # A helper in a few lines: reports each part as the real one does ("broken" fails, at "vanishes" it
@@ -84,47 +82,53 @@ def test_the_longest_parts_go_to_helpers_first_and_the_squares_stay_together() -
     assert groups([]) == []
 
 
-def test_the_worker_waits_for_each_helper_and_hears_which_parts_failed(
-        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]], caplog: pytest.LogCaptureFixture) -> None:
+def test_each_part_ends_done_or_failed_even_when_its_helper_dies(
+        tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
     parts = ["vanishes", "broken", TRAINING, "left-to-the-worker"]
-    with caplog.at_level(logging.INFO, logger="trainer.start_helpers"), \
-            start_helpers.started(config(tmp_path, 3), parts, "cpu") as helpers:
+    heard: list[str] = []
+    all_ended = threading.Event()
+
+    def on_end(part: str) -> None:
+        heard.append(part)
+        if len(heard) == 3:
+            all_ended.set()
+
+    helpers = start_helpers.start(config(tmp_path, 3), parts, "cpu", on_end=on_end)
+    try:
         assert [owned for _own, owned in fake_helpers] == [[TRAINING], ["vanishes"], ["broken"]]
         # Each helper has a folder of its own under the worker's, and starts no helpers itself.
         folders = {own.work_dir for own, _parts in fake_helpers}
         assert len(folders) == 3 and all(Path(f).parent == tmp_path / "work" for f in folders)
         assert {own.start_helpers for own, _parts in fake_helpers} == {0}
-        assert not helpers.owns("left-to-the-worker")
-        # Each returns, whether the helper finished it, failed or died, with the seconds it waited.
-        waited = {part: helpers.wait_for(part) for part in (TRAINING, "broken", "vanishes", "left-to-the-worker")}
+        assert not helpers.owns("left-to-the-worker") and not helpers.ended("left-to-the-worker")
+        # Each part ends, once, whether its helper finished it, failed it or died ...
+        assert all_ended.wait(timeout=120)
+        assert sorted(heard) == sorted([TRAINING, "broken", "vanishes"])
+        assert helpers.compiled(TRAINING)
+        assert helpers.ended("broken") and not helpers.compiled("broken")
+        assert helpers.ended("vanishes") and not helpers.compiled("vanishes")
         # ... and the dead helper's part did not wait for its leftover process, which holds its stdout.
         leftover = int((tmp_path / "leftover.pid").read_text())
         os.kill(leftover, 0)  # still running: raises ProcessLookupError once it has ended
         processes = list(helpers._processes)
-    assert waited.pop("left-to-the-worker") is None  # no helper had it: nothing to wait for
-    assert all(seconds is not None and seconds >= 0 for seconds in waited.values())
-    messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(f"waited for a start helper's {TRAINING} in ") for m in messages)
-    assert sum("did not compile broken" in m for m in messages) == 1
-    assert sum("did not compile vanishes" in m for m in messages) == 1
-    assert not any("left-to-the-worker" in m for m in messages)
-    # The block's end ended the helpers still waiting on their stdin, and removed their folders.
+    finally:
+        helpers.close()
+    # Closing ended the helpers still waiting on their stdin, and removed their folders.
     assert [p.returncode for p in processes] == [0, 3, 0]
     assert not any(Path(f).exists() for f in folders)
+    assert len(heard) == 3
 
 
 def test_no_helper_starts_where_none_is_asked_for_or_nothing_compiles(
         tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
-    with start_helpers.started(config(tmp_path, 0), [TRAINING, "square-1"], "cpu") as helpers:
-        helpers.wait_for(TRAINING)
-    with start_helpers.started(config(tmp_path, -1), [TRAINING, "square-1"], "cpu"):
-        pass  # a CPU has no GPU memory to spare
-    with start_helpers.started(config(tmp_path, 2), [], "cpu"):
-        pass
+    with contextlib.closing(start_helpers.start(config(tmp_path, 0), [TRAINING, "square-1"], "cpu")) as helpers:
+        assert not helpers.owns(TRAINING)
+    start_helpers.start(config(tmp_path, -1), [TRAINING, "square-1"], "cpu").close()  # a CPU has no GPU memory to spare
+    start_helpers.start(config(tmp_path, 2), [], "cpu").close()
     assert fake_helpers == []
 
 
-def test_a_worker_hands_its_later_parts_to_helpers_and_waits_for_each_before_it(
+def test_a_worker_serves_at_once_and_switches_to_each_part_as_it_is_ready(
         tmp_path: Path, fake_helpers: list[tuple[WorkerConfig, list[str]]]) -> None:
     ran: list[str] = []
 
@@ -132,28 +136,27 @@ def test_a_worker_hands_its_later_parts_to_helpers_and_waits_for_each_before_it(
         def warm_up_parts(self) -> list[str]:
             return ["any-shape", "during-training", "square-1", "square-4"]
 
-        def warm_up(self, on_part: Any, before_part: Any, on_done: Any) -> float:
-            for part in self.warm_up_parts():
-                before_part(part)
-                ran.append(part)
-                on_done(part, 0.25)
+        def warm_up(self, parts: list[str]) -> float:
+            ran.extend(parts)
             return 1.0
 
     worker = Worker(config(tmp_path, 1))
     worker._engine = Engine()
     heard: list[PartTime] = []
     report = worker.prepare(on_timed=heard.append)
-    # On a CPU no training step compiles, so the parts after the first are the engine's; with one
-    # helper, it takes the squares and the worker does the rest.
+    assert report.parts[0].part == MODEL  # what the worker waited for before serving
+    assert worker.wait_compiled(timeout=120)
+    # On a CPU no training step compiles, so the parts are the engine's; with one helper, it takes
+    # the squares, the worker compiles the rest while idle, and the squares' code is switched to
+    # only after the code for any shape.
     assert [owned for _own, owned in fake_helpers] == [["square-1", "square-4"]]
-    assert ran == ["any-shape", "during-training", "square-1", "square-4"]
-    # The start reports every part as it ends, each helped part just after the wait for its helper,
-    # with the seconds as measured: the engine's as it told them, the others' never below zero.
-    assert report.names() == [MODEL, "any-shape", "during-training", helper_wait("square-1"), "square-1",
-                              helper_wait("square-4"), "square-4", TRAINING]
+    assert ran == ["any-shape", "square-1", "square-4", "during-training"]
+    # The start reports every part as it ends (and each helper's part as the helper finishes it),
+    # with the seconds as measured, never below zero, and when each ended.
+    assert [name for name in report.names() if not name.startswith("compiled by")] == [MODEL, *ran]
+    assert {helper_compiled("square-1"), helper_compiled("square-4")} <= set(report.names())
     assert heard == report.parts
-    assert [t.seconds for t in report.parts if t.part in ran] == [0.25] * 4
-    assert all(t.seconds >= 0 for t in report.parts)
+    assert all(t.seconds >= 0 and t.at >= 0 for t in report.parts)
 
 
 def test_a_helper_ends_when_the_worker_closes_its_stdin_or_goes_away() -> None:

@@ -289,3 +289,21 @@ def test_the_command_line_makes_trains_and_draws_a_flux_model(tmp_path: Path) ->
     drawn = run(["imagine", "a portrait of sks", "--lora", str(out), "--model", str(model), "--out",
                  str(tmp_path / "pictures"), "--n", "1", "--steps", "2", "--seed", "7", "--device", "cpu"])
     assert len(drawn) == 1 and Image.open(drawn[0].removeprefix("image: ")).size == (64, 64)
+
+
+def test_a_flux_worker_has_nothing_to_compile_at_its_start(tmp_path: Path) -> None:
+    """Where an SD worker would compile its generation stages and training step (a backend named
+    compiles them off CUDA too), a Flux worker runs its transformer eagerly: nothing to compile."""
+    from jobs.worker_config import WorkerConfig
+    from trainer.worker import Worker
+
+    def worker(model: str) -> Worker:
+        return Worker(WorkerConfig(model, "cpu", str(tmp_path / model), str(tmp_path / "classes"), train_rank=4,
+                                   compile_backend="eager"))
+
+    sd = worker("tiny")
+    sd.prepare()
+    assert sd.compile_parts()
+    flux = worker("tiny-flux")
+    flux.prepare()
+    assert flux.compile_parts() == []

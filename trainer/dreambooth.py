@@ -34,7 +34,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from jobs.train_defaults import for_family
-from trainer import compiled_blocks, lora_io, offload, resume, training_loop
+from trainer import compiled_blocks, flux_kohya, lora_io, offload, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
@@ -321,9 +321,14 @@ class TrainingRun:
         }
         lora_path = lora_io.save_diffusers(self.out_dir, self.family, states, self.trainable.lora_configs,
                                            metadata)
-        kohya_path = lora_io.save_kohya(self.out_dir / f"{lora_io.safe_file_stem(self.handle)}.safetensors",
-                                        self.family, states, cfg.lora_alpha, metadata,
-                                        denoiser=self.family.denoiser(self.pipe))
+        kohya_path: Path | None = self.out_dir / f"{lora_io.safe_file_stem(self.handle)}.safetensors"
+        try:
+            lora_io.save_kohya(kohya_path, self.family, states, cfg.lora_alpha, metadata,
+                               denoiser=self.family.denoiser(self.pipe))
+        except flux_kohya.UnmappedLayer as exc:
+            # Targets chosen beyond the recipe's (a Flux embedder, say): the diffusers file holds them all.
+            log.warning("no kohya file for this LoRA: %s", exc)
+            kohya_path = None
         tail = losses[-20:]
         return TrainResult(lora_path=lora_path, kohya_path=kohya_path, steps=step,
                            final_loss=sum(tail) / len(tail) if tail else math.nan, losses=list(losses),

@@ -307,3 +307,9 @@ def test_a_flux_worker_has_nothing_to_compile_at_its_start(tmp_path: Path) -> No
     flux = worker("tiny-flux")
     flux.prepare()
     assert flux.compile_parts() == []
+
+
+def test_targets_kohya_has_no_name_for_leave_only_the_diffusers_file(tmp_path: Path) -> None:
+    result = run_train(tmp_path, small(steps=1, lora_targets=("attn.to_q", "x_embedder")))
+    assert result.kohya_path is None
+    assert any(".x_embedder." in k for k in load_file(result.lora_path))

@@ -423,6 +423,11 @@ class GenerationEngine:
         """The sampling scheduler called `name`; a flow-matching model's own, whatever the name."""
         return self._flow_scheduler if self._flow_scheduler is not None else self._schedulers.get(name)
 
+    def _img2img_size(self, size: tuple[int, int]) -> dict[str, int]:
+        """The picture size an image-to-image call must be told: Flux's draws its default size (1024 px)
+        whatever the picture given; SD's follow the picture."""
+        return {"width": size[0], "height": size[1]} if self.family.flow_matching else {}
+
     def _image_pipeline(self) -> DiffusionPipeline:
         if self._image is None:
             components = {k: v for k, v in self._text.components.items()
@@ -513,7 +518,8 @@ class GenerationEngine:
             if init_image is not None:
                 pipe = self._image_pipeline()
                 strength = request.strength or DEFAULT_VARIATION_STRENGTH
-                kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength)
+                kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength,
+                              **self._img2img_size((width, height)))
             else:
                 pipe = self._text
                 kwargs.update(width=width, height=height)
@@ -568,7 +574,7 @@ class GenerationEngine:
             # graph pool for a rare request, where a step this large is bound by the GPU anyway.
             with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
                 images = pipe(prompt=prompt, negative_prompt=negative or None,
-                              image=upscaling.enlarged(source, size),
+                              image=upscaling.enlarged(source, size), **self._img2img_size(size),
                               strength=strength, num_inference_steps=request.steps, guidance_scale=request.guidance,
                               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
                               callback_on_step_end=upscaling.step_reporter(on_event, should_cancel)).images

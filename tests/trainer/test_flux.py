@@ -188,8 +188,11 @@ def test_the_engine_draws_flux_pictures_with_the_lora_merged(tmp_path: Path) -> 
     assert [e.step for e in seen if e.type == "progress"] == [1, 2]
     portrait = engine.generate(GenerateRequest(prompt="x", seed=1, steps=1, aspect="portrait"))
     assert Image.open(io.BytesIO(portrait[0].png)).size == engine.image_size("portrait")
+    # Flux's image-to-image draws its default 1024 px unless told the size: variations and upscales keep theirs.
     variation = engine.generate(request, adapter_key="sks", init_image=base[0].png)
-    assert len(variation) == 1
+    assert Image.open(io.BytesIO(variation[0].png)).size == (64, 64)
+    upscaled = engine.upscale(request, base[0].png, adapter_key="sks")
+    assert Image.open(io.BytesIO(upscaled[0].png)).size == (128, 128)
 
 
 def test_text_encoders_and_vae_wait_off_the_device_while_the_steps_run(tmp_path: Path,

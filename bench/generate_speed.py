@@ -13,6 +13,12 @@ served alternately, as a shared bot serves consecutive requests from different p
   with graphs of compiled blocks instead of stages, of plain blocks, and without graphs, to show each
   lever's share.
 
+On a Flux base the baseline is a plain `FluxPipeline`, both sides sample with the model's own
+flow-matching Euler scheduler and GUIDANCE is FLUX.1-dev's distilled guidance (one transformer pass
+per step, no negative prompt), and the engine runs the transformer eagerly (no graphs or compiling:
+trainer.flow_matching says why), so the figures show what merging resident LoRAs saves over loading one
+per request.
+
 Both sample with the same scheduler (the engine's default, DPM-Solver++ 2M Karras, built from the same
 config) for the same number of steps, at the same size, guidance and CPU-generator seeds, so the
 denoising work is identical; what differs is how the LoRA and the kernels are handled (and the PNG
@@ -28,6 +34,7 @@ printed with its fastest and slowest run and with the ratio baseline / ours.
 
     python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
     python -m bench.generate_speed --model sdxl-random       # full-size random SDXL, 1024 px
+    python -m bench.generate_speed --model flux-random       # full-size random FLUX.1-dev, 1024 px
     python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test (tiny-sdxl: SDXL's layout)
     python -m bench.generate_speed --json results.json
 
@@ -51,12 +58,13 @@ from typing import Any, NamedTuple
 import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
 from bench.train_speed import bench_pipeline, plain_layout
 from jobs.requests import DEFAULT_SCHEDULER, GenerateRequest, TrainConfig
+from jobs.train_defaults import for_family
 from trainer.engine import GenerationEngine
 from trainer.family import family_of
 from trainer.lora_io import save_diffusers
@@ -75,20 +83,23 @@ class _UnetOnlyLoraNotice(logging.Filter):
 logging.getLogger("diffusers.loaders.lora_base").addFilter(_UnetOnlyLoraNotice())
 NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.0
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default: FLUX.1-dev's distilled guidance
 USERS = ("alice", "bob")
 # The adapter name a LoRA gets while its random weights are made; it never stays on the UNet.
 SCRATCH_ADAPTER = "bench_scratch"
 
 
 def make_random_lora(pipe: DiffusionPipeline, out_dir: Path, seed: int, rank: int) -> Path:
-    """A diffusers-format LoRA file for the pipeline's UNet with small random weights (both A and B).
+    """A diffusers-format LoRA file for the pipeline's UNet (or Flux transformer) with small random
+    weights (both A and B), on the layers the trainer targets for the family.
 
     Written the way the trainer writes a trained LoRA (`trainer.lora_io.save_diffusers`), so the engine
     and `load_lora_weights` read it exactly as they read a real one. The UNet is left without LoRA layers.
     """
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                        target_modules=list(TrainConfig().lora_targets))
-    unet = pipe.unet
+    family = family_of(pipe)
+    targets = for_family(TrainConfig(family_defaults=("lora_targets",)), family.name).lora_targets
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    unet = family.denoiser(pipe)
     unet.add_adapter(config, adapter_name=SCRATCH_ADAPTER)
     generator = torch.Generator("cpu").manual_seed(seed)
     try:
@@ -103,7 +114,7 @@ def make_random_lora(pipe: DiffusionPipeline, out_dir: Path, seed: int, rank: in
         unet.unload_lora()
     metadata = {"handle": "sks", "class_word": "woman", "rank": str(rank), "alpha": str(rank),
                 "base_model": "random"}
-    return save_diffusers(out_dir, family_of(pipe), {"unet": state}, {"unet": config}, metadata)
+    return save_diffusers(out_dir, family, {family.denoiser_name: state}, {family.denoiser_name: config}, metadata)
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -171,7 +182,7 @@ def plain_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     modules (no safety checker and no invisible watermark: the engine runs neither)."""
     cls = family_of(pipe).pipeline_class
     extra = ({"add_watermarker": False} if cls is StableDiffusionXLPipeline
-             else {"requires_safety_checker": False})
+             else {} if cls is FluxPipeline else {"requires_safety_checker": False})
     modules = {k: v for k, v in pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
     return cls(**modules, **extra)
 
@@ -181,7 +192,10 @@ class Baseline:
 
     def __init__(self, pipe: DiffusionPipeline, size: tuple[int, int], steps: int) -> None:
         self.pipe = plain_pipeline(pipe)
-        self.pipe.scheduler = SchedulerCache(pipe.scheduler.config).get(DEFAULT_SCHEDULER)
+        if not family_of(pipe).flow_matching:  # a flow-matching model keeps its own scheduler, as the engine does
+            self.pipe.scheduler = SchedulerCache(pipe.scheduler.config).get(DEFAULT_SCHEDULER)
+        self.negative = None if family_of(pipe).flow_matching else NEGATIVE
+        self.guidance = FLUX_GUIDANCE if family_of(pipe).flow_matching else GUIDANCE
         self.pipe.set_progress_bar_config(disable=True)
         self.width, self.height = size
         self.steps = steps
@@ -193,8 +207,8 @@ class Baseline:
         self.pipe.unload_lora_weights()
 
     def generate(self, n: int, seed: int) -> list[bytes]:
-        images = self.pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=n,
-                           num_inference_steps=self.steps, guidance_scale=GUIDANCE, width=self.width,
+        images = self.pipe(prompt=PROMPT, negative_prompt=self.negative, num_images_per_prompt=n,
+                           num_inference_steps=self.steps, guidance_scale=self.guidance, width=self.width,
                            height=self.height,
                            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]).images
         out = []
@@ -227,8 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = engine.image_size("square")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
-            "dtype": str(pipe.unet.dtype), "width": size[0], "height": size[1], "steps": args.steps,
-            "scheduler": DEFAULT_SCHEDULER, "guidance": GUIDANCE, "rank": args.rank, "repeats": args.repeats,
+            "dtype": str(engine.family.denoiser(pipe).dtype), "width": size[0], "height": size[1],
+            "steps": args.steps, "scheduler": "flow-match euler" if engine.family.flow_matching else DEFAULT_SCHEDULER,
+            "guidance": FLUX_GUIDANCE if engine.family.flow_matching else GUIDANCE, "rank": args.rank, "repeats": args.repeats,
             "switches": args.switches}
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
@@ -281,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def request(n: int, i: int) -> GenerateRequest:
             # No face pass: the baseline draws the picture alone (bench.face_pass_cost times the pass).
-            return GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=n, seed=max(i, 0),
-                                   steps=args.steps, guidance=GUIDANCE, face_pass=False)
+            return GenerateRequest(prompt=PROMPT, negative_prompt=plain.negative or "", num_images=n, seed=max(i, 0),
+                                   steps=args.steps, guidance=plain.guidance, face_pass=False)
 
         def ask(n: int, i: int, on: GenerationEngine = engine) -> list[Any]:
             return on.generate(request(n, i), adapter_key=user(i), lora_path=loras[user(i)])

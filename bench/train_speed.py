@@ -41,8 +41,8 @@ import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiffusionPipeline
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.training_utils import cast_training_params, compute_density_for_timestep_sampling, compute_snr
 from peft import LoraConfig
 from PIL import Image
 
@@ -52,6 +52,7 @@ from trainer.class_images import ensure_class_images
 from trainer.dataset import PhotoInput, class_pixels, instance_pixels
 from trainer.dreambooth import TrainingRun, class_prompt, instance_prompt
 from trainer.family import family_of, tokenize
+from trainer.flow_matching import TRAIN_GUIDANCE
 from trainer.pipelines import cast_module, load_pipeline, pick_device, pick_dtype
 
 HANDLE, CLASS_WORD = "sks", "woman"
@@ -198,16 +199,116 @@ class PlainXLRecipe(PlainRecipe):
         cast_module(self.pipe.vae, self.vae_dtype)
 
 
+class PlainFluxRecipe:
+    """One LoRA DreamBooth step as diffusers' train_dreambooth_lora_flux.py does it with its defaults
+    (text encoders frozen, latents not cached, `--weighting_scheme=none`).
+
+    The script encodes the two prompts once, before the first step (CLIP's pooled output, T5's hidden
+    states, zero text ids); every step the VAE encodes the batch, the latent is shifted and scaled and
+    cast to the weights' dtype, a uniform draw picks a training timestep whose sigma mixes latent and
+    noise, the transformer reads the packed latents, timestep / 1000, the guidance scale and the
+    position ids, and its unpacked prediction is compared with `noise - latents`. The LoRA layers are
+    fp32 over frozen weights in the weights' dtype, with torch's default AdamW. Random draws come from
+    one generator in the trainer's order (instance rows, class rows, latent sample, noise, timestep draw).
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
+                 class_paths: list[Path]) -> None:
+        self.pipe, self.config = pipe, config
+        self.device = pipe.device
+        self.weight_dtype = pipe.transformer.dtype
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+        torch.manual_seed(config.seed)
+        pipe.transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha,
+                                                init_lora_weights="gaussian", target_modules=list(config.lora_targets)))
+        cast_training_params(pipe.transformer, dtype=torch.float32)
+        pipe.transformer.train()
+        self.params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(0.9, 0.999),
+                                           weight_decay=config.adam_weight_decay, eps=1e-8)
+        self.instance = instance_pixels(photos, config.resolution).to(self.device)
+        self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
+        rows = torch.tensor([0] * config.batch_size + ([1] * config.batch_size if class_paths else []),
+                            device=self.device)
+        prompts = [instance_prompt(HANDLE, CLASS_WORD), class_prompt(CLASS_WORD)]
+        with torch.no_grad():
+            pooled = pipe.text_encoder(tokenize(pipe.tokenizer, prompts, self.device),
+                                       output_hidden_states=False).pooler_output
+            t5_ids = tokenize(pipe.tokenizer_2, prompts, self.device, max_length=pipe.tokenizer_2.model_max_length)
+            hidden = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+        self.prompt_embeds = hidden[rows].to(self.weight_dtype)
+        self.pooled = pooled[rows].to(self.weight_dtype)
+        self.text_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=self.weight_dtype)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def sigmas_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The script's `get_sigmas`: each timestep's sigma, found by its place in the schedule."""
+        schedule = self.scheduler.timesteps.to(self.device)
+        indices = [(schedule == t).nonzero().item() for t in timesteps]
+        return self.scheduler.sigmas.to(self.device, self.weight_dtype)[indices].view(-1, 1, 1, 1)
+
+    def step(self) -> torch.Tensor:
+        cfg, g, dev, pipe = self.config, self.generator, self.device, self.pipe
+        index = torch.randint(0, self.instance.shape[0], (cfg.batch_size,), generator=g, device=dev)
+        pixels = self.instance[index]
+        if self.classes is not None:
+            class_index = torch.randint(0, self.classes.shape[0], (cfg.batch_size,), generator=g, device=dev)
+            pixels = torch.cat([pixels, self.classes[class_index]])
+        latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample(generator=g)
+        latents = ((latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(self.weight_dtype)
+        noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
+        bsz = latents.shape[0]
+        u = compute_density_for_timestep_sampling("none", bsz, device=dev, generator=g)
+        indices = (u * self.scheduler.config.num_train_timesteps).long()
+        timesteps = self.scheduler.timesteps[indices].to(dev)
+        sigmas = self.sigmas_of(timesteps)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        b, c, h, w = latents.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        guidance = (torch.tensor([TRAIN_GUIDANCE], device=dev).expand(bsz)
+                    if pipe.transformer.config.guidance_embeds else None)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, dev, self.weight_dtype)
+        pred = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                pooled_projections=self.pooled, encoder_hidden_states=self.prompt_embeds,
+                                txt_ids=self.text_ids, img_ids=image_ids, return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, h * self.vae_scale, w * self.vae_scale, self.vae_scale)
+        target = noise - latents
+        if self.classes is not None:
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            prior_loss = ((pred_prior.float() - target_prior.float()) ** 2).reshape(target_prior.shape[0], -1).mean(1)
+        loss = ((pred.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(1).mean()
+        if self.classes is not None:
+            loss = loss + cfg.prior_loss_weight * prior_loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+    def close(self) -> None:
+        """Take the LoRA out again, so the pipeline can serve the next variant."""
+        self.pipe.transformer.unload_lora()
+        self.pipe.transformer.eval()
+
+
 def recipe_for(pipe: DiffusionPipeline, photos: list[PhotoInput], config: TrainConfig,
-               class_paths: list[Path]) -> PlainRecipe:
+               class_paths: list[Path]) -> PlainRecipe | PlainFluxRecipe:
     """The diffusers recipe's step for the pipeline's family."""
-    cls = PlainXLRecipe if family_of(pipe).name == "sdxl" else PlainRecipe
+    family = family_of(pipe).name
+    if family == "flux":
+        return PlainFluxRecipe(pipe, photos, config, class_paths)
+    cls = PlainXLRecipe if family == "sdxl" else PlainRecipe
     return cls(pipe, photos, config, class_paths)
 
 
 def base_resolution(pipe: DiffusionPipeline) -> int:
     """The size a training on this base model defaults to (jobs.train_defaults); 64 px for the tiny models."""
-    if pipe.unet.config.sample_size <= 16:
+    family = family_of(pipe)
+    if family.base_resolution(pipe) <= 128:
         return 64
     return for_family(TrainConfig(family_defaults=FAMILY_TUNED), family_of(pipe).name).resolution
 
@@ -225,7 +326,11 @@ def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPip
 @contextlib.contextmanager
 def plain_layout(pipe: DiffusionPipeline) -> Iterator[None]:
     """The UNet in PyTorch's default NCHW layout for the block, as a baseline runs it (the project's
-    loader makes it channels-last on CUDA, see trainer.pipelines.prepare_for_device)."""
+    loader makes it channels-last on CUDA, see trainer.pipelines.prepare_for_device). A Flux
+    transformer has no convolutions to lay out."""
+    if getattr(pipe, "unet", None) is None:
+        yield
+        return
     weight = pipe.unet.conv_in.weight
     channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     pipe.unet.to(memory_format=torch.contiguous_format)
@@ -301,12 +406,12 @@ def measure(name: str, device: torch.device, body: Callable[[], list[float]]) ->
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = bench_pipeline(args.model, args.device, args.dtype)
-    device = pipe.device
+    device, family = pipe.device, family_of(pipe)
     resolution = args.resolution or base_resolution(pipe)
     photos = synthetic_photos(resolution)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
-            "dtype": str(pipe.unet.dtype), "resolution": resolution, "warmup": args.warmup, "steps": args.steps}
+            "dtype": str(family.denoiser(pipe).dtype), "resolution": resolution, "warmup": args.warmup, "steps": args.steps}
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -316,6 +421,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  num_class_images=args.class_images, class_image_steps=args.class_image_steps,
                                  class_image_batch=args.class_images, checkpoint_every=0, min_photos=1,
                                  compiled_stages=None if args.compile else False)
+            # The family's LoRA targets (Flux's are its transformer's attention and feed-forwards).
+            config = for_family(replace(config, family_defaults=("lora_targets",)), family.name)
             label = "prior" if prior else "no prior"
 
             def ours_with(cfg: TrainConfig, name: str, losses: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -334,7 +441,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ours_losses: list[torch.Tensor] = []
             recipe_losses: list[torch.Tensor] = []
             ours = ours_with(config, f"ours ({label})", ours_losses) if args.ours else None
-            if args.ours and args.variants and device.type == "cuda" and config.cuda_graphs:
+            if (args.ours and args.variants and device.type == "cuda" and config.cuda_graphs
+                    and family.graphs_and_compiling):
                 # A second training in the same process finds the stages compiled: its first step
                 # only captures the graphs.
                 results.append(ours_with(config, f"ours, next training ({label})"))

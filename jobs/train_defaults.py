@@ -1,4 +1,4 @@
-"""Training settings that depend on the base model's family (SD 1.x/2.x or SDXL), with their sources.
+"""Training settings that depend on the base model's family (SD 1.x/2.x, SDXL or Flux), with their sources.
 
 `TrainConfig`'s defaults are for SD1.5 at 512 px. On an SDXL base the settings nobody chose take
 SDXL's values instead. Only a worker knows the family, once it has loaded the model
@@ -28,6 +28,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         # sixteen at 512 px, twice SD1.5's batch of eight.
         "class_image_batch": 4,
     },
+    "flux": {
+        # FLUX.1-dev draws at about one megapixel too; README_flux.md (diffusers' examples/dreambooth)
+        # trains its DreamBooth LoRA at --resolution=1024 (512 is its low-memory choice).
+        "resolution": 1024,
+        "preview_resolution": 512,
+        "class_image_batch": 2,
+        # train_dreambooth_lora_flux.py's default targets (README_flux.md: "the same modules as in the fal
+        # trainer"): the double-stream blocks' image and text attention projections and both
+        # feed-forwards; "attn.to_q/k/v" also match the single-stream blocks' attention.
+        "lora_targets": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                         "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                         "ff_context.net.0.proj", "ff_context.net.2"),
+        # README_flux.md's commands train without --with_prior_preservation: a guidance-distilled 12B model
+        # drifts little from a rank-16 LoRA over a few hundred steps, and 100 class images at 1024 px
+        # would take longer to draw than the training itself. A training that asks for it gets it.
+        "prior_preservation": False,
+    },
 }
 # What the published SDXL recipes agree on with TrainConfig's defaults, so both families share it:
 # - learning rate 1e-4, constant: README_sdxl.md's --learning_rate=1e-4 (the SD1.5 example's too);
@@ -52,7 +69,7 @@ def left_to_family(chosen: Iterable[str]) -> tuple[str, ...]:
 
 
 def for_family(config: TrainConfig, family: str) -> TrainConfig:
-    """`config` with the settings it leaves to the family set to `family`'s values ("sd15", "sdxl")."""
+    """`config` with the settings it leaves to the family set to `family`'s values ("sd15", "sdxl", "flux")."""
     values = FAMILY_DEFAULTS.get(family, {})
     return replace(config, family_defaults=(),
                    **{name: values[name] for name in config.family_defaults if name in values})

@@ -26,7 +26,7 @@ def borrowed(pipe: DiffusionPipeline, family: Family, dtype: torch.dtype, checkp
              ) -> Iterator[None]:
     """Freeze the pipeline in `dtype` with any LoRA it already holds switched off, and undo it all
     after, removing the trained `adapter` and the gradient checkpointing the training turned on."""
-    names = ("unet", "vae", *family.text_encoder_names)
+    names = (family.denoiser_name, "vae", *family.text_encoder_names)
     modules: dict[str, torch.nn.Module] = {n: getattr(pipe, n) for n in names}
     dtypes = {n: m.dtype for n, m in modules.items()}
     before = {n: adapters.snapshot(m) for n, m in modules.items()}
@@ -39,9 +39,10 @@ def borrowed(pipe: DiffusionPipeline, family: Family, dtype: torch.dtype, checkp
     try:
         yield
     finally:
-        pipe.unet.eval()
+        denoiser = family.denoiser(pipe)
+        denoiser.eval()
         if checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+            denoiser.disable_gradient_checkpointing()
         for name, module in modules.items():
             if checkpointing and name in family.text_encoder_names:
                 text_encoder_checkpointing(module, False)
@@ -61,10 +62,11 @@ def lend(pipe: DiffusionPipeline, family: Family, trained: dict[str, torch.nn.Mo
     one again. Training draws only from its own generator, so its results do not change
     (tests/trainer/test_dreambooth.py checks this).
     """
-    modules = {name: getattr(pipe, name) for name in ("unet", *family.text_encoder_names)}
+    modules = {name: getattr(pipe, name) for name in (family.denoiser_name, *family.text_encoder_names)}
     states = {name: adapters.snapshot(module) for name, module in modules.items()}
-    training = pipe.unet.training
-    pipe.unet.eval()
+    denoiser = family.denoiser(pipe)
+    training = denoiser.training
+    denoiser.eval()
     try:
         serve()
     finally:
@@ -72,4 +74,4 @@ def lend(pipe: DiffusionPipeline, family: Family, trained: dict[str, torch.nn.Mo
             adapters.restore(module, states[name])
             if name not in trained:
                 module.requires_grad_(False)
-        pipe.unet.train(training)
+        denoiser.train(training)

@@ -360,7 +360,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True)
 
     make = sub.add_parser("make-model", help="build a random offline model (tiny for tests and demos)")
-    make.add_argument("kind", choices=["tiny", "sd15-random", "tiny-sdxl", "sdxl-random"])
+    make.add_argument("kind", choices=["tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-flux"])
     make.add_argument("out", type=Path)
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=cmd_make_model)

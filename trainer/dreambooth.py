@@ -34,7 +34,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from jobs.train_defaults import for_family
-from trainer import compiled_blocks, lora_io, resume, training_loop
+from trainer import compiled_blocks, flux_kohya, lora_io, offload, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
@@ -43,6 +43,7 @@ from trainer.errors import BadCheckpoint as BadCheckpoint  # re-exported: train 
 from trainer.errors import BadPhoto, OutOfMemory, TooFewPhotos
 from trainer.errors import Cancelled as Cancelled  # re-exported: train raises it
 from trainer.family import Family, family_of
+from trainer.flow_matching import FlowMatchingStep
 from trainer.pipelines import load_pipeline, pick_device, pick_dtype
 from trainer.trainable import ADAPTER, Trainable, add_trainable
 from trainer.training_data import cache_training_data
@@ -135,7 +136,7 @@ def warm_up(pipeline: DiffusionPipeline, config: TrainConfig, scratch: Path, *,
     config uses prior preservation (which doubles the batch). `scratch` holds its files;
     `compile_backend` is torch.compile's.
     """
-    if not config.compiles_on(pipeline.device.type):
+    if not config.compiles_on(pipeline.device.type) or not family_of(pipeline).graphs_and_compiling:
         return 0.0
     log.info("compiling the training step: minutes the first time, far less once inductor's cache holds it")
     started = time.monotonic()
@@ -205,7 +206,7 @@ class TrainingRun:
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise BadPhoto("One of the photos could not be read as an image. Remove it and try again.") from exc
         self.device = pipeline.device
-        self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, pipeline.unet.dtype)
+        self.dtype = resolve_dtype(cfg.mixed_precision, self.device.type, self.family.denoiser(pipeline).dtype)
         with borrowed(pipeline, self.family, self.dtype, cfg.gradient_checkpointing, ADAPTER):
             class_paths = []
             if cfg.prior_preservation:
@@ -220,14 +221,19 @@ class TrainingRun:
             data = cache_training_data(pipeline, self.family, cfg, self.device, pixels, class_paths, prompts,
                                        self.serve_riders)
             self.trainable = add_trainable(pipeline, self.family, cfg, self.dtype, self.device)
-            self._step = TrainingStep(pipeline, self.family, cfg, self.device, self.dtype, data,
-                                      self.trainable, compile_backend=self.compile_backend,
-                                      on_compiling=self._compiling, compile_when=self.compile_when)
+            step_class = FlowMatchingStep if self.family.flow_matching else TrainingStep
+            self._step = step_class(pipeline, self.family, cfg, self.device, self.dtype, data,
+                                    self.trainable, compile_backend=self.compile_backend,
+                                    on_compiling=self._compiling, compile_when=self.compile_when)
             if state is not None:
                 self.progress = resume.restore(state, self.trainable, self._step.generator)
             else:
                 self.progress = TrainingProgress()
-            yield
+            # With the prompts' embeddings cached, the text encoders and the VAE wait off the GPU
+            # (trainer.offload); pictures drawn meanwhile bring them back for their length.
+            park = self.family.park_while_training and data.cached_cond is not None
+            with offload.parked(self._frozen_modules() if park else [], self.device):
+                yield
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint records of this training's settings, and a resumed one must match."""
@@ -242,7 +248,8 @@ class TrainingRun:
 
     @property
     def compiles(self) -> bool:
-        """Whether the step runs the UNet's stages compiled (now: it may switch to them midway)."""
+        """Whether the step runs the UNet's stages compiled (now: it may switch to them midway; never a
+        Flux transformer's: trainer.flow_matching)."""
         return self._step.compiles if self._step is not None else self.config.compiles_on(self.device.type)
 
     @property
@@ -289,9 +296,14 @@ class TrainingRun:
     def _send_preview(self) -> None:
         training_loop.send_preview(self.progress.step, self._preview, self.device, self.on_event)
 
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        """The text encoders and the VAE: what a training's steps do not run once the cache is made."""
+        return [getattr(self.pipe, name) for name in (*self.family.text_encoder_names, "vae")]
+
     def _preview(self) -> bytes:
         prompt = instance_prompt(self.handle, self.class_word)
-        return training_loop.render_preview(self.pipe, prompt, self.config, self.device, self.serve_riders)
+        with offload.unparked(self._frozen_modules()):
+            return training_loop.render_preview(self.pipe, prompt, self.config, self.device, self.serve_riders)
 
     # ---- output ------------------------------------------------------------------------------
     def save(self) -> TrainResult:
@@ -309,8 +321,14 @@ class TrainingRun:
         }
         lora_path = lora_io.save_diffusers(self.out_dir, self.family, states, self.trainable.lora_configs,
                                            metadata)
-        kohya_path = lora_io.save_kohya(self.out_dir / f"{lora_io.safe_file_stem(self.handle)}.safetensors",
-                                        self.family, states, cfg.lora_alpha, metadata)
+        kohya_path: Path | None = self.out_dir / f"{lora_io.safe_file_stem(self.handle)}.safetensors"
+        try:
+            lora_io.save_kohya(kohya_path, self.family, states, cfg.lora_alpha, metadata,
+                               denoiser=self.family.denoiser(self.pipe))
+        except flux_kohya.UnmappedLayer as exc:
+            # Targets chosen beyond the recipe's (a Flux embedder, say): the diffusers file holds them all.
+            log.warning("no kohya file for this LoRA: %s", exc)
+            kohya_path = None
         tail = losses[-20:]
         return TrainResult(lora_path=lora_path, kohya_path=kohya_path, steps=step,
                            final_loss=sum(tail) / len(tail) if tail else math.nan, losses=list(losses),

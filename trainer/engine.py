@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -56,10 +58,11 @@ from jobs import events, png_parameters
 from jobs.events import EventSink
 from jobs.payloads import Picture
 from jobs.requests import MAX_IMAGES, GenerateRequest
-from trainer import adapters, face_pass, lora_io, merged_lora, png, prompts
+from trainer import adapters, face_pass, lora_io, merged_lora, offload, png, prompts
 from trainer import upscale as upscaling
 from trainer.compiled_blocks import CompiledBlocks
 from trainer.errors import Cancelled, TrainerError
+from trainer.family import family_of
 from trainer.fused_linears import PASS as FUSE_LINEARS
 from trainer.graphs import PipelineGraphs
 from trainer.noise_schedulers import SchedulerCache
@@ -122,11 +125,13 @@ def encode_pngs(images: list[Image.Image]) -> list[bytes]:
 
 def _pipeline_classes(pipe: DiffusionPipeline) -> tuple[type, type, dict[str, Any]]:
     """Text-to-image and image-to-image classes for the pipeline's family, and constructor options."""
+    if isinstance(pipe, FluxPipeline | FluxImg2ImgPipeline):
+        return FluxPipeline, FluxImg2ImgPipeline, {}
     if isinstance(pipe, StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline):
         return StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, {"add_watermarker": False}
     if isinstance(pipe, StableDiffusionPipeline | StableDiffusionImg2ImgPipeline):
         return StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, {"requires_safety_checker": False}
-    raise TrainerError(f"Generation supports Stable Diffusion 1.x/2.x and SDXL models, not "
+    raise TrainerError(f"Generation supports Stable Diffusion 1.x/2.x, SDXL and Flux models, not "
                        f"{type(pipe).__name__}.", "model_unavailable")
 
 
@@ -159,21 +164,22 @@ class GenerationEngine:
         self._image_cls, self._image_options = image_cls, options
         self._image: DiffusionPipeline | None = None
         self._text.set_progress_bar_config(disable=True)
+        self.family = family_of(pipeline)
+        # A flow-matching model samples with its own scheduler (FlowMatchEulerDiscreteScheduler): the named
+        # ones (trainer.noise_schedulers) are for noise-prediction models and are not used for it.
+        self._flow_scheduler = pipeline.scheduler if self.family.flow_matching else None
         self._schedulers = SchedulerCache(pipeline.scheduler.config)
         self._adapters: OrderedDict[str, merged_lora.Lora] = OrderedDict()  # key -> LoRA, oldest first
         self._lora_hashes: dict[str, str] = {}  # key -> its file's hash, for the pictures' settings
         self.model_name = model_name
         self._lock = threading.Lock()
         self.max_loaded_adapters = max_loaded_adapters
-        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        self.base_resolution = base_resolution or pipeline.unet.config.sample_size * vae_factor
-        # The UNet halves the latent (len(blocks) - 1) times and must be able to double it back exactly.
-        self.size_multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-        self.tokenizers = [t for t in (getattr(pipeline, "tokenizer", None),
-                                       getattr(pipeline, "tokenizer_2", None)) if t is not None]
-        # Modules a LoRA may touch: the UNet and the text encoders (the trainer can train both).
+        self.base_resolution = base_resolution or self.family.base_resolution(pipeline)
+        self.size_multiple = self.family.size_multiple(pipeline)
+        self.tokenizers = [getattr(pipeline, name) for name in self.family.prompt_tokenizer_names]
+        # Modules a LoRA may touch: the UNet or transformer and the text encoders (the trainer can train both).
         self._lora_modules: dict[str, torch.nn.Module] = {
-            name: module for name in ("unet", "text_encoder", "text_encoder_2")
+            name: module for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
             if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
         # Pictures need neither gradients nor training mode, and a training freezes these modules too
         # and leaves them in eval mode (trainer.dreambooth): set so from the start, the compiled code's
@@ -182,6 +188,9 @@ class GenerationEngine:
         for module in self._pipeline_modules:
             module.requires_grad_(False)
             module.eval()
+        # The graphs and compiled blocks know the UNet's stages; a Flux transformer runs eagerly.
+        if not self.family.graphs_and_compiling:
+            cuda_graphs = compile_blocks = False
         self._graphs = PipelineGraphs(pipeline) if cuda_graphs and pipeline.device.type == "cuda" else None
         if compile_blocks is None:
             compile_blocks = self._graphs is not None
@@ -281,6 +290,8 @@ class GenerationEngine:
             sub.training = False
         try:
             with contextlib.ExitStack() as stack:
+                # A Flux training parks its text encoders and VAE off the GPU (trainer.offload).
+                stack.enter_context(offload.unparked(self._pipeline_modules))
                 stack.enter_context(merged_lora.merged(lora))
                 # The square pictures' warm-up is what compiles their code: it always runs it.
                 if self._compiled is not None and (self._compiled_ready(training)
@@ -410,6 +421,15 @@ class GenerationEngine:
         return elapsed
 
     # ---- generation --------------------------------------------------------------------------------
+    def _scheduler(self, name: str) -> Any:
+        """The sampling scheduler called `name`; a flow-matching model's own, whatever the name."""
+        return self._flow_scheduler if self._flow_scheduler is not None else self._schedulers.get(name)
+
+    def _img2img_size(self, size: tuple[int, int]) -> dict[str, int]:
+        """The picture size an image-to-image call must be told: Flux's draws its default size (1024 px)
+        whatever the picture given; SD's follow the picture."""
+        return {"width": size[0], "height": size[1]} if self.family.flow_matching else {}
+
     def _image_pipeline(self) -> DiffusionPipeline:
         if self._image is None:
             components = {k: v for k, v in self._text.components.items()
@@ -440,7 +460,7 @@ class GenerationEngine:
                                        lambda text: all(prompts.count_tokens(t, text) <= t.model_max_length
                                                         for t in self.tokenizers))
         pipe = self._image_pipeline()
-        pipe.scheduler = self._schedulers.get(request.scheduler)
+        pipe.scheduler = self._scheduler(request.scheduler)
 
         def on_step(done: int, total: int) -> None:
             elapsed = time.monotonic() - started
@@ -500,11 +520,12 @@ class GenerationEngine:
             if init_image is not None:
                 pipe = self._image_pipeline()
                 strength = request.strength or DEFAULT_VARIATION_STRENGTH
-                kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength)
+                kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength,
+                              **self._img2img_size((width, height)))
             else:
                 pipe = self._text
                 kwargs.update(width=width, height=height)
-            pipe.scheduler = self._schedulers.get(request.scheduler)
+            pipe.scheduler = self._scheduler(request.scheduler)
             started = time.monotonic()
 
             def on_step_end(p: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any],
@@ -519,7 +540,8 @@ class GenerationEngine:
 
             with self._applied(lora):
                 pixels = to_pixels(pipe(**kwargs, callback_on_step_end=on_step_end).images)
-                if lora is not None and request.face_pass:  # with the person's LoRA still merged
+                # With the person's LoRA still merged. The face pass redraws through SD's img2img latents.
+                if lora is not None and request.face_pass and not self.family.flow_matching:
                     pixels = self._face_pass(pixels, seeds, request, negative, handle, class_word,
                                              on_event, should_cancel)
             files = png.encode_rgb(list(pixels), [{png_parameters.KEY: text} for text in self._settings_texts(
@@ -547,14 +569,14 @@ class GenerationEngine:
             seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
             lora = self._lora_for(adapter_key, lora_path)
             pipe = self._image_pipeline()
-            pipe.scheduler = self._schedulers.get(request.scheduler)
+            pipe.scheduler = self._scheduler(request.scheduler)
             started = time.monotonic()
             strength = request.strength or upscaling.DEFAULT_UPSCALE_STRENGTH
             # No CUDA graphs: a 2x shape's graph would keep four times a picture's activations in the
             # graph pool for a rare request, where a step this large is bound by the GPU anyway.
             with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
                 images = pipe(prompt=prompt, negative_prompt=negative or None,
-                              image=upscaling.enlarged(source, size),
+                              image=upscaling.enlarged(source, size), **self._img2img_size(size),
                               strength=strength, num_inference_steps=request.steps, guidance_scale=request.guidance,
                               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
                               callback_on_step_end=upscaling.step_reporter(on_event, should_cancel)).images

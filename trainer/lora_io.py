@@ -17,13 +17,14 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from trainer import flux_kohya
 from trainer.family import Family
 from trainer.file_writes import disk_errors, write_atomic
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 FORMAT_VERSION = "1"
 # How A1111/kohya label the base architecture of a LoRA (shown in their model browsers).
-KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
 def canonical_keys(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -49,12 +50,13 @@ def save_diffusers(out_dir: Path, family: Family, states: dict[str, dict[str, to
                    configs: dict[str, LoraConfig], metadata: dict[str, str]) -> Path:
     """`out_dir/pytorch_lora_weights.safetensors` in diffusers format, with `metadata` in its header.
 
-    `states` maps a pipeline component (unet, text_encoder, text_encoder_2) to its PEFT-format LoRA
-    tensors, `configs` to the LoraConfig they were trained with (saved so loaders get alpha right).
+    `states` maps a pipeline component (unet or transformer, text_encoder, text_encoder_2) to its
+    PEFT-format LoRA tensors, `configs` to the LoraConfig they were trained with (saved so loaders get
+    alpha right). Flux's are saved with PEFT's keys, as train_dreambooth_lora_flux.py saves them.
     """
     kwargs: dict[str, object] = {}
     for name, state in canonical_keys(states).items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state) if family.diffusers_lora_keys else state
         kwargs[f"{name}_lora_adapter_metadata"] = configs[name].to_dict()
     target = out_dir / DIFFUSERS_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,15 +71,25 @@ def save_diffusers(out_dir: Path, family: Family, states: dict[str, dict[str, to
 
 
 def save_kohya(path: Path, family: Family, states: dict[str, dict[str, torch.Tensor]], alpha: float,
-               metadata: dict[str, str]) -> Path:
-    """A single-file LoRA with kohya keys (`lora_unet_..._to_q.lora_down.weight`, `.alpha`) for A1111/ComfyUI."""
+               metadata: dict[str, str], denoiser: torch.nn.Module | None = None) -> Path:
+    """A single-file LoRA with kohya keys (`lora_unet_..._to_q.lora_down.weight`, `.alpha`) for A1111/ComfyUI.
+
+    A Flux transformer's layers take Black Forest Labs' names (trainer.flux_kohya), for which
+    `denoiser` (the trained transformer) gives the sizes of fused layers' untrained parts.
+    """
     peft_state: dict[str, torch.Tensor] = {}
+    fused: dict[str, torch.Tensor] = {}
     for name, state in canonical_keys(states).items():
-        peft_state.update({f"{name}.{k}": v for k, v in state.items()})
-    kohya = convert_state_dict_to_kohya(peft_state)
-    out: dict[str, torch.Tensor] = {}
+        if family.name == "flux" and name == family.denoiser_name:
+            if denoiser is None:
+                raise ValueError("a Flux LoRA's kohya file needs the transformer it was trained on")
+            fused = flux_kohya.transformer_to_kohya(state, denoiser, alpha)
+        else:
+            peft_state.update({f"{name}.{k}": v for k, v in state.items()})
+    kohya = convert_state_dict_to_kohya(peft_state) if peft_state else {}
+    out: dict[str, torch.Tensor] = dict(fused)
     for key, value in kohya.items():
-        for old, new in family.kohya_text_prefixes.items():
+        for old, new in family.kohya_prefixes.items():
             if key.startswith(old):
                 key = new + key[len(old):]
         # The converter assumes alpha == rank; write the alpha the adapter really used.

@@ -19,23 +19,42 @@ from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from trainer.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-RandomKind = Literal["tiny", "sd15-random", "tiny-sdxl", "sdxl-random"]
-RANDOM_KINDS: tuple[str, ...] = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
+RandomKind = Literal["tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-flux", "flux-random"]
+RANDOM_KINDS: tuple[str, ...] = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-flux", "flux-random")
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+T5_TOKENIZER_DIR = TOKENIZER_DIR / "t5"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # A key only SDXL single-file checkpoints have (the second, OpenCLIP-G text encoder).
 SDXL_KEY_PREFIX = "conditioner.embedders.1"
+# Flux single files (Black Forest Labs' layout) hold the transformer alone: its double-stream blocks.
+FLUX_KEY_PREFIXES = ("double_blocks.", "model.diffusion_model.double_blocks.")
+# Where a Flux single file's text encoders, VAE and scheduler come from (the hub, or its local cache).
+FLUX_COMPONENTS = "black-forest-labs/FLUX.1-dev"
+# FLUX.1-dev's scheduler/scheduler_config.json: flow matching with the shift chosen per image size.
+FLUX_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 # The noise schedule every Stable Diffusion 1.x/2.x/XL checkpoint was trained with.
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -45,6 +64,11 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0
 def load_tokenizer() -> CLIPTokenizer:
     """The project's own small byte-level BPE CLIP tokenizer (see trainer/tokenizer/build_vocab.py)."""
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+
+
+def load_t5_tokenizer() -> T5TokenizerFast:
+    """The project's own small unigram T5 tokenizer (see trainer/tokenizer/build_t5_vocab.py)."""
+    return T5TokenizerFast.from_pretrained(str(T5_TOKENIZER_DIR))
 
 
 def _text_config(tokenizer: CLIPTokenizer, *, hidden: int, layers: int, heads: int, intermediate: int,
@@ -181,6 +205,68 @@ def _build_sd15(device: str) -> StableDiffusionPipeline:
     )
 
 
+def flux_transformer_config() -> dict[str, object]:
+    """The transformer of black-forest-labs/FLUX.1-dev (its transformer/config.json), about 11.9B parameters:
+    19 double-stream and 38 single-stream blocks of 24 heads of 128, reading T5-XXL's 4096-wide states,
+    CLIP-L's pooled 768 and the distilled guidance scale."""
+    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def _flux_vae(sample_size: int, blocks: tuple[int, ...], groups: int, layers: int) -> AutoencoderKL:
+    """Flux's autoencoder: 16 latent channels, no quantisation convolutions, a shift and a scale
+    (FLUX.1-dev's vae/config.json); `sample_size` is the picture size the engine draws by default."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, sample_size=sample_size, layers_per_block=layers,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=blocks, norm_num_groups=groups, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _t5_config(tokenizer: T5TokenizerFast, *, d_model: int, d_ff: int, d_kv: int, heads: int, layers: int,
+               vocab: int | None = None) -> T5Config:
+    # T5 v1.1 (FLUX.1-dev's text_encoder_2 is T5-XXL v1.1): gated GELU, no tied embeddings.
+    return T5Config(vocab_size=vocab or len(tokenizer), d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads,
+                    num_layers=layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id)
+
+
+def _build_tiny_flux() -> FluxPipeline:
+    tokenizer, tokenizer_2 = load_tokenizer(), load_t5_tokenizer()
+    # Flux reads CLIP's pooled output only; T5's states are the sequence it attends to.
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, heads=4, intermediate=64,
+                                              projection=32))
+    text_encoder_2 = T5EncoderModel(_t5_config(tokenizer_2, d_model=32, d_ff=64, d_kv=8, heads=4, layers=2))
+    # 16 latent channels packed 2x2 make the 64 input channels; the rope axes add up to the head size.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+                        vae=_flux_vae(64, (8, 16, 16, 16), 8, 1), text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def _build_flux(device: str) -> FluxPipeline:
+    """The FLUX.1-dev architecture with random weights, initialised directly on `device` (17B parameters
+    with T5-XXL: build it on the GPU, in bf16). Both tokenizers are the project's own; the encoders keep
+    the real vocabulary sizes."""
+    tokenizer, tokenizer_2 = load_tokenizer(), load_t5_tokenizer()
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**flux_transformer_config())  # type: ignore[arg-type]
+        vae = _flux_vae(1024, (128, 256, 512, 512), 32, 2)
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=768, layers=12, heads=12,
+                                                  intermediate=3072, projection=768, vocab=49408))
+        # google/t5-v1_1-xxl's encoder, as FLUX.1-dev ships it.
+        text_encoder_2 = T5EncoderModel(_t5_config(tokenizer_2, d_model=4096, d_ff=10240, d_kv=64, heads=64,
+                                                   layers=24, vocab=32128))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, dtype: torch.dtype | None) -> Iterator[None]:
     """Seed the global RNGs for weight initialisation without disturbing the caller's RNG state, and
@@ -201,9 +287,10 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
                           dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """A randomly initialised pipeline of the given kind, built offline and reproducible from `seed`.
 
-    'tiny' (SD1.5 layout, 64 px) and 'tiny-sdxl' build in about a second on a CPU; 'sd15-random' and
-    'sdxl-random' are the full SD1.5 and SDXL base 1.0 architectures for benchmarks, fastest built with
-    `device='cuda'` (SDXL's 3.5B parameters take minutes to initialise on a CPU).
+    'tiny' (SD1.5 layout, 64 px), 'tiny-sdxl' and 'tiny-flux' (FLUX.1 layout) build in about a second on
+    a CPU; 'sd15-random', 'sdxl-random' and 'flux-random' are the full SD1.5, SDXL base 1.0 and FLUX.1-dev
+    architectures for benchmarks, fastest built with `device='cuda'` (SDXL's 3.5B parameters take
+    minutes to initialise on a CPU, Flux's 17B far longer).
     """
     if kind not in RANDOM_KINDS:
         raise ValueError(f"unknown random model kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
@@ -214,8 +301,17 @@ def build_random_pipeline(kind: RandomKind, seed: int = 0, *, device: str = "cpu
             pipe = _build_tiny_sdxl()
         elif kind == "sdxl-random":
             pipe = _build_sdxl(device)
+        elif kind == "tiny-flux":
+            pipe = _build_tiny_flux()
+        elif kind == "flux-random":
+            pipe = _build_flux(device)
         else:
             pipe = _build_sd15(device)
+    # In inference mode, as `from_pretrained` leaves a loaded model: T5 has dropout, which would draw
+    # from the global generator while prompts are encoded.
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     return pipe.to(device)
 
 
@@ -276,16 +372,34 @@ def _looks_like_path(spec: str) -> bool:
             or spec.lower().endswith(SINGLE_FILE_SUFFIXES) or Path(spec).expanduser().exists())
 
 
-def _is_sdxl_single_file(path: Path) -> bool:
-    """Decide SDXL vs SD1.x from the checkpoint's keys, without loading the tensors."""
+def _single_file_keys(path: Path) -> list[str]:
+    """The tensor names of a checkpoint, without loading the tensors."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return any(k.startswith(SDXL_KEY_PREFIX) for k in f.keys())  # noqa: SIM118 - safe_open API
+            return list(f.keys())
     state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    state = state.get("state_dict", state)
-    return any(k.startswith(SDXL_KEY_PREFIX) for k in state)
+    return list(state.get("state_dict", state))
+
+
+def _is_sdxl_single_file(path: Path) -> bool:
+    """Decide SDXL vs SD1.x from the checkpoint's keys, without loading the tensors."""
+    return any(k.startswith(SDXL_KEY_PREFIX) for k in _single_file_keys(path))
+
+
+def is_flux_single_file(path: Path) -> bool:
+    """Whether a checkpoint is a Flux transformer in Black Forest Labs' layout (flux1-dev.safetensors)."""
+    return any(k.startswith(FLUX_KEY_PREFIXES) for k in _single_file_keys(path))
+
+
+def _load_flux_single_file(path: Path, dtype: torch.dtype | None, offline: bool) -> DiffusionPipeline:
+    """A Flux transformer from a single file, with the other components of FLUX.1-dev (text encoders,
+    VAE, scheduler) from the hub or its local cache: Flux single files hold the transformer alone."""
+    transformer = FluxTransformer2DModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline,
+                                                          config=FLUX_COMPONENTS, subfolder="transformer")
+    return FluxPipeline.from_pretrained(FLUX_COMPONENTS, transformer=transformer, torch_dtype=dtype,
+                                        local_files_only=offline)
 
 
 def _load_single_file(path: Path, dtype: torch.dtype | None, offline: bool,
@@ -296,15 +410,18 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, offline: bool,
         raise ModelUnavailable(f"The model file {path} does not exist. Check the path in the base model "
                                "setting.")
     try:
+        if sdxl is None and is_flux_single_file(path):
+            return _load_flux_single_file(path, dtype, offline)
         is_xl = _is_sdxl_single_file(path) if sdxl is None else sdxl
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
         extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
         return cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline, **extra)
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, SafetensorError) as exc:
         raise ModelUnavailable(
-            f"Could not load the checkpoint {path.name} as a Stable Diffusion model ({type(exc).__name__}: "
-            f"{exc}). Check that it is an SD 1.x or SDXL checkpoint; loading one also needs its diffusers "
-            "configuration from the Hugging Face hub once (or from the local cache), so with no network "
+            f"Could not load the checkpoint {path.name} as a Stable Diffusion or Flux model "
+            f"({type(exc).__name__}: {exc}). Check that it is an SD 1.x, SDXL or FLUX.1 checkpoint; loading "
+            "one also needs its diffusers configuration (and for Flux the text encoders and VAE of "
+            f"{FLUX_COMPONENTS}) from the Hugging Face hub once (or from the local cache), so with no network "
             "convert it to a diffusers folder first."
         ) from exc
 
@@ -365,8 +482,8 @@ def prepare_for_device(pipe: DiffusionPipeline) -> DiffusionPipeline:
 
     cuDNN's convolutions work in NHWC; with NCHW weights every convolution of the UNet converts its
     input and output, a large share of a step's GPU time. The VAE is left alone: its decoder measured
-    slower channels-last (both in bench/RESULTS.md).
+    slower channels-last (both in bench/RESULTS.md). Flux's transformer has no convolutions.
     """
-    if pipe.device.type == "cuda":
+    if pipe.device.type == "cuda" and getattr(pipe, "unet", None) is not None:
         pipe.unet.to(memory_format=torch.channels_last)
     return pipe

@@ -32,7 +32,7 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 class Trainable:
     """The adapters a training added and what updates them."""
 
-    lora_configs: dict[str, LoraConfig]  # by module name: "unet", and the text encoders if they train
+    lora_configs: dict[str, LoraConfig]  # by module name: "unet" (or "transformer"), and the text encoders if they train
     modules: dict[str, torch.nn.Module]  # the modules that train an adapter
     params: dict[str, torch.nn.Parameter]  # what the optimiser steps, fp32, by "<module>.<parameter name>"
     lora_weights: list[torch.nn.Parameter] | None  # under bf16: the layers' own weights, in `params` order
@@ -75,12 +75,13 @@ def text_encoder_checkpointing(module: torch.nn.Module, on: bool) -> None:
 
 def add_trainable(pipe: DiffusionPipeline, family: Family, config: TrainConfig, dtype: torch.dtype,
                   device: torch.device) -> Trainable:
-    """Add the adapter to the UNet (and to the text encoders if they train), put the UNet in
+    """Add the adapter to the UNet or transformer (and to the text encoders if they train), put it in
     training mode and build the optimiser."""
     common = {"r": config.rank, "lora_alpha": config.lora_alpha, "init_lora_weights": "gaussian"}
-    lora_configs = {"unet": LoraConfig(**common, target_modules=list(config.lora_targets))}
+    denoiser = family.denoiser_name
+    lora_configs = {denoiser: LoraConfig(**common, target_modules=list(config.lora_targets))}
     if config.train_text_encoder:
-        for name in family.text_encoder_names:
+        for name in family.trained_text_encoder_names:
             lora_configs[name] = LoraConfig(**common, target_modules=list(TEXT_LORA_TARGETS))
     modules = {name: getattr(pipe, name) for name in lora_configs}
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -102,21 +103,21 @@ def add_trainable(pipe: DiffusionPipeline, family: Family, config: TrainConfig, 
     else:
         params = in_modules
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        modules[denoiser].enable_gradient_checkpointing()
         for name, module in modules.items():
-            if name != "unet":
+            if name != denoiser:
                 text_encoder_checkpointing(module, True)
-    pipe.unet.train()
-    optimizer = _optimizer(params, config, device)
+    modules[denoiser].train()
+    optimizer = _optimizer(params, denoiser, config, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return Trainable(lora_configs, modules, params, lora_weights, optimizer, scaler)
 
 
-def _optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig, device: torch.device,
+def _optimizer(params: dict[str, torch.nn.Parameter], denoiser: str, config: TrainConfig, device: torch.device,
                ) -> torch.optim.Optimizer:
-    """AdamW over the UNet's LoRA at `learning_rate` and the text encoders' at `text_encoder_lr`."""
-    unet_params = [p for k, p in params.items() if k.startswith("unet.")]
-    text_params = [p for k, p in params.items() if not k.startswith("unet.")]
+    """AdamW over the `denoiser`'s LoRA at `learning_rate` and the text encoders' at `text_encoder_lr`."""
+    unet_params = [p for k, p in params.items() if k.startswith(f"{denoiser}.")]
+    text_params = [p for k, p in params.items() if not k.startswith(f"{denoiser}.")]
     groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
     if text_params:
         groups.append({"params": text_params, "lr": config.text_encoder_lr})

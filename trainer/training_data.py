@@ -31,9 +31,14 @@ class TrainingData:
     n_instance: int
     n_class: int
     scaling: float  # the VAE's scaling factor, applied to each latent sample
+    shift: float  # the VAE's shift factor, taken off each latent sample before scaling (Flux's; else 0)
     token_ids: list[torch.Tensor]  # per text encoder: the instance prompt's ids, then the class prompt's
     prompt_rows: torch.Tensor  # which prompt each row of a batch uses: 0 instance, 1 class
     cached_cond: Conditioning | None  # the batch's text conditioning; None while the text encoder trains
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A scaled latent sample for rows `index`, as the recipes scale `latent_dist.sample()`."""
+        return (self.latents.sample(index, generator) - self.shift) * self.scaling
 
     def conditioning(self, pipe: DiffusionPipeline, family: Family, resolution: int) -> Conditioning:
         """The batch's text conditioning: the cached one, or encoded now through the training encoder."""
@@ -63,5 +68,6 @@ def cache_training_data(pipe: DiffusionPipeline, family: Family, config: TrainCo
         with torch.no_grad():
             cached_cond = family.encode(pipe, token_ids, config.resolution).select(prompt_rows)
     return TrainingData(latents=LatentCache.cat(parts), n_instance=parts[0].mean.shape[0],
-                        n_class=len(class_paths), scaling=pipe.vae.config.scaling_factor, token_ids=token_ids,
+                        n_class=len(class_paths), scaling=pipe.vae.config.scaling_factor,
+                        shift=getattr(pipe.vae.config, "shift_factor", None) or 0.0, token_ids=token_ids,
                         prompt_rows=prompt_rows, cached_cond=cached_cond)

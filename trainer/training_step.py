@@ -51,14 +51,18 @@ class TrainingStep:
         self.compile_backend = compile_backend
         self._on_compiling = on_compiling
         self.generator = torch.Generator(device).manual_seed(config.seed)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        acp = self.noise_scheduler.alphas_cumprod.to(device)
-        self.snr = acp / (1 - acp)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self._set_up_schedule()
         self._graphed: Callable[..., Any] | None = None
         self.capture_s: float | None = None  # time spent capturing CUDA graphs, once per training
         self._compiles = config.compiles_on(device.type)
         self._compile_when = None if self._compiles else compile_when
+
+    def _set_up_schedule(self) -> None:
+        """The noise schedule the step trains on: DDPM's over the base model's betas, and its SNR table."""
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        acp = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.snr = acp / (1 - acp)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
 
     @property
     def graphed(self) -> bool:
@@ -149,7 +153,7 @@ class TrainingStep:
         if data.n_class:
             class_index = torch.randint(0, data.n_class, (cfg.batch_size,), generator=g, device=dev)
             index = torch.cat([index, class_index + data.n_instance])
-        latents = data.latents.sample(index, g) * data.scaling
+        latents = data.sample(index, g)
         noise = torch.randn(latents.shape, generator=g, device=dev)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=dev)

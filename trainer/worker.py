@@ -196,6 +196,12 @@ class Worker:
         """Whether a training with `config` runs its step compiled on this worker, once its code is ready."""
         if not self.config.compile_training:
             return False
+        if self._pipeline is not None:
+            from trainer.family import family_of
+
+            # A Flux training step runs eagerly (trainer.flow_matching): nothing of it to compile.
+            if not family_of(self._pipeline).graphs_and_compiling:
+                return False
         if config.compiled_stages is not None:
             return config.compiled_stages
         from trainer.pipelines import pick_device

@@ -42,6 +42,16 @@ def test_the_training_benchmark_compares_sdxl_with_its_own_recipe(tmp_path: Path
     assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["ours (no prior)"]
 
 
+def test_the_training_benchmark_compares_flux_with_its_own_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny-flux", "--device", "cpu", "--steps", "1", "--warmup", "1", "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for label in ("prior", "no prior"):  # train_dreambooth_lora_flux.py's step, same draws
+        curves = results[f"loss curves ({label})"]
+        assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
+        assert results[f"ours ({label})"]["ms_per_step"] > 0
+
+
 def test_the_training_benchmark_trains_in_fp16_as_a_gpu_without_bf16_would(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     train_speed.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--prior", "no",

@@ -417,7 +417,8 @@ def test_schedulers_inherit_the_models_noise_schedule() -> None:
 
 
 # ---- benchmark smoke test ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])  # the SDXL baseline is a plain StableDiffusionXLPipeline
+# The SDXL baseline is a plain StableDiffusionXLPipeline, the Flux one a plain FluxPipeline.
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl", "tiny-flux"])
 def test_the_generation_benchmark_runs_on_the_tiny_model(tmp_path: Path, kind: str) -> None:
     out = tmp_path / "generate.json"
     result = generate_speed.main(["--model", kind, "--device", "cpu", "--steps", "2", "--repeats", "1",

@@ -180,6 +180,39 @@ def test_sdxl_trains_at_its_own_size_within_a_24_gb_card_and_draws_its_buckets(t
     torch.cuda.empty_cache()
 
 
+def test_flux_trains_at_its_own_size_and_draws_with_the_lora(tmp_path):
+    """FLUX.1-dev's architecture (random weights, bf16; about 34 GB with T5-XXL): a training left to
+    the family's settings runs at 1024 px on the transformer's attention and feed-forwards, without
+    prior preservation, eagerly, within an 80 GB card; the engine then draws with the LoRA merged.
+    Its peak memory is logged, for README's memory section (run with --log-cli-level=INFO)."""
+    import logging
+
+    from jobs.requests import GenerateRequest, TrainConfig
+    from jobs.train_defaults import left_to_family
+    from trainer.dreambooth import train
+    from trainer.engine import GenerationEngine
+    from trainer.pipelines import build_random_pipeline
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    others = torch.cuda.memory_allocated()
+    flux = build_random_pipeline("flux-random", device="cuda", dtype=torch.bfloat16)
+    config = TrainConfig(steps=3, checkpoint_every=0, gradient_checkpointing=True, family_defaults=left_to_family({}))
+    result = train(_photos(), "zqjane", "woman", config, pipeline=flux, base_model="flux-random",
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "w", class_cache_dir=tmp_path / "c", device="cuda")
+    assert result.metadata["resolution"] == "1024" and result.metadata["family"] == "flux"
+    assert math.isfinite(result.final_loss)
+    peak = torch.cuda.max_memory_allocated() - others
+    logging.getLogger(__name__).info("measured: flux-random training peak %.1f GiB", peak / 2**30)
+    assert peak < 78 * 2**30
+    engine = GenerationEngine(flux)
+    images = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=4, guidance=3.5),
+                             adapter_key="jane", lora_path=result.lora_path, handle="zqjane", class_word="woman")
+    assert Image.open(io.BytesIO(images[0].png)).size == (1024, 1024)
+    del engine, flux
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.worker_start
 def test_a_gpu_worker_serves_at_once_and_reaches_compiled_code_in_the_background(tmp_path):
     """What a worker's start compiles, and nothing more (run alone: `-m worker_start`, within one

@@ -33,16 +33,18 @@ class BackgroundCompile:
     `adopt(part)` runs a part in the worker's process (reading it from the cache where a helper
     compiled it); it is called with `lock` held, the lock the worker holds while it runs a job.
     `after(part)` names, for a part, the one that must be adopted before it (the square pictures'
-    code is used only once the code for any shape is). Each adopted part's seconds go to `report`.
+    code is used only once the code for any shape is). Each adopted part's seconds go to `report`;
+    `on_adopted` is called after each part (with the lock still held), `on_finished` once all are.
     """
 
     def __init__(self, parts: Sequence[str], adopt: Callable[[str], None], lock: threading.RLock,
                  report: StartReport, *, after: Callable[[str], str | None] = lambda part: None,
+                 on_adopted: Callable[[], object] = lambda: None,
                  on_finished: Callable[[], object] = lambda: None) -> None:
         self.parts = list(parts)
         self.helpers = Helpers({}, [])  # none until `start`
         self._adopt, self._lock, self._report, self._after = adopt, lock, report, after
-        self._on_finished = on_finished
+        self._on_adopted, self._on_finished = on_adopted, on_finished
         self._adopted: set[str] = set()
         self._changed = threading.Condition()
         self._stopping = False
@@ -138,6 +140,7 @@ class BackgroundCompile:
                 log.exception("could not compile %s; it runs uncompiled", part)
             else:
                 self._report.add(part, time.monotonic() - started)
+            self._on_adopted()
         with self._changed:
             self._adopted.add(part)
             self._changed.notify_all()

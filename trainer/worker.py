@@ -146,7 +146,10 @@ class Worker:
 
             background = BackgroundCompile(
                 parts, self.compile_part, self._job_lock, report,
-                after=lambda part: ANY_SHAPE if part.startswith("square-") else None, on_finished=finished)
+                after=lambda part: ANY_SHAPE if part.startswith("square-") else None,
+                # Reading a part back leaves thousands of long-lived objects (compiled code, guards):
+                # frozen at once, they add nothing to the collector's walks during the next jobs.
+                on_adopted=gc_pauses.freeze_long_lived, on_finished=finished)
             background.start(start_helpers.start(self.config, parts, str(pipeline.device),
                                                  on_end=background.heard_end))
             self._background = background

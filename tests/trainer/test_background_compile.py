@@ -55,9 +55,13 @@ def seeded_picture(job_id: int) -> WorkItem:
 
 
 def background(parts: list[str], helpers: FakeHelpers, adopted: list[str],
-               report: StartReport | None = None) -> BackgroundCompile:
+               report: StartReport | None = None, frozen_after: list[int] | None = None) -> BackgroundCompile:
+    """Compiling that adopts `parts` into `adopted`; `frozen_after` hears how many were adopted at
+    each `on_adopted`."""
+    frozen_after = [] if frozen_after is None else frozen_after
     compiling = BackgroundCompile(parts, adopted.append, threading.RLock(), report or StartReport(),
-                                  after=lambda part: ANY_SHAPE if part.startswith("square-") else None)
+                                  after=lambda part: ANY_SHAPE if part.startswith("square-") else None,
+                                  on_adopted=lambda: frozen_after.append(len(adopted)))
     helpers._on_end = compiling.heard_end
     compiling.start(helpers)
     return compiling
@@ -68,7 +72,8 @@ def test_parts_are_switched_to_as_helpers_finish_them_squares_after_any_shape() 
     helpers = FakeHelpers([TRAINING, square_part(1), ANY_SHAPE])
     adopted: list[str] = []
     report = StartReport()
-    compiling = background(parts, helpers, adopted, report)
+    frozen_after: list[int] = []
+    compiling = background(parts, helpers, adopted, report, frozen_after)
     helpers.finish(TRAINING)
     wait_until(lambda: adopted == [TRAINING])
     helpers.finish(square_part(1))  # its code is used only once the any-shape code is: it waits
@@ -76,6 +81,7 @@ def test_parts_are_switched_to_as_helpers_finish_them_squares_after_any_shape() 
     # DURING_TRAINING has no helper: compiled here, but only once no helper's part is still coming.
     assert compiling.wait(timeout=60)
     assert adopted == [TRAINING, ANY_SHAPE, square_part(1), DURING_TRAINING]
+    assert frozen_after == [1, 2, 3, 4]  # after each part, once it is in use
     assert helpers.closed and compiling.finished
     names = [timed.part for timed in report.parts]
     assert [n for n in names if not n.startswith("compiled by")] == adopted

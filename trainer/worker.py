@@ -140,16 +140,13 @@ class Worker:
                 with report.timed(ARTIFACTS):
                     compile_artifacts.load(self._artifact_stores, key, self._secret)
 
-            def finished() -> None:
-                compile_artifacts.save(self._artifact_stores, key, self._secret)
-                gc_pauses.freeze_long_lived()
-
             background = BackgroundCompile(
                 parts, self.compile_part, self._job_lock, report,
                 after=lambda part: ANY_SHAPE if part.startswith("square-") else None,
                 # Reading a part back leaves thousands of long-lived objects (compiled code, guards):
                 # frozen at once, they add nothing to the collector's walks during the next jobs.
-                on_adopted=gc_pauses.freeze_long_lived, on_finished=finished)
+                on_adopted=gc_pauses.freeze_long_lived,
+                on_finished=lambda: compile_artifacts.save(self._artifact_stores, key, self._secret))
             background.start(start_helpers.start(self.config, parts, str(pipeline.device),
                                                  on_end=background.heard_end))
             self._background = background
@@ -313,8 +310,7 @@ class Worker:
                     event = replace(event, flagged=self.checker.flags([event.png])[0])
                 emit(event)
 
-            config = self._train_config(params.config)
-            compile_when = self._compile_when(config)
+            config, compile_when = self._train_config(params.config)
 
             def attempt(resume: Path | None) -> Any:
                 return train(
@@ -372,21 +368,15 @@ class Worker:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _train_config(self, config: TrainConfig) -> TrainConfig:
-        """The job's training settings, with this worker's choice about compiling: compiled if the
-        training step's compiled code is in use here already, else uncompiled (see `_compile_when`)."""
+    def _train_config(self, config: TrainConfig) -> tuple[TrainConfig, Callable[[], bool] | None]:
+        """The job's training settings with this worker's choice about compiling: compiled if the
+        training step's compiled code is in use here already; uncompiled if it is still compiling in
+        the background, with what tells the training, before each step, that it may switch to it."""
         compiles = self._training_compiles(config)
-        if compiles and self._background is not None and not self._background.adopted(start_helpers.TRAINING):
-            compiles = False
-        return replace(config, compiled_stages=compiles)
-
-    def _compile_when(self, config: TrainConfig) -> Callable[[], bool] | None:
-        """For a training that starts uncompiled only because the step's code is still compiling in
-        the background: what tells it, before each step, that the code is ready to switch to."""
         background = self._background
-        if config.compiled_stages or background is None or not self._training_compiles(replace(config, compiled_stages=None)):
-            return None
-        return lambda: background.compiled(start_helpers.TRAINING)
+        if not compiles or background is None or background.adopted(start_helpers.TRAINING):
+            return replace(config, compiled_stages=compiles), None
+        return replace(config, compiled_stages=False), lambda: background.compiled(start_helpers.TRAINING)
 
     def _samples(self, job_id: int, params: TrainParams, lora_path: Path, emit: EventSink,
                  should_cancel: Callable[[], bool], serve_riders: Callable[[], None] | None) -> list[Picture]:

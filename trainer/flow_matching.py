@@ -79,12 +79,8 @@ class FlowMatchingStep(TrainingStep):
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's noisy latents, timesteps and velocity target, drawn in the documented order."""
-        cfg, g, dev, data = self.config, self.generator, self.device, self.data
-        index = torch.randint(0, data.n_instance, (cfg.batch_size,), generator=g, device=dev)
-        if data.n_class:
-            class_index = torch.randint(0, data.n_class, (cfg.batch_size,), generator=g, device=dev)
-            index = torch.cat([index, class_index + data.n_instance])
-        latents = data.sample(index, g)
+        g, dev = self.generator, self.device
+        latents = self.data.sample(self._draw_rows(), g)
         noise = torch.randn(latents.shape, generator=g, device=dev)
         # `compute_density_for_timestep_sampling("none")` is a uniform draw; indices as the script takes them.
         u = torch.rand((latents.shape[0],), generator=g, device=dev)

@@ -146,14 +146,20 @@ class TrainingStep:
         log.info("captured the training step as CUDA graphs in %.1f s", self.capture_s)
         return graphed
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's noisy latents, timesteps and target, drawn from the generator in the documented order."""
+    def _draw_rows(self) -> torch.Tensor:
+        """The batch's rows of the cached data, the first draws of a step: instance rows, then as
+        many class rows (offset past the instance ones) with prior preservation."""
         cfg, g, dev, data = self.config, self.generator, self.device, self.data
         index = torch.randint(0, data.n_instance, (cfg.batch_size,), generator=g, device=dev)
         if data.n_class:
             class_index = torch.randint(0, data.n_class, (cfg.batch_size,), generator=g, device=dev)
             index = torch.cat([index, class_index + data.n_instance])
-        latents = data.sample(index, g)
+        return index
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's noisy latents, timesteps and target, drawn from the generator in the documented order."""
+        cfg, g, dev = self.config, self.generator, self.device
+        latents = self.data.sample(self._draw_rows(), g)
         noise = torch.randn(latents.shape, generator=g, device=dev)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=dev)

@@ -64,6 +64,21 @@ PRIORS = {"both": (True, False), "yes": (True,), "no": (False,)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def add_recipe_lora(denoiser: torch.nn.Module, config: TrainConfig,
+                    ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The example scripts' LoRA on the UNet or transformer: Gaussian-initialised from `config.seed`,
+    fp32 over the frozen weights, in training mode; its parameters and torch's default AdamW."""
+    torch.manual_seed(config.seed)
+    denoiser.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_targets)))
+    cast_training_params(denoiser, dtype=torch.float32)
+    denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999),
+                                  weight_decay=config.adam_weight_decay, eps=1e-8)
+    return params, optimizer
+
+
 class PlainRecipe:
     """One LoRA DreamBooth step as diffusers' example script does it (SD1.x pipelines; `recipe_for`
     picks the SDXL one).
@@ -84,14 +99,7 @@ class PlainRecipe:
         self.weight_dtype = pipe.unet.dtype
         for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in family_of(pipe).text_encoder_names)):
             module.requires_grad_(False)
-        torch.manual_seed(config.seed)
-        pipe.unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=list(config.lora_targets)))
-        cast_training_params(pipe.unet, dtype=torch.float32)
-        pipe.unet.train()
-        self.params = [p for p in pipe.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(0.9, 0.999),
-                                           weight_decay=config.adam_weight_decay, eps=1e-8)
+        self.params, self.optimizer = add_recipe_lora(pipe.unet, config)
         self.instance = instance_pixels(photos, config.resolution).to(self.device)
         self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
         # Row 0 of the prompts is the instance prompt, row 1 the class prompt.
@@ -219,14 +227,7 @@ class PlainFluxRecipe:
         self.weight_dtype = pipe.transformer.dtype
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
-        torch.manual_seed(config.seed)
-        pipe.transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha,
-                                                init_lora_weights="gaussian", target_modules=list(config.lora_targets)))
-        cast_training_params(pipe.transformer, dtype=torch.float32)
-        pipe.transformer.train()
-        self.params = [p for p in pipe.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(0.9, 0.999),
-                                           weight_decay=config.adam_weight_decay, eps=1e-8)
+        self.params, self.optimizer = add_recipe_lora(pipe.transformer, config)
         self.instance = instance_pixels(photos, config.resolution).to(self.device)
         self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
         rows = torch.tensor([0] * config.batch_size + ([1] * config.batch_size if class_paths else []),

@@ -61,17 +61,15 @@ def timed(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
 
 def make_inputs(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tuple[Path, Path]:
     """The model folder and a folder of photos, made before anything is timed."""
-    import numpy as np
-    from PIL import Image
+    # Imported here: bench.train_speed imports torch, which only the timed processes need.
+    from bench.train_speed import synthetic_photos
 
     model = root / "model"
     subprocess.run([sys.executable, "-m", "trainer", "make-model", args.model, str(model)], env=env, check=True)
     photos = root / "photos"
     photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(args.photos):  # smooth fields of random colours: distinct, and photo-like to the VAE
-        cells = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(cells).resize((512, 512), Image.Resampling.BICUBIC).save(photos / f"photo-{i}.png")
+    for i, photo in enumerate(synthetic_photos(512, args.photos)):
+        photo.save(photos / f"photo-{i}.png")
     return model, photos
 
 

@@ -228,6 +228,8 @@ class PlainFluxRecipe:
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
         self.params, self.optimizer = add_recipe_lora(pipe.transformer, config)
+        if config.gradient_checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
         self.instance = instance_pixels(photos, config.resolution).to(self.device)
         self.classes = class_pixels(class_paths, config.resolution).to(self.device) if class_paths else None
         rows = torch.tensor([0] * config.batch_size + ([1] * config.batch_size if class_paths else []),
@@ -291,7 +293,8 @@ class PlainFluxRecipe:
         return loss.detach()
 
     def close(self) -> None:
-        """Take the LoRA out again, so the pipeline can serve the next variant."""
+        """Take the LoRA (and any checkpointing) out again, so the pipeline can serve the next variant."""
+        self.pipe.transformer.disable_gradient_checkpointing()
         self.pipe.transformer.unload_lora()
         self.pipe.transformer.eval()
 
@@ -393,10 +396,20 @@ def compare_losses(ours: list[torch.Tensor], recipe: list[torch.Tensor]) -> dict
 
 
 def measure(name: str, device: torch.device, body: Callable[[], list[float]]) -> dict[str, Any]:
+    """The median step of `body` and its peak GPU memory; a variant that runs out of GPU memory is
+    reported as such (a full-size model at 1024 px may not fit without checkpointing) and the
+    benchmark goes on with the next."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = body()
+    try:
+        times = body()
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        print(f"{name:<28} out of memory (peak {peak} MiB before it failed)", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"variant": name, "error": "out of memory", "peak_mib": peak}
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result = {"variant": name, "ms_per_step": statistics.median(times), "peak_mib": peak,
               "steps_timed": len(times)}
@@ -453,15 +466,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results.append(ours_with(replace(config, cuda_graphs=False), f"ours, no graphs ({label})"))
             if args.gradient_checkpointing:
                 # Checkpointing recomputes the forward in the backward: eager, neither graphed nor compiled.
-                results.append(ours_with(replace(config, gradient_checkpointing=True),
-                                         f"ours, gradient checkpointing ({label})"))
+                checkpointed_losses: list[torch.Tensor] = []
+                checkpointed = ours_with(replace(config, gradient_checkpointing=True),
+                                         f"ours, gradient checkpointing ({label})", checkpointed_losses)
+                if args.recipe_checkpointing:
+                    # Like against like: the speed-up below is then between the two checkpointed steps.
+                    results += [r for r in (ours,) if r is not None]
+                    ours, ours_losses = checkpointed, checkpointed_losses
+                else:
+                    results.append(checkpointed)
             base = None
             if args.recipe:
                 class_paths = ensure_class_images(pipe, args.model, class_prompt(CLASS_WORD), resolution,
                                                   args.class_images, cache, batch_size=args.class_images,
                                                   steps=args.class_image_steps).paths if prior else []
+                recipe_config = replace(config, gradient_checkpointing=args.recipe_checkpointing)
                 with plain_layout(pipe):
-                    recipe = recipe_for(pipe, photos, config, class_paths)
+                    recipe = recipe_for(pipe, photos, recipe_config, class_paths)
                     try:
                         step = recorded(recipe.step, recipe_losses)
                         base = measure(f"diffusers recipe ({label})", device,
@@ -469,7 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     finally:
                         recipe.close()
             results += [r for r in (ours, base) if r is not None]
-            if ours is not None and base is not None:
+            if ours is not None and base is not None and "error" not in ours and "error" not in base:
                 ratio = base["ms_per_step"] / ours["ms_per_step"]
                 print(f"speed-up ({label}): {ratio:.2f}x (baseline ms / ours ms)", flush=True)
                 curves = compare_losses(ours_losses, recipe_losses)
@@ -508,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
                              "no minutes of compiling)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="also time ours with gradient checkpointing, and its peak memory")
+    parser.add_argument("--recipe-checkpointing", action="store_true",
+                        help="the Flux recipe with its --gradient_checkpointing (how README_flux.md fits 1024 px)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     report = run(args)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from bench import job_speed, train_speed
 
@@ -50,6 +51,28 @@ def test_the_training_benchmark_compares_flux_with_its_own_recipe(tmp_path: Path
         curves = results[f"loss curves ({label})"]
         assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
         assert results[f"ours ({label})"]["ms_per_step"] > 0
+
+
+def test_the_training_benchmark_compares_checkpointed_flux_steps_like_for_like(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny-flux", "--device", "cpu", "--steps", "1", "--warmup", "1", "--prior", "no",
+                      "--no-compile", "--gradient-checkpointing", "--recipe-checkpointing", "--json", str(out)])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"ours (no prior)", "ours, gradient checkpointing (no prior)",
+                            "diffusers recipe (no prior)", "speedup (no prior)", "loss curves (no prior)"}
+    ratio = results["diffusers recipe (no prior)"]["ms_per_step"] / results[
+        "ours, gradient checkpointing (no prior)"]["ms_per_step"]
+    assert results["speedup (no prior)"]["ratio"] == ratio  # against the checkpointed step, not the plain one
+    curves = results["loss curves (no prior)"]  # checkpointing recomputes the same forward
+    assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
+
+
+def test_a_training_variant_that_runs_out_of_memory_is_reported_and_the_benchmark_goes_on() -> None:
+    def body() -> list[float]:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert train_speed.measure("ours (no prior)", torch.device("cpu"), body) == {
+        "variant": "ours (no prior)", "error": "out of memory", "peak_mib": None}
 
 
 def test_the_training_benchmark_trains_in_fp16_as_a_gpu_without_bf16_would(tmp_path: Path) -> None:

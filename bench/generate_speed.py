@@ -14,7 +14,7 @@ served alternately, as a shared bot serves consecutive requests from different p
   lever's share.
 
 On a Flux base the baseline is a plain `FluxPipeline`, both sides sample with the model's own
-flow-matching Euler scheduler and GUIDANCE is FLUX.1-dev's distilled guidance (one transformer pass
+flow-matching Euler scheduler and the guidance is FLUX.1-dev's distilled 3.5 (one transformer pass
 per step, no negative prompt), and the engine runs the transformer eagerly (no graphs or compiling:
 trainer.flow_matching says why), so the figures show what merging resident LoRAs saves over loading one
 per request.
@@ -82,8 +82,6 @@ class _UnetOnlyLoraNotice(logging.Filter):
 
 logging.getLogger("diffusers.loaders.lora_base").addFilter(_UnetOnlyLoraNotice())
 NEGATIVE = "blurry, low quality"
-GUIDANCE = 7.0
-FLUX_GUIDANCE = 3.5  # FluxPipeline's default: FLUX.1-dev's distilled guidance
 USERS = ("alice", "bob")
 # The adapter name a LoRA gets while its random weights are made; it never stays on the UNet.
 SCRATCH_ADAPTER = "bench_scratch"
@@ -195,7 +193,7 @@ class Baseline:
         if not family_of(pipe).flow_matching:  # a flow-matching model keeps its own scheduler, as the engine does
             self.pipe.scheduler = SchedulerCache(pipe.scheduler.config).get(DEFAULT_SCHEDULER)
         self.negative = None if family_of(pipe).flow_matching else NEGATIVE
-        self.guidance = FLUX_GUIDANCE if family_of(pipe).flow_matching else GUIDANCE
+        self.guidance = family_of(pipe).default_guidance
         self.pipe.set_progress_bar_config(disable=True)
         self.width, self.height = size
         self.steps = steps
@@ -243,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
             "dtype": str(engine.family.denoiser(pipe).dtype), "width": size[0], "height": size[1],
             "steps": args.steps, "scheduler": "flow-match euler" if engine.family.flow_matching else DEFAULT_SCHEDULER,
-            "guidance": FLUX_GUIDANCE if engine.family.flow_matching else GUIDANCE, "rank": args.rank, "repeats": args.repeats,
+            "guidance": engine.family.default_guidance, "rank": args.rank, "repeats": args.repeats,
             "switches": args.switches}
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 

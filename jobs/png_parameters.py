@@ -30,6 +30,12 @@ from pathlib import Path
 # The PNG text chunk's keyword that A1111 (and the readers of its files) use.
 KEY = "parameters"
 
+# What a flow-matching model (Flux) samples with, whatever the request named: its own Euler
+# scheduler, as Forge names it for Flux. Forge also writes Flux's distilled guidance as "Distilled
+# CFG Scale", with "CFG scale: 1" for the classifier-free guidance Flux does not use.
+FLOW_SAMPLER = "flow_euler"
+DISTILLED_GUIDANCE = "Distilled CFG Scale"
+
 # Our schedulers (jobs.requests.SCHEDULER_NAMES, built by trainer.noise_schedulers) as A1111's
 # sampler and schedule type; None: the sampler's own schedule, left out of the text (A1111's
 # "Automatic").
@@ -39,6 +45,7 @@ SAMPLERS: dict[str, tuple[str, str | None]] = {
     "euler": ("Euler", None),
     "ddim": ("DDIM", None),
     "unipc": ("UniPC", None),
+    FLOW_SAMPLER: ("Euler", "Simple"),
 }
 AUTOMATIC_SCHEDULE = "Automatic"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -57,7 +64,8 @@ class UnreadableParameters(ValueError):
 
 @dataclass(frozen=True)
 class PictureSettings:
-    """How one picture was made. `scheduler` is one of jobs.requests.SCHEDULER_NAMES; `lora_name`
+    """How one picture was made. `scheduler` is one of jobs.requests.SCHEDULER_NAMES, or FLOW_SAMPLER
+    for a flow-matching model (whose `guidance` is then its distilled guidance); `lora_name`
     and `lora_hash` are set for pictures made with a person's LoRA; `strength` for variations."""
 
     prompt: str
@@ -99,11 +107,13 @@ def _unquote(value: str) -> str:
 def to_text(settings: PictureSettings) -> str:
     """The `parameters` text A1111 would write for a picture made with `settings`."""
     sampler, schedule = SAMPLERS[settings.scheduler]
+    distilled = settings.scheduler == FLOW_SAMPLER
     pairs: list[tuple[str, str | None]] = [
         ("Steps", str(settings.steps)),
         ("Sampler", sampler),
         ("Schedule type", schedule),
-        ("CFG scale", _number(settings.guidance)),
+        ("CFG scale", "1" if distilled else _number(settings.guidance)),
+        (DISTILLED_GUIDANCE, _number(settings.guidance) if distilled else None),
         ("Seed", str(settings.seed)),
         ("Size", f"{settings.width}x{settings.height}"),
         ("Model", settings.model or None),
@@ -171,7 +181,7 @@ def parse(text: str) -> PictureSettings:
     try:
         return PictureSettings(
             prompt=prompt, negative_prompt=negative, seed=int(pairs["Seed"]), steps=int(pairs["Steps"]),
-            guidance=float(pairs["CFG scale"]),
+            guidance=float(pairs.get(DISTILLED_GUIDANCE, pairs["CFG scale"])),
             scheduler=_scheduler(pairs["Sampler"], pairs.get("Schedule type", AUTOMATIC_SCHEDULE)),
             width=int(size.group(1)), height=int(size.group(2)), model=pairs.get("Model", ""),
             lora_name=lora_name, lora_hash=lora_hash,

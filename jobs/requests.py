@@ -63,6 +63,8 @@ class GenerateRequest:
     `strength` (0-1, how far a variation may move from its starting picture) applies only when the
     engine is given an `init_image`; without one the request is an ordinary generation. `face_pass`:
     faces found in pictures made with a person's model are redrawn at the model's native size.
+    `guidance` None: the base model's own default (7 for Stable Diffusion, 3.5 for Flux's distilled
+    guidance), which the worker fills in.
     """
 
     prompt: str
@@ -70,7 +72,7 @@ class GenerateRequest:
     num_images: int = 1
     seed: int | None = None
     steps: int = 25
-    guidance: float = 7.0
+    guidance: float | None = None
     aspect: Aspect = "square"
     scheduler: str = DEFAULT_SCHEDULER
     style: str | None = None
@@ -84,7 +86,7 @@ class GenerateRequest:
             raise BadRequest(f"A seed is a whole number from 0 to {MAX_SEED - MAX_IMAGES}.")
         if not 1 <= self.steps <= MAX_STEPS:
             raise BadRequest(f"Steps must be between 1 and {MAX_STEPS}.")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:
+        if self.guidance is not None and not 0 <= self.guidance <= MAX_GUIDANCE:
             raise BadRequest(f"Guidance must be between 0 and {MAX_GUIDANCE:g}.")
         if self.aspect not in ASPECTS:
             raise BadRequest(f"Unknown shape {self.aspect!r}; choose one of {', '.join(ASPECTS)}.")

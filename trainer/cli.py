@@ -415,7 +415,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     im.add_argument("--seed", type=int, help="random seed (default: a new one each time)")
     im.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"], help=f"denoising steps, 1 to {MAX_STEPS}")
     im.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
-                    help=f"guidance scale, 0 to {MAX_GUIDANCE:g}")
+                    help=f"guidance scale, 0 to {MAX_GUIDANCE:g} (default: the base model's, 7 for Stable "
+                         "Diffusion, 3.5 for Flux)")
     im.add_argument("--negative", help="negative prompt")
     im.add_argument("--no-face-pass", dest="face_pass", action="store_false",
                     help="leave faces as drawn (default: faces found are redrawn with the LoRA at its native size)")

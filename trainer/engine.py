@@ -224,6 +224,10 @@ class GenerationEngine:
         """Raise PromptTooLong when `text` does not fit the text encoders (see trainer.prompts)."""
         prompts.check_prompt(self.tokenizers, text, what=what, added=added)
 
+    def guidance_for(self, request: GenerateRequest) -> float:
+        """The request's guidance scale, or the base model's default where it names none."""
+        return self.family.default_guidance if request.guidance is None else request.guidance
+
     def prepare_prompt(self, request: GenerateRequest, handle: str | None = None,
                        class_word: str | None = None) -> tuple[str, str]:
         """The (prompt, negative prompt) the model will read, checked for length."""
@@ -468,7 +472,7 @@ class GenerationEngine:
             if should_cancel():
                 raise Cancelled()
 
-        how = face_pass.Redraw(prompt, negative or None, request.steps, request.guidance, self.base_resolution,
+        how = face_pass.Redraw(prompt, negative or None, request.steps, self.guidance_for(request), self.base_resolution,
                                batch=MAX_IMAGES)
         refined = face_pass.redraw(pipe, pixels, crops, how, to_pixels, on_step)
         log.info("redrew %d face(s) in %d picture(s) in %.2f s", len(crops), len({c.index for c in crops}),
@@ -484,8 +488,9 @@ class GenerationEngine:
             # As A1111 names the LoRA: after its kohya file, which the trainer names after the handle.
             lora_name, lora_hash = lora_io.safe_file_stem(handle or ""), self._lora_hashes[adapter_key]
         settings = png_parameters.PictureSettings(
-            prompt=prompt, negative_prompt=negative, seed=seeds[0], steps=request.steps, guidance=request.guidance,
-            scheduler=request.scheduler, width=size[0], height=size[1], model=self.model_name,
+            prompt=prompt, negative_prompt=negative, seed=seeds[0], steps=request.steps, guidance=self.guidance_for(request),
+            scheduler=png_parameters.FLOW_SAMPLER if self.family.flow_matching else request.scheduler,
+            width=size[0], height=size[1], model=self.model_name,
             lora_name=lora_name, lora_hash=lora_hash, strength=strength)
         return [png_parameters.to_text(replace(settings, seed=seed)) for seed in seeds]
 
@@ -513,7 +518,7 @@ class GenerationEngine:
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             kwargs: dict[str, Any] = {
                 "prompt": prompt, "negative_prompt": negative or None, "num_images_per_prompt": len(seeds),
-                "num_inference_steps": request.steps, "guidance_scale": request.guidance,
+                "num_inference_steps": request.steps, "guidance_scale": self.guidance_for(request),
                 "generator": generators, "output_type": "pt",
             }
             strength = None
@@ -577,7 +582,7 @@ class GenerationEngine:
             with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
                 images = pipe(prompt=prompt, negative_prompt=negative or None,
                               image=upscaling.enlarged(source, size), **self._img2img_size(size),
-                              strength=strength, num_inference_steps=request.steps, guidance_scale=request.guidance,
+                              strength=strength, num_inference_steps=request.steps, guidance_scale=self.guidance_for(request),
                               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
                               callback_on_step_end=upscaling.step_reporter(on_event, should_cancel)).images
             # The settings of the img2img pass that made it: its size, strength and the picture's seed.

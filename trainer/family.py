@@ -59,6 +59,9 @@ class Family:
     # Whether the text encoders and the VAE wait in host memory while the steps run on cached
     # embeddings and latents (trainer.offload). SD's are small next to the UNet; their graphs are not.
     park_while_training = False
+    # The guidance scale a picture request that names none is drawn with: classifier-free guidance
+    # at the scale the SD web UIs default to.
+    default_guidance = 7.0
 
     @property
     def trained_text_encoder_names(self) -> tuple[str, ...]:
@@ -134,6 +137,9 @@ class FluxFamily(Family):
     graphs_and_compiling = False
     diffusers_lora_keys = False
     park_while_training = True  # T5-XXL alone is about 9.5 GB in bf16
+    # FLUX.1-dev is guidance-distilled: the scale is an input of the transformer, not classifier-free
+    # guidance, and FluxPipeline's default (3.5, Black Forest Labs' reference) is what it was tuned for.
+    default_guidance = 3.5
 
     @property
     def trained_text_encoder_names(self) -> tuple[str, ...]:

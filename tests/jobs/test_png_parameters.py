@@ -41,6 +41,14 @@ def test_a_variation_says_its_denoising_strength_before_the_lora() -> None:
     assert text.endswith('Denoising strength: 0.55, Lora hashes: "zqjane: 0123456789ab"')
 
 
+def test_a_flux_picture_names_its_sampler_and_distilled_guidance_as_forge_does() -> None:
+    flux = replace(SETTINGS, scheduler=png_parameters.FLOW_SAMPLER, guidance=3.5, width=1024, height=1024,
+                   model="FLUX.1-dev")
+    assert to_text(flux).splitlines()[-1].startswith(
+        "Steps: 25, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 123,")
+    assert parse(to_text(flux)) == flux
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_every_scheduler_has_an_a1111_sampler_and_comes_back(scheduler: str) -> None:
     settings = replace(SETTINGS, scheduler=scheduler)

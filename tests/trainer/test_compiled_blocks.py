@@ -259,7 +259,7 @@ def test_the_warm_up_pictures_run_code_compiled_for_their_shapes_and_other_pictu
         ran.clear()
         images = engine.generate(other, **PERSON)
         assert ran == ["dynamic"] * unet_calls
-        if other.guidance > 1:
+        if engine.guidance_for(other) > 1:
             assert backend.graphs == warmed, other
         assert [pixels(im).tolist() for im in images] == [pixels(im).tolist() for im in plain.generate(other, **PERSON)]
     # The static code still holds the warm-up's shapes and compiles nothing for the square picture.

@@ -135,7 +135,7 @@ def test_the_pass_runs_with_the_persons_lora(model: Model) -> None:
     pipe = build_random_pipeline(model.kind)
     image = img2img(pipe)
     prompt = face_pass.face_prompt(f"{HANDLE} {CLASS}", REQUEST.prompt, lambda text: True)
-    how = face_pass.Redraw(prompt, None, REQUEST.steps, REQUEST.guidance, engine.base_resolution)
+    how = face_pass.Redraw(prompt, None, REQUEST.steps, engine.guidance_for(REQUEST), engine.base_resolution)
     crops = face_pass.crops_for(plain.astype(np.uint8)[None], [REQUEST.seed or 0], engine.base_resolution,
                                 Detector(FACE))
     lora = merged_lora.read_lora(model.lora, {"unet": pipe.unet})

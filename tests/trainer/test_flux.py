@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench.train_speed import recipe_for
-from jobs import events
+from jobs import events, png_parameters
 from jobs.requests import GenerateRequest, TrainConfig
 from jobs.train_defaults import FAMILY_DEFAULTS, left_to_family
 from tests.photos_factory import training_photos
@@ -193,6 +193,17 @@ def test_the_engine_draws_flux_pictures_with_the_lora_merged(tmp_path: Path) -> 
     assert Image.open(io.BytesIO(variation[0].png)).size == (64, 64)
     upscaled = engine.upscale(request, base[0].png, adapter_key="sks")
     assert Image.open(io.BytesIO(upscaled[0].png)).size == (128, 128)
+
+
+def test_a_flux_picture_is_drawn_at_its_distilled_guidance_and_says_so_as_forge_does() -> None:
+    engine = GenerationEngine(build_random_pipeline("tiny-flux"))
+    unnamed = engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=1))[0]
+    assert unnamed.png == engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=1, guidance=3.5))[0].png
+    assert unnamed.png != engine.generate(GenerateRequest(prompt="on the moon", seed=3, steps=1, guidance=7.0))[0].png
+    text = Image.open(io.BytesIO(unnamed.png)).info[png_parameters.KEY]
+    assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5," in text
+    settings = png_parameters.parse(text)
+    assert (settings.scheduler, settings.guidance) == (png_parameters.FLOW_SAMPLER, 3.5)
 
 
 def test_text_encoders_and_vae_wait_off_the_device_while_the_steps_run(tmp_path: Path,

@@ -76,9 +76,13 @@ def test_the_settings_hold_nothing_but_the_settings(engine: GenerationEngine, lo
 
 
 def test_pictures_of_the_base_model_name_no_lora(engine: GenerationEngine) -> None:
-    settings = png_parameters.parse(parameters(engine.generate(GenerateRequest(prompt="a cat", seed=3, steps=1))[0]))
+    picture = engine.generate(GenerateRequest(prompt="a cat", seed=3, steps=1))[0]
+    settings = png_parameters.parse(parameters(picture))
     assert settings.prompt == "a cat" and settings.lora_name is None and settings.lora_hash is None
     assert settings.scheduler == "dpmpp_2m" and settings.strength is None
+    # A request that names no guidance is drawn, and says so, at Stable Diffusion's 7.
+    assert settings.guidance == 7.0
+    assert engine.generate(GenerateRequest(prompt="a cat", seed=3, steps=1, guidance=7.0))[0].png == picture.png
 
 
 def test_a_variation_says_how_far_it_moved(engine: GenerationEngine, lora: Path) -> None:

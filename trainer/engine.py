@@ -473,7 +473,7 @@ class GenerationEngine:
                 raise Cancelled()
 
         how = face_pass.Redraw(prompt, negative or None, request.steps, self.guidance_for(request), self.base_resolution,
-                               batch=MAX_IMAGES)
+                               batch=MAX_IMAGES, tell_size=self.family.flow_matching)
         refined = face_pass.redraw(pipe, pixels, crops, how, to_pixels, on_step)
         log.info("redrew %d face(s) in %d picture(s) in %.2f s", len(crops), len({c.index for c in crops}),
                  time.monotonic() - started)
@@ -545,8 +545,8 @@ class GenerationEngine:
 
             with self._applied(lora):
                 pixels = to_pixels(pipe(**kwargs, callback_on_step_end=on_step_end).images)
-                # With the person's LoRA still merged. The face pass redraws through SD's img2img latents.
-                if lora is not None and request.face_pass and not self.family.flow_matching:
+                # With the person's LoRA still merged.
+                if lora is not None and request.face_pass:
                     pixels = self._face_pass(pixels, seeds, request, negative, handle, class_word,
                                              on_event, should_cancel)
             files = png.encode_rgb(list(pixels), [{png_parameters.KEY: text} for text in self._settings_texts(

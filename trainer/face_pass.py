@@ -194,6 +194,10 @@ def encode(vae: AutoencoderKL, images: Sequence[np.ndarray]) -> torch.Tensor:
     if mean is not None and std is not None:
         shape = (1, len(mean), 1, 1)
         latents = (latents - torch.tensor(mean).view(shape).to(latents)) / torch.tensor(std).view(shape).to(latents)
+    # Flux's VAE centres its latents too (FluxImg2ImgPipeline._encode_vae_image).
+    shift = getattr(config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
     return latents * config.scaling_factor
 
 
@@ -207,6 +211,8 @@ class Redraw:
     guidance: float
     native: int
     batch: int = 4  # crops per img2img call: the batch sizes the pictures' own graphs already have
+    # Flux's image-to-image draws its default size (1024 px) unless told; SD's follow the crop.
+    tell_size: bool = False
 
 
 def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop], how: Redraw,
@@ -236,7 +242,8 @@ def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop],
                       negative_prompt=[how.negative] * len(chunk) if how.negative else None,
                       image=encode(pipe.vae, images), strength=STRENGTH, num_inference_steps=steps, guidance_scale=how.guidance,
                       generator=[torch.Generator("cpu").manual_seed(c.seed) for c in chunk], output_type="pt",
-                      callback_on_step_end=on_step_end)
+                      callback_on_step_end=on_step_end,
+                      **({"width": how.native, "height": how.native} if how.tell_size else {}))
         for crop, face in zip(chunk, to_pixels(result.images), strict=True):
             back = np.asarray(Image.fromarray(face).resize((crop.side, crop.side), Image.Resampling.LANCZOS))
             paste(out[crop.index], back, crop)

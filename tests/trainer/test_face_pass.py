@@ -1,4 +1,4 @@
-"""The face pass (trainer.face_pass) on the tiny SD1.5 and SDXL models.
+"""The face pass (trainer.face_pass) on the tiny SD1.5, SDXL and Flux models.
 
 Random weights draw no faces, so the engine is given a detector that reports a fixed box; the pass
 then redraws that box's padded square with the person's LoRA and pastes it back. The LoRA used is
@@ -19,6 +19,8 @@ import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -40,7 +42,7 @@ HANDLE, CLASS = "zqjane", "woman"
 PERSON = {"handle": HANDLE, "class_word": CLASS}
 REQUEST = GenerateRequest(prompt="on a beach at sunset", seed=7, steps=3)
 FACE = (16, 14, 12, 12)  # x, y, w, h in the tiny models' 64 px pictures
-KINDS = ["tiny", "tiny-sdxl"]
+KINDS = ["tiny", "tiny-sdxl", "tiny-flux"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +102,11 @@ def face_mask(size: tuple[int, int], box: face_pass.Box = FACE) -> np.ndarray:
 
 
 def img2img(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """An img2img pipeline over `pipe`'s modules, with the request's scheduler."""
+    """An img2img pipeline over `pipe`'s modules, with the request's scheduler (Flux: its own)."""
+    if isinstance(pipe, FluxPipeline):
+        flux = FluxImg2ImgPipeline(**pipe.components)
+        flux.set_progress_bar_config(disable=True)
+        return flux
     if isinstance(pipe, StableDiffusionXLPipeline):
         image = StableDiffusionXLImg2ImgPipeline(**pipe.components, add_watermarker=False)
     else:
@@ -135,10 +141,12 @@ def test_the_pass_runs_with_the_persons_lora(model: Model) -> None:
     pipe = build_random_pipeline(model.kind)
     image = img2img(pipe)
     prompt = face_pass.face_prompt(f"{HANDLE} {CLASS}", REQUEST.prompt, lambda text: True)
-    how = face_pass.Redraw(prompt, None, REQUEST.steps, engine.guidance_for(REQUEST), engine.base_resolution)
+    how = face_pass.Redraw(prompt, None, REQUEST.steps, engine.guidance_for(REQUEST), engine.base_resolution,
+                           tell_size=engine.family.flow_matching)
     crops = face_pass.crops_for(plain.astype(np.uint8)[None], [REQUEST.seed or 0], engine.base_resolution,
                                 Detector(FACE))
-    lora = merged_lora.read_lora(model.lora, {"unet": pipe.unet})
+    denoiser = engine.family.denoiser_name
+    lora = merged_lora.read_lora(model.lora, {denoiser: getattr(pipe, denoiser)})
     with torch.no_grad(), merged_lora.merged(lora):
         by_lora = face_pass.redraw(image, plain.astype(np.uint8)[None], crops, how, to_pixels)[0]
     with torch.no_grad():
@@ -184,7 +192,9 @@ def test_the_pass_reports_its_stage_and_can_be_cancelled(model: Model) -> None:
     engine = engine_for(model, Detector(FACE))
     [before] = draw(engine, model, on_event=seen.append)
     stages = [e.stage for e in seen if isinstance(e, events.Progress)]
-    assert stages[:REQUEST.steps] == ["generating"] * REQUEST.steps and stages[REQUEST.steps:] == ["refining_face"]
+    # Then the redraw's steps (SD's img2img runs int(3 * 0.4) = 1, Flux's rounds 1.2 up to 2).
+    assert stages[:REQUEST.steps] == ["generating"] * REQUEST.steps
+    assert stages[REQUEST.steps:] == ["refining_face"] * (2 if model.kind == "tiny-flux" else 1)
     refining = [e for e in seen if isinstance(e, events.Progress) and e.stage == "refining_face"]
     assert refining[-1].step == refining[-1].total
 

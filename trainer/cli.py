@@ -178,12 +178,13 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
         "steps": args.steps, "rank": args.rank, "resolution": args.resolution, "learning_rate": args.lr,
         "seed": args.seed, "checkpoint_every": args.checkpoint_every, "preview_every": args.preview_every,
         "num_class_images": args.class_images, "min_photos": args.min_photos,
+        "prior_preservation": args.prior,
     }
     chosen = {k: v for k, v in overrides.items() if v is not None}
     try:
         # What depends on the base model and was not given follows it (jobs.train_defaults).
         config = TrainConfig(**chosen, family_defaults=left_to_family(chosen),
-                             prior_preservation=not args.no_prior, train_text_encoder=args.train_text_encoder,
+                             train_text_encoder=args.train_text_encoder,
                              gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as exc:
         raise TrainerError(f"Invalid training settings: {exc}.", "bad_settings") from exc
@@ -393,7 +394,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     tr.add_argument("--class-images", type=int, default=d.num_class_images,
                     help="class images for prior preservation")
     tr.add_argument("--min-photos", type=int, default=d.min_photos, help="fewest usable photos to train on")
-    tr.add_argument("--no-prior", action="store_true", help="turn off prior preservation")
+    tr.add_argument("--prior", action=argparse.BooleanOptionalAction,
+                    help="prior preservation with class images (default: the base model's; on for Stable "
+                         "Diffusion, off for Flux)")
     tr.add_argument("--train-text-encoder", action="store_true",
                     help="also train the text encoder: sometimes more likeness, more memory")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="less GPU memory, slower")

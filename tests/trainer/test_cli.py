@@ -145,6 +145,34 @@ def test_train_compiles_as_told_and_says_so(tiny_model: Path, tmp_path: Path, mo
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
 
 
+@pytest.mark.parametrize(("option", "prior", "left_to_family"), [
+    ([], True, True), (["--prior"], True, False), (["--no-prior"], False, False)])
+def test_train_leaves_prior_preservation_to_the_base_model_unless_told(
+        option: list[str], prior: bool, left_to_family: bool, tiny_model: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flux trains without prior preservation by default (jobs.train_defaults); --prior must still
+    give it one, so a choice made on the command line is not left to the family."""
+    import trainer.dreambooth
+    from jobs.train_defaults import for_family
+    from trainer.dreambooth import TrainResult
+
+    keep_inductor_cache_setting(monkeypatch)
+    asked: list[Any] = []
+
+    def spy(_photos: object, _handle: str, _class_word: str, config: Any, **kwargs: Any) -> TrainResult:
+        asked.append(config)
+        return TrainResult(kwargs["out_dir"] / "pytorch_lora_weights.safetensors", None, config.steps, 0.5)
+
+    monkeypatch.setattr(trainer.dreambooth, "train", spy)
+    run(["train", "--photos", str(write_photos(tmp_path / "photos", 5)), "--handle", "sks", "--class", "woman",
+         "--out", str(tmp_path / "lora"), "--model", str(tiny_model), "--steps", "3", "--device", "cpu",
+         "--compile-cache", str(tmp_path / "compiled"), *option])
+    [config] = asked
+    assert ("prior_preservation" in config.family_defaults) == left_to_family
+    assert for_family(config, "flux").prior_preservation == (prior and not left_to_family)
+    assert for_family(config, "sd15").prior_preservation == prior
+
+
 def test_train_on_a_gpu_compiles_by_itself_once_a_compiled_run_warmed_the_cache(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import torch

@@ -135,6 +135,13 @@ def _pipeline_classes(pipe: DiffusionPipeline) -> tuple[type, type, dict[str, An
                        f"{type(pipe).__name__}.", "model_unavailable")
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """The schedule length an image-to-image call needs to run at least one step: diffusers runs
+    `int(steps * strength)` of them, none for a few-step request at low strength (which fails)."""
+    while int(steps * strength) < 1:
+        steps += 1
+    return steps
+
 class GenerationEngine:
     """Makes pictures with a base pipeline that is loaded once and people's LoRAs swapped in and out."""
 
@@ -526,6 +533,7 @@ class GenerationEngine:
                 pipe = self._image_pipeline()
                 strength = request.strength or DEFAULT_VARIATION_STRENGTH
                 kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength,
+                              num_inference_steps=img2img_steps(request.steps, strength),
                               **self._img2img_size((width, height)))
             else:
                 pipe = self._text
@@ -582,7 +590,8 @@ class GenerationEngine:
             with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
                 images = pipe(prompt=prompt, negative_prompt=negative or None,
                               image=upscaling.enlarged(source, size), **self._img2img_size(size),
-                              strength=strength, num_inference_steps=request.steps, guidance_scale=self.guidance_for(request),
+                              strength=strength, num_inference_steps=img2img_steps(request.steps, strength),
+                              guidance_scale=self.guidance_for(request),
                               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
                               callback_on_step_end=upscaling.step_reporter(on_event, should_cancel)).images
             # The settings of the img2img pass that made it: its size, strength and the picture's seed.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,17 @@ def test_an_upscale_has_twice_the_width_and_height(engine: GenerationEngine, squ
     [portrait] = engine.generate(GenerateRequest(prompt="x", seed=1, steps=2, aspect="portrait"))
     [tall] = engine.upscale(GenerateRequest(prompt="x", seed=1, steps=4), portrait.png)
     assert size_of(portrait.png) == (64, 96) and size_of(tall.png) == (128, 192)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_few_step_picture_still_upscales_and_varies(engine: GenerationEngine, square: Picture, steps: int) -> None:
+    """At strength 0.3 a 1- or 2-step schedule would run no step at all (diffusers runs int(steps *
+    strength)), which fails inside the pipeline: the schedule is lengthened to run one."""
+    few = replace(REQUEST, steps=steps)
+    [big] = engine.upscale(few, square.png, **PERSON)
+    assert size_of(big.png) == (2 * size_of(square.png)[0], 2 * size_of(square.png)[1])
+    [variation] = engine.generate(replace(few, strength=0.3), init_image=square.png, **PERSON)
+    assert size_of(variation.png) == size_of(square.png) and variation.png != square.png
 
 
 def test_an_upscale_carries_the_settings_that_made_it(engine: GenerationEngine, square: Picture, lora: Path) -> None:

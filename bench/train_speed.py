@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the frozen weights' dtype (auto: bf16 where the GPU has it); fp16 trains with loss scaling")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                         help="the QUANTIZE setting: int8 keeps a Flux transformer's weights in int8 (both sides "
-                             "train on them)")
+                             "train on them; ours always with gradient checkpointing there)")
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--class-image-steps", type=int, default=10)
     parser.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True,

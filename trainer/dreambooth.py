@@ -34,7 +34,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from jobs.train_defaults import for_family
-from trainer import compiled_blocks, flux_kohya, lora_io, offload, resume, training_loop
+from trainer import compiled_blocks, flux_kohya, lora_io, offload, quantization, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
@@ -202,6 +202,10 @@ class TrainingRun:
         self.family: Family = family_of(pipeline)
         # What was left to the base model (its resolution, say) is known now that the model is.
         self.config = cfg = for_family(self.config, self.family.name)
+        if not cfg.gradient_checkpointing and quantization.holds_quantized(self.family.denoiser(pipeline)):
+            log.info("int8 weights: training with gradient checkpointing, which keeps no 16-bit copy of "
+                     "each layer's weight for the backward pass")
+            self.config = cfg = replace(cfg, gradient_checkpointing=True)
         state = None
         if self.resume_from is not None:
             state = resume.load_resumable(self.resume_from, self._settings())

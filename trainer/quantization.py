@@ -3,7 +3,9 @@
 FLUX.1-dev's transformer is 11.9B parameters, about 24 GB in bf16: a 24 GB card cannot hold it and
 anything else. torchao's int8 weight-only quantisation keeps each Linear weight as int8 with one
 scale per output row (about 12 GB for the transformer) and computes in the activations' dtype, so
-nothing else of the step changes. PEFT trains LoRA on such layers (its `TorchaoLoraLinear`, dispatched
+nothing else of the step changes. Trainings on such weights always checkpoint their gradients: each
+layer computes with a 16-bit copy of its weight, which autograd would otherwise keep for the backward
+pass, one per layer, more than the 16-bit model itself. PEFT trains LoRA on such layers (its `TorchaoLoraLinear`, dispatched
 on torchao's weight types), and generation adds a person's LoRA beside them (trainer.merged_lora):
 an int8 weight cannot take a merge and be restored exactly.
 
@@ -61,6 +63,11 @@ def quantize_denoiser(pipe: DiffusionPipeline, mode: str, device: str | torch.de
     layers = sum(is_quantized(m.weight) for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
     log.info("quantised the transformer's %d Linear weights to int8 in %.1f s", layers,
              time.perf_counter() - started)
+
+
+def holds_quantized(module: torch.nn.Module) -> bool:
+    """Whether any Linear layer inside `module` has a quantised weight."""
+    return any(is_quantized(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

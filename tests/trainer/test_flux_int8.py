@@ -117,6 +117,33 @@ def test_the_int8_step_is_the_plain_step_on_rounded_weights(tmp_path: Path) -> N
     assert quantised.losses != plain.losses  # the weights really were rounded
 
 
+def test_a_training_on_int8_weights_always_checkpoints_and_keeps_no_16_bit_weight_copies(tmp_path: Path) -> None:
+    """Each int8 layer computes with a 16-bit copy of its weight (transposed, `in x out`); autograd would
+    keep every block's copies for the backward pass, more than the unquantised weights take, unless
+    the blocks are checkpointed: then only their inputs are kept, and the copies are made again."""
+    from jobs import events
+    from trainer.dreambooth import TrainingRun
+
+    pipe = load_pipeline("tiny-flux", quantize="int8")
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    copies = {(layer.in_features, layer.out_features) for block in blocks for layer in linears(block)}
+    run = TrainingRun(training_photos(), HANDLE, CLASS, small(steps=2), base_model="tiny-flux",
+                      out_dir=tmp_path / "out", work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache",
+                      on_event=events.ignore, should_cancel=lambda: False, resume_from=None)
+    saved: list[tuple[int, ...]] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with run.session(pipe):
+        assert run.config.gradient_checkpointing and pipe.transformer.is_gradient_checkpointing
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            assert np.isfinite(run.train_step().item())
+    assert saved and not [shape for shape in saved if shape in copies]
+    assert not pipe.transformer.is_gradient_checkpointing  # the pipeline comes back as it was
+
+
 def test_int8_pictures_take_a_persons_lora_unmerged_and_give_it_back_exactly(trained) -> None:
     pipe, result = trained
     layers = linears(pipe.transformer)

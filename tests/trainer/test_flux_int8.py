@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from jobs.requests import GenerateRequest, TrainConfig
 from jobs.train_defaults import left_to_family
 from tests.photos_factory import training_photos
-from trainer import merged_lora
+from trainer import adapters, merged_lora
 from trainer.dreambooth import train
 from trainer.engine import GenerationEngine
 from trainer.errors import ModelUnavailable
@@ -172,6 +172,25 @@ def test_two_people_swap_on_int8_weights_and_each_picture_stays_theirs(tmp_path:
     assert a[0].png != b[0].png
     assert engine.generate(request, adapter_key="a", handle=HANDLE, class_word=CLASS)[0].png == a[0].png
     assert engine.generate(request, adapter_key="b", handle=HANDLE, class_word=CLASS)[0].png == b[0].png
+
+
+def test_a_picture_drawn_between_int8_training_steps_is_the_same_picture(tmp_path: Path, trained) -> None:
+    """A worker serves pictures between a training's steps: the person's LoRA is added beside layers that
+    hold the training's adapter too (switched off for the picture), and the training goes on after."""
+    pipe, first = trained
+    engine = GenerationEngine(pipe)
+    request = GenerateRequest(prompt="on the moon", seed=9, steps=2, face_pass=False)
+    before = engine.generate(request, adapter_key="a", lora_path=first.lora_path, handle=HANDLE, class_word=CLASS)
+    during: list[bytes] = []
+
+    def serve() -> None:
+        if not during and adapters.holds_adapters(pipe.transformer):  # between steps, not before them
+            during.append(engine.generate(request, adapter_key="a", handle=HANDLE, class_word=CLASS)[0].png)
+
+    result = train(training_photos(), HANDLE, CLASS, small(steps=3), pipeline=pipe, base_model="tiny-flux",
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "work", class_cache_dir=tmp_path / "cache",
+                   device="cpu", serve_riders=serve)
+    assert result.steps == 3 and during == [before[0].png]
 
 
 def test_an_int8_picture_is_close_to_the_unquantised_one(trained) -> None:

@@ -35,6 +35,8 @@ printed with its fastest and slowest run and with the ratio baseline / ours.
     python -m bench.generate_speed                           # full-size random SD1.5, 512 px, bf16, 25 steps
     python -m bench.generate_speed --model sdxl-random       # full-size random SDXL, 1024 px
     python -m bench.generate_speed --model flux-random       # full-size random FLUX.1-dev, 1024 px
+    python -m bench.generate_speed --model flux-random --quantize int8 --resolution 512
+                                                             # its weights in int8, as on a 24 GB card
     python -m bench.generate_speed --model tiny --steps 3    # CPU smoke test (tiny-sdxl: SDXL's layout)
     python -m bench.generate_speed --json results.json
 
@@ -65,6 +67,7 @@ from PIL import Image
 from bench.train_speed import bench_pipeline, plain_layout
 from jobs.requests import DEFAULT_SCHEDULER, GenerateRequest, TrainConfig
 from jobs.train_defaults import for_family
+from jobs.worker_config import QUANTIZE_MODES
 from trainer.engine import GenerationEngine
 from trainer.family import family_of
 from trainer.lora_io import save_diffusers
@@ -232,14 +235,14 @@ def report(figures: dict[str, Any], name: str, key: str, timing: Timing) -> None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = bench_pipeline(args.model, args.device)
+    pipe = bench_pipeline(args.model, args.device, quantize=args.quantize)
     device = pipe.device
     engine = GenerationEngine(pipe, max_loaded_adapters=8, compile_blocks=None if args.compile else False,
-                              static_shapes=args.static_shapes)
+                              static_shapes=args.static_shapes, base_resolution=args.resolution or None)
     size = engine.image_size("square")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
-            "dtype": str(engine.family.denoiser(pipe).dtype), "width": size[0], "height": size[1],
+            "dtype": str(engine.family.denoiser(pipe).dtype), "quantize": args.quantize, "width": size[0], "height": size[1],
             "steps": args.steps, "scheduler": "flow-match euler" if engine.family.flow_matching else DEFAULT_SCHEDULER,
             "guidance": engine.family.default_guidance, "rank": args.rank, "repeats": args.repeats,
             "switches": args.switches}
@@ -365,6 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per image figure")
     parser.add_argument("--switches", type=int, default=20, help="timed LoRA loads and switches")
     parser.add_argument("--rank", type=int, default=16, help="rank of the random LoRAs")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="the QUANTIZE setting: int8 keeps a Flux transformer's weights in int8 (the engine "
+                             "adds LoRAs beside them, unmerged; the baseline loads them with PEFT)")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help="the square pictures' side (default: the base model's, 1024 px for SDXL and Flux)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the engine with compiled blocks, plain blocks and without graphs "

@@ -15,6 +15,8 @@ text and the six size ids as added conditions. The resolution is the base model'
     python -m bench.train_speed --json results.json
     python -m bench.train_speed --dtype fp16             # as on a GPU without bf16 (T4): fp16 + loss scaling
     python -m bench.train_speed --gradient-checkpointing # also ours with it: the memory a 24 GB card needs
+    python -m bench.train_speed --model flux-random --quantize int8 --resolution 512 --gradient-checkpointing
+                                                         # Flux with int8 weights, as a 24 GB card trains it
 
 Within a ten-minute run on a cold compile cache (SDXL's compile takes minutes): `--prior yes` for one
 side of the comparison, `--no-variants` to skip the extra variants of ours, `--no-compile` for graphs
@@ -48,6 +50,7 @@ from PIL import Image
 
 from jobs.requests import TrainConfig
 from jobs.train_defaults import FAMILY_TUNED, for_family
+from jobs.worker_config import QUANTIZE_MODES
 from trainer.class_images import ensure_class_images
 from trainer.dataset import PhotoInput, class_pixels, instance_pixels
 from trainer.dreambooth import TrainingRun, class_prompt, instance_prompt
@@ -317,12 +320,13 @@ def base_resolution(pipe: DiffusionPipeline) -> int:
     return for_family(TrainConfig(family_defaults=FAMILY_TUNED), family_of(pipe).name).resolution
 
 
-def bench_pipeline(model: str, device: str, dtype: str = "auto") -> DiffusionPipeline:
+def bench_pipeline(model: str, device: str, dtype: str = "auto", quantize: str = "none") -> DiffusionPipeline:
     """The base model as a worker loads it (trainer.pipelines.load_pipeline), without progress bars.
-    `dtype` other than "auto" loads it as a GPU without bf16 would ("fp16"), whatever this one has."""
+    `dtype` other than "auto" loads it as a GPU without bf16 would ("fp16"), whatever this one has;
+    `quantize` as the QUANTIZE setting does ("int8": a Flux transformer's weights in int8)."""
     device_name = pick_device(device)
     pipe = load_pipeline(model, device=device_name,
-                         dtype=DTYPES[dtype] if dtype != "auto" else pick_dtype(device_name))
+                         dtype=DTYPES[dtype] if dtype != "auto" else pick_dtype(device_name), quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -419,13 +423,13 @@ def measure(name: str, device: torch.device, body: Callable[[], list[float]]) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = bench_pipeline(args.model, args.device, args.dtype)
+    pipe = bench_pipeline(args.model, args.device, args.dtype, args.quantize)
     device, family = pipe.device, family_of(pipe)
     resolution = args.resolution or base_resolution(pipe)
     photos = synthetic_photos(resolution)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "model": args.model,
-            "dtype": str(family.denoiser(pipe).dtype), "resolution": resolution, "warmup": args.warmup, "steps": args.steps}
+            "dtype": str(family.denoiser(pipe).dtype), "quantize": args.quantize, "resolution": resolution, "warmup": args.warmup, "steps": args.steps}
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -515,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="with prior preservation (batch 2), without (batch 1), or both")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="the frozen weights' dtype (auto: bf16 where the GPU has it); fp16 trains with loss scaling")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="the QUANTIZE setting: int8 keeps a Flux transformer's weights in int8 (both sides "
+                             "train on them; ours always with gradient checkpointing there)")
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--class-image-steps", type=int, default=10)
     parser.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True,

@@ -58,7 +58,8 @@ def build_runner(settings: Settings) -> JobRunner:
                      compile_cache_dir=str(shared / "compiled"), compile_training=settings.compile_training,
                      train_rank=settings.train_rank, start_helpers=settings.start_helpers,
                      workers_on_host=len(devices),
-                     safety_checker=safety_checker_to_load(settings.safety, settings.safety_checker))
+                     safety_checker=safety_checker_to_load(settings.safety, settings.safety_checker),
+                     quantize=settings.quantize)
         for i, device in enumerate(devices)
     ])
 

@@ -18,7 +18,7 @@ from common.envfile import env_file_values, parse_switch
 from jobs.requests import DEFAULT_BASE_MODEL, TRAIN_DEFAULTS, TrainConfig
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB, MB, secret_problem
 from jobs.train_defaults import left_to_family
-from jobs.worker_config import SAFETY_MODES
+from jobs.worker_config import QUANTIZE_MODES, SAFETY_MODES
 from storage.limits_db import Limits
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -28,6 +28,10 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _ID_LISTS = ("allowed_guilds", "admin_user_ids")
 _NAME_LISTS = ("allowed_roles",)
 _PATHS = ("data_dir", "heartbeat_file", "blocked_words_file")
+# Base models known to be Stable Diffusion without loading them, which QUANTIZE refuses at start (any
+# other base is checked by the worker once loaded: a folder or file may hold either family).
+SD_BASES = frozenset({DEFAULT_BASE_MODEL, "stabilityai/stable-diffusion-xl-base-1.0", "tiny", "tiny-sdxl",
+                      "sd15-random", "sdxl-random"})
 
 DEFAULT_CONSENT_TEXT = (
     "Before I keep any photo: please confirm that **the photos you send are of you**, and that you "
@@ -51,6 +55,7 @@ class Settings:
     data_dir: Path = Path("data")
     base_model: str = DEFAULT_BASE_MODEL
     device: str = "auto"
+    quantize: str = "none"  # "int8": a Flux base's transformer weights in int8, for 24 GB GPUs (trainer.quantization)
     workers: int = 0  # 0: one worker per visible GPU, or one CPU worker when there is none
     job_backend: str = "local"
     redis_url: str = "redis://localhost:6379/0"  # JOB_BACKEND=celery: the broker the workers share
@@ -248,6 +253,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
             problems.append(f"{ENV_NAMES[name]} must be 0 (no limit) or a positive number.")
     if not (math.isfinite(settings.access_cache_s) and 0 <= settings.access_cache_s <= 86400):
         problems.append("ACCESS_CACHE_S must be 0 to 86400 seconds (300 suits most servers).")
+    if settings.quantize not in QUANTIZE_MODES:
+        problems.append(f"QUANTIZE={settings.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}.")
+    elif settings.quantize != "none" and settings.base_model in SD_BASES:
+        problems.append(f"QUANTIZE={settings.quantize} works with Flux base models only, and BASE_MODEL="
+                        f"{settings.base_model} is Stable Diffusion; set QUANTIZE=none.")
     if settings.safety not in SAFETY_MODES:
         problems.append(f"SAFETY={settings.safety!r} is unknown; use one of {', '.join(SAFETY_MODES)}.")
     if settings.require_consent and not settings.consent_text.strip():

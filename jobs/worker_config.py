@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from jobs.requests import TRAIN_DEFAULTS
 
 SAFETY_MODES = ("off", "prompts", "images")  # the SAFETY setting (bot.safety)
+# The QUANTIZE setting: the denoiser's Linear weights as loaded ("none") or in int8 (trainer.quantization).
+QUANTIZE_MODES = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class WorkerConfig:
     # The image checker run on every picture (trainer.safety_checker): a Hugging Face id or a folder,
     # "" the standard one for the base model, None none (SAFETY is off or prompts).
     safety_checker: str | None = None
+    # The base model's denoiser weights: "none" as loaded, "int8" kept in int8 (Flux only; trainer.quantization).
+    quantize: str = "none"
 
 
 def safety_checker_to_load(safety: str, checker: str) -> str | None:

@@ -52,6 +52,9 @@ def add_lora(module: torch.nn.Module, config: LoraConfig, name: str) -> None:
     with warnings.catch_warnings():
         # PEFT warns whenever a module already holds adapters; here that is the point.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        # On int8 weights (trainer.quantization) PEFT warns, per layer, that it cannot merge the
+        # adapter into them; nothing here merges one (trainer.merged_lora adds it beside them).
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         inject_adapter_in_model(config, module, adapter_name=name)
     for layer in tuner_layers(module):
         layer.enable_adapters(True)

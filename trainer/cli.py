@@ -44,6 +44,7 @@ from jobs.requests import (
 )
 from jobs.signing import DEFAULT_MAX_MESSAGE_MB
 from jobs.train_defaults import FAMILY_DEFAULTS, left_to_family
+from jobs.worker_config import QUANTIZE_MODES
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.errors import BadPhoto, Cancelled, TooFewPhotos, TrainerError
 
@@ -202,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> list[str]:
         with cancel_on_interrupt() as stop:
             result = train(photos, args.handle, args.class_word, config, base_model=args.model, out_dir=out,
                            work_dir=work_dir, class_cache_dir=args.class_cache, device=device,
-                           on_event=bars, should_cancel=lambda: stop[0], resume_from=args.resume)
+                           on_event=bars, should_cancel=lambda: stop[0], resume_from=args.resume,
+                           quantize=args.quantize)
     except Cancelled as exc:
         checkpoint = work_dir / CHECKPOINT_NAME
         if checkpoint.exists():
@@ -268,7 +270,7 @@ def cmd_imagine(args: argparse.Namespace) -> list[str]:
                                    {"model": model, "pictures": request.num_images, "size": "the model's"},
                                    request.num_images * request.steps, compile_choice.GENERATION,
                                    graphed=device.startswith("cuda"))
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, quantize=args.quantize)
     engine = GenerationEngine(pipe, model_name=model_name(model), compile_blocks=choice.compile)
     key = hashlib.sha256(lora.read_bytes()).hexdigest()[:16] if lora else None
     bars = ProgressBars()
@@ -308,6 +310,9 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
         raise TrainerError("MAX_JOB_MESSAGE_MB must be at least 1.", "bad_settings")
     if args.safety not in SAFETY_MODES:
         raise TrainerError(f"SAFETY={args.safety!r} is unknown; use one of {', '.join(SAFETY_MODES)}.", "bad_settings")
+    if args.quantize not in QUANTIZE_MODES:  # argparse checks a value given, not the default from QUANTIZE
+        raise TrainerError(f"QUANTIZE={args.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}.",
+                           "bad_settings")
     setup_logging(args.log_level.upper(), secrets=[args.job_secret])
     name = args.name or default_name()
     work = args.work_dir or scratch.WORKER_DATA / name
@@ -320,7 +325,8 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
                                compile_cache_dir=str(args.compile_cache),
                                compile_training=args.compile_training, train_rank=args.train_rank,
                                start_helpers=args.start_helpers,
-                               safety_checker=safety_checker_to_load(args.safety, args.safety_checker)),
+                               safety_checker=safety_checker_to_load(args.safety, args.safety_checker),
+                               quantize=args.quantize),
                   args.redis_url, name, args.job_secret, max_message_bytes=args.max_message_mb * MB,
                   remove_work_dir=args.work_dir is None)
     finally:
@@ -351,6 +357,13 @@ def add_compile_options(command: argparse.ArgumentParser) -> None:
                               "the job is long enough for compiling to pay back; the log says which and why)")
     command.add_argument("--compile-cache", type=Path, default=default_compile_cache(),
                          help="where compiled kernels are kept between runs (TORCHINDUCTOR_CACHE_DIR wins)")
+
+
+def add_quantize_option(command: argparse.ArgumentParser, default: str = QUANTIZE_MODES[0], prefix: str = "") -> None:
+    """`--quantize`: how the base model's Flux transformer is kept (trainer.quantization)."""
+    command.add_argument("--quantize", default=default, choices=QUANTIZE_MODES,
+                         help=prefix + "int8 keeps a Flux transformer's weights in int8, for 24 GB GPUs "
+                                       "(Flux only; see README)")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -406,6 +419,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     tr.add_argument("--resume", type=Path, help="a checkpoint.safetensors to continue from")
     tr.add_argument("--work-dir", type=Path, help="where checkpoints go (default: OUT/checkpoints)")
     tr.add_argument("--class-cache", type=Path, default=default_class_cache())
+    add_quantize_option(tr)
     add_compile_options(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -424,6 +438,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     im.add_argument("--no-face-pass", dest="face_pass", action="store_false",
                     help="leave faces as drawn (default: faces found are redrawn with the LoRA at its native size)")
     im.add_argument("--device", default="auto")
+    add_quantize_option(im)
     add_compile_options(im)
     im.set_defaults(func=cmd_imagine)
 
@@ -458,6 +473,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     wk.add_argument("--max-message-mb", type=int,
                     default=env.get("MAX_JOB_MESSAGE_MB", "").strip() or str(DEFAULT_MAX_MESSAGE_MB),
                     help="the bot's MAX_JOB_MESSAGE_MB: a larger message is dropped unread")
+    add_quantize_option(wk, env.get("QUANTIZE", "").strip() or QUANTIZE_MODES[0], "the bot's QUANTIZE: ")
     wk.add_argument("--safety", default=env.get("SAFETY", "").strip() or "images",
                     help="the bot's SAFETY: with images, every picture goes through the image checker")
     wk.add_argument("--safety-checker", default=env.get("SAFETY_CHECKER", "").strip(),

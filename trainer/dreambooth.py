@@ -34,7 +34,7 @@ from jobs import events
 from jobs.events import EventSink
 from jobs.requests import DEFAULT_BASE_MODEL, TrainConfig
 from jobs.train_defaults import for_family
-from trainer import compiled_blocks, flux_kohya, lora_io, offload, resume, training_loop
+from trainer import compiled_blocks, flux_kohya, lora_io, offload, quantization, resume, training_loop
 from trainer.borrowed_pipeline import borrowed, lend
 from trainer.checkpoint_archive import CheckpointSaved
 from trainer.class_images import ensure_class_images
@@ -89,7 +89,7 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
           should_cancel: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
           serve_riders: Callable[[], None] | None = None,
           compile_backend: compiled_blocks.Backend = "inductor",
-          compile_when: Callable[[], bool] | None = None) -> TrainResult:
+          compile_when: Callable[[], bool] | None = None, quantize: str = "none") -> TrainResult:
     """Train a LoRA of the person in `photos`, called `handle`, a `class_word` ("woman", "man", ...).
 
     `pipeline` reuses a base model already in memory (it is restored afterwards: our adapter removed,
@@ -102,7 +102,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     are put back before the training goes on (TrainingRun.serve_riders). `compile_backend` is
     torch.compile's for `config.compiled_stages` (tests pass a cheap one); `compile_when` lets a
     training that starts uncompiled switch to the compiled step once its code is ready
-    (trainer.training_step.TrainingStep).
+    (trainer.training_step.TrainingStep). `quantize` is how `base_model` is loaded when no `pipeline`
+    is given (trainer.quantization: "int8" keeps a Flux transformer's weights in int8).
     Raises TooFewPhotos, BadPhoto, OutOfMemory, ModelUnavailable, DiskFull, Cancelled, BadCheckpoint.
     """
     if len(photos) < config.min_photos:
@@ -111,7 +112,8 @@ def train(photos: Sequence[PhotoInput], handle: str, class_word: str, config: Tr
     run = TrainingRun(photos, handle.strip(), class_word.strip(), config, base_model=base_model,
                       out_dir=Path(out_dir), work_dir=Path(work_dir), class_cache_dir=Path(class_cache_dir),
                       on_event=on_event, should_cancel=should_cancel, resume_from=resume_from,
-                      serve_riders=serve_riders, compile_backend=compile_backend, compile_when=compile_when)
+                      serve_riders=serve_riders, compile_backend=compile_backend, compile_when=compile_when,
+                      quantize=quantize)
     try:
         with run.session(pipeline, device):
             run.loop()
@@ -170,7 +172,7 @@ class TrainingRun:
                  should_cancel: Callable[[], bool], resume_from: Path | None,
                  serve_riders: Callable[[], None] | None = None,
                  compile_backend: compiled_blocks.Backend = "inductor",
-                 compile_when: Callable[[], bool] | None = None) -> None:
+                 compile_when: Callable[[], bool] | None = None, quantize: str = "none") -> None:
         self.photos, self.handle, self.class_word, self.config = photos, handle, class_word, config
         self.base_model, self.out_dir, self.work_dir = base_model, out_dir, work_dir
         self.class_cache_dir, self.on_event, self.should_cancel = class_cache_dir, on_event, should_cancel
@@ -178,6 +180,7 @@ class TrainingRun:
         self._serve_riders = serve_riders
         self.compile_backend = compile_backend
         self.compile_when = compile_when
+        self.quantize = quantize  # how `base_model` is loaded when no pipeline is given
         self.trainable: Trainable | None = None  # once the adapters are added
         self._step: TrainingStep | None = None
         self.progress = TrainingProgress()
@@ -193,11 +196,16 @@ class TrainingRun:
             dev = pick_device(device)
             self.on_event(events.Stage("loading_model"))
             pipeline = load_pipeline(self.base_model, device=dev,
-                                     dtype=resolve_dtype(self.config.mixed_precision, dev, None))
+                                     dtype=resolve_dtype(self.config.mixed_precision, dev, None),
+                                     quantize=self.quantize)
         self.pipe = pipeline
         self.family: Family = family_of(pipeline)
         # What was left to the base model (its resolution, say) is known now that the model is.
         self.config = cfg = for_family(self.config, self.family.name)
+        if not cfg.gradient_checkpointing and quantization.holds_quantized(self.family.denoiser(pipeline)):
+            log.info("int8 weights: training with gradient checkpointing, which keeps no 16-bit copy of "
+                     "each layer's weight for the backward pass")
+            self.config = cfg = replace(cfg, gradient_checkpointing=True)
         state = None
         if self.resume_from is not None:
             state = resume.load_resumable(self.resume_from, self._settings())

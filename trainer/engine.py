@@ -12,6 +12,10 @@ replay shorter: for the square pictures the warm-up prepares, compiled for their
 option, on by default); for any other, for dynamic shapes. The compiling happens once per process,
 in `warm_up`.
 
+A Flux transformer kept in int8 (QUANTIZE=int8, trainer.quantization) cannot take a merge: on its
+quantised layers the person's LoRA is added to their outputs for the request instead, and the weights
+are never written (trainer.merged_lora says how); every other layer is merged as above.
+
 PEFT adapter layers found on the modules (a training's, when a worker serves a picture between its
 steps) are switched off for the generation and put back after it. The base model's graphs still
 compute that picture, so they are replayed as they are. A picture shape without one is captured

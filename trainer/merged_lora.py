@@ -16,6 +16,12 @@ in bf16) and a few kernels per generation: layers of one shape are merged togeth
 product and one multi-tensor add per shape, so a person's switch is not a few hundred launches from
 Python (SD1.5's UNet alone has 128 targeted projections in a handful of shapes).
 
+A quantised layer (trainer.quantization: a Flux transformer kept in int8) cannot take a merge: its
+weight is int8 codes and scales, and rounding the update into them would neither keep the update nor
+restore the original. For such layers the LoRA is applied unmerged instead, as PEFT's adapter layers
+do: a forward hook adds `scale * up @ (down @ x)` to the layer's output for the length of the block,
+and the weights are never written, so the base model is back exactly when the hooks are removed.
+
 Only LoRA files written by this project's trainer are read (diffusers key layout,
 `<component>.<module path>.lora.down.weight` / `.lora.up.weight`, `lora_linear_layer.` for text
 encoders, alpha in diffusers' adapter metadata), on Linear layers, which is what the trainer trains.
@@ -26,13 +32,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
+
+from trainer.quantization import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,7 @@ class LayerGroup:
     down: torch.Tensor  # (layers, rank, in_features)
     up: torch.Tensor  # (layers, out_features, rank)
     scale: float
+    quantized: bool = False  # the weights are torchao's (int8): applied by forward hooks, not merged
 
 
 @dataclass(frozen=True)
@@ -132,14 +142,25 @@ def read_lora(path: Path, components: Mapping[str, torch.nn.Module]) -> Lora:
         alpha = float(rank) if alpha is None else alpha
         scale = alpha / rank**0.5 if rslora else alpha / rank
         weight = linear.weight
-        key = (tuple(weight.shape), rank, weight.dtype, weight.device, scale)
+        key = (tuple(weight.shape), rank, weight.dtype, weight.device, scale, is_quantized(weight))
         grouped.setdefault(key, []).append((linear, down, up))
     groups = []
-    for (_shape, _rank, dtype, device, scale), members in grouped.items():
+    for (_shape, _rank, dtype, device, scale, quantized), members in grouped.items():
         layers, downs, ups = zip(*members, strict=True)
         groups.append(LayerGroup(tuple(layers), torch.stack(downs).to(device, dtype),
-                                 torch.stack(ups).to(device, dtype), scale))
+                                 torch.stack(ups).to(device, dtype), scale, quantized))
     return Lora(tuple(groups))
+
+
+def _adds_lora(down: torch.Tensor, up: torch.Tensor, scale: float,
+               ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
+    """A forward hook adding `scale * up @ down` applied to the layer's input to its output."""
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        # The module may have been cast since the LoRA was read; a no-op otherwise.
+        lora_down, lora_up = down.to(x.device, x.dtype), up.to(x.device, x.dtype)
+        return output + F.linear(F.linear(x, lora_down), lora_up) * scale
+    return hook
 
 
 @contextlib.contextmanager
@@ -149,11 +170,17 @@ def merged(lora: Lora | None) -> Iterator[None]:
     if lora is None:
         yield
         return
-    weights = [[layer.weight for layer in group.layers] for group in lora.groups]
+    merging = [group for group in lora.groups if not group.quantized]
+    weights = [[layer.weight for layer in group.layers] for group in merging]
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
     with torch.no_grad():
         originals = [torch.stack(group) for group in weights]  # one copy per shape, not per layer
         try:
-            for group, group_weights in zip(lora.groups, weights, strict=True):
+            for group in lora.groups:
+                if group.quantized:
+                    hooks.extend(layer.register_forward_hook(_adds_lora(down, up, group.scale))
+                                 for layer, down, up in zip(group.layers, group.down, group.up, strict=True))
+            for group, group_weights in zip(merging, weights, strict=True):
                 down, up = group.down, group.up
                 first = group_weights[0]
                 if down.dtype != first.dtype or down.device != first.device:  # the module was cast since
@@ -161,5 +188,7 @@ def merged(lora: Lora | None) -> Iterator[None]:
                 torch._foreach_add_(group_weights, torch.bmm(up, down).unbind(0), alpha=group.scale)
             yield
         finally:
+            for handle in hooks:
+                handle.remove()
             for group_weights, original in zip(weights, originals, strict=True):
                 torch._foreach_copy_(group_weights, original.unbind(0))

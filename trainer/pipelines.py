@@ -37,6 +37,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from trainer import quantization
 from trainer.errors import DeviceUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -447,19 +448,26 @@ def _load_pretrained(spec: str, dtype: torch.dtype | None, offline: bool, is_pat
 
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, *,
-                  offline: bool | None = None, sdxl: bool | None = None) -> DiffusionPipeline:
+                  offline: bool | None = None, sdxl: bool | None = None,
+                  quantize: str = quantization.NONE) -> DiffusionPipeline:
     """Load a base model from a random kind, a Hugging Face id, a diffusers folder or a single file.
 
     `dtype` defaults to the device's best (`pick_dtype`). `offline` defaults to the HF_HUB_OFFLINE
     environment variable; offline loads come from the local Hugging Face cache only. `sdxl` forces the family of a single-file checkpoint (default: inspect keys).
+    `quantize` ("int8", Flux only) quantises the transformer's Linear weights (trainer.quantization)
+    before the model moves to `device`, so the GPU never holds the 16-bit transformer; a random kind
+    is built where it runs and quantised after (for benchmarks).
     Raises ModelUnavailable with what was tried and what to do when the model cannot be had.
     """
+    quantization.check_mode(quantize)
     if offline is None:
         offline = _env_offline()
     if dtype is None:
         dtype = pick_dtype(device)
     if spec in RANDOM_KINDS:
-        return prepare_for_device(build_random_pipeline(spec, device=device, dtype=dtype))  # type: ignore[arg-type]
+        pipe = build_random_pipeline(spec, device=device, dtype=dtype)  # type: ignore[arg-type]
+        quantization.quantize_denoiser(pipe, quantize)
+        return prepare_for_device(pipe)
     is_path = _looks_like_path(spec)
     if is_path:
         path = Path(spec).expanduser()
@@ -474,6 +482,7 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
     else:
         pipe = _load_pretrained(spec, dtype, offline, is_path=False)
     log.info("loaded base model %s", spec)
+    quantization.quantize_denoiser(pipe, quantize, device=device)
     return prepare_for_device(pipe.to(device))
 
 

@@ -106,7 +106,8 @@ class Worker:
 
                 device = pick_device(self.config.device)
                 started = time.perf_counter()
-                self._pipeline = load_pipeline(self.config.base_model, device=device)
+                self._pipeline = load_pipeline(self.config.base_model, device=device,
+                                               quantize=self.config.quantize)
             log.info("loaded %s on %s in %.1f s", self.config.base_model, device,
                      time.perf_counter() - started)
         return self._pipeline

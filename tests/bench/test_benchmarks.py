@@ -67,6 +67,29 @@ def test_the_training_benchmark_compares_checkpointed_flux_steps_like_for_like(t
     assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
 
 
+def test_both_benchmarks_run_flux_with_int8_weights_as_a_24_gb_card_would(tmp_path: Path) -> None:
+    """`--quantize int8`: the Flux transformer's weights in int8, trained with checkpointing at a set
+    size against the recipe on the same weights, and drawn with LoRAs added beside them."""
+    from bench import generate_speed
+
+    out = tmp_path / "train.json"
+    train_speed.main(["--model", "tiny-flux", "--device", "cpu", "--steps", "1", "--warmup", "1", "--prior", "no",
+                      "--no-compile", "--gradient-checkpointing", "--recipe-checkpointing", "--quantize", "int8",
+                      "--resolution", "64", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert (report["quantize"], report["resolution"]) == ("int8", 64)
+    results = {r["variant"]: r for r in report["results"]}
+    assert results["ours, gradient checkpointing (no prior)"]["ms_per_step"] > 0
+    curves = results["loss curves (no prior)"]  # the recipe's step on the same int8 weights, same draws
+    assert curves["steps"] == 2 and curves["mean_abs_diff"] < 1e-4 * curves["ours_mean"]
+    drawn = generate_speed.main(["--model", "tiny-flux", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                                 "--switches", "1", "--quantize", "int8", "--resolution", "32"])
+    assert (drawn["quantize"], drawn["width"], drawn["height"]) == ("int8", 32, 32)
+    assert drawn["ours"]["image_s"] > 0 and drawn["baseline"]["image_s"] > 0
+    # PEFT's unmerged layers and the engine's hooks compute the same pictures on the same weights.
+    assert drawn["ours"]["pixel_diff_vs_baseline"][0] < 1.0
+
+
 def test_a_training_variant_that_runs_out_of_memory_is_reported_and_the_benchmark_goes_on() -> None:
     def body() -> list[float]:
         raise torch.OutOfMemoryError("CUDA out of memory")

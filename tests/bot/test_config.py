@@ -50,6 +50,11 @@ def test_defaults_and_types(tmp_path):
         ({"JOB_BACKEND": "celery"}, "JOB_SECRET is not set; with JOB_BACKEND=celery"),
         ({"JOB_BACKEND": "celery", "JOB_SECRET": "password"}, "JOB_SECRET is too short (8 characters, at least 32)"),
         ({"MAX_JOB_MESSAGE_MB": "0"}, "MAX_JOB_MESSAGE_MB must be at least 1."),
+        ({"QUANTIZE": "int4"}, "QUANTIZE='int4' is unknown; use one of none, int8."),
+        # Int8 weights are for Flux; a base model known to be Stable Diffusion is refused before any load.
+        ({"QUANTIZE": "int8"}, "QUANTIZE=int8 works with Flux base models only, and BASE_MODEL="
+                               "stable-diffusion-v1-5/stable-diffusion-v1-5 is Stable Diffusion"),
+        ({"QUANTIZE": "int8", "BASE_MODEL": "tiny"}, "QUANTIZE=int8 works with Flux base models only"),
     ],
 )
 def test_each_problem_has_one_clear_line(tmp_path, env, expected):
@@ -137,3 +142,14 @@ def test_the_celery_backend_signs_with_job_secret_which_stays_out_of_sight(tmp_p
     assert "j" * 40 not in repr(settings) and _load(tmp_path).job_secret == ""  # not needed by the local backend
     runner = build_runner(settings)
     assert (runner._secret, runner._max_bytes) == (b"j" * 40, 64 * 1024 * 1024)
+
+
+def test_int8_weights_are_off_unless_asked_for_and_reach_every_worker(tmp_path):
+    from bot.app import build_runner
+
+    assert _load(tmp_path).quantize == "none"
+    # A Flux base, or one the bot cannot tell without loading it (the worker checks it then).
+    for model in ("black-forest-labs/FLUX.1-dev", "tiny-flux", str(tmp_path / "a-folder")):
+        assert _load(tmp_path, QUANTIZE="int8", BASE_MODEL=model).quantize == "int8"
+    runner = build_runner(_load(tmp_path, QUANTIZE="int8", BASE_MODEL="tiny-flux", DEVICE="cpu", WORKERS="2"))
+    assert [slot.config.quantize for slot in runner._slots] == ["int8", "int8"]

@@ -294,6 +294,7 @@ def test_known_third_party_notices_are_not_printed(tiny_model: Path, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert "image: " in done.stdout
     assert "requires torchvision" not in done.stderr and "torch_dtype" not in done.stderr
+    assert "torchao" not in done.stderr and "Enum subclass" not in done.stderr  # importing torchao says nothing
 
 
 def test_missing_folder_and_too_few_photos_are_readable_errors(tmp_path: Path, tiny_model: Path,

@@ -300,6 +300,7 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
     from jobs.worker_config import SAFETY_MODES, WorkerConfig, safety_checker_to_load
     from trainer import scratch
     from trainer.celery_worker import default_name, serve
+    from trainer.quiet_notices import quiet_known_noise
 
     # Read already: no process this worker starts needs them (the bot's token least of all).
     for variable in SECRET_VARIABLES:
@@ -314,6 +315,7 @@ def cmd_worker(args: argparse.Namespace) -> list[str]:
         raise TrainerError(f"QUANTIZE={args.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}.",
                            "bad_settings")
     setup_logging(args.log_level.upper(), secrets=[args.job_secret])
+    quiet_known_noise()
     name = args.name or default_name()
     work = args.work_dir or scratch.WORKER_DATA / name
     try:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from common.logs import setup_logging
 from jobs.worker_config import WorkerConfig
+from trainer.quiet_notices import quiet_known_noise
 from trainer.start_helpers import DONE, FAILED
 
 # Named, not __name__: a helper runs this module as __main__.
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = WorkerConfig(**json.loads(args.config))
     setup_logging(config.log_level)
+    quiet_known_noise()
     multiprocessing.current_process().name = f"start-helper({','.join(args.part)})"
     threading.Thread(target=exit_when_closed, args=(sys.stdin.fileno(), lambda: os._exit(0)),
                      name="watch-worker", daemon=True).start()

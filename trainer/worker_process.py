@@ -21,6 +21,7 @@ from jobs.commands import Cancel, Command, Evict, Run, Stop
 from jobs.events import Event
 from jobs.payloads import WorkItem
 from jobs.worker_config import WorkerConfig
+from trainer.quiet_notices import quiet_known_noise
 from trainer.start_news import FIRST_PART, START_NEWS_EVERY_S, start_takes, starting_detail
 from trainer.worker import Worker
 
@@ -209,6 +210,7 @@ class WorkerProcess:
 def process_main(commands: Connection, event_pipe: Connection, config: WorkerConfig) -> None:
     """Child-process entry (`jobs.local_runner.WORKER_ENTRY`)."""
     setup_logging(config.log_level)
+    quiet_known_noise()
     if config.cpu_threads:
         import torch
 

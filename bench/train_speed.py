@@ -57,6 +57,7 @@ from trainer.dreambooth import TrainingRun, class_prompt, instance_prompt
 from trainer.family import family_of, tokenize
 from trainer.flow_matching import TRAIN_GUIDANCE
 from trainer.pipelines import cast_module, load_pipeline, pick_device, pick_dtype
+from trainer.training_step import without_cudnn_attention
 
 HANDLE, CLASS_WORD = "sks", "woman"
 # --prior: which steps to time (with prior preservation or not)
@@ -257,6 +258,11 @@ class PlainFluxRecipe:
         return self.scheduler.sigmas.to(self.device, self.weight_dtype)[indices].view(-1, 1, 1, 1)
 
     def step(self) -> torch.Tensor:
+        # As ours (trainer.flow_matching): cuDNN's attention backward fails on Flux's shapes on an H100.
+        with without_cudnn_attention():
+            return self._step()
+
+    def _step(self) -> torch.Tensor:
         cfg, g, dev, pipe = self.config, self.generator, self.device, self.pipe
         index = torch.randint(0, self.instance.shape[0], (cfg.batch_size,), generator=g, device=dev)
         pixels = self.instance[index]
@@ -269,7 +275,7 @@ class PlainFluxRecipe:
         bsz = latents.shape[0]
         u = compute_density_for_timestep_sampling("none", bsz, device=dev, generator=g)
         indices = (u * self.scheduler.config.num_train_timesteps).long()
-        timesteps = self.scheduler.timesteps[indices].to(dev)
+        timesteps = self.scheduler.timesteps[indices.cpu()].to(dev)
         sigmas = self.sigmas_of(timesteps)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         b, c, h, w = latents.shape

@@ -61,6 +61,10 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> 
 class FlowMatchingStep(TrainingStep):
     """One optimisation step of a Flux training; the optimiser part is TrainingStep's."""
 
+    # cuDNN's attention backward fails with an illegal memory access on Flux's joint attention (an
+    # H100, torch 2.11; bench/RESULTS.md): flash and memory-efficient attention run the step instead.
+    cudnn_attention = False
+
     def _set_up_schedule(self) -> None:
         # The training timesteps and sigmas of the base model's scheduler as constructed (FLUX.1-dev's
         # uses dynamic shifting, so they are unshifted), as the script's `noise_scheduler_copy` holds them.

@@ -67,7 +67,9 @@ def transformer_to_kohya(state: dict[str, torch.Tensor], transformer: torch.nn.M
     for stack, index, name in sorted(layers):
         kohya_stack, names = BLOCKS[stack]
         key, prefix, parts = f"lora_unet_{kohya_stack}_{index}_{name}", f"{stack}.{index}", names[name]
-        rank = next(pairs[f"{prefix}.{p}"][0].shape[0] for p in parts if f"{prefix}.{p}" in pairs)
+        trained = next(pairs[f"{prefix}.{p}"][0] for p in parts if f"{prefix}.{p}" in pairs)
+        # Zeros where the trained parts are (a GPU's training hands its LoRA over on the GPU).
+        rank, device = trained.shape[0], trained.device
         downs, ups = [], []
         for part in parts:
             if f"{prefix}.{part}" in pairs:
@@ -75,8 +77,8 @@ def transformer_to_kohya(state: dict[str, torch.Tensor], transformer: torch.nn.M
             else:
                 layer = transformer.get_submodule(f"{prefix}.{part}")
                 layer = getattr(layer, "base_layer", layer)  # under a PEFT wrapper
-                down = torch.zeros(rank, int(layer.in_features))
-                up = torch.zeros(int(layer.out_features), rank)
+                down = torch.zeros(rank, int(layer.in_features), device=device)
+                up = torch.zeros(int(layer.out_features), rank, device=device)
             downs.append(down.float())
             ups.append(up.float())
         out[f"{key}.lora_down.weight"] = torch.cat(downs).contiguous()

@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+
+@contextlib.contextmanager
+def without_cudnn_attention() -> Iterator[None]:
+    """Within the block, scaled-dot-product attention never picks cuDNN's kernels (a global switch,
+    so the backward, which runs outside any context around the forward, follows it too); the
+    setting is restored after."""
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
 class TrainingStep:
     """The step of one training, called once per optimisation step.
 
@@ -85,8 +98,20 @@ class TrainingStep:
 
     def __call__(self) -> torch.Tensor:
         """One optimisation step; returns the loss, still on the device (reading it forces a sync)."""
-        cfg, trainable = self.config, self.trainable
         self._switch_when_ready()
+        with self._attention_backends():
+            return self._step()
+
+    # Whether PyTorch may pick cuDNN's attention kernels for the step (see FlowMatchingStep).
+    cudnn_attention = True
+
+    def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
+        """The step's forward and backward (a checkpointed forward is run again in the backward)
+        without cuDNN's attention where `cudnn_attention` is off."""
+        return contextlib.nullcontext() if self.cudnn_attention else without_cudnn_attention()
+
+    def _step(self) -> torch.Tensor:
+        cfg, trainable = self.config, self.trainable
         if self.graphed:
             noisy, timesteps, target = self._draw()
             if self._graphed is None:

@@ -134,6 +134,25 @@ def test_the_kohya_layout_splits_back_into_the_trained_layers() -> None:
         assert not got.any()
 
 
+def test_untrained_parts_of_a_fused_kohya_layer_are_made_where_the_lora_is() -> None:
+    """A training on a GPU hands its LoRA over on the GPU: the zeros standing for a fused layer's
+    untrained parts (the single block's MLP) must be made there too, or joining them fails. The meta
+    device stands in for the GPU."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**flux_transformer_config())  # type: ignore[arg-type]
+        state = {}
+        for layer in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            module = transformer.get_submodule(f"single_transformer_blocks.0.{layer}")
+            state[f"single_transformer_blocks.0.{layer}.lora_A.weight"] = torch.empty(2, module.in_features)
+            state[f"single_transformer_blocks.0.{layer}.lora_B.weight"] = torch.empty(module.out_features, 2)
+    kohya = flux_kohya.transformer_to_kohya(state, transformer, 2.0)
+    down, up = kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"], kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert down.device.type == up.device.type == "meta"
+    assert down.shape[0] == up.shape[1] == 4 * 2  # q, k, v and the untrained MLP, rank 2 each
+
+
 def test_a_resumed_flux_training_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     whole = run_train(tmp_path, small(steps=6, checkpoint_every=3), tag="whole")
     first = run_train(tmp_path, small(steps=3, checkpoint_every=3), tag="first")
@@ -204,6 +223,21 @@ def test_a_flux_picture_is_drawn_at_its_distilled_guidance_and_says_so_as_forge_
     assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5," in text
     settings = png_parameters.parse(text)
     assert (settings.scheduler, settings.guidance) == (png_parameters.FLOW_SAMPLER, 3.5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_flux_step_never_lets_attention_pick_cudnn(tmp_path: Path, checkpointing: bool) -> None:
+    """cuDNN's attention backward fails on Flux's joint attention on an H100 (bench/RESULTS.md): the
+    step's forward and its backward (which runs a checkpointed forward again) see it switched off,
+    and the switch is as it was after the training. Recorded from the attention's own forward."""
+    pipe = build_random_pipeline("tiny-flux")
+    seen: list[bool] = []
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.attn.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    run_train(tmp_path, small(steps=2, gradient_checkpointing=checkpointing), pipe=pipe)
+    assert seen and not any(seen)  # no attention of the steps (nor any other: a Flux training draws none here)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_text_encoders_and_vae_wait_off_the_device_while_the_steps_run(tmp_path: Path,

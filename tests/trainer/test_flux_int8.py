@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from jobs.requests import GenerateRequest, TrainConfig
-from jobs.train_defaults import left_to_family
+from jobs.requests import GenerateRequest
 from tests.photos_factory import training_photos
+from tests.trainer.test_flux import CLASS, HANDLE, run_train, small
 from trainer import adapters, merged_lora
 from trainer.dreambooth import train
 from trainer.engine import GenerationEngine
@@ -23,22 +23,7 @@ from trainer.errors import ModelUnavailable
 from trainer.pipelines import build_random_pipeline, load_pipeline, save_random_model
 from trainer.quantization import is_quantized
 
-HANDLE, CLASS = "sks", "woman"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small(**overrides) -> TrainConfig:
-    """A 64 px tiny-flux training; what is left to the family (LoRA targets, no prior) follows Flux."""
-    base = {"steps": 6, "resolution": 64, "rank": 4, "num_class_images": 2, "class_image_steps": 2,
-            "checkpoint_every": 0, "learning_rate": 1e-3}
-    chosen = {**base, **overrides}
-    return TrainConfig(**chosen, family_defaults=left_to_family(chosen))
-
-
-def run_train(tmp_path: Path, config: TrainConfig, pipe, tag: str = "run"):
-    return train(training_photos(), HANDLE, CLASS, config, pipeline=pipe, base_model="tiny-flux",
-                 out_dir=tmp_path / tag / "out", work_dir=tmp_path / tag / "work",
-                 class_cache_dir=tmp_path / "class-cache", device="cpu")
 
 
 def linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -62,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("int8-training")
     pipe = load_pipeline("tiny-flux", quantize="int8")
     config = small(steps=10, learning_rate=3e-2, alpha=8, gradient_checkpointing=True)
-    return pipe, run_train(tmp, config, pipe)
+    return pipe, run_train(tmp, config, pipe=pipe)
 
 
 def test_a_quantised_load_keeps_the_transformers_linear_weights_in_int8(tmp_path: Path) -> None:
@@ -111,8 +96,8 @@ def test_the_int8_step_is_the_plain_step_on_rounded_weights(tmp_path: Path) -> N
     """Same seeds, same draws: the losses follow the unquantised training's closely (the weights differ
     by their int8 rounding only), so the step itself is the one Flux always trains with."""
     config = small(steps=4, learning_rate=1e-2)
-    quantised = run_train(tmp_path, config, load_pipeline("tiny-flux", quantize="int8"), tag="int8")
-    plain = run_train(tmp_path, config, load_pipeline("tiny-flux"), tag="plain")
+    quantised = run_train(tmp_path, config, tag="int8", pipe=load_pipeline("tiny-flux", quantize="int8"))
+    plain = run_train(tmp_path, config, tag="plain", pipe=load_pipeline("tiny-flux"))
     np.testing.assert_allclose(quantised.losses, plain.losses, rtol=0.02)
     assert quantised.losses != plain.losses  # the weights really were rounded
 
@@ -164,7 +149,7 @@ def test_int8_pictures_take_a_persons_lora_unmerged_and_give_it_back_exactly(tra
 
 def test_two_people_swap_on_int8_weights_and_each_picture_stays_theirs(tmp_path: Path, trained) -> None:
     pipe, first = trained
-    second = run_train(tmp_path, small(steps=10, learning_rate=3e-2, alpha=8, seed=7), pipe, tag="second")
+    second = run_train(tmp_path, small(steps=10, learning_rate=3e-2, alpha=8, seed=7), tag="second", pipe=pipe)
     engine = GenerationEngine(pipe)
     request = GenerateRequest(prompt="on the moon", seed=5, steps=2, face_pass=False)
     a = engine.generate(request, adapter_key="a", lora_path=first.lora_path, handle=HANDLE, class_word=CLASS)

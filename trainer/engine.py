@@ -146,6 +146,7 @@ def img2img_steps(steps: int, strength: float) -> int:
         steps += 1
     return steps
 
+
 class GenerationEngine:
     """Makes pictures with a base pipeline that is loaded once and people's LoRAs swapped in and out."""
 
@@ -440,7 +441,7 @@ class GenerationEngine:
         """The sampling scheduler called `name`; a flow-matching model's own, whatever the name."""
         return self._flow_scheduler if self._flow_scheduler is not None else self._schedulers.get(name)
 
-    def _img2img_size(self, size: tuple[int, int]) -> dict[str, int]:
+    def img2img_size(self, size: tuple[int, int]) -> dict[str, int]:
         """The picture size an image-to-image call must be told: Flux's draws its default size (1024 px)
         whatever the picture given; SD's follow the picture."""
         return {"width": size[0], "height": size[1]} if self.family.flow_matching else {}
@@ -484,7 +485,7 @@ class GenerationEngine:
                 raise Cancelled()
 
         how = face_pass.Redraw(prompt, negative or None, request.steps, self.guidance_for(request), self.base_resolution,
-                               batch=MAX_IMAGES, tell_size=self.family.flow_matching)
+                               batch=MAX_IMAGES, size=self.img2img_size((self.base_resolution,) * 2))
         refined = face_pass.redraw(pipe, pixels, crops, how, to_pixels, on_step)
         log.info("redrew %d face(s) in %d picture(s) in %.2f s", len(crops), len({c.index for c in crops}),
                  time.monotonic() - started)
@@ -538,7 +539,7 @@ class GenerationEngine:
                 strength = request.strength or DEFAULT_VARIATION_STRENGTH
                 kwargs.update(image=self._init_image(init_image, (width, height)), strength=strength,
                               num_inference_steps=img2img_steps(request.steps, strength),
-                              **self._img2img_size((width, height)))
+                              **self.img2img_size((width, height)))
             else:
                 pipe = self._text
                 kwargs.update(width=width, height=height)
@@ -593,7 +594,7 @@ class GenerationEngine:
             # graph pool for a rare request, where a step this large is bound by the GPU anyway.
             with self._applied(lora, graphs=False), upscaling.vae_tiled(pipe.vae):
                 images = pipe(prompt=prompt, negative_prompt=negative or None,
-                              image=upscaling.enlarged(source, size), **self._img2img_size(size),
+                              image=upscaling.enlarged(source, size), **self.img2img_size(size),
                               strength=strength, num_inference_steps=img2img_steps(request.steps, strength),
                               guidance_scale=self.guidance_for(request),
                               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",

@@ -30,8 +30,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -211,8 +211,9 @@ class Redraw:
     guidance: float
     native: int
     batch: int = 4  # crops per img2img call: the batch sizes the pictures' own graphs already have
-    # Flux's image-to-image draws its default size (1024 px) unless told; SD's follow the crop.
-    tell_size: bool = False
+    # What the image-to-image call must also be told of the size (GenerationEngine.img2img_size):
+    # Flux's draws its default 1024 px unless told; SD's follow the crop.
+    size: Mapping[str, int] = field(default_factory=dict)
 
 
 def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop], how: Redraw,
@@ -243,7 +244,7 @@ def redraw(pipe: DiffusionPipeline, pictures: np.ndarray, crops: Sequence[Crop],
                       image=encode(pipe.vae, images), strength=STRENGTH, num_inference_steps=steps, guidance_scale=how.guidance,
                       generator=[torch.Generator("cpu").manual_seed(c.seed) for c in chunk], output_type="pt",
                       callback_on_step_end=on_step_end,
-                      **({"width": how.native, "height": how.native} if how.tell_size else {}))
+                      **how.size)
         for crop, face in zip(chunk, to_pixels(result.images), strict=True):
             back = np.asarray(Image.fromarray(face).resize((crop.side, crop.side), Image.Resampling.LANCZOS))
             paste(out[crop.index], back, crop)

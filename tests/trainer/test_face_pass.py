@@ -142,7 +142,7 @@ def test_the_pass_runs_with_the_persons_lora(model: Model) -> None:
     image = img2img(pipe)
     prompt = face_pass.face_prompt(f"{HANDLE} {CLASS}", REQUEST.prompt, lambda text: True)
     how = face_pass.Redraw(prompt, None, REQUEST.steps, engine.guidance_for(REQUEST), engine.base_resolution,
-                           tell_size=engine.family.flow_matching)
+                           size=engine.img2img_size((engine.base_resolution,) * 2))
     crops = face_pass.crops_for(plain.astype(np.uint8)[None], [REQUEST.seed or 0], engine.base_resolution,
                                 Detector(FACE))
     denoiser = engine.family.denoiser_name

@@ -481,7 +481,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          f"ours, gradient checkpointing ({label})", checkpointed_losses)
                 if args.recipe_checkpointing:
                     # Like against like: the speed-up below is then between the two checkpointed steps.
-                    results += [r for r in (ours,) if r is not None]
+                    if ours is not None:
+                        results.append(ours)
                     ours, ours_losses = checkpointed, checkpointed_losses
                 else:
                     results.append(checkpointed)
